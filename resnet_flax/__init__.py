@@ -1,0 +1,1 @@
+"""TF-Slim-exact ResNets in JAX/Flax with a fully controllable BatchNorm."""

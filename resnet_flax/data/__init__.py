@@ -1,0 +1,1 @@
+"""Input pipelines: embedded digits, CIFAR-10, ImageFolder JPEG trees, synthetic."""

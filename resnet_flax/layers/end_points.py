@@ -1,0 +1,15 @@
+"""End points: module outputs sown under slim's names into `intermediates`."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+INTERMEDIATES = 'intermediates'
+END_POINT = 'end_point'
+
+
+def sow_end_point(module: nn.Module, value: jnp.ndarray, name: str = END_POINT) -> None:
+  """Records `value` as this module's end point when the caller asks for intermediates."""
+  if not module.is_initializing():
+    module.sow(INTERMEDIATES, name, value, reduce_fn=lambda _, new: new, init_fn=lambda: None)

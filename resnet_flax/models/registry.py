@@ -1,0 +1,111 @@
+"""Model names -> constructors, with slim's arg-scope names as overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+from flax.core import FrozenDict
+
+from resnet_flax.layers import BatchNorm
+from resnet_flax.models.arg_scope import ResNetArgScope
+from resnet_flax.models.resnet_v1 import ResNetV1
+from resnet_flax.models.resnet_v2 import ResNetV2
+
+# (base_depth, num_units, stride) per block, as slim's resnet_v{1,2}_{50,...} define them.
+_UNITS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+_BASE_DEPTHS = (64, 128, 256, 512)
+_STRIDES = (2, 2, 2, 1)
+# Tiny variants for tests: every code path (subsample and projection shortcuts,
+# strided last units, a stride-1 final block) at a fraction of the cost.
+_TINY = ((4, 2, 2), (8, 2, 2), (16, 1, 1))
+
+
+def _full_size(depth: int) -> tuple[tuple[int, int, int], ...]:
+  return tuple(zip(_BASE_DEPTHS, _UNITS[depth], _STRIDES))
+
+
+def _v1_depth_func(block_sizes, depth_multiplier: float, min_base_depth: int):
+  """slim's `depth_func = max(int(d * depth_multiplier), min_base_depth)` for v1."""
+  return tuple((max(int(d * depth_multiplier), min_base_depth), n, s) for d, n, s in block_sizes)
+
+
+_REGISTRY: dict[str, tuple[type, tuple]] = {
+    **{f'resnet_v1_{d}': (ResNetV1, _full_size(d)) for d in _UNITS},
+    **{f'resnet_v2_{d}': (ResNetV2, _full_size(d)) for d in _UNITS},
+    'resnet_v1_tiny': (ResNetV1, _TINY),
+    'resnet_v2_tiny': (ResNetV2, _TINY),
+}
+
+# resnet_arg_scope's own argument names, mapped onto ResNetArgScope / BatchNorm fields.
+_ARG_SCOPE_NAMES = {'weight_decay', 'activation_fn', 'use_batch_norm', 'dtype'}
+_BATCH_NORM_ALIASES = {'batch_norm_decay': 'decay', 'batch_norm_epsilon': 'epsilon',
+                       'batch_norm_scale': 'scale', 'batch_norm_center': 'center',
+                       'batch_norm_fused': 'fused', 'zero_debias_moving_mean': 'zero_debias_moving_mean'}
+
+
+def list_models() -> list[str]:
+  """All registered model names."""
+  return sorted(_REGISTRY)
+
+
+def _batch_norm_fields() -> set[str]:
+  return {f.name for f in dataclasses.fields(BatchNorm)} - {'parent', 'name', 'dtype', 'activation'}
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
+  """Sorts keyword overrides into (arg scope, batch norm, model) keyword arguments.
+
+  BatchNorm fields are accepted as `batch_norm_<field>` (slim's spelling for decay,
+  epsilon, scale) or, for `zero_debias_moving_mean`, bare.
+  """
+  scope_kwargs, bn_kwargs, model_kwargs = {}, {}, {}
+  bn_fields = _batch_norm_fields()
+  for key, value in overrides.items():
+    if key in _ARG_SCOPE_NAMES:
+      scope_kwargs[key] = value
+    elif key in _BATCH_NORM_ALIASES:
+      bn_kwargs[_BATCH_NORM_ALIASES[key]] = value
+    elif key.startswith('batch_norm_') and key[len('batch_norm_'):] in bn_fields:
+      bn_kwargs[key[len('batch_norm_'):]] = value
+    else:
+      model_kwargs[key] = value
+  return scope_kwargs, bn_kwargs, model_kwargs
+
+
+def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
+  """Builds a registered ResNet, e.g. `get_model('resnet_v1_50', num_classes=1000)`.
+
+  Overrides use resnet_arg_scope's names (`weight_decay`, `batch_norm_decay`,
+  `batch_norm_epsilon`, `batch_norm_scale`, `activation_fn`, `use_batch_norm`),
+  `zero_debias_moving_mean`, `batch_norm_<field>` for any other BatchNorm field,
+  `dtype`, and the model's own arguments (`global_pool`, `output_stride`,
+  `spatial_squeeze`, `include_root_block`, ...; v1 also `depth_multiplier`,
+  `min_base_depth`, `use_bounded_activations`, `store_non_strided_activations`).
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown model {name!r}; choose one of: {", ".join(list_models())}.')
+  cls, block_sizes = _REGISTRY[name]
+  scope_kwargs, bn_kwargs, model_kwargs = split_overrides(overrides)
+  if cls is ResNetV1:
+    depth_multiplier = model_kwargs.pop('depth_multiplier', 1.0)
+    min_base_depth = model_kwargs.pop('min_base_depth', 8)
+    block_sizes = _v1_depth_func(block_sizes, depth_multiplier, min_base_depth)
+  valid = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'block_sizes', 'scope', 'arg_scope',
+                                                         'num_classes'}
+  unknown = sorted(set(model_kwargs) - valid)
+  if unknown:
+    raise TypeError(f'get_model({name!r}): unknown argument(s) {unknown}; valid: '
+                    f'{sorted(valid | _ARG_SCOPE_NAMES | set(_BATCH_NORM_ALIASES))} '
+                    'or batch_norm_<BatchNorm field>.')
+  batch_norm = FrozenDict({**ResNetArgScope().batch_norm, **bn_kwargs})
+  arg_scope = ResNetArgScope(batch_norm=batch_norm, **scope_kwargs)
+  return cls(block_sizes=block_sizes, num_classes=num_classes, scope=name, arg_scope=arg_scope,
+             **model_kwargs)
+
+
+def model_constructor(name: str) -> Callable[..., nn.Module]:
+  """`functools.partial(get_model, name)`, for configs that pick a model by name."""
+  return functools.partial(get_model, name)

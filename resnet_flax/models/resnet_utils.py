@@ -1,0 +1,170 @@
+"""TF-Slim's resnet_utils: Block, subsample, conv2d_same and stack_blocks_dense."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from resnet_flax.layers import sow_end_point
+
+Array = jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """A named group of residual units: `unit_fn` applied once per entry of `args`.
+
+  Each entry is a dict with `depth`, `depth_bottleneck` and `stride`, as in slim.
+  """
+  scope: str
+  unit_fn: Callable[..., nn.Module]
+  args: tuple[dict, ...]
+
+
+def subsample(x: Array, factor: int) -> Array:
+  """slim's 1x1 max pool with stride `factor`, i.e. taking every factor-th pixel."""
+  if factor == 1:
+    return x
+  return x[:, ::factor, ::factor, :]
+
+
+def conv2d_same(conv: Callable[..., nn.Module], x: Array, num_outputs: int, kernel_size: int,
+                stride: int, *, rate: int = 1, name: str, train: bool) -> Array:
+  """Strided convolution whose padding does not depend on the input size.
+
+  Stride 1 is plain SAME. Otherwise slim pads `kernel_effective - 1` explicitly,
+  the smaller half first, then convolves VALID; SAME would pad one less at the
+  start for even inputs and change every downstream number.
+  """
+  if stride == 1:
+    return conv(num_outputs, kernel_size, stride=1, rate=rate, padding='SAME', name=name)(x, train=train)
+  kernel_size_effective = kernel_size + (kernel_size - 1) * (rate - 1)
+  pad_total = kernel_size_effective - 1
+  pad_beg = pad_total // 2
+  pad_end = pad_total - pad_beg
+  x = jnp.pad(x, ((0, 0), (pad_beg, pad_end), (pad_beg, pad_end), (0, 0)))
+  return conv(num_outputs, kernel_size, stride=stride, rate=rate, padding='VALID', name=name)(x, train=train)
+
+
+class Unit(nn.Module):
+  """slim's `unit_%d` scope around one residual unit (keeps the names one-to-one)."""
+  unit_fn: Callable[..., nn.Module]
+  depth: int
+  depth_bottleneck: int
+  stride: int
+  rate: int
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    unit = self.unit_fn(depth=self.depth, depth_bottleneck=self.depth_bottleneck,
+                        stride=self.stride, rate=self.rate)
+    return unit(x, train=train)
+
+
+class BlockStack(nn.Module):
+  """One `Block`'s scope: its units in order, end point sown before subsampling."""
+  units: tuple[tuple[int, int, int, int], ...]  # (depth, depth_bottleneck, stride, rate)
+  unit_fn: Callable[..., nn.Module]
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    for i, (depth, depth_bottleneck, stride, rate) in enumerate(self.units):
+      x = Unit(self.unit_fn, depth, depth_bottleneck, stride, rate, name=f'unit_{i + 1}')(x, train=train)
+    sow_end_point(self, x)
+    return x
+
+
+def plan_strides(blocks: Sequence[Block], output_stride: Optional[int],
+                 store_non_strided_activations: bool = False):
+  """Per unit (stride, rate) and per block trailing subsample, as stack_blocks_dense does.
+
+  Once the network has reached `output_stride`, further strides turn into atrous
+  rates. Returns a list of (units, block_stride) with units as
+  (depth, depth_bottleneck, stride, rate).
+  """
+  current_stride, rate = 1, 1
+  plan = []
+  for block in blocks:
+    block_stride = 1
+    units = []
+    for i, unit in enumerate(block.args):
+      unit_stride = unit.get('stride', 1)
+      if store_non_strided_activations and i == len(block.args) - 1:
+        block_stride, unit_stride = unit_stride, 1
+      if output_stride is not None and current_stride == output_stride:
+        units.append((unit['depth'], unit['depth_bottleneck'], 1, rate))
+        rate *= unit_stride
+      else:
+        units.append((unit['depth'], unit['depth_bottleneck'], unit_stride, 1))
+        current_stride *= unit_stride
+        if output_stride is not None and current_stride > output_stride:
+          raise ValueError(f'The target output_stride {output_stride} cannot be reached.')
+    if output_stride is not None and current_stride == output_stride:
+      rate *= block_stride
+      block_stride = 1
+    else:
+      current_stride *= block_stride
+      if output_stride is not None and current_stride > output_stride:
+        raise ValueError(f'The target output_stride {output_stride} cannot be reached.')
+    plan.append((tuple(units), block_stride))
+  if output_stride is not None and current_stride != output_stride:
+    raise ValueError(f'The target output_stride {output_stride} cannot be reached.')
+  return plan
+
+
+def stack_blocks_dense(x: Array, blocks: Sequence[Block], output_stride: Optional[int] = None,
+                       store_non_strided_activations: bool = False, *, train: bool) -> Array:
+  """Applies the blocks in order, with atrous rates past `output_stride`.
+
+  Call from a compact module: the blocks become its children named `block.scope`.
+  """
+  plan = plan_strides(blocks, output_stride, store_non_strided_activations)
+  for block, (units, block_stride) in zip(blocks, plan):
+    x = BlockStack(units, block.unit_fn, name=block.scope)(x, train=train)
+    x = subsample(x, block_stride)
+  return x
+
+
+def bottleneck_block(scope: str, unit_fn: Callable[..., nn.Module], base_depth: int, num_units: int,
+                     stride: int) -> Block:
+  """slim's resnet_v{1,2}_block: the stride sits on the block's last unit."""
+  unit = {'depth': base_depth * 4, 'depth_bottleneck': base_depth, 'stride': 1}
+  return Block(scope, unit_fn, tuple([unit] * (num_units - 1) + [dict(unit, stride=stride)]))
+
+
+def max_pool_same(x: Array) -> Array:
+  """The root's 3x3/2 max pool, SAME-padded as resnet_arg_scope sets it."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+
+
+def head(module: nn.Module, x: Array, conv: Callable[..., nn.Module], num_classes: Optional[int],
+         global_pool: bool, spatial_squeeze: bool, scope: str) -> Array:
+  """Global pool, 1x1 `logits` conv and squeeze, shared by v1 and v2."""
+  if global_pool:
+    x = jnp.mean(x, axis=(1, 2), keepdims=True)
+    sow_end_point(module, x, 'global_pool')
+  if not num_classes:
+    return x
+  x = conv(num_classes, 1, activation=None, normalizer=None, name='logits')(x, train=False)
+  if spatial_squeeze:
+    if x.shape[1:3] != (1, 1):
+      raise ValueError(f'{scope}: spatial_squeeze needs 1x1 logits but they are {x.shape[1]}x{x.shape[2]}; '
+                       'use global_pool=True or spatial_squeeze=False.')
+    x = jnp.squeeze(x, axis=(1, 2))
+    sow_end_point(module, x, 'spatial_squeeze')
+  sow_end_point(module, nn.softmax(x.astype(jnp.float32)), 'predictions')
+  return x.astype(jnp.float32)
+
+
+def root_output_stride(output_stride: Optional[int], include_root_block: bool) -> Optional[int]:
+  """The stride left for the blocks once the root (conv1 + pool1, stride 4) is counted."""
+  if output_stride is None or not include_root_block:
+    return output_stride
+  if output_stride % 4 != 0:
+    raise ValueError(f'The output_stride needs to be a multiple of 4, got {output_stride}.')
+  return output_stride // 4
+
+

@@ -1,0 +1,1 @@
+"""TF-Slim checkpoints: pure-Python TensorBundle reader/writer and the name mapping."""

@@ -1,1 +1,18 @@
-"""Input pipelines: embedded digits, CIFAR-10, ImageFolder JPEG trees, synthetic."""
+"""Input pipelines: embedded digits, CIFAR-10, ImageFolder JPEG trees, synthetic.
+
+  ds = data.build(config.data, 'train', batch_size=128, seed=0)
+  for batch in data.prefetch(ds.train_batches(start_step)):  # {'image', 'label', 'mask'}
+    ...
+  for batch in ds.eval_batches():  # one pass; padded last batch, `mask` marks real examples
+    ...
+
+The batch at step s depends only on (seed, s, process_index, process_count), so resuming
+at `start_step` reproduces an uninterrupted run exactly. This package knows nothing of models.
+"""
+
+from resnet_flax.data.builder import NAMES, build
+from resnet_flax.data.errors import DataError
+from resnet_flax.data.pipeline import Batch, Dataset
+from resnet_flax.data.prefetch import prefetch
+
+__all__ = ['NAMES', 'Batch', 'DataError', 'Dataset', 'build', 'prefetch']

@@ -1,0 +1,103 @@
+"""`build(config.data, split, ...)`: from a data config to a `Dataset`.
+
+Fields of `config.data` (an ml_collections.ConfigDict or a plain dict):
+  name           'digits' | 'cifar10' | 'imagefolder' | 'synthetic' (required)
+  dir            cifar10: the extracted cifar-10-batches-py directory;
+                 imagefolder: a root with train/ and val/ (or <split>/) of class folders
+  image_size     digits: 8 (native) or more, see digits_resize; cifar10: 32;
+                 imagefolder: required; synthetic: 224
+  digits_resize  'pad' (center on a zero canvas, default) | 'upsample' (bilinear)
+  preprocessing  imagefolder: 'vgg' | 'inception' (required: slim's ResNet checkpoints
+                 were evaluated with either, so it is an explicit choice); others: 'none'
+  augment        random train-time augmentation. digits: shifts of up to 1 pixel (never
+                 flips, which change digits); cifar10: 4-pixel padded random crop and
+                 mirror; imagefolder: the preprocessing's train mode (False: train batches
+                 use the eval mode). Default: False for digits (the reference script does
+                 not augment), True for cifar10 and imagefolder.
+  color_distortion  inception only: slim's fast-mode color distortion (default False)
+  num_classes    synthetic: the number of classes (default 1000); others: if given, it
+                 must equal the data's, so a config cannot silently disagree with its data
+  num_examples   synthetic only (default 10000)
+  channels       synthetic only (default 3)
+  label_offset   imagefolder: added to labels (1 for slim's ResNet v2 with background class 0)
+  on_bad_image   imagefolder: 'error' (default) | 'skip' (warn, zero image, mask 0)
+  num_workers    imagefolder: decoding threads (default 0: one per CPU core)
+  normalize      'auto' only: normalization follows from name and preprocessing (digits
+                 x / 16; cifar10 per-channel mean/std; vgg mean subtraction; inception [-1, 1])
+
+Fields named for one source are ignored by the others, so one base config can serve all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from resnet_flax.data import cifar10, digits, image_folder, synthetic
+from resnet_flax.data.errors import DataError
+from resnet_flax.data.pipeline import Dataset, Source
+
+NAMES = ('digits', 'cifar10', 'imagefolder', 'synthetic')
+_FIELDS = frozenset({'name', 'dir', 'image_size', 'digits_resize', 'preprocessing', 'augment', 'color_distortion',
+                     'num_classes', 'num_examples', 'channels', 'label_offset', 'on_bad_image', 'num_workers',
+                     'normalize'})
+
+
+def _check_fields(config: Mapping[str, Any]) -> None:
+  unknown = sorted(set(config.keys()) - _FIELDS)
+  if unknown:
+    raise DataError(f'unknown config.data field(s) {unknown}; known fields: {sorted(_FIELDS)}.')
+  if config.get('normalize', 'auto') != 'auto':
+    raise DataError(f"config.data.normalize={config['normalize']!r} is not supported: normalization follows from "
+                    f"name and preprocessing; set it to 'auto' or remove it.")
+
+
+def _check_no_preprocessing(config: Mapping[str, Any], name: str) -> None:
+  preprocessing = config.get('preprocessing') or 'none'
+  if preprocessing != 'none':
+    raise DataError(f"preprocessing={preprocessing!r} applies to imagefolder only; "
+                    f"set config.data.preprocessing='none' for {name}.")
+
+
+def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -> Source:
+  name = config.get('name')
+  if name not in NAMES:
+    raise DataError(f'config.data.name={name!r} is unknown; use one of {NAMES}.')
+  augment = config.get('augment')
+  if name == 'digits':
+    _check_no_preprocessing(config, name)
+    return digits.build_source(split, image_size=config.get('image_size') or digits.NATIVE_SIZE,
+                               resize_mode=config.get('digits_resize') or 'pad', augment_train=bool(augment))
+  if name == 'cifar10':
+    _check_no_preprocessing(config, name)
+    image_size = config.get('image_size') or cifar10.NATIVE_SIZE
+    if image_size != cifar10.NATIVE_SIZE:
+      raise DataError(f'cifar10 images are {cifar10.NATIVE_SIZE}x{cifar10.NATIVE_SIZE}; set config.data.image_size '
+                      f'to {cifar10.NATIVE_SIZE} (got {image_size}).')
+    return cifar10.build_source(config.get('dir'), split, augment_train=augment is None or bool(augment))
+  if name == 'imagefolder':
+    if not config.get('image_size') or not config.get('preprocessing'):
+      raise DataError("imagefolder needs config.data.image_size and config.data.preprocessing ('vgg' or 'inception').")
+    return image_folder.build_source(
+        config.get('dir'), split, preprocessing=config['preprocessing'], image_size=config['image_size'],
+        color_distortion=bool(config.get('color_distortion')), label_offset=config.get('label_offset') or 0,
+        on_bad_image=config.get('on_bad_image') or 'error', num_workers=config.get('num_workers') or 0,
+        augment_train=augment is None or bool(augment))
+  _check_no_preprocessing(config, name)
+  return synthetic.build_source(image_size=config.get('image_size') or 224, channels=config.get('channels') or 3,
+                                num_classes=config.get('num_classes') or 1000,
+                                num_examples=config.get('num_examples') or 10_000, batch_size=batch_size, seed=seed)
+
+
+def build(config: Mapping[str, Any], split: str, *, batch_size: int, seed: int, process_index: int = 0,
+          process_count: int = 1) -> Dataset:
+  """This process's view of `split` of the data set `config` describes (see the module docstring).
+
+  `batch_size` is per process; the global batch is batch_size * process_count.
+  """
+  _check_fields(config)
+  source = _source(config, split, batch_size, seed)
+  expected_classes = config.get('num_classes')
+  if expected_classes is not None and expected_classes != source.num_classes:
+    raise DataError(f'config.data.num_classes={expected_classes} but {source.name} has {source.num_classes} classes; '
+                    f'set num_classes to {source.num_classes} (or remove it).')
+  return Dataset(source, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count)

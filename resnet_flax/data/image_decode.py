@@ -1,0 +1,71 @@
+"""Decoding one image file into the crop a `Preprocessing` asks for, with PIL.
+
+Only the crop box is resampled (PIL's `resize(box=...)`), and a JPEG much larger than the
+output is decoded at 1/2, 1/4 or 1/8 scale (`Image.draft`, done inside the IDCT) when that
+still leaves at least the output's resolution across the box. PIL releases the GIL while
+it decodes and resamples, so threads decode in parallel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from resnet_flax.data.errors import DataError, one_line
+from resnet_flax.data.preprocessing import Crop
+
+# Modes with a faithful conversion to RGB (as `decode_jpeg/png(channels=3)` gives); 16-bit,
+# 32-bit integer and float modes have no agreed mapping to 0..255 and are refused.
+_RGB_CONVERTIBLE_MODES = frozenset({'RGB', 'RGBA', 'RGBX', 'L', 'LA', 'P', 'PA', 'CMYK', 'YCbCr', '1'})
+# What a damaged or non-image file makes PIL raise.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class UnreadableImage(DataError):
+  """An image file that cannot be decoded; the message names the file."""
+
+
+def _draft(image: Image.Image, box: tuple[float, float, float, float], size: int) -> tuple[float, ...]:
+  """Asks a JPEG decoder for the smallest scale that keeps `size` pixels across `box`; returns
+  the box in the coordinates of the image as it will decode."""
+  width, height = image.size
+  wanted = (math.ceil(width * size / (box[2] - box[0])), math.ceil(height * size / (box[3] - box[1])))
+  drafted = image.draft('RGB', wanted)
+  if drafted is None:  # Not a baseline single-tile JPEG, or already configured: full scale.
+    return box
+  scale_x, scale_y = drafted[1][2] / width, drafted[1][3] / height
+  return (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
+
+
+def _unreadable(path: str, error: Exception) -> UnreadableImage:
+  return UnreadableImage(f'cannot decode image {os.fspath(path)}: {type(error).__name__}: {one_line(error)}; '
+                         f'replace or delete the file, or set config.data.on_bad_image="skip".')
+
+
+def decode_crop(path: str, plan: Callable[[int, int], Crop], size: int) -> np.ndarray:
+  """uint8 (size, size, 3): the crop `plan(width, height)` chooses, resized bilinearly, maybe mirrored.
+
+  Raises UnreadableImage naming `path` if the file is not a readable image in an RGB-convertible mode.
+  """
+  try:
+    image = Image.open(path)  # Reads the header only.
+  except _DECODE_ERRORS as error:
+    raise _unreadable(path, error) from error
+  with image:
+    if image.mode not in _RGB_CONVERTIBLE_MODES:
+      raise UnreadableImage(f'image {os.fspath(path)} has mode {image.mode!r}, which has no standard RGB '
+                            f'conversion; convert it to 8-bit RGB, or set config.data.on_bad_image="skip".')
+    # Planned outside the `try` below, so that a bug in a plan is never blamed on the file.
+    crop = plan(*image.size)
+    try:
+      box = _draft(image, crop.box, size) if image.format == 'JPEG' else crop.box
+      rgb = image if image.mode == 'RGB' else image.convert('RGB')
+      # After a draft, `box` refers to the reduced image, which is what `rgb` holds.
+      array = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box))
+    except _DECODE_ERRORS as error:
+      raise _unreadable(path, error) from error
+  return array[:, ::-1] if crop.flip else array

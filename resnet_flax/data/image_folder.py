@@ -1,0 +1,144 @@
+"""ImageFolder trees: <dir>/<split>/<class name>/<image>.{jpg,jpeg,png}, decoded by a thread pool.
+
+Classes are the sorted subdirectory names of the split directory; label i is the i-th
+class plus `label_offset` (1 for slim's ResNet v2 checkpoints, whose class 0 is background).
+Each example is decoded, cropped and converted in a worker thread straight into its slot of
+the batch; threads rather than processes because PIL releases the GIL while decoding and
+resampling, and threads need not send pixels back through a pipe.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import warnings
+from typing import Optional
+
+import numpy as np
+
+from resnet_flax.data import inception_preprocessing, vgg_preprocessing
+from resnet_flax.data.errors import DataError
+from resnet_flax.data.image_decode import UnreadableImage, decode_crop
+from resnet_flax.data.pipeline import Loaded, Pending, Source
+from resnet_flax.data.preprocessing import Preprocessing
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+PREPROCESSINGS = ('vgg', 'inception')
+ON_BAD_IMAGE = ('error', 'skip')
+# Directory names tried for a split, in order: ImageNet-style trees call validation 'val'.
+_SPLIT_DIRS = {'validation': ('validation', 'val'), 'val': ('val', 'validation'), 'test': ('test', 'val')}
+
+
+def get_preprocessing(name: str, image_size: int, *, color_distortion: bool = False) -> Preprocessing:
+  """TF-Slim's 'vgg' or 'inception' preprocessing producing image_size x image_size images."""
+  if name == 'vgg':
+    if color_distortion:
+      raise DataError("color_distortion applies to preprocessing='inception' only; set it to False for 'vgg'.")
+    return vgg_preprocessing.preprocessing(image_size)
+  if name == 'inception':
+    return inception_preprocessing.preprocessing(image_size, color_distortion=color_distortion)
+  raise DataError(f'preprocessing {name!r} is unknown for image folders; use one of {PREPROCESSINGS}.')
+
+
+def split_directory(root: str, split: str) -> str:
+  """The directory holding `split`'s class folders."""
+  candidates = [os.path.join(root, name) for name in _SPLIT_DIRS.get(split, (split,))]
+  for candidate in candidates:
+    if os.path.isdir(candidate):
+      return candidate
+  raise DataError(f'image folder split {split!r} not found: expected a directory {" or ".join(candidates)} '
+                  f'with one subdirectory of images per class; check config.data.dir.')
+
+
+def scan(directory: str) -> tuple[list[str], list[str], np.ndarray]:
+  """(class names, image paths, class index per path) of a split directory, in sorted order."""
+  classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith('.'))
+  if not classes:
+    raise DataError(f'{directory} has no class subdirectories; expected {directory}/<class name>/<image>.jpg.')
+  paths, class_indices = [], []
+  for index, name in enumerate(classes):
+    found = []
+    for parent, subdirs, files in os.walk(os.path.join(directory, name), followlinks=True):
+      subdirs.sort()
+      found.extend(os.path.join(parent, file) for file in sorted(files)
+                   if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith('.'))
+    if not found:
+      raise DataError(f'class directory {os.path.join(directory, name)} has no {"/".join(IMAGE_EXTENSIONS)} '
+                      f'files; add images or remove the directory.')
+    paths.extend(found)
+    class_indices.extend([index] * len(found))
+  return classes, paths, np.asarray(class_indices, np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderLoader:
+  """Decodes the images of a batch in parallel into one preallocated float32 array."""
+  paths: tuple[str, ...]
+  preprocessing: Preprocessing
+  executor: concurrent.futures.Executor
+  skip_unreadable: bool = False
+  augment_train: bool = True
+
+  def start_train(self, indices: np.ndarray, rng: np.random.Generator) -> Pending:
+    if not self.augment_train:
+      return self._start(indices, None)
+    # One child generator per example: results do not depend on which thread runs first.
+    return self._start(indices, rng.spawn(len(indices)))
+
+  def start_eval(self, indices: np.ndarray) -> Pending:
+    return self._start(indices, None)
+
+  def _start(self, indices: np.ndarray, rngs: Optional[list[np.random.Generator]]) -> Pending:
+    preprocessing, size = self.preprocessing, self.preprocessing.image_size
+    images = np.zeros((len(indices), size, size, 3), np.float32)
+
+    def load(slot: int) -> Optional[str]:
+      """Fills images[slot]; returns the problem if the file is unreadable and skipped."""
+      path = self.paths[indices[slot]]
+      try:
+        if rngs is None:
+          images[slot] = preprocessing.eval_values(decode_crop(path, preprocessing.eval_crop, size))
+        else:
+          rng = rngs[slot]
+          crop = decode_crop(path, lambda width, height: preprocessing.train_crop(width, height, rng), size)
+          images[slot] = preprocessing.train_values(crop, rng)
+      except UnreadableImage as error:
+        if not self.skip_unreadable:
+          raise
+        return str(error)
+      return None
+
+    futures = [self.executor.submit(load, slot) for slot in range(len(indices))]
+
+    def wait() -> Loaded:
+      problems = [future.result() for future in futures]
+      for problem in filter(None, problems):
+        warnings.warn(f'skipping (mask 0): {problem}', stacklevel=2)
+      return Loaded(images, np.array([problem is None for problem in problems]))
+
+    return wait
+
+
+def build_source(root: str, split: str, *, preprocessing: str, image_size: int, color_distortion: bool = False,
+                 label_offset: int = 0, on_bad_image: str = 'error', num_workers: int = 0,
+                 augment_train: bool = True) -> Source:
+  """An image folder split; `num_workers` decoding threads (0: one per CPU core).
+
+  Without `augment_train`, training batches get the deterministic eval preprocessing.
+  """
+  if on_bad_image not in ON_BAD_IMAGE:
+    raise DataError(f'on_bad_image {on_bad_image!r} is unknown; use one of {ON_BAD_IMAGE}.')
+  if label_offset < 0:
+    raise DataError(f'label_offset must be >= 0, got {label_offset}.')
+  chosen = get_preprocessing(preprocessing, image_size, color_distortion=color_distortion)
+  if not root or not os.path.isdir(root):
+    raise DataError(f'image folder root {root!r} does not exist; set config.data.dir to a directory with '
+                    f'train/ and val/ subdirectories of class folders.')
+  classes, paths, class_indices = scan(split_directory(root, split))
+  executor = concurrent.futures.ThreadPoolExecutor(max_workers=num_workers or os.cpu_count(),
+                                                   thread_name_prefix='imagefolder')
+  loader = FolderLoader(tuple(paths), chosen, executor, skip_unreadable=on_bad_image == 'skip',
+                        augment_train=augment_train)
+  return Source(labels=class_indices + label_offset, num_classes=len(classes) + label_offset,
+                image_shape=(image_size, image_size, 3), loader=loader, name=f'imagefolder/{split}')

@@ -1,0 +1,143 @@
+"""A data set split as a stream of fixed-shape batches: `Source` in, `Dataset` out.
+
+A `Source` says what the examples are (labels, shapes, a `Loader` that turns indices into
+float32 images); `Dataset` decides which indices form each batch (see `sampling`) and keeps
+one batch in flight so that a loader with worker threads decodes batch s + 1 while batch s
+is handed out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections import deque
+from typing import Callable, Iterator, NamedTuple, Optional, Protocol
+
+import numpy as np
+
+from resnet_flax.data import sampling
+from resnet_flax.data.errors import DataError
+
+Batch = dict[str, np.ndarray]
+
+
+class Loaded(NamedTuple):
+  """Images for a list of indices, and which of them could be read (None: all of them)."""
+  images: np.ndarray
+  readable: Optional[np.ndarray] = None
+
+
+# A pending load: calling it waits for (or computes) the images.
+Pending = Callable[[], Loaded]
+
+
+class Loader(Protocol):
+  """Turns example indices into float32 images of the source's `image_shape`."""
+
+  def start_train(self, indices: np.ndarray, rng: np.random.Generator) -> Pending:
+    """Starts loading with training-time (random) preprocessing drawn from `rng`."""
+
+  def start_eval(self, indices: np.ndarray) -> Pending:
+    """Starts loading with deterministic evaluation preprocessing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One split of a data set: `labels[i]` is the label of example i."""
+  labels: np.ndarray
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  loader: Loader
+  name: str
+
+  def __post_init__(self):
+    labels = self.labels
+    if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+      raise DataError(f'{self.name}: labels must be a non-empty 1-D integer array, got '
+                      f'shape {labels.shape} dtype {labels.dtype}; the data files are damaged or not this data set.')
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= self.num_classes:
+      raise DataError(f'{self.name}: labels span [{low}, {high}] but num_classes is {self.num_classes}; '
+                      f'fix the labels or set num_classes > {high}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Batches of one split for one process: see `train_batches` and `eval_batches`."""
+  source: Source
+  batch_size: int
+  seed: int
+  process_index: int = 0
+  process_count: int = 1
+
+  def __post_init__(self):
+    if self.batch_size < 1:
+      raise DataError(f'batch_size must be >= 1, got {self.batch_size}.')
+    if self.seed < 0:
+      raise DataError(f'seed must be a non-negative integer, got {self.seed}.')
+    if not 0 <= self.process_index < self.process_count:
+      raise DataError(f'process_index {self.process_index} is not in [0, process_count={self.process_count}).')
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.source.labels.shape[0])
+
+  @property
+  def num_classes(self) -> int:
+    return self.source.num_classes
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.source.image_shape
+
+  @property
+  def num_eval_steps(self) -> int:
+    """Number of batches `eval_batches` yields (the same on every process)."""
+    return sampling.num_eval_steps(self.num_examples, self.batch_size, self.process_count)
+
+  def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
+    """Endless training batches from step `start_step` on, each a function of (seed, step) only.
+
+    Each batch is {'image': float32 (B, H, W, C), 'label': int32 (B,), 'mask': float32 (B,)};
+    the mask is all ones unless a loader skipped an unreadable example.
+    """
+    # Caching two epochs serves the batches that straddle an epoch boundary.
+    permutation = functools.lru_cache(maxsize=2)(
+        functools.partial(sampling.epoch_permutation, self.seed, self.num_examples))
+
+    def start(step: int) -> tuple[np.ndarray, np.ndarray, Pending]:
+      positions = sampling.shard_positions(step, self.batch_size, self.process_index, self.process_count)
+      indices = sampling.train_indices(positions, self.num_examples, permutation)
+      rng = sampling.augment_rng(self.seed, step, self.process_index)
+      return indices, np.ones(self.batch_size, np.float32), self.source.loader.start_train(indices, rng)
+
+    return self._batches(start, itertools.count(start_step))
+
+  def eval_batches(self) -> Iterator[Batch]:
+    """One pass over the split in order; the last batch is padded and `mask` marks real examples."""
+
+    def start(step: int) -> tuple[np.ndarray, np.ndarray, Pending]:
+      positions = sampling.shard_positions(step, self.batch_size, self.process_index, self.process_count)
+      indices, mask = sampling.eval_indices(positions, self.num_examples)
+      return indices, mask, self.source.loader.start_eval(indices)
+
+    return self._batches(start, iter(range(self.num_eval_steps)))
+
+  def _batches(self, start: Callable[[int], tuple[np.ndarray, np.ndarray, Pending]],
+               steps: Iterator[int]) -> Iterator[Batch]:
+    pending = deque(start(step) for step in itertools.islice(steps, 1))
+    while pending:
+      # Start the next batch before waiting on this one, so loader workers never idle.
+      pending.extend(start(step) for step in itertools.islice(steps, 1))
+      indices, mask, wait = pending.popleft()
+      yield self._assemble(indices, mask, wait())
+
+  def _assemble(self, indices: np.ndarray, mask: np.ndarray, loaded: Loaded) -> Batch:
+    expected = (self.batch_size, *self.image_shape)
+    if loaded.images.shape != expected or loaded.images.dtype != np.float32:
+      raise DataError(f'{self.source.name}: loader returned images {loaded.images.dtype}{loaded.images.shape}, '
+                      f'expected float32{expected}; this is a bug in the loader.')
+    if loaded.readable is not None:
+      mask = mask * loaded.readable
+    return {'image': loaded.images, 'label': self.source.labels[indices].astype(np.int32), 'mask': mask}

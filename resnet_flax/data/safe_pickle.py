@@ -1,0 +1,56 @@
+"""Unpickling that can build numpy arrays and plain containers, and nothing else.
+
+`pickle.load` on a downloaded file runs whatever callables the file names (`os.system`,
+`subprocess.Popen`, ...). The CIFAR-10 python files only need dicts, lists, ints, byte
+strings and uint8 arrays, so every global the file asks for is refused except the three
+numpy names an array is rebuilt from.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any
+
+import numpy as np
+
+from resnet_flax.data.errors import DataError, one_line
+
+# How a pickled ndarray is rebuilt (`ndarray.__reduce__` at protocols 2-4). Files written by
+# numpy 1.x (the published CIFAR files) name `numpy.core`; numpy 2.x renamed it `numpy._core`.
+_RECONSTRUCT = np.ndarray((0,), np.uint8).__reduce__()[0]
+_ALLOWED_GLOBALS = {
+    ('numpy.core.multiarray', '_reconstruct'): _RECONSTRUCT,
+    ('numpy._core.multiarray', '_reconstruct'): _RECONSTRUCT,
+    ('numpy', 'ndarray'): np.ndarray,
+    ('numpy', 'dtype'): np.dtype,
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+  """An Unpickler whose only reachable callables are the entries of `_ALLOWED_GLOBALS`."""
+
+  def __init__(self, file, path: str):
+    # encoding='bytes': the CIFAR files come from Python 2, whose str is today's bytes.
+    super().__init__(file, encoding='bytes')
+    self._path = path
+
+  def find_class(self, module: str, name: str) -> Any:
+    try:
+      return _ALLOWED_GLOBALS[(module, name)]
+    except KeyError:
+      raise DataError(f'refusing to unpickle {module}.{name} from {self._path}: this file may run code '
+                      f'when loaded; a genuine data file only contains numpy arrays, so delete it and '
+                      f'download it again.') from None
+
+
+def load(path: str | os.PathLike) -> Any:
+  """The object pickled in `path`, built without calling anything but numpy's array constructors."""
+  with open(path, 'rb') as file:
+    try:
+      return _ArrayUnpickler(file, os.fspath(path)).load()
+    except DataError:
+      raise
+    except Exception as error:  # Whatever a damaged stream provokes: EOFError, UnpicklingError, ...
+      raise DataError(f'cannot unpickle {os.fspath(path)}: {type(error).__name__}: {one_line(error)}; '
+                      f'the file is damaged, download it again.') from error

@@ -1,0 +1,362 @@
+"""Input pipelines: splits, determinism and exact resume, sharding, padding, CIFAR-10 files
+(and refusing malicious ones), synthetic data, prefetching, config errors.
+
+Image folders and their preprocessing are tested in test_preprocessing.py."""
+
+import gc
+import io
+import itertools
+import os
+import pickle
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from resnet_flax import data
+from resnet_flax.data import augment, cifar10, digits, sampling
+from resnet_flax.data.pipeline import Source
+from resnet_flax.data.synthetic import ConstantLoader
+
+
+def _batches(iterator, count):
+  return list(itertools.islice(iterator, count))
+
+
+# --- digits -----------------------------------------------------------------------------
+
+DIGITS = {'name': 'digits'}
+
+
+def test_digits_splits_are_the_reference_scripts():
+  images, labels = digits.load_arrays()
+  order = np.random.RandomState(0).permutation(1797)
+  for split, expected in [('train', order[:1437]), ('test', order[1437:]), ('validation', order[1437:])]:
+    ds = data.build(DIGITS, split, batch_size=100, seed=0)
+    assert (ds.num_examples, ds.num_classes, ds.image_shape) == (len(expected), 10, (8, 8, 1))
+    batches = list(ds.eval_batches())
+    got_images = np.concatenate([b['image'] for b in batches])[:len(expected)]
+    got_labels = np.concatenate([b['label'] for b in batches])[:len(expected)]
+    np.testing.assert_array_equal(got_images[..., 0], images[expected] / 16)
+    np.testing.assert_array_equal(got_labels, labels[expected])
+
+
+def test_digits_batches_have_the_promised_types():
+  batch = next(data.build(DIGITS, 'train', batch_size=32, seed=0).train_batches())
+  assert batch['image'].dtype == np.float32 and batch['image'].shape == (32, 8, 8, 1)
+  assert batch['label'].dtype == np.int32 and batch['label'].shape == (32,)
+  assert batch['mask'].dtype == np.float32 and np.all(batch['mask'] == 1)
+  assert 0 <= batch['image'].min() and batch['image'].max() <= 1
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+  config = dict(DIGITS, augment=True)
+  first = _batches(data.build(config, 'train', batch_size=64, seed=3).train_batches(), 5)
+  np.testing.assert_equal(first, _batches(data.build(config, 'train', batch_size=64, seed=3).train_batches(), 5))
+  other = _batches(data.build(config, 'train', batch_size=64, seed=4).train_batches(), 5)
+  assert not np.array_equal(first[0]['label'], other[0]['label'])
+
+
+@pytest.mark.parametrize('start_step', [1, 7, 22, 23, 45])  # 1437 / 64 = 22.5 steps per epoch
+def test_resume_at_step_k_gives_the_kth_batch(start_step):
+  ds = data.build(dict(DIGITS, augment=True), 'train', batch_size=64, seed=0)
+  uninterrupted = _batches(ds.train_batches(), start_step + 2)[start_step:]
+  np.testing.assert_equal(uninterrupted, _batches(ds.train_batches(start_step), 2))
+
+
+def test_each_epoch_is_a_permutation_and_epochs_differ():
+  ds = data.build(DIGITS, 'train', batch_size=479, seed=0)  # 3 batches per epoch exactly
+  batches = _batches(ds.train_batches(), 6)
+  epoch_labels = [np.concatenate([b['label'] for b in batches[i:i + 3]]) for i in (0, 3)]
+  for labels in epoch_labels:
+    np.testing.assert_array_equal(np.sort(labels), np.sort(ds.source.labels))
+  assert not np.array_equal(epoch_labels[0], epoch_labels[1])
+
+
+def test_batches_straddle_epochs_without_dropping_examples():
+  positions = sampling.shard_positions(step=1, batch_size=6, process_index=0, process_count=1)
+  indices = sampling.train_indices(positions, 10, lambda epoch: np.arange(10)[::-1] if epoch else np.arange(10))
+  np.testing.assert_array_equal(indices, [6, 7, 8, 9, 9, 8])
+
+
+def test_process_shards_are_disjoint_slices_of_the_global_batch():
+  whole = _batches(data.build(DIGITS, 'train', batch_size=64, seed=1).train_batches(), 3)
+  shards = [_batches(data.build(DIGITS, 'train', batch_size=16, seed=1, process_index=p, process_count=4)
+                     .train_batches(), 3) for p in range(4)]
+  for step, batch in enumerate(whole):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(np.concatenate([shard[step][key] for shard in shards]), batch[key])
+  for step in range(3):
+    positions = [set(sampling.shard_positions(step, 16, p, 4)) for p in range(4)]
+    assert all(a.isdisjoint(b) for a, b in itertools.combinations(positions, 2))
+
+
+def test_eval_pads_the_last_batch_and_masks_it():
+  ds = data.build(DIGITS, 'test', batch_size=100, seed=0)
+  batches = list(ds.eval_batches())
+  assert len(batches) == ds.num_eval_steps == 4
+  assert all(b['image'].shape == (100, 8, 8, 1) for b in batches)
+  assert sum(b['mask'].sum() for b in batches) == ds.num_examples == 360
+  np.testing.assert_array_equal(batches[-1]['mask'], [1] * 60 + [0] * 40)
+  np.testing.assert_equal(batches, list(ds.eval_batches()))
+
+
+def test_eval_across_processes_sees_every_example_once():
+  shards = [list(data.build(DIGITS, 'test', batch_size=32, seed=0, process_index=p, process_count=3).eval_batches())
+            for p in range(3)]
+  assert len({len(batches) for batches in shards}) == 1  # Same step count on every process.
+  labels = [b['label'][b['mask'] == 1] for batches in shards for b in batches]
+  assert sum(len(part) for part in labels) == 360
+  all_labels = data.build(DIGITS, 'test', batch_size=1, seed=0).source.labels
+  np.testing.assert_array_equal(np.sort(np.concatenate(labels)), np.sort(all_labels))
+
+
+def test_digits_augmentation_only_shifts():
+  plain = next(data.build(DIGITS, 'train', batch_size=64, seed=5).train_batches())
+  shifted = next(data.build(dict(DIGITS, augment=True), 'train', batch_size=64, seed=5).train_batches())
+  np.testing.assert_array_equal(plain['label'], shifted['label'])
+  padded = np.pad(plain['image'][..., 0], ((0, 0), (1, 1), (1, 1)))
+  for image, canvas in zip(shifted['image'][..., 0], padded):
+    assert any(np.array_equal(image, canvas[dy:dy + 8, dx:dx + 8]) for dy in range(3) for dx in range(3))
+  assert not np.array_equal(plain['image'], shifted['image'])
+
+
+def test_digits_pad_centers_and_upsample_keeps_range():
+  native = next(data.build(DIGITS, 'test', batch_size=8, seed=0).eval_batches())['image']
+  padded = next(data.build(dict(DIGITS, image_size=16), 'test', batch_size=8, seed=0).eval_batches())['image']
+  np.testing.assert_array_equal(padded[:, 4:12, 4:12], native)
+  assert padded.sum() == native.sum()
+  ds = data.build(dict(DIGITS, image_size=32, digits_resize='upsample'), 'test', batch_size=8, seed=0)
+  upsampled = next(ds.eval_batches())['image']
+  assert ds.image_shape == (32, 32, 1) and upsampled.shape == (8, 32, 32, 1)
+  assert 0 <= upsampled.min() and upsampled.max() <= 1
+  np.testing.assert_allclose(upsampled.mean(axis=(1, 2)), native.mean(axis=(1, 2)), atol=0.02)
+  np.testing.assert_allclose(digits.bilinear_matrix(8, 32).sum(axis=1), 1, rtol=1e-6)
+
+
+def test_random_crop_with_padding_is_a_shift():
+  images = np.arange(2 * 5 * 5 * 3).reshape(2, 5, 5, 3)
+  out = augment.random_crop_with_padding(images, 2, np.random.default_rng(0))
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  for image, canvas in zip(out, padded):
+    assert any(np.array_equal(image, canvas[dy:dy + 5, dx:dx + 5]) for dy in range(5) for dx in range(5))
+
+
+# --- CIFAR-10 ---------------------------------------------------------------------------
+
+class _Python2Pickler(pickle._Pickler):
+  """Writes byte strings as Python 2 wrote str (SHORT_BINSTRING/BINSTRING), like the real files."""
+  dispatch = pickle._Pickler.dispatch.copy()
+
+  def _save_python2_str(self, obj):
+    size = len(obj)
+    self.write(pickle.SHORT_BINSTRING + bytes([size]) + obj if size < 256
+               else pickle.BINSTRING + struct.pack('<i', size) + obj)
+    self.memoize(obj)
+
+  dispatch[bytes] = _save_python2_str
+
+
+def _write_cifar_batch(path, batch, python2=True):
+  if python2:  # Protocol 2, numpy 1.x module names: what cifar-10-python.tar.gz contains.
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(batch)
+    path.write_bytes(buffer.getvalue().replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n'))
+  else:  # Re-pickled by Python 3 and numpy 2.
+    path.write_bytes(pickle.dumps(batch, protocol=4))
+
+
+def _make_cifar(directory, sizes=(3, 3, 3, 3, 2), test_size=5, python2=True):
+  rng = np.random.default_rng(0)
+  expected = {}
+  for name, size in [*((f'data_batch_{i + 1}', n) for i, n in enumerate(sizes)), ('test_batch', test_size)]:
+    images = rng.integers(0, 256, (size, 32, 32, 3), dtype=np.uint8)
+    labels = [int(label) for label in rng.integers(0, 10, size)]
+    rows = images.transpose(0, 3, 1, 2).reshape(size, 3072)  # R plane, G plane, B plane.
+    _write_cifar_batch(directory / name, {b'batch_label': name.encode(), b'labels': labels, b'data': rows,
+                                          b'filenames': [b'x.png'] * size}, python2)
+    expected[name] = (images, labels)
+  return expected
+
+
+@pytest.mark.parametrize('python2', [True, False])
+def test_cifar10_fixture_loads_with_correct_values(tmp_path, python2):
+  expected = _make_cifar(tmp_path, python2=python2)
+  train_images = np.concatenate([expected[f'data_batch_{i}'][0] for i in range(1, 6)])
+  train_labels = sum((expected[f'data_batch_{i}'][1] for i in range(1, 6)), [])
+  images, labels = cifar10.read_split(str(tmp_path), 'train')
+  np.testing.assert_array_equal(images, train_images)
+  np.testing.assert_array_equal(labels, train_labels)
+  ds = data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'test', batch_size=4, seed=0)
+  assert (ds.num_examples, ds.num_classes, ds.image_shape) == (5, 10, (32, 32, 3))
+  batches = list(ds.eval_batches())
+  test_images, test_labels = expected['test_batch']
+  np.testing.assert_allclose(np.concatenate([b['image'] for b in batches])[:5],
+                             (test_images / 255 - cifar10.MEAN) / cifar10.STD, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[:5], test_labels)
+
+
+def test_cifar10_augmentation_is_crop_and_flip(tmp_path):
+  _make_cifar(tmp_path)
+  config = {'name': 'cifar10', 'dir': str(tmp_path)}
+  plain = next(data.build(dict(config, augment=False), 'train', batch_size=8, seed=0).train_batches())
+  augmented = next(data.build(config, 'train', batch_size=8, seed=0).train_batches())  # augment defaults on
+  np.testing.assert_array_equal(plain['label'], augmented['label'])
+  assert not np.array_equal(plain['image'], augmented['image'])
+  zero = (0 - cifar10.MEAN) / cifar10.STD  # What the zero padding becomes after normalization.
+  for image, source in zip(augmented['image'], plain['image']):
+    canvas = np.broadcast_to(zero, (40, 40, 3)).copy()
+    canvas[4:36, 4:36] = source
+    candidates = [canvas[dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+    candidates += [c[:, ::-1] for c in candidates]
+    assert any(np.allclose(image, c) for c in candidates)
+
+
+class _RunsCode:
+  def __init__(self, function, argument):
+    self.function, self.argument = function, argument
+
+  def __reduce__(self):
+    return self.function, (self.argument,)
+
+
+@pytest.mark.parametrize('payload', ['os.system', 'builtins.exec'])
+def test_malicious_cifar_pickle_is_refused_without_running_code(tmp_path, payload):
+  _make_cifar(tmp_path)
+  marker = tmp_path / 'pwned'
+  if payload == 'os.system':
+    evil = _RunsCode(os.system, f'touch {marker}')
+  else:
+    evil = _RunsCode(exec, f'open({str(marker)!r}, "w").close()')
+  (tmp_path / 'data_batch_3').write_bytes(pickle.dumps({b'data': evil, b'labels': [0]}, protocol=2))
+  with pytest.raises(data.DataError, match='refusing to unpickle') as excinfo:
+    data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'train', batch_size=4, seed=0)
+  assert 'data_batch_3' in str(excinfo.value) and '\n' not in str(excinfo.value)
+  assert not marker.exists()
+
+
+def test_cifar10_rejects_wrong_shapes_and_labels(tmp_path):
+  _make_cifar(tmp_path)
+  _write_cifar_batch(tmp_path / 'test_batch', {b'data': np.zeros((2, 100), np.uint8), b'labels': [0, 1]})
+  with pytest.raises(data.DataError, match=r'uint8 \(N, 3072\)'):
+    data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'test', batch_size=4, seed=0)
+  _write_cifar_batch(tmp_path / 'test_batch', {b'data': np.zeros((2, 3072), np.uint8), b'labels': [0, 10]})
+  with pytest.raises(data.DataError, match='labels'):
+    data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'test', batch_size=4, seed=0)
+
+
+def test_cifar10_missing_files_name_what_is_expected(tmp_path):
+  with pytest.raises(data.DataError, match='cifar-10-batches-py') as excinfo:
+    data.build({'name': 'cifar10', 'dir': str(tmp_path / 'nowhere')}, 'train', batch_size=4, seed=0)
+  assert '\n' not in str(excinfo.value)
+  _make_cifar(tmp_path)
+  (tmp_path / 'data_batch_4').unlink()
+  with pytest.raises(data.DataError, match='data_batch_4'):
+    data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'train', batch_size=4, seed=0)
+
+
+# --- synthetic, config errors -------------------------------------------------------------
+
+def test_synthetic_is_fixed_shape_and_reuses_its_images():
+  config = {'name': 'synthetic', 'image_size': 32, 'num_classes': 7, 'num_examples': 50}
+  ds = data.build(config, 'train', batch_size=16, seed=0)
+  first, second = _batches(ds.train_batches(), 2)
+  assert first['image'].shape == (16, 32, 32, 3) and first['image'] is second['image']
+  assert first['label'].max() < 7 and ds.num_classes == 7
+  assert sum(b['mask'].sum() for b in ds.eval_batches()) == 50
+  np.testing.assert_equal([first], _batches(data.build(config, 'train', batch_size=16, seed=0).train_batches(), 1))
+
+
+@pytest.mark.parametrize('config,match', [
+    ({'name': 'mnist'}, 'unknown'),
+    ({'name': 'digits', 'colour': 1}, 'unknown config.data field'),
+    ({'name': 'digits', 'preprocessing': 'vgg'}, 'imagefolder only'),
+    ({'name': 'digits', 'num_classes': 1000}, 'num_classes'),
+    ({'name': 'digits', 'image_size': 4}, 'image_size'),
+    ({'name': 'digits', 'normalize': 'imagenet_mean'}, 'normalize'),
+    ({'name': 'cifar10', 'image_size': 224}, 'image_size'),
+    ({'name': 'imagefolder', 'dir': '/nonexistent'}, 'preprocessing'),
+])
+def test_config_errors_are_one_line_data_errors(config, match):
+  with pytest.raises(data.DataError, match=match) as excinfo:
+    data.build(config, 'train', batch_size=4, seed=0)
+  assert '\n' not in str(excinfo.value)
+  assert isinstance(excinfo.value, ValueError)
+
+
+def test_unknown_split_and_bad_sharding():
+  with pytest.raises(data.DataError, match='split'):
+    data.build(DIGITS, 'holdout', batch_size=4, seed=0)
+  with pytest.raises(data.DataError, match='process_index'):
+    data.build(DIGITS, 'train', batch_size=4, seed=0, process_index=2, process_count=2)
+
+
+def test_labels_out_of_range_are_refused():
+  loader = ConstantLoader(np.zeros((2, 4, 4, 1), np.float32))
+  with pytest.raises(data.DataError, match=r'labels span \[0, 10\]'):
+    Source(labels=np.array([0, 10]), num_classes=10, image_shape=(4, 4, 1), loader=loader, name='x')
+  with pytest.raises(data.DataError, match='1-D'):
+    Source(labels=np.zeros((2, 2), int), num_classes=10, image_shape=(4, 4, 1), loader=loader, name='x')
+
+
+def test_works_with_a_config_dict():
+  ml_collections = pytest.importorskip('ml_collections')
+  config = ml_collections.ConfigDict({'name': 'digits', 'image_size': 8, 'digits_resize': 'pad',
+                                      'preprocessing': 'none', 'augment': False, 'normalize': 'auto'})
+  assert data.build(config, 'test', batch_size=8, seed=0).num_examples == 360
+
+
+# --- prefetch ---------------------------------------------------------------------------
+
+def test_prefetch_preserves_order_and_ends():
+  assert list(data.prefetch(iter(range(10)), buffer_size=3)) == list(range(10))
+
+
+def test_prefetch_propagates_the_producers_exception():
+  def failing():
+    yield 1
+    yield 2
+    raise KeyError('broken source')
+
+  iterator = data.prefetch(failing())
+  assert [next(iterator), next(iterator)] == [1, 2]
+  with pytest.raises(KeyError, match='broken source'):
+    next(iterator)
+  iterator.thread.join(timeout=2)
+  assert not iterator.thread.is_alive()
+
+
+def _wait_until_dead(thread, seconds=2.0):
+  deadline = time.monotonic() + seconds
+  while thread.is_alive() and time.monotonic() < deadline:
+    time.sleep(0.01)
+  return not thread.is_alive()
+
+
+def test_prefetch_leaves_no_thread_when_the_consumer_stops_early():
+  closed = threading.Event()
+
+  def endless():
+    try:
+      yield from itertools.count()
+    finally:
+      closed.set()
+
+  with data.prefetch(endless()) as iterator:
+    assert next(iterator) == 0
+  assert _wait_until_dead(iterator.thread) and closed.is_set()
+
+  dropped = data.prefetch(itertools.count())
+  next(dropped)
+  thread = dropped.thread
+  del dropped
+  gc.collect()
+  assert _wait_until_dead(thread) and thread.daemon
+
+
+def test_prefetched_training_batches_equal_direct_ones():
+  ds = data.build(DIGITS, 'train', batch_size=32, seed=0)
+  with data.prefetch(ds.train_batches(), buffer_size=2) as iterator:
+    np.testing.assert_equal(_batches(iterator, 4), _batches(ds.train_batches(), 4))

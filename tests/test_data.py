@@ -291,6 +291,8 @@ def test_unknown_split_and_bad_sharding():
     data.build(DIGITS, 'holdout', batch_size=4, seed=0)
   with pytest.raises(data.DataError, match='process_index'):
     data.build(DIGITS, 'train', batch_size=4, seed=0, process_index=2, process_count=2)
+  with pytest.raises(data.DataError, match='start_step'):
+    data.build(DIGITS, 'train', batch_size=4, seed=0).train_batches(-1)
 
 
 def test_labels_out_of_range_are_refused():

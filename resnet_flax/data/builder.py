@@ -62,18 +62,20 @@ def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -
   name = config.get('name')
   if name not in NAMES:
     raise DataError(f'config.data.name={name!r} is unknown; use one of {NAMES}.')
-  augment = config.get('augment')
-  if name == 'digits':
+  if name != 'imagefolder':
     _check_no_preprocessing(config, name)
+  augment = config.get('augment')
+  if name == 'digits':  # Off unless asked: the reference script does not augment.
     return digits.build_source(split, image_size=config.get('image_size') or digits.NATIVE_SIZE,
                                resize_mode=config.get('digits_resize') or 'pad', augment_train=bool(augment))
+  # On unless asked not to, as in the standard CIFAR and slim recipes.
+  augment_train = augment is None or bool(augment)
   if name == 'cifar10':
-    _check_no_preprocessing(config, name)
     image_size = config.get('image_size') or cifar10.NATIVE_SIZE
     if image_size != cifar10.NATIVE_SIZE:
       raise DataError(f'cifar10 images are {cifar10.NATIVE_SIZE}x{cifar10.NATIVE_SIZE}; set config.data.image_size '
                       f'to {cifar10.NATIVE_SIZE} (got {image_size}).')
-    return cifar10.build_source(config.get('dir'), split, augment_train=augment is None or bool(augment))
+    return cifar10.build_source(config.get('dir'), split, augment_train=augment_train)
   if name == 'imagefolder':
     if not config.get('image_size') or not config.get('preprocessing'):
       raise DataError("imagefolder needs config.data.image_size and config.data.preprocessing ('vgg' or 'inception').")
@@ -81,8 +83,7 @@ def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -
         config.get('dir'), split, preprocessing=config['preprocessing'], image_size=config['image_size'],
         color_distortion=bool(config.get('color_distortion')), label_offset=config.get('label_offset') or 0,
         on_bad_image=config.get('on_bad_image') or 'error', num_workers=config.get('num_workers') or 0,
-        augment_train=augment is None or bool(augment))
-  _check_no_preprocessing(config, name)
+        augment_train=augment_train)
   return synthetic.build_source(image_size=config.get('image_size') or 224, channels=config.get('channels') or 3,
                                 num_classes=config.get('num_classes') or 1000,
                                 num_examples=config.get('num_examples') or 10_000, batch_size=batch_size, seed=seed)

@@ -102,6 +102,8 @@ class Dataset:
     Each batch is {'image': float32 (B, H, W, C), 'label': int32 (B,), 'mask': float32 (B,)};
     the mask is all ones unless a loader skipped an unreadable example.
     """
+    if start_step < 0:
+      raise DataError(f'start_step must be >= 0, got {start_step}.')
     # Caching two epochs serves the batches that straddle an epoch boundary.
     permutation = functools.lru_cache(maxsize=2)(
         functools.partial(sampling.epoch_permutation, self.seed, self.num_examples))

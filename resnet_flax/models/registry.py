@@ -89,7 +89,8 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
     raise ValueError(f'Unknown model {name!r}; choose one of: {", ".join(list_models())}.')
   cls, block_sizes = _REGISTRY[name]
   scope_kwargs, bn_kwargs, model_kwargs = split_overrides(overrides)
-  if cls is ResNetV1:
+  if cls is ResNetV1 and not name.endswith('_tiny'):
+    # slim applies depth_func in resnet_v1_50 & co., not to custom blocks.
     depth_multiplier = model_kwargs.pop('depth_multiplier', 1.0)
     min_base_depth = model_kwargs.pop('min_base_depth', 8)
     block_sizes = _v1_depth_func(block_sizes, depth_multiplier, min_base_depth)

@@ -1,0 +1,156 @@
+"""BatchNorm against a hand-written numpy reference of TF-Slim's rules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_flax.layers import BatchNorm
+
+
+def numpy_batch_norm_train(x, state, gamma, beta, decay, epsilon, fused, zero_debias):
+  """TF-Slim's train step written out independently in float64 numpy."""
+  x = np.asarray(x, np.float64)
+  axes = tuple(range(x.ndim - 1))
+  n = np.prod([x.shape[a] for a in axes])
+  mean = x.mean(axes)
+  var = ((x - mean) ** 2).mean(axes)
+  y = (x - mean) / np.sqrt(var + epsilon)
+  if gamma is not None:
+    y = y * gamma
+  if beta is not None:
+    y = y + beta
+  new = dict(state)
+  var_for_average = var * n / (n - 1) if fused else var
+  new['moving_variance'] = state['moving_variance'] - (1 - decay) * (state['moving_variance'] - var_for_average)
+  if zero_debias:
+    new['moving_mean_biased'] = state['moving_mean_biased'] - (1 - decay) * (state['moving_mean_biased'] - mean)
+    new['moving_mean_local_step'] = state['moving_mean_local_step'] + 1
+    new['moving_mean'] = new['moving_mean_biased'] / (1 - decay ** new['moving_mean_local_step'])
+  else:
+    new['moving_mean'] = state['moving_mean'] - (1 - decay) * (state['moving_mean'] - mean)
+  return y, new
+
+
+def _random_params(variables, rng):
+  params = dict(variables['params'])
+  for key in params:
+    params[key] = jnp.asarray(rng.uniform(0.5, 1.5, params[key].shape), jnp.float32)
+  return params
+
+
+@pytest.mark.parametrize('fused', [True, False])
+@pytest.mark.parametrize('zero_debias', [False, True])
+@pytest.mark.parametrize('scale,center', [(True, True), (False, True), (True, False)])
+def test_train_steps_match_numpy(fused, zero_debias, scale, center):
+  rng = np.random.RandomState(0)
+  layer = BatchNorm(decay=0.9, epsilon=1e-3, scale=scale, center=center, fused=fused,
+                    zero_debias_moving_mean=zero_debias)
+  x0 = jnp.asarray(rng.randn(4, 3, 3, 5), jnp.float32)
+  variables = layer.init(jax.random.PRNGKey(0), x0, train=False)
+  params = _random_params(variables, rng)
+  stats = jax.tree_util.tree_map(np.asarray, dict(variables['batch_stats']))
+  ref_state = {k: np.asarray(v, np.float64) for k, v in stats.items()}
+  for step in range(4):
+    x = rng.randn(4, 3, 3, 5).astype(np.float32) * (step + 1) + step
+    y, updates = layer.apply({'params': params, 'batch_stats': stats}, x, train=True, mutable=['batch_stats'])
+    ref_y, ref_state = numpy_batch_norm_train(x, ref_state, params.get('gamma'), params.get('beta'),
+                                              0.9, 1e-3, fused, zero_debias)
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    stats = updates['batch_stats']
+    for key, value in ref_state.items():
+      np.testing.assert_allclose(stats[key], value, rtol=1e-5, atol=1e-6, err_msg=f'{key} step {step}')
+
+
+def test_zero_debias_first_update_is_the_batch_mean():
+  x = jnp.asarray(np.random.RandomState(1).randn(8, 6), jnp.float32) + 3.0
+  layer = BatchNorm(decay=0.999, zero_debias_moving_mean=True)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  _, updates = layer.apply(variables, x, train=True, mutable=['batch_stats'])
+  # Dividing by 1 - 0.999 magnifies float32 rounding ~1000x, hence 1e-4.
+  np.testing.assert_allclose(updates['batch_stats']['moving_mean'], x.mean(0), rtol=1e-4)
+  # Without debiasing the same update leaves the mean 99.9% at its zero start.
+  plain = BatchNorm(decay=0.999)
+  _, plain_updates = plain.apply(plain.init(jax.random.PRNGKey(0), x, train=False), x, train=True,
+                                 mutable=['batch_stats'])
+  np.testing.assert_allclose(plain_updates['batch_stats']['moving_mean'], 0.001 * x.mean(0), rtol=1e-4)
+
+
+def test_zero_debias_before_any_update_is_finite():
+  layer = BatchNorm(zero_debias_moving_mean=True, scale=True)
+  x = jnp.ones((2, 4))
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  y = layer.apply(variables, x, train=False)
+  assert np.all(np.isfinite(y))
+
+
+def test_eval_uses_moving_statistics_and_ignores_batch_mates():
+  rng = np.random.RandomState(2)
+  layer = BatchNorm(scale=True)
+  x = jnp.asarray(rng.randn(6, 2, 2, 3), jnp.float32)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  stats = {'moving_mean': jnp.asarray([0.5, -1.0, 2.0]), 'moving_variance': jnp.asarray([2.0, 0.5, 1.5])}
+  params = {'beta': jnp.asarray([0.1, 0.2, 0.3]), 'gamma': jnp.asarray([1.5, 0.5, 2.0])}
+  y = layer.apply({'params': params, 'batch_stats': stats}, x, train=False)
+  expected = (np.asarray(x) - stats['moving_mean']) / np.sqrt(np.asarray(stats['moving_variance']) + 1e-3)
+  np.testing.assert_allclose(y, expected * params['gamma'] + params['beta'], rtol=1e-5, atol=1e-6)
+  alone = layer.apply({'params': params, 'batch_stats': stats}, x[:1], train=False)
+  np.testing.assert_array_equal(alone, y[:1])
+
+
+def test_eval_never_changes_statistics():
+  layer = BatchNorm()
+  x = jnp.arange(12.0).reshape(4, 3)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  _, updates = layer.apply(variables, x * 10, train=False, mutable=['batch_stats'])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, updates['batch_stats'], variables['batch_stats'])
+
+
+def test_bare_defaults_are_slims():
+  layer = BatchNorm()
+  assert (layer.decay, layer.epsilon, layer.center, layer.scale) == (0.999, 0.001, True, False)
+  variables = layer.init(jax.random.PRNGKey(0), jnp.ones((2, 3)), train=False)
+  assert set(variables['params']) == {'beta'}  # no gamma: slim's scale=False
+  assert set(variables['batch_stats']) == {'moving_mean', 'moving_variance'}
+
+
+def test_bfloat16_input_keeps_float32_statistics():
+  rng = np.random.RandomState(3)
+  x32 = (rng.randn(16, 4, 4, 8) * 3 + 100).astype(np.float32)
+  x16 = jnp.asarray(x32, jnp.bfloat16)
+  layer = BatchNorm(decay=0.5)
+  variables = layer.init(jax.random.PRNGKey(0), x16, train=False)
+  y, updates = layer.apply(variables, x16, train=True, mutable=['batch_stats'])
+  assert y.dtype == jnp.bfloat16
+  stats = updates['batch_stats']
+  assert stats['moving_mean'].dtype == jnp.float32 and stats['moving_variance'].dtype == jnp.float32
+  exact = np.asarray(x16.astype(jnp.float32), np.float64)  # the values the layer actually saw
+  np.testing.assert_allclose(stats['moving_mean'], 0.5 * exact.mean((0, 1, 2)), rtol=1e-6)
+  n = 16 * 4 * 4
+  np.testing.assert_allclose(stats['moving_variance'], 0.5 + 0.5 * exact.var((0, 1, 2)) * n / (n - 1), rtol=1e-5)
+  # A bfloat16 mean of values near 100 would be off by ~0.4; float32 keeps the output centred.
+  assert abs(float(jnp.mean(y.astype(jnp.float32)))) < 0.05
+
+
+def test_train_requires_mutable_batch_stats():
+  layer = BatchNorm()
+  x = jnp.ones((4, 3))
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  with pytest.raises(ValueError, match=r"mutable=\['batch_stats'\]"):
+    layer.apply(variables, x, train=True)
+
+
+def test_train_is_required():
+  layer = BatchNorm()
+  with pytest.raises(TypeError, match='train'):
+    layer.init(jax.random.PRNGKey(0), jnp.ones((4, 3)))
+
+
+@pytest.mark.parametrize('shape', [(1, 5), (1, 1, 1, 5)])
+def test_one_value_per_channel_in_train_mode_is_an_error(shape):
+  layer = BatchNorm()
+  x = jnp.ones(shape)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  with pytest.raises(ValueError, match='one value per channel'):
+    jax.jit(lambda v, x: layer.apply(v, x, train=True, mutable=['batch_stats']))(variables, x)
+  layer.apply(variables, x, train=False)  # eval mode with one example is fine

@@ -1,0 +1,200 @@
+"""ResNet v1/v2 structure: shapes, strides, end points, names, initializers, registry."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_flax import models
+from resnet_flax.layers import initializers
+from resnet_flax.models import resnet_utils
+
+
+def _shapes(model, image_size=224, batch=1, **kwargs):
+  x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+  return variables, out
+
+
+@pytest.mark.parametrize('name', ['resnet_v1_50', 'resnet_v2_101'])
+@pytest.mark.parametrize('output_stride,size', [(None, 7), (32, 7), (16, 14), (8, 28)])
+def test_feature_map_size_follows_output_stride(name, output_stride, size):
+  model = models.get_model(name, num_classes=None, global_pool=False, output_stride=output_stride)
+  _, out = _shapes(model)
+  assert out.shape == (1, size, size, 2048)
+
+
+def test_output_stride_must_be_reachable():
+  with pytest.raises(ValueError, match='multiple of 4'):
+    _shapes(models.get_model('resnet_v1_50', output_stride=6))
+  with pytest.raises(ValueError, match='cannot be reached'):
+    _shapes(models.get_model('resnet_v1_50', output_stride=64))
+
+
+@pytest.mark.parametrize('name', ['resnet_v1_152', 'resnet_v2_200'])
+def test_logits_and_features_shapes(name):
+  _, logits = _shapes(models.get_model(name, num_classes=1001), batch=2)
+  assert logits.shape == (2, 1001) and logits.dtype == jnp.float32
+  _, features = _shapes(models.get_model(name, num_classes=None), batch=2)
+  assert features.shape == (2, 1, 1, 2048)
+  _, spatial = _shapes(models.get_model(name, num_classes=10, global_pool=False, spatial_squeeze=False), batch=2)
+  assert spatial.shape == (2, 7, 7, 10)
+
+
+def test_without_root_block_blocks_see_the_input():
+  model = models.get_model('resnet_v1_tiny', num_classes=None, global_pool=False, include_root_block=False)
+  _, out = _shapes(model, image_size=16)
+  assert out.shape == (1, 4, 4, 64)  # strides 2, 2, 1 of the tiny blocks
+
+
+def test_stride_sits_on_last_unit_of_each_block():
+  variables, _ = _shapes(models.get_model('resnet_v1_50', num_classes=1000))
+  plan = resnet_utils.plan_strides(
+      [resnet_utils.bottleneck_block(f'block{i + 1}', None, *s)
+       for i, s in enumerate(((64, 3, 2), (128, 4, 2), (256, 6, 2), (512, 3, 1)))], None)
+  strides = [[u[2] for u in units] for units, _ in plan]
+  assert strides == [[1, 1, 2], [1, 1, 1, 2], [1] * 5 + [2], [1, 1, 1]]
+  block1 = variables['params']['block1']
+  assert 'shortcut' in block1['unit_1']['bottleneck_v1'] and 'shortcut' not in block1['unit_3']['bottleneck_v1']
+
+
+def test_atrous_rates_replace_strides_past_output_stride():
+  blocks = [resnet_utils.bottleneck_block(f'block{i + 1}', None, *s)
+            for i, s in enumerate(((64, 3, 2), (128, 4, 2), (256, 6, 2), (512, 3, 1)))]
+  plan = resnet_utils.plan_strides(blocks, output_stride=2)  # 8 overall: root takes 4
+  rates = [[(u[2], u[3]) for u in units] for units, _ in plan]
+  assert rates[0] == [(1, 1), (1, 1), (2, 1)]
+  # A unit's own would-be stride raises the rate only for the units after it (DeepLab's 1, 2, 4).
+  assert rates[1] == [(1, 1)] * 4 and rates[2] == [(1, 2)] * 6 and rates[3] == [(1, 4)] * 3
+
+
+def test_conv2d_same_pads_like_slim_not_like_xla_same():
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(1, 8, 8, 2), jnp.float32)
+  weights = jnp.asarray(rng.randn(7, 7, 2, 64), jnp.float32)
+  # slim: pad_total = 6 -> (3, 3), then VALID.
+  expected = jax.lax.conv_general_dilated(jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0))), weights, (2, 2), 'VALID',
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  xla_same = jax.lax.conv_general_dilated(x, weights, (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  from resnet_flax.layers import Conv2D
+
+  def conv(features, kernel, **kw):
+    return Conv2D(features, kernel, activation=None, normalizer=None, **kw)
+
+  class Probe(__import__('flax').linen.Module):
+    @__import__('flax').linen.compact
+    def __call__(self, x):
+      return resnet_utils.conv2d_same(conv, x, 64, 7, 2, name='conv1', train=False)
+
+  out = Probe().apply({'params': {'conv1': {'weights': weights, 'biases': jnp.zeros(64)}}}, x)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out, xla_same, atol=1e-3)
+
+
+def test_subsample_takes_every_factor_th_pixel():
+  x = jnp.arange(2 * 5 * 5 * 1.0).reshape(2, 5, 5, 1)
+  np.testing.assert_array_equal(resnet_utils.subsample(x, 2), x[:, ::2, ::2])
+  assert resnet_utils.subsample(x, 2).shape == (2, 3, 3, 1)
+  assert resnet_utils.subsample(x, 1) is x
+
+
+@pytest.mark.parametrize('name', ['resnet_v1_tiny', 'resnet_v2_tiny'])
+def test_eval_output_does_not_depend_on_batch_mates(name):
+  model = models.get_model(name, num_classes=5)
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(4, 32, 32, 3), jnp.float32)
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
+  variables = {**variables, 'batch_stats': jax.tree_util.tree_map(lambda s: s + 0.3, variables['batch_stats'])}
+  evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0])
+  mixed = jnp.concatenate([x[:1], -5 * x[1:]])
+  full = evaluate(variables, x)
+  np.testing.assert_allclose(full[0], evaluate(variables, mixed)[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(full[:1], evaluate(variables, x[:1]), rtol=1e-5, atol=1e-6)
+  # Train mode, by contrast, does depend on them, which is why the mode is explicit.
+  train_full, train_other = train(variables, x), train(variables, mixed)
+  assert not np.allclose(train_full[0], train_other[0], atol=1e-3)
+
+
+def test_apply_without_train_fails():
+  model = models.get_model('resnet_v2_tiny', num_classes=3)
+  x = jnp.zeros((2, 32, 32, 3))
+  with pytest.raises(TypeError, match='train'):
+    jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+  with pytest.raises(TypeError, match='train'):
+    model.apply(variables, x)
+  with pytest.raises(ValueError, match='batch_stats'):
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=True), variables, x)
+
+
+def test_end_points_named_as_slim():
+  model = models.get_model('resnet_v1_tiny', num_classes=10)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
+  logits, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['intermediates']))(variables, x)
+  ends = models.end_points(state['intermediates'], model)
+  s = 'resnet_v1_tiny'
+  for name in [f'{s}/conv1', f'{s}/block1/unit_1/bottleneck_v1/shortcut', f'{s}/block1/unit_2/bottleneck_v1/conv2',
+               f'{s}/block1/unit_2/bottleneck_v1', f'{s}/block3', 'global_pool', f'{s}/logits',
+               f'{s}/spatial_squeeze', 'predictions']:
+    assert name in ends, name
+  assert ends[f'{s}/block1'].shape == (2, 4, 4, 16)
+  np.testing.assert_array_equal(ends[f'{s}/spatial_squeeze'], logits)
+  assert 'intermediates' not in variables
+
+
+def test_parameter_names_match_slim_layout():
+  variables, _ = _shapes(models.get_model('resnet_v2_50', num_classes=1001))
+  p = variables['params']
+  unit = p['block1']['unit_1']['bottleneck_v2']
+  assert set(unit) == {'preact', 'shortcut', 'conv1', 'conv2', 'conv3'}
+  assert set(unit['preact']) == {'gamma', 'beta'} and set(unit['conv3']) == {'weights', 'biases'}
+  assert set(unit['conv1']) == {'weights', 'BatchNorm'}
+  assert set(p['conv1']) == {'weights', 'biases'}  # v2's root conv has no BN
+  assert p['logits']['weights'].shape == (1, 1, 2048, 1001)
+  assert set(variables['batch_stats']['postnorm']) == {'moving_mean', 'moving_variance'}
+
+
+def test_variance_scaling_initializer_is_slims():
+  init = initializers.variance_scaling()
+  w = np.asarray(init(jax.random.PRNGKey(0), (3, 3, 64, 256)))
+  stddev_param = math.sqrt(1.3 * 2.0 / (3 * 3 * 64))
+  assert np.abs(w).max() <= 2 * stddev_param + 1e-7
+  # A normal truncated at +-2 sigma has std 0.8796 sigma.
+  assert abs(w.std() / (0.87962566 * stddev_param) - 1) < 0.01
+
+
+def test_arg_scope_overrides_reach_batch_norm():
+  model = models.get_model('resnet_v1_tiny', num_classes=2, batch_norm_decay=0.9, batch_norm_epsilon=1e-3,
+                           batch_norm_scale=False, zero_debias_moving_mean=True, batch_norm_fused=False)
+  assert dict(model.arg_scope.batch_norm) == {'decay': 0.9, 'epsilon': 1e-3, 'scale': False,
+                                              'zero_debias_moving_mean': True, 'fused': False}
+  variables, _ = _shapes(model, image_size=32)
+  bn = variables['params']['conv1']['BatchNorm']
+  assert set(bn) == {'beta'}
+  assert 'moving_mean_biased' in variables['batch_stats']['conv1']['BatchNorm']
+
+
+def test_registry_errors_are_clear():
+  with pytest.raises(ValueError, match='resnet_v1_50'):
+    models.get_model('resnet_v1_51')
+  with pytest.raises(TypeError, match='outptu_stride'):
+    models.get_model('resnet_v1_50', outptu_stride=8)
+
+
+def test_v1_depth_multiplier_and_min_base_depth():
+  model = models.get_model('resnet_v1_50', num_classes=None, depth_multiplier=0.25, min_base_depth=32)
+  variables, out = _shapes(model)
+  assert out.shape[-1] == 512  # block4: max(int(512 * 0.25), 32) * 4
+  assert variables['params']['block1']['unit_1']['bottleneck_v1']['conv1']['weights'].shape[-1] == 32
+
+
+def test_list_models_names_all():
+  names = models.list_models()
+  for version in (1, 2):
+    for depth in (50, 101, 152, 200):
+      assert f'resnet_v{version}_{depth}' in names

@@ -21,6 +21,8 @@ _STRIDES = (2, 2, 2, 1)
 # Tiny variants for tests: every code path (subsample and projection shortcuts,
 # strided last units, a stride-1 final block) at a fraction of the cost.
 _TINY = ((4, 2, 2), (8, 2, 2), (16, 1, 1))
+# For 8x8 digits: no 7x7/2 root (it would leave 2x2 pixels), three blocks 8 -> 4 -> 2.
+_DIGITS = ((16, 2, 2), (32, 2, 2), (64, 2, 1))
 
 
 def _full_size(depth: int) -> tuple[tuple[int, int, int], ...]:
@@ -37,7 +39,13 @@ _REGISTRY: dict[str, tuple[type, tuple]] = {
     **{f'resnet_v2_{d}': (ResNetV2, _full_size(d)) for d in _UNITS},
     'resnet_v1_tiny': (ResNetV1, _TINY),
     'resnet_v2_tiny': (ResNetV2, _TINY),
+    'resnet_v1_digits': (ResNetV1, _DIGITS),
+    'resnet_v2_digits': (ResNetV2, _DIGITS),
 }
+# Defaults a variant changes from slim's (callers may still override them).
+_VARIANT_DEFAULTS = {'resnet_v1_digits': {'include_root_block': False},
+                     'resnet_v2_digits': {'include_root_block': False}}
+_SMALL_VARIANTS = ('_tiny', '_digits')
 
 # resnet_arg_scope's own argument names, mapped onto ResNetArgScope / BatchNorm fields.
 _ARG_SCOPE_NAMES = {'weight_decay', 'activation_fn', 'use_batch_norm', 'dtype'}
@@ -88,8 +96,8 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
   if name not in _REGISTRY:
     raise ValueError(f'Unknown model {name!r}; choose one of: {", ".join(list_models())}.')
   cls, block_sizes = _REGISTRY[name]
-  scope_kwargs, bn_kwargs, model_kwargs = split_overrides(overrides)
-  if cls is ResNetV1 and not name.endswith('_tiny'):
+  scope_kwargs, bn_kwargs, model_kwargs = split_overrides({**_VARIANT_DEFAULTS.get(name, {}), **overrides})
+  if cls is ResNetV1 and not name.endswith(_SMALL_VARIANTS):
     # slim applies depth_func in resnet_v1_50 & co., not to custom blocks.
     depth_multiplier = model_kwargs.pop('depth_multiplier', 1.0)
     min_base_depth = model_kwargs.pop('min_base_depth', 8)

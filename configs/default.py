@@ -1,0 +1,77 @@
+"""Template: every field train.py and eval.py read, with what it does.
+
+Variants import this and change a few fields. Values derived from others (the
+scaled learning rate, the number of classes) are computed by the library from
+the final config, so command-line overrides keep them consistent.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Model: a name from `resnet_flax.models.list_models()`.
+  config.model = 'resnet_v2_digits'
+  config.model_options = ml_collections.ConfigDict({
+      # None keeps the model's own default.
+      'global_pool': config_dict.placeholder(bool),
+      'spatial_squeeze': config_dict.placeholder(bool),
+      'output_stride': config_dict.placeholder(int),
+      'include_root_block': config_dict.placeholder(bool),
+  })
+  config.num_classes = config_dict.placeholder(int)  # None: the data set's.
+  config.dtype = 'float32'  # 'float32' | 'bfloat16' (activations; statistics stay float32)
+
+  # Batch normalization (resnet_arg_scope's values unless a variant changes them).
+  config.bn = ml_collections.ConfigDict({
+      'decay': 0.997,  # moving -= (1 - decay) * (moving - batch_value)
+      'epsilon': 1e-5,
+      'center': True,
+      'scale': True,
+      'zero_debias_moving_mean': False,  # TF's debiased moving mean (biased / (1 - decay ** step))
+      'fused': True,  # slim's fused path: unbiased batch variance into the moving variance
+  })
+
+  # Data (see resnet_flax/data/builder.py for every field).
+  config.data = ml_collections.ConfigDict({
+      'name': 'digits',  # 'digits' | 'cifar10' | 'imagefolder' | 'synthetic'
+      'dir': config_dict.placeholder(str),  # cifar10 / imagefolder root
+      'image_size': 8,
+      'digits_resize': 'pad',  # digits above 8 px: 'pad' | 'upsample'
+      'preprocessing': 'none',  # imagefolder: 'vgg' | 'inception' (slim's)
+      'augment': False,
+      'color_distortion': False,  # inception preprocessing only
+      'num_classes': config_dict.placeholder(int),  # synthetic; elsewhere a check
+      'num_examples': config_dict.placeholder(int),  # synthetic
+      'channels': config_dict.placeholder(int),  # synthetic
+      'label_offset': 0,  # imagefolder: 1 for slim v2's background class
+      'on_bad_image': 'error',  # imagefolder: 'error' | 'skip'
+      'num_workers': 0,  # imagefolder decoding threads; 0: one per core
+  })
+  config.eval_split = 'test'
+
+  # Optimization.
+  config.batch_size = 64  # global, over all devices and hosts
+  config.eval_batch_size = 0  # 0: batch_size
+  config.num_train_steps = 600
+  config.optimizer = 'sgd'  # 'sgd' | 'adamw'
+  config.learning_rate = 0.1
+  config.lr_batch_size = 0  # > 0: learning rate scales by batch_size / lr_batch_size
+  config.lr_schedule = 'cosine'  # 'cosine' | 'step' | 'constant', after linear warm-up
+  config.warmup_steps = 50
+  config.lr_boundaries = (0.3, 0.6, 0.8)  # 'step': fractions of num_train_steps
+  config.lr_decay_factor = 0.1  # 'step': multiplier at each boundary
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 1e-4  # slim's L2 on conv weights: 0.5 * wd * sum(w ** 2)
+  config.label_smoothing = 0.0
+
+  # Bookkeeping.
+  config.seed = 0
+  config.log_every_steps = 100
+  config.eval_every_steps = 0  # 0: only at the end
+  config.checkpoint_every_steps = 200
+  config.keep_checkpoints = 3
+  config.async_checkpointing = True
+  return config

@@ -1,0 +1,76 @@
+"""orbax checkpoints of the TrainState: async saves, keep-N, restore latest or a given path."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used, with a one-line message naming it and the fix."""
+
+
+def abstract_like(state: Any) -> Any:
+  """Shape/dtype/sharding skeleton of `state`, the restore target."""
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+
+
+class Checkpointer:
+  """`workdir/checkpoints/<step>`, written asynchronously; orbax commits each step
+  atomically (temporary directory, then rename), so an interrupted save never
+  shows up as a checkpoint."""
+
+  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any) -> None:
+    """Starts saving `state` as `step` (returns before the write finishes)."""
+    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def restore(self, step: int, target: Any) -> Any:
+    """Restores `step` into the structure, shapes and shardings of `target`."""
+    return restore_from(os.path.join(self.directory, str(step)), target, self._manager)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def latest_step_in(directory: str) -> Optional[int]:
+  """The newest committed step under `directory`, without creating or locking anything.
+
+  orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames on commit, so only
+  all-digit names are finished checkpoints.
+  """
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(name) for name in os.listdir(directory)
+           if name.isdigit() and os.path.isdir(os.path.join(directory, name))]
+  return max(steps, default=None)
+
+
+def restore_from(path: str, target: Any, manager: Optional[ocp.CheckpointManager] = None) -> Any:
+  """Restores the checkpoint directory `path` (a `<step>` directory or its `default/` item)."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f'checkpoint {path} does not exist; pass a <workdir>/checkpoints/<step> directory.')
+  item = os.path.join(path, 'default') if os.path.isdir(os.path.join(path, 'default')) else path
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(item, abstract_like(target))
+  except (ValueError, KeyError, TypeError) as error:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise CheckpointError(f'checkpoint {path} does not match this model/config ({first_line[:300]}); '
+                          'check --config.model and num_classes, or start a fresh --workdir.') from error

@@ -1,0 +1,58 @@
+"""What train.py and eval.py share: config flags and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from resnet_flax import checkpoints, data
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'digits.py')
+
+# Mistakes a user makes (config, data, checkpoints, diverging runs) get one line and exit
+# status 2; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, KeyError, FloatingPointError, FileNotFoundError, PermissionError)
+
+
+def _innermost_message(error: BaseException) -> str:
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  return ' '.join(text.replace("\\'", "'").split())
+
+
+def define_flags() -> None:
+  """`--config` (an ml_collections file, fields overridable as --config.a.b=v) and `--workdir`.
+
+  config_flags applies `--config.x=v` overrides while defining the flag, so an unknown
+  field surfaces here, before main(); it is reported in one line.
+  """
+  try:
+    config_flags.DEFINE_config_file('config', DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None,
+                                    'Experiment config file (configs/*.py).', lock_config=True)
+  except (AttributeError, KeyError) as error:
+    overrides = ' '.join(arg for arg in sys.argv[1:] if arg.startswith('--config.'))
+    print(f'error: unknown config field {_innermost_message(error)} (in: {overrides}); '
+          'configs/default.py lists every field.', file=sys.stderr)
+    sys.exit(2)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl and TensorBoard events.')
+  flags.DEFINE_bool('traceback', False, 'Show the full traceback of user errors too.')
+
+
+def run_reporting_user_errors(main: Callable[[], None]) -> None:
+  """Runs `main`; a user error prints `error: <message>` on stderr and exits with status 2."""
+  if not flags.FLAGS['verbosity'].present:
+    # orbax logs every save step at INFO; the progress bar already says what matters.
+    logging.set_verbosity(logging.WARNING)
+  try:
+    main()
+  except USER_ERRORS + (data.DataError, checkpoints.CheckpointError) as error:
+    if flags.FLAGS.traceback:
+      raise
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,63 @@
+"""Evaluation: metrics of a model over one pass of a split, and `eval.py`'s job."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from resnet_flax import checkpoints, data, model_builder, optim, sharding, steps
+from resnet_flax.train_state import TrainState, create_train_state
+
+
+def evaluate_dataset(model, variables: dict[str, Any], dataset: data.Dataset, mesh) -> dict[str, float]:
+  """Loss, top-1 and top-5 over every real example of `dataset` (padding masked out)."""
+  eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
+                      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                      out_shardings=sharding.replicated(mesh))
+  sums = None
+  for batch in data.prefetch(dataset.eval_batches()):
+    out = eval_step(variables, sharding.to_global_batch(batch, mesh))
+    sums = out if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, out)
+  sums = jax.tree_util.tree_map(lambda x: float(np.asarray(x)), sums)
+  count = max(sums['num_examples'], 1.0)
+  return {'loss': sums['loss_sum'] / count, 'top1': sums['top1_hits'] / count, 'top5': sums['top5_hits'] / count,
+          'num_examples': int(sums['num_examples'])}
+
+
+def build_eval_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
+  """This process's share of `config.eval_split`."""
+  eval_batch_size = config.eval_batch_size or config.batch_size
+  sharding.check_batch_size(eval_batch_size, 'eval_batch_size')
+  return data.build(config.data, config.eval_split, batch_size=eval_batch_size // jax.process_count(),
+                    seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model, image_shape) -> TrainState:
+  """The TrainState's structure, shapes and dtypes, without computing anything."""
+  tx = optim.build_optimizer(config)
+  return jax.eval_shape(lambda: create_train_state(model, tx, jax.random.PRNGKey(0), image_shape))
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Optional[str] = None) -> dict[str, Any]:
+  """Evaluates the latest checkpoint in `workdir` (or `checkpoint`) on `config.eval_split`."""
+  dataset = build_eval_dataset(config)
+  model = model_builder.build_model(config, config.num_classes or dataset.num_classes)
+  mesh = sharding.data_mesh()
+  target = abstract_train_state(config, model, dataset.image_shape)
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), target)
+  if checkpoint is None:
+    directory = os.path.join(workdir, 'checkpoints')
+    step = checkpoints.latest_step_in(directory)
+    if step is None:
+      raise checkpoints.CheckpointError(f'no checkpoint in {directory}; train first or pass --checkpoint=PATH.')
+    checkpoint = os.path.join(directory, str(step))
+  state = checkpoints.restore_from(checkpoint, target)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  metrics = evaluate_dataset(model, variables, dataset, mesh)
+  return {'step': int(state.step), **metrics}

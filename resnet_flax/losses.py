@@ -1,0 +1,39 @@
+"""Loss and metric functions: masked cross entropy, slim's L2, top-k counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Mean softmax cross entropy over the examples where `mask` is 1."""
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  per_example = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def slim_l2_regularization(params: Any, weight_decay: float) -> jax.Array:
+  """`sum(0.5 * weight_decay * sum(w ** 2))` over conv `weights`, as slim.l2_regularizer.
+
+  Biases, gamma and beta are not regularized: resnet_arg_scope puts the
+  regularizer on conv2d weights only.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  squares = [jnp.sum(jnp.square(leaf)) for path, leaf in leaves if path[-1].key == 'weights']
+  return 0.5 * weight_decay * sum(squares) if squares else jnp.zeros(())
+
+
+def correct_top_k(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int) -> jax.Array:
+  """Number of masked-in examples whose label is among the k largest logits."""
+  k = min(k, logits.shape[-1])
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  # Rank = number of classes scoring strictly higher; ties count in the label's favour.
+  rank = jnp.sum(logits > label_logit, axis=-1)
+  return jnp.sum((rank < k) * mask)

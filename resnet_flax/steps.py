@@ -1,0 +1,54 @@
+"""Pure train and eval steps; the caller binds the model and optimizer and jits them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from resnet_flax import losses
+from resnet_flax.train_state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
+               weight_decay: float, label_smoothing: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step; the new moving statistics come back inside the new state."""
+
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+                                  train=True, mutable=['batch_stats'])
+    data_loss = losses.cross_entropy(logits, batch['label'], batch['mask'], label_smoothing)
+    total = data_loss + losses.slim_l2_regularization(params, weight_decay)
+    return total, (data_loss, logits, updates['batch_stats'])
+
+  (total, (data_loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  count = jnp.maximum(jnp.sum(batch['mask']), 1.0)
+  metrics = {
+      'loss': data_loss,
+      'total_loss': total,
+      'top1': losses.correct_top_k(logits, batch['label'], batch['mask'], 1) / count,
+      'top5': losses.correct_top_k(logits, batch['label'], batch['mask'], 5) / count,
+      'grad_norm': optax.global_norm(grads),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(variables: dict[str, Any], batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+  """Sums over the batch (loss, top-1 and top-5 hits, examples), padding masked out."""
+  logits = model.apply(variables, batch['image'], train=False)
+  mask = batch['mask']
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
+  return {
+      'loss_sum': jnp.sum(per_example * mask),
+      'top1_hits': losses.correct_top_k(logits, batch['label'], mask, 1),
+      'top5_hits': losses.correct_top_k(logits, batch['label'], mask, 5),
+      'num_examples': jnp.sum(mask),
+  }

@@ -1,0 +1,122 @@
+"""The training loop: `train_and_evaluate(config, workdir)`, what `train.py` runs."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from resnet_flax import checkpoints, data, eval_lib, model_builder, optim, sharding, steps
+from resnet_flax.metrics_writer import MetricsWriter
+from resnet_flax.progress import ProgressBar
+from resnet_flax.train_state import TrainState, create_train_state
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+def _preemption_flag() -> threading.Event:
+  """An event set by SIGTERM/SIGINT, so the loop can save and stop between steps."""
+  flag = threading.Event()
+  if threading.current_thread() is threading.main_thread():
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(signum, lambda *_: flag.set())
+  return flag
+
+
+def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Averages per-step device metrics; the one host sync of a logging interval."""
+  stacked = jax.device_get(history)
+  return {key: float(np.mean([m[key] for m in stacked])) for key in stacked[0]}
+
+
+def _check_finite(metrics: dict[str, float], step: int, last_saved: int | None) -> None:
+  if not all(math.isfinite(v) for v in metrics.values()):
+    kept = f'the last good checkpoint (step {last_saved}) is kept' if last_saved is not None else 'no checkpoint yet'
+    raise NonFiniteLossError(f'non-finite training metrics by step {step} ({metrics}); {kept}. '
+                             'Lower config.learning_rate or raise config.warmup_steps, then rerun.')
+
+
+def _is_due(step: int, every: int, total: int) -> bool:
+  return step == total or (every > 0 and step % every == 0)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config.num_train_steps` steps, resuming from `workdir`, and returns the final eval."""
+  sharding.check_batch_size(config.batch_size)
+  is_chief = jax.process_index() == 0
+  train_ds = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
+                        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  eval_ds = eval_lib.build_eval_dataset(config)
+  model = model_builder.build_model(config, config.num_classes or train_ds.num_classes)
+  tx = optim.build_optimizer(config)
+  schedule = optim.learning_rate_schedule(config)
+  mesh = sharding.data_mesh()
+  state = sharding.replicate(create_train_state(model, tx, jax.random.PRNGKey(config.seed), train_ds.image_shape),
+                             mesh)
+
+  checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints,
+                                          config.async_checkpointing)
+  progress = ProgressBar(config.num_train_steps, enabled=is_chief)
+  last_saved = checkpointer.latest_step()
+  if last_saved is not None:
+    state = checkpointer.restore(last_saved, state)
+    progress.message(f'Resumed from {checkpointer.directory}/{last_saved} (step {int(state.step)}).')
+  start_step = int(state.step)
+
+  train_step = jax.jit(
+      functools.partial(steps.train_step, model=model, tx=tx, weight_decay=config.weight_decay,
+                        label_smoothing=config.label_smoothing),
+      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+      donate_argnums=0)
+  writer = MetricsWriter(workdir, enabled=is_chief)
+  preempted = _preemption_flag()
+  eval_metrics: dict[str, Any] = {}
+  history: list[dict[str, jax.Array]] = []
+  batches: Iterator = data.prefetch(train_ds.train_batches(start_step))
+  interval_start, interval_steps = time.perf_counter(), 0
+  try:
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      state, metrics = train_step(state, sharding.to_global_batch(next(batches), mesh))
+      history.append(metrics)
+      interval_steps += 1
+      stopping = preempted.is_set()
+      save_now = stopping or _is_due(step, config.checkpoint_every_steps, config.num_train_steps)
+      if save_now or _is_due(step, config.log_every_steps, config.num_train_steps):
+        train_metrics = _mean_metrics(history)
+        _check_finite(train_metrics, step, last_saved)
+        elapsed = time.perf_counter() - interval_start
+        images_per_second = interval_steps * config.batch_size / elapsed
+        writer.write(step, {**{f'train/{k}': v for k, v in train_metrics.items()},
+                            'train/learning_rate': float(schedule(step - 1)),
+                            'train/images_per_second': images_per_second})
+        progress.update(step, {'loss': train_metrics['loss'], 'top1': train_metrics['top1']},
+                        images_per_second, elapsed / interval_steps)
+        history, interval_start, interval_steps = [], time.perf_counter(), 0
+      if _is_due(step, config.eval_every_steps, config.num_train_steps):
+        eval_metrics = eval_lib.evaluate_dataset(model, {'params': state.params, 'batch_stats': state.batch_stats},
+                                                 eval_ds, mesh)
+        writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+        progress.message(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items()))
+        interval_start = time.perf_counter()  # Evaluation time is not training throughput.
+      if save_now:
+        checkpointer.save(step, state)
+        last_saved = step
+      if stopping:
+        progress.message(f'Preempted: saved step {step} to {checkpointer.directory}; rerun the same command to resume.')
+        break
+  finally:
+    batches.close()
+    checkpointer.close()
+    writer.close()
+  return {'step': int(state.step), **eval_metrics}

@@ -1,0 +1,116 @@
+"""End to end: train, evaluate, checkpoint, resume, command-line overrides and errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits
+from resnet_flax import checkpoints, eval_lib, losses, model_builder, train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(num_train_steps=4):
+  config = digits.get_config()
+  config.batch_size = 16
+  config.eval_batch_size = 128
+  config.num_train_steps = num_train_steps
+  config.warmup_steps = 0
+  config.lr_schedule = 'constant'  # so a 2-step run continued to 4 equals a 4-step run
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.async_checkpointing = False
+  return config
+
+
+def _read_params(workdir, config, step):
+  target = eval_lib.abstract_train_state(config, model_builder.build_model(config, 10), (8, 8, 1))
+  return checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(step, target)
+
+
+def test_train_eval_round_trip_and_logs(tmp_path):
+  config = tiny_config()
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert result['step'] == 4 and result['num_examples'] == 360
+  assert 0.0 <= result['top1'] <= result['top5'] <= 1.0
+  again = eval_lib.evaluate(config, str(tmp_path))
+  for key in ('step', 'loss', 'top1', 'top5', 'num_examples'):
+    assert again[key] == pytest.approx(result[key], rel=1e-6), key
+  lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [line['step'] for line in lines if 'train/loss' in line] == [2, 4]
+  assert {'train/loss', 'train/top1', 'train/top5', 'train/learning_rate', 'train/images_per_second'} <= set(lines[0])
+  assert any('eval/top1' in line for line in lines)
+  assert list((tmp_path / 'tensorboard').iterdir()), 'no TensorBoard event file'
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+  straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
+  train_lib.train_and_evaluate(tiny_config(4), str(straight))
+  train_lib.train_and_evaluate(tiny_config(2), str(interrupted))
+  resumed = train_lib.train_and_evaluate(tiny_config(4), str(interrupted))
+  assert resumed['step'] == 4
+  a, b = _read_params(straight, tiny_config(), 4), _read_params(interrupted, tiny_config(), 4)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_train_step_updates_moving_statistics(tmp_path):
+  config = tiny_config(2)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  state = _read_params(tmp_path, config, 2)
+  postnorm = state.batch_stats['postnorm']
+  assert not np.allclose(postnorm['moving_mean'], 0.0), 'moving statistics never updated'
+
+
+def test_slim_l2_counts_conv_weights_only():
+  params = {'conv1': {'weights': np.full((1, 1, 1, 2), 2.0), 'biases': np.ones(2)},
+            'preact': {'gamma': np.full(3, 5.0), 'beta': np.ones(3)}}
+  assert float(losses.slim_l2_regularization(params, 1e-2)) == pytest.approx(0.5 * 1e-2 * 8.0)
+
+
+def _run(script, *args):
+  return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
+                        cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
+
+
+def test_command_line_overrides_train_and_eval_json(tmp_path):
+  workdir = str(tmp_path)
+  overrides = ['--config=configs/digits.py', f'--workdir={workdir}', '--config.num_train_steps=2',
+               '--config.batch_size=8', '--config.bn.decay=0.5', '--config.bn.zero_debias_moving_mean=True',
+               '--config.checkpoint_every_steps=0']
+  trained = _run('train.py', *overrides)
+  assert trained.returncode == 0, trained.stderr
+  assert 'Final test accuracy' in trained.stdout
+  state = _read_params(workdir, _override(tiny_config(), decay=0.5, zero_debias=True), 2)
+  bn = state.batch_stats['block1']['unit_1']['bottleneck_v2']['preact']
+  assert float(bn['moving_mean_local_step']) == 2.0  # zero-debias on, from the command line
+  evaluated = _run('eval.py', '--config=configs/digits.py', f'--workdir={workdir}',
+                   '--config.bn.zero_debias_moving_mean=True')
+  assert evaluated.returncode == 0, evaluated.stderr
+  result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+  assert result['step'] == 2 and result['num_examples'] == 360 and {'loss', 'top1', 'top5'} <= set(result)
+
+
+def _override(config, decay, zero_debias):
+  config.bn.decay = decay
+  config.bn.zero_debias_moving_mean = zero_debias
+  return config
+
+
+def test_bad_config_key_is_one_line_naming_it(tmp_path):
+  result = _run('train.py', f'--workdir={tmp_path}', '--config.bn.decya=0.9')
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'decya' in lines[0] and 'decay' in lines[0]
+
+
+def test_eval_without_checkpoint_is_one_line(tmp_path):
+  result = _run('eval.py', f'--workdir={tmp_path}')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [f'error: no checkpoint in {tmp_path}/checkpoints; '
+                                                'train first or pass --checkpoint=PATH.']

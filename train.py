@@ -1,0 +1,31 @@
+"""Trains a ResNet: python train.py --config=configs/digits.py --workdir=/tmp/digits"""
+
+import json
+import time
+
+from absl import app, flags
+
+from resnet_flax import cli, train_lib
+
+cli.define_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  start = time.time()
+
+  def run():
+    workdir = FLAGS.workdir or '/tmp/resnet_flax'
+    result = train_lib.train_and_evaluate(FLAGS.config, workdir)
+    if 'top1' in result:
+      print(f"Final {FLAGS.config.eval_split} accuracy: {100 * result['top1']:.2f}% "
+            f"(top-5 {100 * result['top5']:.2f}%, loss {result['loss']:.4f}, {result['num_examples']} examples, "
+            f"step {result['step']}, {time.time() - start:.1f} s)")
+    print(json.dumps(result))
+
+  cli.run_reporting_user_errors(run)
+
+
+if __name__ == '__main__':
+  app.run(main)

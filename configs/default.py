@@ -12,7 +12,7 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Model: a name from `resnet_flax.models.list_models()`.
-  config.model = 'resnet_v2_digits'
+  config.model = 'resnet_v1_digits'
   config.model_options = ml_collections.ConfigDict({
       # None keeps the model's own default.
       'global_pool': config_dict.placeholder(bool),

@@ -1,4 +1,4 @@
-"""The embedded default: slim's ResNet v2 (digits variant) on scikit-learn's 8x8 digits."""
+"""The embedded default: slim's ResNet v1 (digits variant) on scikit-learn's 8x8 digits."""
 
 from configs import default
 

@@ -11,14 +11,18 @@ import ml_collections
 import numpy as np
 
 from resnet_flax import checkpoints, data, model_builder, optim, sharding, steps
-from resnet_flax.train_state import TrainState, create_train_state
+from resnet_flax.train_state import TrainState, train_state_initializer
 
 
-def evaluate_dataset(model, variables: dict[str, Any], dataset: data.Dataset, mesh) -> dict[str, float]:
+def make_eval_step(model, mesh):
+  """The jitted eval step; build it once per run so repeated evaluations reuse the compilation."""
+  return jax.jit(functools.partial(steps.eval_step, model=model),
+                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate_dataset(eval_step, variables: dict[str, Any], dataset: data.Dataset, mesh) -> dict[str, float]:
   """Loss, top-1 and top-5 over every real example of `dataset` (padding masked out)."""
-  eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
-                      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                      out_shardings=sharding.replicated(mesh))
   sums = None
   for batch in data.prefetch(dataset.eval_batches()):
     out = eval_step(variables, sharding.to_global_batch(batch, mesh))
@@ -40,7 +44,7 @@ def build_eval_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
 def abstract_train_state(config: ml_collections.ConfigDict, model, image_shape) -> TrainState:
   """The TrainState's structure, shapes and dtypes, without computing anything."""
   tx = optim.build_optimizer(config)
-  return jax.eval_shape(lambda: create_train_state(model, tx, jax.random.PRNGKey(0), image_shape))
+  return jax.eval_shape(train_state_initializer(model, tx, image_shape), jax.random.PRNGKey(0))
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Optional[str] = None) -> dict[str, Any]:
@@ -59,5 +63,5 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     checkpoint = os.path.join(directory, str(step))
   state = checkpoints.restore_from(checkpoint, target)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  metrics = evaluate_dataset(model, variables, dataset, mesh)
+  metrics = evaluate_dataset(make_eval_step(model, mesh), variables, dataset, mesh)
   return {'step': int(state.step), **metrics}

@@ -35,7 +35,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
       'total_loss': total,
       'top1': losses.correct_top_k(logits, batch['label'], batch['mask'], 1) / count,
       'top5': losses.correct_top_k(logits, batch['label'], batch['mask'], 5) / count,
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
   }
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   return new_state, metrics

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+
+RUN_ONCE_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
 @flax.struct.dataclass
@@ -24,9 +27,9 @@ class TrainState:
   opt_state: Any
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                       image_shape: tuple[int, int, int]) -> TrainState:
-  """Initializes the model on a dummy batch of two, compiled (eager init runs op by op)."""
+def train_state_initializer(model: nn.Module, tx: optax.GradientTransformation,
+                            image_shape: tuple[int, int, int]) -> Callable[[jax.Array], TrainState]:
+  """The pure function rng -> initial TrainState (a dummy batch of two: train-mode BN needs two)."""
 
   def init(rng: jax.Array) -> TrainState:
     variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.float32), train=False)
@@ -34,4 +37,12 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
 
-  return jax.jit(init)(rng)
+  return init
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       image_shape: tuple[int, int, int]) -> TrainState:
+  """The initial TrainState, compiled (eager init runs op by op and is slower still)."""
+  init = jax.jit(train_state_initializer(model, tx, image_shape))
+  # Init runs once: XLA's optimization passes would triple its compile time for nothing.
+  return init.lower(rng).compile(compiler_options=RUN_ONCE_COMPILER_OPTIONS)(rng)

@@ -116,6 +116,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stopping:
         progress.message(f'Preempted: saved step {step} to {checkpointer.directory}; rerun the same command to resume.')
         break
+    if not eval_metrics and int(state.step) == config.num_train_steps:
+      # Nothing left to train (a finished run started again): report its evaluation anyway.
+      eval_metrics = eval_lib.evaluate_dataset(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
+                                               eval_ds, mesh)
   finally:
     batches.close()
     checkpointer.close()

@@ -56,6 +56,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   train_lib.train_and_evaluate(tiny_config(2), str(interrupted))
   resumed = train_lib.train_and_evaluate(tiny_config(4), str(interrupted))
   assert resumed['step'] == 4
+  finished_again = train_lib.train_and_evaluate(tiny_config(4), str(interrupted))  # nothing left to train
+  assert finished_again['top1'] == resumed['top1']
   a, b = _read_params(straight, tiny_config(), 4), _read_params(interrupted, tiny_config(), 4)
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 

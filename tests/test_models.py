@@ -198,3 +198,9 @@ def test_list_models_names_all():
   for version in (1, 2):
     for depth in (50, 101, 152, 200):
       assert f'resnet_v{version}_{depth}' in names
+
+
+def test_models_are_hashable_for_jit_static_arguments():
+  a = models.get_model('resnet_v1_tiny', num_classes=3, batch_norm_decay=0.9)
+  b = models.get_model('resnet_v1_tiny', num_classes=3, batch_norm_decay=0.9)
+  assert hash(a) == hash(b) and a == b and a.slim_scope == 'resnet_v1_tiny'

@@ -22,11 +22,11 @@ def end_points(intermediates: Mapping[str, Any], model: nn.Module) -> dict[str, 
       if isinstance(value, Mapping):
         visit(value, path + (key,))
       elif key == END_POINT:
-        out['/'.join((model.scope,) + path)] = value
+        out['/'.join((model.slim_scope,) + path)] = value
       elif not path and key in _UNSCOPED:
         out[key] = value
       else:
-        out['/'.join((model.scope,) + path + (key,))] = value
+        out['/'.join((model.slim_scope,) + path + (key,))] = value
 
   visit(intermediates, ())
   return out

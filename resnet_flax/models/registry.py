@@ -102,7 +102,7 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
     depth_multiplier = model_kwargs.pop('depth_multiplier', 1.0)
     min_base_depth = model_kwargs.pop('min_base_depth', 8)
     block_sizes = _v1_depth_func(block_sizes, depth_multiplier, min_base_depth)
-  valid = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'block_sizes', 'scope', 'arg_scope',
+  valid = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'block_sizes', 'slim_scope', 'arg_scope',
                                                          'num_classes'}
   unknown = sorted(set(model_kwargs) - valid)
   if unknown:
@@ -111,7 +111,7 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
                     'or batch_norm_<BatchNorm field>.')
   batch_norm = FrozenDict({**ResNetArgScope().batch_norm, **bn_kwargs})
   arg_scope = ResNetArgScope(batch_norm=batch_norm, **scope_kwargs)
-  return cls(block_sizes=block_sizes, num_classes=num_classes, scope=name, arg_scope=arg_scope,
+  return cls(block_sizes=block_sizes, num_classes=num_classes, slim_scope=name, arg_scope=arg_scope,
              **model_kwargs)
 
 

@@ -61,7 +61,7 @@ class ResNetV1(nn.Module):
   """
   block_sizes: Sequence[tuple[int, int, int]]  # (base_depth, num_units, stride) per block
   num_classes: Optional[int] = None
-  scope: str = 'resnet_v1'
+  slim_scope: str = 'resnet_v1'  # slim's variable scope; flax's own `scope` is taken
   global_pool: bool = True
   output_stride: Optional[int] = None
   include_root_block: bool = True
@@ -84,4 +84,4 @@ class ResNetV1(nn.Module):
     x = resnet_utils.stack_blocks_dense(x, blocks, output_stride, self.store_non_strided_activations,
                                         train=train)
     return resnet_utils.head(self, x, conv, self.num_classes, self.global_pool, self.spatial_squeeze,
-                             self.scope)
+                             self.slim_scope)

@@ -53,7 +53,7 @@ class ResNetV2(nn.Module):
   """slim's `resnet_v2(inputs, blocks, ...)`; `scope` is the slim scope name."""
   block_sizes: Sequence[tuple[int, int, int]]  # (base_depth, num_units, stride) per block
   num_classes: Optional[int] = None
-  scope: str = 'resnet_v2'
+  slim_scope: str = 'resnet_v2'  # slim's variable scope; flax's own `scope` is taken
   global_pool: bool = True
   output_stride: Optional[int] = None
   include_root_block: bool = True
@@ -77,4 +77,4 @@ class ResNetV2(nn.Module):
     # Pre-activation units end without BN, so the stack needs one before pooling.
     x = self.arg_scope.make_batch_norm(activation=nn.relu, name='postnorm')(x, train=train)
     return resnet_utils.head(self, x, conv, self.num_classes, self.global_pool, self.spatial_squeeze,
-                             self.scope)
+                             self.slim_scope)

@@ -1,0 +1,225 @@
+"""Loads a TF-Slim checkpoint into a model's variables: a rename, checked against the model.
+
+    model = models.get_model('resnet_v2_50', num_classes=1001)
+    variables = load_variables('resnet_v2_50/model.ckpt', model)   # {'params', 'batch_stats'}
+    logits = model.apply(variables, images, train=False)
+
+The model decides what is read: every variable it declares is looked up under its slim name
+(`names.slim_name`), and everything else in the checkpoint (optimizer slots, `global_step`,
+zero-debias state the model does not keep, a logits layer a `num_classes=None` model does not
+have) is ignored. What does not fit is reported all at once in a `SlimCheckpointError`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from resnet_flax.slim import names
+from resnet_flax.slim import tensor_bundle
+
+PARAMS, BATCH_STATS = names.PARAMS, names.BATCH_STATS
+DEFAULT_IMAGE_SHAPE = (224, 224, 3)
+_DEBIAS_LEAVES = ('moving_mean_biased', 'moving_mean_local_step')
+# Params a checkpoint may hold for a BatchNorm the model builds without them, and the value
+# that makes the missing param a no-op (so that checkpoint can still be loaded exactly).
+_OPTIONAL_BN_PARAMS = {'gamma': (1.0, 'batch_norm_scale=True'), 'beta': (0.0, 'batch_norm_center=True')}
+_MAX_NAMES_IN_WARNING = 3
+
+
+class SlimCheckpointError(ValueError):
+  """The checkpoint does not fit the model; the message lists every offending variable."""
+
+
+def expected_variables(model: Any, image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE
+                       ) -> dict[str, dict[tuple[str, ...], jax.ShapeDtypeStruct]]:
+  """{'params' | 'batch_stats': {path: ShapeDtypeStruct}} that `model.init` creates.
+
+  Traced abstractly (nothing is computed or allocated) on a (1, *image_shape) input. Variable
+  shapes depend on the input's channels only, so the spatial size is just one that the model
+  can downsample.
+  """
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+  return {collection: names.flatten(shapes.get(collection, {})) for collection in (PARAMS, BATCH_STATS)}
+
+
+def load_variables(path: str | os.PathLike, model: Any, *,
+                   image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE,
+                   verify: bool = True) -> dict[str, dict]:
+  """Reads the variables of `model` from the TF checkpoint at `path`.
+
+  Args:
+    path: a checkpoint prefix (`dir/model.ckpt`), its `.index` file, or a directory with a
+      `checkpoint` state file, as `tensor_bundle.CheckpointReader` accepts.
+    model: a model from `models.get_model`; `model.slim_scope` is its slim scope name. Build it as
+      the checkpoint was trained: `num_classes` (slim's v2 ImageNet checkpoints have 1001, class
+      0 being background; v1 ones 1000), `batch_norm_scale`, `zero_debias_moving_mean`.
+    image_shape: the (height, width, channels) the model is traced on to list its variables;
+      only the channels matter.
+    verify: check every tensor's crc32c while reading.
+
+  Returns:
+    `{'params': ..., 'batch_stats': ...}` as plain nested dicts of numpy arrays in the model's
+    variable dtypes (float32, the zero-debias `local_step` included).
+
+  Two gaps are filled rather than refused, both giving the function the checkpoint describes:
+    * BatchNorm without `gamma` (slim's `batch_norm` defaults to `scale=False`) in a model that
+      has it: gamma is set to ones, with a warning. A model built with
+      `batch_norm_scale=False` loads such checkpoints as they are.
+    * A `zero_debias_moving_mean` model and a checkpoint without the `moving_mean/biased` and
+      `local_step` variables (e.g. saved from an eval graph, where TF never creates them):
+      both are set to 0, exactly what TF does when those variables are freshly initialized
+      next to a restored `moving_mean`. Evaluation uses `moving_mean` and is unaffected; the
+      first train-mode update then restarts the debiased average, so `moving_mean` becomes
+      that batch's mean and the checkpoint's moving mean is forgotten.
+
+  Raises:
+    SlimCheckpointError: variables of the model are missing from the checkpoint or have
+      another shape (all of them listed, with a hint when the class count or the scope
+      differs), or the checkpoint has a BatchNorm `gamma` / `beta` that is not a no-op for a
+      layer the model builds without it.
+    ValueError, FileNotFoundError: from the reader, for a damaged, truncated or absent
+      checkpoint; the message names the file.
+  """
+  reader = tensor_bundle.CheckpointReader(path, verify=verify)
+  scope = model.slim_scope
+  expected = expected_variables(model, image_shape)
+  found = reader.variables()
+  plan, filled = _plan(expected, found, scope, reader, model)
+
+  out: dict[str, dict] = {PARAMS: {}, BATCH_STATS: {}}
+  for collection, leaves in expected.items():
+    for path, spec in leaves.items():
+      name = plan[collection][path]
+      if name is None:
+        value = np.ones(spec.shape, spec.dtype) if path[-1] == 'gamma' else np.zeros(spec.shape, spec.dtype)
+      else:
+        value = reader.read(name).astype(spec.dtype)
+      out[collection][path] = value
+  if filled['gamma']:
+    logging.warning('%s: %d BatchNorm layer(s) have no gamma in the checkpoint (slim batch_norm with '
+                    'scale=False), e.g. %s; using gamma = 1, which computes the same function. Build '
+                    'the model with batch_norm_scale=False to match the checkpoint exactly.',
+                    reader.prefix, len(filled['gamma']), _some(filled['gamma']))
+  if filled['debias']:
+    logging.info('%s: no zero-debias state for %d BatchNorm layer(s), e.g. %s; starting it at '
+                 'biased = 0, local_step = 0 as TF would.', reader.prefix, len(filled['debias']),
+                 _some(filled['debias']))
+  return {collection: names.unflatten(leaves) for collection, leaves in out.items()}
+
+
+def _plan(expected, found, scope: str, reader, model) -> tuple[dict, dict]:
+  """({collection: {path: slim name, or None to fill}}, {'gamma' | 'debias': [scopes]});
+  raises SlimCheckpointError listing every problem."""
+  plan: dict[str, dict] = {PARAMS: {}, BATCH_STATS: {}}
+  filled: dict[str, list[str]] = {'gamma': [], 'debias': []}
+  missing, misshaped, bad_dtype = [], [], []
+  for collection, leaves in expected.items():
+    for path, spec in leaves.items():
+      name = names.slim_name(scope, path)
+      module = '/'.join((scope, *path[:-1]))
+      if name not in found:
+        if path[-1] == 'gamma' and names.slim_name(scope, path[:-1] + ('moving_mean',)) in found:
+          filled['gamma'].append(module)
+          plan[collection][path] = None
+        elif path[-1] in _DEBIAS_LEAVES and not any(
+            names.slim_name(scope, path[:-1] + (leaf,)) in found for leaf in _DEBIAS_LEAVES):
+          if path[-1] == _DEBIAS_LEAVES[0]:
+            filled['debias'].append(module)
+          plan[collection][path] = None
+        else:
+          missing.append((name, spec.shape))
+        continue
+      dtype, shape = found[name]
+      if tuple(shape) != tuple(spec.shape):
+        misshaped.append((name, spec.shape, tuple(shape)))
+      elif not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        bad_dtype.append((name, dtype))
+      else:
+        plan[collection][path] = name
+  unexpected = _unexpected_bn_params(expected, found, scope, reader)
+  if missing or misshaped or bad_dtype or unexpected:
+    raise SlimCheckpointError(_message(reader.prefix, model, found, missing, misshaped, bad_dtype,
+                                       unexpected))
+  return plan, filled
+
+
+def _unexpected_bn_params(expected, found, scope: str, reader) -> list[tuple[str, str]]:
+  """(name, fix) for gamma / beta in the checkpoint that the model's BatchNorm lacks and that
+  would change its output (gamma not all ones, beta not all zeros)."""
+  out = []
+  bn_modules = [path[:-1] for path in expected[BATCH_STATS] if path[-1] == 'moving_mean']
+  for module in bn_modules:
+    for leaf, (identity, fix) in _OPTIONAL_BN_PARAMS.items():
+      name = names.slim_name(scope, module + (leaf,))
+      if module + (leaf,) in expected[PARAMS] or name not in found:
+        continue
+      if not np.all(reader.read(name) == identity):
+        out.append((name, fix))
+  return out
+
+
+def _message(prefix: str, model: Any, found: Mapping[str, tuple], missing, misshaped, bad_dtype,
+             unexpected) -> str:
+  scope = model.slim_scope
+  lines = [f'checkpoint {prefix} does not fit model {scope!r} '
+           f'(num_classes={getattr(model, "num_classes", None)}):']
+  if missing:
+    lines.append(f'  {len(missing)} variable(s) missing from the checkpoint:')
+    lines += [f'    {name}  (model shape {_shape(shape)})' for name, shape in missing]
+  if misshaped:
+    lines.append(f'  {len(misshaped)} variable(s) with another shape:')
+    lines += [f'    {name}  model {_shape(ours)}, checkpoint {_shape(theirs)}'
+              for name, ours, theirs in misshaped]
+  if bad_dtype:
+    lines.append(f'  {len(bad_dtype)} variable(s) of a non-numeric dtype:')
+    lines += [f'    {name}  ({dtype})' for name, dtype in bad_dtype]
+  if unexpected:
+    lines.append(f'  {len(unexpected)} BatchNorm param(s) in the checkpoint that the model does not '
+                 'have (ignoring them would change the outputs):')
+    lines += [f'    {name}' for name, _ in unexpected]
+  lines += [f'hint: {hint}' for hint in _hints(model, found, missing, misshaped, unexpected)]
+  return '\n'.join(lines)
+
+
+def _hints(model: Any, found, missing, misshaped, unexpected) -> list[str]:
+  scope = model.slim_scope
+  hints = []
+  in_scope = [name for name in found if name.startswith(scope + '/')]
+  if not in_scope:
+    scopes = sorted({name.split('/', 1)[0] for name in found if '/' in name})
+    hints.append(f'the checkpoint has no variable under {scope + "/"!r}; its variables are under '
+                 f'{", ".join(repr(s) for s in scopes[:5]) or "no scope"}: build the model that '
+                 'matches the checkpoint (models.get_model(<that scope>, ...))')
+    return hints
+  logits = names.slim_name(scope, ('logits', 'weights'))
+  for name, ours, theirs in misshaped:
+    if name == logits and len(ours) == len(theirs) and ours[:-1] == theirs[:-1]:
+      classes = theirs[-1]
+      hint = f'the checkpoint has {classes} classes, the model {ours[-1]}'
+      if classes == ours[-1] + 1:
+        hint += ": slim's ResNet v2 checkpoints include a background class 0"
+      elif classes + 1 == ours[-1]:
+        hint += ": slim's ResNet v1 checkpoints have no background class"
+      hints.append(f'{hint}; use num_classes={classes}')
+  if any(name == logits for name, _ in missing):
+    hints.append('the checkpoint has no logits layer; load it into a num_classes=None model and '
+                 "add a new logits layer's variables from model.init")
+  for fix in sorted({fix for _, fix in unexpected}):
+    hints.append(f'build the model with {fix} to use those params')
+  return hints
+
+
+def _shape(shape) -> str:
+  return f'({", ".join(str(d) for d in shape)}{"," if len(shape) == 1 else ""})'
+
+
+def _some(scopes: list[str]) -> str:
+  more = len(scopes) - _MAX_NAMES_IN_WARNING
+  return ', '.join(scopes[:_MAX_NAMES_IN_WARNING]) + (f' and {more} more' if more > 0 else '')

@@ -10,7 +10,8 @@ from absl import app, flags
 from resnet_flax import cli, eval_lib
 
 cli.define_flags()
-flags.DEFINE_string('checkpoint', None, 'A checkpoint directory (<workdir>/checkpoints/<step>); '
+flags.DEFINE_string('checkpoint', None, 'A checkpoint: <workdir>/checkpoints/<step>, a directory written by '
+                    '`python -m resnet_flax.slim convert`, or slim:PATH for a TF-Slim checkpoint; '
                     'default: the latest in --workdir.')
 FLAGS = flags.FLAGS
 

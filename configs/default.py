@@ -21,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
       'include_root_block': config_dict.placeholder(bool),
   })
   config.num_classes = config_dict.placeholder(int)  # None: the data set's.
+  # Fine-tuning: start from these weights when the workdir has no checkpoint yet. An
+  # orbax directory (a training checkpoint or `python -m resnet_flax.slim convert` output)
+  # or slim:PATH for a TF-Slim checkpoint; a new head if num_classes differs.
+  config.init_checkpoint = ''
   config.dtype = 'float32'  # 'float32' | 'bfloat16' (activations; statistics stay float32)
 
   # Batch normalization (resnet_arg_scope's values unless a variant changes them).

@@ -61,6 +61,36 @@ def latest_step_in(directory: str) -> Optional[int]:
   return max(steps, default=None)
 
 
+def restore_tree(path: str) -> dict[str, Any]:
+  """A checkpoint as saved (nested dicts of arrays), for checkpoints of another structure.
+
+  Reads both TrainState checkpoints (`<workdir>/checkpoints/<step>`) and the
+  variables-only ones `python -m resnet_flax.slim convert` writes.
+  """
+  path = os.path.abspath(path)
+  item = os.path.join(path, 'default') if os.path.isdir(os.path.join(path, 'default')) else path
+  if not os.path.isdir(item):
+    raise CheckpointError(f'checkpoint {path} does not exist; pass a <workdir>/checkpoints/<step> directory, '
+                          'a converted directory, or slim:PATH for a TF-Slim checkpoint.')
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(item)
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+    raise CheckpointError(f'checkpoint {path} cannot be read ({_first_line(error)}); '
+                          'is it an orbax checkpoint directory?') from error
+
+
+def save_tree(path: str, tree: Any) -> None:
+  """Writes `tree` as an orbax checkpoint at `path` (atomically: orbax renames on commit)."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.abspath(path), tree)
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 def restore_from(path: str, target: Any, manager: Optional[ocp.CheckpointManager] = None) -> Any:
   """Restores the checkpoint directory `path` (a `<step>` directory or its `default/` item)."""
   path = os.path.abspath(path)
@@ -71,6 +101,5 @@ def restore_from(path: str, target: Any, manager: Optional[ocp.CheckpointManager
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(target))
   except (ValueError, KeyError, TypeError) as error:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise CheckpointError(f'checkpoint {path} does not match this model/config ({first_line[:300]}); '
+    raise CheckpointError(f'checkpoint {path} does not match this model/config ({_first_line(error)}); '
                           'check --config.model and num_classes, or start a fresh --workdir.') from error

@@ -7,10 +7,11 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_flax import checkpoints, data, model_builder, optim, sharding, steps
+from resnet_flax import checkpoints, data, model_builder, optim, pretrained, sharding, steps
 from resnet_flax.train_state import TrainState, train_state_initializer
 
 
@@ -47,21 +48,28 @@ def abstract_train_state(config: ml_collections.ConfigDict, model, image_shape) 
   return jax.eval_shape(train_state_initializer(model, tx, image_shape), jax.random.PRNGKey(0))
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Optional[str] = None) -> dict[str, Any]:
-  """Evaluates the latest checkpoint in `workdir` (or `checkpoint`) on `config.eval_split`."""
+def abstract_variables(model, image_shape) -> dict[str, Any]:
+  """The model's {'params', 'batch_stats'} shapes and dtypes, without computing anything."""
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoint: Optional[str] = None
+             ) -> dict[str, Any]:
+  """Evaluates the latest checkpoint in `workdir`, or `checkpoint`, on `config.eval_split`.
+
+  `checkpoint` may be a training checkpoint directory, a converted one, or `slim:PATH`
+  for a TF-Slim checkpoint (evaluated with the preprocessing `config.data` names).
+  """
   dataset = build_eval_dataset(config)
   model = model_builder.build_model(config, config.num_classes or dataset.num_classes)
   mesh = sharding.data_mesh()
-  target = abstract_train_state(config, model, dataset.image_shape)
-  target = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)), target)
   if checkpoint is None:
     directory = os.path.join(workdir, 'checkpoints')
     step = checkpoints.latest_step_in(directory)
     if step is None:
       raise checkpoints.CheckpointError(f'no checkpoint in {directory}; train first or pass --checkpoint=PATH.')
     checkpoint = os.path.join(directory, str(step))
-  state = checkpoints.restore_from(checkpoint, target)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  metrics = evaluate_dataset(make_eval_step(model, mesh), variables, dataset, mesh)
-  return {'step': int(state.step), **metrics}
+  variables, step, _ = pretrained.load_for_model(checkpoint, model, abstract_variables(model, dataset.image_shape),
+                                                 dataset.image_shape)
+  metrics = evaluate_dataset(make_eval_step(model, mesh), sharding.replicate(variables, mesh), dataset, mesh)
+  return {'step': step, **metrics}

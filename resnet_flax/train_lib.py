@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from resnet_flax import checkpoints, data, eval_lib, model_builder, optim, sharding, steps
+from resnet_flax import checkpoints, data, eval_lib, model_builder, optim, pretrained, sharding, steps
 from resnet_flax.metrics_writer import MetricsWriter
 from resnet_flax.progress import ProgressBar
 from resnet_flax.train_state import TrainState, create_train_state
@@ -46,6 +46,15 @@ def _check_finite(metrics: dict[str, float], step: int, last_saved: int | None) 
                              'Lower config.learning_rate or raise config.warmup_steps, then rerun.')
 
 
+def _initialize_from(spec: str, state: TrainState, model, image_shape, mesh, progress: ProgressBar) -> TrainState:
+  """Fine-tuning: pretrained params and statistics, a fresh head when the class count differs."""
+  reference = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True)
+  variables = sharding.replicate(variables, mesh)
+  progress.message(f'Initialized from {spec}' + (f' (new head: {", ".join(fresh)})' if fresh else '') + '.')
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+
+
 def _is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
@@ -71,6 +80,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if last_saved is not None:
     state = checkpointer.restore(last_saved, state)
     progress.message(f'Resumed from {checkpointer.directory}/{last_saved} (step {int(state.step)}).')
+  elif config.init_checkpoint:
+    state = _initialize_from(config.init_checkpoint, state, model, train_ds.image_shape, mesh, progress)
   start_step = int(state.step)
 
   train_step = jax.jit(

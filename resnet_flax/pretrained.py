@@ -1,0 +1,74 @@
+"""Variables from elsewhere (TF-Slim or orbax checkpoints), fitted to a model for eval or fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from resnet_flax import checkpoints, slim
+from resnet_flax.slim import names
+
+SLIM_PREFIX = 'slim:'
+# The only variables fine-tuning may re-initialize: a new classifier for a new class count.
+HEAD = 'logits'
+
+
+def _read(spec: str, model: Any, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+  """{'params', 'batch_stats'} as stored; a slim checkpoint whose head does not fit yields no head."""
+  if spec.startswith(SLIM_PREFIX):
+    path = spec[len(SLIM_PREFIX):]
+    try:
+      return slim.load_variables(path, model, image_shape=image_shape)
+    except slim.SlimCheckpointError:
+      if not model.num_classes:
+        raise
+      # Perhaps only the class count differs: load the backbone; a real mismatch raises again.
+      return slim.load_variables(path, model.clone(num_classes=None), image_shape=image_shape)
+  tree = checkpoints.restore_tree(spec)
+  if 'params' not in tree:
+    raise checkpoints.CheckpointError(f'checkpoint {spec} holds no params (keys: {sorted(tree)}).')
+  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {}), 'step': tree.get('step', 0)}
+
+
+def fit_variables(loaded: dict[str, Any], reference: dict[str, Any], *, allow_new_head: bool,
+                  source: str) -> tuple[dict[str, Any], list[str]]:
+  """`reference`'s tree with every leaf taken from `loaded`; returns it and the leaves kept fresh.
+
+  Only the `logits` layer may be missing or mis-shaped, and only when `allow_new_head`
+  (fine-tuning to another class count); anything else is listed in one error.
+  """
+  fitted, fresh, problems = {}, [], []
+  for collection in ('params', 'batch_stats'):
+    have = names.flatten(loaded.get(collection, {}))
+    leaves = {}
+    for path, want in names.flatten(reference.get(collection, {})).items():
+      got = have.get(path)
+      if got is not None and tuple(np.shape(got)) == tuple(want.shape):
+        leaves[path] = np.asarray(got, dtype=want.dtype)
+      elif allow_new_head and path[0] == HEAD:
+        leaves[path] = want
+        fresh.append('/'.join(path))
+      else:
+        found = 'missing' if got is None else f'shape {tuple(np.shape(got))}'
+        problems.append(f"{collection}/{'/'.join(path)}: {found}, model wants {tuple(want.shape)}")
+    fitted[collection] = names.unflatten(leaves)
+  if problems:
+    raise checkpoints.CheckpointError(f'{source} does not fit the model ({len(problems)} variables): '
+                                      + '; '.join(problems[:8]) + (' ...' if len(problems) > 8 else '')
+                                      + '. Check --config.model and its options.')
+  return fitted, fresh
+
+
+def load_for_model(spec: str, model: Any, reference: dict[str, Any], image_shape: tuple[int, int, int], *,
+                   allow_new_head: bool = False) -> tuple[dict[str, Any], int, list[str]]:
+  """(variables fitted to `reference`, the checkpoint's step, re-initialized leaves) from `spec`.
+
+  `spec` is `slim:PATH` (a TF-Slim checkpoint prefix) or an orbax checkpoint directory
+  (a training checkpoint or one written by `python -m resnet_flax.slim convert`).
+  """
+  loaded = _read(spec, model, image_shape)
+  step = int(np.asarray(jax.device_get(loaded.pop('step', 0))))
+  fitted, fresh = fit_variables(loaded, reference, allow_new_head=allow_new_head, source=spec)
+  return fitted, step, fresh

@@ -1,0 +1,58 @@
+"""python -m resnet_flax.slim convert --checkpoint PATH --model NAME --workdir DIR [--num_classes N]
+
+Writes DIR/variables, an orbax checkpoint of {'params', 'batch_stats'} that eval.py
+(--checkpoint=DIR/variables) and train.py (--config.init_checkpoint=DIR/variables) accept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from resnet_flax import checkpoints, models, slim
+
+# Slim's public ImageNet checkpoints: v1 has 1000 classes, v2 1001 (class 0 = background).
+_DEFAULT_CLASSES = {'resnet_v1': 1000, 'resnet_v2': 1001}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog='python -m resnet_flax.slim', description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest='command', required=True)
+  convert = commands.add_parser('convert', help='TF-Slim checkpoint -> orbax variables checkpoint')
+  convert.add_argument('--checkpoint', required=True, help='TF checkpoint prefix (model.ckpt) or its directory')
+  convert.add_argument('--model', required=True, choices=models.list_models())
+  convert.add_argument('--workdir', required=True)
+  convert.add_argument('--num_classes', type=int, default=None,
+                       help='default: 1000 for v1, 1001 for v2 (slim\'s ImageNet checkpoints); 0 for features only')
+  convert.add_argument('--image_size', type=int, default=224)
+  convert.add_argument('--channels', type=int, default=3)
+  return parser.parse_args(argv)
+
+
+def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | None = None,
+            image_shape: tuple[int, int, int] = (224, 224, 3)) -> str:
+  """Converts and returns the written directory."""
+  if num_classes is None:
+    num_classes = _DEFAULT_CLASSES[model_name[:len('resnet_v1')]]
+  model = models.get_model(model_name, num_classes=num_classes or None)
+  variables = slim.load_variables(checkpoint, model, image_shape=image_shape)
+  target = os.path.join(workdir, 'variables')
+  checkpoints.save_tree(target, {**variables, 'step': 0})
+  return target
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parse(sys.argv[1:] if argv is None else argv)
+  try:
+    target = convert(args.checkpoint, args.model, args.workdir, args.num_classes,
+                     (args.image_size, args.image_size, args.channels))
+  except (ValueError, FileNotFoundError) as error:
+    print(f'error: {str(error).strip().splitlines()[0]}', file=sys.stderr)
+    return 2
+  print(f'wrote {target}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,88 @@
+"""Slim checkpoints in the training system: convert, evaluate directly, fine-tune with a new head."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from resnet_flax import checkpoints, eval_lib, models, pretrained, slim, train_lib
+from resnet_flax.slim import __main__ as slim_cli
+
+FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'slim_ckpt')
+V1_CKPT = os.path.join(FIXTURES, 'v1_tiny_10', 'model.ckpt')
+IMAGE_SHAPE = (32, 32, 3)
+
+
+def synthetic_config(num_classes=10):
+  config = default.get_config()
+  config.model = 'resnet_v1_tiny'
+  config.data.name = 'synthetic'
+  config.data.image_size = 32
+  config.data.channels = 3
+  config.data.num_classes = num_classes
+  config.data.num_examples = 32
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.num_train_steps = 1
+  config.checkpoint_every_steps = 0
+  config.async_checkpointing = False
+  return config
+
+
+def _reference(model):
+  return eval_lib.abstract_variables(model, IMAGE_SHAPE)
+
+
+def test_convert_then_load_equals_direct_slim_load(tmp_path):
+  target = slim_cli.convert(V1_CKPT, 'resnet_v1_tiny', str(tmp_path), num_classes=10, image_shape=IMAGE_SHAPE)
+  model = models.get_model('resnet_v1_tiny', num_classes=10)
+  converted, step, fresh = pretrained.load_for_model(target, model, _reference(model), IMAGE_SHAPE)
+  direct = slim.load_variables(V1_CKPT, model, image_shape=IMAGE_SHAPE)
+  assert step == 0 and fresh == []
+  jax.tree_util.tree_map(np.testing.assert_array_equal, converted, direct)
+
+
+def test_cli_reports_mismatch_in_one_line(tmp_path, capsys):
+  code = slim_cli.main(['convert', '--checkpoint', V1_CKPT, '--model', 'resnet_v2_tiny', '--workdir', str(tmp_path)])
+  assert code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error:')
+
+
+def test_eval_of_slim_checkpoint_directly_and_converted_agree(tmp_path):
+  config = synthetic_config()
+  direct = eval_lib.evaluate(config, None, 'slim:' + V1_CKPT)
+  target = slim_cli.convert(V1_CKPT, 'resnet_v1_tiny', str(tmp_path), num_classes=10, image_shape=IMAGE_SHAPE)
+  converted = eval_lib.evaluate(config, None, target)
+  assert direct['num_examples'] == converted['num_examples'] == 32
+  assert direct['loss'] == pytest.approx(converted['loss'], rel=1e-6)
+
+
+def test_fine_tuning_keeps_backbone_and_replaces_head():
+  model = models.get_model('resnet_v1_tiny', num_classes=5)
+  reference = jax.tree_util.tree_map(np.zeros_like, jax.jit(
+      lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, *IMAGE_SHAPE), np.float32), train=False))())
+  fitted, _, fresh = pretrained.load_for_model('slim:' + V1_CKPT, model, reference, IMAGE_SHAPE, allow_new_head=True)
+  assert sorted(fresh) == ['logits/biases', 'logits/weights']
+  original = slim.load_variables(V1_CKPT, models.get_model('resnet_v1_tiny', num_classes=10), image_shape=IMAGE_SHAPE)
+  np.testing.assert_array_equal(fitted['params']['block2']['unit_1']['bottleneck_v1']['conv2']['weights'],
+                                original['params']['block2']['unit_1']['bottleneck_v1']['conv2']['weights'])
+  np.testing.assert_array_equal(fitted['params']['logits']['weights'], 0.0)  # the fresh (here zero) head
+  with pytest.raises(checkpoints.CheckpointError, match='logits'):
+    pretrained.load_for_model('slim:' + V1_CKPT, model, reference, IMAGE_SHAPE, allow_new_head=False)
+
+
+def test_train_from_init_checkpoint(tmp_path):
+  config = synthetic_config(num_classes=5)
+  config.init_checkpoint = 'slim:' + V1_CKPT
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert result['step'] == 1 and result['num_examples'] == 32
+
+
+def test_mismatched_model_lists_offenders(tmp_path):
+  model = models.get_model('resnet_v2_tiny', num_classes=10)
+  target = slim_cli.convert(V1_CKPT, 'resnet_v1_tiny', str(tmp_path), num_classes=10, image_shape=IMAGE_SHAPE)
+  with pytest.raises(checkpoints.CheckpointError, match='does not fit the model'):
+    pretrained.load_for_model(target, model, _reference(model), IMAGE_SHAPE)

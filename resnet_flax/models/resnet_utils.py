@@ -135,6 +135,11 @@ def bottleneck_block(scope: str, unit_fn: Callable[..., nn.Module], base_depth: 
   return Block(scope, unit_fn, tuple([unit] * (num_units - 1) + [dict(unit, stride=stride)]))
 
 
+def bottleneck_blocks(block_sizes: Sequence[tuple[int, int, int]], unit_fn: Callable[..., nn.Module]) -> list[Block]:
+  """`block1`, `block2`, ... from (base_depth, num_units, stride) per block."""
+  return [bottleneck_block(f'block{i + 1}', unit_fn, *sizes) for i, sizes in enumerate(block_sizes)]
+
+
 def max_pool_same(x: Array) -> Array:
   """The root's 3x3/2 max pool, SAME-padded as resnet_arg_scope sets it."""
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')

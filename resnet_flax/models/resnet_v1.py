@@ -54,7 +54,7 @@ def bottleneck_v1(arg_scope: ResNetArgScope, use_bounded_activations: bool = Fal
 
 
 class ResNetV1(nn.Module):
-  """slim's `resnet_v1(inputs, blocks, ...)`; `scope` is the slim scope name.
+  """slim's `resnet_v1(inputs, blocks, ...)`; `slim_scope` names its variables.
 
   Returns logits (N, num_classes) or, with `num_classes=None`, features. End
   points are sown into `intermediates` (see `models.end_points`).
@@ -73,9 +73,7 @@ class ResNetV1(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, *, train: bool) -> Array:
     conv = self.arg_scope.conv2d()
-    unit_fn = bottleneck_v1(self.arg_scope, self.use_bounded_activations)
-    blocks = [resnet_utils.bottleneck_block(f'block{i + 1}', unit_fn, *sizes)
-              for i, sizes in enumerate(self.block_sizes)]
+    blocks = resnet_utils.bottleneck_blocks(self.block_sizes, bottleneck_v1(self.arg_scope, self.use_bounded_activations))
     output_stride = resnet_utils.root_output_stride(self.output_stride, self.include_root_block)
     x = inputs
     if self.include_root_block:

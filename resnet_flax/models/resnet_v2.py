@@ -50,7 +50,7 @@ def bottleneck_v2(arg_scope: ResNetArgScope):
 
 
 class ResNetV2(nn.Module):
-  """slim's `resnet_v2(inputs, blocks, ...)`; `scope` is the slim scope name."""
+  """slim's `resnet_v2(inputs, blocks, ...)`; `slim_scope` names its variables."""
   block_sizes: Sequence[tuple[int, int, int]]  # (base_depth, num_units, stride) per block
   num_classes: Optional[int] = None
   slim_scope: str = 'resnet_v2'  # slim's variable scope; flax's own `scope` is taken
@@ -63,9 +63,7 @@ class ResNetV2(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, *, train: bool) -> Array:
     conv = self.arg_scope.conv2d()
-    unit_fn = bottleneck_v2(self.arg_scope)
-    blocks = [resnet_utils.bottleneck_block(f'block{i + 1}', unit_fn, *sizes)
-              for i, sizes in enumerate(self.block_sizes)]
+    blocks = resnet_utils.bottleneck_blocks(self.block_sizes, bottleneck_v2(self.arg_scope))
     output_stride = resnet_utils.root_output_stride(self.output_stride, self.include_root_block)
     x = inputs
     if self.include_root_block:

@@ -76,39 +76,6 @@ def _expected(name):
   return dtypes, arrays
 
 
-# --- crc32c and low-level format ------------------------------------------------------------
-
-
-def test_crc32c_known_values():
-  assert sstable.crc32c(b'123456789') == 0xe3069283
-  assert sstable.crc32c(bytes(32)) == 0x8a9136aa  # RFC 3720 B.4 test vectors
-  assert sstable.crc32c(b'\xff' * 32) == 0x62a8ab43
-  assert sstable.crc32c(b'6789', sstable.crc32c(b'12345')) == 0xe3069283
-  for crc in (0, 1, 0xe3069283, 0xffffffff):
-    assert sstable.unmask_crc(sstable.mask_crc(crc)) == crc
-
-
-@pytest.mark.parametrize('n', [4, 1023, 1024, 1025, 4097, 100_003])
-def test_crc32c_numpy_path_matches_bytewise(n):
-  data = np.random.default_rng(n).bytes(n)
-  assert sstable._crc32c_numpy(data, 0) == sstable._crc32c_python(data, 0)
-  assert sstable._crc32c_numpy(data, 0x12345678) == sstable._crc32c_python(data, 0x12345678)
-
-
-def test_protobuf_varints():
-  for value in (0, 1, 127, 128, 300, 2**32, 2**63 - 1):
-    assert sstable.decode_varint(sstable.encode_varint(value), 0) == (value, len(
-        sstable.encode_varint(value)))
-  assert sstable.to_signed64(sstable.decode_varint(sstable.encode_varint(-5), 0)[0]) == -5
-  with pytest.raises(ValueError, match='truncated'):
-    sstable.decode_varint(b'\x80\x80', 0)
-  with pytest.raises(ValueError, match='wire type'):
-    list(sstable.iter_fields(sstable.varint_field(2, 1), {2: sstable.WIRE_BYTES}))
-
-
-# --- round trips ----------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize('dtype_name', DTYPES)
 def test_round_trip_every_dtype_and_shape(tmp_path, dtype_name):
   rng = np.random.default_rng(0)
@@ -216,9 +183,6 @@ def test_writer_is_atomic(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == old
 
 
-# --- TF-written fixtures --------------------------------------------------------------------
-
-
 @pytest.mark.parametrize('fixture', sorted(FIXTURE_PREFIXES))
 def test_reads_tf_written_fixtures(fixture):
   dtypes, arrays = _expected(fixture)
@@ -263,9 +227,6 @@ def test_path_forms(tmp_path):
   shutil.copy(prefix + '.index', tmp_path / 'v1.ckpt')  # a lone SSTable: a V1 checkpoint
   with pytest.raises(ValueError, match='V1'):
     tensor_bundle.CheckpointReader(tmp_path / 'v1.ckpt')
-
-
-# --- damage ---------------------------------------------------------------------------------
 
 
 def test_corrupted_data_byte_fails_checksum_naming_variable(tmp_path):
@@ -355,9 +316,6 @@ def _flip_byte(path, pos):
     f.write(bytes([byte ^ 0xff]))
 
 
-# --- refusals -------------------------------------------------------------------------------
-
-
 def _rewrite_index(prefix, transform):
   index = prefix + '.index'
   with open(index, 'rb') as f:
@@ -431,9 +389,6 @@ def test_refuses_unknown_dtypes_and_inconsistent_entries(tmp_path):
   with pytest.raises(ValueError, match="variable 'big' has 3 bytes but shape .* needs 2"):
     reader.read('big')
   _assert_exact(reader.read('ok'), np.ones(2, np.uint8))
-
-
-# --- live comparison with TensorFlow --------------------------------------------------------
 
 
 @pytest.fixture(scope='module')

@@ -19,8 +19,6 @@ import struct
 from typing import Iterable, Iterator, Mapping
 
 from resnet_flax.slim.crc32c import crc32c, mask_crc, unmask_crc
-# The numpy and byte-loop paths stay reachable here for tests/test_tensor_bundle.py.
-from resnet_flax.slim.crc32c import _crc32c_numpy, _crc32c_python  # noqa: F401
 
 TABLE_MAGIC = 0xdb4775248b80fb57
 FOOTER_SIZE = 48  # two block handles (at most 2 * 10 bytes each) padded to 40, then the magic

@@ -117,3 +117,13 @@ def test_eval_without_checkpoint_is_one_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [f'error: no checkpoint in {tmp_path}/checkpoints; '
                                                 'train first or pass --checkpoint=PATH.']
+
+
+def test_bfloat16_training_keeps_float32_state(tmp_path):
+  config = tiny_config(2)
+  config.dtype = 'bfloat16'
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(result['loss'])
+  state = _read_params(tmp_path, config, 2)
+  leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats))
+  assert all(leaf.dtype == np.float32 for leaf in leaves)  # bf16 activations, f32 weights and statistics

@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.nesterov = True
   config.weight_decay = 1e-4  # slim's L2 on conv weights: 0.5 * wd * sum(w ** 2)
   config.label_smoothing = 0.0
+  config.skip_nonfinite_steps = False  # True: a NaN/Inf step leaves the state as it was
 
   # Bookkeeping.
   config.seed = 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+import shutil
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -38,7 +39,36 @@ class Checkpointer:
 
   def restore(self, step: int, target: Any) -> Any:
     """Restores `step` into the structure, shapes and shardings of `target`."""
-    return restore_from(os.path.join(self.directory, str(step)), target, self._manager)
+    return restore_from(os.path.join(self.directory, str(step)), target)
+
+  def restore_newest_intact(self, target: Any, report: Callable[[str], None]) -> tuple[Any, Optional[int]]:
+    """(state, step) from the newest checkpoint that restores, or (target, None) if there is none.
+
+    A damaged newest checkpoint (truncated or corrupted files) is skipped with a message,
+    so a crash that damaged it costs the steps since the one before, not the run. If every
+    checkpoint fails, one error lists them all (e.g. they belong to another model).
+    """
+    failures, failed_steps = [], []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, target)
+      except CheckpointError as error:
+        failures.append(str(error))
+        failed_steps.append(step)
+        report(f'warning: skipping checkpoint step {step}: {error}')
+        continue
+      if failed_steps:
+        # An older one fits the config, so the newer ones are damaged, not foreign: set them
+        # aside (kept for inspection) so this run can save those steps again.
+        for bad in failed_steps:
+          os.rename(os.path.join(self.directory, str(bad)), os.path.join(self.directory, f'{bad}.damaged'))
+        self._manager.reload()
+        report(f'Set aside damaged checkpoint(s) {failed_steps} as <step>.damaged; resuming from step {step}.')
+      return state, step
+    if failures:
+      raise CheckpointError(f'no usable checkpoint in {self.directory} ({len(failures)} tried, newest: '
+                            f'{failures[0]}); fix --config or start a fresh --workdir.')
+    return target, None
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -46,6 +76,30 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of all arrays in `tree` (the size of a checkpoint of it, roughly)."""
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def check_workdir(workdir: str, needed_bytes: int) -> None:
+  """Fails now, not hours in, if `workdir` cannot be written or lacks room for the checkpoints."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_probe_{os.getpid()}')
+    with open(probe, 'wb') as file:
+      file.write(b'0' * 4096)
+      file.flush()
+      os.fsync(file.fileno())
+    os.remove(probe)
+  except OSError as error:
+    raise CheckpointError(f'workdir {workdir} is not writable ({error.strerror or error}); '
+                          'pass a --workdir you can write to.') from error
+  free = shutil.disk_usage(workdir).free
+  if free < needed_bytes:
+    raise CheckpointError(f'workdir {workdir} has {free / 2**20:.0f} MiB free but the checkpoints kept need about '
+                          f'{needed_bytes / 2**20:.0f} MiB; free disk space or lower config.keep_checkpoints.')
 
 
 def latest_step_in(directory: str) -> Optional[int]:
@@ -91,7 +145,7 @@ def _first_line(error: BaseException) -> str:
   return text.splitlines()[0][:300] if text else type(error).__name__
 
 
-def restore_from(path: str, target: Any, manager: Optional[ocp.CheckpointManager] = None) -> Any:
+def restore_from(path: str, target: Any) -> Any:
   """Restores the checkpoint directory `path` (a `<step>` directory or its `default/` item)."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
@@ -101,5 +155,6 @@ def restore_from(path: str, target: Any, manager: Optional[ocp.CheckpointManager
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(target))
   except (ValueError, KeyError, TypeError) as error:
-    raise CheckpointError(f'checkpoint {path} does not match this model/config ({_first_line(error)}); '
-                          'check --config.model and num_classes, or start a fresh --workdir.') from error
+    raise CheckpointError(f'checkpoint {path} is damaged or does not match this model/config '
+                          f'({_first_line(error)}); check --config.model and num_classes, or start a fresh '
+                          '--workdir.') from error

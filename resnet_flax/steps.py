@@ -16,8 +16,14 @@ Batch = dict[str, jax.Array]
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               weight_decay: float, label_smoothing: float) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step; the new moving statistics come back inside the new state."""
+               weight_decay: float, label_smoothing: float, skip_nonfinite: bool = False
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step; the new moving statistics come back inside the new state.
+
+  `metrics['nonfinite']` is 1 when the loss or gradients were NaN/Inf; with
+  `skip_nonfinite` such a step leaves params, statistics and optimizer state as they were
+  (the step count still advances, so the data order stays that of an unskipped run).
+  """
 
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
@@ -29,13 +35,20 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   (total, (data_loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    keep_old = lambda new, old: jnp.where(finite, new, old)
+    params, batch_stats, opt_state = jax.tree_util.tree_map(
+        keep_old, (params, batch_stats, opt_state), (state.params, state.batch_stats, state.opt_state))
   count = jnp.maximum(jnp.sum(batch['mask']), 1.0)
   metrics = {
       'loss': data_loss,
       'total_loss': total,
       'top1': losses.correct_top_k(logits, batch['label'], batch['mask'], 1) / count,
       'top5': losses.correct_top_k(logits, batch['label'], batch['mask'], 5) / count,
-      'grad_norm': optax.tree.norm(grads),
+      'grad_norm': grad_norm,
+      'nonfinite': 1.0 - finite.astype(jnp.float32),
   }
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   return new_state, metrics

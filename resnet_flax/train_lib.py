@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import jax
 import ml_collections
@@ -33,17 +32,24 @@ def _preemption_flag() -> threading.Event:
   return flag
 
 
-def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Averages per-step device metrics; the one host sync of a logging interval."""
-  stacked = jax.device_get(history)
-  return {key: float(np.mean([m[key] for m in stacked])) for key in stacked[0]}
+def _summarize(history: list[dict[str, jax.Array]], last_step: int, skip_nonfinite: bool,
+               last_saved: Optional[int]) -> tuple[dict[str, float], list[int]]:
+  """Means over the finite steps of a logging interval, and the non-finite steps in it.
 
-
-def _check_finite(metrics: dict[str, float], step: int, last_saved: int | None) -> None:
-  if not all(math.isfinite(v) for v in metrics.values()):
+  The one host sync of the interval. Without `skip_nonfinite`, a non-finite step stops
+  training here, before anything after it is checkpointed.
+  """
+  per_step = jax.device_get(history)
+  first_step = last_step - len(per_step) + 1
+  bad_steps = [first_step + i for i, metrics in enumerate(per_step) if metrics['nonfinite']]
+  if bad_steps and not skip_nonfinite:
     kept = f'the last good checkpoint (step {last_saved}) is kept' if last_saved is not None else 'no checkpoint yet'
-    raise NonFiniteLossError(f'non-finite training metrics by step {step} ({metrics}); {kept}. '
-                             'Lower config.learning_rate or raise config.warmup_steps, then rerun.')
+    raise NonFiniteLossError(f'non-finite loss or gradients at step {bad_steps[0]}; {kept}. Lower '
+                             'config.learning_rate or raise config.warmup_steps, or set '
+                             'config.skip_nonfinite_steps=True to skip such steps.')
+  finite = [metrics for metrics in per_step if not metrics['nonfinite']] or per_step
+  means = {key: float(np.mean([m[key] for m in finite])) for key in finite[0] if key != 'nonfinite'}
+  return means, bad_steps
 
 
 def _initialize_from(spec: str, state: TrainState, model, image_shape, mesh, progress: ProgressBar) -> TrainState:
@@ -73,12 +79,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = sharding.replicate(create_train_state(model, tx, jax.random.PRNGKey(config.seed), train_ds.image_shape),
                              mesh)
 
+  checkpoints.check_workdir(workdir, checkpoints.tree_bytes(state) * (config.keep_checkpoints + 1))
   checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints,
                                           config.async_checkpointing)
   progress = ProgressBar(config.num_train_steps, enabled=is_chief)
-  last_saved = checkpointer.latest_step()
+  state, last_saved = checkpointer.restore_newest_intact(state, progress.message)
   if last_saved is not None:
-    state = checkpointer.restore(last_saved, state)
     progress.message(f'Resumed from {checkpointer.directory}/{last_saved} (step {int(state.step)}).')
   elif config.init_checkpoint:
     state = _initialize_from(config.init_checkpoint, state, model, train_ds.image_shape, mesh, progress)
@@ -86,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_step = jax.jit(
       functools.partial(steps.train_step, model=model, tx=tx, weight_decay=config.weight_decay,
-                        label_smoothing=config.label_smoothing),
+                        label_smoothing=config.label_smoothing, skip_nonfinite=config.skip_nonfinite_steps),
       in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
       out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
       donate_argnums=0)
@@ -105,8 +111,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stopping = preempted.is_set()
       save_now = stopping or _is_due(step, config.checkpoint_every_steps, config.num_train_steps)
       if save_now or _is_due(step, config.log_every_steps, config.num_train_steps):
-        train_metrics = _mean_metrics(history)
-        _check_finite(train_metrics, step, last_saved)
+        train_metrics, skipped = _summarize(history, step, config.skip_nonfinite_steps, last_saved)
+        if skipped:
+          progress.message(f'warning: skipped non-finite step(s) {skipped}.')
         elapsed = time.perf_counter() - interval_start
         images_per_second = interval_steps * config.batch_size / elapsed
         writer.write(step, {**{f'train/{k}': v for k, v in train_metrics.items()},

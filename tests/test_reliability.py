@@ -1,0 +1,172 @@
+"""Faults provoked for real: signals, kill -9, damaged checkpoints, divergence, bad workdirs."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_flax import checkpoints, train_lib
+from test_train import REPO, _read_params, tiny_config
+
+COMMON = ['--config=configs/digits.py', '--config.batch_size=16', '--config.log_every_steps=1',
+          '--config.warmup_steps=0', '--config.eval_batch_size=360']
+
+
+def _train_cmd(workdir, *extra):
+  return [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}', *COMMON, *extra]
+
+
+def _start(workdir, *extra):
+  return subprocess.Popen(_train_cmd(workdir, *extra), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+def _wait_for_step(proc, step):
+  """Reads progress lines until the run reports `step` (or more); returns what it read."""
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if '] ' in line and '/' in line.split('] ')[1].split()[0]:
+      if int(line.split('] ')[1].split('/')[0]) >= step:
+        return seen
+  raise AssertionError('run ended before step %d:\n%s' % (step, ''.join(seen)))
+
+
+def _run_to_end(workdir, *extra):
+  done = subprocess.run(_train_cmd(workdir, *extra), cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=600)
+  assert done.returncode == 0, done.stdout + done.stderr
+  return done.stdout
+
+
+def _final_state(workdir, steps):
+  config = tiny_config(steps)
+  config.lr_schedule = 'cosine'
+  return _read_params(workdir, config, steps)
+
+
+def test_sigterm_saves_current_step_and_next_start_resumes(tmp_path):
+  extra = ['--config.num_train_steps=60', '--config.checkpoint_every_steps=0']
+  proc = _start(tmp_path, *extra)
+  _wait_for_step(proc, 3)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.stdout.read()
+  assert proc.wait(timeout=120) == 0, out
+  assert 'Preempted: saved step' in out
+  saved = checkpoints.latest_step_in(str(tmp_path / 'checkpoints'))
+  assert saved is not None and 3 <= saved < 60
+  resumed = _run_to_end(tmp_path, *extra)
+  assert f'Resumed from {tmp_path}/checkpoints/{saved} (step {saved})' in resumed
+  assert 'Final test accuracy' in resumed
+
+
+@pytest.mark.parametrize('kill_at', [9, pytest.param(4, marks=pytest.mark.slow),
+                                     pytest.param(16, marks=pytest.mark.slow)])
+def test_kill_9_then_rerun_is_bitwise_identical_to_uninterrupted(tmp_path, kill_at):
+  extra = ['--config.num_train_steps=20', '--config.checkpoint_every_steps=3']
+  straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
+  _run_to_end(straight, *extra)
+  proc = _start(interrupted, *extra)
+  _wait_for_step(proc, kill_at)
+  proc.kill()  # SIGKILL: no handler runs; an async save may be cut off half-way
+  proc.wait(timeout=60)
+  _run_to_end(interrupted, *extra)
+  a, b = _final_state(straight, 20), _final_state(interrupted, 20)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def _truncate_files(directory):
+  for root, _, files in os.walk(directory):
+    for name in files:
+      if not name.startswith('_') and name != 'commit_success.txt':
+        with open(os.path.join(root, name), 'r+b') as file:
+          file.truncate(3)
+
+
+def test_damaged_newest_checkpoint_falls_back_and_finishes_identically(tmp_path, capsys):
+  straight, damaged = tmp_path / 'straight', tmp_path / 'damaged'
+  train_lib.train_and_evaluate(tiny_config(6), str(straight))
+  train_lib.train_and_evaluate(tiny_config(4), str(damaged))
+  _truncate_files(damaged / 'checkpoints' / '4')
+  result = train_lib.train_and_evaluate(tiny_config(6), str(damaged))
+  out = capsys.readouterr().out
+  assert 'skipping checkpoint step 4' in out and 'resuming from step 2' in out
+  assert result['step'] == 6 and (damaged / 'checkpoints' / '4.damaged').is_dir()
+  jax.tree_util.tree_map(np.testing.assert_array_equal, _read_params(straight, tiny_config(), 6),
+                         _read_params(damaged, tiny_config(), 6))
+
+
+def test_half_written_save_is_ignored(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  leftover = tmp_path / 'checkpoints' / '4.orbax-checkpoint-tmp-1234567'
+  leftover.mkdir()
+  (leftover / 'garbage').write_bytes(b'\x00' * 10)
+  assert train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))['step'] == 4
+
+
+def test_checkpoints_of_another_model_fail_clearly_and_stay_untouched(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  other = tiny_config(4)
+  other.model = 'resnet_v2_digits'
+  with pytest.raises(checkpoints.CheckpointError, match='no usable checkpoint'):
+    train_lib.train_and_evaluate(other, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+  config = tiny_config(6)
+  config.learning_rate = 1e30
+  config.log_every_steps = config.checkpoint_every_steps = 1
+  with pytest.raises(train_lib.NonFiniteLossError, match=r'at step (\d+)') as error:
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(str(error.value).split('at step ')[1].split(';')[0])
+  saved = checkpoints.latest_step_in(str(tmp_path / 'checkpoints'))
+  assert saved == bad_step - 1 if bad_step > 1 else saved is None
+  state = _read_params(tmp_path, config, saved)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state.params))
+
+
+def test_non_finite_steps_can_be_skipped(tmp_path, capsys):
+  config = tiny_config(4)
+  config.learning_rate = 1e30
+  config.skip_nonfinite_steps = True
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert 'skipped non-finite step(s)' in capsys.readouterr().out
+  state = _read_params(tmp_path, config, 4)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state.params))
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path):
+  blocker = tmp_path / 'not_a_dir'
+  blocker.write_text('a file where the workdir should be')
+  with pytest.raises(checkpoints.CheckpointError, match='not writable'):
+    train_lib.train_and_evaluate(tiny_config(2), str(blocker))
+
+
+def test_full_disk_fails_before_training(tmp_path, monkeypatch):
+  real = shutil.disk_usage
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: real(path)._replace(free=1024))
+  with pytest.raises(checkpoints.CheckpointError, match='MiB free'):
+    train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('args,expected', [
+    (['--config.batch_size=abc'], 'batch_size'),
+    (['--config.bn.decya=0.9'], 'decya'),
+    (['--config=configs/cifar10.py', '--config.data.dir=/nonexistent/cifar'], '/nonexistent/cifar'),
+    (['--config.data.name=imagenet'], 'imagenet'),
+    (['--config.model=resnet_v3_50'], 'resnet_v3_50'),
+])
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, expected):
+  done = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={tmp_path}', *args], cwd=REPO,
+                        capture_output=True, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
+  assert done.returncode == 2
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error:') and expected in lines[0], done.stderr
+  assert 'Traceback' not in done.stdout + done.stderr

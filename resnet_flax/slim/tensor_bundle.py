@@ -10,7 +10,8 @@ shape, shard, offset, size, masked crc32c); `tensorflow/core/protobuf/tensor_bun
     reader.read('resnet_v1_50/conv1/weights')
 
 Refused with a one-line ValueError: string and other non-numeric tensors, partitioned
-(sliced) variables, big-endian bundles, compressed index blocks, V1 (TensorSlice) checkpoints.
+(sliced) variables, big-endian bundles, compressed index blocks. A V1 (TensorSlice) checkpoint
+path gets a `tensor_slice.TensorSliceReader` instead (same interface).
 """
 
 from __future__ import annotations
@@ -85,7 +86,17 @@ class CheckpointReader:
     verify: check each tensor's crc32c on `read` (index blocks are always checked: cheap).
 
   Attributes: `prefix` (the resolved checkpoint prefix), `num_shards`, `verify`.
+
+  A path naming a V1 checkpoint (one SSTable file such as TF-Slim's `resnet_v1_50.ckpt`, or its
+  `-?????-of-?????` shards) returns a `tensor_slice.TensorSliceReader` with the same interface.
   """
+
+  def __new__(cls, path: str | os.PathLike, verify: bool = True):
+    from resnet_flax.slim import tensor_slice  # it imports this module's tables
+    v1_files = tensor_slice.find_v1_files(os.fspath(path))
+    if cls is CheckpointReader and v1_files:
+      return tensor_slice.TensorSliceReader(v1_files, verify=verify)
+    return super().__new__(cls)
 
   def __init__(self, path: str | os.PathLike, verify: bool = True):
     self.prefix = resolve_prefix(os.fspath(path))
@@ -163,8 +174,8 @@ def resolve_prefix(path: str) -> str:
     if path.endswith('.index') and os.path.isfile(path):
       return path[:-len('.index')]
     if _looks_like_v1(path):
-      raise ValueError(f'{path}: a V1 (TensorSlice) checkpoint; only the V2 format (PREFIX.index '
-                       '+ PREFIX.data-*) is supported; re-save it with TF 1.x or later')
+      raise ValueError(f'{path}: a V1 (TensorSlice) checkpoint, which has no prefix; open it '
+                       'with CheckpointReader (tensor_slice.TensorSliceReader)')
     if re.search(r'\.data-\d{5}-of-\d{5}$', path):
       raise FileNotFoundError(f'{path}: pass the checkpoint prefix (without .data-...), and '
                               'keep the .index file beside it')

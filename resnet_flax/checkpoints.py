@@ -15,8 +15,20 @@ class CheckpointError(ValueError):
 
 
 def abstract_like(state: Any) -> Any:
-  """Shape/dtype/sharding skeleton of `state`, the restore target."""
-  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+  """Shape/dtype/sharding skeleton of `state`, the restore target.
+
+  Leaves without a sharding go to this process's first device: otherwise orbax would
+  reuse the saving run's device layout and refuse a checkpoint saved on another number
+  of devices.
+  """
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def leaf(x):
+    sharding = getattr(x, 'sharding', None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                sharding=sharding if isinstance(sharding, jax.sharding.Sharding) else default)
+
+  return jax.tree_util.tree_map(leaf, state)
 
 
 class Checkpointer:
@@ -128,7 +140,8 @@ def restore_tree(path: str) -> dict[str, Any]:
                           'a converted directory, or slim:PATH for a TF-Slim checkpoint.')
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      return checkpointer.restore(item)
+      saved = checkpointer.metadata(item).item_metadata
+      return checkpointer.restore(item, abstract_like(saved))
   except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
     raise CheckpointError(f'checkpoint {path} cannot be read ({_first_line(error)}); '
                           'is it an orbax checkpoint directory?') from error

@@ -97,6 +97,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
       donate_argnums=0)
   eval_step = eval_lib.make_eval_step(model, mesh)
+
+  def evaluate(state: TrainState) -> dict[str, Any]:
+    return eval_lib.evaluate_dataset(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
+                                     eval_ds, mesh)
+
   writer = MetricsWriter(workdir, enabled=is_chief)
   preempted = _preemption_flag()
   eval_metrics: dict[str, Any] = {}
@@ -123,8 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         images_per_second, elapsed / interval_steps)
         history, interval_start, interval_steps = [], time.perf_counter(), 0
       if _is_due(step, config.eval_every_steps, config.num_train_steps):
-        eval_metrics = eval_lib.evaluate_dataset(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
-                                                 eval_ds, mesh)
+        eval_metrics = evaluate(state)
         writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         progress.message(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items()))
         interval_start = time.perf_counter()  # Evaluation time is not training throughput.
@@ -136,8 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         break
     if not eval_metrics and int(state.step) == config.num_train_steps:
       # Nothing left to train (a finished run started again): report its evaluation anyway.
-      eval_metrics = eval_lib.evaluate_dataset(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
-                                               eval_ds, mesh)
+      eval_metrics = evaluate(state)
   finally:
     batches.close()
     checkpointer.close()

@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
       'scale': True,
       'zero_debias_moving_mean': False,  # TF's debiased moving mean (biased / (1 - decay ** step))
       'fused': True,  # slim's fused path: unbiased batch variance into the moving variance
+      'frozen': False,  # train with the moving statistics, never updating them
+      'ghost_batch_size': config_dict.placeholder(int),  # statistics per ghost batch; None: whole batch
   })
 
   # Data (see resnet_flax/data/builder.py for every field).

@@ -154,3 +154,58 @@ def test_one_value_per_channel_in_train_mode_is_an_error(shape):
   with pytest.raises(ValueError, match='one value per channel'):
     jax.jit(lambda v, x: layer.apply(v, x, train=True, mutable=['batch_stats']))(variables, x)
   layer.apply(variables, x, train=False)  # eval mode with one example is fine
+
+
+def test_ghost_batches_match_numpy_per_group_reference():
+  rng = np.random.RandomState(4)
+  x = (rng.randn(8, 3, 3, 4) * np.arange(1, 9).reshape(8, 1, 1, 1)).astype(np.float32)
+  layer = BatchNorm(decay=0.5, ghost_batch_size=4)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  y, updates = layer.apply(variables, x, train=True, mutable=['batch_stats'])
+  state = {k: np.asarray(v).astype(np.float64) for k, v in variables['batch_stats'].items()}
+  outputs, means, variances = [], [], []
+  for group in (x[:4], x[4:]):
+    out, new = numpy_batch_norm_train(group, state, None, np.asarray(variables['params']['beta']), 0.5, 1e-3,
+                                      True, False)
+    outputs.append(out)
+    # With decay 0.5 from (0, 1): moving = 0.5 * init + 0.5 * value, so value = 2 * moving - init.
+    means.append(2 * new['moving_mean'] - state['moving_mean'])
+    variances.append(2 * new['moving_variance'] - state['moving_variance'])
+  np.testing.assert_allclose(y, np.concatenate(outputs), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(updates['batch_stats']['moving_mean'], 0.5 * np.mean(means, 0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(updates['batch_stats']['moving_variance'], 0.5 + 0.5 * np.mean(variances, 0),
+                             rtol=1e-5)
+
+
+def test_one_ghost_batch_equals_plain_batch_norm():
+  x = jnp.asarray(np.random.RandomState(5).randn(6, 2, 2, 3), jnp.float32)
+  plain, ghost = BatchNorm(scale=True), BatchNorm(scale=True, ghost_batch_size=6)
+  variables = plain.init(jax.random.PRNGKey(0), x, train=False)
+  a = plain.apply(variables, x, train=True, mutable=['batch_stats'])
+  b = ghost.apply(variables, x, train=True, mutable=['batch_stats'])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_ghost_batch_size_must_divide_the_batch():
+  layer = BatchNorm(ghost_batch_size=4)
+  x = jnp.ones((6, 3))
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  with pytest.raises(ValueError, match='ghost batches of 4'):
+    layer.apply(variables, x, train=True, mutable=['batch_stats'])
+
+
+def test_frozen_statistics_train_like_eval_and_never_change():
+  rng = np.random.RandomState(6)
+  x = jnp.asarray(rng.randn(4, 2, 2, 3), jnp.float32)
+  layer = BatchNorm(scale=True, frozen=True)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  variables = {'params': variables['params'],
+               'batch_stats': {'moving_mean': jnp.asarray([0.3, -0.2, 1.0]),
+                               'moving_variance': jnp.asarray([2.0, 0.5, 1.0])}}
+  y_train, updates = layer.apply(variables, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_array_equal(y_train, layer.apply(variables, x, train=False))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, updates['batch_stats'], variables['batch_stats'])
+  layer.apply(variables, x[:1, :1, :1], train=True)  # no mutable needed, batch of one is fine
+  grads = jax.grad(lambda p: jnp.sum(layer.apply({**variables, 'params': p}, x, train=True) ** 2))(
+      variables['params'])
+  assert float(jnp.abs(grads['gamma']).sum()) > 0  # gamma and beta still learn

@@ -179,6 +179,17 @@ def test_arg_scope_overrides_reach_batch_norm():
   assert 'moving_mean_biased' in variables['batch_stats']['conv1']['BatchNorm']
 
 
+def test_research_switches_reach_every_batch_norm():
+  model = models.get_model('resnet_v2_tiny', num_classes=2, batch_norm_frozen=True, batch_norm_ghost_batch_size=2)
+  x = jnp.asarray(np.random.RandomState(0).randn(4, 32, 32, 3), jnp.float32)
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
+  # Frozen: train mode equals eval mode and the statistics stay as they were.
+  train, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(variables, x)
+  np.testing.assert_allclose(train, jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x), rtol=1e-6)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, updates['batch_stats'], variables['batch_stats'])
+  assert dict(model.arg_scope.batch_norm)['ghost_batch_size'] == 2
+
+
 def test_registry_errors_are_clear():
   with pytest.raises(ValueError, match='resnet_v1_50'):
     models.get_model('resnet_v1_51')

@@ -29,6 +29,16 @@ def batch_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Arr
   return mean, variance
 
 
+def ghost_batches(x: Array, ghost_batch_size: Optional[int], name: str) -> Array:
+  """`x` as (groups, ghost_batch_size, ...); one group when `ghost_batch_size` is None."""
+  if ghost_batch_size is None or ghost_batch_size == x.shape[0]:
+    return x[None]
+  if ghost_batch_size <= 0 or x.shape[0] % ghost_batch_size:
+    raise ValueError(f'BatchNorm {name!r}: batch of {x.shape[0]} does not split into ghost batches of '
+                     f'{ghost_batch_size}; use a ghost_batch_size that divides the per-device batch.')
+  return x.reshape(x.shape[0] // ghost_batch_size, ghost_batch_size, *x.shape[1:])
+
+
 def values_per_channel(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) -> int:
   """Number of elements each channel's statistics are computed from."""
   return math.prod(shape[axis] for axis in reduction_axes)
@@ -61,6 +71,11 @@ class BatchNorm(nn.Module):
       unbiased batch variance (times n / (n - 1)) to the moving variance; False
       matches the non-fused path, which feeds the biased one. Both normalize with
       the biased variance.
+    frozen: train mode normalizes with the moving statistics and never updates them
+      (fine-tuning at small batch); gamma and beta still get gradients.
+    ghost_batch_size: train-mode statistics per group of this many examples (ghost /
+      virtual batches, as TF's `virtual_batch_size`); the moving averages take the mean
+      over groups of the group mean and variance. None: the whole batch.
     activation: applied to the output, as slim's `activation_fn`.
     dtype: output dtype; None keeps the input's. Statistics are float32 regardless.
   """
@@ -70,6 +85,8 @@ class BatchNorm(nn.Module):
   scale: bool = False
   zero_debias_moving_mean: bool = False
   fused: bool = True
+  frozen: bool = False
+  ghost_batch_size: Optional[int] = None
   activation: Optional[Callable[[Array], Array]] = None
   dtype: Any = None
 
@@ -85,23 +102,28 @@ class BatchNorm(nn.Module):
       biased = self.variable(BATCH_STATS, 'moving_mean_biased', jnp.zeros, (channels,), jnp.float32)
       local_step = self.variable(BATCH_STATS, 'moving_mean_local_step', jnp.zeros, (), jnp.float32)
 
-    if train:
-      check_batch_statistics_possible(x.shape, reduction_axes, module_path(self))
-      mean, variance = batch_moments(x, reduction_axes)
+    if train and not self.frozen:
+      groups = ghost_batches(x, self.ghost_batch_size, module_path(self))
+      group_axes = tuple(range(1, groups.ndim - 1))
+      check_batch_statistics_possible(groups.shape[1:], tuple(a - 1 for a in group_axes), module_path(self))
+      # One (mean, variance) per ghost batch; shape (groups, 1, ..., 1, C) so they broadcast.
+      mean, variance = batch_moments(groups, group_axes)
+      mean, variance = (jnp.expand_dims(v, group_axes) for v in (mean, variance))
       if not self.is_initializing():
         self._require_mutable_stats()
-        n = values_per_channel(x.shape, reduction_axes)
+        n = values_per_channel(groups.shape[1:], tuple(a - 1 for a in group_axes))
         variance_for_average = variance * (n / (n - 1)) if self.fused else variance
-        moving_variance.value = moving_averages.ema_update(moving_variance.value, variance_for_average, self.decay)
+        batch_mean = jnp.mean(mean, axis=tuple(range(mean.ndim - 1)))
+        batch_variance = jnp.mean(variance_for_average, axis=tuple(range(mean.ndim - 1)))
+        moving_variance.value = moving_averages.ema_update(moving_variance.value, batch_variance, self.decay)
         if self.zero_debias_moving_mean:
           biased.value, local_step.value, moving_mean.value = moving_averages.zero_debiased_update(
-              biased.value, local_step.value, mean, self.decay)
+              biased.value, local_step.value, batch_mean, self.decay)
         else:
-          moving_mean.value = moving_averages.ema_update(moving_mean.value, mean, self.decay)
+          moving_mean.value = moving_averages.ema_update(moving_mean.value, batch_mean, self.decay)
+      y = normalize(groups, mean, variance, gamma, beta, self.epsilon).reshape(x.shape)
     else:
-      mean, variance = moving_mean.value, moving_variance.value
-
-    y = normalize(x, mean, variance, gamma, beta, self.epsilon)
+      y = normalize(x, moving_mean.value, moving_variance.value, gamma, beta, self.epsilon)
     if self.activation is not None:
       y = self.activation(y)
     return y.astype(self.dtype or x.dtype)

@@ -42,9 +42,6 @@ class Checkpointer:
                                            create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def latest_step(self) -> Optional[int]:
-    return self._manager.latest_step()
-
   def save(self, step: int, state: Any) -> None:
     """Starts saving `state` as `step` (returns before the write finishes)."""
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
@@ -127,6 +124,16 @@ def latest_step_in(directory: str) -> Optional[int]:
   return max(steps, default=None)
 
 
+def _item_directory(path: str) -> str:
+  """The orbax item inside `path`: `<step>/default` for manager-written steps, else `path` itself."""
+  nested = os.path.join(path, 'default')
+  item = nested if os.path.isdir(nested) else path
+  if not os.path.isdir(item):
+    raise CheckpointError(f'checkpoint {path} does not exist; pass a <workdir>/checkpoints/<step> directory, '
+                          'a converted directory, or slim:PATH for a TF-Slim checkpoint.')
+  return item
+
+
 def restore_tree(path: str) -> dict[str, Any]:
   """A checkpoint as saved (nested dicts of arrays), for checkpoints of another structure.
 
@@ -134,10 +141,7 @@ def restore_tree(path: str) -> dict[str, Any]:
   variables-only ones `python -m resnet_flax.slim convert` writes.
   """
   path = os.path.abspath(path)
-  item = os.path.join(path, 'default') if os.path.isdir(os.path.join(path, 'default')) else path
-  if not os.path.isdir(item):
-    raise CheckpointError(f'checkpoint {path} does not exist; pass a <workdir>/checkpoints/<step> directory, '
-                          'a converted directory, or slim:PATH for a TF-Slim checkpoint.')
+  item = _item_directory(path)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       saved = checkpointer.metadata(item).item_metadata
@@ -161,9 +165,7 @@ def _first_line(error: BaseException) -> str:
 def restore_from(path: str, target: Any) -> Any:
   """Restores the checkpoint directory `path` (a `<step>` directory or its `default/` item)."""
   path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise CheckpointError(f'checkpoint {path} does not exist; pass a <workdir>/checkpoints/<step> directory.')
-  item = os.path.join(path, 'default') if os.path.isdir(os.path.join(path, 'default')) else path
+  item = _item_directory(path)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(target))

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 from flax.core import FrozenDict
@@ -114,7 +113,3 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
   return cls(block_sizes=block_sizes, num_classes=num_classes, slim_scope=name, arg_scope=arg_scope,
              **model_kwargs)
 
-
-def model_constructor(name: str) -> Callable[..., nn.Module]:
-  """`functools.partial(get_model, name)`, for configs that pick a model by name."""
-  return functools.partial(get_model, name)

@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
       'fused': True,  # slim's fused path: unbiased batch variance into the moving variance
       'frozen': False,  # train with the moving statistics, never updating them
       'ghost_batch_size': config_dict.placeholder(int),  # statistics per ghost batch; None: whole batch
+      # 'global': statistics over the global batch (synchronized BN); 'per_device': over each
+      # device's share, as unsynchronized data parallelism (moving averages: mean over devices).
+      'cross_device': 'global',
   })
 
   # Data (see resnet_flax/data/builder.py for every field).

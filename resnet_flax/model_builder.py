@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
 from resnet_flax import models
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+CROSS_DEVICE = ('global', 'per_device')
+# config.bn fields that choose how statistics are grouped rather than being BatchNorm fields.
+_GROUPING_FIELDS = ('cross_device', 'ghost_batch_size')
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """`models.get_model(config.model, ...)` with `config.bn`, weight decay, dtype and model options."""
+def statistics_group_size(bn: ml_collections.ConfigDict, batch_size: int, device_count: int) -> Optional[int]:
+  """Examples per train-mode statistics group, as BatchNorm's `ghost_batch_size`.
+
+  'global': statistics over the global batch (under jit a mean over a batch-sharded
+  array is already synchronized BN), or per ghost batch. 'per_device': over each
+  device's share, as unsynchronized data parallelism computes them; the batch is
+  laid out device by device, so groups of the per-device size are exactly the
+  shards. Ghost batches, if set, then subdivide each device's share.
+  """
+  if bn.cross_device not in CROSS_DEVICE:
+    raise ValueError(f'config.bn.cross_device={bn.cross_device!r} is unknown; use one of {CROSS_DEVICE}.')
+  if bn.cross_device == 'global':
+    return bn.ghost_batch_size
+  per_device = batch_size // device_count
+  if bn.ghost_batch_size is None:
+    return per_device
+  if per_device % bn.ghost_batch_size:
+    raise ValueError(f'config.bn.ghost_batch_size={bn.ghost_batch_size} does not divide the per-device batch of '
+                     f'{per_device} (batch_size {batch_size} over {device_count} devices); use a divisor of it.')
+  return bn.ghost_batch_size
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, device_count: Optional[int] = None
+                ) -> nn.Module:
+  """`models.get_model(config.model, ...)` with `config.bn`, weight decay, dtype and model options.
+
+  `device_count` (default: all devices) matters only for `config.bn.cross_device='per_device'`.
+  """
   if config.dtype not in DTYPES:
     raise ValueError(f'config.dtype={config.dtype!r} is unknown; use one of {sorted(DTYPES)}.')
-  overrides = {f'batch_norm_{field}': value for field, value in config.bn.items()}
+  device_count = device_count or jax.device_count()
+  overrides = {f'batch_norm_{field}': value for field, value in config.bn.items() if field not in _GROUPING_FIELDS}
+  overrides['batch_norm_ghost_batch_size'] = statistics_group_size(config.bn, config.batch_size, device_count)
   # None means "the model's own default" (e.g. no root block for the digits variants).
   overrides.update({key: value for key, value in config.model_options.items() if value is not None})
   return models.get_model(config.model, num_classes=num_classes, weight_decay=config.weight_decay,

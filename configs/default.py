@@ -35,7 +35,19 @@ def get_config() -> ml_collections.ConfigDict:
       'scale': True,
       'zero_debias_moving_mean': False,  # TF's debiased moving mean (biased / (1 - decay ** step))
       'fused': True,  # slim's fused path: unbiased batch variance into the moving variance
+      'zero_debias_moving_variance': False,  # the same for the moving variance (as Haiku)
       'frozen': False,  # train with the moving statistics, never updating them
+      'frozen_gamma_beta': False,  # gamma and beta get no gradient (fine-tuning at small batch)
+      'zero_init_last_gamma': False,  # v1: each unit's last BN starts with gamma = 0 (unit = identity)
+      # Batch renormalization (TF's renorm, renorm_clipping, renorm_decay); None: unclipped.
+      'renorm': False,
+      'renorm_decay': 0.99,
+      'renorm_r_max': config_dict.placeholder(float),
+      'renorm_r_min': config_dict.placeholder(float),  # None: 1 / renorm_r_max
+      'renorm_d_max': config_dict.placeholder(float),
+      # Clipping schedule: plain BN (r = 1, d = 0) for start steps, then linear to the bounds.
+      'renorm_clipping_start_step': 0,
+      'renorm_clipping_ramp_steps': 0,
       'ghost_batch_size': config_dict.placeholder(int),  # statistics per ghost batch; None: whole batch
       # 'global': statistics over the global batch (synchronized BN); 'per_device': over each
       # device's share, as unsynchronized data parallelism (moving averages: mean over devices).

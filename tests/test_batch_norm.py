@@ -209,3 +209,59 @@ def test_frozen_statistics_train_like_eval_and_never_change():
   grads = jax.grad(lambda p: jnp.sum(layer.apply({**variables, 'params': p}, x, train=True) ** 2))(
       variables['params'])
   assert float(jnp.abs(grads['gamma']).sum()) > 0  # gamma and beta still learn
+
+
+def test_frozen_gamma_beta_get_no_gradient_but_the_input_does():
+  rng = np.random.RandomState(7)
+  x = jnp.asarray(rng.randn(4, 2, 2, 3), jnp.float32)
+  layer = BatchNorm(scale=True, frozen=True, frozen_gamma_beta=True)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  loss = lambda p, x: jnp.sum(layer.apply({**variables, 'params': p}, x, train=True) ** 3)
+  grads = jax.grad(loss)(variables['params'], x)
+  for name in ('gamma', 'beta'):
+    np.testing.assert_array_equal(grads[name], 0.0)
+  assert float(jnp.abs(jax.grad(loss, argnums=1)(variables['params'], x)).sum()) > 0
+
+
+def test_gamma_init_zeros_outputs_beta():
+  layer = BatchNorm(scale=True, gamma_init=jax.nn.initializers.zeros)
+  x = jnp.asarray(np.random.RandomState(8).randn(4, 3), jnp.float32)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  np.testing.assert_array_equal(variables['params']['gamma'], 0.0)
+  y, _ = layer.apply(variables, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_array_equal(y, 0.0)  # beta starts at zero
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_zero_debiased_moving_variance_matches_numpy(fused):
+  rng = np.random.RandomState(9)
+  decay, eps = 0.9, 1e-3
+  layer = BatchNorm(decay=decay, epsilon=eps, fused=fused, zero_debias_moving_variance=True)
+  x0 = jnp.zeros((6, 4))
+  variables = layer.init(jax.random.PRNGKey(0), x0, train=False)
+  # Before any update the moving variance is its initial 1, not 0 / 0 (dm-haiku#361).
+  np.testing.assert_array_equal(variables['batch_stats']['moving_variance'], 1.0)
+  assert np.all(np.isfinite(layer.apply(variables, x0 + 1.0, train=False)))
+  stats, biased = variables['batch_stats'], np.zeros(4)
+  for step in range(1, 5):
+    x = rng.randn(6, 4) * (step + 1) + step
+    _, updates = layer.apply({**variables, 'batch_stats': stats}, jnp.asarray(x, jnp.float32), train=True,
+                             mutable=['batch_stats'])
+    stats = updates['batch_stats']
+    var = x.var(0) * (6 / 5 if fused else 1.0)
+    biased = decay * biased + (1 - decay) * var
+    np.testing.assert_allclose(stats['moving_variance'], biased / (1 - decay ** step), rtol=1e-5)
+    np.testing.assert_allclose(stats['moving_variance_local_step'], step)
+  # The first debiased value is the first batch's variance itself: no pull toward the initial 1.
+
+
+def test_batch_moments_are_sown_only_when_asked_for():
+  layer = BatchNorm(ghost_batch_size=2)
+  x = jnp.asarray(np.random.RandomState(10).randn(4, 3), jnp.float32)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  _, updates = layer.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert set(updates) == {'batch_stats'}
+  _, updates = layer.apply(variables, x, train=True, mutable=['batch_stats', 'batch_moments'])
+  moments = updates['batch_moments']
+  np.testing.assert_allclose(moments['mean'], np.asarray(x).reshape(2, 2, 3).mean(1), rtol=1e-6)
+  np.testing.assert_allclose(moments['variance'], np.asarray(x).reshape(2, 2, 3).var(1), rtol=1e-5)

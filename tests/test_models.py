@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from resnet_flax import models
 from resnet_flax.layers import initializers
@@ -188,6 +189,21 @@ def test_research_switches_reach_every_batch_norm():
   np.testing.assert_allclose(train, jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x), rtol=1e-6)
   jax.tree_util.tree_map(np.testing.assert_array_equal, updates['batch_stats'], variables['batch_stats'])
   assert dict(model.arg_scope.batch_norm)['ghost_batch_size'] == 2
+
+
+def test_zero_init_last_gamma_makes_every_v1_unit_start_as_its_shortcut():
+  model = models.get_model('resnet_v1_tiny', num_classes=2, zero_init_last_gamma=True)
+  x = jnp.asarray(np.random.RandomState(1).randn(2, 32, 32, 3), jnp.float32)
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
+  gammas = {'/'.join(path[:-1]): np.asarray(leaf) for path, leaf in flatten_dict(variables['params']).items()
+            if path[-1] == 'gamma'}
+  last = [name for name in gammas if '/conv3/' in name]
+  assert len(last) == 5 and all(np.all(gammas[name] == 0) for name in last)
+  assert all(np.all(gammas[name] == 1) for name in gammas if '/conv3/' not in name)
+  _, ends = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['intermediates']))(variables, x)
+  unit = ends['intermediates']['block1']['unit_1']['bottleneck_v1']
+  shortcut = unit['shortcut']['end_point']
+  np.testing.assert_allclose(unit['end_point'], np.maximum(shortcut, 0), rtol=1e-6, atol=1e-6)
 
 
 def test_registry_errors_are_clear():

@@ -319,6 +319,47 @@ def test_missing_zero_debias_state_starts_at_zero_and_restarts_debiasing():
       np.testing.assert_allclose(after[path], expected, rtol=1e-5, err_msg='/'.join(path))
 
 
+def test_renorm_model_starts_its_averages_at_the_checkpoints_moving_statistics():
+  """Fine-tuning a plain checkpoint with renorm: renorm_mean = moving_mean and both stddevs =
+  sqrt(moving_variance + epsilon), so eval is unchanged and r, d start near 1, 0."""
+  model = model_for('resnet_v1_tiny', num_classes=10, batch_norm_renorm=True, batch_norm_renorm_r_max=3.0,
+                    batch_norm_renorm_clipping_ramp_steps=10)
+  variables = slim.load_variables(ckpt_prefix('v1_tiny_10'), model)
+  stats = names.flatten(variables['batch_stats'])
+  checkpoint = names.flatten(loaded('v1_tiny_10')['batch_stats'])
+  epsilon = dict(model.arg_scope.batch_norm)['epsilon']
+  for path, value in checkpoint.items():
+    module = path[:-1]
+    if path[-1] == 'moving_mean':
+      np.testing.assert_array_equal(stats[module + ('renorm_mean',)], value)
+      assert float(stats[module + ('renorm_clipping_step',)]) == 0.0
+    else:
+      expected = np.sqrt(value + epsilon).astype(np.float32)
+      np.testing.assert_array_equal(stats[module + ('renorm_stddev',)], expected)
+      np.testing.assert_array_equal(stats[module + ('moving_stddev',)], expected)
+  images = parity_case('v1')['images']
+  plain = model_for('resnet_v1_tiny', num_classes=10)
+  np.testing.assert_allclose(eval_fn(model)(variables, images), eval_fn(plain)(loaded('v1_tiny_10'), images),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_renorm_and_variance_debias_state_round_trip(tmp_path):
+  model = model_for('resnet_v1_tiny', num_classes=10, batch_norm_renorm=True)
+  variables = slim.load_variables(ckpt_prefix('v1_tiny_10'), model)
+  stats = names.flatten(variables['batch_stats'])
+  stats = {path: value + 0.25 for path, value in stats.items()}
+  variables = {**variables, 'batch_stats': names.unflatten(stats)}
+  prefix = slim.save_slim_checkpoint(str(tmp_path / 'model.ckpt'), variables, model)
+  assert 'resnet_v1_tiny/block1/unit_1/bottleneck_v1/conv1/BatchNorm/renorm_stddev' in (
+      tensor_bundle.CheckpointReader(prefix).variables())
+  assert_tree_equal(slim.load_variables(prefix, model), variables)
+  debiased = model_for('resnet_v1_tiny', num_classes=10, batch_norm_zero_debias_moving_variance=True)
+  exported = slim.variables_to_slim(slim.load_variables(ckpt_prefix('v1_tiny_10'), debiased), debiased)
+  bn = 'resnet_v1_tiny/block1/unit_1/bottleneck_v1/conv1/BatchNorm'
+  # The doubled scope TF's assign_moving_average(zero_debias=True) would give the variance's state.
+  assert f'{bn}/{bn}/moving_variance/local_step' in exported and f'{bn}/{bn}/moving_variance/biased' in exported
+
+
 @pytest.mark.parametrize('damage', ['truncated_data', 'flipped_byte', 'truncated_index'])
 def test_damaged_checkpoint_names_the_file(damage, tmp_path):
   prefix = copy_checkpoint('v1_tiny_10', tmp_path)

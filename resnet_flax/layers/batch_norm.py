@@ -9,13 +9,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_flax.layers import moving_averages
+from resnet_flax.layers import moving_averages, renorm
 
 Array = jnp.ndarray
 
 # The collection that holds moving statistics; callers update it only by asking for it
 # with `mutable=[BATCH_STATS]` and storing what comes back.
 BATCH_STATS = 'batch_stats'
+# Per-group batch means and variances, sown in train mode only when a caller asks for
+# this collection (precise-BN recalibration); nothing is stored otherwise.
+BATCH_MOMENTS = 'batch_moments'
 
 
 def batch_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Array]:
@@ -67,15 +70,31 @@ class BatchNorm(nn.Module):
     scale: learn `gamma` (slim's default is False: many checkpoints have no gamma).
     zero_debias_moving_mean: keep TF's `biased` and `local_step` state and store
       `biased / (1 - decay ** step)` as the moving mean.
+    zero_debias_moving_variance: the same for the moving variance (as Haiku debiases
+      both); before the first update the moving variance keeps its initial 1.
     fused: match TF-Slim's fused code path (taken for 4-D inputs), which feeds the
       unbiased batch variance (times n / (n - 1)) to the moving variance; False
       matches the non-fused path, which feeds the biased one. Both normalize with
       the biased variance.
     frozen: train mode normalizes with the moving statistics and never updates them
       (fine-tuning at small batch); gamma and beta still get gradients.
+    frozen_gamma_beta: gamma and beta get no gradient (with `frozen`, the layer is
+      a fixed affine map).
     ghost_batch_size: train-mode statistics per group of this many examples (ghost /
-      virtual batches, as TF's `virtual_batch_size`); the moving averages take the mean
-      over groups of the group mean and variance. None: the whole batch.
+      virtual batches, as TF's `virtual_batch_size`; per-device statistics are groups
+      of the per-device batch); the moving averages take the mean over groups of the
+      group mean and variance. None: the whole batch.
+    gamma_init: initializer of gamma (zeros for the last BN of a residual unit makes
+      each unit start as the identity, Goyal et al. 2017).
+    renorm: batch renormalization as TF's `renorm=True` (see `layers/renorm.py`); as
+      in TF it takes the non-fused path (biased variance) and tracks the moving
+      variance through a moving stddev, `moving_variance = max(moving_stddev ** 2 - epsilon, 0)`.
+    renorm_decay: decay of the renorm mean and stddev (TF's `renorm_momentum`).
+    renorm_r_min, renorm_r_max, renorm_d_max: TF's `renorm_clipping` rmin, rmax, dmax;
+      None leaves that side unclipped, except that r_min defaults to 1 / r_max as in the paper.
+    renorm_clipping_start_step, renorm_clipping_ramp_steps: the clipping schedule: r = 1,
+      d = 0 (plain BN) for the first steps, then bounds relax linearly to the targets;
+      counted by this layer's own train-mode updates (`renorm_clipping_step`).
     activation: applied to the output, as slim's `activation_fn`.
     dtype: output dtype; None keeps the input's. Statistics are float32 regardless.
   """
@@ -84,23 +103,31 @@ class BatchNorm(nn.Module):
   center: bool = True
   scale: bool = False
   zero_debias_moving_mean: bool = False
+  zero_debias_moving_variance: bool = False
   fused: bool = True
   frozen: bool = False
+  frozen_gamma_beta: bool = False
   ghost_batch_size: Optional[int] = None
+  gamma_init: Callable[..., Array] = nn.initializers.ones
+  renorm: bool = False
+  renorm_decay: float = 0.99
+  renorm_r_min: Optional[float] = None
+  renorm_r_max: Optional[float] = None
+  renorm_d_max: Optional[float] = None
+  renorm_clipping_start_step: int = 0
+  renorm_clipping_ramp_steps: int = 0
   activation: Optional[Callable[[Array], Array]] = None
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    reduction_axes = tuple(range(x.ndim - 1))
+    self._check_options()
     channels = x.shape[-1]
     beta = self.param('beta', nn.initializers.zeros, (channels,), jnp.float32) if self.center else None
-    gamma = self.param('gamma', nn.initializers.ones, (channels,), jnp.float32) if self.scale else None
-    moving_mean = self.variable(BATCH_STATS, 'moving_mean', jnp.zeros, (channels,), jnp.float32)
-    moving_variance = self.variable(BATCH_STATS, 'moving_variance', jnp.ones, (channels,), jnp.float32)
-    if self.zero_debias_moving_mean:
-      biased = self.variable(BATCH_STATS, 'moving_mean_biased', jnp.zeros, (channels,), jnp.float32)
-      local_step = self.variable(BATCH_STATS, 'moving_mean_local_step', jnp.zeros, (), jnp.float32)
+    gamma = self.param('gamma', self.gamma_init, (channels,), jnp.float32) if self.scale else None
+    if self.frozen_gamma_beta:
+      beta, gamma = (None if v is None else jax.lax.stop_gradient(v) for v in (beta, gamma))
+    stats = self._statistics(channels)
 
     if train and not self.frozen:
       groups = ghost_batches(x, self.ghost_batch_size, module_path(self))
@@ -108,25 +135,91 @@ class BatchNorm(nn.Module):
       check_batch_statistics_possible(groups.shape[1:], tuple(a - 1 for a in group_axes), module_path(self))
       # One (mean, variance) per ghost batch; shape (groups, 1, ..., 1, C) so they broadcast.
       mean, variance = batch_moments(groups, group_axes)
+      # For precise-BN recalibration (`resnet_flax.bn_recalibration`); a no-op unless asked for.
+      self.sow(BATCH_MOMENTS, 'mean', mean, reduce_fn=_keep_latest, init_fn=lambda: None)
+      self.sow(BATCH_MOMENTS, 'variance', variance, reduce_fn=_keep_latest, init_fn=lambda: None)
       mean, variance = (jnp.expand_dims(v, group_axes) for v in (mean, variance))
+      r = d = None
+      if self.renorm:
+        r, d = self._renorm_corrections(stats, mean, variance)
       if not self.is_initializing():
         self._require_mutable_stats()
         n = values_per_channel(groups.shape[1:], tuple(a - 1 for a in group_axes))
-        variance_for_average = variance * (n / (n - 1)) if self.fused else variance
-        batch_mean = jnp.mean(mean, axis=tuple(range(mean.ndim - 1)))
-        batch_variance = jnp.mean(variance_for_average, axis=tuple(range(mean.ndim - 1)))
-        moving_variance.value = moving_averages.ema_update(moving_variance.value, batch_variance, self.decay)
-        if self.zero_debias_moving_mean:
-          biased.value, local_step.value, moving_mean.value = moving_averages.zero_debiased_update(
-              biased.value, local_step.value, batch_mean, self.decay)
-        else:
-          moving_mean.value = moving_averages.ema_update(moving_mean.value, batch_mean, self.decay)
-      y = normalize(groups, mean, variance, gamma, beta, self.epsilon).reshape(x.shape)
+        self._update_statistics(stats, mean, variance, n)
+      y = normalize(groups, mean, variance, gamma, beta, self.epsilon, r, d).reshape(x.shape)
     else:
-      y = normalize(x, moving_mean.value, moving_variance.value, gamma, beta, self.epsilon)
+      y = normalize(x, stats['moving_mean'].value, stats['moving_variance'].value, gamma, beta, self.epsilon)
     if self.activation is not None:
       y = self.activation(y)
     return y.astype(self.dtype or x.dtype)
+
+  def _statistics(self, channels: int) -> dict[str, Any]:
+    """The `batch_stats` variables this configuration keeps, by name."""
+    zeros, ones, step = (jnp.zeros, (channels,)), (jnp.ones, (channels,)), (jnp.zeros, ())
+    wanted = {'moving_mean': zeros, 'moving_variance': ones}
+    if self.zero_debias_moving_mean:
+      wanted.update(moving_mean_biased=zeros, moving_mean_local_step=step)
+    if self.zero_debias_moving_variance:
+      wanted.update(moving_variance_biased=zeros, moving_variance_local_step=step)
+    if self.renorm:
+      wanted.update(moving_stddev=ones, renorm_mean=zeros, renorm_stddev=ones)
+      if self.renorm_clipping_start_step or self.renorm_clipping_ramp_steps:
+        wanted.update(renorm_clipping_step=step)
+    return {name: self.variable(BATCH_STATS, name, init, shape, jnp.float32)
+            for name, (init, shape) in wanted.items()}
+
+  def _renorm_corrections(self, stats: dict[str, Any], mean: Array, variance: Array) -> tuple[Array, Array]:
+    """r and d from the renorm averages before this step's update, as TF orders it."""
+    bounds = (self.renorm_r_min if self.renorm_r_min is not None or self.renorm_r_max is None
+              else 1.0 / self.renorm_r_max, self.renorm_r_max, self.renorm_d_max)
+    if 'renorm_clipping_step' in stats:
+      bounds = renorm.clipping_bounds(stats['renorm_clipping_step'].value, *bounds,
+                                      self.renorm_clipping_start_step, self.renorm_clipping_ramp_steps)
+    return renorm.corrections(mean, jnp.sqrt(variance + self.epsilon), stats['renorm_mean'].value,
+                              stats['renorm_stddev'].value, self.epsilon, *bounds)
+
+  def _update_statistics(self, stats: dict[str, Any], mean: Array, variance: Array, n: int) -> None:
+    """One train-mode update of every moving statistic from the per-group moments."""
+    over_groups = lambda v: jnp.mean(v, axis=tuple(range(v.ndim - 1)))
+    batch_mean = over_groups(mean)
+    if self.zero_debias_moving_mean:
+      (stats['moving_mean_biased'].value, stats['moving_mean_local_step'].value,
+       stats['moving_mean'].value) = moving_averages.zero_debiased_update(
+           stats['moving_mean_biased'].value, stats['moving_mean_local_step'].value, batch_mean, self.decay)
+    else:
+      stats['moving_mean'].value = moving_averages.ema_update(stats['moving_mean'].value, batch_mean, self.decay)
+    if self.renorm:
+      batch_stddev = over_groups(jnp.sqrt(variance + self.epsilon))
+      stats['moving_stddev'].value = moving_averages.ema_update(stats['moving_stddev'].value, batch_stddev,
+                                                                self.decay)
+      stats['moving_variance'].value = jnp.maximum(jnp.square(stats['moving_stddev'].value) - self.epsilon, 0.0)
+      stats['renorm_mean'].value = moving_averages.ema_update(stats['renorm_mean'].value, batch_mean,
+                                                              self.renorm_decay)
+      stats['renorm_stddev'].value = moving_averages.ema_update(stats['renorm_stddev'].value, batch_stddev,
+                                                                self.renorm_decay)
+      if 'renorm_clipping_step' in stats:
+        stats['renorm_clipping_step'].value = stats['renorm_clipping_step'].value + 1.0
+      return
+    batch_variance = over_groups(variance * (n / (n - 1)) if self.fused else variance)
+    if self.zero_debias_moving_variance:
+      (stats['moving_variance_biased'].value, stats['moving_variance_local_step'].value,
+       stats['moving_variance'].value) = moving_averages.zero_debiased_update(
+           stats['moving_variance_biased'].value, stats['moving_variance_local_step'].value, batch_variance,
+           self.decay)
+    else:
+      stats['moving_variance'].value = moving_averages.ema_update(stats['moving_variance'].value, batch_variance,
+                                                                  self.decay)
+
+  def _check_options(self) -> None:
+    name = module_path(self)
+    if self.renorm and (self.zero_debias_moving_mean or self.zero_debias_moving_variance):
+      # TF-Slim rejects renorm with zero_debias_moving_mean too; its moving averages are plain.
+      raise ValueError(f'BatchNorm {name!r}: renorm keeps plain moving averages (a moving stddev for the '
+                       'variance); turn off zero_debias_moving_mean / zero_debias_moving_variance or renorm.')
+    if self.renorm_r_max is not None and self.renorm_r_max < 1.0:
+      raise ValueError(f'BatchNorm {name!r}: renorm_r_max={self.renorm_r_max} must be >= 1 (1 is plain BN).')
+    if self.renorm_d_max is not None and self.renorm_d_max < 0.0:
+      raise ValueError(f'BatchNorm {name!r}: renorm_d_max={self.renorm_d_max} must be >= 0 (0 is plain BN).')
 
   def _require_mutable_stats(self) -> None:
     if not self.is_mutable_collection(BATCH_STATS):
@@ -136,18 +229,26 @@ class BatchNorm(nn.Module):
           'and keep the returned statistics, or use train=False.')
 
 
+def _keep_latest(_, value):
+  return value
+
+
 def module_path(module: nn.Module) -> str:
   """The module's slash-separated path in the variable tree (its slim scope)."""
   return '/'.join(module.scope.path) if module.scope is not None else str(module.name)
 
 
 def normalize(x: Array, mean: Array, variance: Array, gamma: Optional[Array], beta: Optional[Array],
-              epsilon: float) -> Array:
-  """`(x - mean) / sqrt(variance + epsilon) * gamma + beta`, computed in float32."""
+              epsilon: float, r: Optional[Array] = None, d: Optional[Array] = None) -> Array:
+  """`(x - mean) / sqrt(variance + epsilon) [* r + d] * gamma + beta`, computed in float32."""
   inv = jax.lax.rsqrt(variance + epsilon)
+  if r is not None:
+    inv = inv * r
   if gamma is not None:
     inv = inv * gamma
   y = (x.astype(jnp.float32) - mean) * inv
+  if d is not None:
+    y = y + (d if gamma is None else d * gamma)
   if beta is not None:
     y = y + beta
   return y

@@ -31,10 +31,10 @@ class ResNetArgScope:
     """slim.batch_norm under this scope (for v2's `preact` and `postnorm`)."""
     return BatchNorm(**{**self.batch_norm, 'dtype': self.dtype, **overrides})
 
-  def conv2d(self) -> Callable[..., nn.Module]:
-    """slim.conv2d under this scope: BN (or biases) and the scope's activation."""
+  def conv2d(self, **batch_norm_overrides) -> Callable[..., nn.Module]:
+    """slim.conv2d under this scope: BN (with these field overrides) or biases, and the scope's activation."""
     normalizer: Optional[Callable[..., nn.Module]] = (
-        functools.partial(BatchNorm, **self.batch_norm) if self.use_batch_norm else None)
+        functools.partial(BatchNorm, **{**self.batch_norm, **batch_norm_overrides}) if self.use_batch_norm else None)
     return _Conv2DFactory(normalizer, self.activation_fn, self.dtype)
 
 

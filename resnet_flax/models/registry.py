@@ -101,6 +101,10 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
     depth_multiplier = model_kwargs.pop('depth_multiplier', 1.0)
     min_base_depth = model_kwargs.pop('min_base_depth', 8)
     block_sizes = _v1_depth_func(block_sizes, depth_multiplier, min_base_depth)
+  # False is accepted for v2 so one config can switch between v1 and v2.
+  if cls is ResNetV2 and model_kwargs.pop('zero_init_last_gamma', False):
+    raise ValueError(f'{name}: v2 units end in conv3 without BatchNorm, so there is no last gamma to zero; '
+                     'zero_init_last_gamma applies to resnet_v1 models.')
   valid = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'block_sizes', 'slim_scope', 'arg_scope',
                                                          'num_classes'}
   unknown = sorted(set(model_kwargs) - valid)

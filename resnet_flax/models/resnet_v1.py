@@ -22,6 +22,7 @@ class BottleneckV1(nn.Module):
   rate: int = 1
   arg_scope: ResNetArgScope = ResNetArgScope()
   use_bounded_activations: bool = False
+  zero_init_last_gamma: bool = False
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -35,7 +36,9 @@ class BottleneckV1(nn.Module):
     residual = conv(self.depth_bottleneck, 1, name='conv1')(x, train=train)
     residual = resnet_utils.conv2d_same(conv, residual, self.depth_bottleneck, 3, self.stride,
                                         rate=self.rate, name='conv2', train=train)
-    residual = conv(self.depth, 1, activation=None, name='conv3')(residual, train=train)
+    # Zero gammas make the unit start as the identity (Goyal et al. 2017).
+    last_conv = self.arg_scope.conv2d(gamma_init=nn.initializers.zeros) if self.zero_init_last_gamma else conv
+    residual = last_conv(self.depth, 1, activation=None, name='conv3')(residual, train=train)
     if self.use_bounded_activations:
       # Bounded activations make the network friendlier to fixed-point inference.
       output = nn.relu6(shortcut + jnp.clip(residual, -6.0, 6.0))
@@ -45,11 +48,12 @@ class BottleneckV1(nn.Module):
     return output
 
 
-def bottleneck_v1(arg_scope: ResNetArgScope, use_bounded_activations: bool = False):
+def bottleneck_v1(arg_scope: ResNetArgScope, use_bounded_activations: bool = False,
+                  zero_init_last_gamma: bool = False):
   """The unit function for v1 blocks, with the model's arg scope bound."""
   def unit_fn(**kwargs) -> BottleneckV1:
     return BottleneckV1(**kwargs, arg_scope=arg_scope, use_bounded_activations=use_bounded_activations,
-                        name='bottleneck_v1')
+                        zero_init_last_gamma=zero_init_last_gamma, name='bottleneck_v1')
   return unit_fn
 
 
@@ -68,12 +72,14 @@ class ResNetV1(nn.Module):
   spatial_squeeze: bool = True
   store_non_strided_activations: bool = False
   use_bounded_activations: bool = False
+  zero_init_last_gamma: bool = False  # not slim's: each unit's conv3 BN starts with gamma = 0
   arg_scope: ResNetArgScope = ResNetArgScope()
 
   @nn.compact
   def __call__(self, inputs: Array, *, train: bool) -> Array:
     conv = self.arg_scope.conv2d()
-    blocks = resnet_utils.bottleneck_blocks(self.block_sizes, bottleneck_v1(self.arg_scope, self.use_bounded_activations))
+    unit_fn = bottleneck_v1(self.arg_scope, self.use_bounded_activations, self.zero_init_last_gamma)
+    blocks = resnet_utils.bottleneck_blocks(self.block_sizes, unit_fn)
     output_stride = resnet_utils.root_output_stride(self.output_stride, self.include_root_block)
     x = inputs
     if self.include_root_block:

@@ -25,7 +25,15 @@ from resnet_flax.slim import tensor_bundle
 
 PARAMS, BATCH_STATS = names.PARAMS, names.BATCH_STATS
 DEFAULT_IMAGE_SHAPE = (224, 224, 3)
-_DEBIAS_LEAVES = ('moving_mean_biased', 'moving_mean_local_step')
+# State TF creates next to a restored checkpoint when it is absent, all of a group at zero:
+# zero-debias state (ours for the variance too) and our renorm clipping-schedule counter.
+_ZERO_START_GROUPS = (('moving_mean_biased', 'moving_mean_local_step'),
+                      ('moving_variance_biased', 'moving_variance_local_step'),
+                      ('renorm_clipping_step',))
+# Renorm averages absent from a checkpoint trained without renorm: start them at the moving
+# statistics, as if they had always tracked them (stddev = sqrt(variance + epsilon)).
+_RENORM_FROM_MOVING = {'renorm_mean': 'moving_mean', 'renorm_stddev': 'moving_variance',
+                       'moving_stddev': 'moving_variance'}
 # Params a checkpoint may hold for a BatchNorm the model builds without them, and the value
 # that makes the missing param a no-op (so that checkpoint can still be loaded exactly).
 _OPTIONAL_BN_PARAMS = {'gamma': (1.0, 'batch_norm_scale=True'), 'beta': (0.0, 'batch_norm_center=True')}
@@ -94,11 +102,16 @@ def load_variables(path: str | os.PathLike, model: Any, *,
   plan, filled = _plan(expected, found, scope, reader, model)
 
   out: dict[str, dict] = {PARAMS: {}, BATCH_STATS: {}}
+  epsilon = float(dict(model.arg_scope.batch_norm).get('epsilon', 0.0)) if hasattr(model, 'arg_scope') else 0.0
   for collection, leaves in expected.items():
     for path, spec in leaves.items():
       name = plan[collection][path]
       if name is None:
         value = np.ones(spec.shape, spec.dtype) if path[-1] == 'gamma' else np.zeros(spec.shape, spec.dtype)
+      elif path[-1] in _RENORM_FROM_MOVING and name.endswith('/' + _RENORM_FROM_MOVING[path[-1]]):
+        value = reader.read(name).astype(spec.dtype)
+        if path[-1] != 'renorm_mean':
+          value = np.sqrt(value + epsilon).astype(spec.dtype)
       else:
         value = reader.read(name).astype(spec.dtype)
       out[collection][path] = value
@@ -108,9 +121,11 @@ def load_variables(path: str | os.PathLike, model: Any, *,
                     'the model with batch_norm_scale=False to match the checkpoint exactly.',
                     reader.prefix, len(filled['gamma']), _some(filled['gamma']))
   if filled['debias']:
-    logging.info('%s: no zero-debias state for %d BatchNorm layer(s), e.g. %s; starting it at '
-                 'biased = 0, local_step = 0 as TF would.', reader.prefix, len(filled['debias']),
-                 _some(filled['debias']))
+    logging.info('%s: no zero-debias or schedule state for %d BatchNorm layer(s), e.g. %s; starting it '
+                 'at 0 as TF would.', reader.prefix, len(filled['debias']), _some(filled['debias']))
+  if filled['renorm']:
+    logging.info('%s: no renorm averages for %d BatchNorm layer(s), e.g. %s; starting them at the '
+                 'moving statistics.', reader.prefix, len(filled['renorm']), _some(filled['renorm']))
   return {collection: names.unflatten(leaves) for collection, leaves in out.items()}
 
 
@@ -118,21 +133,26 @@ def _plan(expected, found, scope: str, reader, model) -> tuple[dict, dict]:
   """({collection: {path: slim name, or None to fill}}, {'gamma' | 'debias': [scopes]});
   raises SlimCheckpointError listing every problem."""
   plan: dict[str, dict] = {PARAMS: {}, BATCH_STATS: {}}
-  filled: dict[str, list[str]] = {'gamma': [], 'debias': []}
+  filled: dict[str, list[str]] = {'gamma': [], 'debias': [], 'renorm': []}
   missing, misshaped, bad_dtype = [], [], []
   for collection, leaves in expected.items():
     for path, spec in leaves.items():
       name = names.slim_name(scope, path)
       module = '/'.join((scope, *path[:-1]))
+      in_checkpoint = lambda leaf: names.slim_name(scope, path[:-1] + (leaf,)) in found
+      group = next((g for g in _ZERO_START_GROUPS if path[-1] in g), None)
       if name not in found:
-        if path[-1] == 'gamma' and names.slim_name(scope, path[:-1] + ('moving_mean',)) in found:
+        if path[-1] == 'gamma' and in_checkpoint('moving_mean'):
           filled['gamma'].append(module)
           plan[collection][path] = None
-        elif path[-1] in _DEBIAS_LEAVES and not any(
-            names.slim_name(scope, path[:-1] + (leaf,)) in found for leaf in _DEBIAS_LEAVES):
-          if path[-1] == _DEBIAS_LEAVES[0]:
+        elif group is not None and not any(in_checkpoint(leaf) for leaf in group):
+          if path[-1] == group[0]:
             filled['debias'].append(module)
           plan[collection][path] = None
+        elif path[-1] in _RENORM_FROM_MOVING and in_checkpoint(_RENORM_FROM_MOVING[path[-1]]):
+          if path[-1] == 'renorm_mean':
+            filled['renorm'].append(module)
+          plan[collection][path] = names.slim_name(scope, path[:-1] + (_RENORM_FROM_MOVING[path[-1]],))
         else:
           missing.append((name, spec.shape))
         continue

@@ -14,9 +14,14 @@ import numpy as np
 
 PARAMS, BATCH_STATS = 'params', 'batch_stats'
 _PARAM_LEAVES = {'weights', 'biases', 'gamma', 'beta'}
-_STAT_LEAVES = {'moving_mean', 'moving_variance'}
-# Our names for TF's zero-debias variables -> the suffix TF puts after the doubled scope.
-_DEBIAS_LEAVES = {'moving_mean_biased': 'moving_mean/biased', 'moving_mean_local_step': 'moving_mean/local_step'}
+# TF's renorm adds the last three (tf_keras BatchNormalization); `renorm_clipping_step` is ours.
+_STAT_LEAVES = {'moving_mean', 'moving_variance', 'moving_stddev', 'renorm_mean', 'renorm_stddev',
+                'renorm_clipping_step'}
+# Our names for TF's zero-debias variables -> the suffix TF puts after the doubled scope. TF
+# debiases only the mean; the variance's names are what TF's naming rule would give it.
+_DEBIAS_LEAVES = {'moving_mean_biased': 'moving_mean/biased', 'moving_mean_local_step': 'moving_mean/local_step',
+                  'moving_variance_biased': 'moving_variance/biased',
+                  'moving_variance_local_step': 'moving_variance/local_step'}
 
 
 def slim_name(scope: str, path: tuple[str, ...]) -> str:

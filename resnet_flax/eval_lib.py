@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_flax import checkpoints, data, model_builder, optim, pretrained, sharding, steps
+from resnet_flax import checkpoints, data, model_builder, optim, precise_bn, pretrained, sharding, steps
 from resnet_flax.train_state import TrainState, train_state_initializer
 
 
@@ -22,16 +23,23 @@ def make_eval_step(model, mesh):
                  out_shardings=sharding.replicated(mesh))
 
 
-def evaluate_dataset(eval_step, variables: dict[str, Any], dataset: data.Dataset, mesh) -> dict[str, float]:
-  """Loss, top-1 and top-5 over every real example of `dataset` (padding masked out)."""
+def metrics_over(step_fn, variables: dict[str, Any], batches: Iterable[data.Batch], mesh) -> dict[str, float]:
+  """Loss, top-1 and top-5 over every real example of `batches`, from `step_fn`'s per-batch sums."""
   sums = None
-  for batch in data.prefetch(dataset.eval_batches()):
-    out = eval_step(variables, sharding.to_global_batch(batch, mesh))
+  for batch in data.prefetch(batches):
+    out = step_fn(variables, sharding.to_global_batch(batch, mesh))
     sums = out if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, out)
+  if sums is None:
+    raise ValueError('no batch to evaluate: the eval split is smaller than one batch; use a smaller batch size.')
   sums = jax.tree_util.tree_map(lambda x: float(np.asarray(x)), sums)
   count = max(sums['num_examples'], 1.0)
   return {'loss': sums['loss_sum'] / count, 'top1': sums['top1_hits'] / count, 'top5': sums['top5_hits'] / count,
           'num_examples': int(sums['num_examples'])}
+
+
+def evaluate_dataset(eval_step, variables: dict[str, Any], dataset: data.Dataset, mesh) -> dict[str, float]:
+  """Loss, top-1 and top-5 over every real example of `dataset` (padding masked out)."""
+  return metrics_over(eval_step, variables, dataset.eval_batches(), mesh)
 
 
 def build_eval_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
@@ -53,17 +61,36 @@ def abstract_variables(model, image_shape) -> dict[str, Any]:
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoint: Optional[str] = None
-             ) -> dict[str, Any]:
-  """Evaluates the latest checkpoint in `workdir`, or `checkpoint`, on `config.eval_split`.
+@dataclasses.dataclass
+class LoadedCheckpoint:
+  """A checkpoint ready to evaluate: the model, its variables (replicated) and the eval split."""
+  model: Any
+  variables: dict[str, Any]
+  step: int
+  num_classes: int
+  dataset: data.Dataset
+  mesh: Any
+
+  def evaluate(self, variables: Optional[dict[str, Any]] = None) -> dict[str, float]:
+    """Eval-mode metrics over the eval split, with these variables or the loaded ones."""
+    variables = self.variables if variables is None else sharding.replicate(variables, self.mesh)
+    return evaluate_dataset(make_eval_step(self.model, self.mesh), variables, self.dataset, self.mesh)
+
+
+def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoint: Optional[str] = None
+                    ) -> LoadedCheckpoint:
+  """The latest checkpoint in `workdir`, or `checkpoint`, with the model `config` describes.
 
   `checkpoint` may be a training checkpoint directory, a converted one, or `slim:PATH`
   for a TF-Slim checkpoint (evaluated with the preprocessing `config.data` names).
   """
   dataset = build_eval_dataset(config)
-  model = model_builder.build_model(config, config.num_classes or dataset.num_classes)
+  num_classes = config.num_classes or dataset.num_classes
+  model = model_builder.build_model(config, num_classes)
   mesh = sharding.data_mesh()
   if checkpoint is None:
+    if workdir is None:
+      raise ValueError('pass --workdir=DIR (latest checkpoint in it) or --checkpoint=PATH.')
     directory = os.path.join(workdir, 'checkpoints')
     step = checkpoints.latest_step_in(directory)
     if step is None:
@@ -71,5 +98,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoi
     checkpoint = os.path.join(directory, str(step))
   variables, step, _ = pretrained.load_for_model(checkpoint, model, abstract_variables(model, dataset.image_shape),
                                                  dataset.image_shape)
-  metrics = evaluate_dataset(make_eval_step(model, mesh), sharding.replicate(variables, mesh), dataset, mesh)
-  return {'step': step, **metrics}
+  return LoadedCheckpoint(model, sharding.replicate(variables, mesh), step, num_classes, dataset, mesh)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoint: Optional[str] = None
+             ) -> dict[str, Any]:
+  """Evaluates the latest checkpoint in `workdir`, or `checkpoint`, on `config.eval_split`.
+
+  With `config.bn_recalibration_batches` > 0, BatchNorm statistics are first recomputed on
+  that many training batches (precise BN); the metrics before are under 'before_recalibration'.
+  """
+  loaded = load_checkpoint(config, workdir, checkpoint)
+  metrics = loaded.evaluate()
+  if config.get('bn_recalibration_batches', 0) > 0:
+    variables = precise_bn.recalibrate(config, loaded.model, loaded.variables, config.bn_recalibration_batches,
+                                           loaded.mesh)
+    return {'step': loaded.step, **loaded.evaluate(variables), 'before_recalibration': metrics}
+  return {'step': loaded.step, **metrics}

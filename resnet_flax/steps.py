@@ -54,9 +54,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   return new_state, metrics
 
 
-def eval_step(variables: dict[str, Any], batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+def classification_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
   """Sums over the batch (loss, top-1 and top-5 hits, examples), padding masked out."""
-  logits = model.apply(variables, batch['image'], train=False)
   mask = batch['mask']
   per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
   return {
@@ -65,3 +64,8 @@ def eval_step(variables: dict[str, Any], batch: Batch, *, model: nn.Module) -> d
       'top5_hits': losses.correct_top_k(logits, batch['label'], mask, 5),
       'num_examples': jnp.sum(mask),
   }
+
+
+def eval_step(variables: dict[str, Any], batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+  """`classification_sums` of the eval-mode model (moving statistics)."""
+  return classification_sums(model.apply(variables, batch['image'], train=False), batch)

@@ -1,0 +1,75 @@
+"""The train/eval BatchNorm discrepancy of a checkpoint: moving, batch and recalibrated statistics."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable, Mapping, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from resnet_flax import data, eval_lib, model_builder, precise_bn, sharding, steps
+from resnet_flax.layers.batch_norm import BATCH_STATS
+
+Variables = dict[str, Any]
+
+
+def _batch_statistics_step(variables: Variables, batch: steps.Batch, *, model) -> dict[str, jax.Array]:
+  """eval_step's sums, but normalizing with the batch's own statistics (train-mode BN)."""
+  logits, _ = model.apply(variables, batch['image'], train=True, mutable=[BATCH_STATS])
+  return steps.classification_sums(logits, batch)
+
+
+def evaluate_with_batch_statistics(config: ml_collections.ConfigDict, variables: Variables, batch_size: int,
+                                   num_classes: int) -> dict[str, float]:
+  """Eval-split metrics when every BatchNorm uses the statistics of batches of `batch_size`.
+
+  Statistics are over each whole batch (no ghost or per-device groups, not frozen); the
+  last, partial batch is left out so every batch has the same size.
+  """
+  sharding.check_batch_size(batch_size, 'batch size of the discrepancy report')
+  bn_config = config.copy_and_resolve_references()
+  with bn_config.unlocked():
+    bn_config.batch_size = batch_size
+    bn_config.bn.update(ghost_batch_size=None, cross_device='global', frozen=False)
+  model = model_builder.build_model(bn_config, num_classes)
+  dataset = data.build(config.data, config.eval_split, batch_size=batch_size // jax.process_count(),
+                       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  mesh = sharding.data_mesh()
+  step = jax.jit(functools.partial(_batch_statistics_step, model=model),
+                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+  full_batches = (batch for batch in dataset.eval_batches() if np.all(batch['mask']))
+  return eval_lib.metrics_over(step, sharding.replicate(variables, mesh), full_batches, mesh)
+
+
+def discrepancy_report(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
+                       checkpoint: Optional[str] = None, batch_sizes: Iterable[int] = (),
+                       recalibration_batches: int = 0) -> dict[str, Any]:
+  """Eval accuracy of one checkpoint with moving statistics, batch statistics and recalibrated ones.
+
+  Returns {'step', 'moving': metrics, 'batch': {batch_size: metrics}, 'recalibrated': metrics
+  or None}; metrics are {'top1', 'top5', 'loss', 'num_examples'}.
+  """
+  loaded = eval_lib.load_checkpoint(config, workdir, checkpoint)
+  report = {'step': loaded.step, 'moving': loaded.evaluate(loaded.variables), 'recalibrated': None,
+            'batch': {int(size): evaluate_with_batch_statistics(config, loaded.variables, int(size),
+                                                                loaded.num_classes)
+                      for size in batch_sizes}}
+  if recalibration_batches > 0:
+    report['recalibrated'] = loaded.evaluate(precise_bn.recalibrate(config, loaded.model, loaded.variables,
+                                                         recalibration_batches, loaded.mesh))
+  return report
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+  """The report as a small markdown table, one row per way of getting the statistics."""
+  rows = [('moving averages (eval mode)', report['moving'])]
+  rows += [(f'batch statistics, batch {size}', metrics) for size, metrics in sorted(report['batch'].items())]
+  if report['recalibrated'] is not None:
+    rows.append(('recalibrated (precise BN)', report['recalibrated']))
+  lines = [f'BatchNorm statistics at step {report["step"]}:', '', '| statistics | top-1 | loss | examples |',
+           '|---|---|---|---|']
+  lines += [f'| {name} | {100 * m["top1"]:.2f}% | {m["loss"]:.4f} | {m["num_examples"]} |' for name, m in rows]
+  return '\n'.join(lines)

@@ -1,0 +1,104 @@
+"""Precise BN (Wu & Johnson 2021): BatchNorm statistics recomputed as true population averages.
+
+Moving averages weigh recent batches and lag the weights; recomputing the population
+statistics with the final weights, as true averages over N training batches, removes
+both effects before evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any, Iterable, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from resnet_flax import data, sharding
+from resnet_flax.layers.batch_norm import BATCH_MOMENTS, BATCH_STATS
+
+Variables = dict[str, Any]
+
+
+def _moments_step(variables: Variables, images: jax.Array, *, model) -> dict:
+  """Every BatchNorm's per-group batch mean and biased variance, in train mode."""
+  _, updates = model.apply(variables, images, train=True, mutable=[BATCH_STATS, BATCH_MOMENTS])
+  return updates.get(BATCH_MOMENTS, {})
+
+
+class _PopulationMoments:
+  """Running sums, in float64, from which a population's exact mean and variance follow.
+
+  With groups of equal size, the population mean is the mean of the group means and the
+  population variance is the mean group variance plus the variance of the group means
+  (the law of total variance), so no pass over the data is needed twice.
+  """
+
+  def __init__(self):
+    self.groups = 0
+    self.sums: dict[tuple[str, ...], list[np.ndarray]] = {}
+
+  def add(self, moments: Mapping) -> None:
+    flat = traverse_util.flatten_dict(moments)
+    for path in {p[:-1] for p in flat}:
+      mean = np.asarray(flat[path + ('mean',)], np.float64)
+      variance = np.asarray(flat[path + ('variance',)], np.float64)
+      terms = [mean.sum(0), variance.sum(0), np.square(mean).sum(0)]
+      self.sums[path] = terms if path not in self.sums else [a + b for a, b in zip(self.sums[path], terms)]
+    self.groups += next(iter(flat.values())).shape[0] if flat else 0
+
+  def statistics(self) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
+    """{BatchNorm module path: (population mean, population variance)}."""
+    out = {}
+    for path, (mean_sum, variance_sum, mean_square_sum) in self.sums.items():
+      mean = mean_sum / self.groups
+      variance = variance_sum / self.groups + np.maximum(mean_square_sum / self.groups - np.square(mean), 0.0)
+      out[path] = (mean, variance)
+    return out
+
+
+def population_statistics(model, variables: Variables, image_batches: Iterable[Any], mesh=None
+                          ) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
+  """{BatchNorm path: (mean, variance)} over all images of `image_batches`, every BN at once.
+
+  As precise BN does, every layer sees its input normalized with batch statistics (train
+  mode), so all layers are measured in one pass. Batches must have equal sizes.
+  """
+  mesh = mesh or sharding.data_mesh()
+  moments_step = jax.jit(functools.partial(_moments_step, model=model),
+                         in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                         out_shardings=sharding.replicated(mesh))
+  accumulator = _PopulationMoments()
+  for images in image_batches:
+    images = sharding.to_global_batch({'image': images}, mesh)['image']
+    accumulator.add(jax.device_get(moments_step(variables, images)))
+  if not accumulator.sums:
+    raise ValueError('recalibration saw no batch statistics: give it at least one batch, and a model whose '
+                     'BatchNorm computes them in train mode (not config.bn.frozen).')
+  return accumulator.statistics()
+
+
+def with_statistics(variables: Variables, statistics: Mapping[tuple[str, ...], tuple[np.ndarray, np.ndarray]]
+                    ) -> Variables:
+  """`variables` with each BatchNorm's moving mean and variance replaced (other state kept)."""
+  stats = traverse_util.flatten_dict(jax.device_get(variables[BATCH_STATS]))
+  for path, (mean, variance) in statistics.items():
+    stats[path + ('moving_mean',)] = mean.astype(np.float32)
+    stats[path + ('moving_variance',)] = variance.astype(np.float32)
+  return {**variables, BATCH_STATS: traverse_util.unflatten_dict(stats)}
+
+
+def recalibrate(config: ml_collections.ConfigDict, model, variables: Variables, num_batches: int, mesh=None
+                ) -> Variables:
+  """Precise BN: population statistics of `num_batches` training batches of `config.batch_size`."""
+  dataset = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
+                       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  batches = dataset.train_batches(0)
+  try:
+    images = (batch['image'] for batch in itertools.islice(batches, num_batches))
+    statistics = population_statistics(model, variables, images, mesh)
+  finally:
+    batches.close()
+  return with_statistics(variables, statistics)

@@ -1,0 +1,85 @@
+"""Precise-BN recalibration against numpy population statistics, and eval.py's use of it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits
+from resnet_flax import eval_lib, precise_bn, train_lib
+from resnet_flax.layers import BatchNorm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _dataset(seed=0, shape=(60, 3, 3, 5)):
+  rng = np.random.RandomState(seed)
+  # Channel means far from 0 and unequal scales: a lagging EMA would be visibly off.
+  return (rng.randn(*shape) * np.array([0.5, 1.0, 2.0, 4.0, 0.1]) + np.array([3.0, -1.0, 0.0, 10.0, 5.0])
+          ).astype(np.float32)
+
+
+@pytest.mark.parametrize('ghost_batch_size', [None, 5])
+def test_recalibration_recovers_the_exact_population_statistics(ghost_batch_size):
+  images = _dataset()
+  layer = BatchNorm(decay=0.9, ghost_batch_size=ghost_batch_size)
+  variables = layer.init(jax.random.PRNGKey(0), images[:1], train=False)
+  statistics = precise_bn.population_statistics(layer, variables, (images[i:i + 10] for i in range(0, 60, 10)))
+  mean, variance = statistics[()]
+  np.testing.assert_allclose(mean, images.astype(np.float64).mean((0, 1, 2)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(variance, images.astype(np.float64).var((0, 1, 2)), rtol=1e-5)
+  recalibrated = precise_bn.with_statistics(variables, statistics)
+  np.testing.assert_allclose(recalibrated['batch_stats']['moving_mean'], mean, rtol=1e-6)
+  # The eval-mode output is now the whole data set standardized.
+  y = layer.apply(recalibrated, images, train=False)
+  np.testing.assert_allclose(np.asarray(y).mean((0, 1, 2)), 0.0, atol=1e-4)
+
+
+def test_recalibration_keeps_other_state_and_changes_only_moving_statistics():
+  images = _dataset(1, (20, 4, 5))[..., :5]
+  layer = BatchNorm(zero_debias_moving_mean=True)
+  variables = layer.init(jax.random.PRNGKey(0), images[:1], train=False)
+  variables = {**variables, 'batch_stats': {**variables['batch_stats'], 'moving_mean_local_step': jnp.float32(7)}}
+  recalibrated = precise_bn.with_statistics(variables, precise_bn.population_statistics(layer, variables, [images]))
+  assert float(recalibrated['batch_stats']['moving_mean_local_step']) == 7.0
+  np.testing.assert_array_equal(recalibrated['params']['beta'], variables['params']['beta'])
+
+
+def test_frozen_statistics_cannot_be_recalibrated():
+  layer = BatchNorm(frozen=True)
+  images = _dataset()
+  variables = layer.init(jax.random.PRNGKey(0), images[:1], train=False)
+  with pytest.raises(ValueError, match='frozen'):
+    precise_bn.population_statistics(layer, variables, [images[:10]])
+
+
+def test_recalibration_and_discrepancy_report_on_a_short_high_decay_run(tmp_path):
+  """10 steps at decay 0.999 leave the moving averages near their initial 0 / 1: eval mode is
+  poor, batch statistics and recalibrated ones are not."""
+  config = digits.get_config()
+  config.update(batch_size=16, eval_batch_size=360, num_train_steps=10, warmup_steps=0, log_every_steps=10,
+                checkpoint_every_steps=10, async_checkpointing=False)
+  config.bn.decay = 0.999
+  trained = train_lib.train_and_evaluate(config, str(tmp_path))
+  config.bn_recalibration_batches = 4
+  result = eval_lib.evaluate(config, str(tmp_path))
+  assert result['before_recalibration']['top1'] == pytest.approx(trained['top1'], rel=1e-6)
+  assert result['top1'] > result['before_recalibration']['top1'] + 0.15
+
+  args = [sys.executable, os.path.join(REPO, 'eval.py'), '--config=' + os.path.join(REPO, 'configs', 'digits.py'),
+          f'--workdir={tmp_path}', '--config.bn.decay=0.999', '--config.batch_size=16', '--config.eval_batch_size=360',
+          '--config.bn_recalibration_batches=4', "--config.bn_report_batch_sizes=(8,64)"]
+  completed = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  assert '| batch statistics, batch 64 |' in completed.stdout
+  report = json.loads(completed.stdout.strip().splitlines()[-1])
+  assert report['step'] == 10
+  assert report['moving']['top1'] == pytest.approx(trained['top1'], rel=1e-6)
+  assert report['recalibrated']['top1'] == pytest.approx(result['top1'], rel=1e-6)
+  assert report['batch']['8']['num_examples'] == 360 and report['batch']['64']['num_examples'] == 320
+  assert min(report['batch']['8']['top1'], report['batch']['64']['top1']) > report['moving']['top1'] + 0.15

@@ -265,3 +265,8 @@ def test_batch_moments_are_sown_only_when_asked_for():
   moments = updates['batch_moments']
   np.testing.assert_allclose(moments['mean'], np.asarray(x).reshape(2, 2, 3).mean(1), rtol=1e-6)
   np.testing.assert_allclose(moments['variance'], np.asarray(x).reshape(2, 2, 3).var(1), rtol=1e-5)
+
+
+def test_init_in_train_mode_creates_only_params_and_batch_stats():
+  variables = BatchNorm(scale=True).init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=True)
+  assert set(variables) == {'params', 'batch_stats'}

@@ -135,9 +135,10 @@ class BatchNorm(nn.Module):
       check_batch_statistics_possible(groups.shape[1:], tuple(a - 1 for a in group_axes), module_path(self))
       # One (mean, variance) per ghost batch; shape (groups, 1, ..., 1, C) so they broadcast.
       mean, variance = batch_moments(groups, group_axes)
-      # For precise-BN recalibration (`resnet_flax.bn_recalibration`); a no-op unless asked for.
-      self.sow(BATCH_MOMENTS, 'mean', mean, reduce_fn=_keep_latest, init_fn=lambda: None)
-      self.sow(BATCH_MOMENTS, 'variance', variance, reduce_fn=_keep_latest, init_fn=lambda: None)
+      if not self.is_initializing():  # init makes every collection mutable; keep it out of variables
+        # For precise-BN recalibration (`resnet_flax.precise_bn`); a no-op unless asked for.
+        self.sow(BATCH_MOMENTS, 'mean', mean, reduce_fn=_keep_latest, init_fn=lambda: None)
+        self.sow(BATCH_MOMENTS, 'variance', variance, reduce_fn=_keep_latest, init_fn=lambda: None)
       mean, variance = (jnp.expand_dims(v, group_axes) for v in (mean, variance))
       r = d = None
       if self.renorm:

@@ -1,0 +1,343 @@
+"""What the harness measures: one `measure_*` function per kind of case, and the profiles.
+
+Kinds (each case's `kind`):
+  train          our full train step (`steps.train_step` jitted with donation, as train_lib
+                 does: forward, backward, BN updates, slim's L2, SGD momentum), img/s
+  train_flax_bn  the same step with every BatchNorm swapped for flax's `nn.BatchNorm`, img/s
+  eval           `model.apply(..., train=False)` on one batch, ms per batch (latency)
+  bn_layer       one BatchNorm layer, forward + backward + new moving statistics, ms
+  pipeline       `data.build` on a JPEG ImageFolder tree to float32 crops, img/s
+
+Profiles: 'gpu' (the issue's shapes), 'cpu' (the 2-core CPU target's), 'smoke' (tiny, for CI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import flax_batch_norm, synthetic_jpegs, timing
+from configs import imagenet_resnet_v1_50
+from resnet_flax import data, models, optim, sharding, steps
+from resnet_flax.layers import BatchNorm
+from resnet_flax.train_state import TrainState
+
+DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
+PROFILES = ('gpu', 'cpu', 'smoke')
+# resnet_arg_scope's BatchNorm, which our ResNets use; flax's layer gets the same numbers.
+ARG_SCOPE_BN = {'decay': 0.997, 'epsilon': 1e-5, 'scale': True}
+# Our BatchNorm options priced against flax's nn.BatchNorm: (our fields, activation dtype).
+BN_VARIANTS = {
+    'plain': ({}, 'fp32'),
+    'zero_debias': ({'zero_debias_moving_mean': True}, 'fp32'),
+    'bf16_act_fp32_stats': ({}, 'bf16'),  # bf16 in and out; statistics always float32
+    'renorm': ({'renorm': True}, 'fp32'),
+    'flax_nn_batchnorm': (None, 'fp32'),
+    'flax_nn_batchnorm_bf16': (None, 'bf16'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+  value: float
+  compile_s: Optional[float]
+  steps: int
+  extra: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One line of output: `measure(workdir)` gives `value` in `unit`.
+
+  `kind` and `variant` name what is measured independently of sizes (the same in every
+  profile); `params` are the sizes, recorded with the result.
+  """
+  name: str
+  kind: str
+  variant: str
+  unit: str
+  params: dict
+  measure: Callable[[str], Measurement]
+
+
+class SkipCase(Exception):
+  """The case cannot run with this version of the code (e.g. an option not there yet)."""
+
+
+def _synthetic_batch(batch: int, image_size: int, num_classes: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  return {'image': rng.standard_normal((batch, image_size, image_size, 3), np.float32),
+          'label': rng.integers(0, num_classes, batch).astype(np.int32),
+          'mask': np.ones(batch, np.float32)}
+
+
+# Variables that start at one (scales, variances); every other non-weight variable starts at zero.
+_ONES = frozenset({'gamma', 'moving_variance', 'scale', 'var'})
+
+
+def host_initialized_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+  """Variables of `model`'s shapes, drawn with numpy on the host: weights ~ N(0, 2 / fan_in).
+
+  The timed programs do not depend on these values, and compiling flax's `init` costs more
+  than the measurement at ResNet-152 size (and most of a smoke run): only shapes are traced.
+  """
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((2, *image_shape), jnp.float32))
+  rng = np.random.default_rng(0)
+
+  def value(path, leaf):
+    name = path[-1].key
+    if name in ('weights', 'kernel'):
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * np.sqrt(2.0 / fan_in), leaf.dtype)
+    return (jnp.ones if name in _ONES else jnp.zeros)(leaf.shape, leaf.dtype)
+
+  return {'batch_stats': {}, **jax.tree_util.tree_map_with_path(value, shapes)}
+
+
+def measure_train(workdir: str, *, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
+                  warmup: int, iters: int, flax_bn: bool = False,
+                  block_sizes: Optional[tuple] = None) -> Measurement:
+  """img/s of our train step, built and jitted as `train_lib.train_and_evaluate` does.
+
+  `block_sizes` shrinks the registry model (smoke runs: compiling dominates them).
+  """
+  del workdir
+  config = imagenet_resnet_v1_50.get_config()  # slim's recipe: Nesterov SGD, L2 1e-4, smoothing 0.1
+  config.batch_size = batch
+  model = models.get_model(model_name, num_classes=num_classes, dtype=DTYPES[dtype])
+  if block_sizes is not None:
+    model = model.clone(block_sizes=block_sizes)
+  if flax_bn:
+    model = flax_batch_norm.with_flax_batch_norm(model)
+  tx = optim.build_optimizer(config)
+  mesh = sharding.data_mesh()
+  variables = host_initialized_variables(model, (image_size, image_size, 3))
+  state = sharding.replicate(TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                                        batch_stats=variables['batch_stats'],
+                                        opt_state=tx.init(variables['params'])), mesh)
+  train_step = jax.jit(
+      functools.partial(steps.train_step, model=model, tx=tx, weight_decay=config.weight_decay,
+                        label_smoothing=config.label_smoothing, skip_nonfinite=config.skip_nonfinite_steps),
+      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+      donate_argnums=0)
+  batch_arrays = sharding.to_global_batch(_synthetic_batch(batch, image_size, num_classes), mesh)
+  compiled, compile_s = timing.compile_timed(train_step, state, batch_arrays)
+  carried = [state]
+
+  def step():
+    carried[0], metrics = compiled(carried[0], batch_arrays)
+    return metrics
+
+  median_s, _ = timing.median_step_time(step, warmup, iters)
+  loss = float(step()['loss'])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'{model_name}: the train step gave loss {loss}; the timing would be meaningless.')
+  return Measurement(batch / median_s, compile_s, iters, {'median_step_ms': median_s * 1e3, 'loss': loss})
+
+
+def measure_eval(workdir: str, *, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
+                 warmup: int, iters: int) -> Measurement:
+  """ms per batch of `model.apply(variables, images, train=False)`, jitted as the anchor does."""
+  del workdir
+  model = models.get_model(model_name, num_classes=num_classes, dtype=DTYPES[dtype])
+  images = jnp.asarray(_synthetic_batch(batch, image_size, num_classes)['image'])
+  variables = host_initialized_variables(model, (image_size, image_size, 3))
+  forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+  compiled, compile_s = timing.compile_timed(forward, variables, images)
+  median_s, _ = timing.median_step_time(lambda: compiled(variables, images), warmup, iters)
+  return Measurement(median_s * 1e3, compile_s, iters, {'img_per_s': batch / median_s})
+
+
+def _batch_norm_module(variant: str) -> nn.Module:
+  fields, dtype = BN_VARIANTS[variant]
+  if fields is None:
+    return flax_batch_norm.FlaxBatchNorm(**ARG_SCOPE_BN, dtype=DTYPES[dtype])
+  missing = sorted(set(fields) - {field.name for field in dataclasses.fields(BatchNorm)})
+  if missing:
+    raise SkipCase(f'resnet_flax.layers.BatchNorm has no field(s) {missing} yet')
+  return BatchNorm(**ARG_SCOPE_BN, **fields, dtype=DTYPES[dtype])
+
+
+def measure_bn_layer(workdir: str, *, variant: str, shape: tuple[int, ...], warmup: int, iters: int) -> Measurement:
+  """ms for one BatchNorm layer in train mode: output, gradients (input, gamma, beta), new statistics."""
+  del workdir
+  module = _batch_norm_module(variant)
+  dtype = DTYPES[BN_VARIANTS[variant][1]]
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  # A non-zero mean, as activations after a conv have, so centering does real work.
+  x = (2.0 * jax.random.normal(keys[0], shape, jnp.float32) + 0.5).astype(dtype)
+  cotangent = jax.random.normal(keys[1], shape, jnp.float32).astype(dtype)
+  variables = module.init(jax.random.PRNGKey(1), x[:2], train=False)
+
+  def forward_backward(variables, x, cotangent):
+    def forward(params, x):
+      y, updates = module.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+      return y, updates['batch_stats']
+    y, pullback, batch_stats = jax.vjp(forward, variables['params'], x, has_aux=True)
+    return pullback(cotangent.astype(y.dtype)), batch_stats
+
+  compiled, compile_s = timing.compile_timed(jax.jit(forward_backward), variables, x, cotangent)
+  median_s, _ = timing.median_step_time(lambda: compiled(variables, x, cotangent), warmup, iters)
+  elements = int(np.prod(shape))
+  return Measurement(median_s * 1e3, compile_s, iters, {'gelem_per_s': elements / median_s / 1e9})
+
+
+def _jpeg_tree(workdir: str, num_images: int, height_range: tuple[int, int], width_range: tuple[int, int]) -> str:
+  """An ImageFolder root in `workdir`, written once per process and shape."""
+  root = os.path.join(workdir, f'jpegs_{num_images}_{height_range[0]}_{width_range[0]}')
+  if not os.path.isdir(root):
+    synthetic_jpegs.write_image_folder(root, num_images, height_range=height_range, width_range=width_range)
+  return root
+
+
+def measure_pipeline(workdir: str, *, preprocessing: str, image_size: int, batch: int, num_workers: int,
+                     num_images: int, height_range: tuple[int, int], width_range: tuple[int, int],
+                     warmup_batches: int, batches: int) -> Measurement:
+  """img/s of training batches from `data.build` (imagefolder), prefetched as train_lib does.
+
+  The value is images over wall time of the timed batches (what the pipeline can feed a
+  step); the median batch time is in `extra`. `num_workers=0` is one thread per core.
+  """
+  root = _jpeg_tree(workdir, num_images, height_range, width_range)
+  config = imagenet_resnet_v1_50.get_config().data
+  config.dir = root
+  config.image_size = image_size
+  config.preprocessing = preprocessing
+  config.num_workers = num_workers
+  dataset = data.build(config, 'train', batch_size=batch, seed=0)
+  batches_iter = data.prefetch(dataset.train_batches())
+  try:
+    for _ in range(warmup_batches):
+      next(batches_iter)
+    times = []
+    start = last = time.perf_counter()
+    for _ in range(batches):
+      images = next(batches_iter)['image']
+      now = time.perf_counter()
+      times.append(now - last)
+      last = now
+    total = last - start
+  finally:
+    batches_iter.close()
+  if images.shape != (batch, image_size, image_size, 3) or not np.isfinite(images).all() or not images.any():
+    raise ValueError(f'the pipeline returned images {images.dtype}{images.shape} that are not real crops.')
+  workers = num_workers or os.cpu_count()
+  return Measurement(batches * batch / total, None, batches,
+                     {'median_batch_ms': float(np.median(times)) * 1e3, 'workers': workers})
+
+
+def _train_case(kind: str, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int, warmup: int,
+                iters: int, anchor_arch: str, block_sizes: Optional[tuple] = None) -> Case:
+  params = dict(model=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
+                warmup=warmup, iters=iters)
+  measure = functools.partial(measure_train, **{k: v for k, v in params.items() if k != 'model'},
+                              model_name=model_name, flax_bn=kind == 'train_flax_bn', block_sizes=block_sizes)
+  shown_name = model_name if block_sizes is None else f'{model_name}_{len(block_sizes)}block'
+  return Case(f'{kind}/{shown_name}/{dtype}/b{batch}', kind, dtype, 'img/s',
+              {**params, 'anchor_arch': anchor_arch, 'block_sizes': block_sizes}, measure)
+
+
+def _eval_case(model_name: str, dtype: str, batch: int, image_size: int, num_classes: int, warmup: int, iters: int,
+               anchor_arch: str) -> Case:
+  params = dict(model=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
+                warmup=warmup, iters=iters)
+  measure = functools.partial(measure_eval, **{k: v for k, v in params.items() if k != 'model'},
+                              model_name=model_name)
+  return Case(f'eval/{model_name}/{dtype}/b{batch}', 'eval', dtype, 'ms', {**params, 'anchor_arch': anchor_arch},
+              measure)
+
+
+def _bn_cases(shape: tuple[int, ...], warmup: int, iters: int) -> list[Case]:
+  shape_name = 'x'.join(map(str, shape))
+  return [Case(f'bn_layer/{variant}/{shape_name}', 'bn_layer', variant, 'ms',
+               dict(shape=list(shape), dtype=BN_VARIANTS[variant][1], warmup=warmup, iters=iters),
+               functools.partial(measure_bn_layer, variant=variant, shape=shape, warmup=warmup, iters=iters))
+          for variant in BN_VARIANTS]
+
+
+def _pipeline_cases(image_size: int, batch: int, images_per_case: int, jpegs: dict, warmup_batches: int) -> list[Case]:
+  cases = []
+  for preprocessing in ('vgg', 'inception'):
+    for workers_name, num_workers in (('1_worker', 1), ('all_cores', 0)):
+      batches = max(2, images_per_case // batch) * (1 if num_workers == 1 else os.cpu_count())
+      params = dict(preprocessing=preprocessing, image_size=image_size, batch=batch, num_workers=num_workers,
+                    warmup_batches=warmup_batches, batches=batches, **jpegs)
+      cases.append(Case(f'pipeline/{preprocessing}{image_size}/{workers_name}', 'pipeline',
+                        f'{preprocessing}/{workers_name}', 'img/s', params,
+                        functools.partial(measure_pipeline, **params)))
+  return cases
+
+
+_PHOTO_JPEGS = dict(num_images=256, height_range=(300, 500), width_range=(350, 500))  # as the anchor's
+
+
+def profile_cases(profile: str) -> list[Case]:
+  """The cases of a profile, in the order they run."""
+  if profile == 'gpu':
+    return [
+        _train_case('train', 'resnet_v1_50', 'bf16', 256, 224, 1000, 5, 20, 'resnet50'),
+        _eval_case('resnet_v2_152', 'fp32', 32, 224, 1000, 5, 50, 'resnet152'),
+        _eval_case('resnet_v2_152', 'bf16', 32, 224, 1000, 5, 50, 'resnet152'),
+        _train_case('train_flax_bn', 'resnet_v1_50', 'bf16', 256, 224, 1000, 5, 20, 'resnet50'),
+        # The largest BN input of ResNet-50 (block1's conv3 and shortcut) at batch 256.
+        *_bn_cases((256, 56, 56, 256), 5, 50),
+        *_pipeline_cases(224, 128, 2048, _PHOTO_JPEGS, 4),
+    ]
+  if profile == 'cpu':
+    return [
+        _train_case('train', 'resnet_v1_50', 'fp32', 8, 224, 1000, 5, 20, 'resnet50'),
+        _eval_case('resnet_v2_152', 'fp32', 4, 224, 1000, 5, 50, 'resnet152'),
+        _train_case('train_flax_bn', 'resnet_v1_50', 'fp32', 8, 224, 1000, 5, 20, 'resnet50'),
+        *_bn_cases((8, 56, 56, 256), 5, 30),
+        *_pipeline_cases(224, 64, 2048, _PHOTO_JPEGS, 2),
+    ]
+  if profile == 'smoke':
+    # One block of two units (a projection and a strided subsample shortcut) keeps the
+    # train steps' compile time, which dominates a smoke run, to a few seconds each.
+    one_block = ((4, 2, 2),)
+    return [
+        _train_case('train', 'resnet_v1_tiny', 'bf16', 4, 16, 10, 1, 2, 'resnet50', one_block),
+        _eval_case('resnet_v2_tiny', 'fp32', 4, 16, 10, 1, 3, 'resnet152'),
+        _eval_case('resnet_v2_tiny', 'bf16', 4, 16, 10, 1, 3, 'resnet152'),
+        _train_case('train_flax_bn', 'resnet_v1_tiny', 'bf16', 4, 16, 10, 1, 2, 'resnet50', one_block),
+        *_bn_cases((4, 8, 8, 16), 1, 3),
+        *_pipeline_cases(16, 4, 8, dict(num_images=12, height_range=(24, 40), width_range=(28, 40)), 1),
+    ]
+  raise ValueError(f'unknown profile {profile!r}; use one of {PROFILES}.')
+
+
+def internal_reference(case: Case, cases: list[Case]) -> Optional[Case]:
+  """The flax nn.BatchNorm case a case of ours is priced against in the same run, if any."""
+  if case.kind == 'train':
+    wanted = ('train_flax_bn', case.variant)
+  elif case.kind == 'bn_layer' and not case.variant.startswith('flax'):
+    dtype = BN_VARIANTS[case.variant][1]
+    wanted = ('bn_layer', 'flax_nn_batchnorm' + ('_bf16' if dtype == 'bf16' else ''))
+  else:
+    return None
+  same_sizes = [c for c in cases if (c.kind, c.variant) == wanted and
+                c.params.get('batch') == case.params.get('batch') and c.params.get('shape') == case.params.get('shape')]
+  return same_sizes[0] if same_sizes else None
+
+
+def run_case(case: Case, workdir: str) -> dict[str, Any]:
+  """Measures one case; a failure becomes an `error` record so that one bad case spares the rest."""
+  record: dict[str, Any] = {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit}
+  try:
+    measurement = case.measure(workdir)
+  except SkipCase as reason:
+    return {**record, 'skipped': str(reason)}
+  except Exception as error:  # Reported, not raised: the other cases still run.
+    return {**record, 'error': f'{type(error).__name__}: {error}'[:500]}
+  return {**record, 'value': measurement.value, 'compile_s': measurement.compile_s, 'steps': measurement.steps,
+          'params': case.params, **measurement.extra}

@@ -1,0 +1,105 @@
+"""Our harness: `python -m benchmarks.run --profile gpu|cpu|smoke [--cases NAME ...] [--out FILE]`.
+
+Prints one JSON line per case (case, value, unit, device, date, compile_s, ratios, ...).
+`ratios` holds value / reference value for the references measured in the same run; here
+that is flax's nn.BatchNorm for our BN (see `cases.internal_reference`). The anchors'
+ratios are added by `benchmarks.side_by_side`, which runs this and the anchors in turn.
+`--smoke` is `--profile smoke`: tiny shapes, for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+
+from benchmarks import cases as cases_lib
+
+
+def device_description() -> str:
+  """What ran the steps, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu (2 cores)'."""
+  device = jax.devices()[0]
+  name = f'cpu ({os.cpu_count()} cores)' if device.platform == 'cpu' else device.device_kind
+  return name if jax.device_count() == 1 else f'{name} x{jax.device_count()}'
+
+
+def reference_name(case: cases_lib.Case) -> str:
+  return f'ours:{case.name}'
+
+
+def add_ratios(records: list[dict[str, Any]], cases: Sequence[cases_lib.Case]) -> None:
+  """Adds `ratios[ours:<reference case>] = value / reference value` where both were measured."""
+  by_name = {record['case']: record for record in records}
+  for case in cases:
+    record = by_name.get(case.name)
+    reference = cases_lib.internal_reference(case, list(cases))
+    if record is None or reference is None or 'value' not in record:
+      continue
+    reference_record = by_name.get(reference.name, {})
+    if reference_record.get('value'):
+      record.setdefault('ratios', {})[reference_name(reference)] = record['value'] / reference_record['value']
+
+
+def select(profile: str, names: Optional[Sequence[str]]) -> list[cases_lib.Case]:
+  """The profile's cases, or those among them named (exactly, or by a `kind` such as 'eval')."""
+  cases = cases_lib.profile_cases(profile)
+  if not names:
+    return cases
+  chosen = [case for case in cases if case.name in names or case.kind in names]
+  unknown = set(names) - {case.name for case in cases} - {case.kind for case in cases}
+  if unknown:
+    raise SystemExit(f'unknown case(s) {sorted(unknown)} for profile {profile!r}; '
+                     f'known: {[case.name for case in cases]} or a kind.')
+  return chosen
+
+
+def run(profile: str, names: Optional[Sequence[str]] = None, *, device: Optional[str] = None,
+        date: Optional[str] = None, log=sys.stderr) -> list[dict[str, Any]]:
+  """Runs the chosen cases of `profile` in this process and returns their records."""
+  chosen = select(profile, names)
+  common = {'device': device or device_description(), 'date': date or datetime.date.today().isoformat(),
+            'profile': profile, 'jax': jax.__version__}
+  records = []
+  with tempfile.TemporaryDirectory(prefix='resnet_flax_bench_') as workdir:
+    for case in chosen:
+      start = time.perf_counter()
+      records.append({**cases_lib.run_case(case, workdir), **common})
+      outcome = records[-1].get('error') or records[-1].get('skipped') or f"{records[-1]['value']:.4g} {case.unit}"
+      print(f'[benchmarks] {case.name}: {outcome} ({time.perf_counter() - start:.1f} s)', file=log, flush=True)
+  add_ratios(records, chosen)
+  return records
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--profile', choices=cases_lib.PROFILES, default='gpu')
+  parser.add_argument('--smoke', action='store_true', help='same as --profile smoke')
+  parser.add_argument('--cases', nargs='*', help='case names or kinds (default: all of the profile)')
+  parser.add_argument('--device', help="device name to record (default: jax's)")
+  parser.add_argument('--date', help='date to record (default: today)')
+  parser.add_argument('--out', help='also append the JSON lines to this file')
+  parser.add_argument('--list', action='store_true', help='list the cases and exit')
+  args = parser.parse_args(argv)
+  profile = 'smoke' if args.smoke else args.profile
+  if args.list:
+    for case in select(profile, args.cases):
+      print(case.name)
+    return 0
+  records = run(profile, args.cases, device=args.device, date=args.date)
+  lines = [json.dumps(record) for record in records]
+  print('\n'.join(lines), flush=True)
+  if args.out:
+    with open(args.out, 'a') as file:
+      file.write(''.join(line + '\n' for line in lines))
+  return 1 if any('error' in record for record in records) else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

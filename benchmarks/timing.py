@@ -1,0 +1,49 @@
+"""Timing helpers: compile apart, warm-up excluded, the median of blocked steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Median seconds per step over `steps` timed steps, and the compile time apart."""
+  median_s: float
+  compile_s: float | None
+  steps: int
+  warmup: int
+
+
+def compile_timed(jitted: Any, *args: Any) -> tuple[Callable[..., Any], float]:
+  """`jitted` lowered and compiled for `args`; returns (compiled, seconds spent compiling).
+
+  Calling the compiled object never traces or compiles again, so none of that leaks into
+  the timed steps.
+  """
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def median_step_time(step: Callable[[], Any], warmup: int, iters: int) -> tuple[float, list[float]]:
+  """Runs `step` `warmup` times untimed, then `iters` times each waited on with
+  `block_until_ready`; returns (median seconds, every timed step's seconds).
+
+  Each step is waited on, as the anchors do, so a step's time includes its dispatch
+  but never overlaps the next one.
+  """
+  if iters < 1:
+    raise ValueError(f'iters must be >= 1, got {iters}.')
+  for _ in range(warmup):
+    jax.block_until_ready(step())
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(step())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times

@@ -1,4 +1,5 @@
-"""What the harness measures: one `measure_*` function per kind of case, and the profiles.
+"""What the harness measures: a `prepare_*` (compiled step) or `measure_*` function per kind
+of case, and the profiles.
 
 Kinds (each case's `kind`):
   train          our full train step (`steps.train_step` jitted with donation, as train_lib
@@ -54,6 +55,15 @@ class Measurement:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stepper:
+  """A compiled step ready to time: `step()` runs one (its result is waited on), and
+  `measurement(median_s, iters)` turns the median step time into the case's figure."""
+  step: Callable[[], Any]
+  compile_s: Optional[float]
+  measurement: Callable[[float, int], Measurement]
+
+
+@dataclasses.dataclass(frozen=True)
 class Case:
   """One line of output: `measure(workdir)` gives `value` in `unit`.
 
@@ -66,6 +76,8 @@ class Case:
   unit: str
   params: dict
   measure: Callable[[str], Measurement]
+  # For train and eval: builds the compiled step alone, for `benchmarks.paired` to time.
+  prepare: Optional[Callable[[], Stepper]] = None
 
 
 class SkipCase(Exception):
@@ -103,14 +115,12 @@ def host_initialized_variables(model: nn.Module, image_shape: tuple[int, int, in
   return {'batch_stats': {}, **jax.tree_util.tree_map_with_path(value, shapes)}
 
 
-def measure_train(workdir: str, *, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
-                  warmup: int, iters: int, flax_bn: bool = False,
-                  block_sizes: Optional[tuple] = None) -> Measurement:
-  """img/s of our train step, built and jitted as `train_lib.train_and_evaluate` does.
+def prepare_train(*, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
+                  flax_bn: bool = False, block_sizes: Optional[tuple] = None, **unused: Any) -> Stepper:
+  """Our train step, built and jitted as `train_lib.train_and_evaluate` does; figure: img/s.
 
   `block_sizes` shrinks the registry model (smoke runs: compiling dominates them).
   """
-  del workdir
   config = imagenet_resnet_v1_50.get_config()  # slim's recipe: Nesterov SGD, L2 1e-4, smoothing 0.1
   config.batch_size = batch
   model = models.get_model(model_name, num_classes=num_classes, dtype=DTYPES[dtype])
@@ -138,24 +148,37 @@ def measure_train(workdir: str, *, model_name: str, dtype: str, batch: int, imag
     carried[0], metrics = compiled(carried[0], batch_arrays)
     return metrics
 
-  median_s, _ = timing.median_step_time(step, warmup, iters)
-  loss = float(step()['loss'])
-  if not np.isfinite(loss):
-    raise FloatingPointError(f'{model_name}: the train step gave loss {loss}; the timing would be meaningless.')
-  return Measurement(batch / median_s, compile_s, iters, {'median_step_ms': median_s * 1e3, 'loss': loss})
+  def measurement(median_s: float, iters: int) -> Measurement:
+    loss = float(step()['loss'])
+    if not np.isfinite(loss):
+      raise FloatingPointError(f'{model_name}: the train step gave loss {loss}; the timing would be meaningless.')
+    return Measurement(batch / median_s, compile_s, iters, {'median_step_ms': median_s * 1e3, 'loss': loss})
+
+  return Stepper(step, compile_s, measurement)
 
 
-def measure_eval(workdir: str, *, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
-                 warmup: int, iters: int) -> Measurement:
-  """ms per batch of `model.apply(variables, images, train=False)`, jitted as the anchor does."""
-  del workdir
+def prepare_eval(*, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
+                 **unused: Any) -> Stepper:
+  """`model.apply(variables, images, train=False)` jitted as the anchor does; figure: ms per batch."""
   model = models.get_model(model_name, num_classes=num_classes, dtype=DTYPES[dtype])
   images = jnp.asarray(_synthetic_batch(batch, image_size, num_classes)['image'])
   variables = host_initialized_variables(model, (image_size, image_size, 3))
   forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
   compiled, compile_s = timing.compile_timed(forward, variables, images)
-  median_s, _ = timing.median_step_time(lambda: compiled(variables, images), warmup, iters)
-  return Measurement(median_s * 1e3, compile_s, iters, {'img_per_s': batch / median_s})
+
+  def measurement(median_s: float, iters: int) -> Measurement:
+    return Measurement(median_s * 1e3, compile_s, iters, {'img_per_s': batch / median_s})
+
+  return Stepper(lambda: compiled(variables, images), compile_s, measurement)
+
+
+def measure_stepper(workdir: str, *, prepare: Callable[..., Stepper], warmup: int, iters: int,
+                    **params: Any) -> Measurement:
+  """Prepares a step, times it (warm-up excluded, median of `iters`) and makes the figure."""
+  del workdir
+  stepper = prepare(**params)
+  median_s, _ = timing.median_step_time(stepper.step, warmup, iters)
+  return stepper.measurement(median_s, iters)
 
 
 def _batch_norm_module(variant: str) -> nn.Module:
@@ -240,21 +263,26 @@ def _train_case(kind: str, model_name: str, dtype: str, batch: int, image_size: 
                 iters: int, anchor_arch: str, block_sizes: Optional[tuple] = None) -> Case:
   params = dict(model=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
                 warmup=warmup, iters=iters)
-  measure = functools.partial(measure_train, **{k: v for k, v in params.items() if k != 'model'},
-                              model_name=model_name, flax_bn=kind == 'train_flax_bn', block_sizes=block_sizes)
+  measure = functools.partial(measure_stepper, prepare=prepare_train, model_name=model_name,
+                              flax_bn=kind == 'train_flax_bn', block_sizes=block_sizes,
+                              **{k: v for k, v in params.items() if k != 'model'})
   shown_name = model_name if block_sizes is None else f'{model_name}_{len(block_sizes)}block'
+  prepare = functools.partial(prepare_train, model_name=model_name, flax_bn=kind == 'train_flax_bn',
+                              block_sizes=block_sizes, **{k: v for k, v in params.items() if k != 'model'})
   return Case(f'{kind}/{shown_name}/{dtype}/b{batch}', kind, dtype, 'img/s',
-              {**params, 'anchor_arch': anchor_arch, 'block_sizes': block_sizes}, measure)
+              {**params, 'anchor_arch': anchor_arch, 'block_sizes': block_sizes}, measure, prepare)
 
 
 def _eval_case(model_name: str, dtype: str, batch: int, image_size: int, num_classes: int, warmup: int, iters: int,
                anchor_arch: str) -> Case:
   params = dict(model=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
                 warmup=warmup, iters=iters)
-  measure = functools.partial(measure_eval, **{k: v for k, v in params.items() if k != 'model'},
-                              model_name=model_name)
+  measure = functools.partial(measure_stepper, prepare=prepare_eval, model_name=model_name,
+                              **{k: v for k, v in params.items() if k != 'model'})
+  prepare = functools.partial(prepare_eval, model_name=model_name,
+                              **{k: v for k, v in params.items() if k != 'model'})
   return Case(f'eval/{model_name}/{dtype}/b{batch}', 'eval', dtype, 'ms', {**params, 'anchor_arch': anchor_arch},
-              measure)
+              measure, prepare)
 
 
 def _bn_cases(shape: tuple[int, ...], warmup: int, iters: int) -> list[Case]:
@@ -294,10 +322,11 @@ def profile_cases(profile: str) -> list[Case]:
         *_pipeline_cases(224, 128, 2048, _PHOTO_JPEGS, 4),
     ]
   if profile == 'cpu':
+    # A ResNet-50 train step takes tens of seconds on 2 cores (see RESULTS.md), so fewer
+    # steps than the anchor's 5 + 20; benchmarks.paired times the anchor's step as many times.
     return [
-        _train_case('train', 'resnet_v1_50', 'fp32', 8, 224, 1000, 5, 20, 'resnet50'),
-        _eval_case('resnet_v2_152', 'fp32', 4, 224, 1000, 5, 50, 'resnet152'),
-        _train_case('train_flax_bn', 'resnet_v1_50', 'fp32', 8, 224, 1000, 5, 20, 'resnet50'),
+        _train_case('train', 'resnet_v1_50', 'fp32', 8, 224, 1000, 1, 6, 'resnet50'),
+        _eval_case('resnet_v2_152', 'fp32', 4, 224, 1000, 2, 20, 'resnet152'),
         *_bn_cases((8, 56, 56, 256), 5, 30),
         *_pipeline_cases(224, 64, 2048, _PHOTO_JPEGS, 2),
     ]

@@ -1,0 +1,124 @@
+"""Which anchor figure each of our cases is compared with, and the ratios between them.
+
+The anchors (`../shared/anchors/*.py`, copied to `benchmarks/anchors/`) print JSON lines:
+  flax_resnet.py / torch_resnet.py  {'case': 'train:resnet50:256:bf16', 'img_per_s': ...}
+                                    {'case': 'eval:resnet152:32:bf16', 'ms_per_batch': ..., 'img_per_s': ...}
+  jpeg_pipeline.py                  {'case': 'pil_jpeg_rrc224', 'procs': 1, 'draft': True, 'img_per_s': ...}
+Each figure is named '<script> <case>' (the jpeg one with its procs and draft), e.g.
+'flax_resnet.py train:resnet50:8:fp32' or 'jpeg_pipeline.py pil_jpeg_rrc224 procs=1 draft=True'.
+
+Ratios are always `ours / reference` in the case's unit (img/s or ms); `time_ratio` is
+ours' time over the reference's (below 1: ours is faster), which is how the issue's
+targets read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from typing import Any, Iterable, Optional
+
+from benchmarks import cases as cases_lib
+
+FLAX = 'flax_resnet.py'
+TORCH = 'torch_resnet.py'
+JPEG = 'jpeg_pipeline.py'
+UNIT_FIELDS = {'img/s': 'img_per_s', 'ms': 'ms_per_batch'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """The issue's target for one comparison: ours' time at most `max_time_ratio` of the reference's."""
+  max_time_ratio: float
+  text: str
+
+
+def torch_specs(case: cases_lib.Case) -> list[str]:
+  """torch_resnet.py cases (kind:arch:batch:compile:dtype) for one of ours: its default pairs."""
+  p = case.params
+  if case.kind == 'train':
+    return [f"train:{p['anchor_arch']}:{p['batch']}:1:{p['dtype']}", f"train:{p['anchor_arch']}:{p['batch']}:0:{p['dtype']}"]
+  if case.kind == 'eval':
+    compiled = '1' if p['dtype'] == 'bf16' else '0'  # the anchor's own defaults
+    return [f"eval:{p['anchor_arch']}:{p['batch']}:{compiled}:{p['dtype']}"]
+  return []
+
+
+def flax_spec(case: cases_lib.Case) -> Optional[str]:
+  """flax_resnet.py's case (kind:arch:batch:dtype) for one of ours."""
+  p = case.params
+  if case.kind in ('train', 'train_flax_bn'):
+    return f"train:{p['anchor_arch']}:{p['batch']}:{p['dtype']}"
+  if case.kind == 'eval':
+    return f"eval:{p['anchor_arch']}:{p['batch']}:{p['dtype']}"
+  return None
+
+
+def jpeg_name(procs: int, draft: bool) -> str:
+  return f'{JPEG} pil_jpeg_rrc224 procs={procs} draft={draft}'
+
+
+def references(case: cases_lib.Case, cpu_count: int, with_torch: bool) -> list[str]:
+  """Names of the anchor figures `case` is compared with."""
+  names = []
+  spec = flax_spec(case)
+  if spec:
+    names.append(f'{FLAX} {spec}')
+  if with_torch and case.kind in ('train', 'eval'):
+    names.extend(f'{TORCH} {spec}' for spec in torch_specs(case))
+  if case.kind == 'pipeline':
+    procs = 1 if case.params['num_workers'] == 1 else cpu_count
+    names.extend(jpeg_name(procs, draft) for draft in (False, True))
+  return names
+
+
+def anchor_figures(script: str, lines: Iterable[str]) -> dict[str, dict[str, Any]]:
+  """An anchor's output -> {figure name: its JSON record}; lines that are not records are skipped."""
+  figures = {}
+  for line in lines:
+    line = line.strip()
+    if not line.startswith('{'):
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if 'case' not in record:
+      continue
+    if script == JPEG:
+      figures[jpeg_name(record['procs'], record['draft'])] = record
+    else:
+      figures[f"{script} {record['case']}"] = record
+  return figures
+
+
+def anchor_value(record: dict[str, Any], unit: str) -> Optional[float]:
+  """The figure in our unit, or None if the anchor reported an error."""
+  value = record.get(UNIT_FIELDS[unit])
+  return float(value) if value is not None else None
+
+
+def time_ratio(ours: float, reference: float, unit: str) -> float:
+  """Ours' time over the reference's: from a throughput ratio or a latency ratio."""
+  return reference / ours if unit == 'img/s' else ours / reference
+
+
+def target(case: cases_lib.Case, reference: str, profile: str) -> Optional[Target]:
+  """The issue's target for this comparison, if it sets one."""
+  if reference.startswith('ours:'):  # our BN against flax's nn.BatchNorm
+    return Target(1.03, '<= 1.03 (BN options <= 3% slower than nn.BatchNorm)')
+  if profile == 'cpu' and reference.startswith(FLAX):
+    return Target(1.00, '<= 1.00 (2-core CPU: no slower than the plain Flax anchor)')
+  if profile == 'gpu' and reference.startswith(FLAX) and case.kind == 'train':
+    return Target(1 / 1.30, '<= 0.77 (>= 1.30x the plain Flax img/s)')
+  if profile == 'gpu' and reference.startswith(FLAX) and case.kind == 'eval' and case.variant == 'bf16':
+    return Target(0.85, "<= 0.85 of the Flax anchor's time")
+  if case.kind == 'pipeline' and reference.endswith('draft=True') and case.params['num_workers'] == 1:
+    return Target(1.00, '<= 1.00 (match or beat the PIL anchor per core)')
+  return None
+
+
+def median_or_none(values: list[Optional[float]]) -> Optional[float]:
+  present = [v for v in values if v is not None]
+  return statistics.median(present) if present else None

@@ -1,0 +1,69 @@
+"""The side-by-side table in markdown, and its section in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+BEGIN = '<!-- side-by-side {profile} begin -->'
+END = '<!-- side-by-side {profile} end -->'
+
+
+def _number(value: float) -> str:
+  return f'{value:,.1f}' if abs(value) >= 100 else f'{value:.3g}'
+
+
+def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
+  """A markdown section: one row per (our case, reference), then anchor errors and skipped cases."""
+  lines = [
+      f"### {run['date']}, {run['device']} (profile `{run['profile']}`)",
+      '',
+      f"{run['rounds']} round(s), ours and the anchors interleaved (the order alternates each round)"
+      + ('; train and eval: our step and the Flax anchor\'s (its own code) in one process, step by step '
+         'in turn (`benchmarks/paired.py`)' if run.get('paired') else '')
+      + '. Each figure is the median over rounds of a median over timed steps, compilation excluded. '
+      f"Load average (1 min) seen before each job: {run['load_min']:.2f} to {run['load_max']:.2f} "
+      f"on {run['cpu_count']} cores; `uptime` before: `{run['uptime_before']}`, after: `{run['uptime_after']}`.",
+      '',
+      '| case | ours | unit | reference | reference value | time ratio (ours / ref) | target | met |',
+      '|---|---|---|---|---|---|---|---|',
+  ]
+  notes = []
+  for record in records:
+    if record.get('record') != 'ours':
+      continue
+    if 'value' not in record:
+      notes.append(f"- `{record['case']}`: {record.get('skipped') or record.get('error')}")
+      continue
+    compared = record.get('time_ratios') or {}
+    if not compared:
+      lines.append(f"| `{record['case']}` | {_number(record['value'])} | {record['unit']} | — | — | — | — | — |")
+    for reference, ratio in compared.items():
+      target = (record.get('targets') or {}).get(reference)
+      met = '—' if target is None else ('yes' if ratio <= target['max_time_ratio'] else '**no**')
+      lines.append(f"| `{record['case']}` | {_number(record['value'])} | {record['unit']} | `{reference}` | "
+                   f"{_number(record['reference_values'][reference])} | {ratio:.3f} | "
+                   f"{target['text'] if target else '—'} | {met} |")
+  for record in records:
+    if record.get('record') == 'anchor' and record.get('value') is None:
+      notes.append(f"- anchor `{record['case']}`: {record.get('error', 'no figure')}")
+  for job in run.get('jobs', []):
+    if job.get('status') != 'ok':
+      notes.append(f"- job `{job['job']}` (round {job['round']}): {job['status']}")
+  if notes:
+    lines += ['', 'Not measured or failed:', '', *notes]
+  compile_times = [f"`{r['case']}` {r['compile_s']:.1f} s" for r in records
+                   if r.get('record') == 'ours' and r.get('compile_s')]
+  if compile_times:
+    lines += ['', 'Compile time of ours (median over rounds): ' + ', '.join(compile_times) + '.']
+  return '\n'.join(lines) + '\n'
+
+
+def update_results_md(text: str, profile: str, section: str) -> str:
+  """`text` with the profile's marked section replaced by `section` (appended if absent)."""
+  begin, end = BEGIN.format(profile=profile), END.format(profile=profile)
+  block = f'{begin}\n{section}{end}\n'
+  pattern = re.compile(re.escape(begin) + r'.*?' + re.escape(end) + r'\n?', re.DOTALL)
+  if pattern.search(text):
+    return pattern.sub(lambda _: block, text, count=1)
+  return text.rstrip('\n') + '\n\n' + block

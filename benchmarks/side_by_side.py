@@ -1,0 +1,255 @@
+"""Ours and the anchors in one run, interleaved: `python -m benchmarks.side_by_side --profile gpu|cpu`.
+
+Each job (our harness on some cases, or one anchor script) is its own process, so none
+inherits another's compiled programs or GPU memory. Jobs come in groups that measure the
+same thing (our train step and the Flax anchor's, say); within a group the order flips
+every round (A B, then B A), so drift in the machine's load falls on both sides. Each
+figure is the median over rounds. The run is appended to
+`<results-dir>/<date>_<device>.jsonl` and its table replaces the profile's section of
+`<results-md>` (see benchmarks/RESULTS.md and run_side_by_side.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from benchmarks import cases as cases_lib
+from benchmarks import compare, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GROUPS = ('train', 'eval', 'pipeline', 'bn', 'torch')
+# Images the JPEG anchor decodes with all cores (an eighth of them with one process).
+JPEG_ANCHOR_IMAGES = {'gpu': 20000, 'cpu': 8000, 'smoke': 64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  name: str
+  source: str  # 'ours' or the anchor's script name
+  command: tuple[str, ...]
+
+
+def _group_of(case: cases_lib.Case) -> str:
+  return {'train': 'train', 'eval': 'eval', 'pipeline': 'pipeline'}.get(case.kind, 'bn')
+
+
+def build_groups(profile: str, cases: Sequence[cases_lib.Case], groups: Sequence[str], anchors_dir: str,
+                 with_torch: bool, python: str = sys.executable, paired: bool = False) -> list[list[Job]]:
+  """The jobs of each group that has cases (or, for 'torch', anchor figures) to measure.
+
+  With `paired`, our train and eval steps and the Flax anchor's run in one process, step by
+  step in turn (`benchmarks.paired`), instead of one process after the other.
+  """
+  planned = []
+  for group in groups:
+    mine = [case for case in cases if _group_of(case) == group]
+    jobs = []
+    if paired and mine and group in ('train', 'eval'):
+      planned.append([Job(f'paired:{group}', 'paired', (python, '-m', 'benchmarks.paired', '--profile', profile,
+                                                        '--anchors-dir', anchors_dir, '--cases',
+                                                        *[case.name for case in mine]))])
+      continue
+    if mine:
+      jobs.append(Job(f'ours:{group}', 'ours', (python, '-m', 'benchmarks.run', '--profile', profile, '--cases',
+                                                  *[case.name for case in mine])))
+    flax_specs = sorted({compare.flax_spec(case) for case in mine if compare.flax_spec(case)})
+    # train_flax_bn is priced against our own train step; the Flax anchor's train runs in 'train'.
+    if flax_specs and group != 'bn':
+      jobs.append(Job(f'{compare.FLAX}:{group}', compare.FLAX,
+                      (python, os.path.join(anchors_dir, compare.FLAX), *flax_specs)))
+    if group == 'pipeline' and mine:
+      jobs.append(Job(f'{compare.JPEG}', compare.JPEG,
+                      (python, os.path.join(anchors_dir, compare.JPEG), str(JPEG_ANCHOR_IMAGES[profile]))))
+    if group == 'torch' and with_torch:
+      # One process per spec: a torch.compile that runs long costs only its own figure.
+      specs = [spec for case in cases for spec in compare.torch_specs(case)]
+      jobs.extend(Job(f'{compare.TORCH}:{spec}', compare.TORCH, (python, os.path.join(anchors_dir, compare.TORCH), spec))
+                  for spec in sorted(set(specs)))
+    if jobs:
+      planned.append(jobs)
+  return planned
+
+
+def _load1() -> float:
+  return os.getloadavg()[0]
+
+
+def _uptime() -> str:
+  try:
+    return subprocess.run(['uptime'], capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'load average: ' + ', '.join(f'{x:.2f}' for x in os.getloadavg())
+
+
+def run_job(job: Job, timeout_s: float, env: dict[str, str]) -> tuple[str, list[str]]:
+  """Runs one job; returns (status, stdout lines). A job past its time keeps what it printed."""
+  try:
+    done = subprocess.run(job.command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout_s)
+    return ('ok' if done.returncode == 0 else f'exit {done.returncode}'), done.stdout.splitlines()
+  except subprocess.TimeoutExpired as expired:
+    out = expired.stdout or ''
+    out = out.decode() if isinstance(out, bytes) else out
+    return f'timed out after {timeout_s:.0f} s', out.splitlines()
+
+
+def _ours_records(lines: list[str]) -> dict[str, dict[str, Any]]:
+  records = {}
+  for line in lines:
+    if line.startswith('{'):
+      record = json.loads(line)
+      records[record['case']] = record
+  return records
+
+
+def run_rounds(planned: list[list[Job]], rounds: int, budget_s: float, log=sys.stderr) -> tuple[list[dict], list[dict]]:
+  """Runs every group `rounds` times, alternating the order inside each group.
+
+  Returns (per-round results {'ours': {case: record}, 'anchors': {figure: record}}, job log).
+  A job that would start past `budget_s` is skipped and logged.
+  """
+  env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+  start = time.perf_counter()
+  results, jobs_log = [], []
+  for round_index in range(rounds):
+    found: dict[str, dict] = {'ours': {}, 'anchors': {}}
+    for group in planned:
+      for job in (group if round_index % 2 == 0 else group[::-1]):
+        left = budget_s - (time.perf_counter() - start)
+        entry = {'job': job.name, 'round': round_index, 'load1': _load1()}
+        if left < 30:
+          jobs_log.append({**entry, 'status': 'skipped: time budget spent'})
+          continue
+        print(f'[side_by_side] round {round_index}: {job.name} (load {entry["load1"]:.2f})', file=log, flush=True)
+        job_start = time.perf_counter()
+        status, lines = run_job(job, left, env)
+        jobs_log.append({**entry, 'status': status, 'seconds': round(time.perf_counter() - job_start, 1)})
+        if job.source == 'ours':
+          found['ours'].update(_ours_records(lines))
+        elif job.source == 'paired':
+          ours_lines = [line for line in lines if line.startswith('{') and '"anchor_script"' not in line]
+          found['ours'].update(_ours_records(ours_lines))
+          found['anchors'].update(compare.anchor_figures(compare.FLAX, [l for l in lines if l not in ours_lines]))
+        else:
+          found['anchors'].update(compare.anchor_figures(job.source, lines))
+    results.append(found)
+  return results, jobs_log
+
+
+def merge(results: list[dict], cases: Sequence[cases_lib.Case], profile: str, cpu_count: int, with_torch: bool,
+          common: dict[str, Any]) -> list[dict[str, Any]]:
+  """Median over rounds of every figure, and our cases' ratios to each reference measured."""
+  merged: dict[str, dict[str, Any]] = {}
+  for case in cases:
+    per_round = [found['ours'].get(case.name) for found in results]
+    present = [record for record in per_round if record and 'value' in record]
+    if not present:
+      last = next((record for record in reversed(per_round) if record), None)
+      reason = {key: last[key] for key in ('error', 'skipped') if last and key in last} or {'error': 'not run'}
+      merged[case.name] = {'record': 'ours', 'case': case.name, 'kind': case.kind, 'unit': case.unit, **common,
+                           **reason}
+      continue
+    template = {k: v for k, v in present[0].items() if k not in ('ratios', 'device', 'date', 'profile')}
+    merged[case.name] = {**template, 'record': 'ours', **common,
+                         'value': compare.median_or_none([r['value'] for r in present]),
+                         'compile_s': compare.median_or_none([r.get('compile_s') for r in present]),
+                         'rounds': [record['value'] if record and 'value' in record else None for record in per_round]}
+  anchors: dict[str, dict[str, Any]] = {}
+  for case in cases:
+    for name in compare.references(case, cpu_count, with_torch):
+      per_round = [found['anchors'].get(name) for found in results]
+      values = [compare.anchor_value(record, case.unit) if record else None for record in per_round]
+      last = next((record for record in reversed(per_round) if record), {})
+      anchors[name] = {'record': 'anchor', 'case': name, 'unit': case.unit, **common,
+                       'value': compare.median_or_none(values), 'rounds': values,
+                       **({'error': last['error']} if 'error' in last else {})}
+  for case in cases:
+    record = merged[case.name]
+    if record.get('value') is None:
+      continue
+    reference_values = {name: anchors[name]['value'] for name in compare.references(case, cpu_count, with_torch)}
+    internal = cases_lib.internal_reference(case, list(cases))
+    if internal is not None:
+      reference_values[f'ours:{internal.name}'] = merged[internal.name].get('value')
+    reference_values = {name: value for name, value in reference_values.items() if value}
+    record['reference_values'] = reference_values
+    record['ratios'] = {name: record['value'] / value for name, value in reference_values.items()}
+    record['time_ratios'] = {name: compare.time_ratio(record['value'], value, case.unit)
+                             for name, value in reference_values.items()}
+    targets = {name: compare.target(case, name, profile) for name in reference_values}
+    record['targets'] = {name: dataclasses.asdict(t) for name, t in targets.items() if t is not None}
+  return list(merged.values()) + list(anchors.values())
+
+
+def device_slug(device: str) -> str:
+  return re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-').lower()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--profile', choices=('gpu', 'cpu'), default='gpu')
+  parser.add_argument('--rounds', type=int, default=1)
+  parser.add_argument('--groups', nargs='*', default=list(GROUPS), choices=GROUPS)
+  parser.add_argument('--anchors-dir', default=os.path.join(REPO, 'benchmarks', 'anchors'))
+  parser.add_argument('--torch', choices=('auto', 'on', 'off'), default='auto',
+                      help='run torch_resnet.py (auto: on the gpu profile when torch is importable)')
+  parser.add_argument('--paired', choices=('auto', 'on', 'off'), default='auto',
+                      help='time our train/eval steps and the Flax anchor\'s in turn in one process '
+                           '(auto: on for the cpu profile; see benchmarks/paired.py)')
+  parser.add_argument('--budget-s', type=float, default=540.0, help='start no job after this many seconds')
+  parser.add_argument('--device', help="device name to record (default: what our harness reports)")
+  parser.add_argument('--date', default=datetime.date.today().isoformat())
+  parser.add_argument('--results-dir', default=os.path.join(REPO, 'benchmarks', 'results'))
+  parser.add_argument('--results-md', default=os.path.join(REPO, 'benchmarks', 'RESULTS.md'))
+  args = parser.parse_args(argv)
+
+  missing = [s for s in (compare.FLAX, compare.TORCH, compare.JPEG)
+             if not os.path.exists(os.path.join(args.anchors_dir, s))]
+  if missing:
+    raise SystemExit(f'anchors {missing} not in {args.anchors_dir}; copy ../shared/anchors/*.py there '
+                     '(bash benchmarks/run_side_by_side.sh --prepare does).')
+  with_torch = args.torch == 'on' or (args.torch == 'auto' and args.profile == 'gpu'
+                                      and importlib.util.find_spec('torch') is not None)
+  cases = cases_lib.profile_cases(args.profile)
+  paired = args.paired == 'on' or (args.paired == 'auto' and args.profile == 'cpu')
+  planned = build_groups(args.profile, cases, args.groups, args.anchors_dir, with_torch, paired=paired)
+  # Only our harness imports jax here (in its own processes), so this process holds no GPU memory.
+  cases = [case for case in cases if _group_of(case) in args.groups]
+  uptime_before = _uptime()
+  results, jobs_log = run_rounds(planned, args.rounds, args.budget_s)
+  uptime_after = _uptime()
+  ours_device = next((r['device'] for found in results for r in found['ours'].values() if 'device' in r), 'unknown')
+  device = args.device or ours_device
+  loads = [job['load1'] for job in jobs_log]
+  run = {'record': 'run', 'run_id': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+         'date': args.date, 'device': device, 'profile': args.profile, 'rounds': args.rounds,
+         'cpu_count': os.cpu_count(), 'load_min': min(loads, default=0.0), 'load_max': max(loads, default=0.0),
+         'uptime_before': uptime_before, 'uptime_after': uptime_after, 'with_torch': with_torch, 'paired': paired,
+         'jobs': jobs_log}
+  records = merge(results, cases, args.profile, os.cpu_count(), with_torch,
+                  {'device': device, 'date': args.date, 'profile': args.profile, 'run_id': run['run_id']})
+  os.makedirs(args.results_dir, exist_ok=True)
+  path = os.path.join(args.results_dir, f'{args.date}_{device_slug(device)}.jsonl')
+  with open(path, 'a') as file:
+    for record in [run, *records]:
+      file.write(json.dumps(record) + '\n')
+  section = report.table(records, run)
+  text = open(args.results_md).read() if os.path.exists(args.results_md) else '# Benchmark results\n'
+  with open(args.results_md, 'w') as file:
+    file.write(report.update_results_md(text, args.profile, section))
+  print(section)
+  print(f'[side_by_side] wrote {path} and {args.results_md}', file=sys.stderr)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,192 @@
+"""The benchmark harness runs every case at smoke size and reports real figures; the
+side-by-side bookkeeping (anchor parsing, ratios, medians, the RESULTS.md section) is exact."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from benchmarks import cases as cases_lib
+from benchmarks import compare, paired, report, run, side_by_side
+from resnet_flax.layers import BatchNorm
+
+UNITS = {'train': 'img/s', 'train_flax_bn': 'img/s', 'eval': 'ms', 'bn_layer': 'ms', 'pipeline': 'img/s'}
+
+
+@pytest.fixture(scope='module')
+def smoke_records():
+  return run.run('smoke', device='test-device', date='2026-01-02')
+
+
+def _kinds_and_variants(profile):
+  return {(case.kind, case.variant) for case in cases_lib.profile_cases(profile)}
+
+
+def test_smoke_covers_every_case_the_gpu_run_measures():
+  assert _kinds_and_variants('smoke') == _kinds_and_variants('gpu')
+  assert {kind for kind, _ in _kinds_and_variants('gpu')} == set(UNITS)
+  assert {variant for kind, variant in _kinds_and_variants('gpu') if kind == 'eval'} == {'fp32', 'bf16'}
+  assert {variant for kind, variant in _kinds_and_variants('gpu') if kind == 'bn_layer'} >= {
+      'plain', 'zero_debias', 'bf16_act_fp32_stats', 'renorm', 'flax_nn_batchnorm'}
+
+
+def test_gpu_profile_has_the_issues_shapes():
+  by_kind = {}
+  for case in cases_lib.profile_cases('gpu'):
+    by_kind.setdefault(case.kind, []).append(case)
+  (train,) = by_kind['train']
+  assert (train.params['model'], train.params['dtype'], train.params['batch']) == ('resnet_v1_50', 'bf16', 256)
+  assert {(c.params['model'], c.params['batch'], c.params['dtype']) for c in by_kind['eval']} == {
+      ('resnet_v2_152', 32, 'fp32'), ('resnet_v2_152', 32, 'bf16')}
+  assert all(c.params['image_size'] == 224 for c in by_kind['pipeline'])
+
+
+def test_every_smoke_case_reports_a_real_figure(smoke_records):
+  names = [case.name for case in cases_lib.profile_cases('smoke')]
+  assert [record['case'] for record in smoke_records] == names
+  has_renorm = 'renorm' in {field.name for field in dataclasses.fields(BatchNorm)}
+  for record in smoke_records:
+    assert 'error' not in record, record
+    if 'skipped' in record:  # Only an option that is not in the code yet may be skipped.
+      assert record['variant'] == 'renorm' and not has_renorm, record
+      continue
+    assert math.isfinite(record['value']) and record['value'] > 0, record
+    assert record['unit'] == UNITS[record['kind']], record
+    assert record['device'] == 'test-device' and record['date'] == '2026-01-02'
+    if record['kind'] == 'pipeline':
+      assert record['compile_s'] is None and record['workers'] >= 1
+    else:
+      assert math.isfinite(record['compile_s']) and record['compile_s'] > 0, record
+    assert record['steps'] >= 2
+    json.dumps(record)  # every record is one JSON line
+
+
+def test_smoke_train_steps_really_train(smoke_records):
+  for record in smoke_records:
+    if record['kind'] in ('train', 'train_flax_bn'):
+      assert math.isfinite(record['loss']) and record['loss'] > 0
+      # img/s and the step time agree: value = batch / median step.
+      assert record['value'] == pytest.approx(record['params']['batch'] / (record['median_step_ms'] / 1e3))
+
+
+def test_our_bn_and_train_step_are_priced_against_flax_batch_norm(smoke_records):
+  by_case = {record['case']: record for record in smoke_records}
+  for record in smoke_records:
+    if record['kind'] == 'train' or (record['kind'] == 'bn_layer' and not record['variant'].startswith('flax')
+                                     and 'value' in record):
+      ((reference, ratio),) = record['ratios'].items()
+      assert ratio == pytest.approx(record['value'] / by_case[reference.removeprefix('ours:')]['value'])
+
+
+def test_anchor_output_is_parsed_into_named_figures():
+  flax_lines = ['{"jax": "0.10", "devices": "[CpuDevice(id=0)]"}',
+                '{"case": "train:resnet50:8:fp32", "img_per_s": 4.0}',
+                '{"case": "eval:resnet152:4:fp32", "ms_per_batch": 800.0, "img_per_s": 5.0}',
+                '{"case": "eval:resnet152:4:bf16", "error": "RuntimeError()"}', 'not json']
+  figures = compare.anchor_figures(compare.FLAX, flax_lines)
+  assert compare.anchor_value(figures['flax_resnet.py train:resnet50:8:fp32'], 'img/s') == 4.0
+  assert compare.anchor_value(figures['flax_resnet.py eval:resnet152:4:fp32'], 'ms') == 800.0
+  assert compare.anchor_value(figures['flax_resnet.py eval:resnet152:4:bf16'], 'ms') is None
+  jpeg = compare.anchor_figures(compare.JPEG, ['{"case": "pil_jpeg_rrc224", "procs": 2, "draft": true, '
+                                               '"img_per_s": 1700.0, "mean_jpeg_kb": 30.1}'])
+  assert list(jpeg) == ['jpeg_pipeline.py pil_jpeg_rrc224 procs=2 draft=True']
+
+
+def _fake_results(cpu_cases):
+  """Two rounds of figures: ours are the round index + 2 (img/s) or 10 * that (ms)."""
+  results = []
+  for index in range(2):
+    ours = {case.name: {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
+                        'value': (index + 2.0) * (10 if case.unit == 'ms' else 1), 'compile_s': 1.0,
+                        'params': case.params} for case in cpu_cases}
+    anchors = {
+        'flax_resnet.py train:resnet50:8:fp32': {'case': 'train:resnet50:8:fp32', 'img_per_s': 2.0 + 2 * index},
+        'flax_resnet.py eval:resnet152:4:fp32': {'case': 'eval:resnet152:4:fp32', 'ms_per_batch': 40.0},
+        compare.jpeg_name(1, True): {'img_per_s': 5.0}, compare.jpeg_name(1, False): {'img_per_s': 1.0},
+    }
+    results.append({'ours': ours, 'anchors': anchors})
+  return results
+
+
+def test_merge_takes_medians_over_rounds_and_ratios_of_medians():
+  cpu_cases = cases_lib.profile_cases('cpu')
+  records = side_by_side.merge(_fake_results(cpu_cases), cpu_cases, 'cpu', 2, False, {'device': 'd', 'date': 'x'})
+  by_case = {record['case']: record for record in records}
+  train = by_case['train/resnet_v1_50/fp32/b8']
+  assert train['value'] == 2.5 and train['rounds'] == [2.0, 3.0]
+  flax = 'flax_resnet.py train:resnet50:8:fp32'
+  assert by_case[flax]['value'] == 3.0  # median of 2 and 4
+  assert train['ratios'][flax] == pytest.approx(2.5 / 3.0)
+  assert train['time_ratios'][flax] == pytest.approx(3.0 / 2.5)  # img/s: time ratio is the inverse
+  assert train['targets'][flax]['max_time_ratio'] == 1.0
+  plain_bn = by_case['bn_layer/plain/8x56x56x256']
+  assert plain_bn['ratios'] == {'ours:bn_layer/flax_nn_batchnorm/8x56x56x256': pytest.approx(1.0)}
+  evaluation = by_case['eval/resnet_v2_152/fp32/b4']
+  assert evaluation['time_ratios']['flax_resnet.py eval:resnet152:4:fp32'] == pytest.approx(25.0 / 40.0)
+  pipeline = by_case['pipeline/vgg224/1_worker']
+  assert pipeline['time_ratios'] == {compare.jpeg_name(1, False): pytest.approx(1 / 2.5),
+                                     compare.jpeg_name(1, True): pytest.approx(5 / 2.5)}
+  # No all-cores anchor figure was given: no ratio is made up for it.
+  assert by_case['pipeline/vgg224/all_cores']['ratios'] == {}
+
+
+def test_results_md_section_is_replaced_and_the_rest_kept():
+  cpu_cases = cases_lib.profile_cases('cpu')
+  records = side_by_side.merge(_fake_results(cpu_cases), cpu_cases, 'cpu', 2, False, {'device': 'd', 'date': 'x'})
+  run_info = {'date': 'x', 'device': 'd', 'profile': 'cpu', 'rounds': 2, 'load_min': 0.5, 'load_max': 1.5,
+              'cpu_count': 2, 'uptime_before': 'up', 'uptime_after': 'up', 'jobs': []}
+  section = report.table(records, run_info)
+  assert '| `train/resnet_v1_50/fp32/b8` | 2.5 | img/s | `flax_resnet.py train:resnet50:8:fp32` | 3 | 1.200 |' in section
+  original = '# Benchmark results\n\nEarlier text.\n'
+  once = report.update_results_md(original, 'cpu', section)
+  twice = report.update_results_md(once, 'cpu', section.replace('2.5', '9.9'))
+  assert once.startswith(original) and twice.startswith(original)
+  assert twice.count(report.BEGIN.format(profile='cpu')) == 1 and '9.9' in twice
+
+
+def test_side_by_side_plans_ours_and_each_anchor_in_alternating_groups():
+  cpu_cases = cases_lib.profile_cases('cpu')
+  planned = side_by_side.build_groups('cpu', cpu_cases, side_by_side.GROUPS, '/anchors', with_torch=False,
+                                      python='py')
+  names = [[job.name for job in group] for group in planned]
+  assert names == [['ours:train', 'flax_resnet.py:train'], ['ours:eval', 'flax_resnet.py:eval'],
+                   ['ours:pipeline', 'jpeg_pipeline.py'], ['ours:bn']]
+  assert planned[0][1].command == ('py', '/anchors/flax_resnet.py', 'train:resnet50:8:fp32')
+  paired = side_by_side.build_groups('cpu', cpu_cases, ['train'], '/anchors', with_torch=False, python='py',
+                                     paired=True)
+  assert [[job.name for job in group] for group in paired] == [['paired:train']]
+  gpu = side_by_side.build_groups('gpu', cases_lib.profile_cases('gpu'), ['torch'], '/anchors', with_torch=True)
+  assert sorted(job.command[-1] for job in gpu[0]) == [
+      'eval:resnet152:32:0:fp32', 'eval:resnet152:32:1:bf16', 'train:resnet50:256:0:bf16', 'train:resnet50:256:1:bf16']
+
+
+FAKE_ANCHOR = """
+import jax.numpy as jnp
+def med(fn, warm, iters):
+  raise AssertionError('the paired runner replaces med')
+def train_case(arch, batch, dtype):
+  state = [jnp.zeros(())]
+  def run():
+    state[0] = state[0] + 1.0
+    return state[0]
+  return batch / med(run, 5, 20)
+def eval_case(arch, batch, dtype):
+  return med(lambda: jnp.ones((batch,)), 5, 50)
+print(json.dumps({'jax': 'x'}))
+raise SystemExit('the cases part must not run')
+"""
+
+
+def test_paired_times_our_step_and_the_anchors_own_step_in_turn(tmp_path):
+  anchor_file = tmp_path / 'flax_resnet.py'
+  anchor_file.write_text(FAKE_ANCHOR)
+  anchor = paired.load_anchor(str(anchor_file))
+  (train,) = [case for case in cases_lib.profile_cases('smoke') if case.kind == 'train']
+  ours, theirs = paired.paired_records(train, anchor, {'device': 'd', 'date': 'x'})
+  assert theirs['anchor_script'] == 'flax_resnet.py' and theirs['case'] == 'train:resnet50:4:bf16'
+  assert len(theirs['step_s']) == len(ours['step_s']) == train.params['iters']
+  assert theirs['img_per_s'] > 0 and math.isfinite(ours['value']) and ours['value'] > 0
+  assert ours['paired_with'] == 'flax_resnet.py train:resnet50:4:bf16' and ours['paired_time_ratio_median'] > 0
+  figures = compare.anchor_figures(compare.FLAX, [json.dumps(theirs)])
+  assert compare.anchor_value(figures['flax_resnet.py train:resnet50:4:bf16'], 'img/s') == theirs['img_per_s']

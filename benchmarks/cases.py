@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import statistics
 import time
 from typing import Any, Callable, Optional
 
@@ -76,7 +77,8 @@ class Case:
   unit: str
   params: dict
   measure: Callable[[str], Measurement]
-  # For train and eval: builds the compiled step alone, for `benchmarks.paired` to time.
+  # Builds the compiled step alone, for timing in turn with others (`run_interleaved`,
+  # `benchmarks.paired`).
   prepare: Optional[Callable[[], Stepper]] = None
 
 
@@ -191,9 +193,8 @@ def _batch_norm_module(variant: str) -> nn.Module:
   return BatchNorm(**ARG_SCOPE_BN, **fields, dtype=DTYPES[dtype])
 
 
-def measure_bn_layer(workdir: str, *, variant: str, shape: tuple[int, ...], warmup: int, iters: int) -> Measurement:
-  """ms for one BatchNorm layer in train mode: output, gradients (input, gamma, beta), new statistics."""
-  del workdir
+def prepare_bn_layer(*, variant: str, shape: tuple[int, ...], **unused: Any) -> Stepper:
+  """One BatchNorm layer in train mode: output, gradients (input, gamma, beta), new statistics; ms."""
   module = _batch_norm_module(variant)
   dtype = DTYPES[BN_VARIANTS[variant][1]]
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
@@ -210,9 +211,11 @@ def measure_bn_layer(workdir: str, *, variant: str, shape: tuple[int, ...], warm
     return pullback(cotangent.astype(y.dtype)), batch_stats
 
   compiled, compile_s = timing.compile_timed(jax.jit(forward_backward), variables, x, cotangent)
-  median_s, _ = timing.median_step_time(lambda: compiled(variables, x, cotangent), warmup, iters)
-  elements = int(np.prod(shape))
-  return Measurement(median_s * 1e3, compile_s, iters, {'gelem_per_s': elements / median_s / 1e9})
+
+  def measurement(median_s: float, iters: int) -> Measurement:
+    return Measurement(median_s * 1e3, compile_s, iters, {'gelem_per_s': int(np.prod(shape)) / median_s / 1e9})
+
+  return Stepper(lambda: compiled(variables, x, cotangent), compile_s, measurement)
 
 
 def _jpeg_tree(workdir: str, num_images: int, height_range: tuple[int, int], width_range: tuple[int, int]) -> str:
@@ -289,7 +292,9 @@ def _bn_cases(shape: tuple[int, ...], warmup: int, iters: int) -> list[Case]:
   shape_name = 'x'.join(map(str, shape))
   return [Case(f'bn_layer/{variant}/{shape_name}', 'bn_layer', variant, 'ms',
                dict(shape=list(shape), dtype=BN_VARIANTS[variant][1], warmup=warmup, iters=iters),
-               functools.partial(measure_bn_layer, variant=variant, shape=shape, warmup=warmup, iters=iters))
+               functools.partial(measure_stepper, prepare=prepare_bn_layer, variant=variant, shape=shape,
+                                 warmup=warmup, iters=iters),
+               functools.partial(prepare_bn_layer, variant=variant, shape=shape))
           for variant in BN_VARIANTS]
 
 
@@ -370,3 +375,30 @@ def run_case(case: Case, workdir: str) -> dict[str, Any]:
     return {**record, 'error': f'{type(error).__name__}: {error}'[:500]}
   return {**record, 'value': measurement.value, 'compile_s': measurement.compile_s, 'steps': measurement.steps,
           'params': case.params, **measurement.extra}
+
+
+def run_interleaved(cases: list[Case], workdir: str) -> list[dict[str, Any]]:
+  """Measures cases whose figures are compared with each other (our BN options and flax's)
+  step by step in turn, so that a change in the machine's load falls on all of them alike."""
+  del workdir
+  records, steppers = {}, {}
+  for case in cases:
+    record = {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit}
+    try:
+      steppers[case.name] = case.prepare()
+    except SkipCase as reason:
+      records[case.name] = {**record, 'skipped': str(reason)}
+    except Exception as error:  # Reported, not raised: the other cases still run.
+      records[case.name] = {**record, 'error': f'{type(error).__name__}: {error}'[:500]}
+  if steppers:
+    params = cases[0].params
+    times = timing.round_robin({name: stepper.step for name, stepper in steppers.items()},
+                               params['warmup'], params['iters'])
+    for case in cases:
+      if case.name in steppers:
+        measurement = steppers[case.name].measurement(statistics.median(times[case.name]), params['iters'])
+        records[case.name] = {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
+                              'value': measurement.value, 'compile_s': measurement.compile_s,
+                              'steps': measurement.steps, 'params': case.params, 'interleaved': True,
+                              **measurement.extra}
+  return [records[case.name] for case in cases]

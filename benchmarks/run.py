@@ -60,6 +60,17 @@ def select(profile: str, names: Optional[Sequence[str]]) -> list[cases_lib.Case]
   return chosen
 
 
+def _batches(cases: Sequence[cases_lib.Case]) -> list[list[cases_lib.Case]]:
+  """Cases one by one, except runs of BN-layer cases, which are timed in turn together."""
+  batches: list[list[cases_lib.Case]] = []
+  for case in cases:
+    if case.kind == 'bn_layer' and batches and batches[-1][0].kind == 'bn_layer':
+      batches[-1].append(case)
+    else:
+      batches.append([case])
+  return batches
+
+
 def run(profile: str, names: Optional[Sequence[str]] = None, *, device: Optional[str] = None,
         date: Optional[str] = None, log=sys.stderr) -> list[dict[str, Any]]:
   """Runs the chosen cases of `profile` in this process and returns their records."""
@@ -68,11 +79,17 @@ def run(profile: str, names: Optional[Sequence[str]] = None, *, device: Optional
             'profile': profile, 'jax': jax.__version__}
   records = []
   with tempfile.TemporaryDirectory(prefix='resnet_flax_bench_') as workdir:
-    for case in chosen:
+    for batch in _batches(chosen):
       start = time.perf_counter()
-      records.append({**cases_lib.run_case(case, workdir), **common})
-      outcome = records[-1].get('error') or records[-1].get('skipped') or f"{records[-1]['value']:.4g} {case.unit}"
-      print(f'[benchmarks] {case.name}: {outcome} ({time.perf_counter() - start:.1f} s)', file=log, flush=True)
+      if len(batch) > 1:
+        measured = cases_lib.run_interleaved(batch, workdir)
+      else:
+        measured = [cases_lib.run_case(batch[0], workdir)]
+      for case, record in zip(batch, measured):
+        records.append({**record, **common})
+        outcome = record.get('error') or record.get('skipped') or f"{record['value']:.4g} {case.unit}"
+        print(f'[benchmarks] {case.name}: {outcome}', file=log, flush=True)
+      print(f'[benchmarks] ({time.perf_counter() - start:.1f} s)', file=log, flush=True)
   add_ratios(records, chosen)
   return records
 

@@ -35,8 +35,9 @@ JPEG_ANCHOR_IMAGES = {'gpu': 20000, 'cpu': 8000, 'smoke': 64}
 @dataclasses.dataclass(frozen=True)
 class Job:
   name: str
-  source: str  # 'ours' or the anchor's script name
+  source: str  # 'ours', 'paired' or the anchor's script name
   command: tuple[str, ...]
+  group: str = ''
 
 
 def _group_of(case: cases_lib.Case) -> str:
@@ -57,7 +58,7 @@ def build_groups(profile: str, cases: Sequence[cases_lib.Case], groups: Sequence
     if paired and mine and group in ('train', 'eval'):
       planned.append([Job(f'paired:{group}', 'paired', (python, '-m', 'benchmarks.paired', '--profile', profile,
                                                         '--anchors-dir', anchors_dir, '--cases',
-                                                        *[case.name for case in mine]))])
+                                                        *[case.name for case in mine]), group)])
       continue
     if mine:
       jobs.append(Job(f'ours:{group}', 'ours', (python, '-m', 'benchmarks.run', '--profile', profile, '--cases',
@@ -76,7 +77,7 @@ def build_groups(profile: str, cases: Sequence[cases_lib.Case], groups: Sequence
       jobs.extend(Job(f'{compare.TORCH}:{spec}', compare.TORCH, (python, os.path.join(anchors_dir, compare.TORCH), spec))
                   for spec in sorted(set(specs)))
     if jobs:
-      planned.append(jobs)
+      planned.append([dataclasses.replace(job, group=group) for job in jobs])
   return planned
 
 
@@ -111,8 +112,10 @@ def _ours_records(lines: list[str]) -> dict[str, dict[str, Any]]:
   return records
 
 
-def run_rounds(planned: list[list[Job]], rounds: int, budget_s: float, log=sys.stderr) -> tuple[list[dict], list[dict]]:
-  """Runs every group `rounds` times, alternating the order inside each group.
+def run_rounds(planned: list[list[Job]], rounds: int, budget_s: float, group_rounds: Optional[dict[int, int]] = None,
+               log=sys.stderr) -> tuple[list[dict], list[dict]]:
+  """Runs every group `rounds` times (group i: `group_rounds[i]` times if given), alternating
+  the order inside each group.
 
   Returns (per-round results {'ours': {case: record}, 'anchors': {figure: record}}, job log).
   A job that would start past `budget_s` is skipped and logged.
@@ -120,9 +123,12 @@ def run_rounds(planned: list[list[Job]], rounds: int, budget_s: float, log=sys.s
   env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
   start = time.perf_counter()
   results, jobs_log = [], []
-  for round_index in range(rounds):
+  group_rounds = group_rounds or {}
+  for round_index in range(max([rounds, *group_rounds.values()])):
     found: dict[str, dict] = {'ours': {}, 'anchors': {}}
-    for group in planned:
+    for group_index, group in enumerate(planned):
+      if round_index >= group_rounds.get(group_index, rounds):
+        continue
       for job in (group if round_index % 2 == 0 else group[::-1]):
         left = budget_s - (time.perf_counter() - start)
         entry = {'job': job.name, 'round': round_index, 'load1': _load1()}
@@ -198,6 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--profile', choices=('gpu', 'cpu'), default='gpu')
   parser.add_argument('--rounds', type=int, default=1)
+  parser.add_argument('--group-rounds', nargs='*', default=[], metavar='GROUP=N',
+                      help='rounds for some groups, e.g. pipeline=3 (cheap groups can afford more)')
   parser.add_argument('--groups', nargs='*', default=list(GROUPS), choices=GROUPS)
   parser.add_argument('--anchors-dir', default=os.path.join(REPO, 'benchmarks', 'anchors'))
   parser.add_argument('--torch', choices=('auto', 'on', 'off'), default='auto',
@@ -225,14 +233,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # Only our harness imports jax here (in its own processes), so this process holds no GPU memory.
   cases = [case for case in cases if _group_of(case) in args.groups]
   uptime_before = _uptime()
-  results, jobs_log = run_rounds(planned, args.rounds, args.budget_s)
+  wanted = {group: int(rounds) for group, rounds in (item.split('=') for item in args.group_rounds)}
+  group_rounds = {index: wanted[jobs[0].group] for index, jobs in enumerate(planned) if jobs[0].group in wanted}
+  results, jobs_log = run_rounds(planned, args.rounds, args.budget_s, group_rounds)
   uptime_after = _uptime()
   ours_device = next((r['device'] for found in results for r in found['ours'].values() if 'device' in r), 'unknown')
   device = args.device or ours_device
   loads = [job['load1'] for job in jobs_log]
   run = {'record': 'run', 'run_id': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
          'date': args.date, 'device': device, 'profile': args.profile, 'rounds': args.rounds,
-         'cpu_count': os.cpu_count(), 'load_min': min(loads, default=0.0), 'load_max': max(loads, default=0.0),
+         'group_rounds': wanted, 'cpu_count': os.cpu_count(), 'load_min': min(loads, default=0.0), 'load_max': max(loads, default=0.0),
          'uptime_before': uptime_before, 'uptime_after': uptime_after, 'with_torch': with_torch, 'paired': paired,
          'jobs': jobs_log}
   records = merge(results, cases, args.profile, os.cpu_count(), with_torch,

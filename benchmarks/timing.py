@@ -47,3 +47,19 @@ def median_step_time(step: Callable[[], Any], warmup: int, iters: int) -> tuple[
     jax.block_until_ready(step())
     times.append(time.perf_counter() - start)
   return statistics.median(times), times
+
+
+def round_robin(steps: dict[str, Callable[[], Any]], warmup: int, iters: int) -> dict[str, list[float]]:
+  """Seconds per step of each of `steps`, run in turn (the first to go rotates each round),
+  each waited on; `warmup` untimed rounds first."""
+  names = list(steps)
+  for _ in range(warmup):
+    for name in names:
+      jax.block_until_ready(steps[name]())
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for i in range(iters):
+    for name in names[i % len(names):] + names[:i % len(names)]:
+      start = time.perf_counter()
+      jax.block_until_ready(steps[name]())
+      times[name].append(time.perf_counter() - start)
+  return times

@@ -59,6 +59,8 @@ def test_every_smoke_case_reports_a_real_figure(smoke_records):
     else:
       assert math.isfinite(record['compile_s']) and record['compile_s'] > 0, record
     assert record['steps'] >= 2
+    if record['kind'] == 'bn_layer':  # our options and flax's timed in turn
+      assert record['interleaved']
     json.dumps(record)  # every record is one JSON line
 
 
@@ -156,6 +158,8 @@ def test_side_by_side_plans_ours_and_each_anchor_in_alternating_groups():
   paired = side_by_side.build_groups('cpu', cpu_cases, ['train'], '/anchors', with_torch=False, python='py',
                                      paired=True)
   assert [[job.name for job in group] for group in paired] == [['paired:train']]
+  assert [job.group for group in planned for job in group] == ['train', 'train', 'eval', 'eval', 'pipeline',
+                                                               'pipeline', 'bn']
   gpu = side_by_side.build_groups('gpu', cases_lib.profile_cases('gpu'), ['torch'], '/anchors', with_torch=True)
   assert sorted(job.command[-1] for job in gpu[0]) == [
       'eval:resnet152:32:0:fp32', 'eval:resnet152:32:1:bf16', 'train:resnet50:256:0:bf16', 'train:resnet50:256:1:bf16']

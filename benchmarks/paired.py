@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+import types
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -41,9 +42,12 @@ def load_anchor(path: str) -> dict[str, Any]:
   if _ANCHOR_MAIN not in source:
     raise ValueError(f'{path} no longer has the line starting {_ANCHOR_MAIN!r} that ends its definitions; '
                      'update benchmarks/paired.py.')
-  namespace: dict[str, Any] = {'__name__': 'flax_resnet_anchor', '__file__': path}
-  exec(compile(source.split(_ANCHOR_MAIN)[0], path, 'exec'), namespace)
-  return namespace
+  # A registered module, as an import would make: flax's dataclasses look their module up.
+  module = types.ModuleType('flax_resnet_anchor')
+  module.__file__ = path
+  sys.modules[module.__name__] = module
+  exec(compile(source.split(_ANCHOR_MAIN)[0], path, 'exec'), module.__dict__)
+  return module.__dict__
 
 
 def anchor_step(namespace: dict[str, Any], spec: str) -> Callable[[], Any]:

@@ -113,12 +113,13 @@ def _ours_records(lines: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def run_rounds(planned: list[list[Job]], rounds: int, budget_s: float, group_rounds: Optional[dict[int, int]] = None,
-               log=sys.stderr) -> tuple[list[dict], list[dict]]:
+               raw_log: Optional[str] = None, log=sys.stderr) -> tuple[list[dict], list[dict]]:
   """Runs every group `rounds` times (group i: `group_rounds[i]` times if given), alternating
   the order inside each group.
 
   Returns (per-round results {'ours': {case: record}, 'anchors': {figure: record}}, job log).
-  A job that would start past `budget_s` is skipped and logged.
+  A job that would start past `budget_s` is skipped and logged. Each job's output is also
+  appended to `raw_log` as it ends, so a run cut short still leaves its figures.
   """
   env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
   start = time.perf_counter()
@@ -139,6 +140,9 @@ def run_rounds(planned: list[list[Job]], rounds: int, budget_s: float, group_rou
         job_start = time.perf_counter()
         status, lines = run_job(job, left, env)
         jobs_log.append({**entry, 'status': status, 'seconds': round(time.perf_counter() - job_start, 1)})
+        if raw_log:
+          with open(raw_log, 'a') as file:
+            file.write(json.dumps({**jobs_log[-1], 'command': job.command, 'stdout': lines}) + '\n')
         if job.source == 'ours':
           found['ours'].update(_ours_records(lines))
         elif job.source == 'paired':
@@ -217,6 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--device', help="device name to record (default: what our harness reports)")
   parser.add_argument('--date', default=datetime.date.today().isoformat())
   parser.add_argument('--results-dir', default=os.path.join(REPO, 'benchmarks', 'results'))
+  parser.add_argument('--raw-log', help="append each job's output here as it ends (JSON lines)")
   parser.add_argument('--results-md', default=os.path.join(REPO, 'benchmarks', 'RESULTS.md'))
   args = parser.parse_args(argv)
 
@@ -235,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   uptime_before = _uptime()
   wanted = {group: int(rounds) for group, rounds in (item.split('=') for item in args.group_rounds)}
   group_rounds = {index: wanted[jobs[0].group] for index, jobs in enumerate(planned) if jobs[0].group in wanted}
-  results, jobs_log = run_rounds(planned, args.rounds, args.budget_s, group_rounds)
+  results, jobs_log = run_rounds(planned, args.rounds, args.budget_s, group_rounds, args.raw_log)
   uptime_after = _uptime()
   ours_device = next((r['device'] for found in results for r in found['ours'].values() if 'device' in r), 'unknown')
   device = args.device or ours_device

@@ -167,12 +167,17 @@ def test_side_by_side_plans_ours_and_each_anchor_in_alternating_groups():
 
 FAKE_ANCHOR = """
 import jax.numpy as jnp
+import flax.linen as nn
+class Scale(nn.Module):  # a flax dataclass, as the real anchor defines
+  factor: float
+  def __call__(self, x):
+    return x * self.factor
 def med(fn, warm, iters):
   raise AssertionError('the paired runner replaces med')
 def train_case(arch, batch, dtype):
   state = [jnp.zeros(())]
   def run():
-    state[0] = state[0] + 1.0
+    state[0] = Scale(2.0).apply({}, state[0]) + 1.0
     return state[0]
   return batch / med(run, 5, 20)
 def eval_case(arch, batch, dtype):

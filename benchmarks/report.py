@@ -1,9 +1,15 @@
-"""The side-by-side table in markdown, and its section in benchmarks/RESULTS.md."""
+"""The side-by-side table in markdown, and its section in benchmarks/RESULTS.md.
+
+`python -m benchmarks.report RESULTS_JSONL [--results-md PATH]` renders a file's last run again.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
-from typing import Any
+import sys
+from typing import Any, Optional, Sequence
 
 BEGIN = '<!-- side-by-side {profile} begin -->'
 END = '<!-- side-by-side {profile} end -->'
@@ -52,6 +58,10 @@ def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
       notes.append(f"- job `{job['job']}` (round {job['round']}): {job['status']}")
   if notes:
     lines += ['', 'Not measured or failed:', '', *notes]
+  paired = [f"`{r['case']}` {r['paired_time_ratio_median']:.3f}" for r in records
+            if r.get('record') == 'ours' and r.get('paired_time_ratio_median')]
+  if paired:
+    lines += ['', 'Median of the per-pair time ratios (ours / anchor, steps taken in turn): ' + ', '.join(paired) + '.']
   compile_times = [f"`{r['case']}` {r['compile_s']:.1f} s" for r in records
                    if r.get('record') == 'ours' and r.get('compile_s')]
   if compile_times:
@@ -67,3 +77,29 @@ def update_results_md(text: str, profile: str, section: str) -> str:
   if pattern.search(text):
     return pattern.sub(lambda _: block, text, count=1)
   return text.rstrip('\n') + '\n\n' + block
+
+
+def last_run(lines: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """The last run of a results file: its 'run' record and the records that carry its run_id."""
+  records = [json.loads(line) for line in lines if line.strip()]
+  runs = [record for record in records if record.get('record') == 'run']
+  if not runs:
+    raise ValueError('no run record in the results file')
+  run = runs[-1]
+  return run, [r for r in records if r.get('run_id') == run['run_id'] and r.get('record') != 'run']
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument('results_jsonl')
+  parser.add_argument('--results-md', default='benchmarks/RESULTS.md')
+  args = parser.parse_args(argv)
+  run, records = last_run(open(args.results_jsonl).read().splitlines())
+  text = open(args.results_md).read()
+  with open(args.results_md, 'w') as file:
+    file.write(update_results_md(text, run['profile'], table(records, run)))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

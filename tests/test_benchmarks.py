@@ -145,6 +145,13 @@ def test_results_md_section_is_replaced_and_the_rest_kept():
   twice = report.update_results_md(once, 'cpu', section.replace('2.5', '9.9'))
   assert once.startswith(original) and twice.startswith(original)
   assert twice.count(report.BEGIN.format(profile='cpu')) == 1 and '9.9' in twice
+  # A results file's last run renders the same table again.
+  old_run = {'record': 'run', 'run_id': 'a', **run_info}
+  new_run = {**old_run, 'run_id': 'b'}
+  lines = [json.dumps(r) for r in [old_run, {'record': 'ours', 'case': 'stale', 'run_id': 'a'}, new_run,
+                                   *[{**r, 'run_id': 'b'} for r in records]]]
+  again_run, again_records = report.last_run(lines)
+  assert again_run == new_run and report.table(again_records, again_run) == section
 
 
 def test_side_by_side_plans_ours_and_each_anchor_in_alternating_groups():

@@ -89,6 +89,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   config.skip_nonfinite_steps = False  # True: a NaN/Inf step leaves the state as it was
 
+  # Scaling out (README: Scaling out).
+  # ZeRO-1: split the optimizer state over the devices (each keeps 1/N) instead of
+  # replicating it; parameters and statistics stay replicated. Same numbers either way.
+  config.shard_optimizer_state = False
+
   # Bookkeeping.
   config.seed = 0
   config.log_every_steps = 100

@@ -17,9 +17,11 @@ class CheckpointError(ValueError):
 def abstract_like(state: Any) -> Any:
   """Shape/dtype/sharding skeleton of `state`, the restore target.
 
-  Leaves without a sharding go to this process's first device: otherwise orbax would
-  reuse the saving run's device layout and refuse a checkpoint saved on another number
-  of devices.
+  Leaves keep their sharding (replicated, or split over the devices with ZeRO-1), so
+  orbax reads each checkpoint into this run's layout, whatever layout and device count
+  it was saved from. Leaves without a sharding go to this process's first device:
+  otherwise orbax would reuse the saving run's device layout and refuse a checkpoint
+  saved on another number of devices.
   """
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 

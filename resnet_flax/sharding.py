@@ -1,4 +1,4 @@
-"""Data parallelism with jax.sharding: a 1-D mesh, batch split, everything else replicated."""
+"""Data parallelism with jax.sharding: a 1-D mesh, the batch split, the state replicated or ZeRO-1."""
 
 from __future__ import annotations
 
@@ -22,6 +22,35 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def optimizer_state_spec(shape: tuple[int, ...], num_devices: int) -> PartitionSpec:
+  """ZeRO-1's split of one optimizer-state array: its largest axis the devices divide evenly.
+
+  Not simply the leading axis: conv kernels are HWIO, and a leading 1, 3 or 7 would
+  leave nearly all of a ResNet's optimizer state replicated. Arrays no axis of which
+  divides (scalars such as Adam's count, odd sizes) stay replicated.
+  """
+  divisible = [axis for axis, size in enumerate(shape) if size >= num_devices and size % num_devices == 0]
+  if num_devices == 1 or not divisible:
+    return PartitionSpec()
+  axis = max(divisible, key=lambda a: shape[a])
+  return PartitionSpec(*(None,) * axis, DATA_AXIS)
+
+
+def train_state_shardings(state: Any, mesh: Mesh, shard_optimizer_state: bool = False) -> Any:
+  """Shardings shaped like `state` (a TrainState, concrete or abstract).
+
+  Everything replicated; with `shard_optimizer_state` (ZeRO-1) the optimizer state is
+  split over the `data` axis instead, so each device keeps 1/N of it. The train step's
+  in/out shardings say so, and XLA inserts the collectives (the update is computed on
+  each device's slice, then the new parameters are gathered).
+  """
+  shardings = jax.tree_util.tree_map(lambda _: replicated(mesh), state)
+  if not shard_optimizer_state:
+    return shardings
+  split = lambda leaf: NamedSharding(mesh, optimizer_state_spec(leaf.shape, mesh.size))
+  return shardings.replace(opt_state=jax.tree_util.tree_map(split, state.opt_state))
 
 
 def check_batch_size(global_batch_size: int, name: str = 'batch_size') -> None:

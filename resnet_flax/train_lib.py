@@ -16,7 +16,7 @@ import numpy as np
 from resnet_flax import checkpoints, data, eval_lib, model_builder, optim, pretrained, sharding, steps
 from resnet_flax.metrics_writer import MetricsWriter
 from resnet_flax.progress import ProgressBar
-from resnet_flax.train_state import TrainState, create_train_state
+from resnet_flax.train_state import TrainState, create_train_state, train_state_initializer
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -65,6 +65,29 @@ def _is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
+def initial_state(config: ml_collections.ConfigDict, model, tx, image_shape, mesh) -> tuple[TrainState, Any]:
+  """The initial TrainState on `mesh`, and its shardings (ZeRO-1 with `config.shard_optimizer_state`)."""
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(train_state_initializer(model, tx, image_shape), rng)
+  shardings = sharding.train_state_shardings(abstract, mesh, config.shard_optimizer_state)
+  return create_train_state(model, tx, rng, image_shape, shardings), shardings
+
+
+def make_train_step(config: ml_collections.ConfigDict, model, tx, mesh, state_shardings: Any):
+  """The jitted train step: batch split over `mesh`, the state laid out as `state_shardings`.
+
+  Declaring the layout of the state on both sides is what makes ZeRO-1 work: XLA
+  reduces the gradients, updates each device's slice of the optimizer state, and
+  gathers the new parameters.
+  """
+  return jax.jit(
+      functools.partial(steps.train_step, model=model, tx=tx, weight_decay=config.weight_decay,
+                        label_smoothing=config.label_smoothing, skip_nonfinite=config.skip_nonfinite_steps),
+      in_shardings=(state_shardings, sharding.batch_sharded(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.num_train_steps` steps, resuming from `workdir`, and returns the final eval."""
   sharding.check_batch_size(config.batch_size)
@@ -76,8 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = optim.build_optimizer(config)
   schedule = optim.learning_rate_schedule(config)
   mesh = sharding.data_mesh()
-  state = sharding.replicate(create_train_state(model, tx, jax.random.PRNGKey(config.seed), train_ds.image_shape),
-                             mesh)
+  state, state_shardings = initial_state(config, model, tx, train_ds.image_shape, mesh)
 
   checkpoints.check_workdir(workdir, checkpoints.tree_bytes(state) * (config.keep_checkpoints + 1))
   checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints,
@@ -90,12 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = _initialize_from(config.init_checkpoint, state, model, train_ds.image_shape, mesh, progress)
   start_step = int(state.step)
 
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=model, tx=tx, weight_decay=config.weight_decay,
-                        label_smoothing=config.label_smoothing, skip_nonfinite=config.skip_nonfinite_steps),
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-      donate_argnums=0)
+  train_step = make_train_step(config, model, tx, mesh, state_shardings)
   eval_step = eval_lib.make_eval_step(model, mesh)
 
   def evaluate(state: TrainState) -> dict[str, Any]:

@@ -41,8 +41,16 @@ def train_state_initializer(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                       image_shape: tuple[int, int, int]) -> TrainState:
-  """The initial TrainState, compiled (eager init runs op by op and is slower still)."""
-  init = jax.jit(train_state_initializer(model, tx, image_shape))
+                       image_shape: tuple[int, int, int], shardings: Any = None) -> TrainState:
+  """The initial TrainState, compiled (eager init runs op by op and is slower still).
+
+  `shardings` (a TrainState of them, e.g. `sharding.train_state_shardings`) places it
+  straight on a mesh, every process computing its own shards: no host copy, which a
+  multi-process run could not make of a state spread over several hosts.
+  """
+  initializer = train_state_initializer(model, tx, image_shape)
+  # `rng` is closed over, a constant of the program, so no process has to pass in an
+  # array on devices the others do not see.
+  init = jax.jit(lambda: initializer(rng), out_shardings=shardings)
   # Init runs once: XLA's optimization passes would triple its compile time for nothing.
-  return init.lower(rng).compile(compiler_options=RUN_ONCE_COMPILER_OPTIONS)(rng)
+  return init.lower().compile(compiler_options=RUN_ONCE_COMPILER_OPTIONS)()

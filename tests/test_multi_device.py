@@ -1,13 +1,16 @@
-"""One code path for 1 to N devices: 8 fake CPU devices train like 1 (synchronized BN), and
-checkpoints move between device counts. Each device count needs its own process."""
+"""One code path for 1 to N devices: 8 fake CPU devices train like 1 (synchronized BN), ZeRO-1
+changes where the optimizer state lives but no number, and checkpoints move between device
+counts. Each device count needs its own process."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import pytest
 
 from test_train import REPO, _read_params, tiny_config
 
@@ -21,28 +24,108 @@ ARGS = ['--config=configs/digits.py', '--config.num_train_steps=20', '--config.b
         '--config.learning_rate=1e-4', '--config.warmup_steps=0']
 
 
-def _run(script, devices, *args):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  done = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, capture_output=True,
-                        text=True, env=env, timeout=600)
+def _env(devices):
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+
+
+def _last_json(done):
   assert done.returncode == 0, done.stdout + done.stderr
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_eight_devices_train_like_one_and_checkpoints_move_between_device_counts(tmp_path):
-  eight, one = tmp_path / 'eight', tmp_path / 'one'
-  trained_on_8 = _run('train.py', 8, f'--workdir={eight}', *ARGS)
-  trained_on_1 = _run('train.py', 1, f'--workdir={one}', *ARGS)
+def _run(script, devices, *args):
+  return _last_json(subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
+                                   capture_output=True, text=True, env=_env(devices), timeout=600))
+
+
+def _run_code(code, devices, *args):
+  """`code` in a fresh process with `devices` fake CPU devices; its last stdout line as JSON."""
+  return _last_json(subprocess.run([sys.executable, '-c', code, *args], cwd=REPO, capture_output=True, text=True,
+                                   env={**_env(devices), 'PYTHONPATH': REPO}, timeout=600))
+
+
+def _config():
   config = tiny_config(20)
   config.lr_schedule = 'cosine'
-  a, b = _read_params(eight, config, 20), _read_params(one, config, 20)
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained_on_8(tmp_path_factory):
+  """(workdir, final eval) of the ARGS run on 8 devices, everything replicated."""
+  workdir = tmp_path_factory.mktemp('eight')
+  return workdir, _run('train.py', 8, f'--workdir={workdir}', *ARGS)
+
+
+def test_eight_devices_train_like_one_and_checkpoints_move_between_device_counts(tmp_path, trained_on_8):
+  eight, result_on_8 = trained_on_8
+  one = tmp_path / 'one'
+  result_on_1 = _run('train.py', 1, f'--workdir={one}', *ARGS)
+  a, b = _read_params(eight, _config(), 20), _read_params(one, _config(), 20)
   # Batch statistics under jit are over the global batch, so only summation order differs.
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
                          (a.params, a.batch_stats), (b.params, b.batch_stats))
-  assert abs(trained_on_8['loss'] - trained_on_1['loss']) < 1e-5
+  assert abs(result_on_8['loss'] - result_on_1['loss']) < 1e-5
   # Saved on 8 devices, restored on 4 (and on 1 above, by _read_params in this process).
   evaluated_on_4 = _run('eval.py', 4, f'--workdir={eight}', '--config=configs/digits.py',
                         '--config.eval_batch_size=360')
   assert evaluated_on_4['step'] == 20
-  assert abs(evaluated_on_4['loss'] - trained_on_8['loss']) < 1e-5
-  assert evaluated_on_4['top1'] == trained_on_8['top1']
+  assert abs(evaluated_on_4['loss'] - result_on_8['loss']) < 1e-5
+  assert evaluated_on_4['top1'] == result_on_8['top1']
+
+
+def test_zero1_splits_each_array_along_its_largest_axis_the_devices_divide():
+  from jax.sharding import PartitionSpec as P
+  from resnet_flax.sharding import optimizer_state_spec
+  # HWIO kernels: their leading 1, 3 or 7 never divides, their channels do.
+  assert optimizer_state_spec((3, 3, 64, 128), 8) == P(None, None, None, 'data')
+  assert optimizer_state_spec((3, 3, 16, 16), 8) == P(None, None, 'data')
+  assert optimizer_state_spec((1, 1, 256, 10), 8) == P(None, None, 'data')
+  assert optimizer_state_spec((16,), 8) == P('data')
+  assert optimizer_state_spec((10,), 8) == optimizer_state_spec((), 8) == P()  # replicated
+  assert optimizer_state_spec((3, 3, 64, 128), 1) == P()
+
+
+# Trains with train.py's flags, then restores the last checkpoint into ZeRO-1's layout
+# and takes one more step with the library's own jitted step: the optimizer state that
+# step returns is what training holds on the devices.
+ZERO1_RUN = '''
+import json, os, sys
+import jax
+from absl import flags
+from resnet_flax import checkpoints, cli, data, model_builder, optim, sharding, train_lib
+cli.define_flags()
+cli.parse_flags(sys.argv)
+config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+result = train_lib.train_and_evaluate(config, workdir)
+mesh = sharding.data_mesh()
+model, tx = model_builder.build_model(config, 10), optim.build_optimizer(config)
+state, shardings = train_lib.initial_state(config, model, tx, (8, 8, 1), mesh)
+state = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(result['step'], state)
+batch = next(data.build(config.data, 'train', batch_size=config.batch_size, seed=0).train_batches())
+state, _ = train_lib.make_train_step(config, model, tx, mesh, shardings)(state, sharding.to_global_batch(batch, mesh))
+leaves = [{'path': jax.tree_util.keystr(path), 'shape': leaf.shape, 'spec': [str(a) for a in leaf.sharding.spec],
+           'shard': leaf.addressable_shards[0].data.shape}
+          for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)]
+print(json.dumps({'result': result, 'opt_state': leaves}))
+'''
+
+
+def test_zero1_splits_the_optimizer_state_and_changes_no_number(tmp_path, trained_on_8):
+  eight, result_on_8 = trained_on_8
+  run = _run_code(ZERO1_RUN, 8, f'--workdir={tmp_path}', *ARGS, '--config.shard_optimizer_state=True')
+  # The same training: parameters, statistics and optimizer state (restored here on one
+  # device from a checkpoint saved split over 8) as the replicated run's.
+  replicated, split = _read_params(eight, _config(), 20), _read_params(tmp_path, _config(), 20)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), replicated, split)
+  assert abs(run['result']['loss'] - result_on_8['loss']) < 1e-6
+  # Every optimizer-state array with an axis 8 divides lives 1/8 on each device.
+  for leaf in run['opt_state']:
+    if any(size % 8 == 0 for size in leaf['shape']):
+      assert 'data' in leaf['spec'] and math.prod(leaf['shard']) * 8 == math.prod(leaf['shape']), leaf
+    else:
+      assert leaf['shard'] == leaf['shape'], leaf
+  held = sum(math.prod(leaf['shard']) for leaf in run['opt_state'])
+  total = sum(math.prod(leaf['shape']) for leaf in run['opt_state'])
+  assert held < 0.13 * total, (held, total)
+

@@ -76,18 +76,27 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 64  # global, over all devices and hosts
   config.eval_batch_size = 0  # 0: batch_size
   config.num_train_steps = 600
-  config.optimizer = 'sgd'  # 'sgd' | 'adamw'
+  config.optimizer = 'sgd'  # 'sgd' | 'adamw' | 'lars' (large batches; momentum and nesterov apply)
   config.learning_rate = 0.1
   config.lr_batch_size = 0  # > 0: learning rate scales by batch_size / lr_batch_size
-  config.lr_schedule = 'cosine'  # 'cosine' | 'step' | 'constant', after linear warm-up
+  config.lr_schedule = 'cosine'  # 'cosine' | 'step' | 'constant' | 'polynomial', after linear warm-up
   config.warmup_steps = 50
   config.lr_boundaries = (0.3, 0.6, 0.8)  # 'step': fractions of num_train_steps
   config.lr_decay_factor = 0.1  # 'step': multiplier at each boundary
+  config.lr_end = 1e-4  # 'polynomial': the rate it decays to (MLPerf's end learning rate)
+  config.lr_power = 2.0  # 'polynomial': (peak - end) * (1 - t / T) ** power + end
   config.momentum = 0.9
   config.nesterov = True
   config.weight_decay = 1e-4  # slim's L2 on conv weights: 0.5 * wd * sum(w ** 2)
   config.label_smoothing = 0.0
   config.skip_nonfinite_steps = False  # True: a NaN/Inf step leaves the state as it was
+  # optimizer='lars': layer-wise trust ratio, weight decay added to the gradient; both on
+  # conv/dense kernels only (not biases, not BN's gamma/beta), as MLPerf's ResNet runs do.
+  config.lars = ml_collections.ConfigDict({
+      'weight_decay': 1e-4,  # set config.weight_decay = 0 to drop slim's L2 from the loss
+      'trust_coefficient': 0.001,  # eta: ratio = eta * |w| / |g + wd * w|
+      'eps': 0.0,  # added to the ratio's denominator
+  })
 
   # Scaling out (README: Scaling out).
   # ZeRO-1: split the optimizer state over the devices (each keeps 1/N) instead of

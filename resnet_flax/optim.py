@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import ml_collections
 import optax
+
+SCHEDULES = ('cosine', 'step', 'constant', 'polynomial')
+OPTIMIZERS = ('sgd', 'adamw', 'lars')
 
 
 def base_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -16,8 +22,16 @@ def base_learning_rate(config: ml_collections.ConfigDict) -> float:
   return config.learning_rate
 
 
+def _after_warmup(peak: float, warmup: int, schedule: optax.Schedule) -> optax.Schedule:
+  """Linear warm-up from 0 to `peak` over `warmup` steps, then `schedule` (counted from 0)."""
+  if not warmup:
+    return schedule
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), schedule], [warmup])
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0, then cosine to 0 or steps down by `lr_decay_factor`."""
+  """Linear warm-up from 0, then cosine to 0, steps down by `lr_decay_factor`, stays
+  constant, or decays polynomially to `lr_end` (MLPerf's large-batch schedule)."""
   peak = base_learning_rate(config)
   total = config.num_train_steps
   warmup = min(config.warmup_steps, total)
@@ -25,19 +39,41 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end_value=0.0)
   if config.lr_schedule == 'step':
     boundaries = {int(fraction * total): config.lr_decay_factor for fraction in config.lr_boundaries}
-    decay = optax.piecewise_constant_schedule(peak, boundaries)
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup]) if warmup else decay
+    return _after_warmup(peak, warmup, optax.piecewise_constant_schedule(peak, boundaries))
   if config.lr_schedule == 'constant':
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
-                                [warmup]) if warmup else optax.constant_schedule(peak)
-  raise ValueError(f"config.lr_schedule={config.lr_schedule!r} is unknown; use 'cosine', 'step' or 'constant'.")
+    return _after_warmup(peak, warmup, optax.constant_schedule(peak))
+  if config.lr_schedule == 'polynomial':
+    # (peak - end) * (1 - t / T) ** power + end with T = total - warmup + 1, as MLPerf's
+    # reference (image_classification/tensorflow2/lars_util.py): the last step's rate
+    # stays just above `lr_end`.
+    decay = optax.polynomial_schedule(peak, config.lr_end, config.lr_power, total - warmup + 1)
+    return _after_warmup(peak, warmup, decay)
+  raise ValueError(f'config.lr_schedule={config.lr_schedule!r} is unknown; use one of {SCHEDULES}.')
+
+
+def kernels_only(params: Any) -> Any:
+  """True for conv and fully connected kernels (`weights`), False for biases and BN's gamma/beta.
+
+  LARS as MLPerf runs it leaves BN parameters and biases out of both weight decay and
+  the trust ratio (its `skip_list=['batch_normalization', 'bias']`).
+  """
+  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], 'key', None) == 'weights', params)
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """SGD with (Nesterov) momentum on the schedule; L2 is in the loss, as in slim."""
+  """SGD with (Nesterov) momentum, AdamW or LARS on the schedule.
+
+  `config.weight_decay` is slim's L2 in the loss (for every optimizer); LARS adds its
+  own `config.lars.weight_decay` to the gradient of the kernels, before the trust ratio.
+  """
   schedule = learning_rate_schedule(config)
   if config.optimizer == 'sgd':
     return optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
   if config.optimizer == 'adamw':
     return optax.adamw(schedule, weight_decay=0.0)
-  raise ValueError(f"config.optimizer={config.optimizer!r} is unknown; use 'sgd' or 'adamw'.")
+  if config.optimizer == 'lars':
+    lars = config.lars
+    return optax.lars(schedule, weight_decay=lars.weight_decay, weight_decay_mask=kernels_only,
+                      trust_coefficient=lars.trust_coefficient, eps=lars.eps, trust_ratio_mask=kernels_only,
+                      momentum=config.momentum, nesterov=config.nesterov)
+  raise ValueError(f'config.optimizer={config.optimizer!r} is unknown; use one of {OPTIMIZERS}.')

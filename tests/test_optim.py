@@ -1,0 +1,87 @@
+"""Schedules and optimizers against hand computations: MLPerf's warm-up + polynomial decay, LARS."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default, imagenet_resnet_v1_50_lars
+from resnet_flax import optim
+
+
+def _config(**fields):
+  config = default.get_config()
+  config.update(fields)
+  return config
+
+
+def test_polynomial_schedule_is_mlperfs():
+  config = _config(lr_schedule='polynomial', learning_rate=2.0, warmup_steps=2, num_train_steps=10, lr_end=0.01,
+                   lr_power=2.0)
+  schedule = optim.learning_rate_schedule(config)
+  # MLPerf's lars_util.py: peak * t / warmup up to the warm-up, then
+  # (peak - end) * (1 - (t - warmup) / T) ** 2 + end with T = total - warmup + 1 = 9.
+  expected = {0: 0.0, 1: 1.0, 2: 2.0, 3: 1.99 * (8 / 9) ** 2 + 0.01, 6: 1.99 * 25 / 81 + 0.01,
+              9: 1.99 * 4 / 81 + 0.01, 11: 0.01, 50: 0.01}
+  for step, value in expected.items():
+    assert float(schedule(step)) == pytest.approx(value, rel=1e-6, abs=1e-7), step
+  no_warmup = optim.learning_rate_schedule(_config(lr_schedule='polynomial', learning_rate=2.0, warmup_steps=0,
+                                                   num_train_steps=3, lr_end=0.0, lr_power=1.0))
+  assert [float(no_warmup(t)) for t in range(4)] == pytest.approx([2.0, 1.5, 1.0, 0.5])
+
+
+def test_unknown_schedule_and_optimizer_name_the_choices():
+  with pytest.raises(ValueError, match="lr_schedule='poly' is unknown.*'polynomial'"):
+    optim.learning_rate_schedule(_config(lr_schedule='poly'))
+  with pytest.raises(ValueError, match="optimizer='lamb' is unknown.*'lars'"):
+    optim.build_optimizer(_config(optimizer='lamb'))
+
+
+def test_lars_decays_and_scales_kernels_only():
+  params = {'conv1': {'weights': jnp.array([[3.0, 0.0], [0.0, 4.0]]), 'biases': jnp.array([1.0, -1.0])},
+            'BatchNorm': {'gamma': jnp.array([1.0, 2.0]), 'beta': jnp.array([0.5, 0.0])}}
+  grads = [jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), params),
+           jax.tree_util.tree_map(lambda p: jnp.full_like(p, -1.0), params)]
+  config = _config(optimizer='lars', lr_schedule='constant', learning_rate=0.5, warmup_steps=0, momentum=0.9,
+                   nesterov=False)
+  config.lars.update(weight_decay=0.1, trust_coefficient=0.02, eps=0.0)
+  assert optim.kernels_only(params) == {'conv1': {'weights': True, 'biases': False},
+                                        'BatchNorm': {'gamma': False, 'beta': False}}
+  tx = optim.build_optimizer(config)
+  state, current, trajectory = tx.init(params), params, []
+  for grad in grads:
+    updates, state = tx.update(grad, state, current)
+    current = optax.apply_updates(current, updates)
+    trajectory.append(current)
+  # The first kernel step by the numbers: u = 0.5 + 0.1 * w = [[.8, .5], [.5, .9]],
+  # |u| = sqrt(1.95), |w| = 5, so w[0, 0] = 3 - 0.5 * (0.02 * 5 / sqrt(1.95)) * 0.8.
+  assert float(trajectory[0]['conv1']['weights'][0, 0]) == pytest.approx(3 - 0.04 / np.sqrt(1.95), rel=1e-6)
+  assert float(trajectory[0]['BatchNorm']['gamma'][0]) == pytest.approx(1.0 - 0.5 * 0.5)  # plain SGD
+
+  # By hand: kernels get u = g + wd * w, scaled by eta * |w| / |u|; everything else the
+  # plain gradient; then -lr, and momentum m = step + 0.9 * m (the first m is the step).
+  def by_hand(w, grads_of_w, kernel):
+    momentum = np.zeros_like(w)
+    for g in grads_of_w:
+      u = g + 0.1 * w if kernel else g
+      ratio = 0.02 * np.linalg.norm(w) / np.linalg.norm(u) if kernel else 1.0
+      momentum = -0.5 * ratio * u + 0.9 * momentum
+      w = w + momentum
+    return w
+
+  for (layer, name), kernel in [(('conv1', 'weights'), True), (('conv1', 'biases'), False),
+                                (('BatchNorm', 'gamma'), False), (('BatchNorm', 'beta'), False)]:
+    expected = by_hand(np.asarray(params[layer][name]), [np.asarray(g[layer][name]) for g in grads], kernel)
+    np.testing.assert_allclose(current[layer][name], expected, rtol=1e-6, err_msg=f'{layer}/{name}')
+
+
+def test_lars_config_is_mlperfs_32k_recipe():
+  config = imagenet_resnet_v1_50_lars.get_config()
+  assert (config.batch_size, config.optimizer, config.weight_decay, config.lars.weight_decay) == (32768, 'lars', 0.0,
+                                                                                                 1e-4)
+  schedule = optim.learning_rate_schedule(config)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(config.warmup_steps)) == pytest.approx(31.2)
+  assert float(schedule(config.num_train_steps)) == pytest.approx(1e-4, rel=0.1)
+  optim.build_optimizer(config)

@@ -1,0 +1,36 @@
+"""Atomic file writes: a reader (or an interrupted sweep) never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, IO
+
+
+def write_atomically(path: str, write: Callable[[IO], None], mode: str = 'w') -> None:
+  """Calls `write(file)` on a temporary file next to `path`, then renames it into place."""
+  temporary = f'{path}.tmp'
+  with open(temporary, mode, **({} if 'b' in mode else {'encoding': 'utf-8', 'newline': ''})) as file:
+    write(file)
+    file.flush()
+    os.fsync(file.fileno())
+  os.replace(temporary, path)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes UTF-8 text atomically."""
+  write_atomically(path, lambda file: file.write(text))
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` as indented JSON, atomically."""
+  write_text(path, json.dumps(value, indent=2, sort_keys=True) + '\n')
+
+
+def read_json(path: str) -> Any:
+  """The parsed file, or None when it does not exist."""
+  try:
+    with open(path, encoding='utf-8') as file:
+      return json.load(file)
+  except FileNotFoundError:
+    return None

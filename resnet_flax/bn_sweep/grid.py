@@ -1,0 +1,100 @@
+"""Expands `config.sweep` into runs: stable readable names, each the base config with overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+  """One grid field: where it goes in the run's config and how it reads in a run name."""
+  field: str  # in config.sweep
+  config_path: str  # dotted, in the run's config
+  prefix: str  # in the run name
+  kind: type  # float, bool or int
+
+
+AXES = (
+    Axis('decay', 'bn.decay', 'decay', float),
+    Axis('zero_debias_moving_mean', 'bn.zero_debias_moving_mean', 'debias', bool),
+    Axis('batch_size', 'batch_size', 'bs', int),
+    Axis('num_train_steps', 'num_train_steps', 'steps', int),
+)
+SETTINGS = tuple(axis.field for axis in AXES)
+
+
+@dataclasses.dataclass
+class Run:
+  """One point of the grid."""
+  name: str  # e.g. decay0.99_debias1_bs32_steps200, the directory under WORKDIR/runs
+  settings: dict[str, Any]  # {axis field: value}
+  config: ml_collections.ConfigDict  # what train_and_evaluate gets
+
+
+def _format(value: Any) -> str:
+  if isinstance(value, bool):
+    return str(int(value))
+  # repr() is the shortest exact form: 0.999 stays '0.999' and 0.9999999 does not round to '1'.
+  return repr(value)
+
+
+def run_name(settings: dict[str, Any]) -> str:
+  """`decay0.99_debias1_bs32_steps200`: every axis, so a name never changes with the grid's size."""
+  return '_'.join(axis.prefix + _format(settings[axis.field]) for axis in AXES)
+
+
+def _values(sweep: ml_collections.ConfigDict, field: str) -> tuple:
+  values = sweep[field]
+  values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
+  if not values:
+    raise ValueError(f'config.sweep.{field} is empty; give at least one value.')
+  return values
+
+
+def _settings(values: tuple) -> dict[str, Any]:
+  """Checked values of one combination, each as its axis's type."""
+  raw = dict(zip(SETTINGS, values))
+  if not (isinstance(raw['decay'], (int, float)) and 0.0 <= raw['decay'] < 1.0):
+    raise ValueError(f"config.sweep.decay: {raw['decay']!r} is not a number in [0, 1).")
+  for field in ('batch_size', 'num_train_steps'):
+    if isinstance(raw[field], bool) or not isinstance(raw[field], int) or raw[field] <= 0:
+      raise ValueError(f'config.sweep.{field}: {raw[field]!r} is not a positive integer.')
+  return {axis.field: axis.kind(raw[axis.field]) for axis in AXES}
+
+
+def run_config(base: ml_collections.ConfigDict, settings: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The base config without `sweep`, with the run's settings and the sweep's eval interval."""
+  config = base.copy_and_resolve_references()
+  with config.unlocked():
+    del config['sweep']  # A run's config is a plain training config, compared on resume.
+  for axis in AXES:
+    *parents, leaf = axis.config_path.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = settings[axis.field]
+  config.eval_every_steps = int(base.sweep.eval_every_steps)
+  return config
+
+
+def expand(config: ml_collections.ConfigDict) -> list[Run]:
+  """Every combination of the grid axes, decay varying slowest; a 1-tuple axis is fixed."""
+  if 'sweep' not in config:
+    raise ValueError('the config has no `sweep` field; pass --config=configs/bn_sweep.py (or a variant of it).')
+  for field in ('eval_every_steps', 'recalibration_batches'):
+    value = config.sweep[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValueError(f'config.sweep.{field}: {value!r} is not an integer >= 0.')
+  runs = []
+  for values in itertools.product(*(_values(config.sweep, axis.field) for axis in AXES)):
+    settings = _settings(values)
+    runs.append(Run(run_name(settings), settings, run_config(config, settings)))
+  names = [run.name for run in runs]
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:
+    raise ValueError(f'config.sweep repeats a value: {repeated[0]} would run twice.')
+  return runs

@@ -1,0 +1,148 @@
+"""Trains each unfinished run in WORKDIR/runs/<name>/ and records its BN discrepancy numbers.
+
+A run is finished when its result.json exists, written last and atomically. An interrupted
+sweep started again skips finished runs; a half-done run resumes from its own checkpoints
+(train_and_evaluate's resume), and a trained run without result.json only evaluates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import ml_collections
+
+from resnet_flax import bn_diagnostics, train_lib
+from resnet_flax.bn_sweep import files, grid
+
+# Fields that change how a run is logged or saved, not what it computes: a run may resume
+# under different values of these.
+_BOOKKEEPING = frozenset({'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                          'async_checkpointing'})
+
+
+def run_directory(workdir: str, name: str) -> str:
+  """WORKDIR/runs/<name>: the run's checkpoints, metrics.jsonl, config.json and result.json."""
+  return os.path.join(workdir, 'runs', name)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _training_fields(config_json: dict[str, Any]) -> dict[str, Any]:
+  return {key: value for key, value in _flatten(config_json).items() if key not in _BOOKKEEPING}
+
+
+def check_same_config(directory: str, config: ml_collections.ConfigDict) -> None:
+  """Stores a run's config on its first start; a later start must train the same way.
+
+  Otherwise the table would silently mix checkpoints of two configs under one name (a
+  rerun with, say, another --config.learning_rate into the same workdir). Fields only one
+  side has (a field added to the code since) are not compared.
+  """
+  path = os.path.join(directory, 'config.json')
+  current = json.loads(json.dumps(config.to_dict()))  # tuples as JSON lists, as stored
+  stored = files.read_json(path)
+  if stored is None:
+    files.write_json(path, current)
+    return
+  stored_fields, current_fields = _training_fields(stored), _training_fields(current)
+  changed = sorted(key for key in stored_fields.keys() & current_fields.keys()
+                   if stored_fields[key] != current_fields[key])
+  if changed:
+    key = changed[0]
+    raise ValueError(f'{directory} was trained with {key}={stored_fields[key]!r}, this sweep has '
+                     f'{current_fields[key]!r}; use another --workdir or delete that run directory.')
+
+
+def eval_curve(directory: str) -> list[dict[str, float]]:
+  """{'step', 'top1', 'loss'} of every evaluation in the run's metrics.jsonl, by step.
+
+  A run resumed from an earlier checkpoint logs some steps again: the last record of a step
+  wins. A line cut short by a kill is skipped.
+  """
+  by_step = {}
+  with open(os.path.join(directory, 'metrics.jsonl'), encoding='utf-8') as file:
+    for line in file:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if 'eval/top1' in record:
+        by_step[int(record['step'])] = {'step': int(record['step']), 'top1': record['eval/top1'],
+                                        'loss': record['eval/loss']}
+  return [by_step[step] for step in sorted(by_step)]
+
+
+def _metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+  if metrics is None:
+    return None
+  return {'top1': float(metrics['top1']), 'loss': float(metrics['loss']), 'num_examples': int(metrics['num_examples'])}
+
+
+def summarize(run: grid.Run, report: dict[str, Any], curve: list[dict[str, float]], recalibration_batches: int,
+              seconds: float) -> dict[str, Any]:
+  """A run's result.json: its settings, the discrepancy report at its batch size, the gap, its curve."""
+  moving = _metrics(report['moving'])
+  batch = _metrics(report['batch'][run.settings['batch_size']])
+  return {
+      'name': run.name,
+      'settings': run.settings,
+      'step': int(report['step']),
+      'eval_split': run.config.eval_split,
+      'moving': moving,
+      'batch': batch,
+      'recalibrated': _metrics(report['recalibrated']),
+      'recalibration_batches': recalibration_batches,
+      'gap': batch['top1'] - moving['top1'],  # batch-statistics top-1 minus moving-statistics top-1
+      'curve': curve,
+      'seconds': seconds,  # this start's wall time: training left to do, evaluations, diagnostics
+  }
+
+
+def is_finished(result: dict[str, Any] | None, recalibration_batches: int) -> bool:
+  """Whether a stored result answers this sweep; another recalibration count redoes only the diagnostics."""
+  return result is not None and result.get('recalibration_batches') == recalibration_batches
+
+
+def run_one(run: grid.Run, workdir: str, recalibration_batches: int) -> dict[str, Any]:
+  """Trains (or resumes) one run, measures its BN discrepancy and writes its result.json."""
+  directory = run_directory(workdir, run.name)
+  os.makedirs(directory, exist_ok=True)
+  check_same_config(directory, run.config)
+  start = time.perf_counter()
+  train_lib.train_and_evaluate(run.config, directory)
+  report = bn_diagnostics.discrepancy_report(run.config, workdir=directory,
+                                             batch_sizes=(run.settings['batch_size'],),
+                                             recalibration_batches=recalibration_batches)
+  result = summarize(run, report, eval_curve(directory), recalibration_batches, time.perf_counter() - start)
+  files.write_json(os.path.join(directory, 'result.json'), result)
+  return result
+
+
+def run_all(runs: list[grid.Run], workdir: str, recalibration_batches: int,
+            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """The result of every run, in grid order; unfinished runs are run first."""
+  results = []
+  for index, run in enumerate(runs, 1):
+    directory = run_directory(workdir, run.name)
+    result = files.read_json(os.path.join(directory, 'result.json'))
+    if is_finished(result, recalibration_batches):
+      check_same_config(directory, run.config)
+      log(f'[{index}/{len(runs)}] {run.name}: finished before, skipped.')
+    else:
+      log(f'[{index}/{len(runs)}] {run.name}: running in {directory}')
+      result = run_one(run, workdir, recalibration_batches)
+      log(f"[{index}/{len(runs)}] {run.name}: top-1 {result['moving']['top1']:.4f} with moving statistics, "
+          f"gap {result['gap']:+.4f}, {result['seconds']:.1f} s")
+    results.append(result)
+  return results

@@ -1,0 +1,200 @@
+"""BN sweeps: grid expansion and run names, a 2x2 grid end to end (tables, plots), resume."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from configs import bn_sweep as bn_sweep_config
+from configs import digits
+from resnet_flax import bn_sweep
+from resnet_flax.bn_sweep import grid, runner, tables
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+# The CI grid: decay x zero-debias on tiny runs of digits. The same overrides go to the
+# library and, as flags, to the command line, which must then find the same runs. The tiny
+# model has every code path of the digits one; tracing, not arithmetic, is the cost here.
+TINY = {
+    'model': 'resnet_v1_tiny',
+    'model_options.include_root_block': False,
+    'sweep.decay': (0.9, 0.99),
+    'sweep.zero_debias_moving_mean': (False, True),
+    'sweep.batch_size': (16,),
+    'sweep.num_train_steps': (20,),
+    'sweep.eval_every_steps': 10,
+    'sweep.recalibration_batches': 2,
+    'eval_batch_size': 120,
+    'warmup_steps': 0,
+    'checkpoint_every_steps': 20,
+    'log_every_steps': 10,
+    'async_checkpointing': False,
+}
+TINY_NAMES = ['decay0.9_debias0_bs16_steps20', 'decay0.9_debias1_bs16_steps20',
+              'decay0.99_debias0_bs16_steps20', 'decay0.99_debias1_bs16_steps20']
+
+
+def _config(overrides=None, **sweep):
+  config = bn_sweep_config.get_config()
+  for path, value in (overrides or {}).items():
+    *parents, leaf = path.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  config.sweep.update(sweep)
+  return config
+
+
+def _flag(value):
+  return '(' + ''.join(f'{item},' for item in value) + ')' if isinstance(value, tuple) else str(value)
+
+
+def test_grid_is_the_product_with_every_axis_in_the_name():
+  runs = grid.expand(_config(decay=(0.9, 0.999), zero_debias_moving_mean=(False, True), batch_size=(32,),
+                             num_train_steps=(200,)))
+  assert [run.name for run in runs] == ['decay0.9_debias0_bs32_steps200', 'decay0.9_debias1_bs32_steps200',
+                                        'decay0.999_debias0_bs32_steps200', 'decay0.999_debias1_bs32_steps200']
+  assert runs[3].settings == {'decay': 0.999, 'zero_debias_moving_mean': True, 'batch_size': 32,
+                              'num_train_steps': 200}
+
+
+def test_default_grid_is_decay_by_zero_debias():
+  runs = grid.expand(bn_sweep_config.get_config())
+  assert [run.name for run in runs] == [f'decay{decay}_debias{debias}_bs32_steps150'
+                                        for decay in (0.9, 0.99, 0.999) for debias in (0, 1)]
+
+
+def test_run_config_is_the_base_with_the_settings():
+  base = _config({'learning_rate': 0.05, 'data.name': 'synthetic'}, decay=(0.99,), zero_debias_moving_mean=(True,),
+                 batch_size=(32,), num_train_steps=(200,), eval_every_steps=40)
+  (run,) = grid.expand(base)
+  assert run.name == 'decay0.99_debias1_bs32_steps200'
+  config = run.config
+  assert (config.bn.decay, config.bn.zero_debias_moving_mean, config.batch_size, config.num_train_steps,
+          config.eval_every_steps) == (0.99, True, 32, 200, 40)
+  assert config.learning_rate == 0.05 and config.data.name == 'synthetic'
+  assert 'sweep' not in config
+  assert base.bn.decay == 0.9 and base.batch_size == 64  # the base is left as it was
+
+
+def test_run_names_are_exact():
+  settings = {'decay': 0.9999999, 'zero_debias_moving_mean': False, 'batch_size': 8, 'num_train_steps': 5}
+  assert grid.run_name(settings) == 'decay0.9999999_debias0_bs8_steps5'
+
+
+@pytest.mark.parametrize('sweep, message', [
+    ({'decay': ()}, 'config.sweep.decay is empty'),
+    ({'decay': (1.0,)}, 'config.sweep.decay: 1.0 is not a number in [0, 1)'),
+    ({'batch_size': (0,)}, 'config.sweep.batch_size: 0 is not a positive integer'),
+    ({'decay': (0.9, 0.9)}, 'would run twice'),
+    ({'recalibration_batches': -1}, 'config.sweep.recalibration_batches: -1'),
+])
+def test_grid_errors_name_the_field(sweep, message):
+  with pytest.raises(ValueError, match=message.replace('[', r'\[').replace('(', r'\(').replace(')', r'\)')):
+    grid.expand(_config(**sweep))
+
+
+def test_a_config_without_sweep_says_which_to_use():
+  with pytest.raises(ValueError, match='configs/bn_sweep.py'):
+    grid.expand(digits.get_config())
+
+
+
+def _fake_result(decay, recalibrated):
+  metrics = lambda top1: {'top1': top1, 'loss': 1.0, 'num_examples': 360}
+  return {'name': f'decay{decay}', 'settings': {'decay': decay, 'zero_debias_moving_mean': True, 'batch_size': 32,
+                                                'num_train_steps': 150},
+          'step': 150, 'eval_split': 'test', 'moving': metrics(0.5), 'batch': dict(metrics(0.875), num_examples=352),
+          'recalibrated': metrics(recalibrated) if recalibrated is not None else None, 'recalibration_batches': 20,
+          'gap': 0.375, 'curve': [{'step': 150, 'top1': 0.5, 'loss': 1.0}], 'seconds': 1.0}
+
+
+def test_markdown_table_rows():
+  table = tables.markdown_table([_fake_result(0.999, 0.96), _fake_result(0.9, None)]).splitlines()
+  assert table[0].startswith('Final test top-1 (360 examples) with moving statistics')
+  assert table[4:] == ['| 0.999 | yes | 32 | 150 | 50.00% | 87.50% | 96.00% | +37.50 |',
+                       '| 0.9 | yes | 32 | 150 | 50.00% | 87.50% | — | +37.50 |']
+  row = tables.result_row(_fake_result(0.9, None))
+  assert (row['recalibrated_top1'], row['num_examples'], row['batch_num_examples']) == ('', 360, 352)
+
+
+def test_a_run_directory_refuses_another_training_config(tmp_path):
+  (run,) = grid.expand(_config(decay=(0.9,), zero_debias_moving_mean=(False,), batch_size=(16,)))
+  runner.check_same_config(str(tmp_path), run.config)
+  run.config.eval_every_steps = 7  # bookkeeping: may change between starts
+  runner.check_same_config(str(tmp_path), run.config)
+  run.config.learning_rate = 0.05
+  with pytest.raises(ValueError, match='was trained with learning_rate=0.1, this sweep has 0.05'):
+    runner.check_same_config(str(tmp_path), run.config)
+
+@pytest.fixture(scope='module')
+def sweep_dir(tmp_path_factory):
+  """The tiny grid, run once for the tests below (which copy it before changing anything)."""
+  workdir = tmp_path_factory.mktemp('sweep')
+  bn_sweep.run_sweep(_config(TINY), str(workdir), log=lambda message: None)
+  return workdir
+
+
+def test_sweep_writes_tables_and_plots(sweep_dir):
+  with open(sweep_dir / 'results.csv', newline='', encoding='utf-8') as file:
+    rows = list(csv.DictReader(file))
+  assert tuple(rows[0]) == tables.RESULT_COLUMNS
+  assert [row['name'] for row in rows] == TINY_NAMES
+  for row in rows:
+    assert row['step'] == '20' and row['batch_size'] == '16' and row['num_examples'] == '360'
+    for column in ('moving_top1', 'batch_top1', 'recalibrated_top1'):
+      assert 0.0 <= float(row[column]) <= 1.0, column
+    assert float(row['gap']) == pytest.approx(float(row['batch_top1']) - float(row['moving_top1']))
+  assert [(row['decay'], row['zero_debias_moving_mean']) for row in rows] == [
+      ('0.9', 'False'), ('0.9', 'True'), ('0.99', 'False'), ('0.99', 'True')]
+
+  with open(sweep_dir / 'curves.csv', newline='', encoding='utf-8') as file:
+    curves = list(csv.DictReader(file))
+  assert [(row['name'], row['step']) for row in curves] == [
+      (name, step) for name in TINY_NAMES for step in ('10', '20')]
+  final = {row['name']: row['eval_top1'] for row in curves if row['step'] == '20'}
+  assert all(float(final[row['name']]) == pytest.approx(float(row['moving_top1'])) for row in rows)
+
+  table = (sweep_dir / 'results.md').read_text(encoding='utf-8').splitlines()
+  assert table[2].startswith('| decay | zero-debias | batch size | steps | moving stats | batch stats | recalibrated')
+  assert len([line for line in table if line.startswith('| 0.9')]) == 4
+  assert '| 0.99 | yes | 16 | 20 |' in table[-1]
+
+  for name in ('accuracy_vs_step.png', 'gap_vs_decay.png'):
+    content = (sweep_dir / name).read_bytes()
+    assert content.startswith(PNG_SIGNATURE) and len(content) > 10_000, name
+  assert not [path for path in sweep_dir.rglob('*.tmp')]
+
+
+def _mtimes(workdir, file_name):
+  return {name: os.stat(workdir / 'runs' / name / file_name).st_mtime_ns for name in TINY_NAMES}
+
+
+def test_same_command_again_skips_finished_runs_and_redoes_one_without_result(sweep_dir, tmp_path):
+  """The grid given as flags names the same runs; only the one without result.json runs, untrained."""
+  workdir = tmp_path / 'sweep'
+  shutil.copytree(sweep_dir, workdir)
+  redone = TINY_NAMES[1]
+  os.remove(workdir / 'runs' / redone / 'result.json')
+  os.remove(workdir / 'results.md')
+  results_before, metrics_before = _mtimes(sweep_dir, 'result.json'), _mtimes(workdir, 'metrics.jsonl')
+
+  flags = [f'--config.{path}={_flag(value)}' for path, value in TINY.items()]
+  completed = subprocess.run([sys.executable, '-m', 'resnet_flax.bn_sweep', '--config=configs/bn_sweep.py',
+                              f'--workdir={workdir}', *flags], cwd=REPO, capture_output=True, text=True)
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  assert completed.stdout.count('finished before, skipped') == 3
+  assert f'{redone}: running' in completed.stdout
+  results_after = _mtimes(workdir, 'result.json')
+  assert {name for name in TINY_NAMES if results_after[name] != results_before[name]} == {redone}
+  # The redone run's training had finished: its checkpoint is evaluated, nothing is trained or logged.
+  assert _mtimes(workdir, 'metrics.jsonl') == metrics_before
+  old, new = (runner.files.read_json(str(root / 'runs' / redone / 'result.json')) for root in (sweep_dir, workdir))
+  assert {key: new[key] for key in ('step', 'moving', 'batch', 'recalibrated', 'curve')} == {
+      key: old[key] for key in ('step', 'moving', 'batch', 'recalibrated', 'curve')}
+  assert (workdir / 'results.md').read_text() == (sweep_dir / 'results.md').read_text()

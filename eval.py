@@ -7,7 +7,7 @@ import json
 
 from absl import app, flags
 
-from resnet_flax import cli, eval_lib
+from resnet_flax import cli, distributed, eval_lib
 
 cli.define_flags()
 flags.DEFINE_string('checkpoint', None, 'A checkpoint: <workdir>/checkpoints/<step>, a directory written by '
@@ -20,6 +20,7 @@ def main(argv):
   del argv
 
   def run():
+    distributed.initialize(FLAGS.config.distributed)  # Before anything else touches JAX.
     if FLAGS.workdir is None and FLAGS.checkpoint is None:
       raise ValueError('pass --workdir=DIR (latest checkpoint in it) or --checkpoint=PATH.')
     result = eval_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)

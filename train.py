@@ -5,7 +5,7 @@ import time
 
 from absl import app, flags
 
-from resnet_flax import cli, train_lib
+from resnet_flax import cli, distributed, train_lib
 
 cli.define_flags()
 FLAGS = flags.FLAGS
@@ -16,6 +16,7 @@ def main(argv):
   start = time.time()
 
   def run():
+    distributed.initialize(FLAGS.config.distributed)  # Before anything else touches JAX.
     workdir = FLAGS.workdir or '/tmp/resnet_flax'
     result = train_lib.train_and_evaluate(FLAGS.config, workdir)
     if 'top1' in result:

@@ -102,6 +102,18 @@ def get_config() -> ml_collections.ConfigDict:
   # ZeRO-1: split the optimizer state over the devices (each keeps 1/N) instead of
   # replicating it; parameters and statistics stay replicated. Same numbers either way.
   config.shard_optimizer_state = False
+  # Multi-host: jax.distributed.initialize() before anything else (resnet_flax/distributed.py).
+  config.distributed = ml_collections.ConfigDict({
+      # 'auto': join when the fields below, JAX_COORDINATOR_ADDRESS or a cluster JAX detects
+      # (SLURM, Open MPI, Cloud TPU, Kubernetes) give more than one process; 'on': always
+      # call jax.distributed.initialize(); 'off': one process, never call it.
+      'mode': 'auto',
+      'coordinator_address': config_dict.placeholder(str),  # 'host:port' of process 0
+      'num_processes': config_dict.placeholder(int),
+      'process_id': config_dict.placeholder(int),  # 0 .. num_processes - 1
+      # Force one of JAX's detectors: 'slurm' | 'ompi' | 'gcetpu' | 'gketpu' | 'k8s' | 'mpi4py'.
+      'cluster_detection_method': config_dict.placeholder(str),
+  })
 
   # Bookkeeping.
   config.seed = 0

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(ValueError):
@@ -36,7 +38,11 @@ def abstract_like(state: Any) -> Any:
 class Checkpointer:
   """`workdir/checkpoints/<step>`, written asynchronously; orbax commits each step
   atomically (temporary directory, then rename), so an interrupted save never
-  shows up as a checkpoint."""
+  shows up as a checkpoint.
+
+  Multi-host: every process calls `save` and `restore` alike (on a directory they all
+  see); each writes the shards it holds and process 0 commits the step.
+  """
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
@@ -70,9 +76,13 @@ class Checkpointer:
         continue
       if failed_steps:
         # An older one fits the config, so the newer ones are damaged, not foreign: set them
-        # aside (kept for inspection) so this run can save those steps again.
-        for bad in failed_steps:
-          os.rename(os.path.join(self.directory, str(bad)), os.path.join(self.directory, f'{bad}.damaged'))
+        # aside (kept for inspection) so this run can save those steps again. One process
+        # renames; the others wait for it before they look at the directory again.
+        if jax.process_index() == 0:
+          for bad in failed_steps:
+            os.rename(os.path.join(self.directory, str(bad)), os.path.join(self.directory, f'{bad}.damaged'))
+        if jax.process_count() > 1:
+          multihost_utils.sync_global_devices('resnet_flax: damaged checkpoints set aside')
         self._manager.reload()
         report(f'Set aside damaged checkpoint(s) {failed_steps} as <step>.damaged; resuming from step {step}.')
       return state, step
@@ -98,7 +108,8 @@ def check_workdir(workdir: str, needed_bytes: int) -> None:
   """Fails now, not hours in, if `workdir` cannot be written or lacks room for the checkpoints."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_probe_{os.getpid()}')
+    # Every process of a multi-host run probes the same shared directory.
+    probe = os.path.join(workdir, f'.write_probe_{socket.gethostname()}_{os.getpid()}')
     with open(probe, 'wb') as file:
       file.write(b'0' * 4096)
       file.flush()

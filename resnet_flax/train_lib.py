@@ -7,11 +7,12 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from resnet_flax import checkpoints, data, eval_lib, model_builder, optim, pretrained, sharding, steps
 from resnet_flax.metrics_writer import MetricsWriter
@@ -23,13 +24,21 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced NaN or Inf; the message names the step and the last good checkpoint."""
 
 
-def _preemption_flag() -> threading.Event:
-  """An event set by SIGTERM/SIGINT, so the loop can save and stop between steps."""
+def _preemption_check() -> Callable[[int], bool]:
+  """step -> whether to save and stop after it, because SIGTERM (or SIGINT) arrived.
+
+  One process: our own handlers set a flag. Several: each host could see the signal
+  at a different step, and one saving alone would hang the others; JAX's preemption
+  sync manager (started by jax.distributed.initialize, which handles SIGTERM itself)
+  agrees on one step at which every process stops, so they all save that step.
+  """
+  if jax.process_count() > 1:
+    return multihost_utils.reached_preemption_sync_point
   flag = threading.Event()
   if threading.current_thread() is threading.main_thread():
     for signum in (signal.SIGTERM, signal.SIGINT):
       signal.signal(signum, lambda *_: flag.set())
-  return flag
+  return lambda step: flag.is_set()
 
 
 def _summarize(history: list[dict[str, jax.Array]], last_step: int, skip_nonfinite: bool,
@@ -120,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      eval_ds, mesh)
 
   writer = MetricsWriter(workdir, enabled=is_chief)
-  preempted = _preemption_flag()
+  preempted = _preemption_check()
   eval_metrics: dict[str, Any] = {}
   history: list[dict[str, jax.Array]] = []
   batches: Iterator = data.prefetch(train_ds.train_batches(start_step))
@@ -130,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, metrics = train_step(state, sharding.to_global_batch(next(batches), mesh))
       history.append(metrics)
       interval_steps += 1
-      stopping = preempted.is_set()
+      stopping = preempted(step)
       save_now = stopping or _is_due(step, config.checkpoint_every_steps, config.num_train_steps)
       if save_now or _is_due(step, config.log_every_steps, config.num_train_steps):
         train_metrics, skipped = _summarize(history, step, config.skip_nonfinite_steps, last_saved)

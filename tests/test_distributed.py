@@ -1,0 +1,140 @@
+"""Multi-host through jax.distributed: two processes x two fake CPU devices on localhost train like
+one device, write one checkpoint together and one record of metrics; the start-up rules."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from configs import default
+from resnet_flax import distributed, train_lib
+from test_train import REPO, _read_params, tiny_config
+
+# ZeRO-1 on, so each process holds and writes its own half of the optimizer state: the
+# checkpoint is right only if orbax assembled it from both.
+ARGS = ['--config=configs/digits.py', '--config.num_train_steps=4', '--config.batch_size=16',
+        '--config.eval_batch_size=360', '--config.log_every_steps=2', '--config.checkpoint_every_steps=2',
+        '--config.learning_rate=1e-4', '--config.warmup_steps=0', '--config.shard_optimizer_state=True']
+
+
+def _free_port():
+  with socket.socket() as probe:
+    probe.bind(('localhost', 0))
+    return probe.getsockname()[1]
+
+
+def _why_unsupported():
+  """Why this machine cannot run two JAX processes with CPU collectives, or None."""
+  try:
+    port = _free_port()
+  except OSError as error:
+    return f'cannot open a localhost port for the coordinator ({error})'
+  from jax._src.lib import _jax
+  if not hasattr(_jax, 'make_gloo_tcp_collectives'):
+    return 'this jaxlib has no gloo CPU collectives (jax_cpu_collectives_implementation)'
+  return None if port else 'no free port'
+
+
+def _run_processes(workdir, count=2, devices_each=2, timeout=300):
+  """train.py once per process, joined through a coordinator on localhost; (returncode, stdout, stderr) each."""
+  coordinator = f'localhost:{_free_port()}'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
+  logs = workdir.parent / f'{workdir.name}_logs'
+  logs.mkdir(parents=True)
+  processes = []
+  for index in range(count):
+    # Files, not pipes: a process blocked on a full pipe would stall the other in a collective.
+    with open(logs / f'{index}.out', 'w') as stdout, open(logs / f'{index}.err', 'w') as stderr:
+      processes.append(subprocess.Popen(
+          [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}', *ARGS,
+           f'--config.distributed.coordinator_address={coordinator}', f'--config.distributed.num_processes={count}',
+           f'--config.distributed.process_id={index}'],
+          cwd=REPO, env=env, stdout=stdout, stderr=stderr))
+  deadline = time.monotonic() + timeout
+  try:
+    # A process that fails leaves the others waiting on it in a collective: stop them at once.
+    while any(p.poll() is None for p in processes):
+      if any(p.returncode not in (None, 0) for p in processes) or time.monotonic() > deadline:
+        break
+      time.sleep(0.2)
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return [(p.returncode, (logs / f'{i}.out').read_text(), (logs / f'{i}.err').read_text())
+          for i, p in enumerate(processes)]
+
+
+def test_two_processes_train_like_one_device(tmp_path):
+  reason = _why_unsupported()
+  if reason:
+    pytest.skip(reason)
+  runs = _run_processes(tmp_path / 'two')
+  for index, (returncode, stdout, stderr) in enumerate(runs):
+    assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
+  results = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in runs]
+  assert results[0] == results[1] and results[0]['step'] == 4
+  # Only process 0 logs: the progress bar, evaluations and one metrics record per step.
+  assert 'eval at step 4' in runs[0][1] and '4/4' in runs[0][1]
+  assert 'eval at step' not in runs[1][1] and '4/4' not in runs[1][1]
+  lines = [json.loads(line) for line in (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()]
+  assert [line['step'] for line in lines if 'train/loss' in line] == [2, 4]
+  assert [line['step'] for line in lines if 'eval/loss' in line] == [4]
+  assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['2', '4']
+  # The same global batches as one device sees (each process loads its half), and the
+  # statistics over all of them: the checkpoint both wrote equals a one-device run.
+  config = tiny_config(4)
+  config.update(eval_batch_size=360, lr_schedule='cosine', learning_rate=1e-4, async_checkpointing=True)
+  reference = train_lib.train_and_evaluate(config, str(tmp_path / 'one'))
+  two, one = _read_params(tmp_path / 'two', config, 4), _read_params(tmp_path / 'one', config, 4)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), two, one)
+  assert abs(results[0]['loss'] - reference['loss']) < 1e-5
+
+
+def _settings(**fields):
+  settings = default.get_config().distributed
+  settings.update(fields)
+  return settings
+
+
+def test_one_process_starts_nothing(monkeypatch):
+  for name in ('JAX_COORDINATOR_ADDRESS', 'SLURM_STEP_NODELIST', 'OMPI_MCA_orte_hnp_uri', 'KUBERNETES_SERVICE_HOST'):
+    monkeypatch.delenv(name, raising=False)
+  called = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: called.append(kwargs))
+  assert not distributed.initialize(_settings())
+  assert not distributed.initialize(_settings(mode='off', coordinator_address='h:1'))
+  assert called == []
+
+
+def test_explicit_settings_and_detected_clusters_start_the_runtime(monkeypatch):
+  called = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: called.append(kwargs))
+  assert distributed.initialize(_settings(coordinator_address='node0:1234', num_processes=4, process_id=3))
+  assert called[-1] == {'cluster_detection_method': None, 'coordinator_address': 'node0:1234',
+                        'num_processes': 4, 'process_id': 3}
+  # An srun step of 8 tasks: JAX's detector finds it, and JAX fills in the rest itself.
+  monkeypatch.setenv('SLURM_JOB_ID', '77')
+  monkeypatch.setenv('SLURM_STEP_NODELIST', 'node[001-002]')
+  monkeypatch.setenv('SLURM_NTASKS', '8')
+  monkeypatch.setenv('SLURM_PROCID', '5')
+  monkeypatch.setenv('SLURM_LOCALID', '1')
+  assert distributed.detected_cluster() == ('slurm', 8)
+  assert distributed.initialize(_settings())
+  assert called[-1] == {'cluster_detection_method': None}
+  monkeypatch.setenv('SLURM_NTASKS', '1')  # One task: a single process needs no coordinator.
+  assert not distributed.initialize(_settings())
+  assert len(called) == 2
+
+
+def test_bad_mode_is_a_one_line_error():
+  with pytest.raises(ValueError, match=r"config.distributed.mode='sometimes' is unknown"):
+    distributed.initialize(ConfigDict({'mode': 'sometimes'}))

@@ -1,13 +1,15 @@
 """Evaluates a checkpoint: python eval.py --config=configs/digits.py --workdir=/tmp/digits
 
-Ends stdout with one JSON line: step, loss, top1, top5, num_examples.
+Ends stdout with one JSON line: step, loss, top1, top5, num_examples (and the metrics
+before recalibration with --config.bn_recalibration_batches=N). With
+--config.bn_report_batch_sizes='(8,32)' it prints the BatchNorm discrepancy report instead.
 """
 
 import json
 
 from absl import app, flags
 
-from resnet_flax import cli, distributed, eval_lib
+from resnet_flax import bn_diagnostics, cli, distributed, eval_lib
 
 cli.define_flags()
 flags.DEFINE_string('checkpoint', None, 'A checkpoint: <workdir>/checkpoints/<step>, a directory written by '
@@ -23,8 +25,19 @@ def main(argv):
     distributed.initialize(FLAGS.config.distributed)  # Before anything else touches JAX.
     if FLAGS.workdir is None and FLAGS.checkpoint is None:
       raise ValueError('pass --workdir=DIR (latest checkpoint in it) or --checkpoint=PATH.')
-    result = eval_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
-    print(f"{FLAGS.config.eval_split}: top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}%, "
+    config = FLAGS.config
+    if config.bn_report_batch_sizes:
+      report = bn_diagnostics.discrepancy_report(config, FLAGS.workdir, FLAGS.checkpoint, config.bn_report_batch_sizes,
+                                                 config.bn_recalibration_batches)
+      print(bn_diagnostics.format_report(report))
+      print(json.dumps(report))
+      return
+    result = eval_lib.evaluate(config, FLAGS.workdir, FLAGS.checkpoint)
+    if 'before_recalibration' in result:
+      before = result['before_recalibration']
+      print(f"before recalibration: top-1 {100 * before['top1']:.2f}%, loss {before['loss']:.4f}")
+      print(f'after recalibrating BN on {config.bn_recalibration_batches} training batches:')
+    print(f"{config.eval_split}: top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}%, "
           f"loss {result['loss']:.4f} over {result['num_examples']} examples (step {result['step']})")
     print(json.dumps(result))
 

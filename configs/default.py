@@ -71,6 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
       'num_workers': 0,  # imagefolder decoding threads; 0: one per core
   })
   config.eval_split = 'test'
+  # eval.py: > 0 recomputes BN statistics on this many training batches first (precise BN).
+  config.bn_recalibration_batches = 0
+  # eval.py: also report accuracy with batch statistics at these batch sizes, next to moving and
+  # recalibrated statistics (the train/eval discrepancy report), e.g. '(8, 32, 128)'.
+  config.bn_report_batch_sizes = ()
 
   # Optimization.
   config.batch_size = 64  # global, over all devices and hosts

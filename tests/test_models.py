@@ -231,3 +231,13 @@ def test_models_are_hashable_for_jit_static_arguments():
   a = models.get_model('resnet_v1_tiny', num_classes=3, batch_norm_decay=0.9)
   b = models.get_model('resnet_v1_tiny', num_classes=3, batch_norm_decay=0.9)
   assert hash(a) == hash(b) and a == b and a.slim_scope == 'resnet_v1_tiny'
+
+
+@pytest.mark.parametrize('stride,padding,size', [(1, 'SAME', 7), (2, 'SAME', 7), (2, 'VALID', 8), (3, 'SAME', 8)])
+def test_one_by_one_convolution_as_a_dot_equals_xla_convolution(stride, padding, size):
+  from resnet_flax.layers.conv import convolve
+  rng = np.random.RandomState(3)
+  x = jnp.asarray(rng.randn(2, size, size, 5), jnp.float32)
+  w = jnp.asarray(rng.randn(1, 1, 5, 4), jnp.float32)
+  reference = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(convolve(x, w, stride, 1, padding), reference, rtol=1e-5, atol=1e-5)

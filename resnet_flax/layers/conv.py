@@ -34,10 +34,7 @@ class Conv2D(nn.Module):
   def __call__(self, x: Array, *, train: bool) -> Array:
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     weights = self.param('weights', self.kernel_init, shape, jnp.float32)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), weights.astype(self.dtype),
-        window_strides=(self.stride, self.stride), padding=self.padding,
-        rhs_dilation=(self.rate, self.rate), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = convolve(x.astype(self.dtype), weights.astype(self.dtype), self.stride, self.rate, self.padding)
     if self.normalizer is not None:
       y = self.normalizer(name='BatchNorm', dtype=self.dtype)(y, train=train)
     else:
@@ -47,3 +44,16 @@ class Conv2D(nn.Module):
       y = self.activation(y)
     sow_end_point(self, y)
     return y
+
+
+def convolve(x: Array, weights: Array, stride: int, rate: int, padding: str) -> Array:
+  """NHWC x HWIO convolution; a 1x1 kernel is a matrix product on every `stride`-th pixel.
+
+  Same numbers either way (with k = 1, SAME and VALID both sample pixels 0, s, 2s, ...), but
+  XLA:CPU lowers the weight gradient of a 1x1 convolution 35-100x slower than the forward;
+  as a dot the ResNet-50 train step took 0.30x the time (benchmarks/RESULTS.md).
+  """
+  if weights.shape[:2] == (1, 1):
+    return jnp.einsum('nhwc,cd->nhwd', x[:, ::stride, ::stride, :], weights[0, 0])
+  return jax.lax.conv_general_dilated(x, weights, window_strides=(stride, stride), padding=padding,
+                                      rhs_dilation=(rate, rate), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))

@@ -37,9 +37,7 @@ def evaluate_with_batch_statistics(config: ml_collections.ConfigDict, variables:
   dataset = data.build(config.data, config.eval_split, batch_size=batch_size // jax.process_count(),
                        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
   mesh = sharding.data_mesh()
-  step = jax.jit(functools.partial(_batch_statistics_step, model=model),
-                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  step = sharding.jit_over_batch(functools.partial(_batch_statistics_step, model=model), mesh)
   full_batches = (batch for batch in dataset.eval_batches() if np.all(batch['mask']))
   return eval_lib.metrics_over(step, sharding.replicate(variables, mesh), full_batches, mesh)
 

@@ -18,9 +18,7 @@ from resnet_flax.train_state import TrainState, train_state_initializer
 
 def make_eval_step(model, mesh):
   """The jitted eval step; build it once per run so repeated evaluations reuse the compilation."""
-  return jax.jit(functools.partial(steps.eval_step, model=model),
-                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  return sharding.jit_over_batch(functools.partial(steps.eval_step, model=model), mesh)
 
 
 def metrics_over(step_fn, variables: dict[str, Any], batches: Iterable[data.Batch], mesh) -> dict[str, float]:

@@ -67,9 +67,7 @@ def population_statistics(model, variables: Variables, image_batches: Iterable[A
   mode), so all layers are measured in one pass. Batches must have equal sizes.
   """
   mesh = mesh or sharding.data_mesh()
-  moments_step = jax.jit(functools.partial(_moments_step, model=model),
-                         in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                         out_shardings=sharding.replicated(mesh))
+  moments_step = sharding.jit_over_batch(functools.partial(_moments_step, model=model), mesh)
   accumulator = _PopulationMoments()
   for images in image_batches:
     images = sharding.to_global_batch({'image': images}, mesh)['image']

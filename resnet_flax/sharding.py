@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -51,6 +51,11 @@ def train_state_shardings(state: Any, mesh: Mesh, shard_optimizer_state: bool = 
     return shardings
   split = lambda leaf: NamedSharding(mesh, optimizer_state_spec(leaf.shape, mesh.size))
   return shardings.replace(opt_state=jax.tree_util.tree_map(split, state.opt_state))
+
+
+def jit_over_batch(step: Callable, mesh: Mesh) -> Callable:
+  """`step(variables, batch)` jitted with replicated variables, the batch split, results replicated."""
+  return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
 
 
 def check_batch_size(global_batch_size: int, name: str = 'batch_size') -> None:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from resnet_flax.layers import moving_averages, renorm
+from resnet_flax.layers.end_points import keep_latest
 
 Array = jnp.ndarray
 
@@ -137,8 +138,8 @@ class BatchNorm(nn.Module):
       mean, variance = batch_moments(groups, group_axes)
       if not self.is_initializing():  # init makes every collection mutable; keep it out of variables
         # For precise-BN recalibration (`resnet_flax.precise_bn`); a no-op unless asked for.
-        self.sow(BATCH_MOMENTS, 'mean', mean, reduce_fn=_keep_latest, init_fn=lambda: None)
-        self.sow(BATCH_MOMENTS, 'variance', variance, reduce_fn=_keep_latest, init_fn=lambda: None)
+        self.sow(BATCH_MOMENTS, 'mean', mean, reduce_fn=keep_latest, init_fn=lambda: None)
+        self.sow(BATCH_MOMENTS, 'variance', variance, reduce_fn=keep_latest, init_fn=lambda: None)
       mean, variance = (jnp.expand_dims(v, group_axes) for v in (mean, variance))
       r = d = None
       if self.renorm:
@@ -228,10 +229,6 @@ class BatchNorm(nn.Module):
           f'BatchNorm {module_path(self)!r} is in train mode but {BATCH_STATS!r} is immutable, so the moving '
           f'statistics would silently never update: call apply(..., train=True, mutable=[{BATCH_STATS!r}]) '
           'and keep the returned statistics, or use train=False.')
-
-
-def _keep_latest(_, value):
-  return value
 
 
 def module_path(module: nn.Module) -> str:

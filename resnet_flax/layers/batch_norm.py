@@ -23,14 +23,36 @@ BATCH_MOMENTS = 'batch_moments'
 
 
 def batch_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Array]:
-  """Mean and biased variance over `reduction_axes`, always in float32."""
+  """Mean and biased variance over `reduction_axes` (the batch axis, then the spatial ones),
+  always in float32, from one pass over `x`.
+
+  Per example, the sums of `x - s` and `(x - s) ** 2` about `s`, the example's first
+  value of each channel, read `x` once together and lose only (mean - s)^2 / variance
+  ulps, with `s` a sample of the same values; the per-example means and squared
+  deviations then combine exactly (law of total variance) over the small (batch,
+  channels) arrays. Plain E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std,
+  and the mean of squared deviations needs a second full read of `x`. The shift never
+  slices the batch axis, which may be split over devices.
+  """
   x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=reduction_axes)
-  # Two passes (mean of squared deviations) rather than E[x^2] - E[x]^2: the latter
-  # cancels catastrophically when |mean| >> std, which pre-activation ResNets hit.
-  centered = x32 - jnp.expand_dims(mean, reduction_axes)
-  variance = jnp.mean(jnp.square(centered), axis=reduction_axes)
-  return mean, variance
+  batch_axis, within_axes = reduction_axes[0], reduction_axes[1:]
+  first = tuple(slice(0, 1) if axis in within_axes else slice(None) for axis in range(x.ndim))
+  shift = jax.lax.stop_gradient(x32[first])  # A constant: the gradient is the variance's own.
+  shifted = x32 - shift
+  per_example = math.prod(x.shape[axis] for axis in within_axes)
+  sums = jnp.sum(shifted, axis=within_axes, keepdims=True)
+  squares = jnp.sum(jnp.square(shifted), axis=within_axes, keepdims=True)
+  example_deviations = jnp.maximum(squares - jnp.square(sums) / per_example, 0.0)  # per_example * variance
+  # Example means are taken relative to the mean shift, never added up: at a mean of 1e4,
+  # float32 would keep only ~1e-3 of the offsets that make up the variance between
+  # examples. `centred` has a mean of about the mean shift's rounding error, so its
+  # mean square minus that mean squared is exact.
+  mean_shift = jnp.mean(shift, axis=batch_axis, keepdims=True)
+  centred = (shift - mean_shift) + sums / per_example
+  centred_mean = jnp.mean(centred, axis=batch_axis, keepdims=True)
+  between = jnp.mean(jnp.square(centred), axis=batch_axis, keepdims=True) - jnp.square(centred_mean)
+  variance = jnp.mean(example_deviations, axis=batch_axis, keepdims=True) / per_example + jnp.maximum(between, 0.0)
+  return jnp.squeeze(mean_shift + centred_mean, reduction_axes), jnp.squeeze(variance, reduction_axes)
 
 
 def ghost_batches(x: Array, ghost_batch_size: Optional[int], name: str) -> Array:

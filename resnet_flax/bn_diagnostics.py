@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from resnet_flax import data, eval_lib, model_builder, precise_bn, sharding, steps
+from resnet_flax import data, device_input, eval_lib, model_builder, precise_bn, sharding, steps
 from resnet_flax.layers.batch_norm import BATCH_STATS
 
 Variables = dict[str, Any]
@@ -39,7 +39,8 @@ def evaluate_with_batch_statistics(config: ml_collections.ConfigDict, variables:
   mesh = sharding.data_mesh()
   step = sharding.jit_over_batch(functools.partial(_batch_statistics_step, model=model), mesh)
   full_batches = (batch for batch in dataset.eval_batches() if np.all(batch['mask']))
-  return eval_lib.metrics_over(step, sharding.replicate(variables, mesh), full_batches, mesh)
+  return eval_lib.metrics_over(step, sharding.replicate(variables, mesh),
+                               device_input.dataset_batches(dataset, full_batches, mesh))
 
 
 def discrepancy_report(config: ml_collections.ConfigDict, workdir: Optional[str] = None,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_flax import checkpoints, data, model_builder, optim, precise_bn, pretrained, sharding, steps
+from resnet_flax import checkpoints, data, device_input, model_builder, optim, precise_bn, pretrained, sharding, steps
 from resnet_flax.train_state import TrainState, train_state_initializer
 
 
@@ -21,11 +21,12 @@ def make_eval_step(model, mesh):
   return sharding.jit_over_batch(functools.partial(steps.eval_step, model=model), mesh)
 
 
-def metrics_over(step_fn, variables: dict[str, Any], batches: Iterable[data.Batch], mesh) -> dict[str, float]:
-  """Loss, top-1 and top-5 over every real example of `batches`, from `step_fn`'s per-batch sums."""
+def metrics_over(step_fn, variables: dict[str, Any], batches: Iterable[device_input.DeviceBatch]
+                 ) -> dict[str, float]:
+  """Loss, top-1 and top-5 over every real example of device `batches`, from `step_fn`'s per-batch sums."""
   sums = None
-  for batch in data.prefetch(batches):
-    out = step_fn(variables, sharding.to_global_batch(batch, mesh))
+  for batch in batches:
+    out = step_fn(variables, batch)
     sums = out if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, out)
   if sums is None:
     raise ValueError('no batch to evaluate: the eval split is smaller than one batch; use a smaller batch size.')
@@ -37,7 +38,7 @@ def metrics_over(step_fn, variables: dict[str, Any], batches: Iterable[data.Batc
 
 def evaluate_dataset(eval_step, variables: dict[str, Any], dataset: data.Dataset, mesh) -> dict[str, float]:
   """Loss, top-1 and top-5 over every real example of `dataset` (padding masked out)."""
-  return metrics_over(eval_step, variables, dataset.eval_batches(), mesh)
+  return metrics_over(eval_step, variables, device_input.dataset_batches(dataset, dataset.eval_batches(), mesh))
 
 
 def build_eval_dataset(config: ml_collections.ConfigDict) -> data.Dataset:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from resnet_flax import data, sharding
+from resnet_flax import data, device_input, sharding
 from resnet_flax.layers.batch_norm import BATCH_MOMENTS, BATCH_STATS
 
 Variables = dict[str, Any]
@@ -70,7 +70,8 @@ def population_statistics(model, variables: Variables, image_batches: Iterable[A
   moments_step = sharding.jit_over_batch(functools.partial(_moments_step, model=model), mesh)
   accumulator = _PopulationMoments()
   for images in image_batches:
-    images = sharding.to_global_batch({'image': images}, mesh)['image']
+    if not isinstance(images, jax.Array):  # This process's host share; device batches are global already.
+      images = sharding.to_global_batch({'image': images}, mesh)['image']
     accumulator.add(jax.device_get(moments_step(variables, images)))
   if not accumulator.sums:
     raise ValueError('recalibration saw no batch statistics: give it at least one batch, and a model whose '
@@ -93,10 +94,10 @@ def recalibrate(config: ml_collections.ConfigDict, model, variables: Variables, 
   """Precise BN: population statistics of `num_batches` training batches of `config.batch_size`."""
   dataset = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
                        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
-  batches = dataset.train_batches(0)
+  mesh = mesh or sharding.data_mesh()
+  batches = device_input.dataset_batches(dataset, itertools.islice(dataset.train_batches(0), num_batches), mesh)
   try:
-    images = (batch['image'] for batch in itertools.islice(batches, num_batches))
-    statistics = population_statistics(model, variables, images, mesh)
+    statistics = population_statistics(model, variables, (batch['image'] for batch in batches), mesh)
   finally:
     batches.close()
   return with_statistics(variables, statistics)

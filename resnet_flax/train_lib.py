@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from resnet_flax import checkpoints, data, eval_lib, model_builder, optim, pretrained, sharding, steps
+from resnet_flax import checkpoints, data, device_input, eval_lib, model_builder, optim, pretrained, sharding, steps
 from resnet_flax.metrics_writer import MetricsWriter
 from resnet_flax.progress import ProgressBar
 from resnet_flax.train_state import TrainState, create_train_state, train_state_initializer
@@ -132,11 +132,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preempted = _preemption_check()
   eval_metrics: dict[str, Any] = {}
   history: list[dict[str, jax.Array]] = []
-  batches: Iterator = data.prefetch(train_ds.train_batches(start_step))
+  batches: Iterator = device_input.dataset_batches(train_ds, train_ds.train_batches(start_step), mesh)
   interval_start, interval_steps = time.perf_counter(), 0
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
-      state, metrics = train_step(state, sharding.to_global_batch(next(batches), mesh))
+      state, metrics = train_step(state, next(batches))
       history.append(metrics)
       interval_steps += 1
       stopping = preempted(step)

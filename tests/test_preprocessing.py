@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from resnet_flax import data
-from resnet_flax.data import image_decode, inception_preprocessing, vgg_preprocessing
+from resnet_flax.data import image_decode, image_folder, inception_preprocessing, vgg_preprocessing
 from resnet_flax.data.preprocessing import Crop
 
 
@@ -141,14 +141,38 @@ def test_image_folder_shapes_labels_and_ranges(tmp_path, preprocessing, low, hig
   train = list(itertools.islice(ds.train_batches(), 3))
   evaluation = list(ds.eval_batches())
   assert len(evaluation) == 3 and sum(b['mask'].sum() for b in evaluation) == 10
+  assert ds.image_dtype == np.uint8  # Pixels travel; the values are computed on the device.
   for batch in train + evaluation:
-    assert batch['image'].shape == (4, 64, 64, 3) and batch['image'].dtype == np.float32
-    assert np.all(batch['image'] >= low - 1e-4) and np.all(batch['image'] <= high + 1e-4)
+    assert batch['image'].shape == (4, 64, 64, 3) and batch['image'].dtype == np.uint8
+    values = ds.model_input(batch['image'])
+    assert values.dtype == np.float32 and np.all(values >= low - 1e-4) and np.all(values <= high + 1e-4)
   again = data.build(config, 'train', batch_size=4, seed=0)
   np.testing.assert_equal(train, list(itertools.islice(again.train_batches(), 3)))
   np.testing.assert_equal(evaluation, list(ds.eval_batches()))
   resumed = next(data.build(dict(config, num_workers=1), 'train', batch_size=4, seed=0).train_batches(2))
   np.testing.assert_equal([train[2]], [resumed])  # Independent of thread count and timing.
+
+
+def test_color_distortion_makes_float_values_on_the_host(tmp_path):
+  config = dict(FOLDER, dir=str(_make_folder(tmp_path)), preprocessing='inception', color_distortion=True)
+  ds = data.build(config, 'train', batch_size=4, seed=0)
+  batch = next(ds.train_batches())
+  assert ds.image_dtype == batch['image'].dtype == np.float32  # Random per image: no pixel-only mapping.
+  assert ds.model_input(batch['image']) is batch['image']
+  assert batch['image'].min() >= -1 and batch['image'].max() <= 1
+
+
+@pytest.mark.parametrize('preprocessing', ['vgg', 'inception'])
+def test_shipped_pixels_map_to_the_preprocessings_values(tmp_path, preprocessing):
+  root = _make_folder(tmp_path)
+  ds = data.build(dict(FOLDER, dir=str(root), preprocessing=preprocessing), 'train', batch_size=10, seed=0)
+  pixels = next(ds.eval_batches())['image']
+  chosen = image_folder.get_preprocessing(preprocessing, 64)
+  paths = [str(root / 'train' / name / file) for name, file in
+           [('cat', '0.jpg'), ('cat', '1.jpg'), ('cat', '2.jpg'), ('dog', '0.jpg')]]
+  for slot, path in enumerate(paths):  # The host-side float mapping of each decoded crop, image by image.
+    expected = chosen.eval_values(image_decode.decode_crop(path, chosen.eval_crop, 64))
+    np.testing.assert_array_equal(ds.model_input(pixels[slot]), expected)
 
 
 def test_image_folder_without_augment_trains_on_eval_crops(tmp_path):

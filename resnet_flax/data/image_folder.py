@@ -4,7 +4,9 @@ Classes are the sorted subdirectory names of the split directory; label i is the
 class plus `label_offset` (1 for slim's ResNet v2 checkpoints, whose class 0 is background).
 Each example is decoded, cropped and converted in a worker thread straight into its slot of
 the batch; threads rather than processes because PIL releases the GIL while decoding and
-resampling, and threads need not send pixels back through a pipe.
+resampling, and threads need not send pixels back through a pipe. When the preprocessing's
+values are a function of the pixels alone (VGG, inception without color distortion), the
+batch holds the uint8 crops and the values are computed on the device.
 """
 
 from __future__ import annotations
@@ -73,12 +75,17 @@ def scan(directory: str) -> tuple[list[str], list[str], np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class FolderLoader:
-  """Decodes the images of a batch in parallel into one preallocated float32 array."""
+  """Decodes the images of a batch in parallel into one preallocated array.
+
+  With `ship_pixels` the array holds the uint8 crops; otherwise the float32 values of the
+  preprocessing's train (random) or eval mapping.
+  """
   paths: tuple[str, ...]
   preprocessing: Preprocessing
   executor: concurrent.futures.Executor
   skip_unreadable: bool = False
   augment_train: bool = True
+  ship_pixels: bool = False
 
   def start_train(self, indices: np.ndarray, rng: np.random.Generator) -> Pending:
     if not self.augment_train:
@@ -91,18 +98,19 @@ class FolderLoader:
 
   def _start(self, indices: np.ndarray, rngs: Optional[list[np.random.Generator]]) -> Pending:
     preprocessing, size = self.preprocessing, self.preprocessing.image_size
-    images = np.zeros((len(indices), size, size, 3), np.float32)
+    images = np.zeros((len(indices), size, size, 3), np.uint8 if self.ship_pixels else np.float32)
 
     def load(slot: int) -> Optional[str]:
       """Fills images[slot]; returns the problem if the file is unreadable and skipped."""
       path = self.paths[indices[slot]]
       try:
         if rngs is None:
-          images[slot] = preprocessing.eval_values(decode_crop(path, preprocessing.eval_crop, size))
+          crop = decode_crop(path, preprocessing.eval_crop, size)
+          images[slot] = crop if self.ship_pixels else preprocessing.eval_values(crop)
         else:
           rng = rngs[slot]
           crop = decode_crop(path, lambda width, height: preprocessing.train_crop(width, height, rng), size)
-          images[slot] = preprocessing.train_values(crop, rng)
+          images[slot] = crop if self.ship_pixels else preprocessing.train_values(crop, rng)
       except UnreadableImage as error:
         if not self.skip_unreadable:
           raise
@@ -138,7 +146,9 @@ def build_source(root: str, split: str, *, preprocessing: str, image_size: int, 
   classes, paths, class_indices = scan(split_directory(root, split))
   executor = concurrent.futures.ThreadPoolExecutor(max_workers=num_workers or os.cpu_count(),
                                                    thread_name_prefix='imagefolder')
+  ship_pixels = chosen.pixel_values is not None
   loader = FolderLoader(tuple(paths), chosen, executor, skip_unreadable=on_bad_image == 'skip',
-                        augment_train=augment_train)
+                        augment_train=augment_train, ship_pixels=ship_pixels)
+  pixels = dict(image_dtype=np.uint8, model_input=chosen.pixel_values) if ship_pixels else {}
   return Source(labels=class_indices + label_offset, num_classes=len(classes) + label_offset,
-                image_shape=(image_size, image_size, 3), loader=loader, name=f'imagefolder/{split}')
+                image_shape=(image_size, image_size, 3), loader=loader, name=f'imagefolder/{split}', **pixels)

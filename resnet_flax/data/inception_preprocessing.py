@@ -123,11 +123,21 @@ def _train_values(image: np.ndarray, rng: np.random.Generator, *, color_distorti
   return to_signed_range(distort_color(unit, rng) if color_distortion else unit)
 
 
+def signed_pixel_values(image: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [-1, 1] (numpy or jax)."""
+  return to_signed_range(to_unit_range(image))
+
+
 def preprocessing(image_size: int, *, color_distortion: bool = False) -> Preprocessing:
-  """Inception preprocessing producing image_size x image_size x 3 float32 images in [-1, 1]."""
+  """Inception preprocessing producing image_size x image_size x 3 float32 images in [-1, 1].
+
+  Color distortion is random per image, so only without it can the values be computed
+  from shipped pixels on the device.
+  """
   return Preprocessing(
       name='inception', image_size=image_size,
       train_crop=train_crop,
       eval_crop=eval_crop,
       train_values=functools.partial(_train_values, color_distortion=color_distortion),
-      eval_values=lambda image: to_signed_range(to_unit_range(image)))
+      eval_values=signed_pixel_values,
+      pixel_values=None if color_distortion else signed_pixel_values)

@@ -8,7 +8,7 @@ crop box, from a JPEG decoded at reduced scale when that suffices.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -27,6 +27,11 @@ class Preprocessing:
   train_crop(width, height, rng) and eval_crop(width, height) plan the crop of a width x
   height image; train_values(image, rng) and eval_values(image) map the cropped uint8
   (size, size, 3) image to the float32 values the model sees.
+
+  pixel_values, when set, is what both of them are: a function of the pixels alone,
+  written with array methods so that it runs on numpy or jax arrays. Loaders then ship
+  uint8 crops (a quarter of the bytes, and no float conversion on the host) and the
+  values are computed on the device (`resnet_flax.device_input`).
   """
   name: str
   image_size: int
@@ -34,3 +39,4 @@ class Preprocessing:
   eval_crop: Callable[[int, int], Crop]
   train_values: Callable[[np.ndarray, np.random.Generator], np.ndarray]
   eval_values: Callable[[np.ndarray], np.ndarray]
+  pixel_values: Optional[Callable[[np.ndarray], np.ndarray]] = None

@@ -64,7 +64,7 @@ def eval_crop(width: int, height: int, *, image_size: int) -> Crop:
 
 
 def mean_image_subtraction(image: np.ndarray) -> np.ndarray:
-  """slim's `_mean_image_subtraction`: float32 pixels minus the per-channel means."""
+  """slim's `_mean_image_subtraction`: float32 pixels minus the per-channel means (numpy or jax)."""
   return image.astype(np.float32) - RGB_MEAN
 
 
@@ -75,4 +75,5 @@ def preprocessing(image_size: int = DEFAULT_IMAGE_SIZE) -> Preprocessing:
       train_crop=functools.partial(train_crop, image_size=image_size),
       eval_crop=functools.partial(eval_crop, image_size=image_size),
       train_values=lambda image, rng: mean_image_subtraction(image),
-      eval_values=mean_image_subtraction)
+      eval_values=mean_image_subtraction,
+      pixel_values=mean_image_subtraction)

@@ -24,6 +24,15 @@ class Block:
   args: tuple[dict, ...]
 
 
+def check_float_inputs(inputs: Array) -> Array:
+  """`inputs`, if they are floating point; integer pixels would silently skip preprocessing."""
+  if not jnp.issubdtype(inputs.dtype, jnp.floating):
+    raise ValueError(f'ResNet inputs are {inputs.dtype} {tuple(inputs.shape)}, raw pixels: map them to the '
+                     "preprocessing's float values first (dataset.model_input, which resnet_flax.device_input "
+                     'applies on the device).')
+  return inputs
+
+
 def subsample(x: Array, factor: int) -> Array:
   """slim's 1x1 max pool with stride `factor`, i.e. taking every factor-th pixel."""
   if factor == 1:

@@ -1,0 +1,84 @@
+"""Device batches: order and values of the host batches, pixels mapped on the device, threads stopped."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_flax import data, device_input, sharding
+from resnet_flax.data import vgg_preprocessing
+from resnet_flax.data.pipeline import Source
+from resnet_flax.models import registry
+
+
+def _host_batches(count, dtype=np.uint8):
+  rng = np.random.default_rng(0)
+  return [{'image': rng.integers(0, 256, (4, 6, 6, 3)).astype(dtype), 'label': np.arange(4, dtype=np.int32) + i,
+           'mask': np.ones(4, np.float32)} for i in range(count)]
+
+
+@pytest.mark.parametrize('ahead', [0, 1, 3])
+def test_every_batch_arrives_in_order_with_pixels_mapped_on_the_device(ahead):
+  host = _host_batches(5)
+  mesh = sharding.data_mesh()
+  out = list(device_input.device_batches(iter(host), mesh, vgg_preprocessing.mean_image_subtraction, ahead=ahead))
+  assert len(out) == 5
+  for got, sent in zip(out, host):
+    assert isinstance(got['image'], jax.Array) and got['image'].dtype == jnp.float32
+    assert got['image'].sharding.is_equivalent_to(sharding.batch_sharded(mesh), 4)
+    # The host-side mapping, in numpy: the values the model saw before pixels travelled.
+    np.testing.assert_array_equal(np.asarray(got['image']), sent['image'].astype(np.float32) - np.float32([123.68, 116.78, 103.94]))
+    np.testing.assert_array_equal(np.asarray(got['label']), sent['label'])
+    np.testing.assert_array_equal(np.asarray(got['mask']), sent['mask'])
+
+
+def test_float_batches_pass_through_unchanged():
+  host = _host_batches(2, np.float32)
+  out = list(device_input.device_batches(iter(host), sharding.data_mesh()))
+  for got, sent in zip(out, host):
+    np.testing.assert_array_equal(np.asarray(got['image']), sent['image'])
+
+
+def test_the_digits_dataset_is_model_input_as_it_is():
+  ds = data.build({'name': 'digits'}, 'test', batch_size=16, seed=0)
+  host = next(ds.eval_batches())
+  got = next(device_input.dataset_batches(ds, ds.eval_batches(), sharding.data_mesh()))
+  assert ds.image_dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(got['image']), host['image'])
+
+
+def test_closing_stops_the_host_thread():
+  def endless():
+    while True:
+      yield _host_batches(1)[0]
+
+  before = {thread for thread in threading.enumerate() if thread.name == 'prefetch'}
+  batches = device_input.device_batches(endless(), sharding.data_mesh(), vgg_preprocessing.mean_image_subtraction)
+  next(batches)
+  started = {thread for thread in threading.enumerate() if thread.name == 'prefetch'} - before
+  assert len(started) == 1
+  batches.close()
+  thread, = started
+  thread.join(timeout=5)
+  assert not thread.is_alive()
+
+
+def test_negative_lookahead_is_refused():
+  with pytest.raises(ValueError, match='ahead'):
+    next(device_input.device_batches(iter(_host_batches(1)), sharding.data_mesh(), ahead=-1))
+
+
+def test_raw_pixels_into_a_model_name_the_missing_mapping():
+  model = registry.get_model('resnet_v1_tiny', num_classes=3)
+  pixels = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+  with pytest.raises(ValueError, match='model_input'):
+    model.init(jax.random.PRNGKey(0), pixels, train=False)
+
+
+def test_uint8_source_without_a_mapping_is_refused():
+  loader = object()
+  with pytest.raises(data.DataError, match='model_input'):
+    Source(labels=np.zeros(3, np.int32), num_classes=1, image_shape=(2, 2, 3), loader=loader,
+                         name='pixels', image_dtype=np.uint8)

@@ -6,8 +6,11 @@ Kinds (each case's `kind`):
                  does: forward, backward, BN updates, slim's L2, SGD momentum), img/s
   train_flax_bn  the same step with every BatchNorm swapped for flax's `nn.BatchNorm`, img/s
   eval           `model.apply(..., train=False)` on one batch, ms per batch (latency)
+  train_loop     `train_lib.train_and_evaluate` (what train.py runs) on synthetic data with
+                 the train case's model and batch: img/s the loop sustains, batches copied
+                 to the device every step; priced against the bare train step
   bn_layer       one BatchNorm layer, forward + backward + new moving statistics, ms
-  pipeline       `data.build` on a JPEG ImageFolder tree to float32 crops, img/s
+  pipeline       `data.build` on a JPEG ImageFolder tree to uint8 224 crops, img/s
 
 Profiles: 'gpu' (the issue's shapes), 'cpu' (the 2-core CPU target's), 'smoke' (tiny, for CI).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import statistics
 import time
@@ -27,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flax_batch_norm, synthetic_jpegs, timing
-from configs import imagenet_resnet_v1_50
-from resnet_flax import data, models, optim, sharding, steps
+from configs import imagenet_resnet_v1_50, synthetic_resnet_v1_50
+from resnet_flax import data, models, optim, sharding, steps, train_lib
 from resnet_flax.layers import BatchNorm
 from resnet_flax.train_state import TrainState
 
@@ -174,6 +178,30 @@ def prepare_eval(*, model_name: str, dtype: str, batch: int, image_size: int, nu
   return Stepper(lambda: compiled(variables, images), compile_s, measurement)
 
 
+def measure_train_loop(workdir: str, *, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
+                       intervals: int, log_every: int, block_sizes: Optional[tuple] = None, **unused: Any
+                       ) -> Measurement:
+  """img/s that `train.py` logs on synthetic data: the median over logging intervals after
+  the first (which includes compilation), in a fresh workdir."""
+  config = synthetic_resnet_v1_50.get_config()
+  config.model = model_name
+  config.model_options.block_sizes = block_sizes
+  config.dtype = {'bf16': 'bfloat16', 'fp32': 'float32'}[dtype]
+  config.batch_size = batch
+  config.data.update(image_size=image_size, num_classes=num_classes, num_examples=batch)
+  config.log_every_steps = log_every
+  config.num_train_steps = (intervals + 1) * log_every
+  run_dir = os.path.join(workdir, f'train_loop_{model_name}_{dtype}_{batch}_{time.time_ns()}')
+  train_lib.train_and_evaluate(config, run_dir)
+  with open(os.path.join(run_dir, 'metrics.jsonl'), encoding='utf-8') as lines:
+    logged = [json.loads(line) for line in lines]
+  rates = [record['train/images_per_second'] for record in logged if 'train/images_per_second' in record][1:]
+  if len(rates) != intervals or not np.isfinite([record.get('train/loss', 0.0) for record in logged]).all():
+    raise ValueError(f'train.py logged {len(rates)} timed intervals of {intervals}, or a non-finite loss.')
+  value = statistics.median(rates)
+  return Measurement(value, None, intervals * log_every, {'median_step_ms': batch / value * 1e3, 'intervals': intervals})
+
+
 def measure_stepper(workdir: str, *, prepare: Callable[..., Stepper], warmup: int, iters: int,
                     **params: Any) -> Measurement:
   """Prepares a step, times it (warm-up excluded, median of `iters`) and makes the figure."""
@@ -276,6 +304,15 @@ def _train_case(kind: str, model_name: str, dtype: str, batch: int, image_size: 
               {**params, 'anchor_arch': anchor_arch, 'block_sizes': block_sizes}, measure, prepare)
 
 
+def _train_loop_case(model_name: str, dtype: str, batch: int, image_size: int, num_classes: int, intervals: int,
+                     log_every: int, block_sizes: Optional[tuple] = None) -> Case:
+  params = dict(model_name=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
+                intervals=intervals, log_every=log_every, block_sizes=block_sizes)
+  shown_name = model_name if block_sizes is None else f'{model_name}_{len(block_sizes)}block'
+  return Case(f'train_loop/{shown_name}/{dtype}/b{batch}', 'train_loop', dtype, 'img/s', params,
+              functools.partial(measure_train_loop, **params))
+
+
 def _eval_case(model_name: str, dtype: str, batch: int, image_size: int, num_classes: int, warmup: int, iters: int,
                anchor_arch: str) -> Case:
   params = dict(model=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
@@ -322,6 +359,7 @@ def profile_cases(profile: str) -> list[Case]:
         _eval_case('resnet_v2_152', 'fp32', 32, 224, 1000, 5, 50, 'resnet152'),
         _eval_case('resnet_v2_152', 'bf16', 32, 224, 1000, 5, 50, 'resnet152'),
         _train_case('train_flax_bn', 'resnet_v1_50', 'bf16', 256, 224, 1000, 5, 20, 'resnet50'),
+        _train_loop_case('resnet_v1_50', 'bf16', 256, 224, 1000, 3, 20),
         # The largest BN input of ResNet-50 (block1's conv3 and shortcut) at batch 256.
         *_bn_cases((256, 56, 56, 256), 5, 50),
         *_pipeline_cases(224, 128, 2048, _PHOTO_JPEGS, 4),
@@ -331,6 +369,7 @@ def profile_cases(profile: str) -> list[Case]:
     # steps than the anchor's 5 + 20; benchmarks.paired times the anchor's step as many times.
     return [
         _train_case('train', 'resnet_v1_50', 'fp32', 8, 224, 1000, 1, 6, 'resnet50'),
+        _train_loop_case('resnet_v1_50', 'fp32', 8, 224, 1000, 2, 3),
         _eval_case('resnet_v2_152', 'fp32', 4, 224, 1000, 2, 20, 'resnet152'),
         *_bn_cases((8, 56, 56, 256), 5, 30),
         *_pipeline_cases(224, 64, 2048, _PHOTO_JPEGS, 2),
@@ -344,6 +383,7 @@ def profile_cases(profile: str) -> list[Case]:
         _eval_case('resnet_v2_tiny', 'fp32', 4, 16, 10, 1, 3, 'resnet152'),
         _eval_case('resnet_v2_tiny', 'bf16', 4, 16, 10, 1, 3, 'resnet152'),
         _train_case('train_flax_bn', 'resnet_v1_tiny', 'bf16', 4, 16, 10, 1, 2, 'resnet50', one_block),
+        _train_loop_case('resnet_v1_tiny', 'bf16', 4, 16, 10, 2, 2, one_block),
         *_bn_cases((4, 8, 8, 16), 1, 3),
         *_pipeline_cases(16, 4, 8, dict(num_images=12, height_range=(24, 40), width_range=(28, 40)), 1),
     ]
@@ -354,6 +394,8 @@ def internal_reference(case: Case, cases: list[Case]) -> Optional[Case]:
   """The flax nn.BatchNorm case a case of ours is priced against in the same run, if any."""
   if case.kind == 'train':
     wanted = ('train_flax_bn', case.variant)
+  elif case.kind == 'train_loop':
+    wanted = ('train', case.variant)
   elif case.kind == 'bn_layer' and not case.variant.startswith('flax'):
     dtype = BN_VARIANTS[case.variant][1]
     wanted = ('bn_layer', 'flax_nn_batchnorm' + ('_bf16' if dtype == 'bf16' else ''))

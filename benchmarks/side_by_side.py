@@ -27,7 +27,7 @@ from benchmarks import cases as cases_lib
 from benchmarks import compare, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GROUPS = ('train', 'eval', 'pipeline', 'bn', 'torch')
+GROUPS = ('train', 'eval', 'loop', 'pipeline', 'bn', 'torch')
 # Images the JPEG anchor decodes with all cores (an eighth of them with one process).
 JPEG_ANCHOR_IMAGES = {'gpu': 20000, 'cpu': 8000, 'smoke': 64}
 
@@ -41,7 +41,7 @@ class Job:
 
 
 def _group_of(case: cases_lib.Case) -> str:
-  return {'train': 'train', 'eval': 'eval', 'pipeline': 'pipeline'}.get(case.kind, 'bn')
+  return {'train': 'train', 'eval': 'eval', 'train_loop': 'loop', 'pipeline': 'pipeline'}.get(case.kind, 'bn')
 
 
 def build_groups(profile: str, cases: Sequence[cases_lib.Case], groups: Sequence[str], anchors_dir: str,

@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
       'spatial_squeeze': config_dict.placeholder(bool),
       'output_stride': config_dict.placeholder(int),
       'include_root_block': config_dict.placeholder(bool),
+      # ((depth, depth_bottleneck, num_units), ...) per block: another depth of the same design.
+      'block_sizes': config_dict.placeholder(tuple),
   })
   config.num_classes = config_dict.placeholder(int)  # None: the data set's.
   # Fine-tuning: start from these weights when the workdir has no checkpoint yet. An

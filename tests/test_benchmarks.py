@@ -11,7 +11,8 @@ from benchmarks import cases as cases_lib
 from benchmarks import compare, paired, report, run, side_by_side
 from resnet_flax.layers import BatchNorm
 
-UNITS = {'train': 'img/s', 'train_flax_bn': 'img/s', 'eval': 'ms', 'bn_layer': 'ms', 'pipeline': 'img/s'}
+UNITS = {'train': 'img/s', 'train_flax_bn': 'img/s', 'train_loop': 'img/s', 'eval': 'ms', 'bn_layer': 'ms',
+         'pipeline': 'img/s'}
 
 
 @pytest.fixture(scope='module')
@@ -56,6 +57,8 @@ def test_every_smoke_case_reports_a_real_figure(smoke_records):
     assert record['device'] == 'test-device' and record['date'] == '2026-01-02'
     if record['kind'] == 'pipeline':
       assert record['compile_s'] is None and record['workers'] >= 1
+    elif record['kind'] == 'train_loop':  # Compilation falls in train.py's first, untimed interval.
+      assert record['compile_s'] is None and record['intervals'] == record['params']['intervals']
     else:
       assert math.isfinite(record['compile_s']) and record['compile_s'] > 0, record
     assert record['steps'] >= 2
@@ -75,8 +78,8 @@ def test_smoke_train_steps_really_train(smoke_records):
 def test_our_bn_and_train_step_are_priced_against_flax_batch_norm(smoke_records):
   by_case = {record['case']: record for record in smoke_records}
   for record in smoke_records:
-    if record['kind'] == 'train' or (record['kind'] == 'bn_layer' and not record['variant'].startswith('flax')
-                                     and 'value' in record):
+    if record['kind'] in ('train', 'train_loop') or (
+        record['kind'] == 'bn_layer' and not record['variant'].startswith('flax') and 'value' in record):
       ((reference, ratio),) = record['ratios'].items()
       assert ratio == pytest.approx(record['value'] / by_case[reference.removeprefix('ours:')]['value'])
 
@@ -122,6 +125,9 @@ def test_merge_takes_medians_over_rounds_and_ratios_of_medians():
   assert train['ratios'][flax] == pytest.approx(2.5 / 3.0)
   assert train['time_ratios'][flax] == pytest.approx(3.0 / 2.5)  # img/s: time ratio is the inverse
   assert train['targets'][flax]['max_time_ratio'] == 1.0
+  loop = by_case['train_loop/resnet_v1_50/fp32/b8']  # train.py priced against the bare step
+  assert loop['ratios'] == {'ours:train/resnet_v1_50/fp32/b8': pytest.approx(1.0)}
+  assert 'host round trips' in loop['targets']['ours:train/resnet_v1_50/fp32/b8']['text']
   plain_bn = by_case['bn_layer/plain/8x56x56x256']
   assert plain_bn['ratios'] == {'ours:bn_layer/flax_nn_batchnorm/8x56x56x256': pytest.approx(1.0)}
   evaluation = by_case['eval/resnet_v2_152/fp32/b4']
@@ -159,14 +165,14 @@ def test_side_by_side_plans_ours_and_each_anchor_in_alternating_groups():
   planned = side_by_side.build_groups('cpu', cpu_cases, side_by_side.GROUPS, '/anchors', with_torch=False,
                                       python='py')
   names = [[job.name for job in group] for group in planned]
-  assert names == [['ours:train', 'flax_resnet.py:train'], ['ours:eval', 'flax_resnet.py:eval'],
+  assert names == [['ours:train', 'flax_resnet.py:train'], ['ours:eval', 'flax_resnet.py:eval'], ['ours:loop'],
                    ['ours:pipeline', 'jpeg_pipeline.py'], ['ours:bn']]
   assert planned[0][1].command == ('py', '/anchors/flax_resnet.py', 'train:resnet50:8:fp32')
   paired = side_by_side.build_groups('cpu', cpu_cases, ['train'], '/anchors', with_torch=False, python='py',
                                      paired=True)
   assert [[job.name for job in group] for group in paired] == [['paired:train']]
-  assert [job.group for group in planned for job in group] == ['train', 'train', 'eval', 'eval', 'pipeline',
-                                                               'pipeline', 'bn']
+  assert [job.group for group in planned for job in group] == ['train', 'train', 'eval', 'eval', 'loop',
+                                                               'pipeline', 'pipeline', 'bn']
   gpu = side_by_side.build_groups('gpu', cases_lib.profile_cases('gpu'), ['torch'], '/anchors', with_torch=True)
   assert sorted(job.command[-1] for job in gpu[0]) == [
       'eval:resnet152:32:0:fp32', 'eval:resnet152:32:1:bf16', 'train:resnet50:256:0:bf16', 'train:resnet50:256:1:bf16']

@@ -264,6 +264,9 @@ def test_synthetic_is_fixed_shape_and_reuses_its_images():
   ds = data.build(config, 'train', batch_size=16, seed=0)
   first, second = _batches(ds.train_batches(), 2)
   assert first['image'].shape == (16, 32, 32, 3) and first['image'] is second['image']
+  assert ds.image_dtype == first['image'].dtype == np.uint8  # Pixels travel, as photos' do.
+  values = ds.model_input(first['image'])
+  assert values.dtype == np.float32 and values.min() == -1 and values.max() == 1
   assert first['label'].max() < 7 and ds.num_classes == 7
   assert sum(b['mask'].sum() for b in ds.eval_batches()) == 50
   np.testing.assert_equal([first], _batches(data.build(config, 'train', batch_size=16, seed=0).train_batches(), 1))

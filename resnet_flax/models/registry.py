@@ -90,13 +90,18 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
   `zero_debias_moving_mean`, `batch_norm_<field>` for any other BatchNorm field,
   `dtype`, and the model's own arguments (`global_pool`, `output_stride`,
   `spatial_squeeze`, `include_root_block`, ...; v1 also `depth_multiplier`,
-  `min_base_depth`, `use_bounded_activations`, `store_non_strided_activations`).
+  `min_base_depth`, `use_bounded_activations`, `store_non_strided_activations`), and
+  `block_sizes`, ((depth, depth_bottleneck, num_units), ...) used as given instead of
+  the named model's blocks.
   """
   if name not in _REGISTRY:
     raise ValueError(f'Unknown model {name!r}; choose one of: {", ".join(list_models())}.')
   cls, block_sizes = _REGISTRY[name]
   scope_kwargs, bn_kwargs, model_kwargs = split_overrides({**_VARIANT_DEFAULTS.get(name, {}), **overrides})
-  if cls is ResNetV1 and not name.endswith(_SMALL_VARIANTS):
+  custom_blocks = model_kwargs.pop('block_sizes', None)
+  if custom_blocks is not None:
+    block_sizes = tuple(tuple(int(size) for size in block) for block in custom_blocks)
+  elif cls is ResNetV1 and not name.endswith(_SMALL_VARIANTS):
     # slim applies depth_func in resnet_v1_50 & co., not to custom blocks.
     depth_multiplier = model_kwargs.pop('depth_multiplier', 1.0)
     min_base_depth = model_kwargs.pop('min_base_depth', 8)

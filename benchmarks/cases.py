@@ -17,11 +17,14 @@ Profiles: 'gpu' (the issue's shapes), 'cpu' (the 2-core CPU target's), 'smoke' (
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import signal
 import statistics
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -178,6 +181,22 @@ def prepare_eval(*, model_name: str, dtype: str, batch: int, image_size: int, nu
   return Stepper(lambda: compiled(variables, images), compile_s, measurement)
 
 
+def _train_in_this_process(config: Any, workdir: str) -> None:
+  """`train_lib.train_and_evaluate` with its console output on stderr (stdout carries the
+  harness's JSON lines) and this process's SIGINT/SIGTERM handlers back afterwards.
+
+  In this process rather than a `train.py` child: the harness process already holds the
+  accelerator (and on GPU, XLA's preallocated memory).
+  """
+  handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    with contextlib.redirect_stdout(sys.stderr):
+      train_lib.train_and_evaluate(config, workdir)
+  finally:
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)
+
+
 def measure_train_loop(workdir: str, *, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
                        intervals: int, log_every: int, block_sizes: Optional[tuple] = None, **unused: Any
                        ) -> Measurement:
@@ -192,7 +211,7 @@ def measure_train_loop(workdir: str, *, model_name: str, dtype: str, batch: int,
   config.log_every_steps = log_every
   config.num_train_steps = (intervals + 1) * log_every
   run_dir = os.path.join(workdir, f'train_loop_{model_name}_{dtype}_{batch}_{time.time_ns()}')
-  train_lib.train_and_evaluate(config, run_dir)
+  _train_in_this_process(config, run_dir)
   with open(os.path.join(run_dir, 'metrics.jsonl'), encoding='utf-8') as lines:
     logged = [json.loads(line) for line in lines]
   rates = [record['train/images_per_second'] for record in logged if 'train/images_per_second' in record][1:]
@@ -306,11 +325,12 @@ def _train_case(kind: str, model_name: str, dtype: str, batch: int, image_size: 
 
 def _train_loop_case(model_name: str, dtype: str, batch: int, image_size: int, num_classes: int, intervals: int,
                      log_every: int, block_sizes: Optional[tuple] = None) -> Case:
-  params = dict(model_name=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
+  params = dict(model=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
                 intervals=intervals, log_every=log_every, block_sizes=block_sizes)
   shown_name = model_name if block_sizes is None else f'{model_name}_{len(block_sizes)}block'
   return Case(f'train_loop/{shown_name}/{dtype}/b{batch}', 'train_loop', dtype, 'img/s', params,
-              functools.partial(measure_train_loop, **params))
+              functools.partial(measure_train_loop, model_name=model_name,
+                                **{k: v for k, v in params.items() if k != 'model'}))
 
 
 def _eval_case(model_name: str, dtype: str, batch: int, image_size: int, num_classes: int, warmup: int, iters: int,
@@ -391,7 +411,8 @@ def profile_cases(profile: str) -> list[Case]:
 
 
 def internal_reference(case: Case, cases: list[Case]) -> Optional[Case]:
-  """The flax nn.BatchNorm case a case of ours is priced against in the same run, if any."""
+  """The case of ours another is priced against in the same run, if any: flax's nn.BatchNorm
+  for our train step and BN layer, the bare train step for train.py's loop."""
   if case.kind == 'train':
     wanted = ('train_flax_bn', case.variant)
   elif case.kind == 'train_loop':
@@ -401,8 +422,9 @@ def internal_reference(case: Case, cases: list[Case]) -> Optional[Case]:
     wanted = ('bn_layer', 'flax_nn_batchnorm' + ('_bf16' if dtype == 'bf16' else ''))
   else:
     return None
+  sizes = ('model', 'batch', 'image_size', 'block_sizes', 'shape')
   same_sizes = [c for c in cases if (c.kind, c.variant) == wanted and
-                c.params.get('batch') == case.params.get('batch') and c.params.get('shape') == case.params.get('shape')]
+                all(c.params.get(size) == case.params.get(size) for size in sizes)]
   return same_sizes[0] if same_sizes else None
 
 

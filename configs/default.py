@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
       'spatial_squeeze': config_dict.placeholder(bool),
       'output_stride': config_dict.placeholder(int),
       'include_root_block': config_dict.placeholder(bool),
-      # ((depth, depth_bottleneck, num_units), ...) per block: another depth of the same design.
+      # ((base_depth, num_units, stride), ...) per block, as slim's resnet_v1_block: another depth.
       'block_sizes': config_dict.placeholder(tuple),
   })
   config.num_classes = config_dict.placeholder(int)  # None: the data set's.

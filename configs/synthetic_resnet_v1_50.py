@@ -16,7 +16,7 @@ def get_config():
   config.data.name = 'synthetic'
   config.data.preprocessing = 'none'
   config.data.num_classes = 1000
-  config.data.num_examples = config.batch_size  # the final evaluation: one batch
+  config.data.num_examples = config.get_ref('batch_size')  # the final evaluation: one batch
   config.eval_split = 'test'
   config.num_train_steps = 300
   config.warmup_steps = 10

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Iterable, Mapping, Optional
 
 import jax
 import ml_collections
-import numpy as np
 
 from resnet_flax import data, device_input, eval_lib, model_builder, precise_bn, sharding, steps
 from resnet_flax.layers.batch_norm import BATCH_STATS
@@ -38,7 +38,9 @@ def evaluate_with_batch_statistics(config: ml_collections.ConfigDict, variables:
                        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
   mesh = sharding.data_mesh()
   step = sharding.jit_over_batch(functools.partial(_batch_statistics_step, model=model), mesh)
-  full_batches = (batch for batch in dataset.eval_batches() if np.all(batch['mask']))
+  # The global batches that are full on every process: all processes take the same steps.
+  full_steps = dataset.num_examples // (dataset.batch_size * dataset.process_count)
+  full_batches = itertools.islice(dataset.eval_batches(), full_steps)
   return eval_lib.metrics_over(step, sharding.replicate(variables, mesh),
                                device_input.dataset_batches(dataset, full_batches, mesh))
 

@@ -33,12 +33,17 @@ def device_batches(host_batches: Iterable[data.Batch], mesh: Mesh,
                    model_input: Callable[[Any], Any] = as_model_input, *, ahead: int = 1) -> Iterator[DeviceBatch]:
   """Global batches sharded over `mesh` from this process's host batches, `model_input` applied.
 
-  `ahead` batches beyond the one handed out are already on the devices. Closing the
-  generator (or leaving a loop over it) stops the host thread.
+  `ahead` batches beyond the one handed out are already on the devices, so an error in
+  reading batch s + ahead surfaces when batch s is asked for. Closing the generator (or
+  leaving a loop over it) stops the host thread.
   """
   if ahead < 0:
     raise ValueError(f'ahead must be >= 0, got {ahead}.')
-  to_model_input = _model_input_on_device(model_input)
+  return _copied_ahead(host_batches, mesh, _model_input_on_device(model_input), ahead)
+
+
+def _copied_ahead(host_batches: Iterable[data.Batch], mesh: Mesh, to_model_input: Callable[[DeviceBatch], DeviceBatch],
+                  ahead: int) -> Iterator[DeviceBatch]:
   host = data.prefetch(host_batches)
   pending: deque[DeviceBatch] = deque()
   try:

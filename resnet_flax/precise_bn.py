@@ -69,9 +69,12 @@ def population_statistics(model, variables: Variables, image_batches: Iterable[A
   mesh = mesh or sharding.data_mesh()
   moments_step = sharding.jit_over_batch(functools.partial(_moments_step, model=model), mesh)
   accumulator = _PopulationMoments()
+  batch_sharding = sharding.batch_sharded(mesh)
   for images in image_batches:
-    if not isinstance(images, jax.Array):  # This process's host share; device batches are global already.
-      images = sharding.to_global_batch({'image': images}, mesh)['image']
+    # Global batches from `device_input` are used as they are; anything else is this
+    # process's host share.
+    if not (isinstance(images, jax.Array) and images.sharding.is_equivalent_to(batch_sharding, images.ndim)):
+      images = sharding.to_global_batch({'image': np.asarray(images)}, mesh)['image']
     accumulator.add(jax.device_get(moments_step(variables, images)))
   if not accumulator.sums:
     raise ValueError('recalibration saw no batch statistics: give it at least one batch, and a model whose '
@@ -95,9 +98,11 @@ def recalibrate(config: ml_collections.ConfigDict, model, variables: Variables, 
   dataset = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
                        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
   mesh = mesh or sharding.data_mesh()
-  batches = device_input.dataset_batches(dataset, itertools.islice(dataset.train_batches(0), num_batches), mesh)
+  host_batches = dataset.train_batches(0)
+  batches = device_input.dataset_batches(dataset, itertools.islice(host_batches, num_batches), mesh)
   try:
     statistics = population_statistics(model, variables, (batch['image'] for batch in batches), mesh)
   finally:
     batches.close()
+    host_batches.close()
   return with_statistics(variables, statistics)

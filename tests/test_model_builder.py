@@ -1,9 +1,12 @@
 """Config -> model: how config.bn.cross_device and ghost batches become statistics groups."""
 
+import flax
+import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import default
-from resnet_flax import model_builder
+from resnet_flax import model_builder, models
 
 
 def _bn(**fields):
@@ -56,3 +59,22 @@ def test_zero_init_last_gamma_on_v2_is_a_clear_error():
     model_builder.build_model(config, num_classes=10, device_count=1)
   config.bn.zero_init_last_gamma = False
   model_builder.build_model(config, num_classes=10, device_count=1)
+
+
+def test_block_sizes_build_another_depth_of_the_same_design():
+  config = default.get_config()
+  config.model = 'resnet_v1_50'
+  config.model_options.block_sizes = ((64, 2, 2), (128, 1, 1))
+  model = model_builder.build_model(config, 10)
+  assert model.block_sizes == ((64, 2, 2), (128, 1, 1))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  units = {path[1] for path in flax.traverse_util.flatten_dict(variables['params'])
+           if path[0].startswith('block')}
+  assert units == {'unit_1', 'unit_2'}
+  assert set(variables['params']) == {'conv1', 'block1', 'block2', 'logits'}
+  assert variables['params']['block2']['unit_1']['bottleneck_v1']['conv3']['weights'].shape == (1, 1, 128, 512)  # 4 x base depth
+
+
+def test_block_sizes_with_a_depth_multiplier_is_a_clear_error():
+  with pytest.raises(ValueError, match='block_sizes are used as given'):
+    models.get_model('resnet_v1_50', block_sizes=((64, 2, 2),), depth_multiplier=0.5)

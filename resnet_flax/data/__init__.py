@@ -2,9 +2,13 @@
 
   ds = data.build(config.data, 'train', batch_size=128, seed=0)
   for batch in data.prefetch(ds.train_batches(start_step)):  # {'image', 'label', 'mask'}
+    images = ds.model_input(batch['image'])  # uint8 photos -> the model's float32 input
     ...
   for batch in ds.eval_batches():  # one pass; padded last batch, `mask` marks real examples
     ...
+
+`resnet_flax.device_input` does both on the way to the devices: the copy a batch ahead,
+`model_input` on the device.
 
 The batch at step s depends only on (seed, s, process_index, process_count), so resuming
 at `start_step` reproduces an uninterrupted run exactly. This package knows nothing of models.

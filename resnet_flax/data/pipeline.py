@@ -5,8 +5,10 @@ images, and `model_input`, what maps those images to the model's float32 input);
 decides which indices form each batch (see `sampling`) and keeps one batch in flight so
 that a loader with worker threads decodes batch s + 1 while batch s is handed out.
 
-Photos travel as uint8 pixels and become float32 on the device (`model_input`, applied by
-`resnet_flax.device_input`): a quarter of the bytes to copy, and no float work on the host.
+Photos (unless a preprocessing's values are random per image, as inception's color
+distortion) and synthetic images travel as uint8 pixels and become float32 on the device
+(`model_input`, applied by `resnet_flax.device_input`): a quarter of the bytes to copy,
+and no float work on the host.
 """
 
 from __future__ import annotations

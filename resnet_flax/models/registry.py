@@ -91,14 +91,17 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
   `dtype`, and the model's own arguments (`global_pool`, `output_stride`,
   `spatial_squeeze`, `include_root_block`, ...; v1 also `depth_multiplier`,
   `min_base_depth`, `use_bounded_activations`, `store_non_strided_activations`), and
-  `block_sizes`, ((depth, depth_bottleneck, num_units), ...) used as given instead of
-  the named model's blocks.
+  `block_sizes`, ((base_depth, num_units, stride), ...) per block as slim's
+  `resnet_v1_block`, used as given instead of the named model's blocks.
   """
   if name not in _REGISTRY:
     raise ValueError(f'Unknown model {name!r}; choose one of: {", ".join(list_models())}.')
   cls, block_sizes = _REGISTRY[name]
   scope_kwargs, bn_kwargs, model_kwargs = split_overrides({**_VARIANT_DEFAULTS.get(name, {}), **overrides})
   custom_blocks = model_kwargs.pop('block_sizes', None)
+  if custom_blocks is not None and {'depth_multiplier', 'min_base_depth'} & set(model_kwargs):
+    raise ValueError(f'{name}: block_sizes are used as given; scale their base depths instead of passing '
+                     'depth_multiplier or min_base_depth with them.')
   if custom_blocks is not None:
     block_sizes = tuple(tuple(int(size) for size in block) for block in custom_blocks)
   elif cls is ResNetV1 and not name.endswith(_SMALL_VARIANTS):

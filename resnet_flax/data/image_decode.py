@@ -65,7 +65,9 @@ def decode_crop(path: str, plan: Callable[[int, int], Crop], size: int) -> np.nd
       box = _draft(image, crop.box, size) if image.format == 'JPEG' else crop.box
       rgb = image if image.mode == 'RGB' else image.convert('RGB')
       # After a draft, `box` refers to the reduced image, which is what `rgb` holds.
-      array = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box))
+      resized = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
+      if crop.flip:  # In PIL: copying numpy's reversed view of 3-byte pixels costs 10x more.
+        resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+      return np.asarray(resized)
     except _DECODE_ERRORS as error:
       raise _unreadable(path, error) from error
-  return array[:, ::-1] if crop.flip else array

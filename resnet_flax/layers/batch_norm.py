@@ -26,10 +26,9 @@ def batch_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Arr
   """Mean and biased variance over `reduction_axes` (the batch axis, then the spatial ones),
   always in float32, from one pass over `x`.
 
-  Per example, the sums of `x - s` and `(x - s) ** 2` about `s`, the example's central
-  value of each channel (borders see the convolutions' zero padding), read `x` once
-  together and lose about (mean - s)^2 / variance ulps of the sums, with `s` a sample of
-  the same values; the per-example means and squared deviations then combine exactly
+  Per example, the sums of `x - s` and `(x - s) ** 2` about `s`, the example's first
+  value of each channel, read `x` once together and lose about (mean - s)^2 / variance
+  ulps of the sums, with `s` a sample of the same values; the per-example means and squared deviations then combine exactly
   (law of total variance) over the small (batch, channels) arrays. Plain E[x^2] - E[x]^2
   cancels catastrophically when |mean| >> std, and the mean of squared deviations needs
   a second full read of `x`. The shift never slices the batch axis, which may be split
@@ -37,9 +36,11 @@ def batch_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Arr
   """
   x32 = x.astype(jnp.float32)
   batch_axis, within_axes = reduction_axes[0], reduction_axes[1:]
-  central = tuple(slice(x.shape[axis] // 2, x.shape[axis] // 2 + 1) if axis in within_axes else slice(None)
-                  for axis in range(x.ndim))
-  shift = jax.lax.stop_gradient(x32[central])  # A constant: the gradient is the variance's own.
+  # The first value, not a central one: with XLA's optimizations off (JAX_DISABLE_MOST_
+  # OPTIMIZATIONS, as the tests run), an offset slice of a batch-sharded input gave wrong
+  # gradients elsewhere in the model on 8 devices (jax 0.10.2, CPU).
+  first = tuple(slice(0, 1) if axis in within_axes else slice(None) for axis in range(x.ndim))
+  shift = jax.lax.stop_gradient(x32[first])  # A constant: the gradient is the variance's own.
   shifted = x32 - shift
   per_example = math.prod(x.shape[axis] for axis in within_axes)
   sums = jnp.sum(shifted, axis=within_axes, keepdims=True)

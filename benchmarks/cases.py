@@ -276,10 +276,11 @@ def _jpeg_tree(workdir: str, num_images: int, height_range: tuple[int, int], wid
 def measure_pipeline(workdir: str, *, preprocessing: str, image_size: int, batch: int, num_workers: int,
                      num_images: int, height_range: tuple[int, int], width_range: tuple[int, int],
                      warmup_batches: int, batches: int) -> Measurement:
-  """img/s of training batches from `data.build` (imagefolder), prefetched as train_lib does.
+  """img/s of training batches from `data.build` (imagefolder, the ImageNet config's worker
+  processes), prefetched as train_lib does: uint8 crops, mapped to float on the device.
 
   The value is images over wall time of the timed batches (what the pipeline can feed a
-  step); the median batch time is in `extra`. `num_workers=0` is one thread per core.
+  step); the median batch time is in `extra`. `num_workers=0` is one worker per core.
   """
   root = _jpeg_tree(workdir, num_images, height_range, width_range)
   config = imagenet_resnet_v1_50.get_config().data

@@ -70,7 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
       'channels': config_dict.placeholder(int),  # synthetic
       'label_offset': 0,  # imagefolder: 1 for slim v2's background class
       'on_bad_image': 'error',  # imagefolder: 'error' | 'skip'
-      'num_workers': 0,  # imagefolder decoding threads; 0: one per core
+      'num_workers': 0,  # imagefolder decoding threads (or processes); 0: one per core
+      'worker_processes': False,  # imagefolder: processes, for many cores (threads share one GIL)
   })
   config.eval_split = 'test'
   # eval.py: > 0 recomputes BN statistics on this many training batches first (precise BN).

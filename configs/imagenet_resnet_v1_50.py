@@ -14,6 +14,7 @@ def get_config():
   config.data.name = 'imagefolder'
   config.data.image_size = 224
   config.data.preprocessing = 'vgg'
+  config.data.worker_processes = True  # a core's worth of decoding each; threads share one GIL
   config.data.augment = True
   config.eval_split = 'validation'
   config.batch_size = 256

@@ -12,6 +12,7 @@ def get_config():
   config.model = 'resnet_v2_50'
   config.num_classes = 1001
   config.data.preprocessing = 'inception'
+  config.data.worker_processes = True  # a core's worth of decoding each; threads share one GIL
   config.data.image_size = 299
   config.data.label_offset = 1
   return config

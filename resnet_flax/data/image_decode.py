@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
 
 from resnet_flax.data.errors import DataError, one_line
-from resnet_flax.data.preprocessing import Crop
+from resnet_flax.data.preprocessing import Crop, Preprocessing
 
 # Modes with a faithful conversion to RGB (as `decode_jpeg/png(channels=3)` gives); 16-bit,
 # 32-bit integer and float modes have no agreed mapping to 0..255 and are refused.
@@ -71,3 +71,17 @@ def decode_crop(path: str, plan: Callable[[int, int], Crop], size: int) -> np.nd
       return np.asarray(resized)
     except _DECODE_ERRORS as error:
       raise _unreadable(path, error) from error
+
+
+def decode_values(path: str, preprocessing: Preprocessing, ship_pixels: bool,
+                  rng: Optional[np.random.Generator]) -> np.ndarray:
+  """One example as a batch holds it: the uint8 crop (`ship_pixels`) or its float32 values.
+
+  `rng` draws the training crop and values; None takes the deterministic eval ones.
+  """
+  size = preprocessing.image_size
+  if rng is None:
+    crop = decode_crop(path, preprocessing.eval_crop, size)
+    return crop if ship_pixels else preprocessing.eval_values(crop)
+  crop = decode_crop(path, lambda width, height: preprocessing.train_crop(width, height, rng), size)
+  return crop if ship_pixels else preprocessing.train_values(crop, rng)

@@ -21,9 +21,10 @@ import numpy as np
 
 from resnet_flax.data import inception_preprocessing, vgg_preprocessing
 from resnet_flax.data.errors import DataError
-from resnet_flax.data.image_decode import UnreadableImage, decode_crop
+from resnet_flax.data.image_decode import UnreadableImage, decode_values
 from resnet_flax.data.pipeline import Loaded, Pending, Source
 from resnet_flax.data.preprocessing import Preprocessing
+from resnet_flax.data.worker_processes import ProcessLoader
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 PREPROCESSINGS = ('vgg', 'inception')
@@ -97,20 +98,14 @@ class FolderLoader:
     return self._start(indices, None)
 
   def _start(self, indices: np.ndarray, rngs: Optional[list[np.random.Generator]]) -> Pending:
-    preprocessing, size = self.preprocessing, self.preprocessing.image_size
+    size = self.preprocessing.image_size
     images = np.zeros((len(indices), size, size, 3), np.uint8 if self.ship_pixels else np.float32)
 
     def load(slot: int) -> Optional[str]:
       """Fills images[slot]; returns the problem if the file is unreadable and skipped."""
-      path = self.paths[indices[slot]]
       try:
-        if rngs is None:
-          crop = decode_crop(path, preprocessing.eval_crop, size)
-          images[slot] = crop if self.ship_pixels else preprocessing.eval_values(crop)
-        else:
-          rng = rngs[slot]
-          crop = decode_crop(path, lambda width, height: preprocessing.train_crop(width, height, rng), size)
-          images[slot] = crop if self.ship_pixels else preprocessing.train_values(crop, rng)
+        images[slot] = decode_values(self.paths[indices[slot]], self.preprocessing, self.ship_pixels,
+                                     None if rngs is None else rngs[slot])
       except UnreadableImage as error:
         if not self.skip_unreadable:
           raise
@@ -130,8 +125,10 @@ class FolderLoader:
 
 def build_source(root: str, split: str, *, preprocessing: str, image_size: int, color_distortion: bool = False,
                  label_offset: int = 0, on_bad_image: str = 'error', num_workers: int = 0,
-                 augment_train: bool = True) -> Source:
-  """An image folder split; `num_workers` decoding threads (0: one per CPU core).
+                 augment_train: bool = True, worker_processes: bool = False) -> Source:
+  """An image folder split; `num_workers` decoding threads (0: one per CPU core), or worker
+  processes with `worker_processes` (for many cores: threads share one GIL; see
+  `worker_processes.py`). Both give the same batches.
 
   Without `augment_train`, training batches get the deterministic eval preprocessing.
   """
@@ -144,11 +141,14 @@ def build_source(root: str, split: str, *, preprocessing: str, image_size: int, 
     raise DataError(f'image folder root {root!r} does not exist; set config.data.dir to a directory with '
                     f'train/ and val/ subdirectories of class folders.')
   classes, paths, class_indices = scan(split_directory(root, split))
-  executor = concurrent.futures.ThreadPoolExecutor(max_workers=num_workers or os.cpu_count(),
-                                                   thread_name_prefix='imagefolder')
+  workers = num_workers or os.cpu_count()
   ship_pixels = chosen.pixel_values is not None
-  loader = FolderLoader(tuple(paths), chosen, executor, skip_unreadable=on_bad_image == 'skip',
-                        augment_train=augment_train, ship_pixels=ship_pixels)
+  options = dict(skip_unreadable=on_bad_image == 'skip', augment_train=augment_train, ship_pixels=ship_pixels)
+  if worker_processes:
+    loader = ProcessLoader(paths, chosen, workers, **options)
+  else:
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix='imagefolder')
+    loader = FolderLoader(tuple(paths), chosen, executor, **options)
   pixels = dict(image_dtype=np.uint8, model_input=chosen.pixel_values) if ship_pixels else {}
   return Source(labels=class_indices + label_offset, num_classes=len(classes) + label_offset,
                 image_shape=(image_size, image_size, 3), loader=loader, name=f'imagefolder/{split}', **pixels)

@@ -28,7 +28,8 @@ class Preprocessing:
   height image; train_values(image, rng) and eval_values(image) map the cropped uint8
   (size, size, 3) image to the float32 values the model sees.
 
-  pixel_values, when set, is what both of them are: a function of the pixels alone,
+  Every field pickles (module functions and partials of them), so worker processes can
+  be handed a Preprocessing. pixel_values, when set, is what both of them are: a function of the pixels alone,
   written with array methods so that it runs on numpy or jax arrays. Loaders then ship
   uint8 crops (a quarter of the bytes, and no float conversion on the host) and the
   values are computed on the device (`resnet_flax.device_input`).

@@ -68,12 +68,16 @@ def mean_image_subtraction(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) - RGB_MEAN
 
 
+def _train_values(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  return mean_image_subtraction(image)  # No randomness in the values; a module function so it pickles.
+
+
 def preprocessing(image_size: int = DEFAULT_IMAGE_SIZE) -> Preprocessing:
   """VGG preprocessing producing image_size x image_size x 3 float32 images."""
   return Preprocessing(
       name='vgg', image_size=image_size,
       train_crop=functools.partial(train_crop, image_size=image_size),
       eval_crop=functools.partial(eval_crop, image_size=image_size),
-      train_values=lambda image, rng: mean_image_subtraction(image),
+      train_values=_train_values,
       eval_values=mean_image_subtraction,
       pixel_values=mean_image_subtraction)

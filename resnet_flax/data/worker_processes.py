@@ -1,0 +1,153 @@
+"""Photos decoded by worker processes straight into shared-memory batches.
+
+Decoding threads share one GIL, and the Python part of every image (the crop plan, PIL's
+object set-up, the hand-over of pixels) holds it: a few tenths of a millisecond of the
+~3 ms a 224 crop takes, so threads stop scaling at a few thousand images per second
+however many cores there are. Worker processes each have their own. They write crops
+into a shared-memory batch buffer, so no pixels go through a pipe, and the parent copies
+each finished batch out once. Workers fork from a 'forkserver' process, never from the
+parent, which runs JAX's threads.
+
+Batches equal the threaded loader's (`image_folder.FolderLoader`) slot for slot: each
+example's random draws come from its own generator, whichever process decodes it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import concurrent.futures.process
+import functools
+import multiprocessing
+import threading
+import warnings
+import weakref
+from multiprocessing import shared_memory
+from typing import Optional, Sequence
+
+import numpy as np
+
+from resnet_flax.data.errors import DataError
+from resnet_flax.data.image_decode import UnreadableImage, decode_values
+from resnet_flax.data.pipeline import Loaded, Pending
+from resnet_flax.data.preprocessing import Preprocessing
+
+START_METHOD = 'forkserver'
+# Tasks per worker and batch: small enough to even out slow images, few enough that
+# submitting them costs nothing next to decoding.
+_CHUNKS_PER_WORKER = 4
+
+
+@functools.lru_cache(maxsize=16)
+def _attached(name: str) -> shared_memory.SharedMemory:
+  """A worker's mapping of the parent's buffer `name`, kept for the batches that reuse it."""
+  # Workers share the parent's resource tracker, so attaching registers nothing new and
+  # the parent's unlink is the only one.
+  return shared_memory.SharedMemory(name=name)
+
+
+def load_slots(buffer_name: str, shape: tuple[int, ...], dtype: str, slots: Sequence[int], paths: Sequence[str],
+               rngs: Sequence[Optional[np.random.Generator]], preprocessing: Preprocessing, ship_pixels: bool,
+               skip_unreadable: bool) -> list[Optional[str]]:
+  """Worker side: decodes `paths` into `slots` of the shared batch; the problem per slot (None: read)."""
+  images = np.ndarray(shape, np.dtype(dtype), buffer=_attached(buffer_name).buf)
+  problems: list[Optional[str]] = []
+  for slot, path, rng in zip(slots, paths, rngs):
+    try:
+      images[slot] = decode_values(path, preprocessing, ship_pixels, rng)
+      problems.append(None)
+    except UnreadableImage as error:
+      if not skip_unreadable:
+        raise
+      images[slot] = 0  # Buffers are reused: a skipped slot must not keep an old image.
+      problems.append(str(error))
+  return problems
+
+
+class _Buffers:
+  """Shared-memory batch buffers of the parent, reused once a batch has been copied out."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._free: list[shared_memory.SharedMemory] = []
+    self._all: list[shared_memory.SharedMemory] = []
+
+  def acquire(self, nbytes: int) -> shared_memory.SharedMemory:
+    with self._lock:
+      for block in self._free:
+        if block.size >= nbytes:
+          self._free.remove(block)
+          return block
+      block = shared_memory.SharedMemory(create=True, size=nbytes)
+      self._all.append(block)
+      return block
+
+  def release(self, block: shared_memory.SharedMemory) -> None:
+    with self._lock:
+      self._free.append(block)
+
+  def close(self) -> None:
+    with self._lock:
+      for block in self._all:
+        block.close()
+        block.unlink()
+      self._all, self._free = [], []
+
+
+def _shut_down(executor: concurrent.futures.Executor, buffers: _Buffers) -> None:
+  executor.shutdown(wait=True, cancel_futures=True)
+  buffers.close()
+
+
+class ProcessLoader:
+  """A Loader whose `num_workers` processes decode `paths` with `preprocessing`."""
+
+  def __init__(self, paths: Sequence[str], preprocessing: Preprocessing, num_workers: int, *,
+               skip_unreadable: bool = False, augment_train: bool = True, ship_pixels: bool = False):
+    self.paths = tuple(paths)
+    self.preprocessing = preprocessing
+    self.num_workers = num_workers
+    self.skip_unreadable = skip_unreadable
+    self.augment_train = augment_train
+    self.ship_pixels = ship_pixels
+    self._executor = concurrent.futures.ProcessPoolExecutor(
+        num_workers, mp_context=multiprocessing.get_context(START_METHOD))
+    self._buffers = _Buffers()
+    # Workers stop and buffers are unlinked when the loader goes away or at exit.
+    self.close = weakref.finalize(self, _shut_down, self._executor, self._buffers)
+
+  def start_train(self, indices: np.ndarray, rng: np.random.Generator) -> Pending:
+    if not self.augment_train:
+      return self._start(indices, None)
+    return self._start(indices, rng.spawn(len(indices)))  # As FolderLoader: one generator per example.
+
+  def start_eval(self, indices: np.ndarray) -> Pending:
+    return self._start(indices, None)
+
+  def _start(self, indices: np.ndarray, rngs: Optional[list[np.random.Generator]]) -> Pending:
+    size = self.preprocessing.image_size
+    shape = (len(indices), size, size, 3)
+    dtype = np.dtype(np.uint8 if self.ship_pixels else np.float32)
+    block = self._buffers.acquire(int(np.prod(shape)) * dtype.itemsize)
+    chunks = np.array_split(np.arange(len(indices)), min(len(indices), self.num_workers * _CHUNKS_PER_WORKER))
+    futures = [self._executor.submit(
+        load_slots, block.name, shape, dtype.str, chunk.tolist(), [self.paths[indices[slot]] for slot in chunk],
+        [None if rngs is None else rngs[slot] for slot in chunk], self.preprocessing, self.ship_pixels,
+        self.skip_unreadable) for chunk in chunks]
+
+    def wait() -> Loaded:
+      # Every task must be finished before the buffer is read or reused, even if one failed.
+      concurrent.futures.wait(futures)
+      try:
+        problems = [problem for future in futures for problem in future.result()]
+        images = np.ndarray(shape, dtype, buffer=block.buf).copy()
+      except concurrent.futures.process.BrokenProcessPool as error:
+        raise DataError('image decoding worker processes died (at start, this is usually a script whose '
+                        "top-level code is not under `if __name__ == '__main__':`, which workers re-import); "
+                        'guard it, or set config.data.worker_processes=False.') from error
+      finally:
+        self._buffers.release(block)
+      for problem in filter(None, problems):
+        warnings.warn(f'skipping (mask 0): {problem}', stacklevel=2)
+      return Loaded(images, np.array([problem is None for problem in problems]))
+
+    return wait

@@ -1,0 +1,68 @@
+"""Worker-process decoding: the same batches as threads, bad files named or skipped, cleanup."""
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from resnet_flax import data
+from resnet_flax.data.errors import DataError
+from test_preprocessing import FOLDER, _make_folder
+
+
+def _config(root, **extra):
+  return dict(FOLDER, dir=str(root), num_workers=2, **extra)
+
+
+@pytest.mark.parametrize('preprocessing,color_distortion', [('vgg', False), ('inception', True)])
+def test_processes_give_the_threads_batches_slot_for_slot(tmp_path, preprocessing, color_distortion):
+  config = _config(_make_folder(tmp_path), preprocessing=preprocessing, color_distortion=color_distortion)
+  threads = data.build(config, 'train', batch_size=4, seed=3)
+  processes = data.build(dict(config, worker_processes=True), 'train', batch_size=4, seed=3)
+  assert processes.image_dtype == threads.image_dtype
+  for ours, theirs in [(itertools.islice(processes.train_batches(), 4), itertools.islice(threads.train_batches(), 4)),
+                       (processes.eval_batches(), threads.eval_batches())]:
+    ours, theirs = list(ours), list(theirs)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+      for key in ('image', 'label', 'mask'):
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_skipped_file_is_a_zero_image_even_in_a_reused_buffer(tmp_path):
+  root = _make_folder(tmp_path)
+  (root / 'train' / 'cat' / 'broken.jpg').write_bytes(b'not a jpeg')
+  ds = data.build(_config(root, preprocessing='vgg', on_bad_image='skip', worker_processes=True), 'train',
+                  batch_size=4, seed=0)
+  masked = 0
+  with pytest.warns(UserWarning, match='broken.jpg'):
+    for batch in itertools.islice(ds.train_batches(), 8):  # 32 draws of 11 files: the broken one recurs
+      for image, keep in zip(batch['image'], batch['mask']):
+        if not keep:
+          masked += 1
+          assert not image.any()
+        else:
+          assert image.any()
+  assert masked >= 1
+
+
+def test_an_unreadable_file_is_named_from_the_worker(tmp_path):
+  root = _make_folder(tmp_path)
+  (root / 'train' / 'dog' / 'broken.jpg').write_bytes(b'this is not a jpeg')
+  ds = data.build(_config(root, preprocessing='inception', worker_processes=True), 'train', batch_size=11, seed=0)
+  with pytest.raises(DataError, match='broken.jpg') as excinfo:
+    next(ds.eval_batches())
+  assert '\n' not in str(excinfo.value)
+
+
+def test_closing_stops_the_workers_and_frees_the_shared_memory(tmp_path):
+  ds = data.build(_config(_make_folder(tmp_path), preprocessing='vgg', worker_processes=True), 'train',
+                  batch_size=4, seed=0)
+  next(ds.eval_batches())
+  loader = ds.source.loader
+  names = [block.name for block in loader._buffers._all]  # pylint: disable=protected-access
+  assert names and all(os.path.exists(f'/dev/shm/{name.lstrip("/")}') for name in names)
+  loader.close()
+  assert not any(os.path.exists(f'/dev/shm/{name.lstrip("/")}') for name in names)
+  assert not loader.close.alive

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from benchmarks import cases as cases_lib
-from benchmarks import compare, paired, report, run, side_by_side
+from benchmarks import compare, paired, report, run, side_by_side, xla_flags
 from resnet_flax.layers import BatchNorm
 
 UNITS = {'train': 'img/s', 'train_flax_bn': 'img/s', 'train_loop': 'img/s', 'eval': 'ms', 'bn_layer': 'ms',
@@ -212,3 +212,21 @@ def test_paired_times_our_step_and_the_anchors_own_step_in_turn(tmp_path):
   assert ours['paired_with'] == 'flax_resnet.py train:resnet50:4:bf16' and ours['paired_time_ratio_median'] > 0
   figures = compare.anchor_figures(compare.FLAX, [json.dumps(theirs)])
   assert compare.anchor_value(figures['flax_resnet.py train:resnet50:4:bf16'], 'img/s') == theirs['img_per_s']
+
+
+def test_xla_flag_sets_run_apart_and_are_priced_against_xla_defaults(capsys):
+  case = 'bn_layer/plain/4x8x8x16'
+  assert xla_flags.main(['--profile', 'smoke', '--cases', case, '--sets', 'cpu_no_fast_min_max']) == 0
+  lines = capsys.readouterr().out.splitlines()
+  records = [json.loads(line) for line in lines if line.startswith('{')]
+  assert [(r['flag_set'], r['case']) for r in records] == [('default', case), ('cpu_no_fast_min_max', case)]
+  assert records[1]['xla_flags'] == '--xla_cpu_enable_fast_min_max=false'
+  assert all(math.isfinite(r['value']) and r['value'] > 0 for r in records)
+  assert f'| default | `(none)` | `{case}` |' in '\n'.join(lines)
+  # img/s figures become time ratios by inversion; ms figures as they are.
+  fake = [{'flag_set': 'default', 'case': 't', 'unit': 'img/s', 'value': 100.0},
+          {'flag_set': 'x', 'case': 't', 'unit': 'img/s', 'value': 125.0},
+          {'flag_set': 'default', 'case': 'e', 'unit': 'ms', 'value': 10.0},
+          {'flag_set': 'x', 'case': 'e', 'unit': 'ms', 'value': 12.0}]
+  assert xla_flags.time_ratios(fake) == {('default', 't'): 1.0, ('x', 't'): 0.8, ('default', 'e'): 1.0,
+                                         ('x', 'e'): pytest.approx(1.2)}

@@ -4,10 +4,12 @@
     python -m benchmarks.xla_flags --profile gpu --sets default no_command_buffers
 
 Prints one JSON line per (flag set, case) and then a markdown table of each case's time
-relative to the `default` set (XLA's own defaults; below 1 is faster). The GPU sets are the
-issue's candidates: the latency-hiding scheduler, autotuning depth, command buffers (CUDA
-graphs), Triton GEMMs. XLA aborts on flags its build does not know, so the GPU sets run only
-on a GPU; `--sets` picks, and `cpu_*` sets exist for the CPU profile and the smoke test.
+relative to the `default` set (below 1 is faster). Every set, `default` included, adds its
+flags to the environment's XLA_FLAGS. The GPU sets are the issue's candidates: the
+latency-hiding scheduler, autotuning depth, command buffers (CUDA graphs), Triton GEMMs. The
+CPU build accepts the `xla_gpu_*` flags and ignores them, so GPU sets mean something only on
+a GPU; `--sets` picks, and `cpu_*` sets exist for the CPU profile and the smoke test. Each set
+runs once, after `default`: compare ratios with the run-to-run spread of `default` itself.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def measure(flag_set: str, profile: str, cases: Sequence[str], timeout_s: float)
     lines, status = [], f'timed out after {timeout_s:.0f} s'
   records = [json.loads(line) for line in lines if line.startswith('{')]
   if not records:
-    return [{'flag_set': flag_set, 'xla_flags': FLAG_SETS[flag_set], 'error': status}]
-  return [{**record, 'flag_set': flag_set, 'xla_flags': FLAG_SETS[flag_set]} for record in records]
+    return [{'flag_set': flag_set, 'xla_flags': FLAG_SETS[flag_set], 'case': ' '.join(cases), 'error': status}]
+  process = {} if status == 'ok' else {'process_status': status}
+  return [{**record, 'flag_set': flag_set, 'xla_flags': FLAG_SETS[flag_set], **process} for record in records]
 
 
 def time_ratios(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], float]:
@@ -54,7 +57,7 @@ def time_ratios(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], floa
   ratios = {}
   for record in records:
     reference = default.get(record.get('case'))
-    if 'value' in record and reference:
+    if record.get('value') and reference:
       ratio = record['value'] / reference
       ratios[(record['flag_set'], record['case'])] = 1 / ratio if record['unit'] == 'img/s' else ratio
   return ratios

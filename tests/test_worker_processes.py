@@ -2,11 +2,13 @@
 
 import itertools
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from resnet_flax import data
+from resnet_flax.data import worker_processes
 from resnet_flax.data.errors import DataError
 from test_preprocessing import FOLDER, _make_folder
 
@@ -66,3 +68,12 @@ def test_closing_stops_the_workers_and_frees_the_shared_memory(tmp_path):
   loader.close()
   assert not any(os.path.exists(f'/dev/shm/{name.lstrip("/")}') for name in names)
   assert not loader.close.alive
+
+
+def test_a_full_dev_shm_is_named_before_any_worker_writes(tmp_path, monkeypatch):
+  ds = data.build(_config(_make_folder(tmp_path), preprocessing='vgg', worker_processes=True), 'train',
+                  batch_size=4, seed=0)
+  monkeypatch.setattr(worker_processes.shutil, 'disk_usage', lambda path: shutil._ntuple_diskusage(64, 63, 1))
+  with pytest.raises(DataError, match='shm-size') as excinfo:
+    next(ds.eval_batches())
+  assert '\n' not in str(excinfo.value)

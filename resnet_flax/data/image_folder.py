@@ -141,7 +141,7 @@ def build_source(root: str, split: str, *, preprocessing: str, image_size: int, 
     raise DataError(f'image folder root {root!r} does not exist; set config.data.dir to a directory with '
                     f'train/ and val/ subdirectories of class folders.')
   classes, paths, class_indices = scan(split_directory(root, split))
-  workers = num_workers or os.cpu_count()
+  workers = num_workers or len(os.sched_getaffinity(0))  # The cores this process may use, not the machine's.
   ship_pixels = chosen.pixel_values is not None
   options = dict(skip_unreadable=on_bad_image == 'skip', augment_train=augment_train, ship_pixels=ship_pixels)
   if worker_processes:

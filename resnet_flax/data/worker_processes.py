@@ -17,7 +17,9 @@ from __future__ import annotations
 import concurrent.futures
 import concurrent.futures.process
 import functools
+import os
 import multiprocessing
+import shutil
 import threading
 import warnings
 import weakref
@@ -32,6 +34,10 @@ from resnet_flax.data.pipeline import Loaded, Pending
 from resnet_flax.data.preprocessing import Preprocessing
 
 START_METHOD = 'forkserver'
+_SHARED_MEMORY_DIR = '/dev/shm'
+_BROKEN_POOL = ('image decoding worker processes died (at start, this is usually a script whose top-level code '
+                "is not under `if __name__ == '__main__':`, which workers re-import; later, often a full /dev/shm); "
+                'fix that, or set config.data.worker_processes=False.')
 # Tasks per worker and batch: small enough to even out slow images, few enough that
 # submitting them costs nothing next to decoding.
 _CHUNKS_PER_WORKER = 4
@@ -77,6 +83,13 @@ class _Buffers:
         if block.size >= nbytes:
           self._free.remove(block)
           return block
+      # A shared-memory segment is created sparse: on a full /dev/shm (Docker gives 64 MiB)
+      # a worker would die of SIGBUS on its first write instead of this message.
+      free = shutil.disk_usage(_SHARED_MEMORY_DIR).free if os.path.isdir(_SHARED_MEMORY_DIR) else nbytes
+      if free < nbytes:
+        raise DataError(f'{_SHARED_MEMORY_DIR} has {free / 2**20:.0f} MiB free, a batch buffer needs '
+                        f'{nbytes / 2**20:.0f} MiB: give the container more shared memory (docker --shm-size=2g), '
+                        'lower the batch size, or set config.data.worker_processes=False.')
       block = shared_memory.SharedMemory(create=True, size=nbytes)
       self._all.append(block)
       return block
@@ -129,10 +142,17 @@ class ProcessLoader:
     dtype = np.dtype(np.uint8 if self.ship_pixels else np.float32)
     block = self._buffers.acquire(int(np.prod(shape)) * dtype.itemsize)
     chunks = np.array_split(np.arange(len(indices)), min(len(indices), self.num_workers * _CHUNKS_PER_WORKER))
-    futures = [self._executor.submit(
-        load_slots, block.name, shape, dtype.str, chunk.tolist(), [self.paths[indices[slot]] for slot in chunk],
-        [None if rngs is None else rngs[slot] for slot in chunk], self.preprocessing, self.ship_pixels,
-        self.skip_unreadable) for chunk in chunks]
+    futures = []
+    try:
+      for chunk in chunks:
+        futures.append(self._executor.submit(
+            load_slots, block.name, shape, dtype.str, chunk.tolist(), [self.paths[indices[slot]] for slot in chunk],
+            [None if rngs is None else rngs[slot] for slot in chunk], self.preprocessing, self.ship_pixels,
+            self.skip_unreadable))
+    except concurrent.futures.process.BrokenProcessPool as error:
+      concurrent.futures.wait(futures)
+      self._buffers.release(block)
+      raise DataError(_BROKEN_POOL) from error
 
     def wait() -> Loaded:
       # Every task must be finished before the buffer is read or reused, even if one failed.
@@ -141,9 +161,7 @@ class ProcessLoader:
         problems = [problem for future in futures for problem in future.result()]
         images = np.ndarray(shape, dtype, buffer=block.buf).copy()
       except concurrent.futures.process.BrokenProcessPool as error:
-        raise DataError('image decoding worker processes died (at start, this is usually a script whose '
-                        "top-level code is not under `if __name__ == '__main__':`, which workers re-import); "
-                        'guard it, or set config.data.worker_processes=False.') from error
+        raise DataError(_BROKEN_POOL) from error
       finally:
         self._buffers.release(block)
       for problem in filter(None, problems):

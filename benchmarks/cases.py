@@ -310,6 +310,10 @@ def measure_pipeline(workdir: str, *, preprocessing: str, image_size: int, batch
                      {'median_batch_ms': float(np.median(times)) * 1e3, 'workers': workers})
 
 
+def _shown_model_name(model_name: str, block_sizes: Optional[tuple]) -> str:
+  return model_name if block_sizes is None else f'{model_name}_{len(block_sizes)}block'
+
+
 def _train_case(kind: str, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int, warmup: int,
                 iters: int, anchor_arch: str, block_sizes: Optional[tuple] = None) -> Case:
   params = dict(model=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
@@ -317,7 +321,7 @@ def _train_case(kind: str, model_name: str, dtype: str, batch: int, image_size: 
   measure = functools.partial(measure_stepper, prepare=prepare_train, model_name=model_name,
                               flax_bn=kind == 'train_flax_bn', block_sizes=block_sizes,
                               **{k: v for k, v in params.items() if k != 'model'})
-  shown_name = model_name if block_sizes is None else f'{model_name}_{len(block_sizes)}block'
+  shown_name = _shown_model_name(model_name, block_sizes)
   prepare = functools.partial(prepare_train, model_name=model_name, flax_bn=kind == 'train_flax_bn',
                               block_sizes=block_sizes, **{k: v for k, v in params.items() if k != 'model'})
   return Case(f'{kind}/{shown_name}/{dtype}/b{batch}', kind, dtype, 'img/s',
@@ -328,7 +332,7 @@ def _train_loop_case(model_name: str, dtype: str, batch: int, image_size: int, n
                      log_every: int, block_sizes: Optional[tuple] = None) -> Case:
   params = dict(model=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
                 intervals=intervals, log_every=log_every, block_sizes=block_sizes)
-  shown_name = model_name if block_sizes is None else f'{model_name}_{len(block_sizes)}block'
+  shown_name = _shown_model_name(model_name, block_sizes)
   return Case(f'train_loop/{shown_name}/{dtype}/b{batch}', 'train_loop', dtype, 'img/s', params,
               functools.partial(measure_train_loop, model_name=model_name,
                                 **{k: v for k, v in params.items() if k != 'model'}))

@@ -85,3 +85,22 @@ def decode_values(path: str, preprocessing: Preprocessing, ship_pixels: bool,
     return crop if ship_pixels else preprocessing.eval_values(crop)
   crop = decode_crop(path, lambda width, height: preprocessing.train_crop(width, height, rng), size)
   return crop if ship_pixels else preprocessing.train_values(crop, rng)
+
+
+def values_dtype(ship_pixels: bool) -> np.dtype:
+  """dtype of a batch of `decode_values` results."""
+  return np.dtype(np.uint8 if ship_pixels else np.float32)
+
+
+def decode_into_slot(images: np.ndarray, slot: int, path: str, preprocessing: Preprocessing, ship_pixels: bool,
+                     rng: Optional[np.random.Generator], skip_unreadable: bool) -> Optional[str]:
+  """Fills `images[slot]` with `decode_values`; returns the problem if the file is unreadable
+  and skipped, in which case the slot is zeroed (batch buffers may be reused)."""
+  try:
+    images[slot] = decode_values(path, preprocessing, ship_pixels, rng)
+  except UnreadableImage as error:
+    if not skip_unreadable:
+      raise
+    images[slot] = 0
+    return str(error)
+  return None

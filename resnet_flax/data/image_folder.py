@@ -3,8 +3,8 @@
 Classes are the sorted subdirectory names of the split directory; label i is the i-th
 class plus `label_offset` (1 for slim's ResNet v2 checkpoints, whose class 0 is background).
 Each example is decoded, cropped and converted in a worker thread straight into its slot of
-the batch; threads rather than processes because PIL releases the GIL while decoding and
-resampling, and threads need not send pixels back through a pipe. When the preprocessing's
+the batch (PIL releases the GIL while decoding and resampling), or, for many cores, in
+worker processes writing into shared memory (`worker_processes.py`). When the preprocessing's
 values are a function of the pixels alone (VGG, inception without color distortion), the
 batch holds the uint8 crops and the values are computed on the device.
 """
@@ -14,14 +14,13 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-import warnings
 from typing import Optional
 
 import numpy as np
 
 from resnet_flax.data import inception_preprocessing, vgg_preprocessing
 from resnet_flax.data.errors import DataError
-from resnet_flax.data.image_decode import UnreadableImage, decode_values
+from resnet_flax.data.image_decode import decode_into_slot, values_dtype
 from resnet_flax.data.pipeline import Loaded, Pending, Source
 from resnet_flax.data.preprocessing import Preprocessing
 from resnet_flax.data.worker_processes import ProcessLoader
@@ -99,28 +98,11 @@ class FolderLoader:
 
   def _start(self, indices: np.ndarray, rngs: Optional[list[np.random.Generator]]) -> Pending:
     size = self.preprocessing.image_size
-    images = np.zeros((len(indices), size, size, 3), np.uint8 if self.ship_pixels else np.float32)
-
-    def load(slot: int) -> Optional[str]:
-      """Fills images[slot]; returns the problem if the file is unreadable and skipped."""
-      try:
-        images[slot] = decode_values(self.paths[indices[slot]], self.preprocessing, self.ship_pixels,
-                                     None if rngs is None else rngs[slot])
-      except UnreadableImage as error:
-        if not self.skip_unreadable:
-          raise
-        return str(error)
-      return None
-
-    futures = [self.executor.submit(load, slot) for slot in range(len(indices))]
-
-    def wait() -> Loaded:
-      problems = [future.result() for future in futures]
-      for problem in filter(None, problems):
-        warnings.warn(f'skipping (mask 0): {problem}', stacklevel=2)
-      return Loaded(images, np.array([problem is None for problem in problems]))
-
-    return wait
+    images = np.zeros((len(indices), size, size, 3), values_dtype(self.ship_pixels))
+    futures = [self.executor.submit(decode_into_slot, images, slot, self.paths[indices[slot]], self.preprocessing,
+                                    self.ship_pixels, None if rngs is None else rngs[slot], self.skip_unreadable)
+               for slot in range(len(indices))]
+    return lambda: Loaded.with_problems(images, [future.result() for future in futures])
 
 
 def build_source(root: str, split: str, *, preprocessing: str, image_size: int, color_distortion: bool = False,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import warnings
 from collections import deque
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol
 
@@ -31,6 +32,13 @@ class Loaded(NamedTuple):
   """Images for a list of indices, and which of them could be read (None: all of them)."""
   images: np.ndarray
   readable: Optional[np.ndarray] = None
+
+  @classmethod
+  def with_problems(cls, images: np.ndarray, problems: list[Optional[str]]) -> Loaded:
+    """`images` whose slots with a problem (a skipped file) are unreadable; each problem is warned."""
+    for problem in filter(None, problems):
+      warnings.warn(f'skipping (mask 0): {problem}', stacklevel=3)
+    return cls(images, np.array([problem is None for problem in problems]))
 
 
 # A pending load: calling it waits for (or computes) the images.

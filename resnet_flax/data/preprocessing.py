@@ -29,10 +29,11 @@ class Preprocessing:
   (size, size, 3) image to the float32 values the model sees.
 
   Every field pickles (module functions and partials of them), so worker processes can
-  be handed a Preprocessing. pixel_values, when set, is what both of them are: a function of the pixels alone,
-  written with array methods so that it runs on numpy or jax arrays. Loaders then ship
-  uint8 crops (a quarter of the bytes, and no float conversion on the host) and the
-  values are computed on the device (`resnet_flax.device_input`).
+  be handed a Preprocessing. pixel_values, when set, is what both value mappings are: a
+  function of the pixels alone, written with array methods so that it runs on numpy or
+  jax arrays. Loaders then ship uint8 crops (a quarter of the bytes, and no float
+  conversion on the host) and the values are computed on the device
+  (`resnet_flax.device_input`).
   """
   name: str
   image_size: int

@@ -17,11 +17,10 @@ from __future__ import annotations
 import concurrent.futures
 import concurrent.futures.process
 import functools
-import os
 import multiprocessing
+import os
 import shutil
 import threading
-import warnings
 import weakref
 from multiprocessing import shared_memory
 from typing import Optional, Sequence
@@ -29,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from resnet_flax.data.errors import DataError
-from resnet_flax.data.image_decode import UnreadableImage, decode_values
+from resnet_flax.data.image_decode import decode_into_slot, values_dtype
 from resnet_flax.data.pipeline import Loaded, Pending
 from resnet_flax.data.preprocessing import Preprocessing
 
@@ -56,17 +55,8 @@ def load_slots(buffer_name: str, shape: tuple[int, ...], dtype: str, slots: Sequ
                skip_unreadable: bool) -> list[Optional[str]]:
   """Worker side: decodes `paths` into `slots` of the shared batch; the problem per slot (None: read)."""
   images = np.ndarray(shape, np.dtype(dtype), buffer=_attached(buffer_name).buf)
-  problems: list[Optional[str]] = []
-  for slot, path, rng in zip(slots, paths, rngs):
-    try:
-      images[slot] = decode_values(path, preprocessing, ship_pixels, rng)
-      problems.append(None)
-    except UnreadableImage as error:
-      if not skip_unreadable:
-        raise
-      images[slot] = 0  # Buffers are reused: a skipped slot must not keep an old image.
-      problems.append(str(error))
-  return problems
+  return [decode_into_slot(images, slot, path, preprocessing, ship_pixels, rng, skip_unreadable)
+          for slot, path, rng in zip(slots, paths, rngs)]
 
 
 class _Buffers:
@@ -139,7 +129,7 @@ class ProcessLoader:
   def _start(self, indices: np.ndarray, rngs: Optional[list[np.random.Generator]]) -> Pending:
     size = self.preprocessing.image_size
     shape = (len(indices), size, size, 3)
-    dtype = np.dtype(np.uint8 if self.ship_pixels else np.float32)
+    dtype = values_dtype(self.ship_pixels)
     block = self._buffers.acquire(int(np.prod(shape)) * dtype.itemsize)
     chunks = np.array_split(np.arange(len(indices)), min(len(indices), self.num_workers * _CHUNKS_PER_WORKER))
     futures = []
@@ -164,8 +154,6 @@ class ProcessLoader:
         raise DataError(_BROKEN_POOL) from error
       finally:
         self._buffers.release(block)
-      for problem in filter(None, problems):
-        warnings.warn(f'skipping (mask 0): {problem}', stacklevel=2)
-      return Loaded(images, np.array([problem is None for problem in problems]))
+      return Loaded.with_problems(images, problems)
 
     return wait

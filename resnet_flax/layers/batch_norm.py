@@ -28,11 +28,11 @@ def batch_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Arr
 
   Per example, the sums of `x - s` and `(x - s) ** 2` about `s`, the example's first
   value of each channel, read `x` once together and lose about (mean - s)^2 / variance
-  ulps of the sums, with `s` a sample of the same values; the per-example means and squared deviations then combine exactly
-  (law of total variance) over the small (batch, channels) arrays. Plain E[x^2] - E[x]^2
-  cancels catastrophically when |mean| >> std, and the mean of squared deviations needs
-  a second full read of `x`. The shift never slices the batch axis, which may be split
-  over devices.
+  ulps of the sums, with `s` a sample of the same values; the per-example means and
+  squared deviations then combine exactly (law of total variance) over the small (batch,
+  channels) arrays. Plain E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std,
+  and the mean of squared deviations needs a second full read of `x`. The shift never
+  slices the batch axis, which may be split over devices.
   """
   x32 = x.astype(jnp.float32)
   batch_axis, within_axes = reduction_axes[0], reduction_axes[1:]
@@ -42,7 +42,7 @@ def batch_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Arr
   first = tuple(slice(0, 1) if axis in within_axes else slice(None) for axis in range(x.ndim))
   shift = jax.lax.stop_gradient(x32[first])  # A constant: the gradient is the variance's own.
   shifted = x32 - shift
-  per_example = math.prod(x.shape[axis] for axis in within_axes)
+  per_example = values_per_channel(x.shape, within_axes)
   sums = jnp.sum(shifted, axis=within_axes, keepdims=True)
   squares = jnp.sum(jnp.square(shifted), axis=within_axes, keepdims=True)
   example_deviations = jnp.maximum(squares - jnp.square(sums) / per_example, 0.0)  # per_example * variance

@@ -12,16 +12,18 @@ from configs import bn_sweep as bn_sweep_config
 from configs import digits
 from resnet_flax import bn_sweep
 from resnet_flax.bn_sweep import grid, runner, tables
+from test_train import SMALL_BLOCKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 # The CI grid: decay x zero-debias on tiny runs of digits. The same overrides go to the
-# library and, as flags, to the command line, which must then find the same runs. The tiny
-# model has every code path of the digits one; tracing, not arithmetic, is the cost here.
+# library and, as flags, to the command line, which must then find the same runs. Tracing
+# and compiling, not arithmetic, are the cost here, so the model is the two-unit one.
 TINY = {
     'model': 'resnet_v1_tiny',
     'model_options.include_root_block': False,
+    'model_options.block_sizes': SMALL_BLOCKS,
     'sweep.decay': (0.9, 0.99),
     'sweep.zero_debias_moving_mean': (False, True),
     'sweep.batch_size': (16,),

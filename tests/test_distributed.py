@@ -15,13 +15,14 @@ from ml_collections import ConfigDict
 
 from configs import default
 from resnet_flax import distributed, train_lib
-from test_train import REPO, _read_params, tiny_config
+from test_train import REPO, SMALL_MODEL_FLAG, _read_params, tiny_config
 
 # ZeRO-1 on, so each process holds and writes its own half of the optimizer state: the
 # checkpoint is right only if orbax assembled it from both.
 ARGS = ['--config=configs/digits.py', '--config.num_train_steps=4', '--config.batch_size=16',
         '--config.eval_batch_size=360', '--config.log_every_steps=2', '--config.checkpoint_every_steps=2',
-        '--config.learning_rate=1e-4', '--config.warmup_steps=0', '--config.shard_optimizer_state=True']
+        '--config.learning_rate=1e-4', '--config.warmup_steps=0', '--config.shard_optimizer_state=True',
+        SMALL_MODEL_FLAG]
 
 
 def _free_port():

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from test_train import REPO, _read_params, tiny_config
+from test_train import REPO, SMALL_BLOCKS, SMALL_MODEL_FLAG, _read_params, tiny_config
 
 # A gentle learning rate: at the default 0.1 (gradient norms near 90 in the first steps)
 # the 1e-7 differences in summation order between 1 and 8 devices grow to O(1) by step
@@ -21,7 +21,7 @@ from test_train import REPO, _read_params, tiny_config
 # variances by far more than the tolerance).
 ARGS = ['--config=configs/digits.py', '--config.num_train_steps=20', '--config.batch_size=16',
         '--config.eval_batch_size=360', '--config.checkpoint_every_steps=0', '--config.log_every_steps=10',
-        '--config.learning_rate=1e-4', '--config.warmup_steps=0']
+        '--config.learning_rate=1e-4', '--config.warmup_steps=0', SMALL_MODEL_FLAG]
 
 
 def _env(devices):
@@ -68,7 +68,7 @@ def test_eight_devices_train_like_one_and_checkpoints_move_between_device_counts
   assert abs(result_on_8['loss'] - result_on_1['loss']) < 1e-5
   # Saved on 8 devices, restored on 4 (and on 1 above, by _read_params in this process).
   evaluated_on_4 = _run('eval.py', 4, f'--workdir={eight}', '--config=configs/digits.py',
-                        '--config.eval_batch_size=360')
+                        '--config.eval_batch_size=360', SMALL_MODEL_FLAG)
   assert evaluated_on_4['step'] == 20
   assert abs(evaluated_on_4['loss'] - result_on_8['loss']) < 1e-5
   assert evaluated_on_4['top1'] == result_on_8['top1']
@@ -132,7 +132,7 @@ def test_zero1_splits_the_optimizer_state_and_changes_no_number(tmp_path, traine
 
 # The train-mode forward on 8 devices with per-device and with global statistics, and a
 # one-device model run on each device's share of the batch alone.
-PER_DEVICE_BN = '''
+PER_DEVICE_BN = f'SMALL_BLOCKS = {SMALL_BLOCKS!r}' + '''
 import json
 import jax, jax.numpy as jnp, numpy as np
 from configs import digits
@@ -140,6 +140,7 @@ from resnet_flax import data, model_builder, sharding
 config = digits.get_config()
 config.batch_size = 32  # 4 examples per device
 config.bn.decay = 0.0  # moving statistics = this batch's, so every difference shows in full
+config.model_options.block_sizes = SMALL_BLOCKS
 batch = next(data.build(config.data, 'train', batch_size=config.batch_size, seed=0).train_batches())
 images = jnp.asarray(batch['image'])
 mesh = sharding.data_mesh()

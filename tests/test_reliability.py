@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from resnet_flax import checkpoints, train_lib
-from test_train import REPO, _read_params, tiny_config
+from test_train import REPO, SMALL_MODEL_FLAG, _read_params, tiny_config
 
 COMMON = ['--config=configs/digits.py', '--config.batch_size=16', '--config.log_every_steps=1',
-          '--config.warmup_steps=0', '--config.eval_batch_size=360']
+          '--config.warmup_steps=0', '--config.eval_batch_size=360', SMALL_MODEL_FLAG]
 
 
 def _train_cmd(workdir, *extra):

@@ -21,7 +21,11 @@ from resnet_flax.train_state import TrainState, create_train_state, train_state_
 
 
 class NonFiniteLossError(FloatingPointError):
-  """Training produced NaN or Inf; the message names the step and the last good checkpoint."""
+  """Training produced NaN or Inf at `step`; the message names it and the last good checkpoint."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 def _preemption_check() -> Callable[[int], bool]:
@@ -55,7 +59,7 @@ def _summarize(history: list[dict[str, jax.Array]], last_step: int, skip_nonfini
     kept = f'the last good checkpoint (step {last_saved}) is kept' if last_saved is not None else 'no checkpoint yet'
     raise NonFiniteLossError(f'non-finite loss or gradients at step {bad_steps[0]}; {kept}. Lower '
                              'config.learning_rate or raise config.warmup_steps, or set '
-                             'config.skip_nonfinite_steps=True to skip such steps.')
+                             'config.skip_nonfinite_steps=True to skip such steps.', bad_steps[0])
   finite = [metrics for metrics in per_step if not metrics['nonfinite']] or per_step
   means = {key: float(np.mean([m[key] for m in finite])) for key in finite[0] if key != 'nonfinite'}
   return means, bad_steps

@@ -125,6 +125,36 @@ def test_markdown_table_rows():
   assert (row['recalibrated_top1'], row['num_examples'], row['batch_num_examples']) == ('', 360, 352)
 
 
+def test_a_diverged_run_has_a_row_without_numbers():
+  diverged = dict(_fake_result(0.99, None), step=None, moving=None, batch=None, gap=None, diverged_at_step=3)
+  table = tables.markdown_table([diverged, _fake_result(0.9, 0.96)]).splitlines()
+  assert '(360 examples)' in table[0]  # from the run that has numbers
+  assert table[4] == '| 0.99 | yes | 32 | 150 | diverged at step 3 | — | — | — |'
+  row = tables.result_row(diverged)
+  assert row['diverged_at_step'] == 3 and row['moving_top1'] == row['gap'] == row['step'] == ''
+  assert tables.result_row(_fake_result(0.9, 0.96))['diverged_at_step'] == ''  # results from before the column
+
+
+def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+  """Both runs diverge at a learning rate of 1e30: each is recorded, tables and plots are still
+  written, and the same sweep again skips them."""
+  overrides = dict(TINY, learning_rate=1e30, **{'sweep.decay': (0.9, 0.99), 'sweep.zero_debias_moving_mean': (True,),
+                                                'sweep.num_train_steps': (4,)})
+  messages = []
+  results = bn_sweep.run_sweep(_config(overrides), str(tmp_path), log=messages.append)
+  names = ['decay0.9_debias1_bs16_steps4', 'decay0.99_debias1_bs16_steps4']
+  assert [result['name'] for result in results] == names
+  assert all(result['moving'] is None and result['diverged_at_step'] >= 1 for result in results)
+  assert sum('diverged at step' in message for message in messages) == 2
+  table = (tmp_path / 'results.md').read_text(encoding='utf-8')
+  assert table.count('diverged at step') == 2
+  for name in ('accuracy_vs_step.png', 'gap_vs_decay.png'):
+    assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE), name
+  messages.clear()
+  bn_sweep.run_sweep(_config(overrides), str(tmp_path), log=messages.append)
+  assert sum('finished before, skipped' in message for message in messages) == 2
+
+
 def test_a_run_directory_refuses_another_training_config(tmp_path):
   (run,) = grid.expand(_config(decay=(0.9,), zero_debias_moving_mean=(False,), batch_size=(16,)))
   runner.check_same_config(str(tmp_path), run.config)

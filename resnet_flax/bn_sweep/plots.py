@@ -58,7 +58,8 @@ def plot_accuracy_vs_step(results: list[dict[str, Any]], path: str) -> None:
       color = colors(decays.index(settings['decay']) / max(len(decays) - 1, 1) * 0.85)
       axis.plot(steps, top1, marker='o', markersize=3, color=color,
                 linestyle='--' if settings['zero_debias_moving_mean'] else '-',
-                label=f"decay {settings['decay']}" + (', zero-debias' if settings['zero_debias_moving_mean'] else ''))
+                label=f"decay {settings['decay']}" + (', zero-debias' if settings['zero_debias_moving_mean'] else '')
+                + (f", diverged at step {result['diverged_at_step']}" if result['moving'] is None else ''))
     axis.set_title(_panel_title({'batch_size': panel[0], 'num_train_steps': panel[1]}))
     axis.set_xlabel('step')
     axis.set_ylim(0.0, 1.02)
@@ -80,6 +81,8 @@ def plot_gap_vs_decay(results: list[dict[str, Any]], path: str) -> None:
   several_lengths = len({r['settings']['num_train_steps'] for r in results}) > 1
   lines: dict[tuple, list[tuple[float, float]]] = {}
   for result in results:
+    if result['gap'] is None:  # Diverged: no final numbers (its curve is in the other plot).
+      continue
     settings = result['settings']
     key = (settings['zero_debias_moving_mean'], settings['batch_size'],
            settings['num_train_steps'] if several_lengths else None)
@@ -95,7 +98,8 @@ def plot_gap_vs_decay(results: list[dict[str, Any]], path: str) -> None:
   axis.set_xlabel('BN decay')
   axis.set_ylabel('gap: batch − moving statistics top-1 (points)')
   axis.grid(alpha=0.3)
-  axis.legend(fontsize='small')
+  if lines:
+    axis.legend(fontsize='small')
   _save(figure, path)
   pyplot.close(figure)
 

@@ -1,4 +1,5 @@
-"""Trains each unfinished run in WORKDIR/runs/<name>/ and records its BN discrepancy numbers.
+"""Trains each unfinished run in WORKDIR/runs/<name>/ and records its BN discrepancy numbers
+(or the step at which it diverged).
 
 A run is finished when its result.json exists, written last and atomically. An interrupted
 sweep started again skips finished runs; a half-done run resumes from its own checkpoints
@@ -71,7 +72,10 @@ def eval_curve(directory: str) -> list[dict[str, float]]:
   wins. A line cut short by a kill is skipped.
   """
   by_step = {}
-  with open(os.path.join(directory, 'metrics.jsonl'), encoding='utf-8') as file:
+  path = os.path.join(directory, 'metrics.jsonl')
+  if not os.path.exists(path):  # A run that diverged before its first log line.
+    return []
+  with open(path, encoding='utf-8') as file:
     for line in file:
       try:
         record = json.loads(line)
@@ -104,9 +108,18 @@ def summarize(run: grid.Run, report: dict[str, Any], curve: list[dict[str, float
       'recalibrated': _metrics(report['recalibrated']),
       'recalibration_batches': recalibration_batches,
       'gap': batch['top1'] - moving['top1'],  # batch-statistics top-1 minus moving-statistics top-1
+      'diverged_at_step': None,
       'curve': curve,
       'seconds': seconds,  # this start's wall time: training left to do, evaluations, diagnostics
   }
+
+
+def diverged_result(run: grid.Run, step: int, curve: list[dict[str, float]], recalibration_batches: int,
+                    seconds: float) -> dict[str, Any]:
+  """The result.json of a run a non-finite loss stopped at `step`: its curve that far, no final numbers."""
+  return {'name': run.name, 'settings': run.settings, 'step': None, 'eval_split': run.config.eval_split,
+          'moving': None, 'batch': None, 'recalibrated': None, 'recalibration_batches': recalibration_batches,
+          'gap': None, 'diverged_at_step': step, 'curve': curve, 'seconds': seconds}
 
 
 def is_finished(result: dict[str, Any] | None, recalibration_batches: int) -> bool:
@@ -120,11 +133,18 @@ def run_one(run: grid.Run, workdir: str, recalibration_batches: int) -> dict[str
   os.makedirs(directory, exist_ok=True)
   check_same_config(directory, run.config)
   start = time.perf_counter()
-  train_lib.train_and_evaluate(run.config, directory)
-  report = bn_diagnostics.discrepancy_report(run.config, workdir=directory,
-                                             batch_sizes=(run.settings['batch_size'],),
-                                             recalibration_batches=recalibration_batches)
-  result = summarize(run, report, eval_curve(directory), recalibration_batches, time.perf_counter() - start)
+  try:
+    train_lib.train_and_evaluate(run.config, directory)
+  except train_lib.NonFiniteLossError as error:
+    # A setting that diverges is a finding of the sweep, not a reason to stop it. It is
+    # recorded like a finished run: started again, the same config diverges the same way.
+    result = diverged_result(run, error.step, eval_curve(directory), recalibration_batches,
+                             time.perf_counter() - start)
+  else:
+    report = bn_diagnostics.discrepancy_report(run.config, workdir=directory,
+                                               batch_sizes=(run.settings['batch_size'],),
+                                               recalibration_batches=recalibration_batches)
+    result = summarize(run, report, eval_curve(directory), recalibration_batches, time.perf_counter() - start)
   files.write_json(os.path.join(directory, 'result.json'), result)
   return result
 
@@ -142,7 +162,11 @@ def run_all(runs: list[grid.Run], workdir: str, recalibration_batches: int,
     else:
       log(f'[{index}/{len(runs)}] {run.name}: running in {directory}')
       result = run_one(run, workdir, recalibration_batches)
-      log(f"[{index}/{len(runs)}] {run.name}: top-1 {result['moving']['top1']:.4f} with moving statistics, "
-          f"gap {result['gap']:+.4f}, {result['seconds']:.1f} s")
+      if result['moving'] is None:
+        log(f"[{index}/{len(runs)}] {run.name}: diverged at step {result['diverged_at_step']} (non-finite loss), "
+            f'recorded; delete {directory} to run it again.')
+      else:
+        log(f"[{index}/{len(runs)}] {run.name}: top-1 {result['moving']['top1']:.4f} with moving statistics, "
+            f"gap {result['gap']:+.4f}, {result['seconds']:.1f} s")
     results.append(result)
   return results

@@ -10,22 +10,27 @@ from typing import Any, Sequence
 from resnet_flax.bn_sweep import files, grid
 
 RESULT_COLUMNS = ('name',) + grid.SETTINGS + (
-    'step', 'moving_top1', 'moving_loss', 'batch_top1', 'batch_loss', 'recalibrated_top1', 'recalibrated_loss',
+    'step', 'diverged_at_step', 'moving_top1', 'moving_loss', 'batch_top1', 'batch_loss', 'recalibrated_top1', 'recalibrated_loss',
     'gap', 'recalibration_batches', 'num_examples', 'batch_num_examples', 'seconds')
 CURVE_COLUMNS = ('name',) + grid.SETTINGS + ('step', 'eval_top1', 'eval_loss')
 
 
+def _blank_if_none(value: Any) -> Any:
+  return '' if value is None else value
+
+
 def result_row(result: dict[str, Any]) -> dict[str, Any]:
-  """One run's final numbers; the recalibrated cells are empty when there was no recalibration."""
-  recalibrated = result['recalibrated'] or {}
+  """One run's final numbers; cells are empty where there are none (no recalibration, a diverged run)."""
+  moving, batch, recalibrated = (result[key] or {} for key in ('moving', 'batch', 'recalibrated'))
   return {
-      'name': result['name'], **result['settings'], 'step': result['step'],
-      'moving_top1': result['moving']['top1'], 'moving_loss': result['moving']['loss'],
-      'batch_top1': result['batch']['top1'], 'batch_loss': result['batch']['loss'],
+      'name': result['name'], **result['settings'], 'step': _blank_if_none(result['step']),
+      'diverged_at_step': _blank_if_none(result.get('diverged_at_step')),
+      'moving_top1': moving.get('top1', ''), 'moving_loss': moving.get('loss', ''),
+      'batch_top1': batch.get('top1', ''), 'batch_loss': batch.get('loss', ''),
       'recalibrated_top1': recalibrated.get('top1', ''), 'recalibrated_loss': recalibrated.get('loss', ''),
-      'gap': result['gap'], 'recalibration_batches': result['recalibration_batches'],
+      'gap': _blank_if_none(result['gap']), 'recalibration_batches': result['recalibration_batches'],
       # Batch statistics leave out the last, partial batch: fewer examples than the others.
-      'num_examples': result['moving']['num_examples'], 'batch_num_examples': result['batch']['num_examples'],
+      'num_examples': moving.get('num_examples', ''), 'batch_num_examples': batch.get('num_examples', ''),
       'seconds': result['seconds'],
   }
 
@@ -52,22 +57,26 @@ def _percent(metrics: dict[str, Any] | None) -> str:
 def markdown_table(results: list[dict[str, Any]]) -> str:
   """The final top-1 of each run three ways, and the gap, under one line saying what they are."""
   first = results[0]
+  evaluated = next((result['moving']['num_examples'] for result in results if result['moving']), None)
   recalibration = (f"after precise-BN recalibration on {first['recalibration_batches']} training batches"
                    if first['recalibration_batches'] else 'no recalibration (recalibration_batches=0)')
   lines = [
-      f"Final {first['eval_split']} top-1 ({first['moving']['num_examples']} examples) with moving statistics "
+      f"Final {first['eval_split']} top-1 ({evaluated} examples) with moving statistics "
       f"(eval mode), with batch statistics (train-mode BN over batches of the run's batch size), {recalibration}; "
-      'gap = batch − moving, in percentage points.',
+      'gap = batch − moving, in percentage points. A diverged run (non-finite loss) has no final numbers.',
       '',
       '| decay | zero-debias | batch size | steps | moving stats | batch stats | recalibrated | gap |',
       '|---:|:---:|---:|---:|---:|---:|---:|---:|',
   ]
   for result in results:
     settings = result['settings']
-    lines.append(
-        f"| {settings['decay']} | {'yes' if settings['zero_debias_moving_mean'] else 'no'} "
-        f"| {settings['batch_size']} | {settings['num_train_steps']} | {_percent(result['moving'])} "
-        f"| {_percent(result['batch'])} | {_percent(result['recalibrated'])} | {100 * result['gap']:+.2f} |")
+    if result['moving'] is None:
+      numbers = f"diverged at step {result['diverged_at_step']} | — | — | —"
+    else:
+      numbers = (f"{_percent(result['moving'])} | {_percent(result['batch'])} | {_percent(result['recalibrated'])} "
+                 f"| {100 * result['gap']:+.2f}")
+    lines.append(f"| {settings['decay']} | {'yes' if settings['zero_debias_moving_mean'] else 'no'} "
+                 f"| {settings['batch_size']} | {settings['num_train_steps']} | {numbers} |")
   return '\n'.join(lines) + '\n'
 
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath  # orbax's own path type (a dependency of orbax)
 from jax.experimental import multihost_utils
 
 
@@ -156,8 +157,14 @@ def restore_tree(path: str) -> dict[str, Any]:
   path = os.path.abspath(path)
   item = _item_directory(path)
   try:
+    # The handler's metadata, not the checkpointer's: that one also reads step metadata
+    # from the item directory, where the manager never writes it, and warns on every eval.
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      saved = handler.metadata(epath.Path(item))
+    finally:
+      handler.close()
     with ocp.StandardCheckpointer() as checkpointer:
-      saved = checkpointer.metadata(item).item_metadata
       return checkpointer.restore(item, abstract_like(saved))
   except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
     raise CheckpointError(f'checkpoint {path} cannot be read ({_first_line(error)}); '

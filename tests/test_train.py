@@ -1,6 +1,7 @@
 """End to end: train, evaluate, checkpoint, resume, command-line overrides and errors."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -41,12 +42,14 @@ def _read_params(workdir, config, step):
   return checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(step, target)
 
 
-def test_train_eval_round_trip_and_logs(tmp_path):
+def test_train_eval_round_trip_and_logs(tmp_path, caplog):
   config = tiny_config()
   result = train_lib.train_and_evaluate(config, str(tmp_path))
   assert result['step'] == 4 and result['num_examples'] == 360
   assert 0.0 <= result['top1'] <= result['top5'] <= 1.0
+  caplog.clear()
   again = eval_lib.evaluate(config, str(tmp_path))
+  assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
   for key in ('step', 'loss', 'top1', 'top5', 'num_examples'):
     assert again[key] == pytest.approx(result[key], rel=1e-6), key
   lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
+import sys
+import traceback
 from typing import Any, Callable, Optional
 
 import jax
@@ -148,6 +151,41 @@ def _item_directory(path: str) -> str:
   return item
 
 
+def _is_late_read_completion(unraisable: sys.UnraisableHookArgs) -> bool:
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'
+          and bool(frames) and frames[0].name == 'call_soon_threadsafe')
+
+
+def _keeps_log_record(record: logging.LogRecord) -> bool:
+  """False for asyncio's report of an orbax read that failed with nobody awaiting it."""
+  message = record.getMessage()
+  return not (message.startswith('Task exception was never retrieved') and 'orbax' in message)
+
+
+def _quiet_after_failed_read() -> None:
+  """Keeps a failed checkpoint read to the one message its caller prints.
+
+  orbax reads a checkpoint through many concurrent tensorstore reads. When one fails, the
+  event loop closes with the others in flight: each later completion raises 'Event loop
+  is closed' in a tensorstore thread, and asyncio logs each failed read nobody awaited;
+  one truncated checkpoint printed 68 tracebacks. They keep coming after the error has
+  been reported, so the filters stay; they drop only those two kinds of message.
+  """
+  if not getattr(sys.unraisablehook, 'drops_late_read_completions', False):
+    previous = sys.unraisablehook
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+      if not _is_late_read_completion(unraisable):
+        previous(unraisable)
+
+    hook.drops_late_read_completions = True
+    sys.unraisablehook = hook
+  asyncio_logger = logging.getLogger('asyncio')
+  if _keeps_log_record not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_keeps_log_record)
+
+
 def restore_tree(path: str) -> dict[str, Any]:
   """A checkpoint as saved (nested dicts of arrays), for checkpoints of another structure.
 
@@ -167,6 +205,7 @@ def restore_tree(path: str) -> dict[str, Any]:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(saved))
   except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+    _quiet_after_failed_read()
     raise CheckpointError(f'checkpoint {path} cannot be read ({_first_line(error)}); '
                           'is it an orbax checkpoint directory?') from error
 
@@ -190,6 +229,7 @@ def restore_from(path: str, target: Any) -> Any:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(target))
   except (ValueError, KeyError, TypeError) as error:
+    _quiet_after_failed_read()
     raise CheckpointError(f'checkpoint {path} is damaged or does not match this model/config '
                           f'({_first_line(error)}); check --config.model and num_classes, or start a fresh '
                           '--workdir.') from error

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging as std_logging
 import os
 import sys
-from typing import Callable, Iterator
+from typing import Callable
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -54,44 +52,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def _is_late_read_completion(unraisable: sys.UnraisableHookArgs) -> bool:
-  return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'
-
-
-def _is_unawaited_read_failure(record: std_logging.LogRecord) -> bool:
-  return record.getMessage().startswith('Task exception was never retrieved')
-
-
-@contextlib.contextmanager
-def _quiet_after_failed_checkpoint_reads() -> Iterator[None]:
-  """Keeps a skipped damaged checkpoint to its one warning line.
-
-  orbax reads a checkpoint through many concurrent tensorstore reads. When one fails, the
-  event loop closes with the others in flight: each later completion raises 'Event loop
-  is closed' in a tensorstore thread, and asyncio logs each failed read nobody awaited;
-  a truncated checkpoint printed over a hundred tracebacks, all after the failure that
-  `Checkpointer.restore_newest_intact` reports.
-  """
-  previous_hook = sys.unraisablehook
-  sys.unraisablehook = lambda unraisable: None if _is_late_read_completion(unraisable) else previous_hook(unraisable)
-  asyncio_logger = std_logging.getLogger('asyncio')
-  keep_record = lambda record: not _is_unawaited_read_failure(record)
-  asyncio_logger.addFilter(keep_record)
-  try:
-    yield
-  finally:
-    sys.unraisablehook = previous_hook
-    asyncio_logger.removeFilter(keep_record)
-
-
 def run_reporting_user_errors(main: Callable[[], None]) -> None:
   """Runs `main`; a user error prints `error: <message>` on stderr and exits with status 2."""
   if not flags.FLAGS['verbosity'].present:
     # orbax logs every save step at INFO; the progress bar already says what matters.
     logging.set_verbosity(logging.WARNING)
   try:
-    with _quiet_after_failed_checkpoint_reads():
-      main()
+    main()
   except USER_ERRORS + (data.DataError, checkpoints.CheckpointError) as error:
     if flags.FLAGS.traceback:
       raise

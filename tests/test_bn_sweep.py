@@ -135,6 +135,13 @@ def test_a_diverged_run_has_a_row_without_numbers():
   assert tables.result_row(_fake_result(0.9, 0.96))['diverged_at_step'] == ''  # results from before the column
 
 
+def test_a_diverged_runs_curve_stops_before_the_bad_step():
+  (run,) = grid.expand(_config(decay=(0.9,), zero_debias_moving_mean=(False,), batch_size=(16,)))
+  curve = [{'step': 10, 'top1': 0.5, 'loss': 1.0}, {'step': 20, 'top1': 0.1, 'loss': float('nan')}]
+  result = runner.diverged_result(run, 15, curve, recalibration_batches=0, seconds=1.0)
+  assert result['curve'] == curve[:1] and result['diverged_at_step'] == 15 and result['gap'] is None
+
+
 def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
   """Both runs diverge at a learning rate of 1e30: each is recorded, tables and plots are still
   written, and the same sweep again skips them."""
@@ -147,7 +154,8 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
   assert all(result['moving'] is None and result['diverged_at_step'] >= 1 for result in results)
   assert sum('diverged at step' in message for message in messages) == 2
   table = (tmp_path / 'results.md').read_text(encoding='utf-8')
-  assert table.count('diverged at step') == 2
+  assert table.count('diverged at step') == 2 and table.startswith('Final test top-1 with moving statistics')
+  assert runner.is_finished(results[0], recalibration_batches=5)  # diverges again whatever the diagnostics
   for name in ('accuracy_vs_step.png', 'gap_vs_decay.png'):
     assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE), name
   messages.clear()

@@ -75,7 +75,7 @@ def test_kill_9_then_rerun_is_bitwise_identical_to_uninterrupted(tmp_path, kill_
   proc = _start(interrupted, *extra)
   _wait_for_step(proc, kill_at)
   proc.kill()  # SIGKILL: no handler runs; an async save may be cut off half-way
-  proc.wait(timeout=60)
+  assert proc.wait(timeout=60) == -signal.SIGKILL, 'the run ended before the kill'
   _run_to_end(interrupted, *extra)
   a, b = _final_state(straight, 20), _final_state(interrupted, 20)
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
@@ -108,6 +108,13 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_identically(tmp_path)
   assert 'Traceback' not in out and 'Event loop is closed' not in out, out
   assert json.loads(done.stdout.strip().splitlines()[-1])['step'] == 6
   assert (damaged / 'checkpoints' / '4.damaged').is_dir()
+  # Evaluating the damaged one: a one-line error, and nothing after it either.
+  done = subprocess.run([sys.executable, os.path.join(REPO, 'eval.py'), '--config=configs/digits.py', SMALL_MODEL_FLAG,
+                         f'--checkpoint={damaged}/checkpoints/4.damaged'], cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=600)
+  assert done.returncode == 2, done.stdout + done.stderr
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: checkpoint') and 'damaged' in lines[0], done.stderr
   jax.tree_util.tree_map(np.testing.assert_array_equal, _read_params(straight, tiny_config(), 6),
                          _read_params(damaged, tiny_config(), 6))
 
@@ -135,7 +142,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
   config.log_every_steps = config.checkpoint_every_steps = 1
   with pytest.raises(train_lib.NonFiniteLossError, match=r'at step (\d+)') as error:
     train_lib.train_and_evaluate(config, str(tmp_path))
-  bad_step = int(str(error.value).split('at step ')[1].split(';')[0])
+  bad_step = error.value.step
+  assert f'at step {bad_step};' in str(error.value)
   saved = checkpoints.latest_step_in(str(tmp_path / 'checkpoints'))
   assert saved == bad_step - 1 if bad_step > 1 else saved is None
   state = _read_params(tmp_path, config, saved)

@@ -8,7 +8,7 @@ update steps, for the fused / non-fused and zero-debias code paths; plus one bar
 
 `TestLiveTfSlim` builds the slim graphs itself from *our* initialized variables (so it also
 exercises `names.to_slim`) and runs only where TensorFlow, tf-keras and tf_slim import
-(`/work/tfenv/bin/python -m pytest tests/test_slim_parity.py` with the project installed there).
+(`/work/tfenv/bin/python -m pytest tests/test_slim_parity.py` after `pip install -e '.[test]'` there).
 """
 
 from __future__ import annotations

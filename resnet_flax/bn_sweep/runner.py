@@ -116,15 +116,23 @@ def summarize(run: grid.Run, report: dict[str, Any], curve: list[dict[str, float
 
 def diverged_result(run: grid.Run, step: int, curve: list[dict[str, float]], recalibration_batches: int,
                     seconds: float) -> dict[str, Any]:
-  """The result.json of a run a non-finite loss stopped at `step`: its curve that far, no final numbers."""
+  """The result.json of a run a non-finite loss stopped at `step`: its curve before it, no final numbers.
+
+  Non-finite steps come to light at the next log or save step, so an evaluation between
+  the two would have scored the broken parameters; it is left out.
+  """
   return {'name': run.name, 'settings': run.settings, 'step': None, 'eval_split': run.config.eval_split,
           'moving': None, 'batch': None, 'recalibrated': None, 'recalibration_batches': recalibration_batches,
-          'gap': None, 'diverged_at_step': step, 'curve': curve, 'seconds': seconds}
+          'gap': None, 'diverged_at_step': step, 'curve': [point for point in curve if point['step'] < step],
+          'seconds': seconds}
 
 
 def is_finished(result: dict[str, Any] | None, recalibration_batches: int) -> bool:
-  """Whether a stored result answers this sweep; another recalibration count redoes only the diagnostics."""
-  return result is not None and result.get('recalibration_batches') == recalibration_batches
+  """Whether a stored result answers this sweep: a diverged run always does; otherwise another
+  recalibration count redoes only the diagnostics."""
+  if result is None:
+    return False
+  return result.get('diverged_at_step') is not None or result.get('recalibration_batches') == recalibration_batches
 
 
 def run_one(run: grid.Run, workdir: str, recalibration_batches: int) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 from resnet_flax.bn_sweep import files, grid
 
 RESULT_COLUMNS = ('name',) + grid.SETTINGS + (
-    'step', 'diverged_at_step', 'moving_top1', 'moving_loss', 'batch_top1', 'batch_loss', 'recalibrated_top1', 'recalibrated_loss',
-    'gap', 'recalibration_batches', 'num_examples', 'batch_num_examples', 'seconds')
+    'step', 'diverged_at_step', 'moving_top1', 'moving_loss', 'batch_top1', 'batch_loss', 'recalibrated_top1',
+    'recalibrated_loss', 'gap', 'recalibration_batches', 'num_examples', 'batch_num_examples', 'seconds')
 CURVE_COLUMNS = ('name',) + grid.SETTINGS + ('step', 'eval_top1', 'eval_loss')
 
 
@@ -57,11 +57,11 @@ def _percent(metrics: dict[str, Any] | None) -> str:
 def markdown_table(results: list[dict[str, Any]]) -> str:
   """The final top-1 of each run three ways, and the gap, under one line saying what they are."""
   first = results[0]
-  evaluated = next((result['moving']['num_examples'] for result in results if result['moving']), None)
+  evaluated = next((f" ({result['moving']['num_examples']} examples)" for result in results if result['moving']), '')
   recalibration = (f"after precise-BN recalibration on {first['recalibration_batches']} training batches"
                    if first['recalibration_batches'] else 'no recalibration (recalibration_batches=0)')
   lines = [
-      f"Final {first['eval_split']} top-1 ({evaluated} examples) with moving statistics "
+      f"Final {first['eval_split']} top-1{evaluated} with moving statistics "
       f"(eval mode), with batch statistics (train-mode BN over batches of the run's batch size), {recalibration}; "
       'gap = batch − moving, in percentage points. A diverged run (non-finite loss) has no final numbers.',
       '',

@@ -13,6 +13,7 @@ import pytest
 from configs import digits
 from resnet_flax import eval_lib, precise_bn, train_lib
 from resnet_flax.layers import BatchNorm
+from test_train import block_sizes_flag
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two units, wide enough to learn within 10 steps (top-1 0.12 -> 0.36 once recalibrated,
@@ -78,7 +79,7 @@ def test_recalibration_and_discrepancy_report_on_a_short_high_decay_run(tmp_path
   args = [sys.executable, os.path.join(REPO, 'eval.py'), '--config=' + os.path.join(REPO, 'configs', 'digits.py'),
           f'--workdir={tmp_path}', '--config.bn.decay=0.999', '--config.batch_size=16', '--config.eval_batch_size=360',
           '--config.bn_recalibration_batches=4', "--config.bn_report_batch_sizes=(8,64)",
-          '--config.model_options.block_sizes=' + repr(BLOCKS).replace(' ', '')]
+          block_sizes_flag(BLOCKS)]
   completed = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
   assert completed.returncode == 0, completed.stderr[-2000:]
   assert '| batch statistics, batch 64 |' in completed.stdout

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from resnet_flax import checkpoints, train_lib
-from test_train import REPO, SMALL_MODEL_FLAG, _read_params, tiny_config
+from test_train import REPO, SMALL_MODEL_FLAG, _read_params, run_script, tiny_config
 
 COMMON = ['--config=configs/digits.py', '--config.batch_size=16', '--config.log_every_steps=1',
           '--config.warmup_steps=0', '--config.eval_batch_size=360', SMALL_MODEL_FLAG]
@@ -95,12 +95,10 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_identically(tmp_path)
   train_lib.train_and_evaluate(tiny_config(4), str(damaged))
   _truncate_files(damaged / 'checkpoints' / '4')
   # tiny_config(6) as flags: the command a user would rerun.
-  done = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={damaged}', '--config=configs/digits.py',
-       '--config.batch_size=16', '--config.eval_batch_size=128', '--config.num_train_steps=6',
-       '--config.warmup_steps=0', '--config.lr_schedule=constant', '--config.log_every_steps=2',
-       '--config.checkpoint_every_steps=2', '--config.async_checkpointing=False', SMALL_MODEL_FLAG],
-      cwd=REPO, capture_output=True, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=600)
+  done = run_script('train.py', f'--workdir={damaged}', '--config=configs/digits.py', '--config.batch_size=16',
+                    '--config.eval_batch_size=128', '--config.num_train_steps=6', '--config.warmup_steps=0',
+                    '--config.lr_schedule=constant', '--config.log_every_steps=2', '--config.checkpoint_every_steps=2',
+                    '--config.async_checkpointing=False', SMALL_MODEL_FLAG)
   out = done.stdout + done.stderr
   assert done.returncode == 0, out
   assert 'skipping checkpoint step 4' in out and 'resuming from step 2' in out
@@ -109,9 +107,8 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_identically(tmp_path)
   assert json.loads(done.stdout.strip().splitlines()[-1])['step'] == 6
   assert (damaged / 'checkpoints' / '4.damaged').is_dir()
   # Evaluating the damaged one: a one-line error, and nothing after it either.
-  done = subprocess.run([sys.executable, os.path.join(REPO, 'eval.py'), '--config=configs/digits.py', SMALL_MODEL_FLAG,
-                         f'--checkpoint={damaged}/checkpoints/4.damaged'], cwd=REPO, capture_output=True, text=True,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=600)
+  done = run_script('eval.py', '--config=configs/digits.py', SMALL_MODEL_FLAG,
+                    f'--checkpoint={damaged}/checkpoints/4.damaged')
   assert done.returncode == 2, done.stdout + done.stderr
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: checkpoint') and 'damaged' in lines[0], done.stderr

@@ -20,7 +20,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # unit, then a stride-1 one) instead of the digits model's six halve a run's time. Runs
 # through train.py and eval.py get the same model with SMALL_MODEL_FLAG.
 SMALL_BLOCKS = ((8, 1, 2), (16, 1, 1))
-SMALL_MODEL_FLAG = '--config.model_options.block_sizes=' + repr(SMALL_BLOCKS).replace(' ', '')
+
+
+def block_sizes_flag(block_sizes):
+  """The train.py / eval.py flag that builds the model from `block_sizes`."""
+  return '--config.model_options.block_sizes=' + repr(block_sizes).replace(' ', '')
+
+
+SMALL_MODEL_FLAG = block_sizes_flag(SMALL_BLOCKS)
 
 
 def tiny_config(num_train_steps=4):
@@ -86,7 +93,8 @@ def test_slim_l2_counts_conv_weights_only():
   assert float(losses.slim_l2_regularization(params, 1e-2)) == pytest.approx(0.5 * 1e-2 * 8.0)
 
 
-def _run(script, *args):
+def run_script(script, *args):
+  """`python <script> ARGS` from the repository on CPU; the CompletedProcess, output captured."""
   return subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
                         cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
 
@@ -96,13 +104,13 @@ def test_command_line_overrides_train_and_eval_json(tmp_path):
   overrides = ['--config=configs/digits.py', f'--workdir={workdir}', '--config.num_train_steps=2',
                '--config.batch_size=8', '--config.bn.decay=0.5', '--config.bn.zero_debias_moving_mean=True',
                '--config.checkpoint_every_steps=0', SMALL_MODEL_FLAG]
-  trained = _run('train.py', *overrides)
+  trained = run_script('train.py', *overrides)
   assert trained.returncode == 0, trained.stderr
   assert 'Final test accuracy' in trained.stdout
   state = _read_params(workdir, _override(tiny_config(), decay=0.5, zero_debias=True), 2)
   bn = state.batch_stats['block1']['unit_1']['bottleneck_v1']['conv1']['BatchNorm']
   assert float(bn['moving_mean_local_step']) == 2.0  # zero-debias on, from the command line
-  evaluated = _run('eval.py', '--config=configs/digits.py', f'--workdir={workdir}',
+  evaluated = run_script('eval.py', '--config=configs/digits.py', f'--workdir={workdir}',
                    '--config.bn.zero_debias_moving_mean=True', SMALL_MODEL_FLAG)
   assert evaluated.returncode == 0, evaluated.stderr
   result = json.loads(evaluated.stdout.strip().splitlines()[-1])
@@ -116,14 +124,14 @@ def _override(config, decay, zero_debias):
 
 
 def test_bad_config_key_is_one_line_naming_it(tmp_path):
-  result = _run('train.py', f'--workdir={tmp_path}', '--config.bn.decya=0.9')
+  result = run_script('train.py', f'--workdir={tmp_path}', '--config.bn.decya=0.9')
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and 'decya' in lines[0] and 'decay' in lines[0]
 
 
 def test_eval_without_checkpoint_is_one_line(tmp_path):
-  result = _run('eval.py', f'--workdir={tmp_path}')
+  result = run_script('eval.py', f'--workdir={tmp_path}')
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [f'error: no checkpoint in {tmp_path}/checkpoints; '
                                                 'train first or pass --checkpoint=PATH.']

@@ -160,17 +160,23 @@ def _is_late_read_completion(unraisable: sys.UnraisableHookArgs) -> bool:
 def _keeps_log_record(record: logging.LogRecord) -> bool:
   """False for asyncio's report of an orbax read that failed with nobody awaiting it."""
   message = record.getMessage()
-  return not (message.startswith('Task exception was never retrieved') and 'orbax' in message)
+  if 'exception was never retrieved' not in message.splitlines()[0]:
+    return True
+  error = record.exc_info[1] if record.exc_info else None
+  frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+  return not ('orbax' in message or any(f'{os.sep}orbax{os.sep}' in frame.filename for frame in frames))
 
 
-def _quiet_after_failed_read() -> None:
+def _drop_late_read_noise() -> None:
   """Keeps a failed checkpoint read to the one message its caller prints.
 
   orbax reads a checkpoint through many concurrent tensorstore reads. When one fails, the
   event loop closes with the others in flight: each later completion raises 'Event loop
   is closed' in a tensorstore thread, and asyncio logs each failed read nobody awaited;
-  one truncated checkpoint printed 68 tracebacks. They keep coming after the error has
-  been reported, so the filters stay; they drop only those two kinds of message.
+  one truncated checkpoint printed 68 tracebacks. Installed before reading, not on
+  failure: the first of them can come before the failure reaches the caller (CI saw it
+  on a loaded machine), and the rest after it, so the filters stay. They drop only those
+  two kinds of message.
   """
   if not getattr(sys.unraisablehook, 'drops_late_read_completions', False):
     previous = sys.unraisablehook
@@ -194,6 +200,7 @@ def restore_tree(path: str) -> dict[str, Any]:
   """
   path = os.path.abspath(path)
   item = _item_directory(path)
+  _drop_late_read_noise()
   try:
     # The handler's metadata, not the checkpointer's: that one also reads step metadata
     # from the item directory, where the manager never writes it, and warns on every eval.
@@ -205,7 +212,6 @@ def restore_tree(path: str) -> dict[str, Any]:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(saved))
   except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
-    _quiet_after_failed_read()
     raise CheckpointError(f'checkpoint {path} cannot be read ({_first_line(error)}); '
                           'is it an orbax checkpoint directory?') from error
 
@@ -225,11 +231,11 @@ def restore_from(path: str, target: Any) -> Any:
   """Restores the checkpoint directory `path` (a `<step>` directory or its `default/` item)."""
   path = os.path.abspath(path)
   item = _item_directory(path)
+  _drop_late_read_noise()
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(target))
   except (ValueError, KeyError, TypeError) as error:
-    _quiet_after_failed_read()
     raise CheckpointError(f'checkpoint {path} is damaged or does not match this model/config '
                           f'({_first_line(error)}); check --config.model and num_classes, or start a fresh '
                           '--workdir.') from error

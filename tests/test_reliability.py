@@ -1,6 +1,7 @@
 """Faults provoked for real: signals, kill -9, damaged checkpoints, divergence, bad workdirs."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from resnet_flax import checkpoints, train_lib
@@ -114,6 +116,48 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_identically(tmp_path)
   assert len(lines) == 1 and lines[0].startswith('error: checkpoint') and 'damaged' in lines[0], done.stderr
   jax.tree_util.tree_map(np.testing.assert_array_equal, _read_params(straight, tiny_config(), 6),
                          _read_params(damaged, tiny_config(), 6))
+
+
+def test_late_read_filters_are_on_while_orbax_reads(tmp_path, monkeypatch):
+  # A failed read's first late completion can come before the failure reaches our except
+  # clause (CI, loaded machine), so the filters must already be there while orbax reads.
+  monkeypatch.setattr(sys, 'unraisablehook', sys.unraisablehook)  # restored after the test
+  asyncio_logger = logging.getLogger('asyncio')
+  monkeypatch.setattr(asyncio_logger, 'filters', list(asyncio_logger.filters))
+  checkpoints.save_tree(str(tmp_path / 'tree'), {'w': np.arange(3.0)})
+  seen_while_reading = []
+  restore = ocp.StandardCheckpointer.restore
+
+  def recording_restore(self, *args, **kwargs):
+    seen_while_reading.append((getattr(sys.unraisablehook, 'drops_late_read_completions', False),
+                               len(asyncio_logger.filters) > 0))
+    return restore(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, 'restore', recording_restore)
+  np.testing.assert_array_equal(checkpoints.restore_tree(str(tmp_path / 'tree'))['w'], np.arange(3.0))
+  checkpoints.restore_from(str(tmp_path / 'tree'), {'w': np.zeros(3)})
+  assert seen_while_reading == [(True, True), (True, True)]
+
+
+def _log_record(message, raised_in):
+  try:
+    exec(compile('raise ValueError("truncated")', raised_in, 'exec'))
+  except ValueError:
+    exc_info = sys.exc_info()
+  return logging.LogRecord('asyncio', logging.ERROR, 'base_events.py', 1771, message, None, exc_info)
+
+
+@pytest.mark.parametrize('message, raised_in, kept', [
+    ("Task exception was never retrieved\nfuture: <Task coro=<Store.read() defined at /x/orbax/store.py:1>>",
+     '/x/orbax/store.py', False),
+    # asyncio names no orbax code here; the traceback does.
+    ('_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished exception=ValueError()>',
+     '/x/site-packages/orbax/checkpoint/store.py', False),
+    ('Task exception was never retrieved\nfuture: <Task coro=<mine() defined at /x/app.py:1>>', '/x/app.py', True),
+    ('Unclosed client session', '/x/orbax/store.py', True),
+])
+def test_asyncio_log_filter_drops_only_orbax_reads_nobody_awaited(message, raised_in, kept):
+  assert checkpoints._keeps_log_record(_log_record(message, raised_in)) is kept
 
 
 def test_half_written_save_is_ignored(tmp_path):

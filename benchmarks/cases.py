@@ -218,7 +218,8 @@ def measure_train_loop(workdir: str, *, model_name: str, dtype: str, batch: int,
   if len(rates) != intervals or not np.isfinite([record.get('train/loss', 0.0) for record in logged]).all():
     raise ValueError(f'train.py logged {len(rates)} timed intervals of {intervals}, or a non-finite loss.')
   value = statistics.median(rates)
-  return Measurement(value, None, intervals * log_every, {'median_step_ms': batch / value * 1e3, 'intervals': intervals})
+  return Measurement(value, None, intervals * log_every,
+                     {'median_step_ms': batch / value * 1e3, 'intervals': intervals})
 
 
 def measure_stepper(workdir: str, *, prepare: Callable[..., Stepper], warmup: int, iters: int,

@@ -38,7 +38,7 @@ def torch_specs(case: cases_lib.Case) -> list[str]:
   """torch_resnet.py cases (kind:arch:batch:compile:dtype) for one of ours: its default pairs."""
   p = case.params
   if case.kind == 'train':
-    return [f"train:{p['anchor_arch']}:{p['batch']}:1:{p['dtype']}", f"train:{p['anchor_arch']}:{p['batch']}:0:{p['dtype']}"]
+    return [f"train:{p['anchor_arch']}:{p['batch']}:{compiled}:{p['dtype']}" for compiled in (1, 0)]
   if case.kind == 'eval':
     compiled = '1' if p['dtype'] == 'bf16' else '0'  # the anchor's own defaults
     return [f"eval:{p['anchor_arch']}:{p['batch']}:{compiled}:{p['dtype']}"]

@@ -43,7 +43,8 @@ def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
       continue
     compared = record.get('time_ratios') or {}
     if not compared:
-      lines.append(f"| `{record['case']}` | {_number(record['value'])} | {record['unit']} | — | — | — | — | — |")
+      no_reference = ' — |' * 5
+      lines.append(f"| `{record['case']}` | {_number(record['value'])} | {record['unit']} |{no_reference}")
     for reference, ratio in compared.items():
       target = (record.get('targets') or {}).get(reference)
       met = '—' if target is None else ('yes' if ratio <= target['max_time_ratio'] else '**no**')

@@ -74,7 +74,8 @@ def build_groups(profile: str, cases: Sequence[cases_lib.Case], groups: Sequence
     if group == 'torch' and with_torch:
       # One process per spec: a torch.compile that runs long costs only its own figure.
       specs = [spec for case in cases for spec in compare.torch_specs(case)]
-      jobs.extend(Job(f'{compare.TORCH}:{spec}', compare.TORCH, (python, os.path.join(anchors_dir, compare.TORCH), spec))
+      torch_script = os.path.join(anchors_dir, compare.TORCH)
+      jobs.extend(Job(f'{compare.TORCH}:{spec}', compare.TORCH, (python, torch_script, spec))
                   for spec in sorted(set(specs)))
     if jobs:
       planned.append([dataclasses.replace(job, group=group) for job in jobs])
@@ -247,7 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   loads = [job['load1'] for job in jobs_log]
   run = {'record': 'run', 'run_id': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
          'date': args.date, 'device': device, 'profile': args.profile, 'rounds': args.rounds,
-         'group_rounds': wanted, 'cpu_count': os.cpu_count(), 'load_min': min(loads, default=0.0), 'load_max': max(loads, default=0.0),
+         'group_rounds': wanted, 'cpu_count': os.cpu_count(),
+         'load_min': min(loads, default=0.0), 'load_max': max(loads, default=0.0),
          'uptime_before': uptime_before, 'uptime_after': uptime_after, 'with_torch': with_torch, 'paired': paired,
          'jobs': jobs_log}
   records = merge(results, cases, args.profile, os.cpu_count(), with_torch,

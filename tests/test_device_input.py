@@ -29,7 +29,8 @@ def test_every_batch_arrives_in_order_with_pixels_mapped_on_the_device(ahead):
     assert isinstance(got['image'], jax.Array) and got['image'].dtype == jnp.float32
     assert got['image'].sharding.is_equivalent_to(sharding.batch_sharded(mesh), 4)
     # The host-side mapping, in numpy: the values the model saw before pixels travelled.
-    np.testing.assert_array_equal(np.asarray(got['image']), sent['image'].astype(np.float32) - np.float32([123.68, 116.78, 103.94]))
+    channel_means = np.float32([123.68, 116.78, 103.94])
+    np.testing.assert_array_equal(np.asarray(got['image']), sent['image'].astype(np.float32) - channel_means)
     np.testing.assert_array_equal(np.asarray(got['label']), sent['label'])
     np.testing.assert_array_equal(np.asarray(got['mask']), sent['mask'])
 

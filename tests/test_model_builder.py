@@ -72,7 +72,8 @@ def test_block_sizes_build_another_depth_of_the_same_design():
            if path[0].startswith('block')}
   assert units == {'unit_1', 'unit_2'}
   assert set(variables['params']) == {'conv1', 'block1', 'block2', 'logits'}
-  assert variables['params']['block2']['unit_1']['bottleneck_v1']['conv3']['weights'].shape == (1, 1, 128, 512)  # 4 x base depth
+  conv3 = variables['params']['block2']['unit_1']['bottleneck_v1']['conv3']
+  assert conv3['weights'].shape == (1, 1, 128, 512)  # 4 x base depth
 
 
 def test_block_sizes_with_a_depth_multiplier_is_a_clear_error():

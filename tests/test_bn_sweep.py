@@ -12,6 +12,7 @@ from configs import bn_sweep as bn_sweep_config
 from configs import digits
 from resnet_flax import bn_sweep
 from resnet_flax.bn_sweep import grid, runner, tables
+from resnet_flax.bn_sweep import results as results_lib
 from test_train import SMALL_BLOCKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +139,7 @@ def test_a_diverged_run_has_a_row_without_numbers():
 def test_a_diverged_runs_curve_stops_before_the_bad_step():
   (run,) = grid.expand(_config(decay=(0.9,), zero_debias_moving_mean=(False,), batch_size=(16,)))
   curve = [{'step': 10, 'top1': 0.5, 'loss': 1.0}, {'step': 20, 'top1': 0.1, 'loss': float('nan')}]
-  result = runner.diverged_result(run, 15, curve, recalibration_batches=0, seconds=1.0)
+  result = results_lib.diverged_result(run, 15, curve, recalibration_batches=0, seconds=1.0)
   assert result['curve'] == curve[:1] and result['diverged_at_step'] == 15 and result['gap'] is None
 
 
@@ -155,7 +156,7 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
   assert sum('diverged at step' in message for message in messages) == 2
   table = (tmp_path / 'results.md').read_text(encoding='utf-8')
   assert table.count('diverged at step') == 2 and table.startswith('Final test top-1 with moving statistics')
-  assert runner.is_finished(results[0], recalibration_batches=5)  # diverges again whatever the diagnostics
+  assert results_lib.is_finished(results[0], recalibration_batches=5)  # diverges again whatever the diagnostics
   for name in ('accuracy_vs_step.png', 'gap_vs_decay.png'):
     assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE), name
   messages.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from resnet_flax.bn_sweep import files
+from resnet_flax.bn_sweep import files, results as results_lib
 
 _INSTALL_HINT = "the sweep's plots need matplotlib: pip install -e '.[sweep]' (or pip install matplotlib)."
 
@@ -59,7 +59,7 @@ def plot_accuracy_vs_step(results: list[dict[str, Any]], path: str) -> None:
       axis.plot(steps, top1, marker='o', markersize=3, color=color,
                 linestyle='--' if settings['zero_debias_moving_mean'] else '-',
                 label=f"decay {settings['decay']}" + (', zero-debias' if settings['zero_debias_moving_mean'] else '')
-                + (f", diverged at step {result['diverged_at_step']}" if result['moving'] is None else ''))
+                + (f", diverged at step {result['diverged_at_step']}" if results_lib.diverged(result) else ''))
     axis.set_title(_panel_title({'batch_size': panel[0], 'num_train_steps': panel[1]}))
     axis.set_xlabel('step')
     axis.set_ylim(0.0, 1.02)
@@ -81,7 +81,7 @@ def plot_gap_vs_decay(results: list[dict[str, Any]], path: str) -> None:
   several_lengths = len({r['settings']['num_train_steps'] for r in results}) > 1
   lines: dict[tuple, list[tuple[float, float]]] = {}
   for result in results:
-    if result['gap'] is None:  # Diverged: no final numbers (its curve is in the other plot).
+    if results_lib.diverged(result):  # No final numbers; its curve is in the other plot.
       continue
     settings = result['settings']
     key = (settings['zero_debias_moving_mean'], settings['batch_size'],

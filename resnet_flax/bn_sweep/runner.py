@@ -16,7 +16,7 @@ from typing import Any, Callable
 import ml_collections
 
 from resnet_flax import bn_diagnostics, train_lib
-from resnet_flax.bn_sweep import files, grid
+from resnet_flax.bn_sweep import files, grid, results as results_lib
 
 # Fields that change how a run is logged or saved, not what it computes: a run may resume
 # under different values of these.
@@ -87,54 +87,6 @@ def eval_curve(directory: str) -> list[dict[str, float]]:
   return [by_step[step] for step in sorted(by_step)]
 
 
-def _metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-  if metrics is None:
-    return None
-  return {'top1': float(metrics['top1']), 'loss': float(metrics['loss']), 'num_examples': int(metrics['num_examples'])}
-
-
-def summarize(run: grid.Run, report: dict[str, Any], curve: list[dict[str, float]], recalibration_batches: int,
-              seconds: float) -> dict[str, Any]:
-  """A run's result.json: its settings, the discrepancy report at its batch size, the gap, its curve."""
-  moving = _metrics(report['moving'])
-  batch = _metrics(report['batch'][run.settings['batch_size']])
-  return {
-      'name': run.name,
-      'settings': run.settings,
-      'step': int(report['step']),
-      'eval_split': run.config.eval_split,
-      'moving': moving,
-      'batch': batch,
-      'recalibrated': _metrics(report['recalibrated']),
-      'recalibration_batches': recalibration_batches,
-      'gap': batch['top1'] - moving['top1'],  # batch-statistics top-1 minus moving-statistics top-1
-      'diverged_at_step': None,
-      'curve': curve,
-      'seconds': seconds,  # this start's wall time: training left to do, evaluations, diagnostics
-  }
-
-
-def diverged_result(run: grid.Run, step: int, curve: list[dict[str, float]], recalibration_batches: int,
-                    seconds: float) -> dict[str, Any]:
-  """The result.json of a run a non-finite loss stopped at `step`: its curve before it, no final numbers.
-
-  Non-finite steps come to light at the next log or save step, so an evaluation between
-  the two would have scored the broken parameters; it is left out.
-  """
-  return {'name': run.name, 'settings': run.settings, 'step': None, 'eval_split': run.config.eval_split,
-          'moving': None, 'batch': None, 'recalibrated': None, 'recalibration_batches': recalibration_batches,
-          'gap': None, 'diverged_at_step': step, 'curve': [point for point in curve if point['step'] < step],
-          'seconds': seconds}
-
-
-def is_finished(result: dict[str, Any] | None, recalibration_batches: int) -> bool:
-  """Whether a stored result answers this sweep: a diverged run always does; otherwise another
-  recalibration count redoes only the diagnostics."""
-  if result is None:
-    return False
-  return result.get('diverged_at_step') is not None or result.get('recalibration_batches') == recalibration_batches
-
-
 def run_one(run: grid.Run, workdir: str, recalibration_batches: int) -> dict[str, Any]:
   """Trains (or resumes) one run, measures its BN discrepancy and writes its result.json."""
   directory = run_directory(workdir, run.name)
@@ -146,13 +98,14 @@ def run_one(run: grid.Run, workdir: str, recalibration_batches: int) -> dict[str
   except train_lib.NonFiniteLossError as error:
     # A setting that diverges is a finding of the sweep, not a reason to stop it. It is
     # recorded like a finished run: started again, the same config diverges the same way.
-    result = diverged_result(run, error.step, eval_curve(directory), recalibration_batches,
+    result = results_lib.diverged_result(run, error.step, eval_curve(directory), recalibration_batches,
                              time.perf_counter() - start)
   else:
     report = bn_diagnostics.discrepancy_report(run.config, workdir=directory,
                                                batch_sizes=(run.settings['batch_size'],),
                                                recalibration_batches=recalibration_batches)
-    result = summarize(run, report, eval_curve(directory), recalibration_batches, time.perf_counter() - start)
+    result = results_lib.summarize(run, report, eval_curve(directory), recalibration_batches,
+                                   time.perf_counter() - start)
   files.write_json(os.path.join(directory, 'result.json'), result)
   return result
 
@@ -164,13 +117,13 @@ def run_all(runs: list[grid.Run], workdir: str, recalibration_batches: int,
   for index, run in enumerate(runs, 1):
     directory = run_directory(workdir, run.name)
     result = files.read_json(os.path.join(directory, 'result.json'))
-    if is_finished(result, recalibration_batches):
+    if results_lib.is_finished(result, recalibration_batches):
       check_same_config(directory, run.config)
       log(f'[{index}/{len(runs)}] {run.name}: finished before, skipped.')
     else:
       log(f'[{index}/{len(runs)}] {run.name}: running in {directory}')
       result = run_one(run, workdir, recalibration_batches)
-      if result['moving'] is None:
+      if results_lib.diverged(result):
         log(f"[{index}/{len(runs)}] {run.name}: diverged at step {result['diverged_at_step']} (non-finite loss), "
             f'recorded; delete {directory} to run it again.')
       else:

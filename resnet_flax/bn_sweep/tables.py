@@ -7,7 +7,7 @@ import io
 import os
 from typing import Any, Sequence
 
-from resnet_flax.bn_sweep import files, grid
+from resnet_flax.bn_sweep import files, grid, results as results_lib
 
 RESULT_COLUMNS = ('name',) + grid.SETTINGS + (
     'step', 'diverged_at_step', 'moving_top1', 'moving_loss', 'batch_top1', 'batch_loss', 'recalibrated_top1',
@@ -70,7 +70,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
   ]
   for result in results:
     settings = result['settings']
-    if result['moving'] is None:
+    if results_lib.diverged(result):
       numbers = f"diverged at step {result['diverged_at_step']} | — | — | —"
     else:
       numbers = (f"{_percent(result['moving'])} | {_percent(result['batch'])} | {_percent(result['recalibrated'])} "

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 
-@pytest.hookimpl(optionalhook=True)  # Without pytest-xdist (`-p no:xdist`), nothing to answer.
+@pytest.hookimpl(optionalhook=True)  # With xdist off (`-p no:xdist -o addopts=`), nothing asks.
 def pytest_xdist_auto_num_workers(config) -> int:
   """Workers for `-n auto`: the cores this process may use (xdist counts the machine's,
   which a CPU-limited container overstates), at most 8, each a JAX process of its own.

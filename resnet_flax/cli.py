@@ -25,6 +25,13 @@ def _innermost_message(error: BaseException) -> str:
   return ' '.join(text.replace("\\'", "'").split())
 
 
+def _exit_unknown_field(error: BaseException, argv: list[str]) -> None:
+  overrides = ' '.join(arg for arg in argv if arg.startswith('--config.'))
+  print(f'error: unknown config field {_innermost_message(error)} (in: {overrides}); '
+        'configs/default.py lists every field.', file=sys.stderr)
+  sys.exit(2)
+
+
 def define_flags() -> None:
   """`--config` (an ml_collections file, fields overridable as --config.a.b=v) and `--workdir`.
 
@@ -35,21 +42,23 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file('config', DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None,
                                     'Experiment config file (configs/*.py).', lock_config=True)
   except (AttributeError, KeyError) as error:
-    overrides = ' '.join(arg for arg in sys.argv[1:] if arg.startswith('--config.'))
-    print(f'error: unknown config field {_innermost_message(error)} (in: {overrides}); '
-          'configs/default.py lists every field.', file=sys.stderr)
-    sys.exit(2)
+    _exit_unknown_field(error, sys.argv[1:])
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl and TensorBoard events.')
   flags.DEFINE_bool('traceback', False, 'Show the full traceback of user errors too.')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a malformed value reported in one line (exit 2) instead of two."""
+  """absl's parsing, with a malformed value or unknown field reported in one line (exit 2).
+
+  With `--config=FILE` given, the overrides are applied here rather than in `define_flags`.
+  """
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
     print(f'error: {error}; configs/default.py shows every field with its type.', file=sys.stderr)
     sys.exit(2)
+  except (AttributeError, KeyError) as error:
+    _exit_unknown_field(error, argv[1:])
 
 
 def run_reporting_user_errors(main: Callable[[], None]) -> None:

@@ -9,13 +9,21 @@ import jax.numpy as jnp
 import optax
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  """Mean softmax cross entropy over the examples where `mask` is 1."""
-  num_classes = logits.shape[-1]
-  targets = jax.nn.one_hot(labels, num_classes)
+def per_example_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Softmax cross entropy of each example against its integer label, in float32.
+
+  Through one-hot targets, not optax's integer-label form: that one gathers, and under the
+  batch-sharded jit a gather of a batch of one has no output sharding JAX can infer.
+  """
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
-  per_example = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Mean softmax cross entropy over the examples where `mask` is 1."""
+  per_example = per_example_cross_entropy(logits, labels, label_smoothing)
   return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -32,8 +40,11 @@ def slim_l2_regularization(params: Any, weight_decay: float) -> jax.Array:
 
 def correct_top_k(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int) -> jax.Array:
   """Number of masked-in examples whose label is among the k largest logits."""
-  k = min(k, logits.shape[-1])
-  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  num_classes = logits.shape[-1]
+  k = min(k, num_classes)
+  # A masked max, not take_along_axis: see per_example_cross_entropy.
+  is_label = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
+  label_logit = jnp.max(jnp.where(is_label, logits, -jnp.inf), axis=-1, keepdims=True)
   # Rank = number of classes scoring strictly higher; ties count in the label's favour.
   rank = jnp.sum(logits > label_logit, axis=-1)
   return jnp.sum((rank < k) * mask)

@@ -39,6 +39,28 @@ def statistics_group_size(bn: ml_collections.ConfigDict, batch_size: int, device
   return bn.ghost_batch_size
 
 
+def check_statistics_groups(config: ml_collections.ConfigDict, device_count: int) -> None:
+  """Raises, naming the setting, if training would compute BN statistics from single examples.
+
+  With one example per statistics group, each example is normalized by its own spatial
+  mean and variance and the moving variance averages those: not batch norm, and not
+  what eval will use. Frozen statistics never use the batch's.
+  """
+  if config.bn.frozen:
+    return
+  group = statistics_group_size(config.bn, config.batch_size, device_count) or config.batch_size
+  if group >= 2:
+    return
+  if config.bn.ghost_batch_size is not None:
+    setting = f'config.bn.ghost_batch_size={config.bn.ghost_batch_size}'
+  elif config.bn.cross_device == 'per_device':
+    setting = f"config.batch_size={config.batch_size} over {device_count} devices with cross_device='per_device'"
+  else:
+    setting = f'config.batch_size={config.batch_size}'
+  raise ValueError(f'{setting} leaves one example per BatchNorm statistics group in training; use at least 2 '
+                   'examples per group, or config.bn.frozen=True to train with the moving statistics.')
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int, device_count: Optional[int] = None
                 ) -> nn.Module:
   """`models.get_model(config.model, ...)` with `config.bn`, weight decay, dtype and model options.

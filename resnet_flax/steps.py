@@ -57,7 +57,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
 def classification_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
   """Sums over the batch (loss, top-1 and top-5 hits, examples), padding masked out."""
   mask = batch['mask']
-  per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
+  per_example = losses.per_example_cross_entropy(logits, batch['label'])
   return {
       'loss_sum': jnp.sum(per_example * mask),
       'top1_hits': losses.correct_top_k(logits, batch['label'], mask, 1),

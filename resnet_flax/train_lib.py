@@ -104,6 +104,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx, mesh, state_sh
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.num_train_steps` steps, resuming from `workdir`, and returns the final eval."""
   sharding.check_batch_size(config.batch_size)
+  model_builder.check_statistics_groups(config, jax.device_count())
   is_chief = jax.process_index() == 0
   train_ds = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
                         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())

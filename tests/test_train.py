@@ -123,11 +123,59 @@ def _override(config, decay, zero_debias):
   return config
 
 
-def test_bad_config_key_is_one_line_naming_it(tmp_path):
-  result = run_script('train.py', f'--workdir={tmp_path}', '--config.bn.decya=0.9')
-  assert result.returncode == 2
+@pytest.mark.parametrize('config_file, override, named', [
+    ([], '--config.bn.decya=0.9', ('decya', 'decay')),
+    # With --config=FILE the overrides are applied while parsing, not while defining flags.
+    (['--config=configs/digits.py'], '--config.bn.decya=0.9', ('decya', 'decay')),
+    (['--config=configs/digits.py'], '--config.batch_norm.decay=0.9', ('batch_norm',)),
+])
+def test_bad_config_key_is_one_line_naming_it(tmp_path, config_file, override, named):
+  result = run_script('train.py', f'--workdir={tmp_path}', *config_file, override)
+  assert result.returncode == 2, result.stderr
   lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and 'decya' in lines[0] and 'decay' in lines[0]
+  assert len(lines) == 1 and all(word in lines[0] for word in named), result.stderr
+
+
+@pytest.mark.parametrize('settings, devices, named', [
+    ({'batch_size': 1}, 1, 'config.batch_size=1'),
+    ({'batch_size': 8, 'bn.ghost_batch_size': 1}, 1, 'config.bn.ghost_batch_size=1'),
+    ({'batch_size': 8, 'bn.cross_device': 'per_device'}, 8, "over 8 devices with cross_device='per_device'"),
+])
+def test_one_example_per_bn_statistics_group_in_training_is_refused(tmp_path, settings, devices, named):
+  config = tiny_config()
+  for key, value in settings.items():
+    *parents, field = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[field] = value
+  with pytest.raises(ValueError, match='one example per BatchNorm statistics group') as error:
+    model_builder.check_statistics_groups(config, devices)
+  assert named in str(error.value) and 'config.bn.frozen=True' in str(error.value)
+  config.bn.frozen = True  # statistics never come from the batch: nothing to refuse
+  model_builder.check_statistics_groups(config, devices)
+  config.bn.frozen = False
+  if devices == 1:  # what train.py runs: refused before any data or compilation
+    with pytest.raises(ValueError, match=named.replace('.', r'\.')):
+      train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+def test_two_examples_per_statistics_group_are_enough():
+  config = tiny_config()
+  config.batch_size = 2
+  model_builder.check_statistics_groups(config, 1)
+  config.batch_size, config.bn.cross_device = 16, 'per_device'
+  model_builder.check_statistics_groups(config, 8)
+
+
+def test_frozen_bn_trains_and_evaluates_at_batch_one(tmp_path):
+  # Frozen statistics make a batch of one legitimate; eval_batch_size=1 used to crash in
+  # the metrics (gathers with no inferable sharding).
+  config = tiny_config(2)
+  config.update(batch_size=1, eval_batch_size=1)
+  config.bn.frozen = True
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert result['step'] == 2 and result['num_examples'] == 360
 
 
 def test_eval_without_checkpoint_is_one_line(tmp_path):

@@ -1,0 +1,57 @@
+"""Metrics and losses against numpy, and under the batch-sharded jit the steps use."""
+
+import numpy as np
+import pytest
+
+from resnet_flax import losses, sharding, steps
+
+
+def _numpy_correct_top_k(logits, labels, mask, k):
+  rank = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(-1)  # ties in the label's favour
+  return float(((rank < k) * mask).sum())
+
+
+@pytest.mark.parametrize('k', [1, 3, 5, 20])
+def test_correct_top_k_matches_numpy_with_ties_infinities_and_mask(k):
+  rng = np.random.default_rng(0)
+  logits = rng.integers(-3, 3, size=(64, 10)).astype(np.float32)  # many ties
+  logits[0] = -np.inf
+  logits[1, 4] = np.inf
+  labels = rng.integers(0, 10, size=64).astype(np.int32)
+  labels[0], labels[1] = 2, 4
+  mask = (rng.random(64) < 0.8).astype(np.float32)
+  expected = _numpy_correct_top_k(logits, labels, mask, k)
+  assert float(losses.correct_top_k(logits, labels, mask, k)) == expected
+
+
+@pytest.mark.parametrize('batch', [1, 2, 8])
+def test_eval_sums_and_train_loss_work_under_the_batch_sharded_jit_for_any_batch(batch):
+  # A batch of one used to fail here: gathers (take_along_axis, optax's integer-label cross
+  # entropy) have no inferable output sharding then. eval_batch_size=1 crashed eval.py.
+  mesh = sharding.data_mesh()
+
+  def sums_and_loss(_, b):
+    train_loss = losses.cross_entropy(b['logits'], b['label'], b['mask'])
+    return {**steps.classification_sums(b['logits'], b), 'loss': train_loss}
+
+  rng = np.random.default_rng(batch)
+  host = {'logits': rng.normal(size=(batch, 10)).astype(np.float32),
+          'label': rng.integers(0, 10, size=batch).astype(np.int32), 'mask': np.ones(batch, np.float32)}
+  got = sharding.jit_over_batch(sums_and_loss, mesh)({}, sharding.to_global_batch(host, mesh))
+  assert float(got['top1_hits']) == _numpy_correct_top_k(host['logits'], host['label'], host['mask'], 1)
+  assert float(got['top5_hits']) == _numpy_correct_top_k(host['logits'], host['label'], host['mask'], 5)
+  assert float(got['num_examples']) == batch
+  shifted = host['logits'] - host['logits'].max(-1, keepdims=True)
+  log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  per_example = -log_softmax[np.arange(batch), host['label']]
+  np.testing.assert_allclose(float(got['loss_sum']), per_example.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(got['loss']), per_example.mean(), rtol=1e-6)
+
+
+def test_label_smoothing_matches_the_smoothed_target_cross_entropy():
+  logits = np.float32([[2.0, 0.5, -1.0]])
+  smoothed = 0.9 * np.float32([0, 1, 0]) + 0.1 / 3  # slim's label_smoothing=0.1
+  log_softmax = logits - np.log(np.exp(logits).sum())
+  expected = -(smoothed * log_softmax).sum()
+  got = losses.per_example_cross_entropy(logits, np.int32([1]), label_smoothing=0.1)
+  np.testing.assert_allclose(np.asarray(got), [expected], rtol=1e-6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -25,11 +25,14 @@ def _innermost_message(error: BaseException) -> str:
   return ' '.join(text.replace("\\'", "'").split())
 
 
-def _exit_unknown_field(error: BaseException, argv: list[str]) -> None:
-  overrides = ' '.join(arg for arg in argv if arg.startswith('--config.'))
-  print(f'error: unknown config field {_innermost_message(error)} (in: {overrides}); '
-        'configs/default.py lists every field.', file=sys.stderr)
+def _exit(message: str) -> NoReturn:
+  print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
+
+
+def _exit_unknown_field(error: BaseException, argv: list[str]) -> NoReturn:
+  overrides = ' '.join(arg for arg in argv if arg.startswith('--config.'))
+  _exit(f'unknown config field {_innermost_message(error)} (in: {overrides}); configs/default.py lists every field.')
 
 
 def define_flags() -> None:
@@ -53,11 +56,18 @@ def parse_flags(argv: list[str]) -> list[str]:
   With `--config=FILE` given, the overrides are applied here rather than in `define_flags`.
   """
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    flags.FLAGS.config.keys()  # ml_collections defers a failed load to the first use: fail here, in one line.
+    return remaining
   except flags.Error as error:
-    print(f'error: {error}; configs/default.py shows every field with its type.', file=sys.stderr)
-    sys.exit(2)
+    _exit(f'{error}; configs/default.py shows every field with its type.')
+  except (OSError, SyntaxError) as error:  # --config=FILE missing or not Python
+    error = error.__cause__ or error
+    where = f' at {error.filename}:{error.lineno}' if isinstance(error, SyntaxError) else ''
+    _exit(f'config file cannot be loaded ({_innermost_message(error)}{where}); pass --config=configs/<name>.py.')
   except (AttributeError, KeyError) as error:
+    if 'get_config' in str(error):
+      _exit("the config file has no get_config(); configs/digits.py shows the form (it returns a ConfigDict).")
     _exit_unknown_field(error, argv[1:])
 
 

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_flax import checkpoints, data, device_input, model_builder, optim, precise_bn, pretrained, sharding, steps
+from resnet_flax import (checkpoints, config_checks, data, device_input, model_builder, optim, precise_bn, pretrained,
+                         sharding, steps)
 from resnet_flax.train_state import TrainState, train_state_initializer
 
 
@@ -83,8 +84,9 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   `checkpoint` may be a training checkpoint directory, a converted one, or `slim:PATH`
   for a TF-Slim checkpoint (evaluated with the preprocessing `config.data` names).
   """
+  config_checks.check_config(config)
   dataset = build_eval_dataset(config)
-  num_classes = config.num_classes or dataset.num_classes
+  num_classes = model_builder.head_size(config, dataset.num_classes)
   model = model_builder.build_model(config, num_classes)
   mesh = sharding.data_mesh()
   if checkpoint is None:

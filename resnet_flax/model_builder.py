@@ -39,6 +39,21 @@ def statistics_group_size(bn: ml_collections.ConfigDict, batch_size: int, device
   return bn.ghost_batch_size
 
 
+def head_size(config: ml_collections.ConfigDict, data_num_classes: int) -> int:
+  """The number of logits: `config.num_classes`, or the data set's when unset.
+
+  More than the data's is fine (slim's 1001 with a background class); fewer would leave
+  labels without a logit, which the loss and accuracy would not notice.
+  """
+  if config.num_classes is None:
+    return data_num_classes
+  if config.num_classes < data_num_classes:
+    raise ValueError(f'config.num_classes={config.num_classes} but the data has {data_num_classes} classes, so '
+                     f'labels {config.num_classes}..{data_num_classes - 1} would have no logit; unset it or set it '
+                     f'to at least {data_num_classes}.')
+  return config.num_classes
+
+
 def check_statistics_groups(config: ml_collections.ConfigDict, device_count: int) -> None:
   """Raises, naming the setting, if training would compute BN statistics from single examples.
 

@@ -14,7 +14,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from resnet_flax import checkpoints, data, device_input, eval_lib, model_builder, optim, pretrained, sharding, steps
+from resnet_flax import (checkpoints, config_checks, data, device_input, eval_lib, model_builder, optim, pretrained,
+                         sharding, steps)
 from resnet_flax.metrics_writer import MetricsWriter
 from resnet_flax.progress import ProgressBar
 from resnet_flax.train_state import TrainState, create_train_state, train_state_initializer
@@ -103,13 +104,14 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx, mesh, state_sh
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.num_train_steps` steps, resuming from `workdir`, and returns the final eval."""
+  config_checks.check_config(config)
   sharding.check_batch_size(config.batch_size)
   model_builder.check_statistics_groups(config, jax.device_count())
   is_chief = jax.process_index() == 0
   train_ds = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
                         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
   eval_ds = eval_lib.build_eval_dataset(config)
-  model = model_builder.build_model(config, config.num_classes or train_ds.num_classes)
+  model = model_builder.build_model(config, model_builder.head_size(config, train_ds.num_classes))
   tx = optim.build_optimizer(config)
   schedule = optim.learning_rate_schedule(config)
   mesh = sharding.data_mesh()

@@ -301,3 +301,26 @@ def test_variance_gradient_is_that_of_the_exact_variance():
   x64 = x.astype(np.float64)
   expected = 2 * (x64 - x64.mean(axis=(0, 1, 2))) / (6 * 3 * 3) * weights  # d var / dx, by hand.
   np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize('options, named', [
+    ({'decay': 1.5}, 'decay=1.5'), ({'decay': -0.1}, 'decay=-0.1'), ({'decay': float('nan')}, 'decay=nan'),
+    ({'epsilon': 0.0}, 'epsilon=0.0'), ({'epsilon': -1e-3}, 'epsilon=-0.001'),
+    ({'renorm': True, 'renorm_decay': 2.0}, 'renorm_decay=2.0'),
+    ({'renorm': True, 'renorm_r_max': 2.0, 'renorm_r_min': 3.0}, 'renorm_r_min=3.0'),
+    ({'renorm': True, 'renorm_clipping_ramp_steps': -5}, 'renorm_clipping_ramp_steps=-5'),
+])
+def test_options_out_of_range_are_refused_naming_the_option(options, named):
+  x = jnp.ones((4, 2, 2, 3))
+  with pytest.raises(ValueError, match=named):
+    BatchNorm(**options).init(jax.random.PRNGKey(0), x, train=True)
+
+
+@pytest.mark.parametrize('decay', [0.0, 1.0])
+def test_decay_bounds_are_allowed_and_mean_what_they_say(decay):
+  x = jnp.arange(48.0).reshape(4, 2, 2, 3)
+  layer = BatchNorm(decay=decay)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  _, updates = layer.apply(variables, x, train=True, mutable=['batch_stats'])
+  expected = np.asarray(x).mean((0, 1, 2)) if decay == 0.0 else np.zeros(3)  # 0: the batch's; 1: never moves
+  np.testing.assert_allclose(updates['batch_stats']['moving_mean'], expected, rtol=1e-6)

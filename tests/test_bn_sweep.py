@@ -96,10 +96,19 @@ def test_run_names_are_exact():
     ({'batch_size': (0,)}, 'config.sweep.batch_size: 0 is not a positive integer'),
     ({'decay': (0.9, 0.9)}, 'would run twice'),
     ({'recalibration_batches': -1}, 'config.sweep.recalibration_batches: -1'),
+    ({'zero_debias_moving_mean': ('no',)}, "config.sweep.zero_debias_moving_mean: 'no' is not True or False"),
 ])
 def test_grid_errors_name_the_field(sweep, message):
   with pytest.raises(ValueError, match=message.replace('[', r'\[').replace('(', r'\(').replace(')', r'\)')):
     grid.expand(_config(**sweep))
+
+
+def test_a_run_with_impossible_settings_stops_the_sweep_before_any_run_trains(tmp_path):
+  # The debiased runs conflict with renorm; the plain ones come first in the grid.
+  config = _config({'bn.renorm': True}, zero_debias_moving_mean=(False, True))
+  with pytest.raises(ValueError, match='config.bn.renorm keeps plain moving averages'):
+    bn_sweep.run_sweep(config, str(tmp_path), log=lambda message: None)
+  assert not (tmp_path / 'runs').exists()
 
 
 def test_a_config_without_sweep_says_which_to_use():

@@ -4,6 +4,7 @@ ImageFolder trees end to end (shapes, ranges, labels, determinism, bad files).""
 
 import colorsys
 import itertools
+import shutil
 
 import numpy as np
 import pytest
@@ -187,6 +188,24 @@ def test_image_folder_finds_val_for_validation(tmp_path):
   _make_folder(tmp_path, split='val')
   ds = data.build(dict(FOLDER, dir=str(tmp_path), preprocessing='inception'), 'validation', batch_size=2, seed=0)
   assert ds.num_examples == 10
+
+
+def test_validation_labels_are_the_training_classes_even_with_a_class_missing(tmp_path):
+  _make_folder(tmp_path)
+  _make_folder(tmp_path, split='val')
+  shutil.rmtree(tmp_path / 'val' / 'dog')  # val: cat, zebra; sorted alone, zebra would be label 1 (train's dog)
+  config = dict(FOLDER, dir=str(tmp_path), preprocessing='vgg')
+  val = data.build(config, 'validation', batch_size=2, seed=0)
+  assert val.num_classes == 3 and sorted(set(val.source.labels.tolist())) == [0, 2]
+
+
+def test_a_validation_class_training_never_saw_is_refused(tmp_path):
+  _make_folder(tmp_path)
+  _make_folder(tmp_path, split='val')
+  (tmp_path / 'val' / 'zebra').rename(tmp_path / 'val' / 'zebu')
+  with pytest.raises(data.DataError, match=r"\['zebu'\] that the training split does not have") as error:
+    data.build(dict(FOLDER, dir=str(tmp_path), preprocessing='vgg'), 'validation', batch_size=2, seed=0)
+  assert '\n' not in str(error.value)
 
 
 def test_unreadable_image_is_named(tmp_path):

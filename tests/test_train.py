@@ -160,6 +160,16 @@ def test_one_example_per_bn_statistics_group_in_training_is_refused(tmp_path, se
       train_lib.train_and_evaluate(config, str(tmp_path))
 
 
+def test_a_head_smaller_than_the_data_classes_is_refused_and_a_larger_one_kept(tmp_path):
+  config = tiny_config()
+  assert model_builder.head_size(config, 10) == 10
+  config.num_classes = 1001  # slim's background class: more logits than labels is fine
+  assert model_builder.head_size(config, 1000) == 1001
+  config.num_classes = 5
+  with pytest.raises(ValueError, match=r'config\.num_classes=5 but the data has 10 classes, so labels 5\.\.9'):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
 def test_two_examples_per_statistics_group_are_enough():
   config = tiny_config()
   config.batch_size = 2
@@ -176,6 +186,19 @@ def test_frozen_bn_trains_and_evaluates_at_batch_one(tmp_path):
   config.bn.frozen = True
   result = train_lib.train_and_evaluate(config, str(tmp_path))
   assert result['step'] == 2 and result['num_examples'] == 360
+
+
+@pytest.mark.parametrize('contents, named', [
+    (None, 'No such file'), ('def get_config(:\n', 'invalid syntax at'), ('x = 1\n', 'no get_config()'),
+])
+def test_a_config_file_that_cannot_load_is_one_line(tmp_path, contents, named):
+  path = tmp_path / 'my_config.py'
+  if contents is not None:
+    path.write_text(contents)
+  result = run_script('train.py', f'--workdir={tmp_path}', f'--config={path}')
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and named in lines[0], result.stderr
 
 
 def test_eval_without_checkpoint_is_one_line(tmp_path):

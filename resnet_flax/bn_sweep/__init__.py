@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from resnet_flax import config_checks
 from resnet_flax.bn_sweep import grid, plots, runner, tables
 
 
@@ -16,6 +17,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
   """Runs every unfinished run of `config.sweep`'s grid, then writes tables and plots of them all."""
   runs = grid.expand(config)
+  for run in runs:  # every run's settings, before the first one trains
+    config_checks.check_config(run.config)
   plots.require_matplotlib()
   results = runner.run_all(runs, workdir, config.sweep.recalibration_batches, log)
   for path in tables.write_tables(results, workdir) + plots.write_plots(results, workdir):

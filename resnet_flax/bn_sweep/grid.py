@@ -60,6 +60,9 @@ def _settings(values: tuple) -> dict[str, Any]:
   raw = dict(zip(SETTINGS, values))
   if not (isinstance(raw['decay'], (int, float)) and 0.0 <= raw['decay'] < 1.0):
     raise ValueError(f"config.sweep.decay: {raw['decay']!r} is not a number in [0, 1).")
+  if not isinstance(raw['zero_debias_moving_mean'], bool):  # bool('no') would be True
+    raise ValueError(f"config.sweep.zero_debias_moving_mean: {raw['zero_debias_moving_mean']!r} is not "
+                     'True or False.')
   for field in ('batch_size', 'num_train_steps'):
     if isinstance(raw[field], bool) or not isinstance(raw[field], int) or raw[field] <= 0:
       raise ValueError(f'config.sweep.{field}: {raw[field]!r} is not a positive integer.')

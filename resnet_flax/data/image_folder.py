@@ -53,13 +53,29 @@ def split_directory(root: str, split: str) -> str:
                   f'with one subdirectory of images per class; check config.data.dir.')
 
 
-def scan(directory: str) -> tuple[list[str], list[str], np.ndarray]:
-  """(class names, image paths, class index per path) of a split directory, in sorted order."""
+def class_names(directory: str) -> list[str]:
+  """The class folders of a split directory, sorted: label i is the i-th."""
   classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith('.'))
   if not classes:
     raise DataError(f'{directory} has no class subdirectories; expected {directory}/<class name>/<image>.jpg.')
+  return classes
+
+
+def scan(directory: str, classes: Optional[list[str]] = None) -> tuple[list[str], list[str], np.ndarray]:
+  """(class names, image paths, class index per path) of a split directory, in sorted order.
+
+  `classes` (the training split's) fixes the labels: a split missing some classes keeps the
+  others' labels, and a class training never saw is an error, not a shifted label.
+  """
+  present = class_names(directory)
+  classes = classes or present
+  unknown = sorted(set(present) - set(classes))
+  if unknown:
+    raise DataError(f'{directory} has class folder(s) {unknown[:3]} that the training split does not have; '
+                    'every split must use the training classes (remove or rename them).')
   paths, class_indices = [], []
-  for index, name in enumerate(classes):
+  for name in present:
+    index = classes.index(name)
     found = []
     for parent, subdirs, files in os.walk(os.path.join(directory, name), followlinks=True):
       subdirs.sort()
@@ -122,7 +138,11 @@ def build_source(root: str, split: str, *, preprocessing: str, image_size: int, 
   if not root or not os.path.isdir(root):
     raise DataError(f'image folder root {root!r} does not exist; set config.data.dir to a directory with '
                     f'train/ and val/ subdirectories of class folders.')
-  classes, paths, class_indices = scan(split_directory(root, split))
+  # Labels are the training split's class indices, whichever split this is (a tree with
+  # only a validation split, to evaluate a converted checkpoint, has its own).
+  train_directory = os.path.join(root, 'train')
+  train_classes = class_names(train_directory) if split != 'train' and os.path.isdir(train_directory) else None
+  classes, paths, class_indices = scan(split_directory(root, split), train_classes)
   workers = num_workers or len(os.sched_getaffinity(0))  # The cores this process may use, not the machine's.
   ship_pixels = chosen.pixel_values is not None
   options = dict(skip_unreadable=on_bad_image == 'skip', augment_train=augment_train, ship_pixels=ship_pixels)

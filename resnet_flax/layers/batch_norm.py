@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -81,6 +81,43 @@ def check_batch_statistics_possible(shape: tuple[int, ...], reduction_axes: tupl
         'batch statistics would set every output to beta and the variance estimate is undefined. '
         'Use a batch of at least 2 (or more examples per ghost batch), or freeze the statistics '
         '(evaluate with train=False) for this step.')
+
+
+_CHECKED_OPTIONS = ('decay', 'epsilon', 'zero_debias_moving_mean', 'zero_debias_moving_variance', 'renorm',
+                    'renorm_decay', 'renorm_r_min', 'renorm_r_max', 'renorm_d_max', 'renorm_clipping_start_step',
+                    'renorm_clipping_ramp_steps')
+
+
+def check_options(prefix: str, options: Mapping[str, Any]) -> None:
+  """Raises a one-line ValueError for BatchNorm options out of range or in conflict; the
+  message starts with `prefix` ("config.bn." or "BatchNorm 'x': ") and the option's name.
+  `options` has BatchNorm's field names; missing ones take its defaults.
+
+  The layer checks itself; configs call this first, so a sweep fails before its first run.
+  """
+  def get(field: str) -> Any:
+    return options[field] if field in options else getattr(BatchNorm, field)  # the dataclass default
+
+  if get('renorm') and (get('zero_debias_moving_mean') or get('zero_debias_moving_variance')):
+    # TF-Slim rejects renorm with zero_debias_moving_mean too; its moving averages are plain.
+    raise ValueError(f'{prefix}renorm keeps plain moving averages (a moving stddev for the variance); turn off '
+                     'zero_debias_moving_mean / zero_debias_moving_variance or renorm.')
+  # Written so NaN fails too: every comparison with NaN is False.
+  for field in ('decay', 'renorm_decay'):
+    if not 0.0 <= get(field) <= 1.0:
+      raise ValueError(f'{prefix}{field}={get(field)} must be in [0, 1] (the weight the moving average keeps; '
+                       '1 never updates it).')
+  if not get('epsilon') > 0.0:
+    raise ValueError(f"{prefix}epsilon={get('epsilon')} must be > 0 (it keeps 1 / sqrt(variance + epsilon) "
+                     'finite for a constant channel).')
+  bounds = (('renorm_r_max', lambda v: v >= 1.0, '>= 1 (1 is plain BN)'),
+            ('renorm_r_min', lambda v: 0.0 <= v <= 1.0, 'in [0, 1] (1 is plain BN)'),
+            ('renorm_d_max', lambda v: v >= 0.0, '>= 0 (0 is plain BN)'),
+            ('renorm_clipping_start_step', lambda v: v >= 0, '>= 0'),
+            ('renorm_clipping_ramp_steps', lambda v: v >= 0, '>= 0'))
+  for field, allowed, expected in bounds:
+    if get(field) is not None and not allowed(get(field)):
+      raise ValueError(f'{prefix}{field}={get(field)} must be {expected}.')
 
 
 class BatchNorm(nn.Module):
@@ -238,15 +275,7 @@ class BatchNorm(nn.Module):
                                                                   self.decay)
 
   def _check_options(self) -> None:
-    name = module_path(self)
-    if self.renorm and (self.zero_debias_moving_mean or self.zero_debias_moving_variance):
-      # TF-Slim rejects renorm with zero_debias_moving_mean too; its moving averages are plain.
-      raise ValueError(f'BatchNorm {name!r}: renorm keeps plain moving averages (a moving stddev for the '
-                       'variance); turn off zero_debias_moving_mean / zero_debias_moving_variance or renorm.')
-    if self.renorm_r_max is not None and self.renorm_r_max < 1.0:
-      raise ValueError(f'BatchNorm {name!r}: renorm_r_max={self.renorm_r_max} must be >= 1 (1 is plain BN).')
-    if self.renorm_d_max is not None and self.renorm_d_max < 0.0:
-      raise ValueError(f'BatchNorm {name!r}: renorm_d_max={self.renorm_d_max} must be >= 0 (0 is plain BN).')
+    check_options(f'BatchNorm {module_path(self)!r}: ', {name: getattr(self, name) for name in _CHECKED_OPTIONS})
 
   def _require_mutable_stats(self) -> None:
     if not self.is_mutable_collection(BATCH_STATS):

@@ -28,6 +28,20 @@ def _full_size(depth: int) -> tuple[tuple[int, int, int], ...]:
   return tuple(zip(_BASE_DEPTHS, _UNITS[depth], _STRIDES))
 
 
+def _is_block(block: Any) -> bool:
+  return (isinstance(block, (tuple, list)) and len(block) == 3
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in block))
+
+
+def _checked_block_sizes(blocks: Any) -> tuple[tuple[int, int, int], ...]:
+  """`blocks` as int triples, or a one-line error saying what a block is."""
+  triples = blocks if isinstance(blocks, (tuple, list)) else ()
+  if not triples or not all(_is_block(block) for block in triples):
+    raise ValueError(f'block_sizes={blocks!r}: give one or more blocks as ((base_depth, num_units, stride), ...) '
+                     'of positive integers, e.g. ((8,1,2),(16,1,1)).')
+  return tuple(tuple(block) for block in triples)
+
+
 def _v1_depth_func(block_sizes, depth_multiplier: float, min_base_depth: int):
   """slim's `depth_func = max(int(d * depth_multiplier), min_base_depth)` for v1."""
   return tuple((max(int(d * depth_multiplier), min_base_depth), n, s) for d, n, s in block_sizes)
@@ -103,7 +117,7 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
     raise ValueError(f'{name}: block_sizes are used as given; scale their base depths instead of passing '
                      'depth_multiplier or min_base_depth with them.')
   if custom_blocks is not None:
-    block_sizes = tuple(tuple(int(size) for size in block) for block in custom_blocks)
+    block_sizes = _checked_block_sizes(custom_blocks)
   elif cls is ResNetV1 and not name.endswith(_SMALL_VARIANTS):
     # slim applies depth_func in resnet_v1_50 & co., not to custom blocks.
     depth_multiplier = model_kwargs.pop('depth_multiplier', 1.0)

@@ -1,0 +1,73 @@
+"""Range checks of a config's values before anything is built: one-line errors naming the field.
+
+ml_collections checks types; these check what the values mean. BatchNorm's options are
+checked by `layers.batch_norm.check_options` (the layer runs it too) and block_sizes by
+the model registry, where library users meet them as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ml_collections
+
+from resnet_flax.layers import batch_norm
+
+# (field, allowed, what it must be). Comparisons are False for NaN, so NaN is refused.
+_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ('batch_size', lambda v: v >= 1, 'a positive number of examples'),
+    ('eval_batch_size', lambda v: v >= 0, '>= 0 (0: batch_size)'),
+    ('num_train_steps', lambda v: v >= 0, '>= 0'),
+    ('learning_rate', lambda v: v >= 0, '>= 0'),
+    ('lr_batch_size', lambda v: v >= 0, '>= 0 (0: no scaling)'),
+    ('warmup_steps', lambda v: v >= 0, '>= 0'),
+    ('lr_boundaries', lambda v: all(0 < b < 1 for b in v) and list(v) == sorted(v),
+     'increasing fractions of num_train_steps, each in (0, 1)'),
+    ('lr_decay_factor', lambda v: v > 0, '> 0'),
+    ('lr_end', lambda v: v >= 0, '>= 0'),
+    ('lr_power', lambda v: v > 0, '> 0'),
+    ('momentum', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('weight_decay', lambda v: v >= 0, '>= 0'),
+    ('label_smoothing', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('lars.weight_decay', lambda v: v >= 0, '>= 0'),
+    ('lars.trust_coefficient', lambda v: v > 0, '> 0'),
+    ('lars.eps', lambda v: v >= 0, '>= 0'),
+    ('bn.ghost_batch_size', lambda v: v >= 1, 'a positive number of examples, or None for the whole batch'),
+    ('num_classes', lambda v: v >= 1, '>= 1, or None for the data set\'s'),
+    ('log_every_steps', lambda v: v >= 0, '>= 0 (0: only at the end)'),
+    ('eval_every_steps', lambda v: v >= 0, '>= 0 (0: only at the end)'),
+    ('checkpoint_every_steps', lambda v: v >= 0, '>= 0 (0: only at the end)'),
+    ('keep_checkpoints', lambda v: v >= 1, '>= 1 (the newest is what a rerun resumes from)'),
+    ('bn_recalibration_batches', lambda v: v >= 0, '>= 0 (0: no recalibration)'),
+    ('bn_report_batch_sizes', lambda v: all(size >= 1 for size in v), 'positive batch sizes'),
+    ('data.num_workers', lambda v: v >= 0, '>= 0 (0: one per core)'),
+)
+
+
+def _lookup(config: ml_collections.ConfigDict, field: str) -> Any:
+  """The value at dotted `field`, or None where the config has no such field."""
+  node: Any = config
+  for part in field.split('.'):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _allowed(allowed: Callable[[Any], bool], value: Any) -> bool:
+  try:
+    return bool(allowed(value))
+  except TypeError:  # e.g. a tuple where a number belongs: ml_collections let a placeholder through
+    return False
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError for the first field of `config` out of its range."""
+  for field, allowed, expected in _RULES:
+    value = _lookup(config, field)
+    if value is None:
+      continue
+    if not _allowed(allowed, value):
+      raise ValueError(f'config.{field}={value!r} is out of range: it must be {expected}.')
+  if 'bn' in config:
+    batch_norm.check_options('config.bn.', config.bn)

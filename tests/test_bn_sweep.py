@@ -111,6 +111,12 @@ def test_a_run_with_impossible_settings_stops_the_sweep_before_any_run_trains(tm
   assert not (tmp_path / 'runs').exists()
 
 
+def test_an_unwritable_sweep_workdir_is_refused_in_one_line(tmp_path):
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(ValueError, match='is not writable'):
+    bn_sweep.run_sweep(_config(), str(tmp_path / 'file'), log=lambda message: None)
+
+
 def test_a_config_without_sweep_says_which_to_use():
   with pytest.raises(ValueError, match='configs/bn_sweep.py'):
     grid.expand(digits.get_config())

@@ -86,3 +86,21 @@ def test_mismatched_model_lists_offenders(tmp_path):
   target = slim_cli.convert(V1_CKPT, 'resnet_v1_tiny', str(tmp_path), num_classes=10, image_shape=IMAGE_SHAPE)
   with pytest.raises(checkpoints.CheckpointError, match='does not fit the model'):
     pretrained.load_for_model(target, model, _reference(model), IMAGE_SHAPE)
+
+
+@pytest.mark.parametrize('workdir_is_a_file, arguments, named', [
+    (True, ['--num_classes', '10', '--image_size', '32'], 'is not writable'),
+    (False, ['--num_classes', '-3'], 'give num_classes >= 0'),
+    (False, ['--num_classes', '10', '--channels', '0'], 'positive image size and channel count'),
+])
+def test_convert_refuses_bad_arguments_and_unwritable_workdirs_in_one_line(tmp_path, capsys, workdir_is_a_file,
+                                                                           arguments, named):
+  # An unwritable workdir used to hang: orbax's writer threads failed and the process never exited.
+  workdir = tmp_path / 'out'
+  if workdir_is_a_file:
+    workdir.write_text('')
+  code = slim_cli.main(['convert', '--checkpoint', V1_CKPT, '--model', 'resnet_v1_tiny', '--workdir', str(workdir),
+                        *arguments])
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(lines) == 1 and named in lines[0], lines
+  assert not (tmp_path / 'out' / 'variables').exists()

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from resnet_flax import config_checks
+from resnet_flax import checkpoints, config_checks
 from resnet_flax.bn_sweep import grid, plots, runner, tables
 
 
@@ -19,6 +19,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str,
   runs = grid.expand(config)
   for run in runs:  # every run's settings, before the first one trains
     config_checks.check_config(run.config)
+  checkpoints.check_workdir(workdir, needed_bytes=0)  # each run checks its own room when it starts
   plots.require_matplotlib()
   results = runner.run_all(runs, workdir, config.sweep.recalibration_batches, log)
   for path in tables.write_tables(results, workdir) + plots.write_plots(results, workdir):

@@ -35,9 +35,14 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
   """Converts and returns the written directory."""
   if num_classes is None:
     num_classes = _DEFAULT_CLASSES[model_name[:len('resnet_v1')]]
+  if num_classes < 0 or min(image_shape) < 1:
+    raise ValueError(f'--num_classes={num_classes}, --image_size={image_shape[0]}, --channels={image_shape[2]}: '
+                     'give num_classes >= 0 (0: features only) and a positive image size and channel count.')
   model = models.get_model(model_name, num_classes=num_classes or None)
   variables = slim.load_variables(checkpoint, model, image_shape=image_shape)
   target = os.path.join(workdir, 'variables')
+  # Before orbax's writer threads meet an unwritable or full workdir (they hung there).
+  checkpoints.check_workdir(workdir, checkpoints.tree_bytes(variables))
   checkpoints.save_tree(target, {**variables, 'step': 0})
   return target
 

@@ -160,7 +160,7 @@ def _is_late_read_completion(unraisable: sys.UnraisableHookArgs) -> bool:
 def _keeps_log_record(record: logging.LogRecord) -> bool:
   """False for asyncio's report of an orbax read that failed with nobody awaiting it."""
   message = record.getMessage()
-  if 'exception was never retrieved' not in message.splitlines()[0]:
+  if 'exception was never retrieved' not in message.partition('\n')[0]:
     return True
   error = record.exc_info[1] if record.exc_info else None
   frames = traceback.extract_tb(error.__traceback__) if error is not None else []

@@ -155,6 +155,7 @@ def _log_record(message, raised_in):
      '/x/site-packages/orbax/checkpoint/store.py', False),
     ('Task exception was never retrieved\nfuture: <Task coro=<mine() defined at /x/app.py:1>>', '/x/app.py', True),
     ('Unclosed client session', '/x/orbax/store.py', True),
+    ('', '/x/app.py', True),  # an empty message is kept, not an IndexError in the filter
 ])
 def test_asyncio_log_filter_drops_only_orbax_reads_nobody_awaited(message, raised_in, kept):
   assert checkpoints._keeps_log_record(_log_record(message, raised_in)) is kept

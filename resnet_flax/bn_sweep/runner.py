@@ -99,7 +99,7 @@ def run_one(run: grid.Run, workdir: str, recalibration_batches: int) -> dict[str
     # A setting that diverges is a finding of the sweep, not a reason to stop it. It is
     # recorded like a finished run: started again, the same config diverges the same way.
     result = results_lib.diverged_result(run, error.step, eval_curve(directory), recalibration_batches,
-                             time.perf_counter() - start)
+                                         time.perf_counter() - start)
   else:
     report = bn_diagnostics.discrepancy_report(run.config, workdir=directory,
                                                batch_sizes=(run.settings['batch_size'],),

@@ -43,12 +43,7 @@ TINY_NAMES = ['decay0.9_debias0_bs16_steps20', 'decay0.9_debias1_bs16_steps20',
 
 def _config(overrides=None, **sweep):
   config = bn_sweep_config.get_config()
-  for path, value in (overrides or {}).items():
-    *parents, leaf = path.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides or {})
   config.sweep.update(sweep)
   return config
 

@@ -15,11 +15,7 @@ CONFIG_MODULES = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.pat
 
 def _with(field, value):
   config = digits.get_config()
-  *parents, leaf = field.split('.')
-  node = config
-  for parent in parents:
-    node = node[parent]
-  node[leaf] = value
+  config.update_from_flattened_dict({field: value})
   return config
 
 

@@ -143,12 +143,7 @@ def test_bad_config_key_is_one_line_naming_it(tmp_path, config_file, override, n
 ])
 def test_one_example_per_bn_statistics_group_in_training_is_refused(tmp_path, settings, devices, named):
   config = tiny_config()
-  for key, value in settings.items():
-    *parents, field = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[field] = value
+  config.update_from_flattened_dict(settings)
   with pytest.raises(ValueError, match='one example per BatchNorm statistics group') as error:
     model_builder.check_statistics_groups(config, devices)
   assert named in str(error.value) and 'config.bn.frozen=True' in str(error.value)

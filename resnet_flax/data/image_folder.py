@@ -1,7 +1,8 @@
 """ImageFolder trees: <dir>/<split>/<class name>/<image>.{jpg,jpeg,png}, decoded by a thread pool.
 
-Classes are the sorted subdirectory names of the split directory; label i is the i-th
-class plus `label_offset` (1 for slim's ResNet v2 checkpoints, whose class 0 is background).
+Classes are the sorted subdirectory names of the training split (of the split itself when
+there is no train/); label i is the i-th class plus `label_offset` (1 for slim's ResNet v2
+checkpoints, whose class 0 is background).
 Each example is decoded, cropped and converted in a worker thread straight into its slot of
 the batch (PIL releases the GIL while decoding and resampling), or, for many cores, in
 worker processes writing into shared memory (`worker_processes.py`). When the preprocessing's

@@ -74,12 +74,7 @@ def run_config(base: ml_collections.ConfigDict, settings: dict[str, Any]) -> ml_
   config = base.copy_and_resolve_references()
   with config.unlocked():
     del config['sweep']  # A run's config is a plain training config, compared on resume.
-  for axis in AXES:
-    *parents, leaf = axis.config_path.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = settings[axis.field]
+  config.update_from_flattened_dict({axis.config_path: settings[axis.field] for axis in AXES})
   config.eval_every_steps = int(base.sweep.eval_every_steps)
   return config
 

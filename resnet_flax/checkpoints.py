@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
+import re
 import shutil
 import socket
-import sys
-import traceback
 from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath  # orbax's own path type (a dependency of orbax)
 from jax.experimental import multihost_utils
+
+from resnet_flax import orbax_noise
+
+# What a failed write raises: tensorstore reports a full disk or a quota as ValueError
+# ('RESOURCE_EXHAUSTED: ... [os_error_code='28']'), the file system as OSError.
+_WRITE_FAILURES = (OSError, ValueError, RuntimeError)
+# orbax's metadata (_METADATA, _sharding, array_metadatas) takes about 1.2 KiB per array.
+_METADATA_BYTES_PER_ARRAY = 2048
 
 
 class CheckpointError(ValueError):
@@ -50,13 +57,67 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    # cleanup_tmp_directories: a save cut short by a crash leaves <step>.orbax-checkpoint-tmp.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                           create=True)
+                                           create=True, cleanup_tmp_directories=True)
+    orbax_noise.quiet_failure_echoes()
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unfinished: Optional[int] = None  # the step of the save not yet known to be committed
+    self._failed = False
 
   def save(self, step: int, state: Any) -> None:
-    """Starts saving `state` as `step` (returns before the write finishes)."""
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    """Starts saving `state` as `step` (returns before the write finishes).
+
+    Raises CheckpointError if the previous save failed, or this one (synchronous saves).
+    """
+    self.wait()
+    self._unfinished = step
+    with self._reporting_failure_of(step):
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def check(self) -> None:
+    """Raises CheckpointError if a save has failed; returns at once while one is still writing."""
+    if self._unfinished is not None and not self._manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in progress; raises CheckpointError if it failed or was not committed."""
+    if self._unfinished is None:
+      return
+    step = self._unfinished
+    with self._reporting_failure_of(step):
+      self._manager.wait_until_finished()
+    self._unfinished = None
+    # orbax logs, without raising, a step whose finalization it skipped.
+    if jax.process_index() == 0 and not os.path.isdir(os.path.join(self.directory, str(step))):
+      self._failed = True
+      raise CheckpointError(self._failure_message(step, 'orbax did not commit it'))
+
+  def close(self) -> None:
+    """Waits for the last save (CheckpointError if it failed) and stops orbax's threads."""
+    try:
+      self.wait()
+    finally:
+      # orbax's close raises a failed save again; it has been reported once.
+      with contextlib.suppress(*_WRITE_FAILURES) if self._failed else contextlib.nullcontext():
+        self._manager.close()
+
+  @contextlib.contextmanager
+  def _reporting_failure_of(self, step: int):
+    try:
+      yield
+    except _WRITE_FAILURES as error:
+      self._unfinished, self._failed = None, True
+      if jax.process_index() == 0:
+        _remove_partial_writes(self.directory, str(step))  # orbax would only on the next start
+      raise CheckpointError(self._failure_message(step, _write_failure_reason(error))) from error
+
+  def _failure_message(self, step: int, reason: str) -> str:
+    newest = latest_step_in(self.directory)
+    kept = (f'the newest complete checkpoint, step {newest}, is intact' if newest is not None
+            else 'no checkpoint was completed')
+    return (f'saving checkpoint step {step} in {self.directory} failed ({reason}); {kept}. Free disk space, '
+            'lower config.keep_checkpoints or pass another --workdir, then rerun the same command to resume.')
 
   def restore(self, step: int, target: Any) -> Any:
     """Restores `step` into the structure, shapes and shardings of `target`."""
@@ -95,17 +156,38 @@ class Checkpointer:
                             f'{failures[0]}); fix --config or start a fresh --workdir.')
     return target, None
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+def checkpoint_bytes(tree: Any) -> int:
+  """Disk space of one checkpoint of `tree`, erring high: its arrays and orbax's metadata."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return sum(leaf.size * leaf.dtype.itemsize + _METADATA_BYTES_PER_ARRAY for leaf in leaves)
 
 
-def tree_bytes(tree: Any) -> int:
-  """Bytes of all arrays in `tree` (the size of a checkpoint of it, roughly)."""
-  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
+def bytes_for_saves(tree: Any, max_to_keep: int, directory: str) -> int:
+  """Disk space the saves of a run still need beyond the checkpoints already in `directory`.
+
+  orbax writes a new checkpoint before it deletes the oldest, so a run holds up to
+  `max_to_keep + 1` at once.
+  """
+  return checkpoint_bytes(tree) * max(1, max_to_keep + 1 - len(committed_steps(directory)))
+
+
+def _size(num_bytes: int) -> str:
+  for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
+    if num_bytes >= scale:
+      value = num_bytes / scale
+      return f'{value:.1f} {unit}' if value < 10 else f'{value:.0f} {unit}'
+  return f'{num_bytes} bytes'
+
+
+def _write_failure_reason(error: BaseException) -> str:
+  """'No space left on device' for tensorstore's long RESOURCE_EXHAUSTED message, else its first line."""
+  code = re.search(r"os_error_code='(\d+)'", str(error))
+  if code:
+    return os.strerror(int(code.group(1)))
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  return _first_line(error)
 
 
 def check_workdir(workdir: str, needed_bytes: int) -> None:
@@ -124,21 +206,25 @@ def check_workdir(workdir: str, needed_bytes: int) -> None:
                           'pass a --workdir you can write to.') from error
   free = shutil.disk_usage(workdir).free
   if free < needed_bytes:
-    raise CheckpointError(f'workdir {workdir} has {free / 2**20:.0f} MiB free but the checkpoints kept need about '
-                          f'{needed_bytes / 2**20:.0f} MiB; free disk space or lower config.keep_checkpoints.')
+    raise CheckpointError(f'workdir {workdir} has {_size(free)} free but the checkpoints need about '
+                          f'{_size(needed_bytes)} more; free disk space or lower config.keep_checkpoints.')
 
 
-def latest_step_in(directory: str) -> Optional[int]:
-  """The newest committed step under `directory`, without creating or locking anything.
+def committed_steps(directory: str) -> list[int]:
+  """The committed steps under `directory`, oldest first, without creating or locking anything.
 
-  orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames on commit, so only
+  orbax writes into `<step>.orbax-checkpoint-tmp*` and renames on commit, so only
   all-digit names are finished checkpoints.
   """
   if not os.path.isdir(directory):
-    return None
-  steps = [int(name) for name in os.listdir(directory)
-           if name.isdigit() and os.path.isdir(os.path.join(directory, name))]
-  return max(steps, default=None)
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+
+
+def latest_step_in(directory: str) -> Optional[int]:
+  """The newest committed step under `directory`, or None."""
+  return max(committed_steps(directory), default=None)
 
 
 def _item_directory(path: str) -> str:
@@ -151,47 +237,6 @@ def _item_directory(path: str) -> str:
   return item
 
 
-def _is_late_read_completion(unraisable: sys.UnraisableHookArgs) -> bool:
-  frames = traceback.extract_tb(unraisable.exc_traceback)
-  return (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed'
-          and bool(frames) and frames[0].name == 'call_soon_threadsafe')
-
-
-def _keeps_log_record(record: logging.LogRecord) -> bool:
-  """False for asyncio's report of an orbax read that failed with nobody awaiting it."""
-  message = record.getMessage()
-  if 'exception was never retrieved' not in message.partition('\n')[0]:
-    return True
-  error = record.exc_info[1] if record.exc_info else None
-  frames = traceback.extract_tb(error.__traceback__) if error is not None else []
-  return not ('orbax' in message or any(f'{os.sep}orbax{os.sep}' in frame.filename for frame in frames))
-
-
-def _drop_late_read_noise() -> None:
-  """Keeps a failed checkpoint read to the one message its caller prints.
-
-  orbax reads a checkpoint through many concurrent tensorstore reads. When one fails, the
-  event loop closes with the others in flight: each later completion raises 'Event loop
-  is closed' in a tensorstore thread, and asyncio logs each failed read nobody awaited;
-  one truncated checkpoint printed 68 tracebacks. Installed before reading, not on
-  failure: the first of them can come before the failure reaches the caller (CI saw it
-  on a loaded machine), and the rest after it, so the filters stay. They drop only those
-  two kinds of message.
-  """
-  if not getattr(sys.unraisablehook, 'drops_late_read_completions', False):
-    previous = sys.unraisablehook
-
-    def hook(unraisable: sys.UnraisableHookArgs) -> None:
-      if not _is_late_read_completion(unraisable):
-        previous(unraisable)
-
-    hook.drops_late_read_completions = True
-    sys.unraisablehook = hook
-  asyncio_logger = logging.getLogger('asyncio')
-  if _keeps_log_record not in asyncio_logger.filters:
-    asyncio_logger.addFilter(_keeps_log_record)
-
-
 def restore_tree(path: str) -> dict[str, Any]:
   """A checkpoint as saved (nested dicts of arrays), for checkpoints of another structure.
 
@@ -200,7 +245,7 @@ def restore_tree(path: str) -> dict[str, Any]:
   """
   path = os.path.abspath(path)
   item = _item_directory(path)
-  _drop_late_read_noise()
+  orbax_noise.quiet_failure_echoes()
   try:
     # The handler's metadata, not the checkpointer's: that one also reads step metadata
     # from the item directory, where the manager never writes it, and warns on every eval.
@@ -218,8 +263,22 @@ def restore_tree(path: str) -> dict[str, Any]:
 
 def save_tree(path: str, tree: Any) -> None:
   """Writes `tree` as an orbax checkpoint at `path` (atomically: orbax renames on commit)."""
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(path), tree)
+  path = os.path.abspath(path)
+  orbax_noise.quiet_failure_echoes()
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(path, tree)
+  except _WRITE_FAILURES as error:
+    _remove_partial_writes(os.path.dirname(path), os.path.basename(path))
+    raise CheckpointError(f'writing {path} failed ({_write_failure_reason(error)}); free disk space or pass '
+                          'another --workdir.') from error
+
+
+def _remove_partial_writes(directory: str, name: str) -> None:
+  """Deletes what a failed write of `directory/name` left, giving its space back at once."""
+  for entry in os.listdir(directory):
+    if entry.startswith(f'{name}.orbax-checkpoint-tmp'):
+      shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
 
 
 def _first_line(error: BaseException) -> str:
@@ -231,7 +290,7 @@ def restore_from(path: str, target: Any) -> Any:
   """Restores the checkpoint directory `path` (a `<step>` directory or its `default/` item)."""
   path = os.path.abspath(path)
   item = _item_directory(path)
-  _drop_late_read_noise()
+  orbax_noise.quiet_failure_echoes()
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(target))

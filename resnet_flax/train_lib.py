@@ -117,9 +117,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.data_mesh()
   state, state_shardings = initial_state(config, model, tx, train_ds.image_shape, mesh)
 
-  checkpoints.check_workdir(workdir, checkpoints.tree_bytes(state) * (config.keep_checkpoints + 1))
-  checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints,
-                                          config.async_checkpointing)
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  checkpoints.check_workdir(workdir, checkpoints.bytes_for_saves(state, config.keep_checkpoints, checkpoint_dir))
+  checkpointer = checkpoints.Checkpointer(checkpoint_dir, config.keep_checkpoints, config.async_checkpointing)
   progress = ProgressBar(config.num_train_steps, enabled=is_chief)
   state, last_saved = checkpointer.restore_newest_intact(state, progress.message)
   if last_saved is not None:
@@ -160,6 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         progress.update(step, {'loss': train_metrics['loss'], 'top1': train_metrics['top1']},
                         images_per_second, elapsed / interval_steps)
         history, interval_start, interval_steps = [], time.perf_counter(), 0
+        checkpointer.check()  # a failed save (full disk) stops the run now, not at the next save
       if _is_due(step, config.eval_every_steps, config.num_train_steps):
         eval_metrics = evaluate(state)
         writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})

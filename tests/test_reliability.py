@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -118,49 +119,6 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_identically(tmp_path)
                          _read_params(damaged, tiny_config(), 6))
 
 
-def test_late_read_filters_are_on_while_orbax_reads(tmp_path, monkeypatch):
-  # A failed read's first late completion can come before the failure reaches our except
-  # clause (CI, loaded machine), so the filters must already be there while orbax reads.
-  monkeypatch.setattr(sys, 'unraisablehook', sys.unraisablehook)  # restored after the test
-  asyncio_logger = logging.getLogger('asyncio')
-  monkeypatch.setattr(asyncio_logger, 'filters', list(asyncio_logger.filters))
-  checkpoints.save_tree(str(tmp_path / 'tree'), {'w': np.arange(3.0)})
-  seen_while_reading = []
-  restore = ocp.StandardCheckpointer.restore
-
-  def recording_restore(self, *args, **kwargs):
-    seen_while_reading.append((getattr(sys.unraisablehook, 'drops_late_read_completions', False),
-                               len(asyncio_logger.filters) > 0))
-    return restore(self, *args, **kwargs)
-
-  monkeypatch.setattr(ocp.StandardCheckpointer, 'restore', recording_restore)
-  np.testing.assert_array_equal(checkpoints.restore_tree(str(tmp_path / 'tree'))['w'], np.arange(3.0))
-  checkpoints.restore_from(str(tmp_path / 'tree'), {'w': np.zeros(3)})
-  assert seen_while_reading == [(True, True), (True, True)]
-
-
-def _log_record(message, raised_in):
-  try:
-    exec(compile('raise ValueError("truncated")', raised_in, 'exec'))
-  except ValueError:
-    exc_info = sys.exc_info()
-  return logging.LogRecord('asyncio', logging.ERROR, 'base_events.py', 1771, message, None, exc_info)
-
-
-@pytest.mark.parametrize('message, raised_in, kept', [
-    ("Task exception was never retrieved\nfuture: <Task coro=<Store.read() defined at /x/orbax/store.py:1>>",
-     '/x/orbax/store.py', False),
-    # asyncio names no orbax code here; the traceback does.
-    ('_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished exception=ValueError()>',
-     '/x/site-packages/orbax/checkpoint/store.py', False),
-    ('Task exception was never retrieved\nfuture: <Task coro=<mine() defined at /x/app.py:1>>', '/x/app.py', True),
-    ('Unclosed client session', '/x/orbax/store.py', True),
-    ('', '/x/app.py', True),  # an empty message is kept, not an IndexError in the filter
-])
-def test_asyncio_log_filter_drops_only_orbax_reads_nobody_awaited(message, raised_in, kept):
-  assert checkpoints._keeps_log_record(_log_record(message, raised_in)) is kept
-
-
 def test_half_written_save_is_ignored(tmp_path):
   train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
   leftover = tmp_path / 'checkpoints' / '4.orbax-checkpoint-tmp-1234567'
@@ -212,9 +170,58 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
 def test_full_disk_fails_before_training(tmp_path, monkeypatch):
   real = shutil.disk_usage
   monkeypatch.setattr(shutil, 'disk_usage', lambda path: real(path)._replace(free=1024))
-  with pytest.raises(checkpoints.CheckpointError, match='MiB free'):
+  with pytest.raises(checkpoints.CheckpointError, match=r'has 1\.0 KiB free but the checkpoints need about'):
     train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_room_check_counts_checkpoints_already_there_and_orbax_metadata(tmp_path):
+  state = {'w': np.zeros((1000,), np.float32), 'b': np.zeros((3,), np.float32)}
+  one = checkpoints.checkpoint_bytes(state)
+  assert one >= 4012 + 2 * 1024  # arrays, and orbax's metadata (about 1.2 KiB an array)
+  directory = tmp_path / 'checkpoints'
+  assert checkpoints.bytes_for_saves(state, 3, str(directory)) == 4 * one  # keeps 3, writes the 4th first
+  for step in (2, 4):
+    (directory / str(step)).mkdir(parents=True)
+  (directory / '6.orbax-checkpoint-tmp').mkdir()  # not committed: takes no room of the kept ones
+  assert checkpoints.bytes_for_saves(state, 3, str(directory)) == 2 * one
+  assert checkpoints.bytes_for_saves(state, 1, str(directory)) == one
+
+
+@pytest.mark.parametrize('async_save', [False, True])
+def test_disk_filling_during_a_save_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, caplog,
+                                                                                    async_save):
+  # A real failed write: from step 4's save on, no file may grow past 4 KiB (EFBIG, the
+  # errno a full disk would give as ENOSPC), as if the disk had filled after step 2.
+  config = tiny_config(8)
+  config.async_checkpointing = async_save
+  config.log_every_steps = 1
+  save = checkpoints.Checkpointer.save
+  original_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+  def save_onto_a_full_disk(self, step, state):
+    if step == 4:
+      self.wait()  # step 2 is on disk
+      resource.setrlimit(resource.RLIMIT_FSIZE, (4096, original_limit[1]))
+    return save(self, step, state)
+
+  monkeypatch.setattr(checkpoints.Checkpointer, 'save', save_onto_a_full_disk)
+  try:
+    with pytest.raises(checkpoints.CheckpointError) as error:
+      train_lib.train_and_evaluate(config, str(tmp_path))
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, original_limit)
+  message = str(error.value)
+  assert message.startswith(f'saving checkpoint step 4 in {tmp_path}/checkpoints failed (File too large); the '
+                            'newest complete checkpoint, step 2, is intact. Free disk space'), message
+  assert '\n' not in message
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']  # the partial step 4 is gone
+  assert _read_params(tmp_path, config, 2).step == 2
+  # orbax's threads logged the failure, with tracebacks, once each; the message above says it.
+  assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+  # The rerun, with room again, resumes from step 2 and finishes.
+  monkeypatch.undo()
+  assert train_lib.train_and_evaluate(config, str(tmp_path))['step'] == 8
 
 
 @pytest.mark.parametrize('args,expected', [

@@ -42,7 +42,7 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
   variables = slim.load_variables(checkpoint, model, image_shape=image_shape)
   target = os.path.join(workdir, 'variables')
   # Before orbax's writer threads meet an unwritable or full workdir (they hung there).
-  checkpoints.check_workdir(workdir, checkpoints.tree_bytes(variables))
+  checkpoints.check_workdir(workdir, checkpoints.checkpoint_bytes(variables))
   checkpoints.save_tree(target, {**variables, 'step': 0})
   return target
 

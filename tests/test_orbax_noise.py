@@ -1,0 +1,117 @@
+"""The filters that keep a failed orbax read or write to its caller's one message."""
+
+import logging
+import sys
+import warnings
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from resnet_flax import checkpoints, orbax_noise
+
+
+@pytest.fixture
+def fresh_filters(monkeypatch):
+  """The process's hooks and filters as they were before the test, restored after it."""
+  monkeypatch.setattr(sys, 'unraisablehook', sys.unraisablehook)
+  for name in ('asyncio', 'absl'):
+    logger = logging.getLogger(name)
+    monkeypatch.setattr(logger, 'filters', [])
+
+
+def _filters_on() -> tuple[bool, bool, bool]:
+  return (getattr(sys.unraisablehook, 'drops_late_orbax_completions', False),
+          orbax_noise.keeps_asyncio_record in logging.getLogger('asyncio').filters,
+          orbax_noise.keeps_absl_record in logging.getLogger('absl').filters)
+
+
+def test_filters_are_on_while_orbax_reads(tmp_path, monkeypatch, fresh_filters):
+  # A failed read's first late completion can come before the failure reaches our except
+  # clause (CI, loaded machine), so the filters must already be there while orbax reads.
+  checkpoints.save_tree(str(tmp_path / 'tree'), {'w': np.arange(3.0)})
+  monkeypatch.setattr(logging.getLogger('asyncio'), 'filters', [])
+  monkeypatch.setattr(logging.getLogger('absl'), 'filters', [])
+  seen_while_reading = []
+  restore = ocp.StandardCheckpointer.restore
+
+  def recording_restore(self, *args, **kwargs):
+    seen_while_reading.append(_filters_on())
+    return restore(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, 'restore', recording_restore)
+  np.testing.assert_array_equal(checkpoints.restore_tree(str(tmp_path / 'tree'))['w'], np.arange(3.0))
+  checkpoints.restore_from(str(tmp_path / 'tree'), {'w': np.zeros(3)})
+  assert seen_while_reading == [(True, True, True), (True, True, True)]
+
+
+def test_filters_are_on_while_orbax_writes(tmp_path, monkeypatch, fresh_filters):
+  seen_while_writing = []
+  save = ocp.StandardCheckpointer.save
+
+  def recording_save(self, *args, **kwargs):
+    seen_while_writing.append(_filters_on())
+    return save(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, 'save', recording_save)
+  checkpoints.save_tree(str(tmp_path / 'tree'), {'w': np.arange(3.0)})
+  assert seen_while_writing == [(True, True, True)]
+  monkeypatch.setattr(logging.getLogger('absl'), 'filters', [])
+  checkpoints.Checkpointer(str(tmp_path / 'checkpoints')).close()
+  assert _filters_on() == (True, True, True)
+
+
+def test_filters_are_installed_once(fresh_filters):
+  orbax_noise.quiet_failure_echoes()
+  hook = sys.unraisablehook
+  orbax_noise.quiet_failure_echoes()
+  assert sys.unraisablehook is hook
+  assert logging.getLogger('absl').filters == [orbax_noise.keeps_absl_record]
+
+
+def _raised_in(filename):
+  try:
+    exec(compile('raise ValueError("truncated")', filename, 'exec'))
+  except ValueError:
+    return sys.exc_info()
+
+
+def _asyncio_record(message, raised_in):
+  return logging.LogRecord('asyncio', logging.ERROR, 'base_events.py', 1771, message, None, _raised_in(raised_in))
+
+
+@pytest.mark.parametrize('message, raised_in, kept', [
+    ("Task exception was never retrieved\nfuture: <Task coro=<Store.read() defined at /x/orbax/store.py:1>>",
+     '/x/orbax/store.py', False),
+    # asyncio names no orbax code here; the traceback does.
+    ('_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished exception=ValueError()>',
+     '/x/site-packages/orbax/checkpoint/store.py', False),
+    ('Task exception was never retrieved\nfuture: <Task coro=<mine() defined at /x/app.py:1>>', '/x/app.py', True),
+    ('Unclosed client session', '/x/orbax/store.py', True),
+    ('', '/x/app.py', True),  # an empty message is kept, not an IndexError in the filter
+])
+def test_asyncio_filter_drops_only_orbax_operations_nobody_awaited(message, raised_in, kept):
+  assert orbax_noise.keeps_asyncio_record(_asyncio_record(message, raised_in)) is kept
+
+
+@pytest.mark.parametrize('pathname, level, with_traceback, kept', [
+    ('/x/site-packages/orbax/checkpoint/_src/futures/future.py', logging.ERROR, True, False),
+    ('/x/site-packages/orbax/checkpoint/checkpoint_manager.py', logging.CRITICAL, True, False),
+    # orbax's warnings, and errors it logs without an exception, are kept.
+    ('/x/site-packages/orbax/checkpoint/checkpoint_manager.py', logging.WARNING, True, True),
+    ('/x/site-packages/orbax/checkpoint/checkpoint_manager.py', logging.ERROR, False, True),
+    ('/x/resnet_flax/train_lib.py', logging.ERROR, True, True),  # not orbax's
+])
+def test_absl_filter_drops_only_exceptions_orbax_logs(pathname, level, with_traceback, kept):
+  record = logging.LogRecord('absl', level, pathname, 387, 'run() raised an exception', None,
+                             _raised_in(pathname) if with_traceback else None)
+  assert orbax_noise.keeps_absl_record(record) is kept
+
+
+def test_unawaited_orbax_writes_are_not_reported_but_other_coroutines_are(fresh_filters):
+  with warnings.catch_warnings(record=True) as caught:  # restores the warning filters after
+    warnings.simplefilter('default')
+    orbax_noise.quiet_failure_echoes()
+    warnings.warn("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited", RuntimeWarning)
+    warnings.warn("coroutine 'my_loader.<locals>.fetch' was never awaited", RuntimeWarning)
+  assert [str(w.message) for w in caught] == ["coroutine 'my_loader.<locals>.fetch' was never awaited"]

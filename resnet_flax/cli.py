@@ -81,6 +81,14 @@ def run_reporting_user_errors(main: Callable[[], None]) -> None:
   except USER_ERRORS + (data.DataError, checkpoints.CheckpointError) as error:
     if flags.FLAGS.traceback:
       raise
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    print(f'error: {message}', file=sys.stderr)
+    print(f'error: {one_line_message(error)}', file=sys.stderr)
     sys.exit(2)
+
+
+def one_line_message(error: BaseException) -> str:
+  """The error's own one-line `summary` if it has one (a listing's counts and hints), else its first line."""
+  summary = getattr(error, 'summary', None)
+  if summary:
+    return summary
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__

@@ -49,6 +49,22 @@ def test_cli_reports_mismatch_in_one_line(tmp_path, capsys):
   assert code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error:')
+  assert "hint: the checkpoint has no variable under 'resnet_v2_tiny/'" in err[0]
+
+
+def test_cli_keeps_the_class_count_hint_in_its_one_line(tmp_path, capsys):
+  # The checkpoint has 10 classes; slim's v1 default is 1000.
+  code = slim_cli.main(['convert', '--checkpoint', V1_CKPT, '--model', 'resnet_v1_tiny', '--workdir', str(tmp_path),
+                        '--image_size', '32'])
+  assert code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert ('2 variable(s) with another shape, e.g. resnet_v1_tiny/logits/biases  model (1000,), checkpoint (10,)'
+          in err[0])
+  assert err[0].endswith('hint: the checkpoint has 10 classes, the model 1000; use num_classes=10')
+  with pytest.raises(slim.SlimCheckpointError, match=r'(?s)does not fit.*\n.*logits/weights'):
+    slim_cli.main(['convert', '--checkpoint', V1_CKPT, '--model', 'resnet_v1_tiny', '--workdir', str(tmp_path),
+                   '--image_size', '32', '--traceback'])
 
 
 def test_eval_of_slim_checkpoint_directly_and_converted_agree(tmp_path):

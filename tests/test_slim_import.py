@@ -220,8 +220,10 @@ def test_variables_to_slim_casts_and_checks():
   stats = names.flatten(variables['batch_stats'])
   path = next(p for p in stats if p[-1] == 'moving_mean_biased')
   del stats[path]
-  with pytest.raises(slim.SlimCheckpointError, match='missing batch_stats/' + '/'.join(path)):
+  with pytest.raises(slim.SlimCheckpointError, match='missing batch_stats/' + '/'.join(path)) as error:
     slim.variables_to_slim({'params': variables['params'], 'batch_stats': names.unflatten(stats)}, model)
+  assert error.value.summary.startswith("variables do not fit model 'resnet_v2_tiny': 1 problem(s), the first: "
+                                        'missing batch_stats/' + '/'.join(path))
 
 
 # --- what does not fit ----------------------------------------------------------------------
@@ -244,6 +246,11 @@ def test_missing_and_misshaped_variables_are_listed_together(tmp_path):
   assert f'{dropped[0]}  (model shape (3, 3, 8, 8))' in message
   assert f'{dropped[1]}  (model shape (16,))' in message
   assert f'{reshaped}  model (16,), checkpoint (3,)' in message
+  # What command lines print: one line, each kind counted with its first variable.
+  assert error.value.summary == (
+      f'checkpoint {prefix} does not fit model {"resnet_v1_tiny"!r} (num_classes=10): 2 variable(s) missing from '
+      f'the checkpoint, e.g. {dropped[0]}  (model shape (3, 3, 8, 8)); 1 variable(s) with another shape, e.g. '
+      f'{reshaped}  model (16,), checkpoint (3,)')
 
 
 def test_wrong_num_classes_hints_at_the_class_count():

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from resnet_flax import checkpoints, models, slim
+from resnet_flax import checkpoints, cli, models, slim
 
 # Slim's public ImageNet checkpoints: v1 has 1000 classes, v2 1001 (class 0 = background).
 _DEFAULT_CLASSES = {'resnet_v1': 1000, 'resnet_v2': 1001}
@@ -27,6 +27,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                        help='default: 1000 for v1, 1001 for v2 (slim\'s ImageNet checkpoints); 0 for features only')
   convert.add_argument('--image_size', type=int, default=224)
   convert.add_argument('--channels', type=int, default=3)
+  convert.add_argument('--traceback', action='store_true', help='show the full error (every variable that '
+                       'does not fit) with its traceback')
   return parser.parse_args(argv)
 
 
@@ -53,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     target = convert(args.checkpoint, args.model, args.workdir, args.num_classes,
                      (args.image_size, args.image_size, args.channels))
   except (ValueError, FileNotFoundError) as error:
-    print(f'error: {str(error).strip().splitlines()[0]}', file=sys.stderr)
+    if args.traceback:
+      raise
+    print(f'error: {cli.one_line_message(error)}', file=sys.stderr)
     return 2
   print(f'wrote {target}')
   return 0

@@ -50,7 +50,9 @@ def variables_to_slim(variables: Mapping[str, Any], model: Any, *,
       if path in ours and np.shape(value) != tuple(ours[path].shape):
         problems.append(f'  {collection}/{"/".join(path)}: shape {np.shape(value)}, model {tuple(ours[path].shape)}')
   if problems:
-    raise SlimCheckpointError(f'variables do not fit model {model.slim_scope!r}:\n' + '\n'.join(problems))
+    header = f'variables do not fit model {model.slim_scope!r}:'
+    raise SlimCheckpointError('\n'.join([header, *problems]),
+                              f'{header} {len(problems)} problem(s), the first: {problems[0].strip()}')
   out = {}
   for collection in (PARAMS, BATCH_STATS):
     for path, value in given[collection].items():

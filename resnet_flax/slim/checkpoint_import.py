@@ -41,7 +41,15 @@ _MAX_NAMES_IN_WARNING = 3
 
 
 class SlimCheckpointError(ValueError):
-  """The checkpoint does not fit the model; the message lists every offending variable."""
+  """The checkpoint does not fit the model; the message lists every offending variable.
+
+  `summary` says it in one line (how many, the first of each kind, the hints), for
+  command lines.
+  """
+
+  def __init__(self, message: str, summary: str | None = None):
+    super().__init__(message)
+    self.summary = summary or message.splitlines()[0]
 
 
 def expected_variables(model: Any, image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE
@@ -165,8 +173,8 @@ def _plan(expected, found, scope: str, reader, model) -> tuple[dict, dict]:
         plan[collection][path] = name
   unexpected = _unexpected_bn_params(expected, found, scope, reader)
   if missing or misshaped or bad_dtype or unexpected:
-    raise SlimCheckpointError(_message(reader.prefix, model, found, missing, misshaped, bad_dtype,
-                                       unexpected))
+    raise SlimCheckpointError(*_message_and_summary(reader.prefix, model, found, missing, misshaped, bad_dtype,
+                                                    unexpected))
   return plan, filled
 
 
@@ -185,27 +193,26 @@ def _unexpected_bn_params(expected, found, scope: str, reader) -> list[tuple[str
   return out
 
 
-def _message(prefix: str, model: Any, found: Mapping[str, tuple], missing, misshaped, bad_dtype,
-             unexpected) -> str:
-  scope = model.slim_scope
-  lines = [f'checkpoint {prefix} does not fit model {scope!r} '
-           f'(num_classes={getattr(model, "num_classes", None)}):']
-  if missing:
-    lines.append(f'  {len(missing)} variable(s) missing from the checkpoint:')
-    lines += [f'    {name}  (model shape {_shape(shape)})' for name, shape in missing]
-  if misshaped:
-    lines.append(f'  {len(misshaped)} variable(s) with another shape:')
-    lines += [f'    {name}  model {_shape(ours)}, checkpoint {_shape(theirs)}'
-              for name, ours, theirs in misshaped]
-  if bad_dtype:
-    lines.append(f'  {len(bad_dtype)} variable(s) of a non-numeric dtype:')
-    lines += [f'    {name}  ({dtype})' for name, dtype in bad_dtype]
-  if unexpected:
-    lines.append(f'  {len(unexpected)} BatchNorm param(s) in the checkpoint that the model does not '
-                 'have (ignoring them would change the outputs):')
-    lines += [f'    {name}' for name, _ in unexpected]
-  lines += [f'hint: {hint}' for hint in _hints(model, found, missing, misshaped, unexpected)]
-  return '\n'.join(lines)
+def _message_and_summary(prefix: str, model: Any, found: Mapping[str, tuple], missing, misshaped, bad_dtype,
+                         unexpected) -> tuple[str, str]:
+  header = (f'checkpoint {prefix} does not fit model {model.slim_scope!r} '
+            f'(num_classes={getattr(model, "num_classes", None)}):')
+  groups = [  # (count and kind, one line per variable)
+      (f'{len(missing)} variable(s) missing from the checkpoint',
+       [f'{name}  (model shape {_shape(shape)})' for name, shape in missing]),
+      (f'{len(misshaped)} variable(s) with another shape',
+       [f'{name}  model {_shape(ours)}, checkpoint {_shape(theirs)}' for name, ours, theirs in misshaped]),
+      (f'{len(bad_dtype)} variable(s) of a non-numeric dtype', [f'{name}  ({dtype})' for name, dtype in bad_dtype]),
+      (f'{len(unexpected)} BatchNorm param(s) in the checkpoint that the model does not have (ignoring them '
+       'would change the outputs)', [name for name, _ in unexpected]),
+  ]
+  groups = [(kind, lines) for kind, lines in groups if lines]
+  hints = [f'hint: {hint}' for hint in _hints(model, found, missing, misshaped, unexpected)]
+  message = [header]
+  for kind, lines in groups:
+    message += [f'  {kind}:', *(f'    {line}' for line in lines)]
+  summary = header + ' ' + '; '.join(f'{kind}, e.g. {lines[0]}' for kind, lines in groups)
+  return '\n'.join(message + hints), '; '.join([summary, *hints])
 
 
 def _hints(model: Any, found, missing, misshaped, unexpected) -> list[str]:

@@ -23,16 +23,15 @@ def main(argv):
 
   def run():
     distributed.initialize(FLAGS.config.distributed)  # Before anything else touches JAX.
-    if FLAGS.workdir is None and FLAGS.checkpoint is None:
-      raise ValueError('pass --workdir=DIR (latest checkpoint in it) or --checkpoint=PATH.')
+    workdir = cli.workdir()
     config = FLAGS.config
     if config.bn_report_batch_sizes:
-      report = bn_diagnostics.discrepancy_report(config, FLAGS.workdir, FLAGS.checkpoint, config.bn_report_batch_sizes,
+      report = bn_diagnostics.discrepancy_report(config, workdir, FLAGS.checkpoint, config.bn_report_batch_sizes,
                                                  config.bn_recalibration_batches)
       print(bn_diagnostics.format_report(report))
       print(json.dumps(report))
       return
-    result = eval_lib.evaluate(config, FLAGS.workdir, FLAGS.checkpoint)
+    result = eval_lib.evaluate(config, workdir, FLAGS.checkpoint)
     if 'before_recalibration' in result:
       before = result['before_recalibration']
       print(f"before recalibration: top-1 {100 * before['top1']:.2f}%, loss {before['loss']:.4f}")

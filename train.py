@@ -17,8 +17,7 @@ def main(argv):
 
   def run():
     distributed.initialize(FLAGS.config.distributed)  # Before anything else touches JAX.
-    workdir = FLAGS.workdir or '/tmp/resnet_flax'
-    result = train_lib.train_and_evaluate(FLAGS.config, workdir)
+    result = train_lib.train_and_evaluate(FLAGS.config, cli.workdir(cli.DEFAULT_TRAIN_WORKDIR))
     if 'top1' in result:
       print(f"Final {FLAGS.config.eval_split} accuracy: {100 * result['top1']:.2f}% "
             f"(top-5 {100 * result['top5']:.2f}%, loss {result['loss']:.4f}, {result['num_examples']} examples, "

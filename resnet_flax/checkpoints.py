@@ -231,6 +231,13 @@ def _item_directory(path: str) -> str:
   """The orbax item inside `path`: `<step>/default` for manager-written steps, else `path` itself."""
   nested = os.path.join(path, 'default')
   item = nested if os.path.isdir(nested) else path
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    raise CheckpointError(f'{path} is a training workdir, not a checkpoint; name one of its checkpoints, '
+                          f'{path}/checkpoints/<step> (eval.py: or pass --workdir={path} for the newest).')
+  newest = latest_step_in(path)
+  if newest is not None:
+    raise CheckpointError(f'{path} holds checkpoints, it is not one; name one of them, e.g. the newest: '
+                          f'{path}/{newest}.')
   if not os.path.isdir(item):
     raise CheckpointError(f'checkpoint {path} does not exist; pass a <workdir>/checkpoints/<step> directory, '
                           'a converted directory, or slim:PATH for a TF-Slim checkpoint.')

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Optional
 
 from absl import flags, logging
 from ml_collections import config_flags
 
 from resnet_flax import checkpoints, data
 
+DEFAULT_TRAIN_WORKDIR = '/tmp/resnet_flax'
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'digits.py')
 
 # Mistakes a user makes (config, data, checkpoints, diverging runs) get one line and exit
@@ -46,7 +47,8 @@ def define_flags() -> None:
                                     'Experiment config file (configs/*.py).', lock_config=True)
   except (AttributeError, KeyError) as error:
     _exit_unknown_field(error, sys.argv[1:])
-  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl and TensorBoard events.')
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl and TensorBoard events '
+                      f'(train.py: {DEFAULT_TRAIN_WORKDIR} if left out).')
   flags.DEFINE_bool('traceback', False, 'Show the full traceback of user errors too.')
 
 
@@ -69,6 +71,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     if 'get_config' in str(error):
       _exit("the config file has no get_config(); configs/digits.py shows the form (it returns a ConfigDict).")
     _exit_unknown_field(error, argv[1:])
+
+
+def workdir(default: Optional[str] = None) -> Optional[str]:
+  """`--workdir`, or `default` when it is left out; an empty `--workdir=` is an error, not the default."""
+  given = flags.FLAGS.workdir
+  if given is not None and not given.strip():
+    leave_out = f' or leave the flag out ({default})' if default else ''
+    raise ValueError(f'--workdir is empty; pass a directory{leave_out}.')
+  return default if given is None else given
 
 
 def run_reporting_user_errors(main: Callable[[], None]) -> None:

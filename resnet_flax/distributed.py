@@ -18,19 +18,26 @@ MODES = ('auto', 'on', 'off')
 _EXPLICIT_FIELDS = ('coordinator_address', 'num_processes', 'process_id')
 
 
-def detected_cluster() -> Optional[tuple[str, int]]:
-  """(name, process count) of a cluster environment JAX recognizes here, or None.
+def _cluster_types() -> tuple:
+  """JAX's cluster detectors, the ones `jax.distributed.initialize()` consults.
 
-  Asks JAX's own detectors (SLURM, Open MPI, Cloud TPU on GCE and GKE, Kubernetes), the
-  ones `jax.distributed.initialize()` consults; JAX has no public API for the question,
-  and copying their environment-variable rules would drift from the version installed.
-  Opt-in detectors (mpi4py) are left to `cluster_detection_method`.
+  JAX has no public API for them; copying their environment-variable rules would drift
+  from the version installed. A JAX that moved them gives () and explicit settings still work.
   """
   try:
     from jax._src import clusters
-  except ImportError:  # A JAX that moved them: explicit settings still work.
-    return None
-  for cluster in getattr(clusters.ClusterEnv, '_cluster_types', ()):
+  except ImportError:
+    return ()
+  return tuple(getattr(clusters.ClusterEnv, '_cluster_types', ()))
+
+
+def detected_cluster() -> Optional[tuple[str, int]]:
+  """(name, process count) of a cluster environment JAX recognizes here, or None.
+
+  SLURM, Open MPI, Cloud TPU on GCE and GKE, Kubernetes; opt-in detectors (mpi4py) are
+  left to `cluster_detection_method`.
+  """
+  for cluster in _cluster_types():
     if getattr(cluster, 'opt_in_only_method', False):
       continue
     with warnings.catch_warnings():
@@ -56,6 +63,12 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
     return False
   if jax.distributed.is_initialized():
     return True
+  method = settings.cluster_detection_method
+  known = sorted(cluster.name for cluster in _cluster_types() if cluster.name)
+  if method and known and method not in known:
+    # JAX would log that it is unsupported and then ask for a coordinator address.
+    raise ValueError(f'config.distributed.cluster_detection_method={method!r} is unknown; use one of {known} '
+                     '(or leave it empty to detect the cluster).')
   explicit = {field: settings[field] for field in _EXPLICIT_FIELDS if settings[field] is not None}
   if (settings.mode == 'auto' and not explicit and not settings.cluster_detection_method
       and not os.environ.get('JAX_COORDINATOR_ADDRESS')):
@@ -63,7 +76,7 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
     if cluster is None or cluster[1] <= 1:
       return False  # One process: JAX needs no coordinator.
   try:
-    jax.distributed.initialize(cluster_detection_method=settings.cluster_detection_method, **explicit)
+    jax.distributed.initialize(cluster_detection_method=method, **explicit)
   except ValueError as error:
     raise ValueError(f'jax.distributed.initialize: {error} Set config.distributed.coordinator_address, '
                      'num_processes and process_id, or launch under SLURM, Open MPI or a Cloud TPU slice.'

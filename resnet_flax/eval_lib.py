@@ -84,14 +84,16 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   `checkpoint` may be a training checkpoint directory, a converted one, or `slim:PATH`
   for a TF-Slim checkpoint (evaluated with the preprocessing `config.data` names).
   """
+  if checkpoint is None and workdir is None:
+    raise ValueError('pass --workdir=DIR (latest checkpoint in it) or --checkpoint=PATH.')
+  if checkpoint is not None and not checkpoint.strip():
+    raise ValueError('--checkpoint is empty; pass a checkpoint directory or slim:PATH, or leave the flag out.')
   config_checks.check_config(config)
   dataset = build_eval_dataset(config)
   num_classes = model_builder.head_size(config, dataset.num_classes)
   model = model_builder.build_model(config, num_classes)
   mesh = sharding.data_mesh()
   if checkpoint is None:
-    if workdir is None:
-      raise ValueError('pass --workdir=DIR (latest checkpoint in it) or --checkpoint=PATH.')
     directory = os.path.join(workdir, 'checkpoints')
     step = checkpoints.latest_step_in(directory)
     if step is None:

@@ -19,6 +19,9 @@ def _read(spec: str, model: Any, image_shape: tuple[int, int, int]) -> dict[str,
   """{'params', 'batch_stats'} as stored; a slim checkpoint whose head does not fit yields no head."""
   if spec.startswith(SLIM_PREFIX):
     path = spec[len(SLIM_PREFIX):]
+    if not path.strip():
+      raise checkpoints.CheckpointError(f'{spec!r} names no checkpoint; give slim:PATH, PATH a TF-Slim checkpoint '
+                                        'prefix (.../model.ckpt) or its directory.')
     try:
       return slim.load_variables(path, model, image_shape=image_shape)
     except slim.SlimCheckpointError:

@@ -281,6 +281,12 @@ def test_synthetic_is_fixed_shape_and_reuses_its_images():
     ({'name': 'digits', 'normalize': 'imagenet_mean'}, 'normalize'),
     ({'name': 'cifar10', 'image_size': 224}, 'image_size'),
     ({'name': 'imagefolder', 'dir': '/nonexistent'}, 'preprocessing'),
+    # An explicit 0 is an error, not the default (0 had silently meant 8, 32, 3 or 1000).
+    ({'name': 'digits', 'image_size': 0}, 'image_size 0 would crop them'),
+    ({'name': 'cifar10', 'image_size': 0}, r'image_size to 32 \(got 0\)'),
+    ({'name': 'imagefolder', 'image_size': 0, 'preprocessing': 'vgg'}, 'positive config.data.image_size'),
+    ({'name': 'synthetic', 'channels': 0}, r'positive .* got 224, 0, 1000, 10000'),
+    ({'name': 'synthetic', 'num_classes': 0}, r'positive .* got 224, 3, 0, 10000'),
 ])
 def test_config_errors_are_one_line_data_errors(config, match):
   with pytest.raises(data.DataError, match=match) as excinfo:

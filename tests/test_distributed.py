@@ -142,3 +142,15 @@ def test_explicit_settings_and_detected_clusters_start_the_runtime(monkeypatch):
 def test_bad_mode_is_a_one_line_error():
   with pytest.raises(ValueError, match=r"config.distributed.mode='sometimes' is unknown"):
     distributed.initialize(ConfigDict({'mode': 'sometimes'}))
+
+
+def test_unknown_cluster_detection_method_is_a_one_line_error(monkeypatch):
+  called = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: called.append(kwargs))
+  # JAX logged 'bogus is not supported' and then blamed the missing coordinator address.
+  with pytest.raises(ValueError, match=r"cluster_detection_method='bogus' is unknown; use one of \[.*'mpi4py'.*"
+                                       r"'slurm'.*\]"):
+    distributed.initialize(_settings(cluster_detection_method='bogus'))
+  assert called == []
+  assert distributed.initialize(_settings(cluster_detection_method='mpi4py'))
+  assert called == [{'cluster_detection_method': 'mpi4py'}]

@@ -203,6 +203,30 @@ def test_eval_without_checkpoint_is_one_line(tmp_path):
                                                 'train first or pass --checkpoint=PATH.']
 
 
+@pytest.mark.parametrize('script, default', [('train.py', ' or leave the flag out (/tmp/resnet_flax)'),
+                                             ('eval.py', '')])
+def test_empty_workdir_is_one_line_not_the_default(script, default):
+  result = run_script(script, '--workdir=')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [f'error: --workdir is empty; pass a directory{default}.']
+
+
+@pytest.mark.parametrize('checkpoint, named', [
+    ('', '--checkpoint is empty; pass a checkpoint directory or slim:PATH, or leave the flag out.'),
+    ('slim:', "'slim:' names no checkpoint; give slim:PATH"),
+    ('{workdir}', '{workdir} is a training workdir, not a checkpoint; name one of its checkpoints, '
+                  '{workdir}/checkpoints/<step> (eval.py: or pass --workdir={workdir} for the newest).'),
+    ('{workdir}/checkpoints', '{workdir}/checkpoints holds checkpoints, it is not one; name one of them, e.g. the '
+                              'newest: {workdir}/checkpoints/4.'),
+])
+def test_checkpoint_paths_that_name_no_checkpoint_say_what_to_name(tmp_path, checkpoint, named):
+  for step in (2, 4):
+    (tmp_path / 'checkpoints' / str(step)).mkdir(parents=True)
+  with pytest.raises(ValueError) as error:
+    eval_lib.load_checkpoint(tiny_config(), None, checkpoint.format(workdir=tmp_path))
+  assert str(error.value).startswith(named.format(workdir=tmp_path))
+
+
 def test_bfloat16_training_keeps_float32_state(tmp_path):
   config = tiny_config(2)
   config.dtype = 'bfloat16'

@@ -60,6 +60,12 @@ def _check_no_preprocessing(config: Mapping[str, Any], name: str) -> None:
                     f"set config.data.preprocessing='none' for {name}.")
 
 
+def _field(config: Mapping[str, Any], key: str, default: Any) -> Any:
+  """`config[key]`, or `default` where it is absent or None; an explicit 0 is kept for the source to refuse."""
+  value = config.get(key)
+  return default if value is None else value
+
+
 def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -> Source:
   name = config.get('name')
   if name not in NAMES:
@@ -68,27 +74,28 @@ def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -
     _check_no_preprocessing(config, name)
   augment = config.get('augment')
   if name == 'digits':  # Off unless asked: the reference script does not augment.
-    return digits.build_source(split, image_size=config.get('image_size') or digits.NATIVE_SIZE,
+    return digits.build_source(split, image_size=_field(config, 'image_size', digits.NATIVE_SIZE),
                                resize_mode=config.get('digits_resize') or 'pad', augment_train=bool(augment))
   # On unless asked not to, as in the standard CIFAR and slim recipes.
   augment_train = augment is None or bool(augment)
   if name == 'cifar10':
-    image_size = config.get('image_size') or cifar10.NATIVE_SIZE
+    image_size = _field(config, 'image_size', cifar10.NATIVE_SIZE)
     if image_size != cifar10.NATIVE_SIZE:
       raise DataError(f'cifar10 images are {cifar10.NATIVE_SIZE}x{cifar10.NATIVE_SIZE}; set config.data.image_size '
                       f'to {cifar10.NATIVE_SIZE} (got {image_size}).')
     return cifar10.build_source(config.get('dir'), split, augment_train=augment_train)
   if name == 'imagefolder':
-    if not config.get('image_size') or not config.get('preprocessing'):
-      raise DataError("imagefolder needs config.data.image_size and config.data.preprocessing ('vgg' or 'inception').")
+    if not (config.get('image_size') or 0) > 0 or not config.get('preprocessing'):
+      raise DataError("imagefolder needs a positive config.data.image_size and config.data.preprocessing ('vgg' or "
+                      f"'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
     return image_folder.build_source(
         config.get('dir'), split, preprocessing=config['preprocessing'], image_size=config['image_size'],
         color_distortion=bool(config.get('color_distortion')), label_offset=config.get('label_offset') or 0,
         on_bad_image=config.get('on_bad_image') or 'error', num_workers=config.get('num_workers') or 0,
         augment_train=augment_train, worker_processes=bool(config.get('worker_processes')))
-  return synthetic.build_source(image_size=config.get('image_size') or 224, channels=config.get('channels') or 3,
-                                num_classes=config.get('num_classes') or 1000,
-                                num_examples=config.get('num_examples') or 10_000, batch_size=batch_size, seed=seed)
+  return synthetic.build_source(image_size=_field(config, 'image_size', 224), channels=_field(config, 'channels', 3),
+                                num_classes=_field(config, 'num_classes', 1000),
+                                num_examples=_field(config, 'num_examples', 10_000), batch_size=batch_size, seed=seed)
 
 
 def build(config: Mapping[str, Any], split: str, *, batch_size: int, seed: int, process_index: int = 0,

@@ -1,5 +1,5 @@
-"""What the harness measures: a `prepare_*` (compiled step) or `measure_*` function per kind
-of case, and the profiles.
+"""The cases the harness runs (a program of `workloads.py` at given sizes), the profiles
+that list them, and how a case is run and priced against another of ours.
 
 Kinds (each case's `kind`):
   train          our full train step (`steps.train_step` jitted with donation, as train_lib
@@ -17,58 +17,17 @@ Profiles: 'gpu' (the issue's shapes), 'cpu' (the 2-core CPU target's), 'smoke' (
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import json
 import os
-import signal
 import statistics
-import sys
-import time
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
+from benchmarks import timing
+from benchmarks.workloads import (BN_VARIANTS, Measurement, SkipCase, Stepper, measure_pipeline, measure_stepper,
+                                  measure_train_loop, prepare_bn_layer, prepare_eval, prepare_train)
 
-from benchmarks import flax_batch_norm, synthetic_jpegs, timing
-from configs import imagenet_resnet_v1_50, synthetic_resnet_v1_50
-from resnet_flax import data, models, optim, sharding, steps, train_lib
-from resnet_flax.layers import BatchNorm
-from resnet_flax.train_state import TrainState
-
-DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
 PROFILES = ('gpu', 'cpu', 'smoke')
-# resnet_arg_scope's BatchNorm, which our ResNets use; flax's layer gets the same numbers.
-ARG_SCOPE_BN = {'decay': 0.997, 'epsilon': 1e-5, 'scale': True}
-# Our BatchNorm options priced against flax's nn.BatchNorm: (our fields, activation dtype).
-BN_VARIANTS = {
-    'plain': ({}, 'fp32'),
-    'zero_debias': ({'zero_debias_moving_mean': True}, 'fp32'),
-    'bf16_act_fp32_stats': ({}, 'bf16'),  # bf16 in and out; statistics always float32
-    'renorm': ({'renorm': True}, 'fp32'),
-    'flax_nn_batchnorm': (None, 'fp32'),
-    'flax_nn_batchnorm_bf16': (None, 'bf16'),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Measurement:
-  value: float
-  compile_s: Optional[float]
-  steps: int
-  extra: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class Stepper:
-  """A compiled step ready to time: `step()` runs one (its result is waited on), and
-  `measurement(median_s, iters)` turns the median step time into the case's figure."""
-  step: Callable[[], Any]
-  compile_s: Optional[float]
-  measurement: Callable[[float, int], Measurement]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,228 +46,6 @@ class Case:
   # Builds the compiled step alone, for timing in turn with others (`run_interleaved`,
   # `benchmarks.paired`).
   prepare: Optional[Callable[[], Stepper]] = None
-
-
-class SkipCase(Exception):
-  """The case cannot run with this version of the code (e.g. an option not there yet)."""
-
-
-def _synthetic_batch(batch: int, image_size: int, num_classes: int) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(0)
-  return {'image': rng.standard_normal((batch, image_size, image_size, 3), np.float32),
-          'label': rng.integers(0, num_classes, batch).astype(np.int32),
-          'mask': np.ones(batch, np.float32)}
-
-
-# Variables that start at one (scales, variances); every other non-weight variable starts at zero.
-_ONES = frozenset({'gamma', 'moving_variance', 'scale', 'var'})
-
-
-def host_initialized_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, Any]:
-  """Variables of `model`'s shapes, drawn with numpy on the host: weights ~ N(0, 2 / fan_in).
-
-  The timed programs do not depend on these values, and compiling flax's `init` costs more
-  than the measurement at ResNet-152 size (and most of a smoke run): only shapes are traced.
-  """
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((2, *image_shape), jnp.float32))
-  rng = np.random.default_rng(0)
-
-  def value(path, leaf):
-    name = path[-1].key
-    if name in ('weights', 'kernel'):
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) * np.sqrt(2.0 / fan_in), leaf.dtype)
-    return (jnp.ones if name in _ONES else jnp.zeros)(leaf.shape, leaf.dtype)
-
-  return {'batch_stats': {}, **jax.tree_util.tree_map_with_path(value, shapes)}
-
-
-def prepare_train(*, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
-                  flax_bn: bool = False, block_sizes: Optional[tuple] = None, **unused: Any) -> Stepper:
-  """Our train step, built and jitted as `train_lib.train_and_evaluate` does; figure: img/s.
-
-  `block_sizes` shrinks the registry model (smoke runs: compiling dominates them).
-  """
-  config = imagenet_resnet_v1_50.get_config()  # slim's recipe: Nesterov SGD, L2 1e-4, smoothing 0.1
-  config.batch_size = batch
-  model = models.get_model(model_name, num_classes=num_classes, dtype=DTYPES[dtype])
-  if block_sizes is not None:
-    model = model.clone(block_sizes=block_sizes)
-  if flax_bn:
-    model = flax_batch_norm.with_flax_batch_norm(model)
-  tx = optim.build_optimizer(config)
-  mesh = sharding.data_mesh()
-  variables = host_initialized_variables(model, (image_size, image_size, 3))
-  state = sharding.replicate(TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                                        batch_stats=variables['batch_stats'],
-                                        opt_state=tx.init(variables['params'])), mesh)
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=model, tx=tx, weight_decay=config.weight_decay,
-                        label_smoothing=config.label_smoothing, skip_nonfinite=config.skip_nonfinite_steps),
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-      donate_argnums=0)
-  batch_arrays = sharding.to_global_batch(_synthetic_batch(batch, image_size, num_classes), mesh)
-  compiled, compile_s = timing.compile_timed(train_step, state, batch_arrays)
-  carried = [state]
-
-  def step():
-    carried[0], metrics = compiled(carried[0], batch_arrays)
-    return metrics
-
-  def measurement(median_s: float, iters: int) -> Measurement:
-    loss = float(step()['loss'])
-    if not np.isfinite(loss):
-      raise FloatingPointError(f'{model_name}: the train step gave loss {loss}; the timing would be meaningless.')
-    return Measurement(batch / median_s, compile_s, iters, {'median_step_ms': median_s * 1e3, 'loss': loss})
-
-  return Stepper(step, compile_s, measurement)
-
-
-def prepare_eval(*, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
-                 **unused: Any) -> Stepper:
-  """`model.apply(variables, images, train=False)` jitted as the anchor does; figure: ms per batch."""
-  model = models.get_model(model_name, num_classes=num_classes, dtype=DTYPES[dtype])
-  images = jnp.asarray(_synthetic_batch(batch, image_size, num_classes)['image'])
-  variables = host_initialized_variables(model, (image_size, image_size, 3))
-  forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False))
-  compiled, compile_s = timing.compile_timed(forward, variables, images)
-
-  def measurement(median_s: float, iters: int) -> Measurement:
-    return Measurement(median_s * 1e3, compile_s, iters, {'img_per_s': batch / median_s})
-
-  return Stepper(lambda: compiled(variables, images), compile_s, measurement)
-
-
-def _train_in_this_process(config: Any, workdir: str) -> None:
-  """`train_lib.train_and_evaluate` with its console output on stderr (stdout carries the
-  harness's JSON lines) and this process's SIGINT/SIGTERM handlers back afterwards.
-
-  In this process rather than a `train.py` child: the harness process already holds the
-  accelerator (and on GPU, XLA's preallocated memory).
-  """
-  handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-  try:
-    with contextlib.redirect_stdout(sys.stderr):
-      train_lib.train_and_evaluate(config, workdir)
-  finally:
-    for signum, handler in handlers.items():
-      signal.signal(signum, handler)
-
-
-def measure_train_loop(workdir: str, *, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
-                       intervals: int, log_every: int, block_sizes: Optional[tuple] = None, **unused: Any
-                       ) -> Measurement:
-  """img/s that `train.py` logs on synthetic data: the median over logging intervals after
-  the first (which includes compilation), in a fresh workdir."""
-  config = synthetic_resnet_v1_50.get_config()
-  config.model = model_name
-  config.model_options.block_sizes = block_sizes
-  config.dtype = {'bf16': 'bfloat16', 'fp32': 'float32'}[dtype]
-  config.batch_size = batch
-  config.data.update(image_size=image_size, num_classes=num_classes, num_examples=batch)
-  config.log_every_steps = log_every
-  config.num_train_steps = (intervals + 1) * log_every
-  run_dir = os.path.join(workdir, f'train_loop_{model_name}_{dtype}_{batch}_{time.time_ns()}')
-  _train_in_this_process(config, run_dir)
-  with open(os.path.join(run_dir, 'metrics.jsonl'), encoding='utf-8') as lines:
-    logged = [json.loads(line) for line in lines]
-  rates = [record['train/images_per_second'] for record in logged if 'train/images_per_second' in record][1:]
-  if len(rates) != intervals or not np.isfinite([record.get('train/loss', 0.0) for record in logged]).all():
-    raise ValueError(f'train.py logged {len(rates)} timed intervals of {intervals}, or a non-finite loss.')
-  value = statistics.median(rates)
-  return Measurement(value, None, intervals * log_every,
-                     {'median_step_ms': batch / value * 1e3, 'intervals': intervals})
-
-
-def measure_stepper(workdir: str, *, prepare: Callable[..., Stepper], warmup: int, iters: int,
-                    **params: Any) -> Measurement:
-  """Prepares a step, times it (warm-up excluded, median of `iters`) and makes the figure."""
-  del workdir
-  stepper = prepare(**params)
-  median_s, _ = timing.median_step_time(stepper.step, warmup, iters)
-  return stepper.measurement(median_s, iters)
-
-
-def _batch_norm_module(variant: str) -> nn.Module:
-  fields, dtype = BN_VARIANTS[variant]
-  if fields is None:
-    return flax_batch_norm.FlaxBatchNorm(**ARG_SCOPE_BN, dtype=DTYPES[dtype])
-  missing = sorted(set(fields) - {field.name for field in dataclasses.fields(BatchNorm)})
-  if missing:
-    raise SkipCase(f'resnet_flax.layers.BatchNorm has no field(s) {missing} yet')
-  return BatchNorm(**ARG_SCOPE_BN, **fields, dtype=DTYPES[dtype])
-
-
-def prepare_bn_layer(*, variant: str, shape: tuple[int, ...], **unused: Any) -> Stepper:
-  """One BatchNorm layer in train mode: output, gradients (input, gamma, beta), new statistics; ms."""
-  module = _batch_norm_module(variant)
-  dtype = DTYPES[BN_VARIANTS[variant][1]]
-  keys = jax.random.split(jax.random.PRNGKey(0), 2)
-  # A non-zero mean, as activations after a conv have, so centering does real work.
-  x = (2.0 * jax.random.normal(keys[0], shape, jnp.float32) + 0.5).astype(dtype)
-  cotangent = jax.random.normal(keys[1], shape, jnp.float32).astype(dtype)
-  variables = module.init(jax.random.PRNGKey(1), x[:2], train=False)
-
-  def forward_backward(variables, x, cotangent):
-    def forward(params, x):
-      y, updates = module.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
-      return y, updates['batch_stats']
-    y, pullback, batch_stats = jax.vjp(forward, variables['params'], x, has_aux=True)
-    return pullback(cotangent.astype(y.dtype)), batch_stats
-
-  compiled, compile_s = timing.compile_timed(jax.jit(forward_backward), variables, x, cotangent)
-
-  def measurement(median_s: float, iters: int) -> Measurement:
-    return Measurement(median_s * 1e3, compile_s, iters, {'gelem_per_s': int(np.prod(shape)) / median_s / 1e9})
-
-  return Stepper(lambda: compiled(variables, x, cotangent), compile_s, measurement)
-
-
-def _jpeg_tree(workdir: str, num_images: int, height_range: tuple[int, int], width_range: tuple[int, int]) -> str:
-  """An ImageFolder root in `workdir`, written once per process and shape."""
-  root = os.path.join(workdir, f'jpegs_{num_images}_{height_range[0]}_{width_range[0]}')
-  if not os.path.isdir(root):
-    synthetic_jpegs.write_image_folder(root, num_images, height_range=height_range, width_range=width_range)
-  return root
-
-
-def measure_pipeline(workdir: str, *, preprocessing: str, image_size: int, batch: int, num_workers: int,
-                     num_images: int, height_range: tuple[int, int], width_range: tuple[int, int],
-                     warmup_batches: int, batches: int) -> Measurement:
-  """img/s of training batches from `data.build` (imagefolder, the ImageNet config's worker
-  processes), prefetched as train_lib does: uint8 crops, mapped to float on the device.
-
-  The value is images over wall time of the timed batches (what the pipeline can feed a
-  step); the median batch time is in `extra`. `num_workers=0` is one worker per core.
-  """
-  root = _jpeg_tree(workdir, num_images, height_range, width_range)
-  config = imagenet_resnet_v1_50.get_config().data
-  config.dir = root
-  config.image_size = image_size
-  config.preprocessing = preprocessing
-  config.num_workers = num_workers
-  dataset = data.build(config, 'train', batch_size=batch, seed=0)
-  batches_iter = data.prefetch(dataset.train_batches())
-  try:
-    for _ in range(warmup_batches):
-      next(batches_iter)
-    times = []
-    start = last = time.perf_counter()
-    for _ in range(batches):
-      images = next(batches_iter)['image']
-      now = time.perf_counter()
-      times.append(now - last)
-      last = now
-    total = last - start
-  finally:
-    batches_iter.close()
-  if images.shape != (batch, image_size, image_size, 3) or not np.isfinite(images).all() or not images.any():
-    raise ValueError(f'the pipeline returned images {images.dtype}{images.shape} that are not real crops.')
-  workers = num_workers or os.cpu_count()
-  return Measurement(batches * batch / total, None, batches,
-                     {'median_batch_ms': float(np.median(times)) * 1e3, 'workers': workers})
 
 
 def _shown_model_name(model_name: str, block_sizes: Optional[tuple]) -> str:

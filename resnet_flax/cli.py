@@ -9,7 +9,7 @@ from typing import Callable, NoReturn, Optional
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnet_flax import checkpoints, data
+from resnet_flax import checkpoints, data, metrics_writer
 
 DEFAULT_TRAIN_WORKDIR = '/tmp/resnet_flax'
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'digits.py')
@@ -89,7 +89,7 @@ def run_reporting_user_errors(main: Callable[[], None]) -> None:
     logging.set_verbosity(logging.WARNING)
   try:
     main()
-  except USER_ERRORS + (data.DataError, checkpoints.CheckpointError) as error:
+  except USER_ERRORS + (data.DataError, checkpoints.CheckpointError, metrics_writer.MetricsWriteError) as error:
     if flags.FLAGS.traceback:
       raise
     print(f'error: {one_line_message(error)}', file=sys.stderr)

@@ -2,37 +2,66 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Mapping
+import time
+from typing import Iterator, Mapping
+
+
+class MetricsWriteError(OSError):
+  """A metrics file could not be written (a full disk); the message names it and the fix."""
 
 
 class MetricsWriter:
   """Appends one JSON object per logged step and the same scalars to TensorBoard.
 
   Only process 0 writes (`enabled=False` elsewhere), so multi-host runs keep one record.
+  Writes are synchronous and flushed: tensorboardX's SummaryWriter writes from a thread
+  that dies on a full disk, after which training blocked forever on its full queue.
   """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self._jsonl = None
-    self._tensorboard = None
+    self._failed = False
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-      from tensorboardX import SummaryWriter  # Imported here: only process 0 needs it.
-      self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      from tensorboardX.event_file_writer import EventsWriter  # Here: only process 0 needs it.
+      self._tensorboard_dir = os.path.join(workdir, 'tensorboard')
+      with self._reporting_failure(workdir):
+        os.makedirs(self._tensorboard_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+        self._events = EventsWriter(os.path.join(self._tensorboard_dir, 'events'))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     """Records scalars for `step`; keys like 'train/loss' become TensorBoard tags."""
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({'step': int(step), **{k: float(v) for k, v in metrics.items()}}) + '\n')
-    self._jsonl.flush()
-    for key, value in metrics.items():
-      self._tensorboard.add_scalar(key, float(value), int(step))
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.summary import scalar
+    wall_time = time.time()
+    with self._reporting_failure(self._tensorboard_dir):
+      for key, value in metrics.items():
+        self._events.write_event(event_pb2.Event(wall_time=wall_time, step=int(step),
+                                                 summary=scalar(key, float(value))))
+      self._events.flush()
+    with self._reporting_failure(self._jsonl.name):
+      self._jsonl.write(json.dumps({'step': int(step), **{k: float(v) for k, v in metrics.items()}}) + '\n')
+      self._jsonl.flush()
 
   def close(self) -> None:
-    if self.enabled:
+    if not self.enabled:
+      return
+    # After a failed write, closing retries the lost bytes; that failure was reported.
+    with contextlib.suppress(OSError) if self._failed else contextlib.nullcontext():
       self._jsonl.close()
-      self._tensorboard.close()
+      self._events.close()
+
+  @contextlib.contextmanager
+  def _reporting_failure(self, path: str) -> Iterator[None]:
+    try:
+      yield
+    except OSError as error:
+      self._failed = True
+      raise MetricsWriteError(f'writing metrics to {path} failed ({error.strerror or error}); free disk space or '
+                              'pass another --workdir, then rerun the same command: it resumes from the newest '
+                              'checkpoint.') from error

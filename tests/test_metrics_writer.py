@@ -1,0 +1,64 @@
+"""metrics.jsonl and TensorBoard event files, read back independently; a full disk is one error, not a hang."""
+
+import json
+import os
+import resource
+import struct
+
+import pytest
+from tensorboardX.proto import event_pb2
+
+from resnet_flax import metrics_writer, train_lib
+from resnet_flax.slim import crc32c
+from test_train import tiny_config
+
+
+def _read_records(path):
+  """TFRecord framing, checked: (length, masked crc of it, data, masked crc of the data) each."""
+  records = []
+  with open(path, 'rb') as file:
+    while header := file.read(12):
+      length, length_crc = struct.unpack('<QI', header)
+      assert crc32c.mask_crc(crc32c.crc32c(header[:8])) == length_crc
+      data = file.read(length)
+      (data_crc,) = struct.unpack('<I', file.read(4))
+      assert crc32c.mask_crc(crc32c.crc32c(data)) == data_crc
+      records.append(event_pb2.Event.FromString(data))
+  return records
+
+
+def test_tensorboard_events_hold_what_metrics_jsonl_holds(tmp_path):
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.write(2, {'train/loss': 1.5, 'train/top1': 0.25})
+  writer.write(4, {'eval/loss': 0.75})
+  writer.close()
+  (events_file,) = (tmp_path / 'tensorboard').iterdir()
+  events = _read_records(events_file)
+  assert events[0].file_version == 'brain.Event:2'
+  scalars = [(event.step, value.tag, value.simple_value) for event in events[1:] for value in event.summary.value]
+  assert scalars == [(2, 'train/loss', 1.5), (2, 'train/top1', 0.25), (4, 'eval/loss', 0.75)]
+  lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert lines == [{'step': 2, 'train/loss': 1.5, 'train/top1': 0.25}, {'step': 4, 'eval/loss': 0.75}]
+
+
+def test_a_failed_events_write_is_one_error_and_close_still_returns(tmp_path):
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  original_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1, original_limit[1]))  # no file may grow: a real write failure
+  try:
+    with pytest.raises(metrics_writer.MetricsWriteError) as error:
+      writer.write(2, {'train/loss': 1.5})
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, original_limit)
+  assert str(error.value).startswith(f'writing metrics to {tmp_path}/tensorboard failed (File too large); free disk '
+                                     'space or pass another --workdir, then rerun the same command')
+  writer.close()
+
+
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full')
+def test_a_full_disk_stops_training_with_one_error_instead_of_hanging(tmp_path):
+  # Before, tensorboardX's writer thread died on the full disk and the loop waited on its queue forever.
+  os.symlink('/dev/full', tmp_path / 'metrics.jsonl')  # every write to it: ENOSPC
+  with pytest.raises(metrics_writer.MetricsWriteError, match=r'metrics.jsonl failed \(No space left on device\)'):
+    train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == []  # the first log (step 2) comes before its save

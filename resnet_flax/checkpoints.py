@@ -190,8 +190,17 @@ def _write_failure_reason(error: BaseException) -> str:
   return _first_line(error)
 
 
+def local_path(path: str, what: str) -> str:
+  """`path` made absolute; a URL is refused: os.makedirs('gs://b/run') makes a local directory 'gs:'."""
+  if '://' in path:
+    raise CheckpointError(f'{what} {path} is a URL; only file system paths are supported: mount the bucket (e.g. '
+                          'gcsfuse) and pass the mounted path.')
+  return os.path.abspath(path)
+
+
 def check_workdir(workdir: str, needed_bytes: int) -> None:
   """Fails now, not hours in, if `workdir` cannot be written or lacks room for the checkpoints."""
+  local_path(workdir, 'workdir')
   try:
     os.makedirs(workdir, exist_ok=True)
     # Every process of a multi-host run probes the same shared directory.
@@ -250,7 +259,7 @@ def restore_tree(path: str) -> dict[str, Any]:
   Reads both TrainState checkpoints (`<workdir>/checkpoints/<step>`) and the
   variables-only ones `python -m resnet_flax.slim convert` writes.
   """
-  path = os.path.abspath(path)
+  path = local_path(path, 'checkpoint')
   item = _item_directory(path)
   orbax_noise.quiet_failure_echoes()
   try:
@@ -270,7 +279,7 @@ def restore_tree(path: str) -> dict[str, Any]:
 
 def save_tree(path: str, tree: Any) -> None:
   """Writes `tree` as an orbax checkpoint at `path` (atomically: orbax renames on commit)."""
-  path = os.path.abspath(path)
+  path = local_path(path, 'checkpoint')
   orbax_noise.quiet_failure_echoes()
   try:
     with ocp.StandardCheckpointer() as checkpointer:
@@ -295,7 +304,7 @@ def _first_line(error: BaseException) -> str:
 
 def restore_from(path: str, target: Any) -> Any:
   """Restores the checkpoint directory `path` (a `<step>` directory or its `default/` item)."""
-  path = os.path.abspath(path)
+  path = local_path(path, 'checkpoint')
   item = _item_directory(path)
   orbax_noise.quiet_failure_echoes()
   try:

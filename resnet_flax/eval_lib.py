@@ -94,7 +94,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   model = model_builder.build_model(config, num_classes)
   mesh = sharding.data_mesh()
   if checkpoint is None:
-    directory = os.path.join(workdir, 'checkpoints')
+    directory = os.path.join(checkpoints.local_path(workdir, 'workdir'), 'checkpoints')
     step = checkpoints.latest_step_in(directory)
     if step is None:
       raise checkpoints.CheckpointError(f'no checkpoint in {directory}; train first or pass --checkpoint=PATH.')

@@ -238,3 +238,16 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, expected):
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error:') and expected in lines[0], done.stderr
   assert 'Traceback' not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize('where', ['workdir', 'init_checkpoint'])
+def test_bucket_urls_are_refused_not_made_into_local_directories(tmp_path, monkeypatch, where):
+  monkeypatch.chdir(tmp_path)
+  config = tiny_config(2)
+  workdir = 'gs://bucket/run' if where == 'workdir' else str(tmp_path / 'run')
+  if where == 'init_checkpoint':
+    config.init_checkpoint = 'gs://bucket/pretrained'
+  with pytest.raises(checkpoints.CheckpointError, match=f'{where.split("_")[-1]} gs://bucket/.* is a URL; only file '
+                                                        'system paths are supported'):
+    train_lib.train_and_evaluate(config, workdir)
+  assert not (tmp_path / 'gs:').exists()

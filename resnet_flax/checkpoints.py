@@ -19,6 +19,9 @@ from resnet_flax import orbax_noise
 # What a failed write raises: tensorstore reports a full disk or a quota as ValueError
 # ('RESOURCE_EXHAUSTED: ... [os_error_code='28']'), the file system as OSError.
 _WRITE_FAILURES = (OSError, ValueError, RuntimeError)
+# What a failed read raises: tensorstore's errors as ValueError, which orbax re-raises as a
+# bare Exception for a damaged data file; a tree that does not fit as ValueError/KeyError/TypeError.
+_READ_FAILURES = (Exception,)
 # orbax's metadata (_METADATA, _sharding, array_metadatas) takes about 1.2 KiB per array.
 _METADATA_BYTES_PER_ARRAY = 2048
 
@@ -198,9 +201,13 @@ def local_path(path: str, what: str) -> str:
   return os.path.abspath(path)
 
 
-def check_workdir(workdir: str, needed_bytes: int) -> None:
-  """Fails now, not hours in, if `workdir` cannot be written or lacks room for the checkpoints."""
+def check_workdir(workdir: str, needed_bytes: int, subdirectories: tuple[str, ...] = ()) -> None:
+  """Fails now, not hours in, if `workdir` (or a `subdirectories` entry in it) cannot be written
+  or lacks room for the checkpoints."""
   local_path(workdir, 'workdir')
+  for path in (workdir, *(os.path.join(workdir, name) for name in subdirectories)):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise CheckpointError(f'{path} is a file, not a directory; move it or pass another --workdir.')
   try:
     os.makedirs(workdir, exist_ok=True)
     # Every process of a multi-host run probes the same shared directory.
@@ -272,9 +279,9 @@ def restore_tree(path: str) -> dict[str, Any]:
       handler.close()
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(saved))
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
-    raise CheckpointError(f'checkpoint {path} cannot be read ({_first_line(error)}); '
-                          'is it an orbax checkpoint directory?') from error
+  except _READ_FAILURES as error:
+    raise CheckpointError(f'checkpoint {path} cannot be read ({_first_line(_root_cause(error))}); it is damaged '
+                          'or not an orbax checkpoint directory: name another.') from error
 
 
 def save_tree(path: str, tree: Any) -> None:
@@ -297,6 +304,14 @@ def _remove_partial_writes(directory: str, name: str) -> None:
       shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
 
 
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost cause: orbax wraps tensorstore's 'OUT_OF_RANGE: Error reading <variable> ...' in a bare
+  Exception that names only an array index."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return error
+
+
 def _first_line(error: BaseException) -> str:
   text = str(error).strip()
   return text.splitlines()[0][:300] if text else type(error).__name__
@@ -310,7 +325,7 @@ def restore_from(path: str, target: Any) -> Any:
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(target))
-  except (ValueError, KeyError, TypeError) as error:
+  except _READ_FAILURES as error:
     raise CheckpointError(f'checkpoint {path} is damaged or does not match this model/config '
-                          f'({_first_line(error)}); check --config.model and num_classes, or start a fresh '
-                          '--workdir.') from error
+                          f'({_first_line(_root_cause(error))}); check --config.model and num_classes, or start a '
+                          'fresh --workdir.') from error

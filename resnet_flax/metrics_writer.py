@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
 from typing import Iterator, Mapping
+
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class MetricsWriteError(OSError):
@@ -62,6 +65,7 @@ class MetricsWriter:
       yield
     except OSError as error:
       self._failed = True
-      raise MetricsWriteError(f'writing metrics to {path} failed ({error.strerror or error}); free disk space or '
-                              'pass another --workdir, then rerun the same command: it resumes from the newest '
-                              'checkpoint.') from error
+      fix = 'free disk space' if error.errno in _FULL_DISK else f'fix {path}'
+      raise MetricsWriteError(f'writing metrics to {path} failed ({error.strerror or error}); {fix} or pass another '
+                              '--workdir, then rerun the same command: it resumes from the newest checkpoint.'
+                              ) from error

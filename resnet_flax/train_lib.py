@@ -118,7 +118,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, state_shardings = initial_state(config, model, tx, train_ds.image_shape, mesh)
 
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
-  checkpoints.check_workdir(workdir, checkpoints.bytes_for_saves(state, config.keep_checkpoints, checkpoint_dir))
+  checkpoints.check_workdir(workdir, checkpoints.bytes_for_saves(state, config.keep_checkpoints, checkpoint_dir),
+                            subdirectories=('checkpoints', 'tensorboard'))
   checkpointer = checkpoints.Checkpointer(checkpoint_dir, config.keep_checkpoints, config.async_checkpointing)
   progress = ProgressBar(config.num_train_steps, enabled=is_chief)
   state, last_saved = checkpointer.restore_newest_intact(state, progress.message)

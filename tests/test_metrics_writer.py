@@ -62,3 +62,11 @@ def test_a_full_disk_stops_training_with_one_error_instead_of_hanging(tmp_path):
   with pytest.raises(metrics_writer.MetricsWriteError, match=r'metrics.jsonl failed \(No space left on device\)'):
     train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == []  # the first log (step 2) comes before its save
+
+
+def test_a_directory_where_metrics_jsonl_belongs_names_the_path_not_the_disk(tmp_path):
+  (tmp_path / 'metrics.jsonl').mkdir()
+  with pytest.raises(metrics_writer.MetricsWriteError) as error:
+    metrics_writer.MetricsWriter(str(tmp_path))
+  assert str(error.value).startswith(f'writing metrics to {tmp_path} failed (Is a directory); fix {tmp_path} or pass '
+                                     'another --workdir')

@@ -160,11 +160,23 @@ def test_non_finite_steps_can_be_skipped(tmp_path, capsys):
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state.params))
 
 
+@pytest.mark.parametrize('file_at', ['', 'checkpoints', 'tensorboard'])
+def test_a_file_where_a_directory_belongs_fails_before_training(tmp_path, file_at):
+  # checkpoints/ as a file had been found at the first save, after the whole run.
+  workdir = tmp_path / 'run'
+  if file_at:
+    workdir.mkdir()
+  (workdir / file_at).write_text('a file where a directory belongs')
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    train_lib.train_and_evaluate(tiny_config(2), str(workdir))
+  assert str(error.value) == f'{workdir / file_at} is a file, not a directory; move it or pass another --workdir.'
+
+
 def test_unwritable_workdir_fails_before_training(tmp_path):
-  blocker = tmp_path / 'not_a_dir'
-  blocker.write_text('a file where the workdir should be')
+  parent = tmp_path / 'not_a_dir'
+  parent.write_text('a file where the parent of the workdir should be')
   with pytest.raises(checkpoints.CheckpointError, match='not writable'):
-    train_lib.train_and_evaluate(tiny_config(2), str(blocker))
+    train_lib.train_and_evaluate(tiny_config(2), str(parent / 'run'))
 
 
 def test_full_disk_fails_before_training(tmp_path, monkeypatch):
@@ -251,3 +263,17 @@ def test_bucket_urls_are_refused_not_made_into_local_directories(tmp_path, monke
                                                         'system paths are supported'):
     train_lib.train_and_evaluate(config, workdir)
   assert not (tmp_path / 'gs:').exists()
+
+
+def test_one_truncated_data_file_is_skipped_like_a_damaged_checkpoint(tmp_path):
+  # orbax re-raises this read error as a bare Exception (not a ValueError), which had crashed the run.
+  train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))
+  data_files = list((tmp_path / 'checkpoints' / '4' / 'default').glob('ocdbt.process_*/d/*'))
+  largest = max(data_files, key=lambda path: path.stat().st_size)
+  with open(largest, 'r+b') as file:
+    file.truncate(100)
+  with pytest.raises(checkpoints.CheckpointError, match=r'checkpoint .*/4 cannot be read \(OUT_OF_RANGE: Error '
+                                                        r'reading .*\); it is damaged'):
+    checkpoints.restore_tree(str(tmp_path / 'checkpoints' / '4'))
+  assert train_lib.train_and_evaluate(tiny_config(6), str(tmp_path))['step'] == 6
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4', '4.damaged', '6']  # 4 saved again

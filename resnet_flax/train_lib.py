@@ -61,8 +61,9 @@ def _summarize(history: list[dict[str, jax.Array]], last_step: int, skip_nonfini
     raise NonFiniteLossError(f'non-finite loss or gradients at step {bad_steps[0]}; {kept}. Lower '
                              'config.learning_rate or raise config.warmup_steps, or set '
                              'config.skip_nonfinite_steps=True to skip such steps.', bad_steps[0])
-  finite = [metrics for metrics in per_step if not metrics['nonfinite']] or per_step
-  means = {key: float(np.mean([m[key] for m in finite])) for key in finite[0] if key != 'nonfinite'}
+  finite = [metrics for metrics in per_step if not metrics['nonfinite']]
+  # Every step skipped: no means to log (NaN would be invalid JSON and a TensorBoard warning each).
+  means = {key: float(np.mean([m[key] for m in finite])) for key in finite[0] if key != 'nonfinite'} if finite else {}
   return means, bad_steps
 
 
@@ -128,6 +129,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   elif config.init_checkpoint:
     state = _initialize_from(config.init_checkpoint, state, model, train_ds.image_shape, mesh, progress)
   start_step = int(state.step)
+  if start_step > config.num_train_steps:
+    raise ValueError(f'{checkpointer.directory} is at step {start_step}, past config.num_train_steps='
+                     f'{config.num_train_steps}; raise num_train_steps to train on, or pass a fresh --workdir '
+                     '(eval.py evaluates the checkpoint).')
 
   train_step = make_train_step(config, model, tx, mesh, state_shardings)
   eval_step = eval_lib.make_eval_step(model, mesh)
@@ -158,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write(step, {**{f'train/{k}': v for k, v in train_metrics.items()},
                             'train/learning_rate': float(schedule(step - 1)),
                             'train/images_per_second': images_per_second})
-        progress.update(step, {'loss': train_metrics['loss'], 'top1': train_metrics['top1']},
+        progress.update(step, {key: train_metrics.get(key, float('nan')) for key in ('loss', 'top1')},
                         images_per_second, elapsed / interval_steps)
         history, interval_start, interval_steps = [], time.perf_counter(), 0
         checkpointer.check()  # a failed save (full disk) stops the run now, not at the next save

@@ -150,14 +150,27 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state.params))
 
 
-def test_non_finite_steps_can_be_skipped(tmp_path, capsys):
+def test_non_finite_steps_can_be_skipped(tmp_path, capsys, caplog):
   config = tiny_config(4)
   config.learning_rate = 1e30
   config.skip_nonfinite_steps = True
+  config.log_every_steps = 1
   train_lib.train_and_evaluate(config, str(tmp_path))
   assert 'skipped non-finite step(s)' in capsys.readouterr().out
   state = _read_params(tmp_path, config, 4)
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state.params))
+  # Intervals whose every step was skipped log no loss: not NaN (invalid JSON, a TensorBoard warning each).
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert any('train/loss' not in record and 'train/learning_rate' in record for record in records)
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_workdir_past_num_train_steps_is_an_error_not_a_silent_no_op(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))
+  assert train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))['step'] == 4  # finished: evaluated again
+  with pytest.raises(ValueError, match=r'checkpoints is at step 4, past config.num_train_steps=2; raise '
+                                       'num_train_steps to train on, or pass a fresh --workdir'):
+    train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
 
 
 @pytest.mark.parametrize('file_at', ['', 'checkpoints', 'tensorboard'])

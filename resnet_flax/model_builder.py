@@ -90,5 +90,27 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, device_coun
   overrides['zero_init_last_gamma'] = config.bn.zero_init_last_gamma
   # None means "the model's own default" (e.g. no root block for the digits variants).
   overrides.update({key: value for key, value in config.model_options.items() if value is not None})
-  return models.get_model(config.model, num_classes=num_classes, weight_decay=config.weight_decay,
-                          dtype=DTYPES[config.dtype], **overrides)
+  model = models.get_model(config.model, num_classes=num_classes, weight_decay=config.weight_decay,
+                           dtype=DTYPES[config.dtype], **overrides)
+  _check_for_classification(model)
+  return model
+
+
+def reachable_output_strides(model: nn.Module) -> list[int]:
+  """The `output_stride` values `model`'s root and block strides allow (slim's rule: the
+  network's stride up to some unit; atrous convolution past it)."""
+  strides = [1 if not model.include_root_block else 4]
+  for _, _, stride in model.block_sizes:
+    strides.append(strides[-1] * stride)
+  return sorted(set(strides))
+
+
+def _check_for_classification(model: nn.Module) -> None:
+  """Model options training and eval cannot use, named before anything is traced."""
+  if not model.global_pool:
+    raise ValueError('config.model_options.global_pool=False gives logits per spatial position; training and '
+                     'evaluation need one per image: keep it True (dense prediction: models.get_model).')
+  reachable = reachable_output_strides(model)
+  if model.output_stride is not None and model.output_stride not in reachable:
+    raise ValueError(f'config.model_options.output_stride={model.output_stride} cannot be reached by '
+                     f'{model.slim_scope}; use one of {reachable} or None.')

@@ -79,3 +79,32 @@ def test_block_sizes_build_another_depth_of_the_same_design():
 def test_block_sizes_with_a_depth_multiplier_is_a_clear_error():
   with pytest.raises(ValueError, match='block_sizes are used as given'):
     models.get_model('resnet_v1_50', block_sizes=((64, 2, 2),), depth_multiplier=0.5)
+
+
+@pytest.mark.parametrize('model, include_root_block, expected', [
+    ('resnet_v1_50', None, [4, 8, 16, 32]),
+    ('resnet_v2_digits', None, [1, 2, 4]),  # digits variants: no root block
+    ('resnet_v1_digits', True, [4, 8, 16]),
+])
+def test_reachable_output_strides_are_the_ones_slims_plan_accepts(model, include_root_block, expected):
+  config = default.get_config()
+  config.model = model
+  config.model_options.include_root_block = include_root_block
+  built = model_builder.build_model(config, num_classes=10, device_count=1)
+  assert model_builder.reachable_output_strides(built) == expected
+  for stride in range(1, 40):
+    config.model_options.output_stride = stride
+    if stride in expected:  # the model traces with it (slim's own check)
+      jax.eval_shape(lambda: model_builder.build_model(config, 10, 1).init(
+          jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 1)), train=False))
+    else:
+      with pytest.raises(ValueError, match=rf'config.model_options.output_stride={stride} cannot be reached by '
+                                           rf'{model}; use one of \[.*\] or None.'):
+        model_builder.build_model(config, num_classes=10, device_count=1)
+
+
+def test_global_pool_false_is_refused_for_training_and_eval():
+  config = default.get_config()
+  config.model_options.global_pool = False
+  with pytest.raises(ValueError, match='global_pool=False gives logits per spatial position'):
+    model_builder.build_model(config, num_classes=10, device_count=1)

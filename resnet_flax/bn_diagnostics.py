@@ -40,6 +40,9 @@ def evaluate_with_batch_statistics(config: ml_collections.ConfigDict, variables:
   step = sharding.jit_over_batch(functools.partial(_batch_statistics_step, model=model), mesh)
   # The global batches that are full on every process: all processes take the same steps.
   full_steps = dataset.num_examples // (dataset.batch_size * dataset.process_count)
+  if full_steps == 0:
+    raise ValueError(f'config.bn_report_batch_sizes has {batch_size}, more than the {dataset.num_examples} examples '
+                     f'of the {config.eval_split} split; use sizes up to {dataset.num_examples}.')
   full_batches = itertools.islice(dataset.eval_batches(), full_steps)
   return eval_lib.metrics_over(step, sharding.replicate(variables, mesh),
                                device_input.dataset_batches(dataset, full_batches, mesh))

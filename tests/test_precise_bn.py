@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from resnet_flax import eval_lib, precise_bn, train_lib
+from resnet_flax import bn_diagnostics, eval_lib, precise_bn, train_lib
 from resnet_flax.layers import BatchNorm
 from test_train import block_sizes_flag
 
@@ -89,3 +89,7 @@ def test_recalibration_and_discrepancy_report_on_a_short_high_decay_run(tmp_path
   assert report['recalibrated']['top1'] == pytest.approx(result['top1'], rel=1e-6)
   assert report['batch']['8']['num_examples'] == 360 and report['batch']['64']['num_examples'] == 320
   assert min(report['batch']['8']['top1'], report['batch']['64']['top1']) > report['moving']['top1'] + 0.15
+  # A report batch larger than the split: named as such (it had blamed the eval batch size).
+  with pytest.raises(ValueError, match=r'config.bn_report_batch_sizes has 512, more than the 360 examples of the '
+                                       r'test split; use sizes up to 360.'):
+    bn_diagnostics.discrepancy_report(config, str(tmp_path), batch_sizes=(512,))

@@ -1,8 +1,9 @@
 """Range checks of a config's values before anything is built: one-line errors naming the field.
 
 ml_collections checks types; these check what the values mean. BatchNorm's options are
-checked by `layers.batch_norm.check_options` (the layer runs it too) and block_sizes by
-the model registry, where library users meet them as well.
+checked by `layers.batch_norm.check_options` (the layer runs it too), the steps the 'step'
+schedule's boundaries land on by `optim.check_lr_boundaries` (the schedule runs it too) and
+block_sizes by the model registry, where library users meet them as well.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from resnet_flax import optim
 from resnet_flax.layers import batch_norm
 
 # (field, allowed, what it must be). Comparisons are False for NaN, so NaN is refused.
@@ -21,8 +23,9 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('learning_rate', lambda v: v >= 0, '>= 0'),
     ('lr_batch_size', lambda v: v >= 0, '>= 0 (0: no scaling)'),
     ('warmup_steps', lambda v: v >= 0, '>= 0'),
-    ('lr_boundaries', lambda v: all(0 < b < 1 for b in v) and list(v) == sorted(v),
-     'increasing fractions of num_train_steps, each in (0, 1)'),
+    # Strictly: two equal fractions land on one step, where optax decays once, not twice.
+    ('lr_boundaries', lambda v: all(0 < b < 1 for b in v) and all(a < b for a, b in zip(v, v[1:])),
+     'strictly increasing fractions of num_train_steps, each in (0, 1)'),
     ('lr_decay_factor', lambda v: v > 0, '> 0'),
     ('lr_end', lambda v: v >= 0, '>= 0'),
     ('lr_power', lambda v: v > 0, '> 0'),
@@ -62,12 +65,14 @@ def _allowed(allowed: Callable[[Any], bool], value: Any) -> bool:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a one-line ValueError for the first field of `config` out of its range."""
+  """Raises a one-line ValueError for the first field of `config` out of its range, or at odds with others."""
   for field, allowed, expected in _RULES:
     value = _lookup(config, field)
     if value is None:
       continue
     if not _allowed(allowed, value):
       raise ValueError(f'config.{field}={value!r} is out of range: it must be {expected}.')
+  if all(field in config for field in ('lr_schedule', 'lr_boundaries', 'num_train_steps', 'warmup_steps')):
+    optim.check_lr_boundaries(config)
   if 'bn' in config:
     batch_norm.check_options('config.bn.', config.bn)

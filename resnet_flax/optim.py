@@ -29,6 +29,39 @@ def _after_warmup(peak: float, warmup: int, schedule: optax.Schedule) -> optax.S
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), schedule], [warmup])
 
 
+def lr_boundary_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The 'step' schedule's decay steps: `round(fraction * num_train_steps)` for each of `lr_boundaries`.
+
+  Absolute steps, counted from 0 with the warm-up included, as configs/default.py documents.
+  """
+  return tuple(round(fraction * config.num_train_steps) for fraction in config.lr_boundaries)
+
+
+def check_lr_boundaries(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError unless each of `lr_boundaries` decays once, after warm-up, within training.
+
+  Only the 'step' schedule reads the boundaries. `config_checks.check_config` runs this
+  before anything is built, and `learning_rate_schedule` does too, for library users.
+  """
+  total, warmup = config.num_train_steps, config.warmup_steps
+  if config.lr_schedule != 'step' or total <= 0:  # no step runs, so no boundary can mislead
+    return
+  steps = lr_boundary_steps(config)
+  where = f'config.lr_boundaries={tuple(config.lr_boundaries)!r} lands on steps {steps} of num_train_steps={total}'
+  if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
+    # optax keys the decays by step: two on one step would multiply in once, not twice.
+    raise ValueError(f'{where}: they must be strictly increasing steps; space the fractions at least '
+                     f'1 / num_train_steps = {1 / total:.3g} apart or drop one.')
+  # The bounds in the fixes are where round() moves to the next step.
+  if steps and steps[-1] >= total:
+    raise ValueError(f'{where}: each must be below {total} (a later one never applies); use fractions below '
+                     f'{(total - 0.5) / total:.4g} or drop it.')
+  if steps and steps[0] <= warmup:
+    # The warm-up ramps up to the peak until step warmup_steps: a decay by then contradicts it.
+    raise ValueError(f'{where}: each must be after the warm-up, config.warmup_steps={warmup}; use fractions above '
+                     f'{(warmup + 0.5) / total:.4g}' + (' or lower config.warmup_steps.' if warmup else '.'))
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warm-up from 0, then cosine to 0, steps down by `lr_decay_factor`, stays
   constant, or decays polynomially to `lr_end` (MLPerf's large-batch schedule)."""
@@ -38,7 +71,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   if config.lr_schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end_value=0.0)
   if config.lr_schedule == 'step':
-    boundaries = {int(fraction * total): config.lr_decay_factor for fraction in config.lr_boundaries}
+    check_lr_boundaries(config)
+    # The boundaries are absolute steps; the schedule after the warm-up counts from its end.
+    boundaries = {step - warmup: config.lr_decay_factor for step in lr_boundary_steps(config)}
     return _after_warmup(peak, warmup, optax.piecewise_constant_schedule(peak, boundaries))
   if config.lr_schedule == 'constant':
     return _after_warmup(peak, warmup, optax.constant_schedule(peak))

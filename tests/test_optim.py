@@ -31,6 +31,57 @@ def test_polynomial_schedule_is_mlperfs():
   assert [float(no_warmup(t)) for t in range(4)] == pytest.approx([2.0, 1.5, 1.0, 0.5])
 
 
+def test_step_boundaries_are_absolute_steps_warmup_included():
+  # Boundaries 0.3, 0.6, 0.8 of 100 steps are steps 30, 60, 80, warm-up (20 steps, 0 -> 1) included:
+  # not 20 + 30, 20 + 60, 20 + 80.
+  schedule = optim.learning_rate_schedule(_config(lr_schedule='step', learning_rate=1.0, warmup_steps=20,
+                                                  num_train_steps=100, lr_boundaries=(0.3, 0.6, 0.8),
+                                                  lr_decay_factor=0.1))
+  expected = {0: 0.0, 10: 0.5, 19: 0.95, 20: 1.0, 29: 1.0, 30: 0.1, 49: 0.1, 50: 0.1, 59: 0.1, 60: 0.01, 79: 0.01,
+              80: 0.001, 99: 0.001}
+  for step, value in expected.items():
+    assert float(schedule(step)) == pytest.approx(value, rel=1e-6, abs=1e-9), step
+
+
+@pytest.mark.parametrize('boundaries, total, decay_steps', [
+    ((0.31, 0.35), 10, (3, 4)),  # round(3.1), round(3.5): two steps, two decays (int() put both on 3)
+    ((0.29,), 100, (29,)),  # 0.29 * 100 = 28.999...: round, not truncate
+])
+def test_step_boundaries_round_to_the_nearest_step(boundaries, total, decay_steps):
+  schedule = optim.learning_rate_schedule(_config(lr_schedule='step', learning_rate=1.0, warmup_steps=0,
+                                                  num_train_steps=total, lr_boundaries=boundaries,
+                                                  lr_decay_factor=0.1))
+  expected = [0.1 ** sum(step >= boundary for boundary in decay_steps) for step in range(total)]
+  assert [float(schedule(step)) for step in range(total)] == pytest.approx(expected, rel=1e-6)
+  assert optim.lr_boundary_steps(_config(num_train_steps=total, lr_boundaries=boundaries)) == decay_steps
+
+
+@pytest.mark.parametrize('fields, message', [
+    (dict(warmup_steps=50, num_train_steps=100, lr_boundaries=(0.3, 0.6, 0.8)),
+     r'steps \(30, 60, 80\) of num_train_steps=100: each must be after the warm-up, config\.warmup_steps=50;'),
+    (dict(warmup_steps=0, num_train_steps=10, lr_boundaries=(0.31, 0.34)), r'steps \(3, 3\) .* strictly increasing'),
+])
+def test_step_schedule_refuses_boundaries_it_cannot_honour(fields, message):
+  # A library user who builds the schedule without config_checks gets the same one-line error.
+  with pytest.raises(ValueError, match=r'^config\.lr_boundaries=.*' + message) as error:
+    optim.learning_rate_schedule(_config(lr_schedule='step', **fields))
+  assert '\n' not in str(error.value)
+
+
+def test_cosine_and_polynomial_end_at_num_train_steps_warmup_included():
+  # 'cosine': warm-up, then half a cosine from the peak to 0 at num_train_steps (counted from step 0).
+  cosine = optim.learning_rate_schedule(_config(lr_schedule='cosine', learning_rate=1.0, warmup_steps=20,
+                                                num_train_steps=100))
+  expected = {0: 0.0, 10: 0.5, 20: 1.0, 40: (1 + np.cos(np.pi / 4)) / 2, 60: 0.5, 100: 0.0}
+  for step, value in expected.items():
+    assert float(cosine(step)) == pytest.approx(value, rel=1e-5, abs=1e-7), step
+  # 'polynomial': t counts from the warm-up's end and T = total - warmup + 1, so lr_end comes at
+  # num_train_steps + 1 (MLPerf's; test_polynomial_schedule_is_mlperfs has the values).
+  polynomial = optim.learning_rate_schedule(_config(lr_schedule='polynomial', learning_rate=1.0, warmup_steps=20,
+                                                    num_train_steps=100, lr_end=0.0, lr_power=1.0))
+  assert [float(polynomial(t)) for t in (20, 60, 100, 101)] == pytest.approx([1.0, 41 / 81, 1 / 81, 0.0], abs=1e-6)
+
+
 def test_unknown_schedule_and_optimizer_name_the_choices():
   with pytest.raises(ValueError, match="lr_schedule='poly' is unknown.*'polynomial'"):
     optim.learning_rate_schedule(_config(lr_schedule='poly'))

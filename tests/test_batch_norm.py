@@ -316,6 +316,16 @@ def test_options_out_of_range_are_refused_naming_the_option(options, named):
     BatchNorm(**options).init(jax.random.PRNGKey(0), x, train=True)
 
 
+@pytest.mark.parametrize('options, named', [
+    ({'renorm_r_max': 3.0}, 'renorm_r_max=3.0'), ({'renorm_decay': 0.9}, 'renorm_decay=0.9'),
+    ({'renorm_d_max': 1.0, 'renorm_clipping_ramp_steps': 10}, 'renorm_d_max=1.0, renorm_clipping_ramp_steps=10'),
+])
+def test_renorm_options_without_renorm_are_refused_not_ignored(options, named):
+  with pytest.raises(ValueError, match=f"BatchNorm.*{named} would do nothing without renorm=True"):
+    BatchNorm(**options).init(jax.random.PRNGKey(0), jnp.ones((4, 2, 2, 3)), train=False)
+  BatchNorm(renorm=True, **options).init(jax.random.PRNGKey(0), jnp.ones((4, 2, 2, 3)), train=False)
+
+
 @pytest.mark.parametrize('decay', [0.0, 1.0])
 def test_decay_bounds_are_allowed_and_mean_what_they_say(decay):
   x = jnp.arange(48.0).reshape(4, 2, 2, 3)

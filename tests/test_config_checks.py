@@ -50,6 +50,11 @@ def test_batch_norm_options_are_checked_as_the_layer_checks_them(field, value):
     config_checks.check_config(_with(field, value))
 
 
+def test_renorm_options_without_renorm_are_refused_in_the_config():
+  with pytest.raises(ValueError, match=r'^config\.bn\.renorm_r_max=3\.0 would do nothing without renorm=True'):
+    config_checks.check_config(_with('bn.renorm_r_max', 3.0))
+
+
 @pytest.mark.parametrize('field, value', [
     ('bn.decay', 0.0), ('bn.decay', 1.0), ('num_train_steps', 0), ('keep_checkpoints', 1), ('momentum', 0.0),
     ('eval_batch_size', 0), ('label_smoothing', 0.0), ('bn_report_batch_sizes', (1, 8)),

@@ -88,6 +88,11 @@ _CHECKED_OPTIONS = ('decay', 'epsilon', 'zero_debias_moving_mean', 'zero_debias_
                     'renorm_clipping_ramp_steps')
 
 
+# Fields that only batch renormalization reads.
+_RENORM_ONLY = ('renorm_decay', 'renorm_r_max', 'renorm_r_min', 'renorm_d_max', 'renorm_clipping_start_step',
+                'renorm_clipping_ramp_steps')
+
+
 def check_options(prefix: str, options: Mapping[str, Any]) -> None:
   """Raises a one-line ValueError for BatchNorm options out of range or in conflict; the
   message starts with `prefix` ("config.bn." or "BatchNorm 'x': ") and the option's name.
@@ -118,6 +123,11 @@ def check_options(prefix: str, options: Mapping[str, Any]) -> None:
   for field, allowed, expected in bounds:
     if get(field) is not None and not allowed(get(field)):
       raise ValueError(f'{prefix}{field}={get(field)} must be {expected}.')
+  if not get('renorm'):
+    unused = [f'{field}={get(field)}' for field in _RENORM_ONLY if get(field) != getattr(BatchNorm, field)]
+    if unused:
+      raise ValueError(f"{prefix}{', '.join(unused)} would do nothing without renorm=True; set renorm=True or "
+                       'leave them at their defaults.')
 
 
 class BatchNorm(nn.Module):

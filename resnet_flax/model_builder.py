@@ -84,6 +84,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, device_coun
   """
   if config.dtype not in DTYPES:
     raise ValueError(f'config.dtype={config.dtype!r} is unknown; use one of {sorted(DTYPES)}.')
+  if config.bn.zero_init_last_gamma and not config.bn.scale:
+    raise ValueError('config.bn.zero_init_last_gamma=True needs config.bn.scale=True: without scale there is no '
+                     'gamma to start at zero.')
   device_count = device_count or jax.device_count()
   overrides = {f'batch_norm_{field}': value for field, value in config.bn.items() if field not in _NOT_LAYER_FIELDS}
   overrides['batch_norm_ghost_batch_size'] = statistics_group_size(config.bn, config.batch_size, device_count)

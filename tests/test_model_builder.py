@@ -61,6 +61,13 @@ def test_zero_init_last_gamma_on_v2_is_a_clear_error():
   model_builder.build_model(config, num_classes=10, device_count=1)
 
 
+def test_zero_init_last_gamma_without_scale_is_a_clear_error():
+  config = default.get_config()
+  config.bn.update(zero_init_last_gamma=True, scale=False)
+  with pytest.raises(ValueError, match='needs config.bn.scale=True'):
+    model_builder.build_model(config, num_classes=10, device_count=1)
+
+
 def test_block_sizes_build_another_depth_of_the_same_design():
   config = default.get_config()
   config.model = 'resnet_v1_50'

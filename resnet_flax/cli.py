@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Callable, NoReturn, Optional
@@ -60,6 +61,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     remaining = flags.FLAGS(argv)
     flags.FLAGS.config.keys()  # ml_collections defers a failed load to the first use: fail here, in one line.
+    _refuse_repeated_tuple_overrides(argv[1:], flags.FLAGS.config)
     return remaining
   except flags.Error as error:
     _exit(f'{error}; configs/default.py shows every field with its type.')
@@ -82,6 +84,16 @@ def workdir(default: Optional[str] = None) -> Optional[str]:
   return default if given is None else given
 
 
+def _refuse_repeated_tuple_overrides(args: list[str], config) -> None:
+  """A tuple field given twice: ml_collections joins the two tuples, where a scalar's last value wins."""
+  names = [arg.partition('=')[0][len('--config.'):] for arg in args if arg.startswith('--config.')]
+  for name in sorted({name for name in names if names.count(name) > 1}):
+    value = functools.reduce(lambda node, key: node[key], name.split('.'), config)
+    if isinstance(value, (tuple, list)):
+      _exit(f'--config.{name} is given {names.count(name)} times, which joins the tuples into {tuple(value)}; '
+            'give it once.')
+
+
 def run_reporting_user_errors(main: Callable[[], None]) -> None:
   """Runs `main`; a user error prints `error: <message>` on stderr and exits with status 2."""
   if not flags.FLAGS['verbosity'].present:
@@ -94,6 +106,10 @@ def run_reporting_user_errors(main: Callable[[], None]) -> None:
       raise
     print(f'error: {one_line_message(error)}', file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    # Training turns Ctrl-C into a save and a clean stop; this is one before (or after) that.
+    print('interrupted (Ctrl-C); rerun the same command to resume from the newest checkpoint.', file=sys.stderr)
+    sys.exit(130)
 
 
 def one_line_message(error: BaseException) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from resnet_flax import checkpoints, eval_lib, losses, model_builder, train_lib
+from resnet_flax import checkpoints, cli, eval_lib, losses, model_builder, train_lib
 from resnet_flax.slim import names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,6 +201,24 @@ def test_eval_without_checkpoint_is_one_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [f'error: no checkpoint in {tmp_path}/checkpoints; '
                                                 'train first or pass --checkpoint=PATH.']
+
+
+def test_a_tuple_override_given_twice_is_refused_not_joined():
+  result = run_script('train.py', '--config.lr_boundaries=(0.2,)', '--config.lr_boundaries=(0.5,)')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == ['error: --config.lr_boundaries is given 2 times, which joins the '
+                                                'tuples into (0.2, 0.5); give it once.']
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
+  def interrupted():
+    raise KeyboardInterrupt
+
+  with pytest.raises(SystemExit) as exit_status:
+    cli.run_reporting_user_errors(interrupted)
+  assert exit_status.value.code == 130
+  assert capsys.readouterr().err == ('interrupted (Ctrl-C); rerun the same command to resume from the newest '
+                                     'checkpoint.\n')
 
 
 @pytest.mark.parametrize('script, default', [('train.py', ' or leave the flag out (/tmp/resnet_flax)'),

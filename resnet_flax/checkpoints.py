@@ -254,6 +254,9 @@ def _item_directory(path: str) -> str:
   if newest is not None:
     raise CheckpointError(f'{path} holds checkpoints, it is not one; name one of them, e.g. the newest: '
                           f'{path}/{newest}.')
+  if os.path.isfile(path) or os.path.isfile(path + '.index'):
+    raise CheckpointError(f'{path} is a file, not an orbax checkpoint directory; for a TF-Slim checkpoint pass '
+                          f'slim:{path.removesuffix(".index")}.')
   if not os.path.isdir(item):
     raise CheckpointError(f'checkpoint {path} does not exist; pass a <workdir>/checkpoints/<step> directory, '
                           'a converted directory, or slim:PATH for a TF-Slim checkpoint.')

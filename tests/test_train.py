@@ -232,6 +232,8 @@ def test_empty_workdir_is_one_line_not_the_default(script, default):
 @pytest.mark.parametrize('checkpoint, named', [
     ('', '--checkpoint is empty; pass a checkpoint directory or slim:PATH, or leave the flag out.'),
     ('slim:', "'slim:' names no checkpoint; give slim:PATH"),
+    ('{workdir}/model.ckpt', '{workdir}/model.ckpt is a file, not an orbax checkpoint directory; for a TF-Slim '
+                             'checkpoint pass slim:{workdir}/model.ckpt.'),
     ('{workdir}', '{workdir} is a training workdir, not a checkpoint; name one of its checkpoints, '
                   '{workdir}/checkpoints/<step> (eval.py: or pass --workdir={workdir} for the newest).'),
     ('{workdir}/checkpoints', '{workdir}/checkpoints holds checkpoints, it is not one; name one of them, e.g. the '
@@ -240,6 +242,7 @@ def test_empty_workdir_is_one_line_not_the_default(script, default):
 def test_checkpoint_paths_that_name_no_checkpoint_say_what_to_name(tmp_path, checkpoint, named):
   for step in (2, 4):
     (tmp_path / 'checkpoints' / str(step)).mkdir(parents=True)
+  (tmp_path / 'model.ckpt.index').write_bytes(b'')  # a TF checkpoint's prefix, passed without slim:
   with pytest.raises(ValueError) as error:
     eval_lib.load_checkpoint(tiny_config(), None, checkpoint.format(workdir=tmp_path))
   assert str(error.value).startswith(named.format(workdir=tmp_path))

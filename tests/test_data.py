@@ -1,5 +1,6 @@
 """Input pipelines: splits, determinism and exact resume, sharding, padding, CIFAR-10 files
-(and refusing malicious ones), synthetic data, prefetching, config errors.
+(and refusing malicious ones), synthetic data, prefetching, config errors, and image folder
+trees that cannot train (symlink loops, one class, batches of unreadable files).
 
 Image folders and their preprocessing are tested in test_preprocessing.py."""
 
@@ -8,16 +9,19 @@ import io
 import itertools
 import os
 import pickle
+import re
 import struct
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from resnet_flax import data
 from resnet_flax.data import augment, cifar10, digits, sampling
-from resnet_flax.data.pipeline import Source
+from resnet_flax.data.pipeline import SkippedImageWarning, Source
 from resnet_flax.data.synthetic import ConstantLoader
 
 
@@ -287,6 +291,8 @@ def test_synthetic_is_fixed_shape_and_reuses_its_images():
     ({'name': 'imagefolder', 'image_size': 0, 'preprocessing': 'vgg'}, 'positive config.data.image_size'),
     ({'name': 'synthetic', 'channels': 0}, r'positive .* got 224, 0, 1000, 10000'),
     ({'name': 'synthetic', 'num_classes': 0}, r'positive .* got 224, 3, 0, 10000'),
+    # One class trains to loss 0 and top-1 1.0, learning nothing.
+    ({'name': 'synthetic', 'num_classes': 1}, r'num_classes=1, but training a classifier needs at least 2 classes'),
 ])
 def test_config_errors_are_one_line_data_errors(config, match):
   with pytest.raises(data.DataError, match=match) as excinfo:
@@ -371,3 +377,90 @@ def test_prefetched_training_batches_equal_direct_ones():
   ds = data.build(DIGITS, 'train', batch_size=32, seed=0)
   with data.prefetch(ds.train_batches(), buffer_size=2) as iterator:
     np.testing.assert_equal(_batches(iterator, 4), _batches(ds.train_batches(), 4))
+
+
+# --- image folder trees that cannot train -------------------------------------------------
+
+def _image_tree(root, classes=('a', 'b'), per_class=4, split='train'):
+  for name in classes:
+    directory = root / split / name
+    directory.mkdir(parents=True)
+    for i in range(per_class):
+      Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(directory / f'{i}.jpg')
+  return root
+
+
+def _folder(root, **extra):
+  return {'name': 'imagefolder', 'dir': str(root), 'image_size': 16, 'preprocessing': 'vgg', 'num_workers': 1,
+          **extra}
+
+
+@pytest.mark.parametrize('link,target', [
+    ('train/a/loop', '.'),  # itself
+    ('train/a/up', '..'),  # the split directory, which holds train/a again
+    ('elsewhere/back', '../train/a'),  # a loop through two links: train/a/out -> elsewhere -> train/a
+])
+def test_a_symlink_loop_is_refused_by_name(tmp_path, link, target):
+  root = _image_tree(tmp_path)
+  (root / 'elsewhere').mkdir()
+  (root / 'train' / 'a' / 'out').symlink_to(root / 'elsewhere')
+  (root / link).symlink_to(target)
+  expected = f'symlink {os.path.realpath(tmp_path)}/{link} -> {target} loops back into'  # Where the link is.
+  with pytest.raises(data.DataError, match=re.escape(expected)) as excinfo:
+    data.build(_folder(root), 'train', batch_size=4, seed=0)  # Had scanned 168 paths for 8 images.
+  assert '\n' not in str(excinfo.value)
+
+
+def test_symlinks_to_directories_elsewhere_count_each_path(tmp_path):
+  root = _image_tree(tmp_path)
+  _image_tree(tmp_path / 'extra', classes=('more',), per_class=2)
+  (root / 'train' / 'a' / 'more').symlink_to(root / 'extra' / 'train' / 'more')
+  (root / 'train' / 'b' / 'same').symlink_to(root / 'extra' / 'train' / 'more')  # Not a loop: counted again.
+  ds = data.build(_folder(root), 'train', batch_size=4, seed=0)
+  np.testing.assert_array_equal(ds.source.labels, [0] * 6 + [1] * 6)
+  assert ds.source.loader.paths[4:6] == tuple(str(root / 'train' / 'a' / 'more' / f'{i}.jpg') for i in range(2))
+
+
+@pytest.mark.parametrize('split,label_offset', [('train', 0), ('train', 1), ('validation', 0)])
+def test_one_class_folder_is_refused(tmp_path, split, label_offset):
+  root = _image_tree(tmp_path / 'data', classes=('n01440764',))  # data.dir one level too deep looks like this
+  _image_tree(root, classes=('n01440764',), split='val')
+  with pytest.raises(data.DataError, match=r"train has one class folder, 'n01440764', but training a classifier "
+                                           r"needs at least 2 classes; set config.data.dir to the directory "
+                                           r"holding train/ and val/") as excinfo:
+    data.build(_folder(root, label_offset=label_offset), split, batch_size=4, seed=0)
+  assert '\n' not in str(excinfo.value) and str(root / 'train') in str(excinfo.value)
+
+
+def test_a_validation_split_with_one_class_present_keeps_the_training_classes(tmp_path):
+  root = _image_tree(tmp_path)
+  _image_tree(root, classes=('b',), split='val')
+  ds = data.build(_folder(root), 'validation', batch_size=4, seed=0)
+  assert ds.num_classes == 2 and set(ds.source.labels.tolist()) == {1}
+
+
+def test_a_skipped_file_is_one_warning_line_without_the_skip_advice(tmp_path):
+  root = _image_tree(tmp_path)
+  (root / 'train' / 'a' / 'broken.jpg').write_bytes(b'not a jpeg')
+  ds = data.build(_folder(root, on_bad_image='skip'), 'train', batch_size=9, seed=0)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    batch = next(ds.eval_batches())
+  assert batch['mask'].sum() == 8
+  assert [w.category for w in caught] == [SkippedImageWarning]
+  # As the default `showwarning` prints it: the location line used to be followed by a source line of the pipeline.
+  printed = warnings.formatwarning(caught[0].message, caught[0].category, caught[0].filename, caught[0].lineno)
+  assert printed.count('\n') == 1 and 'broken.jpg' in printed and 'replace or delete the file' in printed
+  assert 'on_bad_image' not in printed  # It is already 'skip'.
+
+
+def test_a_training_batch_with_no_readable_image_is_refused(tmp_path):
+  root = _image_tree(tmp_path, per_class=2)
+  for path in (root / 'train').glob('*/*.jpg'):
+    path.write_bytes(b'not a jpeg')
+  ds = data.build(_folder(root, on_bad_image='skip'), 'train', batch_size=4, seed=0)
+  with pytest.warns(SkippedImageWarning), pytest.raises(
+      data.DataError, match=r'imagefolder/train: no readable image in the training batch of step 0: all 4 of its '
+                            r'files were skipped \(the first: cannot decode image .*train/[ab]/[01]\.jpg') as excinfo:
+    next(ds.train_batches())  # Had trained on an all-zero, all-masked batch.
+  assert '\n' not in str(excinfo.value)

@@ -23,6 +23,8 @@ from resnet_flax.data.preprocessing import Crop, Preprocessing
 _RGB_CONVERTIBLE_MODES = frozenset({'RGB', 'RGBA', 'RGBX', 'L', 'LA', 'P', 'PA', 'CMYK', 'YCbCr', '1'})
 # What a damaged or non-image file makes PIL raise.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# The end of every UnreadableImage message; dropped from the problem a skipped file reports, where it is already set.
+_OR_SKIP = ', or set config.data.on_bad_image="skip"'
 
 
 class UnreadableImage(DataError):
@@ -43,7 +45,7 @@ def _draft(image: Image.Image, box: tuple[float, float, float, float], size: int
 
 def _unreadable(path: str, error: Exception) -> UnreadableImage:
   return UnreadableImage(f'cannot decode image {os.fspath(path)}: {type(error).__name__}: {one_line(error)}; '
-                         f'replace or delete the file, or set config.data.on_bad_image="skip".')
+                         f'replace or delete the file{_OR_SKIP}.')
 
 
 def decode_crop(path: str, plan: Callable[[int, int], Crop], size: int) -> np.ndarray:
@@ -58,7 +60,7 @@ def decode_crop(path: str, plan: Callable[[int, int], Crop], size: int) -> np.nd
   with image:
     if image.mode not in _RGB_CONVERTIBLE_MODES:
       raise UnreadableImage(f'image {os.fspath(path)} has mode {image.mode!r}, which has no standard RGB '
-                            f'conversion; convert it to 8-bit RGB, or set config.data.on_bad_image="skip".')
+                            f'conversion; convert it to 8-bit RGB{_OR_SKIP}.')
     # Planned outside the `try` below, so that a bug in a plan is never blamed on the file.
     crop = plan(*image.size)
     try:
@@ -102,5 +104,5 @@ def decode_into_slot(images: np.ndarray, slot: int, path: str, preprocessing: Pr
     if not skip_unreadable:
       raise
     images[slot] = 0
-    return str(error)
+    return str(error).replace(_OR_SKIP, '')
   return None

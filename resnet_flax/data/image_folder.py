@@ -1,8 +1,8 @@
 """ImageFolder trees: <dir>/<split>/<class name>/<image>.{jpg,jpeg,png}, decoded by a thread pool.
 
 Classes are the sorted subdirectory names of the training split (of the split itself when
-there is no train/); label i is the i-th class plus `label_offset` (1 for slim's ResNet v2
-checkpoints, whose class 0 is background).
+there is no train/), at least 2; label i is the i-th class plus `label_offset` (1 for slim's
+ResNet v2 checkpoints, whose class 0 is background).
 Each example is decoded, cropped and converted in a worker thread straight into its slot of
 the batch (PIL releases the GIL while decoding and resampling), or, for many cores, in
 worker processes writing into shared memory (`worker_processes.py`). When the preprocessing's
@@ -62,6 +62,54 @@ def class_names(directory: str) -> list[str]:
   return classes
 
 
+def label_classes(directory: str) -> list[str]:
+  """The class folders of `directory` that define the labels: `class_names`, at least 2 of them."""
+  classes = class_names(directory)
+  if len(classes) < 2:
+    # One class trains to loss 0 and top-1 1.0 with nothing learnt; it is usually a data.dir one level too deep.
+    raise DataError(f'{directory} has one class folder, {classes[0]!r}, but training a classifier needs at least 2 '
+                    f'classes; set config.data.dir to the directory holding train/ and val/ with one folder per '
+                    f'class (or add the missing class folders).')
+  return classes
+
+
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+
+
+def _loop_target(link: str, walked: tuple[str, ...]) -> Optional[str]:
+  """The directory of `walked` (real paths, the scan's way down) that symlink `link` leads back into, if any."""
+  target = os.path.realpath(link)
+  return next((directory for directory in walked if os.path.commonpath((directory, target)) == target), None)
+
+
+def image_files(directory: str, walked: tuple[str, ...] = ()) -> list[str]:
+  """The image files under `directory`, in sorted order (a directory's files, then its subdirectories').
+
+  Symlinked directories are followed, each time they are met: a file reached by two paths
+  counts twice. A symlink leading back into a directory on the way down (a loop) is an error:
+  following it would count the same files again and again.
+  """
+  walked = (*walked, os.path.realpath(directory))
+  try:
+    entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+  except OSError as error:  # os.walk skipped such a directory: its images went missing silently.
+    message = f'cannot list image directory {directory}: {error.strerror}; fix its permissions or remove it.'
+    raise DataError(message) from error
+  # Anything that is not a directory (a broken link too) counts, so a bad file is named when read, not dropped.
+  found = [entry.path for entry in entries if not entry.is_dir() and _is_image(entry.name)]
+  for entry in entries:
+    if not entry.is_dir():
+      continue
+    loop = _loop_target(entry.path, walked) if entry.is_symlink() else None
+    if loop is not None:  # Named where it is, not as reached through other links: that is the file to remove.
+      link = os.path.join(walked[-1], entry.name)
+      raise DataError(f'symlink {link} -> {os.readlink(entry.path)} loops back into {loop}, which holds it, '
+                      f'so its images would be counted again and again; remove the link or point it elsewhere.')
+    found.extend(image_files(entry.path, walked))
+  return found
+
+
 def scan(directory: str, classes: Optional[list[str]] = None) -> tuple[list[str], list[str], np.ndarray]:
   """(class names, image paths, class index per path) of a split directory, in sorted order.
 
@@ -77,11 +125,7 @@ def scan(directory: str, classes: Optional[list[str]] = None) -> tuple[list[str]
   paths, class_indices = [], []
   for name in present:
     index = classes.index(name)
-    found = []
-    for parent, subdirs, files in os.walk(os.path.join(directory, name), followlinks=True):
-      subdirs.sort()
-      found.extend(os.path.join(parent, file) for file in sorted(files)
-                   if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith('.'))
+    found = image_files(os.path.join(directory, name))
     if not found:
       raise DataError(f'class directory {os.path.join(directory, name)} has no {"/".join(IMAGE_EXTENSIONS)} '
                       f'files; add images or remove the directory.')
@@ -141,9 +185,10 @@ def build_source(root: str, split: str, *, preprocessing: str, image_size: int, 
                     f'train/ and val/ subdirectories of class folders.')
   # Labels are the training split's class indices, whichever split this is (a tree with
   # only a validation split, to evaluate a converted checkpoint, has its own).
+  directory = split_directory(root, split)
   train_directory = os.path.join(root, 'train')
-  train_classes = class_names(train_directory) if split != 'train' and os.path.isdir(train_directory) else None
-  classes, paths, class_indices = scan(split_directory(root, split), train_classes)
+  classes = label_classes(train_directory if os.path.isdir(train_directory) else directory)
+  classes, paths, class_indices = scan(directory, classes)
   workers = num_workers or len(os.sched_getaffinity(0))  # The cores this process may use, not the machine's.
   ship_pixels = chosen.pixel_values is not None
   options = dict(skip_unreadable=on_bad_image == 'skip', augment_train=augment_train, ship_pixels=ship_pixels)

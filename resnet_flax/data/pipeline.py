@@ -23,22 +23,34 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol
 import numpy as np
 
 from resnet_flax.data import sampling
-from resnet_flax.data.errors import DataError
+from resnet_flax.data.errors import DataError, one_line
 
 Batch = dict[str, np.ndarray]
+# Where skipped-file warnings say they come from: a name in <> that linecache never reads, so a
+# warning is one line, without a source line of the pipeline that says nothing about the file.
+_SKIP_ORIGIN = '<resnet_flax.data>'
+# Each skipped file is warned once, as `warnings.warn` does for one call site under the default filter.
+_skip_registry: dict[Any, Any] = {}
+
+
+class SkippedImageWarning(UserWarning):
+  """An unreadable image file was skipped (config.data.on_bad_image='skip'): a zero image with mask 0."""
 
 
 class Loaded(NamedTuple):
-  """Images for a list of indices, and which of them could be read (None: all of them)."""
+  """Images for a list of indices, which of them could be read (None: all of them), and the problems of the others."""
   images: np.ndarray
   readable: Optional[np.ndarray] = None
+  problems: tuple[str, ...] = ()
 
   @classmethod
   def with_problems(cls, images: np.ndarray, problems: list[Optional[str]]) -> Loaded:
     """`images` whose slots with a problem (a skipped file) are unreadable; each problem is warned."""
-    for problem in filter(None, problems):
-      warnings.warn(f'skipping (mask 0): {problem}', stacklevel=3)
-    return cls(images, np.array([problem is None for problem in problems]))
+    found = tuple(filter(None, problems))
+    for problem in found:
+      warnings.warn_explicit(f'skipped (mask 0): {one_line(problem)}', SkippedImageWarning, _SKIP_ORIGIN, 0,
+                             module=__name__, registry=_skip_registry)
+    return cls(images, np.array([problem is None for problem in problems]), found)
 
 
 # A pending load: calling it waits for (or computes) the images.
@@ -48,6 +60,20 @@ Pending = Callable[[], Loaded]
 def as_model_input(images: Any) -> Any:
   """The identity: for loaders whose images are already the model's float32 input."""
   return images
+
+
+def _some_readable(loaded: Loaded, name: str, step: int) -> Loaded:
+  """`loaded`, unless none of its images could be read (all skipped): a DataError naming the files.
+
+  An all-masked training batch teaches nothing but would still move batch norm's statistics
+  towards its zero images; a whole batch of unreadable files means the data, not a few files, is bad.
+  """
+  if loaded.readable is None or loaded.readable.any():
+    return loaded
+  first = one_line(loaded.problems[0]).rstrip('.')
+  raise DataError(f'{name}: no readable image in the training batch of step {step}: all {len(loaded.problems)} of '
+                  f'its files were skipped (the first: {first}); on_bad_image="skip" is for a few bad files: check '
+                  f'the images under config.data.dir.')
 
 
 class Loader(Protocol):
@@ -152,7 +178,8 @@ class Dataset:
       positions = sampling.shard_positions(step, self.batch_size, self.process_index, self.process_count)
       indices = sampling.train_indices(positions, self.num_examples, permutation)
       rng = sampling.augment_rng(self.seed, step, self.process_index)
-      return indices, np.ones(self.batch_size, np.float32), self.source.loader.start_train(indices, rng)
+      pending = self.source.loader.start_train(indices, rng)
+      return indices, np.ones(self.batch_size, np.float32), lambda: _some_readable(pending(), self.source.name, step)
 
     return self._batches(start, itertools.count(start_step))
 

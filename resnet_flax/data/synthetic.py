@@ -41,6 +41,9 @@ def build_source(*, image_size: int, channels: int = 3, num_classes: int, num_ex
   if min(image_size, channels, num_classes, num_examples) < 1:
     raise DataError(f'synthetic data needs positive image_size, channels, num_classes and num_examples, got '
                     f'{image_size}, {channels}, {num_classes}, {num_examples}.')
+  if num_classes < 2:  # One class trains to loss 0 and top-1 1.0: a benchmark of nothing that looks like success.
+    raise DataError(f'synthetic data has num_classes={num_classes}, but training a classifier needs at least 2 '
+                    f'classes; set config.data.num_classes to 2 or more.')
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, (batch_size, image_size, image_size, channels), np.uint8)
   images.flags.writeable = False

@@ -155,8 +155,8 @@ class Checkpointer:
         report(f'Set aside damaged checkpoint(s) {failed_steps} as <step>.damaged; resuming from step {step}.')
       return state, step
     if failures:
-      raise CheckpointError(f'no usable checkpoint in {self.directory} ({len(failures)} tried, newest: '
-                            f'{failures[0]}); fix --config or start a fresh --workdir.')
+      raise CheckpointError(f'no usable checkpoint in {self.directory}, {len(failures)} tried; the newest: '
+                            f'{failures[0]}')
     return target, None
 
 
@@ -315,6 +315,17 @@ def _root_cause(error: BaseException) -> BaseException:
   return error
 
 
+def _failure_summary(error: BaseException) -> str:
+  """orbax's tree mismatch in one line, where it differs included ('opt_state: Source (list, 3), Target
+  (list, 2)'); any other error's first line."""
+  text = str(error)
+  if 'tree structures do not match' not in text:
+    return _first_line(error)
+  detail = text.partition('If this mismatch is intentional')[0]
+  detail = re.sub(r"<class '([\w.]+)'>", r'\1', detail)
+  return ' '.join(detail.replace('- ', '').replace(':\n', ': ').split())[:400]
+
+
 def _first_line(error: BaseException) -> str:
   text = str(error).strip()
   return text.splitlines()[0][:300] if text else type(error).__name__
@@ -330,5 +341,5 @@ def restore_from(path: str, target: Any) -> Any:
       return checkpointer.restore(item, abstract_like(target))
   except _READ_FAILURES as error:
     raise CheckpointError(f'checkpoint {path} is damaged or does not match this model/config '
-                          f'({_first_line(_root_cause(error))}); check --config.model and num_classes, or start a '
-                          'fresh --workdir.') from error
+                          f'({_failure_summary(_root_cause(error))}); resume with the config it was trained with '
+                          '(model and its options, num_classes, optimizer, bn), or start a fresh --workdir.') from error

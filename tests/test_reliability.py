@@ -136,6 +136,17 @@ def test_checkpoints_of_another_model_fail_clearly_and_stay_untouched(tmp_path):
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
 
 
+def test_resuming_with_another_optimizer_names_where_the_state_differs(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  other = tiny_config(4)
+  other.optimizer = 'adamw'
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    train_lib.train_and_evaluate(other, str(tmp_path))
+  assert 'tree structures do not match: opt_state: Source: (list, 3) Target: (list, 2)' in str(error.value)
+  assert str(error.value).endswith('resume with the config it was trained with (model and its options, '
+                                   'num_classes, optimizer, bn), or start a fresh --workdir.')
+
+
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny_config(6)
   config.learning_rate = 1e30

@@ -454,6 +454,20 @@ def test_a_skipped_file_is_one_warning_line_without_the_skip_advice(tmp_path):
   assert 'on_bad_image' not in printed  # It is already 'skip'.
 
 
+def test_a_skipped_training_image_is_a_masked_copy_of_a_batch_mate(tmp_path):
+  # Train-mode batch norm averages over every slot, masked or not: a zero image would skew its statistics.
+  root = _image_tree(tmp_path)
+  for path in (root / 'train').glob('*/*.jpg'):  # no black image: a copy must differ from a zero slot
+    Image.fromarray(np.full((20, 24, 3), 100 + int(path.stem), np.uint8)).save(path)
+  (root / 'train' / 'a' / 'broken.jpg').write_bytes(b'not a jpeg')
+  ds = data.build(_folder(root, on_bad_image='skip'), 'train', batch_size=9, seed=0)
+  with pytest.warns(SkippedImageWarning):
+    batch = next(ds.train_batches())
+  (skipped,) = np.flatnonzero(batch['mask'] == 0)
+  assert batch['image'][skipped].any()
+  assert any(np.array_equal(batch['image'][skipped], batch['image'][i]) for i in np.flatnonzero(batch['mask']))
+
+
 def test_a_training_batch_with_no_readable_image_is_refused(tmp_path):
   root = _image_tree(tmp_path, per_class=2)
   for path in (root / 'train').glob('*/*.jpg'):

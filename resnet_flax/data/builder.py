@@ -20,8 +20,9 @@ Fields of `config.data` (an ml_collections.ConfigDict or a plain dict):
   num_examples   synthetic only (default 10000)
   channels       synthetic only (default 3)
   label_offset   imagefolder: added to labels (1 for slim's ResNet v2 with background class 0)
-  on_bad_image   imagefolder: 'error' (default) | 'skip' (warn, zero image, mask 0; a training
-                 batch with no readable image is still an error)
+  on_bad_image   imagefolder: 'error' (default) | 'skip' (warn, mask 0; in training batches the
+                 slot holds a copy of a readable batch mate, so batch norm's statistics stay
+                 those of real images; a batch with no readable image is still an error)
   num_workers    imagefolder: decoding threads or processes (default 0: one per CPU core)
   worker_processes  imagefolder: decode in worker processes rather than threads (default
                  False); threads share one GIL and stop scaling at a few thousand img/s

@@ -34,7 +34,8 @@ _skip_registry: dict[Any, Any] = {}
 
 
 class SkippedImageWarning(UserWarning):
-  """An unreadable image file was skipped (config.data.on_bad_image='skip'): a zero image with mask 0."""
+  """An unreadable image file was skipped (config.data.on_bad_image='skip'): mask 0, and in training
+  batches a copy of a readable batch mate in its slot."""
 
 
 class Loaded(NamedTuple):
@@ -62,18 +63,25 @@ def as_model_input(images: Any) -> Any:
   return images
 
 
-def _some_readable(loaded: Loaded, name: str, step: int) -> Loaded:
-  """`loaded`, unless none of its images could be read (all skipped): a DataError naming the files.
+def _skipped_filled(loaded: Loaded, name: str, step: int) -> Loaded:
+  """`loaded` with each skipped slot holding a copy of a readable image of the batch (its mask stays 0).
 
-  An all-masked training batch teaches nothing but would still move batch norm's statistics
-  towards its zero images; a whole batch of unreadable files means the data, not a few files, is bad.
+  Train-mode batch norm takes its statistics over every slot, masked or not: a zero image
+  (minus the channel mean after VGG preprocessing) would pull them off, a batch mate's copy
+  keeps them those of real images. A batch with no readable image is a DataError naming
+  the files: a whole batch of unreadable files means the data, not a few files, is bad.
   """
-  if loaded.readable is None or loaded.readable.any():
+  if loaded.readable is None or loaded.readable.all():
     return loaded
-  first = one_line(loaded.problems[0]).rstrip('.')
-  raise DataError(f'{name}: no readable image in the training batch of step {step}: all {len(loaded.problems)} of '
-                  f'its files were skipped (the first: {first}); on_bad_image="skip" is for a few bad files: check '
-                  f'the images under config.data.dir.')
+  if not loaded.readable.any():
+    first = one_line(loaded.problems[0]).rstrip('.')
+    raise DataError(f'{name}: no readable image in the training batch of step {step}: all {len(loaded.problems)} '
+                    f'of its files were skipped (the first: {first}); on_bad_image="skip" is for a few bad files: '
+                    'check the images under config.data.dir.')
+  readable, skipped = np.flatnonzero(loaded.readable), np.flatnonzero(~loaded.readable)
+  images = np.array(loaded.images)  # a copy: loaders may hand out read-only or reused arrays
+  images[skipped] = images[readable[np.arange(len(skipped)) % len(readable)]]
+  return loaded._replace(images=images)
 
 
 class Loader(Protocol):
@@ -179,7 +187,7 @@ class Dataset:
       indices = sampling.train_indices(positions, self.num_examples, permutation)
       rng = sampling.augment_rng(self.seed, step, self.process_index)
       pending = self.source.loader.start_train(indices, rng)
-      return indices, np.ones(self.batch_size, np.float32), lambda: _some_readable(pending(), self.source.name, step)
+      return indices, np.ones(self.batch_size, np.float32), lambda: _skipped_filled(pending(), self.source.name, step)
 
     return self._batches(start, itertools.count(start_step))
 

@@ -1,4 +1,4 @@
-"""Metrics to `workdir/metrics.jsonl` and TensorBoard event files (no TensorFlow needed)."""
+"""Run records in the workdir: metrics.jsonl, TensorBoard event files (no TensorFlow needed) and config.json."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import errno
 import json
 import os
 import time
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -29,6 +29,7 @@ class MetricsWriter:
     self._failed = False
     if enabled:
       from tensorboardX.event_file_writer import EventsWriter  # Here: only process 0 needs it.
+      self._workdir = workdir
       self._tensorboard_dir = os.path.join(workdir, 'tensorboard')
       with self._reporting_failure(workdir):
         os.makedirs(self._tensorboard_dir, exist_ok=True)
@@ -51,6 +52,30 @@ class MetricsWriter:
       self._jsonl.write(json.dumps({'step': int(step), **{k: float(v) for k, v in metrics.items()}}) + '\n')
       self._jsonl.flush()
 
+  def record_config(self, config: Mapping[str, Any]) -> list[str]:
+    """Writes `config` (nested dicts) to `workdir/config.json`; returns how it differs from the one there.
+
+    Each difference reads 'field: old -> new' (dotted field names), in sorted order; a
+    workdir without a record gives none. Written atomically, so a crash never leaves half a record.
+    """
+    if not self.enabled:
+      return []
+    path = os.path.join(self._workdir, 'config.json')
+    current = _flatten(json.loads(json.dumps(config, default=str)))  # tuples as lists, as read back
+    saved = {}
+    if os.path.exists(path):
+      with open(path, encoding='utf-8') as file:
+        saved = _flatten(json.load(file))
+    with self._reporting_failure(path):
+      with open(path + '.tmp', 'w', encoding='utf-8') as file:
+        json.dump(config, file, indent=1, sort_keys=True, default=str)
+      os.replace(path + '.tmp', path)
+    if not saved:
+      return []
+    missing = '(none)'
+    return [f'{key}: {saved.get(key, missing)} -> {current.get(key, missing)}'
+            for key in sorted(set(saved) | set(current)) if saved.get(key, missing) != current.get(key, missing)]
+
   def close(self) -> None:
     if not self.enabled:
       return
@@ -69,3 +94,14 @@ class MetricsWriter:
       raise MetricsWriteError(f'writing metrics to {path} failed ({error.strerror or error}); {fix} or pass another '
                               '--workdir, then rerun the same command: it resumes from the newest checkpoint.'
                               ) from error
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'bn': {'decay': 0.9}} -> {'bn.decay': 0.9}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat

@@ -70,3 +70,23 @@ def test_a_directory_where_metrics_jsonl_belongs_names_the_path_not_the_disk(tmp
     metrics_writer.MetricsWriter(str(tmp_path))
   assert str(error.value).startswith(f'writing metrics to {tmp_path} failed (Is a directory); fix {tmp_path} or pass '
                                      'another --workdir')
+
+
+def test_config_record_lists_what_changed_since_the_last_start(tmp_path):
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  assert writer.record_config({'batch_size': 16, 'bn': {'decay': 0.9}, 'lr_boundaries': (0.3, 0.6)}) == []
+  changes = writer.record_config({'batch_size': 8, 'bn': {'decay': 0.9, 'frozen': True}, 'lr_boundaries': (0.3, 0.6)})
+  assert changes == ['batch_size: 16 -> 8', 'bn.frozen: (none) -> True']
+  assert json.loads((tmp_path / 'config.json').read_text())['batch_size'] == 8
+  assert sorted(os.listdir(tmp_path)) == ['config.json', 'metrics.jsonl', 'tensorboard']  # no temporary left
+  writer.close()
+
+
+def test_resuming_with_another_batch_size_says_so(tmp_path, capsys):
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  capsys.readouterr()
+  changed = tiny_config(4)
+  changed.batch_size = 8
+  train_lib.train_and_evaluate(changed, str(tmp_path))
+  out = capsys.readouterr().out
+  assert 'warning: resuming with a changed config: batch_size: 16 -> 8; num_train_steps: 2 -> 4.' in out

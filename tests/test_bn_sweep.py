@@ -108,8 +108,53 @@ def test_a_run_with_impossible_settings_stops_the_sweep_before_any_run_trains(tm
 
 def test_an_unwritable_sweep_workdir_is_refused_in_one_line(tmp_path):
   (tmp_path / 'file').write_text('')
-  with pytest.raises(ValueError, match='is not writable'):
+  with pytest.raises(ValueError, match='is a file, not a directory'):
     bn_sweep.run_sweep(_config(), str(tmp_path / 'file'), log=lambda message: None)
+
+
+@pytest.mark.parametrize('argv, field, sweep_field', [
+    (['--config=configs/bn_sweep.py', '--config.batch_size=16', "--config.sweep.batch_size=(8,)"],
+     'batch_size', 'batch_size'),
+    (['--config.bn.decay', '0.9'], 'bn.decay', 'decay'),
+    (['--noconfig.bn.zero_debias_moving_mean'], 'bn.zero_debias_moving_mean', 'zero_debias_moving_mean'),
+    (['-config.num_train_steps=5'], 'num_train_steps', 'num_train_steps'),
+    (['--config.eval_every_steps=5'], 'eval_every_steps', 'eval_every_steps'),
+])
+def test_a_base_override_of_a_swept_field_is_refused(argv, field, sweep_field):
+  with pytest.raises(ValueError) as error:
+    grid.check_no_swept_overrides(argv, grid.SWEPT_FIELDS)
+  assert str(error.value) == (f'config.{field} is set by the sweep (config.sweep.{sweep_field}); drop '
+                              f'--config.{field} or put the value(s) in --config.sweep.{sweep_field}.')
+
+
+def test_overrides_the_sweep_does_not_set_pass():
+  grid.check_no_swept_overrides(['--config=configs/bn_sweep.py', '--config.sweep.batch_size=(8,16)',
+                                 '--config.eval_batch_size=8', '--config.bn.decay_x=1', '--workdir=w',
+                                 '--', '--config.batch_size=1'], grid.SWEPT_FIELDS)
+
+
+@pytest.mark.parametrize('arguments, message', [
+    # A tiny grid, should the override ever get through and train.
+    (['--workdir={workdir}', '--config.batch_size=16', '--config.sweep.batch_size=(8,)', '--config.sweep.decay=(0.9,)',
+      '--config.sweep.zero_debias_moving_mean=(False,)', '--config.sweep.num_train_steps=(2,)'],
+     'error: config.batch_size is set by the sweep (config.sweep.batch_size); drop --config.batch_size or put the '
+     'value(s) in --config.sweep.batch_size.'),
+    (['--workdir='], 'error: --workdir is empty; pass a directory.'),
+])
+def test_command_line_mistakes_stop_the_sweep_in_one_line(tmp_path, arguments, message):
+  arguments = [argument.format(workdir=tmp_path / 'sweep') for argument in arguments]
+  completed = subprocess.run([sys.executable, '-m', 'resnet_flax.bn_sweep', '--config=configs/bn_sweep.py',
+                              *arguments], cwd=REPO, capture_output=True, text=True)
+  assert completed.returncode == 2 and completed.stderr.strip().splitlines() == [message], completed.stderr[-2000:]
+  assert not (tmp_path / 'sweep').exists() and not os.path.exists(os.path.join(REPO, 'compilation_cache'))
+
+
+def test_a_batch_of_one_in_the_grid_is_refused_before_any_run_naming_the_run(tmp_path):
+  config = _config(TINY, decay=(0.9,), zero_debias_moving_mean=(False,), batch_size=(1, 8))
+  with pytest.raises(ValueError, match=r'^sweep run decay0\.9_debias0_bs1_steps20: config\.batch_size=1 leaves '
+                                       'one example per BatchNorm statistics group'):
+    bn_sweep.run_sweep(config, str(tmp_path), log=lambda message: None)
+  assert not (tmp_path / 'runs').exists()
 
 
 def test_a_config_without_sweep_says_which_to_use():

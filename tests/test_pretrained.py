@@ -105,7 +105,7 @@ def test_mismatched_model_lists_offenders(tmp_path):
 
 
 @pytest.mark.parametrize('workdir_is_a_file, arguments, named', [
-    (True, ['--num_classes', '10', '--image_size', '32'], 'is not writable'),
+    (True, ['--num_classes', '10', '--image_size', '32'], 'is a file, not a directory'),
     (False, ['--num_classes', '-3'], 'give num_classes >= 0'),
     (False, ['--num_classes', '10', '--channels', '0'], 'positive image size and channel count'),
 ])
@@ -120,3 +120,41 @@ def test_convert_refuses_bad_arguments_and_unwritable_workdirs_in_one_line(tmp_p
   lines = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(lines) == 1 and named in lines[0], lines
   assert not (tmp_path / 'out' / 'variables').exists()
+
+
+@pytest.mark.parametrize('arguments, named', [
+    (['convert', '--checkpoint', V1_CKPT, '--model', 'bogus', '--workdir', 'out'],
+     "argument --model: invalid choice: 'bogus'"),
+    (['convert', '--checkpoint', V1_CKPT, '--model', 'resnet_v1_tiny', '--workdir', 'out', '--image_size', 'abc'],
+     "argument --image_size: invalid int value: 'abc'"),
+    (['convert', '--checkpoint', V1_CKPT, '--workdir', 'out'], 'the following arguments are required: --model'),
+    ([], 'the following arguments are required: command'),
+])
+def test_cli_refuses_malformed_arguments_in_one_line_without_usage(capsys, arguments, named):
+  assert slim_cli.main(arguments) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and named in lines[0], lines
+  assert lines[0].endswith('--help` lists the arguments.')
+
+
+def test_cli_help_still_prints_usage(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    slim_cli.main(['convert', '--help'])
+  assert exit_info.value.code == 0 and '--checkpoint' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('existing, message', [
+    (True, 'variables already exists; delete it or pass another --workdir.'),
+    (False, 'error: --workdir is empty; pass a directory.'),
+])
+def test_convert_refuses_a_taken_or_empty_workdir_before_reading(tmp_path, capsys, monkeypatch, existing, message):
+  def must_not_read(*args, **kwargs):
+    raise AssertionError('the checkpoint was read before the workdir was checked')
+  monkeypatch.setattr(slim_cli.slim, 'load_variables', must_not_read)
+  if existing:
+    (tmp_path / 'variables').mkdir()
+  workdir = str(tmp_path) if existing else ''
+  code = slim_cli.main(['convert', '--checkpoint', V1_CKPT, '--model', 'resnet_v1_tiny', '--workdir', workdir,
+                        '--num_classes', '10', '--image_size', '32'])
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(lines) == 1 and lines[0].endswith(message), lines

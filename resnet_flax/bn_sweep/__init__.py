@@ -7,10 +7,21 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import ml_collections
 
-from resnet_flax import checkpoints, config_checks
+from resnet_flax import checkpoints, config_checks, model_builder, sharding
 from resnet_flax.bn_sweep import grid, plots, runner, tables
+
+
+def check_run(run: grid.Run) -> None:
+  """train_and_evaluate's checks of a run's config, with the run named: a grid point may break them alone."""
+  try:
+    config_checks.check_config(run.config)
+    sharding.check_batch_size(run.config.batch_size)
+    model_builder.check_statistics_groups(run.config, jax.device_count())
+  except ValueError as error:
+    raise ValueError(f'sweep run {run.name}: {error}') from error
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str,
@@ -18,7 +29,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str,
   """Runs every unfinished run of `config.sweep`'s grid, then writes tables and plots of them all."""
   runs = grid.expand(config)
   for run in runs:  # every run's settings, before the first one trains
-    config_checks.check_config(run.config)
+    check_run(run)
   checkpoints.check_workdir(workdir, needed_bytes=0)  # each run checks its own room when it starts
   plots.require_matplotlib()
   results = runner.run_all(runs, workdir, config.sweep.recalibration_batches, log)

@@ -8,6 +8,7 @@ Compiled programs are cached in DIR/compilation_cache unless JAX_COMPILATION_CAC
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 from absl import app, flags
@@ -22,8 +23,12 @@ def main(argv: list[str]) -> None:
   del argv
 
   def run():
-    if FLAGS.workdir is None:
+    workdir = cli.workdir()  # an empty --workdir= is refused here
+    if workdir is None:
       raise ValueError('pass --workdir=DIR: the sweep keeps its runs, tables and plots there.')
+    # Expanded as ml_collections reads the overrides, so a flag file's are caught too.
+    argv = flags.FLAGS.read_flags_from_files(sys.argv[1:], force_gnu=False)
+    bn_sweep.grid.check_no_swept_overrides(argv, bn_sweep.grid.SWEPT_FIELDS)
     try:
       bn_sweep.plots.require_matplotlib()
     except ImportError as error:  # One line, before any training.
@@ -31,8 +36,8 @@ def main(argv: list[str]) -> None:
     if not jax.config.jax_compilation_cache_dir:
       # Runs differ in a few constants: their evaluation and recalibration programs come out
       # identical and compile once for the grid, and a resumed sweep compiles nothing twice.
-      jax.config.update('jax_compilation_cache_dir', os.path.join(FLAGS.workdir, 'compilation_cache'))
-    bn_sweep.run_sweep(FLAGS.config, FLAGS.workdir)
+      jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'compilation_cache'))
+    bn_sweep.run_sweep(FLAGS.config, workdir)
 
   cli.run_reporting_user_errors(run)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any
+import re
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -25,6 +26,25 @@ AXES = (
     Axis('num_train_steps', 'num_train_steps', 'steps', int),
 )
 SETTINGS = tuple(axis.field for axis in AXES)
+# Every base field a run overwrites -> the config.sweep field it comes from.
+SWEPT_FIELDS = {**{axis.config_path: axis.field for axis in AXES}, 'eval_every_steps': 'eval_every_steps'}
+# How ml_collections recognizes an override: --config.a.b=v, -config.a.b v, --noconfig.a.b for booleans.
+_OVERRIDE = re.compile(r'-{1,2}(?:no)?config\.([^=]+)')
+
+
+def check_no_swept_overrides(argv: Sequence[str], swept: Mapping[str, str]) -> None:
+  """Refuses a `--config.<field>` the sweep sets per run: every run would silently replace its value.
+
+  `swept` maps a run's config field to its config.sweep field, as SWEPT_FIELDS does.
+  """
+  for arg in argv:
+    if arg == '--':  # absl: what follows are arguments, not flags
+      return
+    match = _OVERRIDE.fullmatch(arg.split('=', 1)[0])
+    if match and match.group(1) in swept:
+      field, sweep_field = match.group(1), swept[match.group(1)]
+      raise ValueError(f'config.{field} is set by the sweep (config.sweep.{sweep_field}); drop --config.{field} '
+                       f'or put the value(s) in --config.sweep.{sweep_field}.')
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from resnet_flax import checkpoints, cli, models, slim
 
@@ -16,8 +17,22 @@ from resnet_flax import checkpoints, cli, models, slim
 _DEFAULT_CLASSES = {'resnet_v1': 1000, 'resnet_v2': 1001}
 
 
+class UsageError(ValueError):
+  """A command line argparse refuses (unknown choice, malformed number, missing argument)."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """Reports a bad argument as one `error:` line like every other user mistake, not a usage block.
+
+  Subparsers are made with the parent's class, so `convert`'s arguments get this too.
+  """
+
+  def error(self, message: str) -> NoReturn:
+    raise UsageError(f'{message}; `{self.prog} --help` lists the arguments.')
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='python -m resnet_flax.slim', description=__doc__.splitlines()[0])
+  parser = _Parser(prog='python -m resnet_flax.slim', description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest='command', required=True)
   convert = commands.add_parser('convert', help='TF-Slim checkpoint -> orbax variables checkpoint')
   convert.add_argument('--checkpoint', required=True, help='TF checkpoint prefix (model.ckpt) or its directory')
@@ -40,9 +55,13 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
   if num_classes < 0 or min(image_shape) < 1:
     raise ValueError(f'--num_classes={num_classes}, --image_size={image_shape[0]}, --channels={image_shape[2]}: '
                      'give num_classes >= 0 (0: features only) and a positive image size and channel count.')
+  if not workdir.strip():  # os.path.join('', 'variables') would write into the current directory
+    raise ValueError('--workdir is empty; pass a directory.')
+  target = os.path.join(workdir, 'variables')
+  if os.path.lexists(target):  # orbax refuses to overwrite; say so before the slow read, not after
+    raise ValueError(f'{target} already exists; delete it or pass another --workdir.')
   model = models.get_model(model_name, num_classes=num_classes or None)
   variables = slim.load_variables(checkpoint, model, image_shape=image_shape)
-  target = os.path.join(workdir, 'variables')
   # Before orbax's writer threads meet an unwritable or full workdir (they hung there).
   checkpoints.check_workdir(workdir, checkpoints.checkpoint_bytes(variables))
   checkpoints.save_tree(target, {**variables, 'step': 0})
@@ -50,7 +69,12 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parse(sys.argv[1:] if argv is None else argv)
+  """Runs the command; a user mistake prints one `error:` line on stderr and returns 2."""
+  try:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+  except UsageError as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 2
   try:
     target = convert(args.checkpoint, args.model, args.workdir, args.num_classes,
                      (args.image_size, args.image_size, args.channels))

@@ -61,11 +61,11 @@ class MetricsWriter:
     if not self.enabled:
       return []
     path = os.path.join(self._workdir, 'config.json')
-    current = _flatten(json.loads(json.dumps(config, default=str)))  # tuples as lists, as read back
+    current = flat_fields(json.loads(json.dumps(config, default=str)))  # tuples as lists, as read back
     saved = {}
     if os.path.exists(path):
       with open(path, encoding='utf-8') as file:
-        saved = _flatten(json.load(file))
+        saved = flat_fields(json.load(file))
     with self._reporting_failure(path):
       with open(path + '.tmp', 'w', encoding='utf-8') as file:
         json.dump(config, file, indent=1, sort_keys=True, default=str)
@@ -96,12 +96,12 @@ class MetricsWriter:
                               ) from error
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  """{'bn': {'decay': 0.9}} -> {'bn.decay': 0.9}."""
+def flat_fields(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """A config as nested dicts -> its fields by dotted name: {'bn': {'decay': 0.9}} -> {'bn.decay': 0.9}."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
+      flat.update(flat_fields(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
   return flat

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from resnet_flax import bn_diagnostics, train_lib
+from resnet_flax import bn_diagnostics, metrics_writer, train_lib
 from resnet_flax.bn_sweep import files, grid, results as results_lib
 
 # Fields that change how a run is logged or saved, not what it computes: a run may resume
@@ -29,18 +29,8 @@ def run_directory(workdir: str, name: str) -> str:
   return os.path.join(workdir, 'runs', name)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def _training_fields(config_json: dict[str, Any]) -> dict[str, Any]:
-  return {key: value for key, value in _flatten(config_json).items() if key not in _BOOKKEEPING}
+  return {key: value for key, value in metrics_writer.flat_fields(config_json).items() if key not in _BOOKKEEPING}
 
 
 def check_same_config(directory: str, config: ml_collections.ConfigDict) -> None:

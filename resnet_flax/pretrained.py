@@ -15,8 +15,9 @@ SLIM_PREFIX = 'slim:'
 HEAD = 'logits'
 
 
-def _read(spec: str, model: Any, image_shape: tuple[int, int, int]) -> dict[str, Any]:
-  """{'params', 'batch_stats'} as stored; a slim checkpoint whose head does not fit yields no head."""
+def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_head: bool) -> dict[str, Any]:
+  """{'params', 'batch_stats'} as stored; with `allow_new_head`, a slim checkpoint whose head does not fit
+  yields no head (without it, slim's error stands: it names the checkpoint's class count)."""
   if spec.startswith(SLIM_PREFIX):
     path = spec[len(SLIM_PREFIX):]
     if not path.strip():
@@ -25,7 +26,7 @@ def _read(spec: str, model: Any, image_shape: tuple[int, int, int]) -> dict[str,
     try:
       return slim.load_variables(path, model, image_shape=image_shape)
     except slim.SlimCheckpointError:
-      if not model.num_classes:
+      if not (model.num_classes and allow_new_head):
         raise
       # Perhaps only the class count differs: load the backbone; a real mismatch raises again.
       return slim.load_variables(path, model.clone(num_classes=None), image_shape=image_shape)
@@ -71,7 +72,7 @@ def load_for_model(spec: str, model: Any, reference: dict[str, Any], image_shape
   `spec` is `slim:PATH` (a TF-Slim checkpoint prefix) or an orbax checkpoint directory
   (a training checkpoint or one written by `python -m resnet_flax.slim convert`).
   """
-  loaded = _read(spec, model, image_shape)
+  loaded = _read(spec, model, image_shape, allow_new_head)
   step = int(np.asarray(jax.device_get(loaded.pop('step', 0))))
   fitted, fresh = fit_variables(loaded, reference, allow_new_head=allow_new_head, source=spec)
   return fitted, step, fresh

@@ -86,8 +86,10 @@ def test_fine_tuning_keeps_backbone_and_replaces_head():
   np.testing.assert_array_equal(fitted['params']['block2']['unit_1']['bottleneck_v1']['conv2']['weights'],
                                 original['params']['block2']['unit_1']['bottleneck_v1']['conv2']['weights'])
   np.testing.assert_array_equal(fitted['params']['logits']['weights'], 0.0)  # the fresh (here zero) head
-  with pytest.raises(checkpoints.CheckpointError, match='logits'):
+  # Evaluating (no new head): slim's own error, which names the checkpoint's class count.
+  with pytest.raises(slim.SlimCheckpointError) as error:
     pretrained.load_for_model('slim:' + V1_CKPT, model, reference, IMAGE_SHAPE, allow_new_head=False)
+  assert error.value.summary.endswith('hint: the checkpoint has 10 classes, the model 5; use num_classes=10')
 
 
 def test_train_from_init_checkpoint(tmp_path):

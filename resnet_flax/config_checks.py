@@ -41,6 +41,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('eval_every_steps', lambda v: v >= 0, '>= 0 (0: only at the end)'),
     ('checkpoint_every_steps', lambda v: v >= 0, '>= 0 (0: only at the end)'),
     ('keep_checkpoints', lambda v: v >= 1, '>= 1 (the newest is what a rerun resumes from)'),
+    ('max_skipped_in_a_row', lambda v: v >= 1, '>= 1 (steps in a row skipped as non-finite before stopping)'),
     ('bn_recalibration_batches', lambda v: v >= 0, '>= 0 (0: no recalibration)'),
     ('bn_report_batch_sizes', lambda v: all(size >= 1 for size in v), 'positive batch sizes'),
     ('data.num_workers', lambda v: v >= 0, '>= 0 (0: one per core)'),

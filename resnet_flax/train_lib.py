@@ -67,6 +67,14 @@ def _summarize(history: list[dict[str, jax.Array]], last_step: int, skip_nonfini
   return means, bad_steps
 
 
+def skipped_in_a_row(before: int, first_step: int, last_step: int, bad_steps: list[int]) -> int:
+  """Non-finite steps in a row up to `last_step`: `before` (those ending at `first_step - 1`) continued
+  through the interval `first_step..last_step`, whose non-finite steps are `bad_steps`."""
+  bad = set(bad_steps)
+  finite = [step for step in range(first_step, last_step + 1) if step not in bad]
+  return last_step - finite[-1] if finite else before + last_step - first_step + 1
+
+
 def _initialize_from(spec: str, state: TrainState, model, image_shape, mesh, progress: ProgressBar) -> TrainState:
   """Fine-tuning: pretrained params and statistics, a fresh head when the class count differs."""
   reference = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -150,6 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preempted = _preemption_check()
   eval_metrics: dict[str, Any] = {}
   history: list[dict[str, jax.Array]] = []
+  skipped_run = 0  # non-finite steps in a row, skipped
   batches: Iterator = device_input.dataset_batches(train_ds, train_ds.train_batches(start_step), mesh)
   interval_start, interval_steps = time.perf_counter(), 0
   try:
@@ -163,6 +172,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_metrics, skipped = _summarize(history, step, config.skip_nonfinite_steps, last_saved)
         if skipped:
           progress.message(f'warning: skipped non-finite step(s) {skipped}.')
+        skipped_run = skipped_in_a_row(skipped_run, step - len(history) + 1, step, skipped)
+        if skipped_run >= config.max_skipped_in_a_row:
+          # Skipping is for a rare spike; this many in a row is divergence, and each step was wasted.
+          raise NonFiniteLossError(f'{skipped_run} steps in a row were non-finite and skipped (up to step {step}); '
+                                   'the run has diverged. Lower config.learning_rate or raise '
+                                   'config.warmup_steps, then rerun: it resumes from the newest checkpoint.',
+                                   step - skipped_run + 1)
         elapsed = time.perf_counter() - interval_start
         images_per_second = interval_steps * config.batch_size / elapsed
         writer.write(step, {**{f'train/{k}': v for k, v in train_metrics.items()},

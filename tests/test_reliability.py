@@ -176,6 +176,23 @@ def test_non_finite_steps_can_be_skipped(tmp_path, capsys, caplog):
   assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+@pytest.mark.parametrize('before, first, last, bad, expected', [
+    (0, 1, 4, [], 0), (0, 1, 4, [2, 3], 0), (0, 1, 4, [3, 4], 2), (0, 1, 4, [1, 2, 3, 4], 4),
+    (5, 6, 8, [6, 7, 8], 8), (5, 6, 8, [6, 8], 1),
+])
+def test_skipped_in_a_row_counts_across_logging_intervals(before, first, last, bad, expected):
+  assert train_lib.skipped_in_a_row(before, first, last, bad) == expected
+
+
+def test_a_run_of_skipped_steps_stops_training(tmp_path):
+  # Skipping is for a rare spike; at lr 1e30 every step diverges and the run had gone on to exit 0.
+  config = tiny_config(8)
+  config.update(learning_rate=1e30, skip_nonfinite_steps=True, max_skipped_in_a_row=3, log_every_steps=1)
+  with pytest.raises(train_lib.NonFiniteLossError, match=r'^3 steps in a row were non-finite and skipped \(up to '
+                                                        r'step \d\); the run has diverged'):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
 def test_a_workdir_past_num_train_steps_is_an_error_not_a_silent_no_op(tmp_path):
   train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))
   assert train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))['step'] == 4  # finished: evaluated again

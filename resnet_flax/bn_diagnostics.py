@@ -28,7 +28,7 @@ def evaluate_with_batch_statistics(config: ml_collections.ConfigDict, variables:
   Statistics are over each whole batch (no ghost or per-device groups, not frozen); the
   last, partial batch is left out so every batch has the same size.
   """
-  sharding.check_batch_size(batch_size, 'batch size of the discrepancy report')
+  sharding.check_batch_size(batch_size, 'a config.bn_report_batch_sizes entry')
   bn_config = config.copy_and_resolve_references()
   with bn_config.unlocked():
     bn_config.batch_size = batch_size

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import jax
 import ml_collections
@@ -95,14 +95,25 @@ def with_statistics(variables: Variables, statistics: Mapping[tuple[str, ...], t
 def recalibrate(config: ml_collections.ConfigDict, model, variables: Variables, num_batches: int, mesh=None
                 ) -> Variables:
   """Precise BN: population statistics of `num_batches` training batches of `config.batch_size`."""
+  sharding.check_batch_size(config.batch_size)
   dataset = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
                        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
   mesh = mesh or sharding.data_mesh()
-  host_batches = dataset.train_batches(0)
-  batches = device_input.dataset_batches(dataset, itertools.islice(host_batches, num_batches), mesh)
+  batches = device_input.dataset_batches(dataset, _first(dataset.train_batches(0), num_batches), mesh)
   try:
     statistics = population_statistics(model, variables, (batch['image'] for batch in batches), mesh)
   finally:
     batches.close()
-    host_batches.close()
   return with_statistics(variables, statistics)
+
+
+def _first(batches: Iterator[data.Batch], count: int) -> Iterator[data.Batch]:
+  """The first `count` of `batches`, closing them after, in the thread that runs them.
+
+  The prefetch thread runs this generator; closing `batches` from the main thread while it
+  does raised 'generator already executing' in place of the error that stopped the loop.
+  """
+  try:
+    yield from itertools.islice(batches, count)
+  finally:
+    batches.close()

@@ -58,11 +58,11 @@ def jit_over_batch(step: Callable, mesh: Mesh) -> Callable:
   return jax.jit(step, in_shardings=(replicated(mesh), batch_sharded(mesh)), out_shardings=replicated(mesh))
 
 
-def check_batch_size(global_batch_size: int, name: str = 'batch_size') -> None:
-  """The global batch must split evenly over processes and devices."""
+def check_batch_size(global_batch_size: int, name: str = 'config.batch_size') -> None:
+  """The global batch must split evenly over processes and devices; `name` is the setting that gave it."""
   devices = jax.device_count()
   if global_batch_size % devices:
-    raise ValueError(f'config.{name}={global_batch_size} does not split over {devices} devices; '
+    raise ValueError(f'{name}={global_batch_size} does not split over {devices} devices; '
                      f'use a multiple of {devices}.')
 
 

@@ -93,3 +93,24 @@ def test_recalibration_and_discrepancy_report_on_a_short_high_decay_run(tmp_path
   with pytest.raises(ValueError, match=r'config.bn_report_batch_sizes has 512, more than the 360 examples of the '
                                        r'test split; use sizes up to 360.'):
     bn_diagnostics.discrepancy_report(config, str(tmp_path), batch_sizes=(512,))
+
+
+def test_a_data_error_during_recalibration_is_the_error_reported(tmp_path):
+  # The prefetch thread runs the batches; closing them from the main thread meanwhile had raised
+  # 'generator already executing' in place of the error that stopped recalibration.
+  from PIL import Image
+
+  from configs import default
+  from resnet_flax import data, models
+  for label in ('a', 'b'):
+    (tmp_path / 'train' / label).mkdir(parents=True)
+    for i in range(4):
+      Image.fromarray(np.full((20, 24, 3), 60 + i, np.uint8)).save(tmp_path / 'train' / label / f'{i}.jpg')
+  (tmp_path / 'train' / 'b' / 'broken.jpg').write_bytes(b'not a jpeg')
+  config = default.get_config()
+  config.batch_size = 3
+  config.data.update(name='imagefolder', dir=str(tmp_path), image_size=16, preprocessing='vgg', num_workers=1)
+  model = models.get_model('resnet_v1_tiny', num_classes=2)
+  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)), train=False))()
+  with pytest.raises(data.DataError, match='broken.jpg'):
+    precise_bn.recalibrate(config, model, variables, num_batches=3)

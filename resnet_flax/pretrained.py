@@ -46,8 +46,10 @@ def fit_variables(loaded: dict[str, Any], reference: dict[str, Any], *, allow_ne
   fitted, fresh, problems = {}, [], []
   for collection in ('params', 'batch_stats'):
     have = names.flatten(loaded.get(collection, {}))
+    wanted = names.flatten(reference.get(collection, {}))
+    problems += _left_out(collection, have, wanted, allow_new_head)
     leaves = {}
-    for path, want in names.flatten(reference.get(collection, {})).items():
+    for path, want in wanted.items():
       got = have.get(path)
       if got is not None and tuple(np.shape(got)) == tuple(want.shape):
         leaves[path] = np.asarray(got, dtype=want.dtype)
@@ -61,8 +63,44 @@ def fit_variables(loaded: dict[str, Any], reference: dict[str, Any], *, allow_ne
   if problems:
     raise checkpoints.CheckpointError(f'{source} does not fit the model ({len(problems)} variables): '
                                       + '; '.join(problems[:8]) + (' ...' if len(problems) > 8 else '')
-                                      + '. Check --config.model and its options.')
+                                      + f'. {_fix(loaded, reference)}')
   return fitted, fresh
+
+
+# BatchNorm params a model built without them would drop, and the value that makes dropping them exact.
+_BN_PARAM_IDENTITY = {'gamma': (1.0, 'config.bn.scale=True'), 'beta': (0.0, 'config.bn.center=True')}
+# Statistics a model without zero-debias or renorm does without: its moving mean and variance hold them.
+_OPTIONAL_STATISTICS = frozenset({'moving_mean_biased', 'moving_mean_local_step', 'moving_variance_biased',
+                                  'moving_variance_local_step', 'renorm_mean', 'renorm_stddev', 'moving_stddev',
+                                  'renorm_clipping_step'})
+
+
+def _left_out(collection: str, have: dict, wanted: dict, allow_new_head: bool) -> list[str]:
+  """Checkpoint leaves the model has no place for and that dropping would change its outputs:
+  a deeper network's extra units, gamma / beta other than 1 / 0. A head is left out for a
+  feature extractor or a new head."""
+  problems = []
+  for path, value in have.items():
+    if path in wanted or path[-1] in _OPTIONAL_STATISTICS or (path[0] == HEAD and (allow_new_head or not any(
+        key[0] == HEAD for key in wanted))):
+      continue
+    identity = _BN_PARAM_IDENTITY.get(path[-1])
+    if identity and collection == 'params' and np.all(np.asarray(value) == identity[0]):
+      continue
+    fix = f' (build it with {identity[1]})' if identity else ''
+    problems.append(f"{collection}/{'/'.join(path)}: in the checkpoint, not in the model{fix}")
+  return problems
+
+
+def _fix(loaded: dict[str, Any], reference: dict[str, Any]) -> str:
+  """The likeliest fix: the class count when only the logits differ, else the model's options."""
+  have = np.shape(names.flatten(loaded.get('params', {})).get((HEAD, 'biases'), ()))
+  want = np.shape(names.flatten(reference.get('params', {})).get((HEAD, 'biases'), ()))
+  if have and want and have != want:
+    return (f'The checkpoint has {have[0]} classes, the model {want[0]}: set config.num_classes={have[0]} (and '
+            'config.data.label_offset to match its background class, if any).')
+  return 'Check --config.model and its options (config.bn, config.model_options).'
+
 
 
 def load_for_model(spec: str, model: Any, reference: dict[str, Any], image_shape: tuple[int, int, int], *,

@@ -160,3 +160,44 @@ def test_convert_refuses_a_taken_or_empty_workdir_before_reading(tmp_path, capsy
                         '--num_classes', '10', '--image_size', '32'])
   lines = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(lines) == 1 and lines[0].endswith(message), lines
+
+
+def _leaves(**arrays):
+  """{'params': ..., 'batch_stats': ...} from 'collection/a/b' = array keyword pairs (with / as __)."""
+  tree = {'params': {}, 'batch_stats': {}}
+  for name, value in arrays.items():
+    collection, *path = name.split('__')
+    node = tree[collection]
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = np.asarray(value, np.float32)
+  return tree
+
+
+def test_checkpoint_leaves_the_model_would_drop_are_refused_when_they_matter():
+  model = _leaves(params__unit_1__conv__weights=np.ones(2), batch_stats__unit_1__bn__moving_mean=np.zeros(2))
+  exact = _leaves(params__unit_1__conv__weights=np.ones(2), batch_stats__unit_1__bn__moving_mean=np.zeros(2),
+                  params__unit_1__bn__gamma=np.ones(2), params__unit_1__bn__beta=np.zeros(2),  # identities
+                  batch_stats__unit_1__bn__moving_mean_biased=np.zeros(2))  # zero-debias state: optional
+  pretrained.fit_variables(exact, model, allow_new_head=False, source='ckpt')
+  scaled = {**exact, 'params': {'unit_1': {**exact['params']['unit_1'], 'bn': {'gamma': np.full(2, 0.5)}}}}
+  with pytest.raises(checkpoints.CheckpointError, match=r'params/unit_1/bn/gamma: in the checkpoint, not in the '
+                                                        r'model \(build it with config.bn.scale=True\)'):
+    pretrained.fit_variables(scaled, model, allow_new_head=False, source='ckpt')
+  # A deeper network's extra unit had been dropped without a word, its first units loaded.
+  deeper = _leaves(params__unit_1__conv__weights=np.ones(2), batch_stats__unit_1__bn__moving_mean=np.zeros(2),
+                   params__unit_2__conv__weights=np.ones(2))
+  with pytest.raises(checkpoints.CheckpointError, match='params/unit_2/conv/weights: in the checkpoint, not in '
+                                                        'the model'):
+    pretrained.fit_variables(deeper, model, allow_new_head=False, source='ckpt')
+
+
+def test_another_class_count_names_num_classes_as_the_fix():
+  model = _leaves(params__logits__weights=np.ones((4, 12)), params__logits__biases=np.ones(12))
+  saved = _leaves(params__logits__weights=np.ones((4, 10)), params__logits__biases=np.ones(10))
+  with pytest.raises(checkpoints.CheckpointError, match=r'The checkpoint has 10 classes, the model 12: set '
+                                                        r'config.num_classes=10'):
+    pretrained.fit_variables(saved, model, allow_new_head=False, source='ckpt')
+  features = _leaves(params__unit_1__conv__weights=np.ones(2))  # a feature extractor leaves the head out
+  pretrained.fit_variables({**saved, 'params': {**saved['params'], 'unit_1': {'conv': {'weights': np.ones(2)}}}},
+                           features, allow_new_head=False, source='ckpt')

@@ -12,6 +12,7 @@ from absl import app, flags
 from resnet_flax import bn_diagnostics, cli, distributed, eval_lib
 
 cli.define_flags()
+flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir, --traceback
 flags.DEFINE_string('checkpoint', None, 'A checkpoint: <workdir>/checkpoints/<step>, a directory written by '
                     '`python -m resnet_flax.slim convert`, or slim:PATH for a TF-Slim checkpoint; '
                     'default: the latest in --workdir.')

@@ -8,6 +8,7 @@ from absl import app, flags
 from resnet_flax import cli, distributed, train_lib
 
 cli.define_flags()
+flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir, --traceback
 FLAGS = flags.FLAGS
 
 

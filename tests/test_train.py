@@ -203,6 +203,14 @@ def test_eval_without_checkpoint_is_one_line(tmp_path):
                                                 'train first or pass --checkpoint=PATH.']
 
 
+@pytest.mark.parametrize('script', ['train.py', 'eval.py'])
+def test_help_lists_the_main_flags(script):
+  # They are defined in resnet_flax/cli.py; absl had listed them only under --helpfull.
+  result = run_script(script, '--help')
+  assert result.returncode == 0
+  assert all(f'--{flag}' in result.stdout for flag in ('config', 'workdir', '[no]traceback')), result.stdout
+
+
 def test_a_tuple_override_given_twice_is_refused_not_joined():
   result = run_script('train.py', '--config.lr_boundaries=(0.2,)', '--config.lr_boundaries=(0.5,)')
   assert result.returncode == 2

@@ -16,6 +16,7 @@ from absl import app, flags
 from resnet_flax import bn_sweep, cli
 
 cli.define_flags()
+flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir, --traceback
 FLAGS = flags.FLAGS
 
 

@@ -29,6 +29,10 @@ def statistics_group_size(bn: ml_collections.ConfigDict, batch_size: int, device
   if bn.cross_device not in CROSS_DEVICE:
     raise ValueError(f'config.bn.cross_device={bn.cross_device!r} is unknown; use one of {CROSS_DEVICE}.')
   if bn.cross_device == 'global':
+    if bn.ghost_batch_size is not None and batch_size % bn.ghost_batch_size:
+      # Named here, before anything is traced, rather than by the first BatchNorm layer.
+      raise ValueError(f'config.bn.ghost_batch_size={bn.ghost_batch_size} does not divide config.batch_size='
+                       f'{batch_size}; use a divisor of it.')
     return bn.ghost_batch_size
   per_device = batch_size // device_count
   if bn.ghost_batch_size is None:

@@ -31,6 +31,9 @@ def test_bad_grouping_is_a_clear_error():
     model_builder.statistics_group_size(_bn(cross_device='sync'), 64, 8)
   with pytest.raises(ValueError, match='does not divide the per-device batch of 8'):
     model_builder.statistics_group_size(_bn(cross_device='per_device', ghost_batch_size=3), 64, 8)
+  # The first BatchNorm layer had named this, by its scope, once tracing began.
+  with pytest.raises(ValueError, match=r'config.bn.ghost_batch_size=3 does not divide config.batch_size=8'):
+    model_builder.statistics_group_size(_bn(ghost_batch_size=3), 8, 1)
 
 
 def test_build_model_passes_the_group_size_to_every_batch_norm():

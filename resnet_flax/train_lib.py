@@ -196,6 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if save_now:
         checkpointer.save(step, state)
         last_saved = step
+        interval_start = time.perf_counter()  # The save's device-to-host copy is not training throughput.
       if stopping:
         progress.message(f'Preempted: saved step {step} to {checkpointer.directory}; rerun the same command to resume.')
         break

@@ -250,6 +250,9 @@ def _item_directory(path: str) -> str:
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     raise CheckpointError(f'{path} is a training workdir, not a checkpoint; name one of its checkpoints, '
                           f'{path}/checkpoints/<step> (eval.py: or pass --workdir={path} for the newest).')
+  converted = os.path.join(path, 'variables')
+  if os.path.isdir(converted) and not os.path.exists(os.path.join(item, '_METADATA')):
+    raise CheckpointError(f'{path} is what `python -m resnet_flax.slim convert` wrote; pass {converted}.')
   newest = latest_step_in(path)
   if newest is not None:
     raise CheckpointError(f'{path} holds checkpoints, it is not one; name one of them, e.g. the newest: '

@@ -97,7 +97,9 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     directory = os.path.join(checkpoints.local_path(workdir, 'workdir'), 'checkpoints')
     step = checkpoints.latest_step_in(directory)
     if step is None:
-      raise checkpoints.CheckpointError(f'no checkpoint in {directory}; train first or pass --checkpoint=PATH.')
+      converted = os.path.join(workdir, 'variables')
+      hint = f'--checkpoint={converted}' if os.path.isdir(converted) else '--checkpoint=PATH'
+      raise checkpoints.CheckpointError(f'no checkpoint in {directory}; train first or pass {hint}.')
     checkpoint = os.path.join(directory, str(step))
   variables, step, _ = pretrained.load_for_model(checkpoint, model, abstract_variables(model, dataset.image_shape),
                                                  dataset.image_shape)

@@ -243,6 +243,8 @@ def test_empty_workdir_is_one_line_not_the_default(script, default):
                              'checkpoint pass slim:{workdir}/model.ckpt.'),
     ('{workdir}', '{workdir} is a training workdir, not a checkpoint; name one of its checkpoints, '
                   '{workdir}/checkpoints/<step> (eval.py: or pass --workdir={workdir} for the newest).'),
+    ('{workdir}/converted', '{workdir}/converted is what `python -m resnet_flax.slim convert` wrote; pass '
+                            '{workdir}/converted/variables.'),
     ('{workdir}/checkpoints', '{workdir}/checkpoints holds checkpoints, it is not one; name one of them, e.g. the '
                               'newest: {workdir}/checkpoints/4.'),
 ])
@@ -250,6 +252,7 @@ def test_checkpoint_paths_that_name_no_checkpoint_say_what_to_name(tmp_path, che
   for step in (2, 4):
     (tmp_path / 'checkpoints' / str(step)).mkdir(parents=True)
   (tmp_path / 'model.ckpt.index').write_bytes(b'')  # a TF checkpoint's prefix, passed without slim:
+  (tmp_path / 'converted' / 'variables').mkdir(parents=True)
   with pytest.raises(ValueError) as error:
     eval_lib.load_checkpoint(tiny_config(), None, checkpoint.format(workdir=tmp_path))
   assert str(error.value).startswith(named.format(workdir=tmp_path))

@@ -150,10 +150,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      eval_ds, mesh)
 
   writer = MetricsWriter(workdir, enabled=is_chief)
-  changes = writer.record_config(config.to_dict())
+  # The device count with it: per-device BN statistics and ghost batches depend on it.
+  changes = writer.record_config({**config.to_dict(), 'device_count': jax.device_count()})
   if last_saved is not None and changes:
-    # Allowed (a longer run, another eval cadence), but some (batch size, BN options) make the
-    # result differ from an uninterrupted run: say which.
+    # Allowed (a longer run, another eval cadence), but some (batch size, BN options, the
+    # device count with per-device statistics) make the result differ from an uninterrupted run.
     progress.message(f'warning: resuming with a changed config: {"; ".join(changes)}.')
   preempted = _preemption_check()
   eval_metrics: dict[str, Any] = {}

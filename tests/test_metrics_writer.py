@@ -5,6 +5,7 @@ import os
 import resource
 import struct
 
+import jax
 import pytest
 from tensorboardX.proto import event_pb2
 
@@ -90,3 +91,5 @@ def test_resuming_with_another_batch_size_says_so(tmp_path, capsys):
   train_lib.train_and_evaluate(changed, str(tmp_path))
   out = capsys.readouterr().out
   assert 'warning: resuming with a changed config: batch_size: 16 -> 8; num_train_steps: 2 -> 4.' in out
+  # Recorded too: per-device statistics and ghost batches change with it.
+  assert json.loads((tmp_path / 'config.json').read_text())['device_count'] == jax.device_count()

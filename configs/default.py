@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 0.1
   config.lr_batch_size = 0  # > 0: learning rate scales by batch_size / lr_batch_size
   config.lr_schedule = 'cosine'  # 'cosine' | 'step' | 'constant' | 'polynomial', after linear warm-up
-  config.warmup_steps = 50
+  config.warmup_steps = 50  # linear from 0 to the peak, whatever num_train_steps (a shorter run stops part-way)
   config.lr_boundaries = (0.3, 0.6, 0.8)  # 'step': fractions f; decay at step round(f * num_train_steps), past warm-up
   config.lr_decay_factor = 0.1  # 'step': multiplier at each boundary
   config.lr_end = 1e-4  # 'polynomial': the rate it decays to (MLPerf's end learning rate)

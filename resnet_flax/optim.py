@@ -67,7 +67,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   constant, or decays polynomially to `lr_end` (MLPerf's large-batch schedule)."""
   peak = base_learning_rate(config)
   total = config.num_train_steps
-  warmup = min(config.warmup_steps, total)
+  # The warm-up's slope never depends on the run's length: a run shorter than it stops
+  # part-way up, and lengthening a run leaves the rates of its first steps as they were.
+  warmup = config.warmup_steps
   if config.lr_schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end_value=0.0)
   if config.lr_schedule == 'step':
@@ -81,7 +83,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     # (peak - end) * (1 - t / T) ** power + end with T = total - warmup + 1, as MLPerf's
     # reference (image_classification/tensorflow2/lars_util.py): the last step's rate
     # stays just above `lr_end`.
-    decay = optax.polynomial_schedule(peak, config.lr_end, config.lr_power, total - warmup + 1)
+    decay = optax.polynomial_schedule(peak, config.lr_end, config.lr_power, max(total - warmup + 1, 1))
     return _after_warmup(peak, warmup, decay)
   raise ValueError(f'config.lr_schedule={config.lr_schedule!r} is unknown; use one of {SCHEDULES}.')
 

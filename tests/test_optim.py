@@ -136,3 +136,12 @@ def test_lars_config_is_mlperfs_32k_recipe():
   assert float(schedule(config.warmup_steps)) == pytest.approx(31.2)
   assert float(schedule(config.num_train_steps)) == pytest.approx(1e-4, rel=0.1)
   optim.build_optimizer(config)
+
+
+@pytest.mark.parametrize('schedule', ['cosine', 'step', 'constant', 'polynomial'])
+def test_warmup_keeps_its_slope_in_a_run_shorter_than_it(schedule):
+  # It had been cut to num_train_steps: 4 steps of a 50-step warm-up ramped to the peak in 4,
+  # and lengthening the run changed the rates of the steps already taken.
+  short = optim.learning_rate_schedule(_config(lr_schedule=schedule, learning_rate=1.0, warmup_steps=50,
+                                               num_train_steps=4, lr_boundaries=()))
+  assert [float(short(t)) for t in range(4)] == pytest.approx([0.0, 0.02, 0.04, 0.06])

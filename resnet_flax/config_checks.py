@@ -43,7 +43,9 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('keep_checkpoints', lambda v: v >= 1, '>= 1 (the newest is what a rerun resumes from)'),
     ('max_skipped_in_a_row', lambda v: v >= 1, '>= 1 (steps in a row skipped as non-finite before stopping)'),
     ('bn_recalibration_batches', lambda v: v >= 0, '>= 0 (0: no recalibration)'),
-    ('bn_report_batch_sizes', lambda v: all(size >= 1 for size in v), 'positive batch sizes'),
+    # 8.5 had been cut to 8 silently.
+    ('bn_report_batch_sizes', lambda v: all(isinstance(size, int) and size >= 1 for size in v),
+     'positive whole batch sizes, e.g. (8, 32)'),
     ('data.num_workers', lambda v: v >= 0, '>= 0 (0: one per core)'),
 )
 
@@ -72,7 +74,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if value is None:
       continue
     if not _allowed(allowed, value):
-      raise ValueError(f'config.{field}={value!r} is out of range: it must be {expected}.')
+      raise ValueError(f'config.{field}={value!r} is not allowed: it must be {expected}.')
   if all(field in config for field in ('lr_schedule', 'lr_boundaries', 'num_train_steps', 'warmup_steps')):
     optim.check_lr_boundaries(config)
   if 'bn' in config:

@@ -84,8 +84,8 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   `checkpoint` may be a training checkpoint directory, a converted one, or `slim:PATH`
   for a TF-Slim checkpoint (evaluated with the preprocessing `config.data` names).
   """
-  if checkpoint is None and workdir is None:
-    raise ValueError('pass --workdir=DIR (latest checkpoint in it) or --checkpoint=PATH.')
+  if (checkpoint is None) == (workdir is None):
+    raise ValueError('pass --workdir=DIR (its latest checkpoint) or --checkpoint=PATH, one of them.')
   if checkpoint is not None and not checkpoint.strip():
     raise ValueError('--checkpoint is empty; pass a checkpoint directory or slim:PATH, or leave the flag out.')
   config_checks.check_config(config)

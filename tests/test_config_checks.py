@@ -33,7 +33,8 @@ def test_every_shipped_config_passes(name):
     ('lars.weight_decay', -1.0), ('lars.trust_coefficient', -1.0), ('lars.eps', -1.0), ('bn.ghost_batch_size', 0),
     ('num_classes', 0), ('log_every_steps', -1), ('eval_every_steps', -1), ('checkpoint_every_steps', -3),
     ('keep_checkpoints', 0), ('keep_checkpoints', -1), ('bn_recalibration_batches', -1),
-    ('bn_report_batch_sizes', (8, 0)), ('data.num_workers', -1),
+    ('bn_report_batch_sizes', (8, 0)), ('bn_report_batch_sizes', (8.5,)), ('bn_report_batch_sizes', ('8',)),
+    ('data.num_workers', -1),
 ])
 def test_value_out_of_range_is_one_line_naming_the_field(field, value):
   with pytest.raises(ValueError, match=rf'^config\.{field.replace(".", "[.]")}=') as error:

@@ -266,3 +266,9 @@ def test_bfloat16_training_keeps_float32_state(tmp_path):
   state = _read_params(tmp_path, config, 2)
   leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats))
   assert all(leaf.dtype == np.float32 for leaf in leaves)  # bf16 activations, f32 weights and statistics
+
+
+def test_eval_with_both_workdir_and_checkpoint_is_refused(tmp_path):
+  # --workdir had been ignored without a word when --checkpoint was given too.
+  with pytest.raises(ValueError, match=r'pass --workdir=DIR \(its latest checkpoint\) or --checkpoint=PATH, one'):
+    eval_lib.load_checkpoint(tiny_config(), str(tmp_path), str(tmp_path / 'checkpoints' / '2'))

@@ -106,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
       'trust_coefficient': 0.001,  # eta: ratio = eta * |w| / |g + wd * w|
       'eps': 0.0,  # added to the ratio's denominator
   })
+  # optimizer='adamw': decoupled weight decay (lr * wd * w subtracted after Adam's step) on
+  # conv/dense kernels only; 0 makes it Adam with slim's L2 (config.weight_decay) in the loss.
+  config.adamw = ml_collections.ConfigDict({'weight_decay': 0.0})
 
   # Scaling out (README: Scaling out).
   # ZeRO-1: split the optimizer state over the devices (each keeps 1/N) instead of

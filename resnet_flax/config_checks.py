@@ -33,6 +33,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('weight_decay', lambda v: v >= 0, '>= 0'),
     ('label_smoothing', lambda v: 0 <= v < 1, 'in [0, 1)'),
     ('lars.weight_decay', lambda v: v >= 0, '>= 0'),
+    ('adamw.weight_decay', lambda v: v >= 0, '>= 0'),
     ('lars.trust_coefficient', lambda v: v > 0, '> 0'),
     ('lars.eps', lambda v: v >= 0, '>= 0'),
     ('bn.ghost_batch_size', lambda v: v >= 1, 'a positive number of examples, or None for the whole batch'),

@@ -101,13 +101,14 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
   """SGD with (Nesterov) momentum, AdamW or LARS on the schedule.
 
   `config.weight_decay` is slim's L2 in the loss (for every optimizer); LARS adds its
-  own `config.lars.weight_decay` to the gradient of the kernels, before the trust ratio.
+  own `config.lars.weight_decay` to the gradient of the kernels, before the trust ratio;
+  AdamW decays the kernels by `config.adamw.weight_decay`, decoupled from Adam's step.
   """
   schedule = learning_rate_schedule(config)
   if config.optimizer == 'sgd':
     return optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
   if config.optimizer == 'adamw':
-    return optax.adamw(schedule, weight_decay=0.0)
+    return optax.adamw(schedule, weight_decay=config.adamw.weight_decay, mask=kernels_only)
   if config.optimizer == 'lars':
     lars = config.lars
     return optax.lars(schedule, weight_decay=lars.weight_decay, weight_decay_mask=kernels_only,

@@ -145,3 +145,18 @@ def test_warmup_keeps_its_slope_in_a_run_shorter_than_it(schedule):
   short = optim.learning_rate_schedule(_config(lr_schedule=schedule, learning_rate=1.0, warmup_steps=50,
                                                num_train_steps=4, lr_boundaries=()))
   assert [float(short(t)) for t in range(4)] == pytest.approx([0.0, 0.02, 0.04, 0.06])
+
+
+def test_adamw_decays_kernels_decoupled_from_adams_step():
+  # optimizer='adamw' had been Adam (decay fixed at 0); a zero gradient isolates the decay.
+  params = {'conv1': {'weights': jnp.array([2.0, -4.0]), 'biases': jnp.array([1.0, 1.0])},
+            'BatchNorm': {'gamma': jnp.array([1.0, 2.0])}}
+  config = _config(optimizer='adamw', lr_schedule='constant', learning_rate=0.1, warmup_steps=0)
+  config.adamw.weight_decay = 0.5
+  tx = optim.build_optimizer(config)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new['conv1']['weights'], [2.0 * (1 - 0.1 * 0.5), -4.0 * (1 - 0.1 * 0.5)], rtol=1e-6)
+  np.testing.assert_array_equal(new['conv1']['biases'], params['conv1']['biases'])  # kernels only
+  np.testing.assert_array_equal(new['BatchNorm']['gamma'], params['BatchNorm']['gamma'])

@@ -288,7 +288,7 @@ def test_gamma_the_model_lacks_is_refused():
     slim.load_variables(ckpt_prefix('v1_tiny_10'), fixture_model('v1_tiny_10_noscale'))
   message = str(error.value)
   assert '19 BatchNorm param(s) in the checkpoint that the model does not have' in message
-  assert 'resnet_v1_tiny/conv1/BatchNorm/gamma' in message and 'batch_norm_scale=True' in message
+  assert 'resnet_v1_tiny/conv1/BatchNorm/gamma' in message and 'batch_norm_scale=True (config.bn.scale=True)' in message
 
 
 def test_missing_zero_debias_state_starts_at_zero_and_restarts_debiasing():

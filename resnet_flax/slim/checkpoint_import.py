@@ -36,7 +36,8 @@ _RENORM_FROM_MOVING = {'renorm_mean': 'moving_mean', 'renorm_stddev': 'moving_va
                        'moving_stddev': 'moving_variance'}
 # Params a checkpoint may hold for a BatchNorm the model builds without them, and the value
 # that makes the missing param a no-op (so that checkpoint can still be loaded exactly).
-_OPTIONAL_BN_PARAMS = {'gamma': (1.0, 'batch_norm_scale=True'), 'beta': (0.0, 'batch_norm_center=True')}
+_OPTIONAL_BN_PARAMS = {'gamma': (1.0, 'batch_norm_scale=True (config.bn.scale=True)'),
+                       'beta': (0.0, 'batch_norm_center=True (config.bn.center=True)')}
 _MAX_NAMES_IN_WARNING = 3
 
 

@@ -7,7 +7,7 @@ import errno
 import json
 import os
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -24,17 +24,32 @@ class MetricsWriter:
   that dies on a full disk, after which training blocked forever on its full queue.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resumed_step: Optional[int] = None):
+    """`resumed_step`: the checkpoint a resumed run starts from; what a killed run logged after
+    it is dropped from metrics.jsonl and hidden in TensorBoard, so replayed steps appear once."""
     self.enabled = enabled
     self._failed = False
     if enabled:
       from tensorboardX.event_file_writer import EventsWriter  # Here: only process 0 needs it.
+      from tensorboardX.proto import event_pb2
       self._workdir = workdir
       self._tensorboard_dir = os.path.join(workdir, 'tensorboard')
+      jsonl_path = os.path.join(workdir, 'metrics.jsonl')
       with self._reporting_failure(workdir):
         os.makedirs(self._tensorboard_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-        self._events = EventsWriter(os.path.join(self._tensorboard_dir, 'events'))
+        if resumed_step is not None and os.path.exists(jsonl_path):
+          _keep_records_up_to(jsonl_path, resumed_step)
+        self._jsonl = open(jsonl_path, 'a', encoding='utf-8')
+        # tensorboardX names the file by the second and host: a second writer within the same
+        # second (a quick restart, tests) would overwrite the first without the suffix.
+        self._events = EventsWriter(os.path.join(self._tensorboard_dir, 'events'),
+                                    filename_suffix=f'.{os.getpid()}.{time.time_ns()}')
+        if resumed_step is not None:
+          # TensorBoard's convention (tensorboardX's purge_step): a session start at step T hides
+          # the earlier files' events from step T on.
+          self._events.write_event(event_pb2.Event(step=resumed_step + 1, wall_time=time.time(),
+                                                   session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+          self._events.flush()
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     """Records scalars for `step`; keys like 'train/loss' become TensorBoard tags."""
@@ -94,6 +109,21 @@ class MetricsWriter:
       raise MetricsWriteError(f'writing metrics to {path} failed ({error.strerror or error}); {fix} or pass another '
                               '--workdir, then rerun the same command: it resumes from the newest checkpoint.'
                               ) from error
+
+
+def _keep_records_up_to(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl (atomically) without records past `step` or lines a kill cut short."""
+  kept = []
+  with open(path, encoding='utf-8') as file:
+    for line in file:
+      try:
+        if json.loads(line)['step'] <= step:
+          kept.append(line if line.endswith('\n') else line + '\n')
+      except (json.JSONDecodeError, KeyError, TypeError):
+        continue
+  with open(path + '.tmp', 'w', encoding='utf-8') as file:
+    file.writelines(kept)
+  os.replace(path + '.tmp', path)
 
 
 def flat_fields(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -149,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return eval_lib.evaluate_dataset(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
                                      eval_ds, mesh)
 
-  writer = MetricsWriter(workdir, enabled=is_chief)
+  writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=last_saved)
   # The device count with it: per-device BN statistics and ghost batches depend on it.
   changes = writer.record_config({**config.to_dict(), 'device_count': jax.device_count()})
   if last_saved is not None and changes:

@@ -93,3 +93,23 @@ def test_resuming_with_another_batch_size_says_so(tmp_path, capsys):
   assert 'warning: resuming with a changed config: batch_size: 16 -> 8; num_train_steps: 2 -> 4.' in out
   # Recorded too: per-device statistics and ghost batches change with it.
   assert json.loads((tmp_path / 'config.json').read_text())['device_count'] == jax.device_count()
+
+
+def test_a_resumed_run_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_path):
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  for step in (2, 4, 6):
+    writer.write(step, {'train/loss': float(step)})
+  writer.close()
+  with open(tmp_path / 'metrics.jsonl', 'a') as file:
+    file.write('{"step": 8, "train/lo')  # a line the kill cut short
+  resumed = metrics_writer.MetricsWriter(str(tmp_path), resumed_step=4)
+  resumed.write(6, {'train/loss': 6.5})
+  resumed.close()
+  lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert lines == [{'step': 2, 'train/loss': 2.0}, {'step': 4, 'train/loss': 4.0}, {'step': 6, 'train/loss': 6.5}]
+  # TensorBoard's purge: the new file starts a session at step 5, which hides the old file's step 6.
+  files = [_read_records(path) for path in (tmp_path / 'tensorboard').iterdir()]
+  assert len(files) == 2  # one per writer, even within one second
+  (resumed_events,) = [events for events in files if events[1].HasField('session_log')]
+  assert resumed_events[1].step == 5 and resumed_events[1].session_log.status == event_pb2.SessionLog.START
+  assert [(event.step, event.summary.value[0].simple_value) for event in resumed_events[2:]] == [(6, 6.5)]

@@ -82,6 +82,9 @@ def test_kill_9_then_rerun_is_bitwise_identical_to_uninterrupted(tmp_path, kill_
   _run_to_end(interrupted, *extra)
   a, b = _final_state(straight, 20), _final_state(interrupted, 20)
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+  # The steps replayed after the kill are logged once, as in the uninterrupted run.
+  logged = [json.loads(line)['step'] for line in (interrupted / 'metrics.jsonl').read_text().splitlines()]
+  assert logged == [json.loads(line)['step'] for line in (straight / 'metrics.jsonl').read_text().splitlines()]
 
 
 def _truncate_files(directory):

@@ -112,18 +112,24 @@ class MetricsWriter:
 
 
 def _keep_records_up_to(path: str, step: int) -> None:
-  """Rewrites metrics.jsonl (atomically) without records past `step` or lines a kill cut short."""
-  kept = []
+  """Rewrites metrics.jsonl (atomically) without records past `step` or lines a kill cut short;
+  leaves it untouched when there are none (a finished run started again writes nothing)."""
   with open(path, encoding='utf-8') as file:
-    for line in file:
-      try:
-        if json.loads(line)['step'] <= step:
-          kept.append(line if line.endswith('\n') else line + '\n')
-      except (json.JSONDecodeError, KeyError, TypeError):
-        continue
+    lines = file.readlines()
+  kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+  if len(kept) == len(lines) and all(line.endswith('\n') for line in lines):
+    return
   with open(path + '.tmp', 'w', encoding='utf-8') as file:
-    file.writelines(kept)
+    file.writelines(line if line.endswith('\n') else line + '\n' for line in kept)
   os.replace(path + '.tmp', path)
+
+
+def _record_step(line: str) -> Optional[int]:
+  """The step of a metrics.jsonl line, or None for a line a kill cut short."""
+  try:
+    return int(json.loads(line)['step'])
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    return None
 
 
 def flat_fields(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

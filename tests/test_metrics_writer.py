@@ -113,3 +113,12 @@ def test_a_resumed_run_drops_what_the_killed_run_logged_after_its_checkpoint(tmp
   (resumed_events,) = [events for events in files if events[1].HasField('session_log')]
   assert resumed_events[1].step == 5 and resumed_events[1].session_log.status == event_pb2.SessionLog.START
   assert [(event.step, event.summary.value[0].simple_value) for event in resumed_events[2:]] == [(6, 6.5)]
+
+
+def test_resuming_with_nothing_to_drop_leaves_metrics_jsonl_untouched(tmp_path):
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.write(2, {'train/loss': 1.0})
+  writer.close()
+  before = os.stat(tmp_path / 'metrics.jsonl').st_mtime_ns
+  metrics_writer.MetricsWriter(str(tmp_path), resumed_step=2).close()
+  assert os.stat(tmp_path / 'metrics.jsonl').st_mtime_ns == before

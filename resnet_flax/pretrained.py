@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from resnet_flax import checkpoints, slim
-from resnet_flax.slim import names
+from resnet_flax.slim import checkpoint_import, names
 
 SLIM_PREFIX = 'slim:'
 # The only variables fine-tuning may re-initialize: a new classifier for a new class count.
@@ -67,27 +67,20 @@ def fit_variables(loaded: dict[str, Any], reference: dict[str, Any], *, allow_ne
   return fitted, fresh
 
 
-# BatchNorm params a model built without them would drop, and the value that makes dropping them exact.
-_BN_PARAM_IDENTITY = {'gamma': (1.0, 'config.bn.scale=True'), 'beta': (0.0, 'config.bn.center=True')}
-# Statistics a model without zero-debias or renorm does without: its moving mean and variance hold them.
-_OPTIONAL_STATISTICS = frozenset({'moving_mean_biased', 'moving_mean_local_step', 'moving_variance_biased',
-                                  'moving_variance_local_step', 'renorm_mean', 'renorm_stddev', 'moving_stddev',
-                                  'renorm_clipping_step'})
-
-
 def _left_out(collection: str, have: dict, wanted: dict, allow_new_head: bool) -> list[str]:
   """Checkpoint leaves the model has no place for and that dropping would change its outputs:
   a deeper network's extra units, gamma / beta other than 1 / 0. A head is left out for a
   feature extractor or a new head."""
+  head_optional = allow_new_head or not any(path[0] == HEAD for path in wanted)
   problems = []
   for path, value in have.items():
-    if path in wanted or path[-1] in _OPTIONAL_STATISTICS or (path[0] == HEAD and (allow_new_head or not any(
-        key[0] == HEAD for key in wanted))):
+    if (path in wanted or path[-1] in checkpoint_import.OPTIONAL_STATISTICS
+        or (path[0] == HEAD and head_optional)):
       continue
-    identity = _BN_PARAM_IDENTITY.get(path[-1])
-    if identity and collection == 'params' and np.all(np.asarray(value) == identity[0]):
+    identity, field = checkpoint_import.OPTIONAL_BN_PARAMS.get(path[-1], (None, None))
+    if field and collection == 'params' and np.all(np.asarray(value) == identity):
       continue
-    fix = f' (build it with {identity[1]})' if identity else ''
+    fix = f' (build it with config.bn.{field}=True)' if field else ''
     problems.append(f"{collection}/{'/'.join(path)}: in the checkpoint, not in the model{fix}")
   return problems
 

@@ -34,10 +34,13 @@ _ZERO_START_GROUPS = (('moving_mean_biased', 'moving_mean_local_step'),
 # statistics, as if they had always tracked them (stddev = sqrt(variance + epsilon)).
 _RENORM_FROM_MOVING = {'renorm_mean': 'moving_mean', 'renorm_stddev': 'moving_variance',
                        'moving_stddev': 'moving_variance'}
-# Params a checkpoint may hold for a BatchNorm the model builds without them, and the value
-# that makes the missing param a no-op (so that checkpoint can still be loaded exactly).
-_OPTIONAL_BN_PARAMS = {'gamma': (1.0, 'batch_norm_scale=True (config.bn.scale=True)'),
-                       'beta': (0.0, 'batch_norm_center=True (config.bn.center=True)')}
+# BatchNorm state a model without zero-debias or renorm does without (its moving mean and
+# variance hold the statistics), so a checkpoint's copy of it may be left out.
+OPTIONAL_STATISTICS = frozenset({*(name for group in _ZERO_START_GROUPS for name in group), *_RENORM_FROM_MOVING})
+# Params a checkpoint may hold for a BatchNorm the model builds without them: the value that
+# makes the missing param a no-op (so that checkpoint can still be loaded exactly), and the
+# BatchNorm field that builds it.
+OPTIONAL_BN_PARAMS = {'gamma': (1.0, 'scale'), 'beta': (0.0, 'center')}
 _MAX_NAMES_IN_WARNING = 3
 
 
@@ -185,12 +188,12 @@ def _unexpected_bn_params(expected, found, scope: str, reader) -> list[tuple[str
   out = []
   bn_modules = [path[:-1] for path in expected[BATCH_STATS] if path[-1] == 'moving_mean']
   for module in bn_modules:
-    for leaf, (identity, fix) in _OPTIONAL_BN_PARAMS.items():
+    for leaf, (identity, field) in OPTIONAL_BN_PARAMS.items():
       name = names.slim_name(scope, module + (leaf,))
       if module + (leaf,) in expected[PARAMS] or name not in found:
         continue
       if not np.all(reader.read(name) == identity):
-        out.append((name, fix))
+        out.append((name, f'batch_norm_{field}=True (config.bn.{field}=True)'))
   return out
 
 

@@ -111,11 +111,17 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx, mesh, state_sh
       donate_argnums=0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config.num_train_steps` steps, resuming from `workdir`, and returns the final eval."""
+def check_training_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError for a config that cannot train, before anything is built:
+  values out of range, a batch that does not split over the devices, single-example BN statistics."""
   config_checks.check_config(config)
   sharding.check_batch_size(config.batch_size)
   model_builder.check_statistics_groups(config, jax.device_count())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config.num_train_steps` steps, resuming from `workdir`, and returns the final eval."""
+  check_training_config(config)
   is_chief = jax.process_index() == 0
   train_ds = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
                         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
 import ml_collections
 
-from resnet_flax import checkpoints, config_checks, model_builder, sharding
+from resnet_flax import checkpoints, train_lib
 from resnet_flax.bn_sweep import grid, plots, runner, tables
 
 
 def check_run(run: grid.Run) -> None:
   """train_and_evaluate's checks of a run's config, with the run named: a grid point may break them alone."""
   try:
-    config_checks.check_config(run.config)
-    sharding.check_batch_size(run.config.batch_size)
-    model_builder.check_statistics_groups(run.config, jax.device_count())
+    train_lib.check_training_config(run.config)
   except ValueError as error:
     raise ValueError(f'sweep run {run.name}: {error}') from error
 

@@ -286,7 +286,7 @@ def restore_tree(path: str) -> dict[str, Any]:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(saved))
   except _READ_FAILURES as error:
-    raise CheckpointError(f'checkpoint {path} cannot be read ({_first_line(_root_cause(error))}); it is damaged '
+    raise CheckpointError(f'checkpoint {path} cannot be read ({_read_failure(error)}); it is damaged '
                           'or not an orbax checkpoint directory: name another.') from error
 
 
@@ -310,17 +310,12 @@ def _remove_partial_writes(directory: str, name: str) -> None:
       shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
 
 
-def _root_cause(error: BaseException) -> BaseException:
-  """The innermost cause: orbax wraps tensorstore's 'OUT_OF_RANGE: Error reading <variable> ...' in a bare
-  Exception that names only an array index."""
+def _read_failure(error: BaseException) -> str:
+  """Why a read failed, in one line: the innermost cause (orbax wraps tensorstore's 'OUT_OF_RANGE: Error
+  reading <variable> ...' in a bare Exception that names only an array index); for a tree mismatch,
+  where it differs ('opt_state: Source: (list, 3) Target: (list, 2)')."""
   while error.__cause__ is not None:
     error = error.__cause__
-  return error
-
-
-def _failure_summary(error: BaseException) -> str:
-  """orbax's tree mismatch in one line, where it differs included ('opt_state: Source (list, 3), Target
-  (list, 2)'); any other error's first line."""
   text = str(error)
   if 'tree structures do not match' not in text:
     return _first_line(error)
@@ -344,5 +339,5 @@ def restore_from(path: str, target: Any) -> Any:
       return checkpointer.restore(item, abstract_like(target))
   except _READ_FAILURES as error:
     raise CheckpointError(f'checkpoint {path} is damaged or does not match this model/config '
-                          f'({_failure_summary(_root_cause(error))}); resume with the config it was trained with '
+                          f'({_read_failure(error)}); resume with the config it was trained with '
                           '(model and its options, num_classes, optimizer, bn), or start a fresh --workdir.') from error

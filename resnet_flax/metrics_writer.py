@@ -116,7 +116,7 @@ def _keep_records_up_to(path: str, step: int) -> None:
   leaves it untouched when there are none (a finished run started again writes nothing)."""
   with open(path, encoding='utf-8') as file:
     lines = file.readlines()
-  kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+  kept = [line for line, logged in zip(lines, map(_record_step, lines)) if logged is not None and logged <= step]
   if len(kept) == len(lines) and all(line.endswith('\n') for line in lines):
     return
   with open(path + '.tmp', 'w', encoding='utf-8') as file:

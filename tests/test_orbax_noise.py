@@ -26,34 +26,32 @@ def _filters_on() -> tuple[bool, bool, bool]:
           orbax_noise.keeps_absl_record in logging.getLogger('absl').filters)
 
 
+def _filters_seen_by(monkeypatch, method: str) -> list[tuple[bool, bool, bool]]:
+  """A list that gets `_filters_on()` each time StandardCheckpointer.`method` is called."""
+  seen, original = [], getattr(ocp.StandardCheckpointer, method)
+
+  def recording(self, *args, **kwargs):
+    seen.append(_filters_on())
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, method, recording)
+  return seen
+
+
 def test_filters_are_on_while_orbax_reads(tmp_path, monkeypatch, fresh_filters):
   # A failed read's first late completion can come before the failure reaches our except
   # clause (CI, loaded machine), so the filters must already be there while orbax reads.
   checkpoints.save_tree(str(tmp_path / 'tree'), {'w': np.arange(3.0)})
   monkeypatch.setattr(logging.getLogger('asyncio'), 'filters', [])
   monkeypatch.setattr(logging.getLogger('absl'), 'filters', [])
-  seen_while_reading = []
-  restore = ocp.StandardCheckpointer.restore
-
-  def recording_restore(self, *args, **kwargs):
-    seen_while_reading.append(_filters_on())
-    return restore(self, *args, **kwargs)
-
-  monkeypatch.setattr(ocp.StandardCheckpointer, 'restore', recording_restore)
+  seen_while_reading = _filters_seen_by(monkeypatch, 'restore')
   np.testing.assert_array_equal(checkpoints.restore_tree(str(tmp_path / 'tree'))['w'], np.arange(3.0))
   checkpoints.restore_from(str(tmp_path / 'tree'), {'w': np.zeros(3)})
   assert seen_while_reading == [(True, True, True), (True, True, True)]
 
 
 def test_filters_are_on_while_orbax_writes(tmp_path, monkeypatch, fresh_filters):
-  seen_while_writing = []
-  save = ocp.StandardCheckpointer.save
-
-  def recording_save(self, *args, **kwargs):
-    seen_while_writing.append(_filters_on())
-    return save(self, *args, **kwargs)
-
-  monkeypatch.setattr(ocp.StandardCheckpointer, 'save', recording_save)
+  seen_while_writing = _filters_seen_by(monkeypatch, 'save')
   checkpoints.save_tree(str(tmp_path / 'tree'), {'w': np.arange(3.0)})
   assert seen_while_writing == [(True, True, True)]
   monkeypatch.setattr(logging.getLogger('absl'), 'filters', [])

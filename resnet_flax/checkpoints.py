@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -22,6 +23,8 @@ _WRITE_FAILURES = (OSError, ValueError, RuntimeError)
 # What a failed read raises: tensorstore's errors as ValueError, which orbax re-raises as a
 # bare Exception for a damaged data file; a tree that does not fit as ValueError/KeyError/TypeError.
 _READ_FAILURES = (Exception,)
+# At most this many passes of 50 ms while late writes of a failed save land (2 s).
+_REMOVAL_PASSES = 40
 # orbax's metadata (_METADATA, _sharding, array_metadatas) takes about 1.2 KiB per array.
 _METADATA_BYTES_PER_ARRAY = 2048
 
@@ -304,10 +307,20 @@ def save_tree(path: str, tree: Any) -> None:
 
 
 def _remove_partial_writes(directory: str, name: str) -> None:
-  """Deletes what a failed write of `directory/name` left, giving its space back at once."""
-  for entry in os.listdir(directory):
-    if entry.startswith(f'{name}.orbax-checkpoint-tmp'):
+  """Deletes what a failed write of `directory/name` left, giving its space back at once.
+
+  Writes still in flight in tensorstore's threads can recreate files for a moment after the
+  failure reaches us (CI saw it), so it deletes until two passes in a row find nothing.
+  """
+  quiet_passes = 0
+  for _ in range(_REMOVAL_PASSES):
+    leftovers = [entry for entry in os.listdir(directory) if entry.startswith(f'{name}.orbax-checkpoint-tmp')]
+    for entry in leftovers:
       shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+    quiet_passes = 0 if leftovers else quiet_passes + 1
+    if quiet_passes == 2:
+      return
+    time.sleep(0.05)
 
 
 def _read_failure(error: BaseException) -> str:

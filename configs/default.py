@@ -2,7 +2,9 @@
 
 Variants import this and change a few fields. Values derived from others (the
 scaled learning rate, the number of classes) are computed by the library from
-the final config, so command-line overrides keep them consistent.
+the final config, so command-line overrides keep them consistent. Fields only one
+optimizer, schedule or data set reads (lars.*, lr_end, data.dir, ...) may all be set
+here; a command-line override of one the run never reads is refused, naming the setting.
 """
 
 import ml_collections

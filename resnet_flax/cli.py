@@ -10,7 +10,7 @@ from typing import Callable, NoReturn, Optional
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnet_flax import checkpoints, data, metrics_writer
+from resnet_flax import checkpoints, config_checks, data, metrics_writer
 
 DEFAULT_TRAIN_WORKDIR = '/tmp/resnet_flax'
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'digits.py')
@@ -54,7 +54,8 @@ def define_flags() -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a malformed value or unknown field reported in one line (exit 2).
+  """absl's parsing, with a malformed value, an unknown field or an override of a field the
+  chosen optimizer, schedule or data set never reads reported in one line (exit 2).
 
   With `--config=FILE` given, the overrides are applied here rather than in `define_flags`.
   """
@@ -62,7 +63,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     remaining = flags.FLAGS(argv)
     flags.FLAGS.config.keys()  # ml_collections defers a failed load to the first use: fail here, in one line.
     _refuse_repeated_tuple_overrides(argv[1:], flags.FLAGS.config)
-    return remaining
   except flags.Error as error:
     _exit(f'{error}; configs/default.py shows every field with its type.')
   except (OSError, SyntaxError) as error:  # --config=FILE missing or not Python
@@ -73,6 +73,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     if 'get_config' in str(error):
       _exit("the config file has no get_config(); configs/digits.py shows the form (it returns a ConfigDict).")
     _exit_unknown_field(error, argv[1:])
+  try:
+    config_checks.check_overrides_read(flags.FLAGS.config, config_flags.get_override_values(flags.FLAGS['config']))
+  except ValueError as error:
+    _exit(str(error))
+  return remaining
 
 
 def workdir(default: Optional[str] = None) -> Optional[str]:

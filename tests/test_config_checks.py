@@ -4,10 +4,13 @@ import glob
 import importlib
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import digits
-from resnet_flax import config_checks, train_lib
+from resnet_flax import config_checks, data, optim, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_MODULES = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(REPO, 'configs', '[a-z]*.py')))
@@ -101,3 +104,104 @@ def test_training_refuses_before_building_anything(tmp_path):
   with pytest.raises(ValueError, match=r'config\.keep_checkpoints=0'):
     train_lib.train_and_evaluate(_with('keep_checkpoints', 0), str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('overrides, field, current', [
+    ({}, 'lars.eps', "config.optimizer='sgd'"),
+    ({'optimizer': 'adamw'}, 'momentum', "config.optimizer='adamw'"),
+    ({'optimizer': 'sgd'}, 'adamw.weight_decay', "config.optimizer='sgd'"),
+    ({}, 'lr_end', "config.lr_schedule='cosine'"),
+    ({'lr_schedule': 'constant'}, 'lr_boundaries', "config.lr_schedule='constant'"),
+    ({}, 'data.dir', "config.data.name='digits'"),
+    ({'data.name': 'synthetic'}, 'data.augment', "config.data.name='synthetic'"),
+    ({}, 'data.color_distortion', "config.data.name='digits' and config.data.preprocessing='none'"),
+])
+def test_an_override_the_run_never_reads_is_one_line_naming_the_setting(overrides, field, current):
+  config = digits.get_config()
+  config.update_from_flattened_dict(overrides)
+  with pytest.raises(ValueError, match=rf'^--config\.{field.replace(".", "[.]")} does nothing with ') as error:
+    config_checks.check_overrides_read(config, [*overrides, field])
+  assert current in str(error.value) and f'drop --config.{field}.' in str(error.value)
+  assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('overrides', [
+    {'optimizer': 'lars', 'lars.eps': 1e-9, 'momentum': 0.8}, {'optimizer': 'adamw', 'adamw.weight_decay': 0.05},
+    {'lr_schedule': 'polynomial', 'lr_end': 0.0}, {'lr_schedule': 'step', 'lr_decay_factor': 0.5},
+    {'data.name': 'cifar10', 'data.dir': '/x'}, {'data.name': 'synthetic', 'data.channels': 1},
+    {'data.name': 'imagefolder', 'data.preprocessing': 'inception', 'data.color_distortion': True},
+    {'bn.decay': 0.9, 'batch_size': 8, 'learning_rate': 0.01},  # read in every setting
+])
+def test_overrides_the_run_reads_are_allowed(overrides):
+  config = digits.get_config()
+  config.update_from_flattened_dict(overrides)
+  config_checks.check_overrides_read(config, list(overrides))
+
+
+def test_every_field_only_some_settings_read_is_a_config_field():
+  flat = set(_flat_fields(digits.get_config()))
+  for fields, deciding, _, _ in config_checks._READ_ONLY_WITH:
+    for field in (*fields, *deciding):
+      assert field in flat or any(name.startswith(field + '.') for name in flat), field
+
+
+def _flat_fields(config, prefix=''):
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      yield from _flat_fields(value, f'{prefix}{key}.')
+    else:
+      yield prefix + key
+
+
+def _one_update(config):
+  params = {'conv': {'weights': jnp.full((2, 2), 3.0)}, 'BatchNorm': {'gamma': jnp.ones(2)}}
+  grads = jax.tree_util.tree_map(lambda p: p * 0.5 + 1.0, params)
+  tx = optim.build_optimizer(config)
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+  return updates
+
+
+@pytest.mark.parametrize('optimizer, field, value', [
+    ('sgd', 'lars.trust_coefficient', 0.5), ('sgd', 'adamw.weight_decay', 0.5), ('adamw', 'momentum', 0.1),
+    ('adamw', 'nesterov', False), ('lars', 'adamw.weight_decay', 0.5),
+])
+def test_the_optimizer_fields_refused_as_unread_change_nothing(optimizer, field, value):
+  # The rule table's claim, checked on the optimizer itself: the update is the same.
+  config = _with('optimizer', optimizer)
+  config.warmup_steps = 0
+  changed = _with(field, value)
+  changed.update(optimizer=optimizer, warmup_steps=0)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, _one_update(config), _one_update(changed))
+  with pytest.raises(ValueError, match='does nothing'):
+    config_checks.check_overrides_read(changed, [field])
+
+
+@pytest.mark.parametrize('schedule, field, value', [
+    ('cosine', 'lr_end', 0.05), ('cosine', 'lr_power', 1.0), ('constant', 'lr_decay_factor', 0.5),
+    ('polynomial', 'lr_boundaries', (0.5,)),
+])
+def test_the_schedule_fields_refused_as_unread_change_nothing(schedule, field, value):
+  config = _with('lr_schedule', schedule)
+  changed = _with(field, value)
+  changed.lr_schedule = schedule
+  steps = np.arange(config.num_train_steps)
+  np.testing.assert_array_equal(optim.learning_rate_schedule(config)(steps),
+                                optim.learning_rate_schedule(changed)(steps))
+  with pytest.raises(ValueError, match='does nothing'):
+    config_checks.check_overrides_read(changed, [field])
+
+
+@pytest.mark.parametrize('name, field, value', [
+    ('digits', 'data.dir', '/nowhere'), ('digits', 'data.num_examples', 7), ('synthetic', 'data.augment', True),
+    ('synthetic', 'data.digits_resize', 'upsample'), ('digits', 'data.on_bad_image', 'skip'),
+])
+def test_the_data_fields_refused_as_unread_change_nothing(name, field, value):
+  config = _with('data.name', name)
+  changed = _with(field, value)
+  changed.data.name = name
+  first = [next(iter(data.build(c.data, 'train', batch_size=8, seed=0).train_batches(0))) for c in (config, changed)]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, *first)
+  with pytest.raises(ValueError, match='does nothing'):
+    config_checks.check_overrides_read(changed, [field])

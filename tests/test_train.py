@@ -217,6 +217,15 @@ def test_a_tuple_override_given_twice_is_refused_not_joined():
                                                 'tuples into (0.2, 0.5); give it once.']
 
 
+def test_an_override_the_run_never_reads_is_refused_in_one_line():
+  # A config file may set every optimizer's fields; an override of one the run ignores is a mistake.
+  result = run_script('train.py', '--config.lars.trust_coefficient=0.002')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: --config.lars.trust_coefficient does nothing with config.optimizer='sgd': it is read only with "
+      "config.optimizer='lars'; set that as well, or drop --config.lars.trust_coefficient."]
+
+
 def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
   def interrupted():
     raise KeyboardInterrupt

@@ -22,16 +22,18 @@ if [[ "${1:-}" == "--prepare" ]]; then
   mkdir -p benchmarks/anchors benchmarks/wheels
   cp ../shared/anchors/flax_resnet.py ../shared/anchors/torch_resnet.py ../shared/anchors/jpeg_pipeline.py \
     benchmarks/anchors/
-  # The GPU machine has jax, flax, optax, absl and PyYAML but not ml_collections (configs and
-  # resnet_flax.optim import it), and no network: carry its pure-Python wheel.
-  "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: -d benchmarks/wheels 'ml_collections==1.1.0'
+  # The GPU machine has jax, flax, optax, orbax, absl, PyYAML, protobuf and pillow but neither
+  # ml_collections (configs and resnet_flax.optim import it) nor tensorboardX (train.py's
+  # metrics writer: the train_loop case), and no network: carry their pure-Python wheels.
+  "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: -d benchmarks/wheels 'ml_collections==1.1.0' \
+    'tensorboardX==2.6.5'
   ls benchmarks/anchors benchmarks/wheels
   exit 0
 fi
 
 PYTHON="${PYTHON:-python3}"
 if [[ -x .venv/bin/python && -z "${OUT:-}" ]]; then PYTHON=.venv/bin/python; fi
-if ! "$PYTHON" -c 'import ml_collections' 2>/dev/null; then
+if ! "$PYTHON" -c 'import ml_collections, tensorboardX' 2>/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/bench_site benchmarks/wheels/*.whl
   export PYTHONPATH="/tmp/bench_site${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -5,6 +5,8 @@ Kinds (each case's `kind`):
   train          our full train step (`steps.train_step` jitted with donation, as train_lib
                  does: forward, backward, BN updates, slim's L2, SGD momentum), img/s
   train_flax_bn  the same step with every BatchNorm swapped for flax's `nn.BatchNorm`, img/s
+  train_conv1x1  the same step with 1x1 kernels lowered as convolutions instead of our dots
+                 (a choice measured on CPU; this prices it on the device), img/s
   eval           `model.apply(..., train=False)` on one batch, ms per batch (latency)
   train_loop     `train_lib.train_and_evaluate` (what train.py runs) on synthetic data with
                  the train case's model and batch: img/s the loop sustains, batches copied
@@ -56,12 +58,11 @@ def _train_case(kind: str, model_name: str, dtype: str, batch: int, image_size: 
                 iters: int, anchor_arch: str, block_sizes: Optional[tuple] = None) -> Case:
   params = dict(model=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
                 warmup=warmup, iters=iters)
-  measure = functools.partial(measure_stepper, prepare=prepare_train, model_name=model_name,
-                              flax_bn=kind == 'train_flax_bn', block_sizes=block_sizes,
-                              **{k: v for k, v in params.items() if k != 'model'})
-  shown_name = _shown_model_name(model_name, block_sizes)
   prepare = functools.partial(prepare_train, model_name=model_name, flax_bn=kind == 'train_flax_bn',
-                              block_sizes=block_sizes, **{k: v for k, v in params.items() if k != 'model'})
+                              one_by_one_as_dot=kind != 'train_conv1x1', block_sizes=block_sizes,
+                              **{k: v for k, v in params.items() if k != 'model'})
+  measure = functools.partial(measure_stepper, prepare=prepare, warmup=warmup, iters=iters)
+  shown_name = _shown_model_name(model_name, block_sizes)
   return Case(f'{kind}/{shown_name}/{dtype}/b{batch}', kind, dtype, 'img/s',
               {**params, 'anchor_arch': anchor_arch, 'block_sizes': block_sizes}, measure, prepare)
 
@@ -122,6 +123,7 @@ def profile_cases(profile: str) -> list[Case]:
         _eval_case('resnet_v2_152', 'fp32', 32, 224, 1000, 5, 50, 'resnet152'),
         _eval_case('resnet_v2_152', 'bf16', 32, 224, 1000, 5, 50, 'resnet152'),
         _train_case('train_flax_bn', 'resnet_v1_50', 'bf16', 256, 224, 1000, 5, 20, 'resnet50'),
+        _train_case('train_conv1x1', 'resnet_v1_50', 'bf16', 256, 224, 1000, 5, 20, 'resnet50'),
         _train_loop_case('resnet_v1_50', 'bf16', 256, 224, 1000, 3, 20),
         # The largest BN input of ResNet-50 (block1's conv3 and shortcut) at batch 256.
         *_bn_cases((256, 56, 56, 256), 5, 50),
@@ -146,6 +148,7 @@ def profile_cases(profile: str) -> list[Case]:
         _eval_case('resnet_v2_tiny', 'fp32', 4, 16, 10, 1, 3, 'resnet152'),
         _eval_case('resnet_v2_tiny', 'bf16', 4, 16, 10, 1, 3, 'resnet152'),
         _train_case('train_flax_bn', 'resnet_v1_tiny', 'bf16', 4, 16, 10, 1, 2, 'resnet50', one_block),
+        _train_case('train_conv1x1', 'resnet_v1_tiny', 'bf16', 4, 16, 10, 1, 2, 'resnet50', one_block),
         _train_loop_case('resnet_v1_tiny', 'bf16', 4, 16, 10, 2, 2, one_block),
         *_bn_cases((4, 8, 8, 16), 1, 3),
         *_pipeline_cases(16, 4, 8, dict(num_images=12, height_range=(24, 40), width_range=(28, 40)), 1),
@@ -155,10 +158,10 @@ def profile_cases(profile: str) -> list[Case]:
 
 def internal_reference(case: Case, cases: list[Case]) -> Optional[Case]:
   """The case of ours another is priced against in the same run, if any: flax's nn.BatchNorm
-  for our train step and BN layer, the bare train step for train.py's loop."""
+  for our train step and BN layer, our train step for train.py's loop and for 1x1 convolutions."""
   if case.kind == 'train':
     wanted = ('train_flax_bn', case.variant)
-  elif case.kind == 'train_loop':
+  elif case.kind in ('train_loop', 'train_conv1x1'):
     wanted = ('train', case.variant)
   elif case.kind == 'bn_layer' and not case.variant.startswith('flax'):
     dtype = BN_VARIANTS[case.variant][1]

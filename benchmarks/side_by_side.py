@@ -41,7 +41,8 @@ class Job:
 
 
 def _group_of(case: cases_lib.Case) -> str:
-  return {'train': 'train', 'eval': 'eval', 'train_loop': 'loop', 'pipeline': 'pipeline'}.get(case.kind, 'bn')
+  return {'train': 'train', 'train_conv1x1': 'train', 'eval': 'eval', 'train_loop': 'loop',
+          'pipeline': 'pipeline'}.get(case.kind, 'bn')
 
 
 def build_groups(profile: str, cases: Sequence[cases_lib.Case], groups: Sequence[str], anchors_dir: str,

@@ -31,6 +31,7 @@ from benchmarks import flax_batch_norm, synthetic_jpegs, timing
 from configs import imagenet_resnet_v1_50, synthetic_resnet_v1_50
 from resnet_flax import data, models, optim, sharding, steps, train_lib
 from resnet_flax.layers import BatchNorm
+from resnet_flax.layers import conv as conv_lib
 from resnet_flax.train_state import TrainState
 
 DTYPES = {'fp32': jnp.float32, 'bf16': jnp.bfloat16}
@@ -99,11 +100,30 @@ def host_initialized_variables(model: nn.Module, image_shape: tuple[int, int, in
   return {'batch_stats': {}, **jax.tree_util.tree_map_with_path(value, shapes)}
 
 
+@contextlib.contextmanager
+def _one_by_one_kernels_as_convolutions():
+  """While tracing: 1x1 kernels lowered as convolutions, as every other kernel, rather than
+  as the dots `layers.conv.convolve` makes of them. That choice was measured on CPU only;
+  the `train_conv1x1` case prices it on the device at hand. Same numbers either way."""
+  def convolve(x, weights, stride, rate, padding):
+    return jax.lax.conv_general_dilated(x, weights, window_strides=(stride, stride), padding=padding,
+                                        rhs_dilation=(rate, rate), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  original = conv_lib.convolve
+  conv_lib.convolve = convolve
+  try:
+    yield
+  finally:
+    conv_lib.convolve = original
+
+
 def prepare_train(*, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
-                  flax_bn: bool = False, block_sizes: Optional[tuple] = None, **unused: Any) -> Stepper:
+                  flax_bn: bool = False, one_by_one_as_dot: bool = True, block_sizes: Optional[tuple] = None,
+                  **unused: Any) -> Stepper:
   """Our train step, built and jitted as `train_lib.train_and_evaluate` does; figure: img/s.
 
   `block_sizes` shrinks the registry model (smoke runs: compiling dominates them).
+  `one_by_one_as_dot=False` traces 1x1 kernels as convolutions (the `train_conv1x1` case).
   """
   config = imagenet_resnet_v1_50.get_config()  # slim's recipe: Nesterov SGD, L2 1e-4, smoothing 0.1
   config.batch_size = batch
@@ -125,7 +145,8 @@ def prepare_train(*, model_name: str, dtype: str, batch: int, image_size: int, n
       out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
       donate_argnums=0)
   batch_arrays = sharding.to_global_batch(_synthetic_batch(batch, image_size, num_classes), mesh)
-  compiled, compile_s = timing.compile_timed(train_step, state, batch_arrays)
+  with contextlib.nullcontext() if one_by_one_as_dot else _one_by_one_kernels_as_convolutions():
+    compiled, compile_s = timing.compile_timed(train_step, state, batch_arrays)
   carried = [state]
 
   def step():

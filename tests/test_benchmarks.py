@@ -5,13 +5,16 @@ import dataclasses
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import cases as cases_lib
-from benchmarks import compare, paired, report, run, side_by_side, xla_flags
+from benchmarks import compare, paired, report, run, side_by_side, workloads, xla_flags
+from resnet_flax import models
 from resnet_flax.layers import BatchNorm
 
-UNITS = {'train': 'img/s', 'train_flax_bn': 'img/s', 'train_loop': 'img/s', 'eval': 'ms', 'bn_layer': 'ms',
+UNITS = {'train': 'img/s', 'train_flax_bn': 'img/s', 'train_conv1x1': 'img/s', 'train_loop': 'img/s', 'eval': 'ms', 'bn_layer': 'ms',
          'pipeline': 'img/s'}
 
 
@@ -69,7 +72,7 @@ def test_every_smoke_case_reports_a_real_figure(smoke_records):
 
 def test_smoke_train_steps_really_train(smoke_records):
   for record in smoke_records:
-    if record['kind'] in ('train', 'train_flax_bn'):
+    if record['kind'] in ('train', 'train_flax_bn', 'train_conv1x1'):
       assert math.isfinite(record['loss']) and record['loss'] > 0
       # img/s and the step time agree: value = batch / median step.
       assert record['value'] == pytest.approx(record['params']['batch'] / (record['median_step_ms'] / 1e3))
@@ -78,10 +81,35 @@ def test_smoke_train_steps_really_train(smoke_records):
 def test_our_bn_and_train_step_are_priced_against_flax_batch_norm(smoke_records):
   by_case = {record['case']: record for record in smoke_records}
   for record in smoke_records:
-    if record['kind'] in ('train', 'train_loop') or (
+    if record['kind'] in ('train', 'train_loop', 'train_conv1x1') or (
         record['kind'] == 'bn_layer' and not record['variant'].startswith('flax') and 'value' in record):
       ((reference, ratio),) = record['ratios'].items()
       assert ratio == pytest.approx(record['value'] / by_case[reference.removeprefix('ours:')]['value'])
+
+
+def test_one_by_one_convolutions_train_the_same_model_as_our_dots(smoke_records):
+  # Same initial variables, batch and number of steps: only the lowering of 1x1 kernels
+  # differs, so the loss after the timed steps agrees to bfloat16 rounding.
+  (dots,) = [record for record in smoke_records if record['kind'] == 'train']
+  (convolutions,) = [record for record in smoke_records if record['kind'] == 'train_conv1x1']
+  assert convolutions['loss'] == pytest.approx(dots['loss'], rel=2e-2)
+
+
+def test_the_conv1x1_case_traces_1x1_kernels_as_convolutions():
+  model = models.get_model('resnet_v1_tiny', num_classes=10).clone(block_sizes=((4, 2, 2),))
+  variables = workloads.host_initialized_variables(model, (16, 16, 3))
+  images = jnp.zeros((2, 16, 16, 3))
+
+  def primitives():
+    text = str(jax.make_jaxpr(lambda v: model.apply(v, images, train=False))(variables))
+    return text.count('conv_general_dilated['), text.count('dot_general[')
+
+  with workloads._one_by_one_kernels_as_convolutions():
+    as_convolutions = primitives()
+  as_dots = primitives()  # and the patch is undone
+  # The root's 7x7 and each unit's 3x3 are convolutions either way; each unit's two 1x1
+  # kernels, the first unit's projection shortcut and the 1x1 logits layer are dots by default.
+  assert as_dots == (3, 6) and as_convolutions == (9, 0)
 
 
 def test_anchor_output_is_parsed_into_named_figures():

@@ -55,5 +55,10 @@ def convolve(x: Array, weights: Array, stride: int, rate: int, padding: str) -> 
   """
   if weights.shape[:2] == (1, 1):
     return jnp.einsum('nhwc,cd->nhwd', x[:, ::stride, ::stride, :], weights[0, 0])
+  return convolution(x, weights, stride, rate, padding)
+
+
+def convolution(x: Array, weights: Array, stride: int, rate: int, padding: str) -> Array:
+  """NHWC x HWIO `lax.conv_general_dilated`, whatever the kernel size."""
   return jax.lax.conv_general_dilated(x, weights, window_strides=(stride, stride), padding=padding,
                                       rhs_dilation=(rate, rate), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))

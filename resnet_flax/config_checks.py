@@ -51,30 +51,22 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 )
 
 
-# Fields only some settings read: (fields, the settings that decide, read when, what reads them).
+# Fields only some settings read: (fields, {deciding setting: the values that read them}).
 # A config file may set them all (one base serves every optimizer and data set); a
 # command-line override of one the run ignores is a mistake, refused by `check_overrides_read`.
-_READ_ONLY_WITH: tuple[tuple[tuple[str, ...], tuple[str, ...], Callable[[Any], bool], str], ...] = (
-    (('lars',), ('optimizer',), lambda c: c.optimizer == 'lars', "config.optimizer='lars'"),
-    (('adamw',), ('optimizer',), lambda c: c.optimizer == 'adamw', "config.optimizer='adamw'"),
-    (('momentum', 'nesterov'), ('optimizer',), lambda c: c.optimizer in ('sgd', 'lars'),
-     "config.optimizer='sgd' or 'lars'"),
-    (('lr_boundaries', 'lr_decay_factor'), ('lr_schedule',), lambda c: c.lr_schedule == 'step',
-     "config.lr_schedule='step'"),
-    (('lr_end', 'lr_power'), ('lr_schedule',), lambda c: c.lr_schedule == 'polynomial',
-     "config.lr_schedule='polynomial'"),
-    (('data.dir',), ('data.name',), lambda c: c.data.name in ('cifar10', 'imagefolder'),
-     "config.data.name='cifar10' or 'imagefolder'"),
-    (('data.digits_resize',), ('data.name',), lambda c: c.data.name == 'digits', "config.data.name='digits'"),
-    (('data.label_offset', 'data.on_bad_image', 'data.num_workers', 'data.worker_processes'), ('data.name',),
-     lambda c: c.data.name == 'imagefolder', "config.data.name='imagefolder'"),
-    (('data.color_distortion',), ('data.name', 'data.preprocessing'),
-     lambda c: c.data.name == 'imagefolder' and c.data.preprocessing == 'inception',
-     "config.data.name='imagefolder' and config.data.preprocessing='inception'"),
-    (('data.num_examples', 'data.channels'), ('data.name',), lambda c: c.data.name == 'synthetic',
-     "config.data.name='synthetic'"),
-    (('data.augment',), ('data.name',), lambda c: c.data.name != 'synthetic',
-     "config.data.name='digits', 'cifar10' or 'imagefolder'"),
+_READ_ONLY_WITH: tuple[tuple[tuple[str, ...], dict[str, tuple[str, ...]]], ...] = (
+    (('lars',), {'optimizer': ('lars',)}),
+    (('adamw',), {'optimizer': ('adamw',)}),
+    (('momentum', 'nesterov'), {'optimizer': ('sgd', 'lars')}),
+    (('lr_boundaries', 'lr_decay_factor'), {'lr_schedule': ('step',)}),
+    (('lr_end', 'lr_power'), {'lr_schedule': ('polynomial',)}),
+    (('data.dir',), {'data.name': ('cifar10', 'imagefolder')}),
+    (('data.digits_resize',), {'data.name': ('digits',)}),
+    (('data.label_offset', 'data.on_bad_image', 'data.num_workers', 'data.worker_processes'),
+     {'data.name': ('imagefolder',)}),
+    (('data.color_distortion',), {'data.name': ('imagefolder',), 'data.preprocessing': ('inception',)}),
+    (('data.num_examples', 'data.channels'), {'data.name': ('synthetic',)}),
+    (('data.augment',), {'data.name': ('digits', 'cifar10', 'imagefolder')}),
 )
 
 
@@ -113,15 +105,23 @@ def _within(field: str, group: str) -> bool:
   return field == group or field.startswith(group + '.')
 
 
+def _one_of(values: tuple[str, ...]) -> str:
+  """('a',) -> "'a'"; ('a', 'b', 'c') -> "'a', 'b' or 'c'"."""
+  quoted = [repr(value) for value in values]
+  return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
 def check_overrides_read(config: ml_collections.ConfigDict, overridden: Iterable[str]) -> None:
   """Raises a one-line ValueError for a command-line override (`--config.<field>`, dotted
   `overridden` names) of a field `config`'s optimizer, schedule or data set never reads."""
   for field in overridden:
-    for groups, deciding, read, readers in _READ_ONLY_WITH:
+    for groups, readers in _READ_ONLY_WITH:
       if not any(_within(field, group) for group in groups):
         continue
-      if any(_lookup(config, name) is None for name in deciding) or _allowed(read, config):
+      current = {name: _lookup(config, name) for name in readers}
+      if None in current.values() or all(current[name] in values for name, values in readers.items()):
         break
-      current = ' and '.join(f'config.{name}={_lookup(config, name)!r}' for name in deciding)
-      raise ValueError(f'--config.{field} does nothing with {current}: it is read only with {readers}; set that as well, '
+      now = ' and '.join(f'config.{name}={value!r}' for name, value in current.items())
+      needed = ' and '.join(f'config.{name}={_one_of(values)}' for name, values in readers.items())
+      raise ValueError(f'--config.{field} does nothing with {now}: it is read only with {needed}; set that as well, '
                        f'or drop --config.{field}.')

@@ -140,7 +140,7 @@ def test_overrides_the_run_reads_are_allowed(overrides):
 
 def test_every_field_only_some_settings_read_is_a_config_field():
   flat = set(_flat_fields(digits.get_config()))
-  for fields, deciding, _, _ in config_checks._READ_ONLY_WITH:
+  for fields, deciding in config_checks._READ_ONLY_WITH:
     for field in (*fields, *deciding):
       assert field in flat or any(name.startswith(field + '.') for name in flat), field
 

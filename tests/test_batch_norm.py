@@ -267,6 +267,17 @@ def test_batch_moments_are_sown_only_when_asked_for():
   np.testing.assert_allclose(moments['variance'], np.asarray(x).reshape(2, 2, 3).var(1), rtol=1e-5)
 
 
+def test_batch_moments_without_ghost_batches_are_one_group():
+  # precise_bn reads (groups, C) from every layer, also when the batch is not split.
+  x = jnp.asarray(np.random.RandomState(11).randn(4, 5, 3) + 2.0, jnp.float32)
+  layer = BatchNorm()
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  _, updates = layer.apply(variables, x, train=True, mutable=['batch_stats', 'batch_moments'])
+  moments = updates['batch_moments']
+  np.testing.assert_allclose(moments['mean'], np.asarray(x).mean((0, 1))[None], rtol=1e-6)
+  np.testing.assert_allclose(moments['variance'], np.asarray(x).var((0, 1))[None], rtol=1e-5)
+
+
 def test_init_in_train_mode_creates_only_params_and_batch_stats():
   variables = BatchNorm(scale=True).init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=True)
   assert set(variables) == {'params', 'batch_stats'}

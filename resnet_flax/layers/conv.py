@@ -50,8 +50,9 @@ def convolve(x: Array, weights: Array, stride: int, rate: int, padding: str) -> 
   """NHWC x HWIO convolution; a 1x1 kernel is a matrix product on every `stride`-th pixel.
 
   Same numbers either way (with k = 1, SAME and VALID both sample pixels 0, s, 2s, ...), but
-  XLA:CPU lowers the weight gradient of a 1x1 convolution 35-100x slower than the forward;
-  as a dot the ResNet-50 train step took 0.30x the time (benchmarks/RESULTS.md).
+  on some CPUs XLA lowers the weight gradient of a 1x1 convolution 35-100x slower than the
+  forward: as dots the ResNet-50 train step took 0.30x the time there, 0.90x on an AVX-512
+  CPU (benchmarks/RESULTS.md).
   """
   if weights.shape[:2] == (1, 1):
     return jnp.einsum('nhwc,cd->nhwd', x[:, ::stride, ::stride, :], weights[0, 0])

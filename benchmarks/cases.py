@@ -67,6 +67,14 @@ def _train_case(kind: str, model_name: str, dtype: str, batch: int, image_size: 
               {**params, 'anchor_arch': anchor_arch, 'block_sizes': block_sizes}, measure, prepare)
 
 
+# Our train step, then the variants priced against it; `run` times them in turn together.
+TRAIN_KINDS = ('train', 'train_flax_bn', 'train_conv1x1')
+
+
+def _train_cases(*sizes: Any) -> list[Case]:
+  return [_train_case(kind, *sizes) for kind in TRAIN_KINDS]
+
+
 def _train_loop_case(model_name: str, dtype: str, batch: int, image_size: int, num_classes: int, intervals: int,
                      log_every: int, block_sizes: Optional[tuple] = None) -> Case:
   params = dict(model=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
@@ -119,21 +127,19 @@ def profile_cases(profile: str) -> list[Case]:
   """The cases of a profile, in the order they run."""
   if profile == 'gpu':
     return [
-        _train_case('train', 'resnet_v1_50', 'bf16', 256, 224, 1000, 5, 20, 'resnet50'),
+        *_train_cases('resnet_v1_50', 'bf16', 256, 224, 1000, 5, 20, 'resnet50'),
         _eval_case('resnet_v2_152', 'fp32', 32, 224, 1000, 5, 50, 'resnet152'),
         _eval_case('resnet_v2_152', 'bf16', 32, 224, 1000, 5, 50, 'resnet152'),
-        _train_case('train_flax_bn', 'resnet_v1_50', 'bf16', 256, 224, 1000, 5, 20, 'resnet50'),
-        _train_case('train_conv1x1', 'resnet_v1_50', 'bf16', 256, 224, 1000, 5, 20, 'resnet50'),
         _train_loop_case('resnet_v1_50', 'bf16', 256, 224, 1000, 3, 20),
         # The largest BN input of ResNet-50 (block1's conv3 and shortcut) at batch 256.
         *_bn_cases((256, 56, 56, 256), 5, 50),
         *_pipeline_cases(224, 128, 2048, _PHOTO_JPEGS, 4),
     ]
   if profile == 'cpu':
-    # A ResNet-50 train step takes tens of seconds on 2 cores (see RESULTS.md), so fewer
-    # steps than the anchor's 5 + 20; benchmarks.paired times the anchor's step as many times.
+    # A ResNet-50 train step takes seconds to tens of seconds on 2 cores (see RESULTS.md), so
+    # fewer steps than the anchor's 5 + 20; benchmarks.paired times the anchor's step as many times.
     return [
-        _train_case('train', 'resnet_v1_50', 'fp32', 8, 224, 1000, 1, 6, 'resnet50'),
+        *_train_cases('resnet_v1_50', 'fp32', 8, 224, 1000, 1, 6, 'resnet50'),
         _train_loop_case('resnet_v1_50', 'fp32', 8, 224, 1000, 2, 3),
         _eval_case('resnet_v2_152', 'fp32', 4, 224, 1000, 2, 20, 'resnet152'),
         *_bn_cases((8, 56, 56, 256), 5, 30),
@@ -144,11 +150,9 @@ def profile_cases(profile: str) -> list[Case]:
     # train steps' compile time, which dominates a smoke run, to a few seconds each.
     one_block = ((4, 2, 2),)
     return [
-        _train_case('train', 'resnet_v1_tiny', 'bf16', 4, 16, 10, 1, 2, 'resnet50', one_block),
+        *_train_cases('resnet_v1_tiny', 'bf16', 4, 16, 10, 1, 2, 'resnet50', one_block),
         _eval_case('resnet_v2_tiny', 'fp32', 4, 16, 10, 1, 3, 'resnet152'),
         _eval_case('resnet_v2_tiny', 'bf16', 4, 16, 10, 1, 3, 'resnet152'),
-        _train_case('train_flax_bn', 'resnet_v1_tiny', 'bf16', 4, 16, 10, 1, 2, 'resnet50', one_block),
-        _train_case('train_conv1x1', 'resnet_v1_tiny', 'bf16', 4, 16, 10, 1, 2, 'resnet50', one_block),
         _train_loop_case('resnet_v1_tiny', 'bf16', 4, 16, 10, 2, 2, one_block),
         *_bn_cases((4, 8, 8, 16), 1, 3),
         *_pipeline_cases(16, 4, 8, dict(num_images=12, height_range=(24, 40), width_range=(28, 40)), 1),
@@ -188,8 +192,9 @@ def run_case(case: Case, workdir: str) -> dict[str, Any]:
 
 
 def run_interleaved(cases: list[Case], workdir: str) -> list[dict[str, Any]]:
-  """Measures cases whose figures are compared with each other (our BN options and flax's)
-  step by step in turn, so that a change in the machine's load falls on all of them alike."""
+  """Measures cases whose figures are compared with each other (our BN options and flax's, our
+  train step and its variants) step by step in turn, so that a change in the machine's load
+  falls on all of them alike."""
   del workdir
   records, steppers = {}, {}
   for case in cases:

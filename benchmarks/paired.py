@@ -1,10 +1,12 @@
 """Our step and the Flax anchor's, timed in turn in one process: `python -m benchmarks.paired`.
 
-On a shared 2-core CPU one ResNet-50 train step takes tens of seconds and other work
-comes and goes, so the anchor running 25 steps in its own process, then ours, would put
-different loads on the two sides. Here both are compiled in one process and their steps
-alternate (A B, B A, A B, ...), each waited on; the figures are the medians, and the
-median of the per-pair time ratios comes with them.
+On a shared 2-core CPU one ResNet-50 train step takes seconds to tens of seconds and the
+machine's speed drifts, so the anchor running 25 steps in its own process, then ours,
+would meet different conditions. Here both are compiled in one process and their steps
+taken in turn (the first to go rotating each round), each waited on, with the variants of
+ours priced against our step (flax's BN, 1x1 kernels as convolutions) in the same
+rotation; the figures are the medians, and each of ours comes with the median of its
+per-round time ratios to the anchor.
 
 The anchor is `flax_resnet.py` itself: its definitions are executed as written and its
 `train_case` / `eval_case` build the model, state and jitted step; only its timing loop
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import cases as cases_lib
-from benchmarks import compare, run
+from benchmarks import compare, run, timing
 
 # The anchor's script part starts here; everything before it is definitions.
 _ANCHOR_MAIN = "print(json.dumps({'jax'"
@@ -66,45 +68,45 @@ def anchor_step(namespace: dict[str, Any], spec: str) -> Callable[[], Any]:
   return step
 
 
-def alternate(ours: Callable[[], Any], anchor: Callable[[], Any], warmup: int,
-              iters: int) -> tuple[list[float], list[float], float]:
-  """Seconds per step of each, alternating which goes first; returns (ours, anchor, anchor's
-  first call in seconds, which includes its compilation)."""
-  start = time.perf_counter()
-  jax.block_until_ready(anchor())
-  anchor_first_call = time.perf_counter() - start
-  for _ in range(warmup):
-    jax.block_until_ready(ours())
-    jax.block_until_ready(anchor())
-  times: dict[str, list[float]] = {'ours': [], 'anchor': []}
-  for i in range(iters):
-    order = (('ours', ours), ('anchor', anchor)) if i % 2 == 0 else (('anchor', anchor), ('ours', ours))
-    for name, step in order:
-      start = time.perf_counter()
-      jax.block_until_ready(step())
-      times[name].append(time.perf_counter() - start)
-  return times['ours'], times['anchor'], anchor_first_call
-
-
-def paired_records(case: cases_lib.Case, anchor: dict[str, Any], common: dict[str, Any]) -> list[dict[str, Any]]:
-  """Our record and the anchor's for one case, measured in turn."""
+def anchor_spec(case: cases_lib.Case, cases: Sequence[cases_lib.Case]) -> Optional[str]:
+  """The Flax anchor's case (kind:arch:batch:dtype) `case` is timed with: its own, or else
+  that of our case it is priced against (the train step, for `train_conv1x1`)."""
   spec = compare.flax_spec(case)
-  stepper = case.prepare()
-  ours_times, anchor_times, anchor_first_call = alternate(
-      stepper.step, anchor_step(anchor, spec), case.params['warmup'], case.params['iters'])
-  measurement = stepper.measurement(statistics.median(ours_times), len(ours_times))
+  if spec is None:
+    reference = cases_lib.internal_reference(case, list(cases))
+    spec = compare.flax_spec(reference) if reference is not None else None
+  return spec
+
+
+def paired_records(cases: Sequence[cases_lib.Case], anchor: dict[str, Any], spec: str,
+                   common: dict[str, Any]) -> list[dict[str, Any]]:
+  """Records of our `cases` (equal warm-up and step counts) and of the anchor's `spec`, every
+  step of each taken in turn with the others'; the anchor's record comes last."""
+  steppers = {case.name: case.prepare() for case in cases}
+  anchor_name = f'{compare.FLAX} {spec}'
+  step = anchor_step(anchor, spec)
+  start = time.perf_counter()
+  jax.block_until_ready(step())
+  anchor_first_call = time.perf_counter() - start  # includes its compilation
+  params = cases[0].params
+  times = timing.round_robin({**{name: stepper.step for name, stepper in steppers.items()}, anchor_name: step},
+                             params['warmup'], params['iters'])
+  anchor_times = times.pop(anchor_name)
+  records = []
+  for case in cases:
+    ours_times = times[case.name]
+    measurement = steppers[case.name].measurement(statistics.median(ours_times), len(ours_times))
+    records.append({'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
+                    'value': measurement.value, 'compile_s': measurement.compile_s, 'steps': measurement.steps,
+                    'params': case.params, **measurement.extra, **common, 'step_s': ours_times,
+                    'paired_with': anchor_name,
+                    'paired_time_ratio_median': statistics.median(o / a for o, a in zip(ours_times, anchor_times))})
   anchor_median = statistics.median(anchor_times)
-  batch = case.params['batch']
-  anchor_record = {'anchor_script': compare.FLAX, 'case': spec, 'img_per_s': batch / anchor_median,
-                   'first_call_s': anchor_first_call, 'step_s': anchor_times, 'paired_with': case.name}
-  if case.kind == 'eval':
+  anchor_record = {'anchor_script': compare.FLAX, 'case': spec, 'img_per_s': params['batch'] / anchor_median,
+                   'first_call_s': anchor_first_call, 'step_s': anchor_times, 'paired_with': [c.name for c in cases]}
+  if spec.startswith('eval:'):
     anchor_record['ms_per_batch'] = anchor_median * 1e3
-  ours = {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
-          'value': measurement.value, 'compile_s': measurement.compile_s, 'steps': measurement.steps,
-          'params': case.params, **measurement.extra, **common, 'step_s': ours_times,
-          'paired_with': f'{compare.FLAX} {spec}',
-          'paired_time_ratio_median': statistics.median(o / a for o, a in zip(ours_times, anchor_times))}
-  return [ours, anchor_record]
+  return [*records, anchor_record]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,13 +121,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   anchor = load_anchor(os.path.join(args.anchors_dir, compare.FLAX))
   common = {'device': args.device or run.device_description(), 'jax': jax.__version__, 'profile': args.profile,
             **({'date': args.date} if args.date else {})}
+  rotations: dict[Optional[str], list[cases_lib.Case]] = {}
   for case in chosen:
-    print(f'[paired] {case.name} with {compare.FLAX} {compare.flax_spec(case)}', file=sys.stderr, flush=True)
+    rotations.setdefault(anchor_spec(case, chosen), []).append(case)
+  for spec, cases in rotations.items():
+    print(f'[paired] {[case.name for case in cases]} with {compare.FLAX} {spec}', file=sys.stderr, flush=True)
     try:
-      records = paired_records(case, anchor, common)
+      if spec is None:
+        raise ValueError(f'no {compare.FLAX} case to pair with')
+      records = paired_records(cases, anchor, spec, common)
     except Exception as error:  # Reported, not raised: the other cases still run.
       records = [{'case': case.name, 'kind': case.kind, 'unit': case.unit, **common,
-                  'error': f'{type(error).__name__}: {error}'[:500]}]
+                  'error': f'{type(error).__name__}: {error}'[:500]} for case in cases]
     for record in records:
       print(json.dumps(record), flush=True)
   return 0

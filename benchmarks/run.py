@@ -60,11 +60,23 @@ def select(profile: str, names: Optional[Sequence[str]]) -> list[cases_lib.Case]
   return chosen
 
 
+def _timed_together(case: cases_lib.Case) -> Optional[tuple]:
+  """What the cases timed in turn with this one share (None: it is timed alone): our BN
+  options and flax's at one shape; our train step and its variants at one size."""
+  if case.kind == 'bn_layer':
+    return ('bn_layer',)
+  if case.kind in cases_lib.TRAIN_KINDS:
+    return ('train', *sorted((k, str(v)) for k, v in case.params.items()))
+  return None
+
+
 def _batches(cases: Sequence[cases_lib.Case]) -> list[list[cases_lib.Case]]:
-  """Cases one by one, except runs of BN-layer cases, which are timed in turn together."""
+  """Cases one by one, except runs of cases priced against each other, which are timed in
+  turn together (`cases.run_interleaved`), so that drift in the machine's speed falls on all."""
   batches: list[list[cases_lib.Case]] = []
   for case in cases:
-    if case.kind == 'bn_layer' and batches and batches[-1][0].kind == 'bn_layer':
+    key = _timed_together(case)
+    if key is not None and batches and _timed_together(batches[-1][0]) == key:
       batches[-1].append(case)
     else:
       batches.append([case])

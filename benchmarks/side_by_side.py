@@ -41,7 +41,7 @@ class Job:
 
 
 def _group_of(case: cases_lib.Case) -> str:
-  return {'train': 'train', 'train_conv1x1': 'train', 'eval': 'eval', 'train_loop': 'loop',
+  return {**{kind: 'train' for kind in cases_lib.TRAIN_KINDS}, 'eval': 'eval', 'train_loop': 'loop',
           'pipeline': 'pipeline'}.get(case.kind, 'bn')
 
 
@@ -65,8 +65,7 @@ def build_groups(profile: str, cases: Sequence[cases_lib.Case], groups: Sequence
       jobs.append(Job(f'ours:{group}', 'ours', (python, '-m', 'benchmarks.run', '--profile', profile, '--cases',
                                                   *[case.name for case in mine])))
     flax_specs = sorted({compare.flax_spec(case) for case in mine if compare.flax_spec(case)})
-    # train_flax_bn is priced against our own train step; the Flax anchor's train runs in 'train'.
-    if flax_specs and group != 'bn':
+    if flax_specs:
       jobs.append(Job(f'{compare.FLAX}:{group}', compare.FLAX,
                       (python, os.path.join(anchors_dir, compare.FLAX), *flax_specs)))
     if group == 'pipeline' and mine:

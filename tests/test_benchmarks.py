@@ -65,7 +65,7 @@ def test_every_smoke_case_reports_a_real_figure(smoke_records):
     else:
       assert math.isfinite(record['compile_s']) and record['compile_s'] > 0, record
     assert record['steps'] >= 2
-    if record['kind'] == 'bn_layer':  # our options and flax's timed in turn
+    if record['kind'] in ('bn_layer', *cases_lib.TRAIN_KINDS):  # timed in turn with what they are priced against
       assert record['interleaved']
     json.dumps(record)  # every record is one JSON line
 
@@ -229,18 +229,36 @@ raise SystemExit('the cases part must not run')
 """
 
 
-def test_paired_times_our_step_and_the_anchors_own_step_in_turn(tmp_path):
+def test_paired_times_our_steps_and_the_anchors_own_step_in_turn(tmp_path):
   anchor_file = tmp_path / 'flax_resnet.py'
   anchor_file.write_text(FAKE_ANCHOR)
   anchor = paired.load_anchor(str(anchor_file))
-  (train,) = [case for case in cases_lib.profile_cases('smoke') if case.kind == 'train']
-  ours, theirs = paired.paired_records(train, anchor, {'device': 'd', 'date': 'x'})
+  smoke = cases_lib.profile_cases('smoke')
+  trains = [case for case in smoke if case.kind in cases_lib.TRAIN_KINDS]
+  # The variants priced against our train step go in its rotation, with its anchor case.
+  assert {paired.anchor_spec(case, smoke) for case in trains} == {'train:resnet50:4:bf16'}
+  *ours, theirs = paired.paired_records(trains, anchor, 'train:resnet50:4:bf16', {'device': 'd', 'date': 'x'})
+  assert [record['case'] for record in ours] == [case.name for case in trains]
   assert theirs['anchor_script'] == 'flax_resnet.py' and theirs['case'] == 'train:resnet50:4:bf16'
-  assert len(theirs['step_s']) == len(ours['step_s']) == train.params['iters']
-  assert theirs['img_per_s'] > 0 and math.isfinite(ours['value']) and ours['value'] > 0
-  assert ours['paired_with'] == 'flax_resnet.py train:resnet50:4:bf16' and ours['paired_time_ratio_median'] > 0
+  assert theirs['img_per_s'] > 0 and theirs['paired_with'] == [case.name for case in trains]
+  for record in ours:
+    assert len(theirs['step_s']) == len(record['step_s']) == trains[0].params['iters']
+    assert math.isfinite(record['value']) and record['value'] > 0 and record['paired_time_ratio_median'] > 0
+    assert record['paired_with'] == 'flax_resnet.py train:resnet50:4:bf16'
   figures = compare.anchor_figures(compare.FLAX, [json.dumps(theirs)])
   assert compare.anchor_value(figures['flax_resnet.py train:resnet50:4:bf16'], 'img/s') == theirs['img_per_s']
+
+
+def test_cases_priced_against_each_other_are_timed_together():
+  for profile in cases_lib.PROFILES:
+    batches = [[case.kind for case in batch] for batch in run._batches(cases_lib.profile_cases(profile))]
+    assert list(cases_lib.TRAIN_KINDS) in batches, profile
+    bn_batches = [batch for batch in batches if 'bn_layer' in batch]
+    assert len(bn_batches) == 1 and len(bn_batches[0]) >= 5 and set(bn_batches[0]) == {'bn_layer'}, profile
+    assert all(len(batch) == 1 for batch in batches if batch[0] not in ('bn_layer', *cases_lib.TRAIN_KINDS))
+  # Only cases of equal sizes share a rotation.
+  small, large = (cases_lib.profile_cases(profile)[0] for profile in ('smoke', 'cpu'))
+  assert [len(batch) for batch in run._batches([small, large])] == [1, 1]
 
 
 def test_xla_flag_sets_run_apart_and_are_priced_against_xla_defaults(capsys):

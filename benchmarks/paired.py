@@ -81,8 +81,17 @@ def anchor_spec(case: cases_lib.Case, cases: Sequence[cases_lib.Case]) -> Option
 def paired_records(cases: Sequence[cases_lib.Case], anchor: dict[str, Any], spec: str,
                    common: dict[str, Any]) -> list[dict[str, Any]]:
   """Records of our `cases` (equal warm-up and step counts) and of the anchor's `spec`, every
-  step of each taken in turn with the others'; the anchor's record comes last."""
-  steppers = {case.name: case.prepare() for case in cases}
+  step of each taken in turn with the others'; the anchor's record comes last. A case that
+  cannot be built gets an error record and the others are still measured."""
+  steppers, failed = {}, []
+  for case in cases:
+    try:
+      steppers[case.name] = case.prepare()
+    except Exception as error:  # Reported, not raised: the others still pair with the anchor.
+      failed.append(error_record(case, common, error))
+  cases = [case for case in cases if case.name in steppers]
+  if not cases:
+    return failed
   anchor_name = f'{compare.FLAX} {spec}'
   step = anchor_step(anchor, spec)
   start = time.perf_counter()
@@ -106,7 +115,13 @@ def paired_records(cases: Sequence[cases_lib.Case], anchor: dict[str, Any], spec
                    'first_call_s': anchor_first_call, 'step_s': anchor_times, 'paired_with': [c.name for c in cases]}
   if spec.startswith('eval:'):
     anchor_record['ms_per_batch'] = anchor_median * 1e3
-  return [*records, anchor_record]
+  return [*records, *failed, anchor_record]
+
+
+def error_record(case: cases_lib.Case, common: dict[str, Any], error: Exception) -> dict[str, Any]:
+  """The record of one of our cases that failed: its name, kind and unit, and the error in one line."""
+  return {'case': case.name, 'kind': case.kind, 'unit': case.unit, **common,
+          'error': f'{type(error).__name__}: {error}'[:500]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -131,8 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ValueError(f'no {compare.FLAX} case to pair with')
       records = paired_records(cases, anchor, spec, common)
     except Exception as error:  # Reported, not raised: the other cases still run.
-      records = [{'case': case.name, 'kind': case.kind, 'unit': case.unit, **common,
-                  'error': f'{type(error).__name__}: {error}'[:500]} for case in cases]
+      records = [error_record(case, common, error) for case in cases]
     for record in records:
       print(json.dumps(record), flush=True)
   return 0

@@ -249,6 +249,22 @@ def test_paired_times_our_steps_and_the_anchors_own_step_in_turn(tmp_path):
   assert compare.anchor_value(figures['flax_resnet.py train:resnet50:4:bf16'], 'img/s') == theirs['img_per_s']
 
 
+def test_a_case_that_cannot_be_built_spares_the_rest_of_its_rotation(tmp_path):
+  anchor_file = tmp_path / 'flax_resnet.py'
+  anchor_file.write_text(FAKE_ANCHOR)
+  anchor = paired.load_anchor(str(anchor_file))
+  train, flax_bn, _ = [case for case in cases_lib.profile_cases('smoke') if case.kind in cases_lib.TRAIN_KINDS]
+
+  def broken():
+    raise RuntimeError('out of memory')
+
+  ours, failed, theirs = paired.paired_records([train, dataclasses.replace(flax_bn, prepare=broken)], anchor,
+                                               'train:resnet50:4:bf16', {'device': 'd'})
+  assert ours['case'] == train.name and ours['value'] > 0
+  assert failed['case'] == flax_bn.name and failed['error'] == 'RuntimeError: out of memory'
+  assert theirs['anchor_script'] == 'flax_resnet.py' and theirs['paired_with'] == [train.name]
+
+
 def test_cases_priced_against_each_other_are_timed_together():
   for profile in cases_lib.PROFILES:
     batches = [[case.kind for case in batch] for batch in run._batches(cases_lib.profile_cases(profile))]

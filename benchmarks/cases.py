@@ -25,6 +25,8 @@ import os
 import statistics
 from typing import Any, Callable, Optional
 
+import jax
+
 from benchmarks import timing
 from benchmarks.workloads import (BN_VARIANTS, Measurement, SkipCase, Stepper, measure_pipeline, measure_stepper,
                                   measure_train_loop, prepare_bn_layer, prepare_eval, prepare_train)
@@ -178,17 +180,51 @@ def internal_reference(case: Case, cases: list[Case]) -> Optional[Case]:
   return same_sizes[0] if same_sizes else None
 
 
+def _head(case: Case) -> dict[str, Any]:
+  return {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit}
+
+
+def failure_record(case: Case, error: Exception) -> dict[str, Any]:
+  """The record of a case that was skipped (SkipCase) or failed, with the reason in one line."""
+  if isinstance(error, SkipCase):
+    return {**_head(case), 'skipped': str(error)}
+  return {**_head(case), 'error': f'{type(error).__name__}: {error}'[:500]}
+
+
 def run_case(case: Case, workdir: str) -> dict[str, Any]:
   """Measures one case; a failure becomes an `error` record so that one bad case spares the rest."""
-  record: dict[str, Any] = {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit}
   try:
     measurement = case.measure(workdir)
-  except SkipCase as reason:
-    return {**record, 'skipped': str(reason)}
   except Exception as error:  # Reported, not raised: the other cases still run.
-    return {**record, 'error': f'{type(error).__name__}: {error}'[:500]}
-  return {**record, 'value': measurement.value, 'compile_s': measurement.compile_s, 'steps': measurement.steps,
+    return failure_record(case, error)
+  return {**_head(case), 'value': measurement.value, 'compile_s': measurement.compile_s, 'steps': measurement.steps,
           'params': case.params, **measurement.extra}
+
+
+def prepare_runnable(cases: list[Case]) -> tuple[dict[str, Stepper], dict[str, dict[str, Any]]]:
+  """Each case's compiled step, run once: (steppers by case name, failure records of the
+  cases that could not be built or run), so that in a rotation a failing case costs only
+  its own figure."""
+  steppers, failures = {}, {}
+  for case in cases:
+    try:
+      stepper = case.prepare()
+      jax.block_until_ready(stepper.step())  # A step that fails at run time (out of memory, say) fails here.
+      steppers[case.name] = stepper
+    except Exception as error:  # Reported, not raised: the other cases still run.
+      failures[case.name] = failure_record(case, error)
+  return steppers, failures
+
+
+def measured_record(case: Case, stepper: Stepper, step_times: list[float], **fields: Any) -> dict[str, Any]:
+  """A case's record from its step times (`fields` added); a failure in making its figure
+  (a non-finite loss, say) becomes its failure record."""
+  try:
+    measurement = stepper.measurement(statistics.median(step_times), len(step_times))
+  except Exception as error:  # Reported, not raised: the other cases keep their figures.
+    return failure_record(case, error)
+  return {**_head(case), 'value': measurement.value, 'compile_s': measurement.compile_s, 'steps': measurement.steps,
+          'params': case.params, **fields, **measurement.extra}
 
 
 def run_interleaved(cases: list[Case], workdir: str) -> list[dict[str, Any]]:
@@ -196,24 +232,12 @@ def run_interleaved(cases: list[Case], workdir: str) -> list[dict[str, Any]]:
   train step and its variants) step by step in turn, so that a change in the machine's load
   falls on all of them alike."""
   del workdir
-  records, steppers = {}, {}
-  for case in cases:
-    record = {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit}
-    try:
-      steppers[case.name] = case.prepare()
-    except SkipCase as reason:
-      records[case.name] = {**record, 'skipped': str(reason)}
-    except Exception as error:  # Reported, not raised: the other cases still run.
-      records[case.name] = {**record, 'error': f'{type(error).__name__}: {error}'[:500]}
+  steppers, records = prepare_runnable(cases)
   if steppers:
     params = cases[0].params
     times = timing.round_robin({name: stepper.step for name, stepper in steppers.items()},
                                params['warmup'], params['iters'])
     for case in cases:
       if case.name in steppers:
-        measurement = steppers[case.name].measurement(statistics.median(times[case.name]), params['iters'])
-        records[case.name] = {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
-                              'value': measurement.value, 'compile_s': measurement.compile_s,
-                              'steps': measurement.steps, 'params': case.params, 'interleaved': True,
-                              **measurement.extra}
+        records[case.name] = measured_record(case, steppers[case.name], times[case.name], interleaved=True)
   return [records[case.name] for case in cases]

@@ -82,13 +82,9 @@ def paired_records(cases: Sequence[cases_lib.Case], anchor: dict[str, Any], spec
                    common: dict[str, Any]) -> list[dict[str, Any]]:
   """Records of our `cases` (equal warm-up and step counts) and of the anchor's `spec`, every
   step of each taken in turn with the others'; the anchor's record comes last. A case that
-  cannot be built gets an error record and the others are still measured."""
-  steppers, failed = {}, []
-  for case in cases:
-    try:
-      steppers[case.name] = case.prepare()
-    except Exception as error:  # Reported, not raised: the others still pair with the anchor.
-      failed.append(error_record(case, common, error))
+  cannot be built or run, or whose figure fails, gets an error record; the others keep theirs."""
+  steppers, failures = cases_lib.prepare_runnable(list(cases))
+  failed = [{**failures[case.name], **common} for case in cases if case.name in failures]
   cases = [case for case in cases if case.name in steppers]
   if not cases:
     return failed
@@ -101,27 +97,16 @@ def paired_records(cases: Sequence[cases_lib.Case], anchor: dict[str, Any], spec
   times = timing.round_robin({**{name: stepper.step for name, stepper in steppers.items()}, anchor_name: step},
                              params['warmup'], params['iters'])
   anchor_times = times.pop(anchor_name)
-  records = []
-  for case in cases:
-    ours_times = times[case.name]
-    measurement = steppers[case.name].measurement(statistics.median(ours_times), len(ours_times))
-    records.append({'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
-                    'value': measurement.value, 'compile_s': measurement.compile_s, 'steps': measurement.steps,
-                    'params': case.params, **measurement.extra, **common, 'step_s': ours_times,
-                    'paired_with': anchor_name,
-                    'paired_time_ratio_median': statistics.median(o / a for o, a in zip(ours_times, anchor_times))})
+  records = [cases_lib.measured_record(
+      case, steppers[case.name], times[case.name], **common, step_s=times[case.name], paired_with=anchor_name,
+      paired_time_ratio_median=statistics.median(o / a for o, a in zip(times[case.name], anchor_times)))
+      for case in cases]
   anchor_median = statistics.median(anchor_times)
   anchor_record = {'anchor_script': compare.FLAX, 'case': spec, 'img_per_s': params['batch'] / anchor_median,
                    'first_call_s': anchor_first_call, 'step_s': anchor_times, 'paired_with': [c.name for c in cases]}
   if spec.startswith('eval:'):
     anchor_record['ms_per_batch'] = anchor_median * 1e3
   return [*records, *failed, anchor_record]
-
-
-def error_record(case: cases_lib.Case, common: dict[str, Any], error: Exception) -> dict[str, Any]:
-  """The record of one of our cases that failed: its name, kind and unit, and the error in one line."""
-  return {'case': case.name, 'kind': case.kind, 'unit': case.unit, **common,
-          'error': f'{type(error).__name__}: {error}'[:500]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -146,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ValueError(f'no {compare.FLAX} case to pair with')
       records = paired_records(cases, anchor, spec, common)
     except Exception as error:  # Reported, not raised: the other cases still run.
-      records = [error_record(case, common, error) for case in cases]
+      records = [{**cases_lib.failure_record(case, error), **common} for case in cases]
     for record in records:
       print(json.dumps(record), flush=True)
   return 0

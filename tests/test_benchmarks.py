@@ -265,6 +265,26 @@ def test_a_case_that_cannot_be_built_spares_the_rest_of_its_rotation(tmp_path):
   assert theirs['anchor_script'] == 'flax_resnet.py' and theirs['paired_with'] == [train.name]
 
 
+def test_a_case_failing_in_a_rotation_costs_only_its_own_figure():
+  train, flax_bn, conv1x1 = [case for case in cases_lib.profile_cases('smoke') if case.kind in cases_lib.TRAIN_KINDS]
+
+  def failing_step():
+    raise RuntimeError('RESOURCE_EXHAUSTED: out of memory')
+
+  def failing_figure(median_s, iters):
+    raise FloatingPointError('the train step gave loss nan')
+
+  def stepper_with(**fields):
+    return lambda: dataclasses.replace(workloads.Stepper(lambda: 0.0, 1.0, None), **fields)
+
+  records = cases_lib.run_interleaved([train, dataclasses.replace(flax_bn, prepare=stepper_with(step=failing_step)),
+                                       dataclasses.replace(conv1x1, prepare=stepper_with(measurement=failing_figure))],
+                                      'unused')
+  assert records[0]['case'] == train.name and records[0]['value'] > 0 and records[0]['interleaved']
+  assert records[1]['error'] == 'RuntimeError: RESOURCE_EXHAUSTED: out of memory'
+  assert records[2]['error'] == 'FloatingPointError: the train step gave loss nan'
+
+
 def test_cases_priced_against_each_other_are_timed_together():
   for profile in cases_lib.PROFILES:
     batches = [[case.kind for case in batch] for batch in run._batches(cases_lib.profile_cases(profile))]

@@ -63,8 +63,8 @@ def select(profile: str, names: Optional[Sequence[str]]) -> list[cases_lib.Case]
 def _timed_together(case: cases_lib.Case) -> Optional[tuple]:
   """What the cases timed in turn with this one share (None: it is timed alone): our BN
   options and flax's at one shape; our train step and its variants at one size."""
-  if case.kind == 'bn_layer':
-    return ('bn_layer',)
+  if case.kind == 'bn_layer':  # fp32 and bf16 options alike
+    return ('bn_layer', str(case.params['shape']), case.params['warmup'], case.params['iters'])
   if case.kind in cases_lib.TRAIN_KINDS:
     return ('train', *sorted((k, str(v)) for k, v in case.params.items()))
   return None

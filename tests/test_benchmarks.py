@@ -293,8 +293,10 @@ def test_cases_priced_against_each_other_are_timed_together():
     assert len(bn_batches) == 1 and len(bn_batches[0]) >= 5 and set(bn_batches[0]) == {'bn_layer'}, profile
     assert all(len(batch) == 1 for batch in batches if batch[0] not in ('bn_layer', *cases_lib.TRAIN_KINDS))
   # Only cases of equal sizes share a rotation.
-  small, large = (cases_lib.profile_cases(profile)[0] for profile in ('smoke', 'cpu'))
-  assert [len(batch) for batch in run._batches([small, large])] == [1, 1]
+  for kind in ('train', 'bn_layer'):
+    small, large = ([case for case in cases_lib.profile_cases(profile) if case.kind == kind][0]
+                    for profile in ('smoke', 'cpu'))
+    assert [len(batch) for batch in run._batches([small, large])] == [1, 1], kind
 
 
 def test_xla_flag_sets_run_apart_and_are_priced_against_xla_defaults(capsys):

@@ -121,10 +121,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   anchor = load_anchor(os.path.join(args.anchors_dir, compare.FLAX))
   common = {'device': args.device or run.device_description(), 'jax': jax.__version__, 'profile': args.profile,
             **({'date': args.date} if args.date else {})}
-  rotations: dict[Optional[str], list[cases_lib.Case]] = {}
+  # One rotation per anchor case, holding only cases of ours with equal sizes and step counts.
+  rotations: dict[tuple, list[cases_lib.Case]] = {}
   for case in chosen:
-    rotations.setdefault(anchor_spec(case, chosen), []).append(case)
-  for spec, cases in rotations.items():
+    rotations.setdefault((anchor_spec(case, chosen), run.timed_together(case) or case.name), []).append(case)
+  for (spec, _), cases in rotations.items():
     print(f'[paired] {[case.name for case in cases]} with {compare.FLAX} {spec}', file=sys.stderr, flush=True)
     try:
       if spec is None:

@@ -60,7 +60,7 @@ def select(profile: str, names: Optional[Sequence[str]]) -> list[cases_lib.Case]
   return chosen
 
 
-def _timed_together(case: cases_lib.Case) -> Optional[tuple]:
+def timed_together(case: cases_lib.Case) -> Optional[tuple]:
   """What the cases timed in turn with this one share (None: it is timed alone): our BN
   options and flax's at one shape; our train step and its variants at one size."""
   if case.kind == 'bn_layer':  # fp32 and bf16 options alike
@@ -75,8 +75,8 @@ def _batches(cases: Sequence[cases_lib.Case]) -> list[list[cases_lib.Case]]:
   turn together (`cases.run_interleaved`), so that drift in the machine's speed falls on all."""
   batches: list[list[cases_lib.Case]] = []
   for case in cases:
-    key = _timed_together(case)
-    if key is not None and batches and _timed_together(batches[-1][0]) == key:
+    key = timed_together(case)
+    if key is not None and batches and timed_together(batches[-1][0]) == key:
       batches[-1].append(case)
     else:
       batches.append([case])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 
 from resnet_flax.layers import moving_averages, renorm
 from resnet_flax.layers.end_points import keep_latest
+from resnet_flax.layers.moments import batch_moments, values_per_channel
 
 Array = jnp.ndarray
 
@@ -20,42 +20,6 @@ BATCH_STATS = 'batch_stats'
 # Per-group batch means and variances, sown in train mode only when a caller asks for
 # this collection (precise-BN recalibration); nothing is stored otherwise.
 BATCH_MOMENTS = 'batch_moments'
-
-
-def batch_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Array]:
-  """Mean and biased variance over `reduction_axes` (the batch axis, then the spatial ones),
-  always in float32, from one pass over `x`.
-
-  Per example, the sums of `x - s` and `(x - s) ** 2` about `s`, the example's first
-  value of each channel, read `x` once together and lose about (mean - s)^2 / variance
-  ulps of the sums, with `s` a sample of the same values; the per-example means and
-  squared deviations then combine exactly (law of total variance) over the small (batch,
-  channels) arrays. Plain E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std,
-  and the mean of squared deviations needs a second full read of `x`. The shift never
-  slices the batch axis, which may be split over devices.
-  """
-  x32 = x.astype(jnp.float32)
-  batch_axis, within_axes = reduction_axes[0], reduction_axes[1:]
-  # The first value, not a central one: with XLA's optimizations off (JAX_DISABLE_MOST_
-  # OPTIMIZATIONS, as the tests run), an offset slice of a batch-sharded input gave wrong
-  # gradients elsewhere in the model on 8 devices (jax 0.10.2, CPU).
-  first = tuple(slice(0, 1) if axis in within_axes else slice(None) for axis in range(x.ndim))
-  shift = jax.lax.stop_gradient(x32[first])  # A constant: the gradient is the variance's own.
-  shifted = x32 - shift
-  per_example = values_per_channel(x.shape, within_axes)
-  sums = jnp.sum(shifted, axis=within_axes, keepdims=True)
-  squares = jnp.sum(jnp.square(shifted), axis=within_axes, keepdims=True)
-  example_deviations = jnp.maximum(squares - jnp.square(sums) / per_example, 0.0)  # per_example * variance
-  # Example means are taken relative to the mean shift, never added up: at a mean of 1e4,
-  # float32 would keep only ~1e-3 of the offsets that make up the variance between
-  # examples. `centred` has a mean of about the mean shift's rounding error, so its
-  # mean square minus that mean squared is exact.
-  mean_shift = jnp.mean(shift, axis=batch_axis, keepdims=True)
-  centred = (shift - mean_shift) + sums / per_example
-  centred_mean = jnp.mean(centred, axis=batch_axis, keepdims=True)
-  between = jnp.mean(jnp.square(centred), axis=batch_axis, keepdims=True) - jnp.square(centred_mean)
-  variance = jnp.mean(example_deviations, axis=batch_axis, keepdims=True) / per_example + jnp.maximum(between, 0.0)
-  return jnp.squeeze(mean_shift + centred_mean, reduction_axes), jnp.squeeze(variance, reduction_axes)
 
 
 def ghost_batches(x: Array, ghost_batch_size: Optional[int], name: str) -> Array:
@@ -69,11 +33,6 @@ def ghost_batches(x: Array, ghost_batch_size: Optional[int], name: str) -> Array
     raise ValueError(f'BatchNorm {name!r}: batch of {x.shape[0]} does not split into ghost batches of '
                      f'{ghost_batch_size}; use a ghost_batch_size that divides the per-device batch.')
   return x.reshape(x.shape[0] // ghost_batch_size, ghost_batch_size, *x.shape[1:])
-
-
-def values_per_channel(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) -> int:
-  """Number of elements each channel's statistics are computed from."""
-  return math.prod(shape[axis] for axis in reduction_axes)
 
 
 def check_batch_statistics_possible(shape: tuple[int, ...], reduction_axes: tuple[int, ...], name: str) -> None:

@@ -3,7 +3,7 @@
 On a shared 2-core CPU one ResNet-50 train step takes seconds to tens of seconds and the
 machine's speed drifts, so the anchor running 25 steps in its own process, then ours,
 would meet different conditions. Here both are compiled in one process and their steps
-taken in turn (the first to go rotating each round), each waited on, with the variants of
+taken in turn (in an order shuffled each round), each waited on, with the variants of
 ours priced against our step (flax's BN, 1x1 kernels as convolutions) in the same
 rotation; the figures are the medians, and each of ours comes with the median of its
 per-round time ratios to the anchor.

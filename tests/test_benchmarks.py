@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import cases as cases_lib
-from benchmarks import compare, paired, report, run, side_by_side, workloads, xla_flags
+from benchmarks import compare, paired, report, run, side_by_side, timing, workloads, xla_flags
 from resnet_flax import models
 from resnet_flax.layers import BatchNorm
 
@@ -315,3 +315,18 @@ def test_xla_flag_sets_run_apart_and_are_priced_against_xla_defaults(capsys):
           {'flag_set': 'x', 'case': 'e', 'unit': 'ms', 'value': 12.0}]
   assert xla_flags.time_ratios(fake) == {('default', 't'): 1.0, ('x', 't'): 0.8, ('default', 'e'): 1.0,
                                          ('x', 'e'): pytest.approx(1.2)}
+
+
+def test_steps_taken_in_turn_follow_every_other_step_not_always_the_same_one():
+  calls = []
+  steps = {name: (lambda name=name: calls.append(name) or jnp.zeros(())) for name in 'abcd'}
+  times = timing.round_robin(steps, warmup=1, iters=40)
+  assert {name: len(t) for name, t in times.items()} == {name: 40 for name in 'abcd'}
+  rounds = [calls[i:i + 4] for i in range(4, len(calls), 4)]  # after the warm-up round
+  assert all(sorted(r) == list('abcd') for r in rounds)  # each step once a round
+  predecessors = {name: {before for r in rounds for before, after in zip(r, r[1:]) if after == name} for name in 'abcd'}
+  assert predecessors == {name: set('abcd') - {name} for name in 'abcd'}, predecessors  # a rotation: one each
+  calls.clear()
+  timing.round_robin(steps, 0, 5)
+  timing.round_robin(steps, 0, 5)
+  assert calls[:20] == calls[20:]  # seeded: a rerun repeats the order

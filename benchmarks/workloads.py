@@ -30,7 +30,8 @@ import numpy as np
 from benchmarks import flax_batch_norm, synthetic_jpegs, timing
 from configs import imagenet_resnet_v1_50, synthetic_resnet_v1_50
 from resnet_flax import data, models, optim, sharding, steps, train_lib
-from resnet_flax.layers import BatchNorm
+from resnet_flax.layers import BatchNorm, moments
+from resnet_flax.layers import batch_norm as batch_norm_lib
 from resnet_flax.layers import conv as conv_lib
 from resnet_flax.train_state import TrainState
 
@@ -43,9 +44,13 @@ BN_VARIANTS = {
     'zero_debias': ({'zero_debias_moving_mean': True}, 'fp32'),
     'bf16_act_fp32_stats': ({}, 'bf16'),  # bf16 in and out; statistics always float32
     'renorm': ({'renorm': True}, 'fp32'),
+    # Each moments algorithm forced, whatever the platform `layers.moments` picks it for.
+    'centred_moments': ({}, 'fp32'),
+    'shifted_moments': ({}, 'fp32'),
     'flax_nn_batchnorm': (None, 'fp32'),
     'flax_nn_batchnorm_bf16': (None, 'bf16'),
 }
+FORCED_MOMENTS = {'centred_moments': moments.centred_moments, 'shifted_moments': moments.shifted_moments}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,16 +106,16 @@ def host_initialized_variables(model: nn.Module, image_shape: tuple[int, int, in
 
 
 @contextlib.contextmanager
-def _one_by_one_kernels_as_convolutions():
-  """While tracing: 1x1 kernels lowered as convolutions, as every other kernel, rather than
-  as the dots `layers.conv.convolve` makes of them. That choice was measured on CPU only;
-  the `train_conv1x1` case prices it on the device at hand. Same numbers either way."""
-  original = conv_lib.convolve
-  conv_lib.convolve = conv_lib.convolution
+def _traced_with(module: Any, name: str, replacement: Any):
+  """While tracing inside the block, `module.<name>` is `replacement`: a choice of ours the
+  device at hand prices against the one the code makes (1x1 kernels as convolutions rather
+  than dots, one moments algorithm on every platform). Same numbers either way."""
+  original = getattr(module, name)
+  setattr(module, name, replacement)
   try:
     yield
   finally:
-    conv_lib.convolve = original
+    setattr(module, name, original)
 
 
 def prepare_train(*, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
@@ -141,7 +146,7 @@ def prepare_train(*, model_name: str, dtype: str, batch: int, image_size: int, n
       out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
       donate_argnums=0)
   batch_arrays = sharding.to_global_batch(_synthetic_batch(batch, image_size, num_classes), mesh)
-  with contextlib.nullcontext() if one_by_one_as_dot else _one_by_one_kernels_as_convolutions():
+  with contextlib.nullcontext() if one_by_one_as_dot else _traced_with(conv_lib, 'convolve', conv_lib.convolution):
     compiled, compile_s = timing.compile_timed(train_step, state, batch_arrays)
   carried = [state]
 
@@ -255,7 +260,9 @@ def prepare_bn_layer(*, variant: str, shape: tuple[int, ...], **unused: Any) -> 
     y, pullback, batch_stats = jax.vjp(forward, variables['params'], x, has_aux=True)
     return y, pullback(cotangent.astype(y.dtype)), batch_stats
 
-  compiled, compile_s = timing.compile_timed(jax.jit(forward_backward), variables, x, cotangent)
+  forced = FORCED_MOMENTS.get(variant)
+  with _traced_with(batch_norm_lib, 'batch_moments', forced) if forced else contextlib.nullcontext():
+    compiled, compile_s = timing.compile_timed(jax.jit(forward_backward), variables, x, cotangent)
 
   def measurement(median_s: float, iters: int) -> Measurement:
     return Measurement(median_s * 1e3, compile_s, iters, {'gelem_per_s': int(np.prod(shape)) / median_s / 1e9})

@@ -12,7 +12,9 @@ import pytest
 from benchmarks import cases as cases_lib
 from benchmarks import compare, paired, report, run, side_by_side, timing, workloads, xla_flags
 from resnet_flax import models
-from resnet_flax.layers import BatchNorm
+from resnet_flax.layers import BatchNorm, moments
+from resnet_flax.layers import batch_norm as batch_norm_lib
+from resnet_flax.layers import conv as conv_lib
 
 UNITS = {'train': 'img/s', 'train_flax_bn': 'img/s', 'train_conv1x1': 'img/s', 'train_loop': 'img/s', 'eval': 'ms', 'bn_layer': 'ms',
          'pipeline': 'img/s'}
@@ -104,7 +106,7 @@ def test_the_conv1x1_case_traces_1x1_kernels_as_convolutions():
     text = str(jax.make_jaxpr(lambda v: model.apply(v, images, train=False))(variables))
     return text.count('conv_general_dilated['), text.count('dot_general[')
 
-  with workloads._one_by_one_kernels_as_convolutions():
+  with workloads._traced_with(conv_lib, 'convolve', conv_lib.convolution):  # as prepare_train(one_by_one_as_dot=False)
     as_convolutions = primitives()
   as_dots = primitives()  # and the patch is undone
   # The root's 7x7 and each unit's 3x3 are convolutions either way; each unit's two 1x1
@@ -330,3 +332,19 @@ def test_steps_taken_in_turn_follow_every_other_step_not_always_the_same_one():
   timing.round_robin(steps, 0, 5)
   timing.round_robin(steps, 0, 5)
   assert calls[:20] == calls[20:]  # seeded: a rerun repeats the order
+
+
+@pytest.mark.parametrize('variant, algorithm', list(workloads.FORCED_MOMENTS.items()))
+def test_the_forced_moments_cases_trace_one_algorithm_and_no_platform_choice(variant, algorithm):
+  layer = workloads._batch_norm_module(variant)
+  x = jnp.ones((4, 3, 3, 2))
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  def jaxpr():
+    return str(jax.make_jaxpr(lambda v: layer.apply(v, x, train=True, mutable=['batch_stats']))(variables))
+
+  assert 'platform_index' in jaxpr()  # by default the platform picks
+  with workloads._traced_with(batch_norm_lib, 'batch_moments', algorithm):
+    forced = jaxpr()
+  assert 'platform_index' not in forced
+  assert ('slice[' in forced) == (algorithm is moments.shifted_moments)  # the shifted sums' per-example shift
+  assert 'platform_index' in jaxpr()  # and the patch is undone

@@ -20,7 +20,8 @@ import signal
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional
+import types
+from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
@@ -106,10 +107,14 @@ def host_initialized_variables(model: nn.Module, image_shape: tuple[int, int, in
 
 
 @contextlib.contextmanager
-def _traced_with(module: Any, name: str, replacement: Any):
+def _traced_with(module: types.ModuleType, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
   """While tracing inside the block, `module.<name>` is `replacement`: a choice of ours the
   device at hand prices against the one the code makes (1x1 kernels as convolutions rather
-  than dots, one moments algorithm on every platform). Same numbers either way."""
+  than dots, one moments algorithm on every platform), the same numbers to rounding.
+
+  Only a fresh trace sees it: a function jitted and traced before the block keeps its
+  cached program, hence the `prepare_*` functions build the function they jit afresh.
+  """
   original = getattr(module, name)
   setattr(module, name, replacement)
   try:

@@ -158,8 +158,12 @@ def test_merge_takes_medians_over_rounds_and_ratios_of_medians():
   loop = by_case['train_loop/resnet_v1_50/fp32/b8']  # train.py priced against the bare step
   assert loop['ratios'] == {'ours:train/resnet_v1_50/fp32/b8': pytest.approx(1.0)}
   assert 'host round trips' in loop['targets']['ours:train/resnet_v1_50/fp32/b8']['text']
+  flax_bn = 'ours:bn_layer/flax_nn_batchnorm/8x56x56x256'
   plain_bn = by_case['bn_layer/plain/8x56x56x256']
-  assert plain_bn['ratios'] == {'ours:bn_layer/flax_nn_batchnorm/8x56x56x256': pytest.approx(1.0)}
+  assert plain_bn['ratios'] == {flax_bn: pytest.approx(1.0)} and plain_bn['targets'][flax_bn]['max_time_ratio'] == 1.03
+  for forced in workloads.FORCED_MOMENTS:  # priced against flax's layer, but a choice of ours, not a target
+    assert flax_bn in by_case[f'bn_layer/{forced}/8x56x56x256']['ratios']
+    assert not by_case[f'bn_layer/{forced}/8x56x56x256'].get('targets'), forced
   evaluation = by_case['eval/resnet_v2_152/fp32/b4']
   assert evaluation['time_ratios']['flax_resnet.py eval:resnet152:4:fp32'] == pytest.approx(25.0 / 40.0)
   pipeline = by_case['pipeline/vgg224/1_worker']
@@ -327,7 +331,7 @@ def test_steps_taken_in_turn_follow_every_other_step_not_always_the_same_one():
   rounds = [calls[i:i + 4] for i in range(4, len(calls), 4)]  # after the warm-up round
   assert all(sorted(r) == list('abcd') for r in rounds)  # each step once a round
   predecessors = {name: {before for r in rounds for before, after in zip(r, r[1:]) if after == name} for name in 'abcd'}
-  assert predecessors == {name: set('abcd') - {name} for name in 'abcd'}, predecessors  # a rotation: one each
+  assert predecessors == {name: set('abcd') - {name} for name in 'abcd'}, predecessors  # a rotation would give one
   calls.clear()
   timing.round_robin(steps, 0, 5)
   timing.round_robin(steps, 0, 5)

@@ -1,12 +1,13 @@
 """Batch mean and variance in float32, exact to rounding however far the mean is from zero.
 
-Two algorithms, equal to rounding, because the cheaper one depends on the compiler:
-XLA:GPU and XLA:TPU fuse `shifted_moments`' subtraction into one reduction pass over `x`,
-where `centred_moments` would read `x` once more; XLA:CPU's library reductions cannot take
-a subtraction in, so the shifted values are written out and read back (~5 % of a ResNet-50
-train step on CPU), while the centred values `centred_moments` reduces are the ones the
-normalization computes anyway. Plain E[x^2] - E[x]^2, the cheapest everywhere, cancels
-catastrophically when |mean| >> std.
+Two algorithms, equal to rounding, because the cheaper one depends on the compiler.
+XLA:CPU's library reductions cannot take a subtraction in, so `shifted_moments`' shifted
+values are written out and read back (~5 % of a ResNet-50 train step on CPU), while the
+centred values `centred_moments` reduces are the ones the normalization writes anyway.
+XLA:GPU and XLA:TPU are expected to fuse the shift into one reduction pass over `x`, where
+`centred_moments` reads `x` once more; the GPU benchmark's forced-algorithm BN cases check
+that. Plain E[x^2] - E[x]^2, the cheapest everywhere, cancels catastrophically when
+|mean| >> std.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ def values_per_channel(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) 
 
 def batch_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Array]:
   """Mean and biased variance over `reduction_axes` (the batch axis, then the spatial ones),
-  always in float32: `centred_moments` when compiled for CPU, else `shifted_moments`.
+  always in float32: `centred_moments` on CPU, else `shifted_moments`.
 
-  The choice is made when XLA compiles for a platform (`jax.lax.platform_dependent`), not
-  from the default backend, so a function lowered here and run elsewhere still takes the
-  branch of the platform it runs on.
+  Picked for the platform a function is lowered for (`jax.lax.platform_dependent`; an
+  export for several platforms defers it to compilation), not by a Python check of the
+  default backend; both are traced, one is compiled.
   """
   return jax.lax.platform_dependent(x, cpu=functools.partial(centred_moments, reduction_axes=reduction_axes),
                                     default=functools.partial(shifted_moments, reduction_axes=reduction_axes))
@@ -42,7 +43,9 @@ def centred_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, A
   two reads of `x` (the corrected two-pass algorithm, Chan, Golub and LeVeque 1983).
 
   Without the correction, the float32 mean's few ulps of rounding would add (ulps / std)^2
-  to the variance: 3e-5 of it at |mean| / std = 3e4.
+  to the variance: 3e-5 of it at |mean| / std = 3e4. The mean returned keeps those ulps
+  (0.02 std at |mean| / std = 5e4): adding the deviations' mean to it would make the
+  normalization's `x - mean` differ from the deviations, one more full-size buffer on CPU.
   """
   x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=reduction_axes, keepdims=True)

@@ -184,6 +184,11 @@ def _head(case: Case) -> dict[str, Any]:
   return {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit}
 
 
+def _measured(case: Case, measurement: Measurement, **fields: Any) -> dict[str, Any]:
+  return {**_head(case), 'value': measurement.value, 'compile_s': measurement.compile_s, 'steps': measurement.steps,
+          'params': case.params, **fields, **measurement.extra}
+
+
 def failure_record(case: Case, error: Exception) -> dict[str, Any]:
   """The record of a case that was skipped (SkipCase) or failed, with the reason in one line."""
   if isinstance(error, SkipCase):
@@ -197,8 +202,7 @@ def run_case(case: Case, workdir: str) -> dict[str, Any]:
     measurement = case.measure(workdir)
   except Exception as error:  # Reported, not raised: the other cases still run.
     return failure_record(case, error)
-  return {**_head(case), 'value': measurement.value, 'compile_s': measurement.compile_s, 'steps': measurement.steps,
-          'params': case.params, **measurement.extra}
+  return _measured(case, measurement)
 
 
 def prepare_runnable(cases: list[Case]) -> tuple[dict[str, Stepper], dict[str, dict[str, Any]]]:
@@ -223,8 +227,7 @@ def measured_record(case: Case, stepper: Stepper, step_times: list[float], **fie
     measurement = stepper.measurement(statistics.median(step_times), len(step_times))
   except Exception as error:  # Reported, not raised: the other cases keep their figures.
     return failure_record(case, error)
-  return {**_head(case), 'value': measurement.value, 'compile_s': measurement.compile_s, 'steps': measurement.steps,
-          'params': case.params, **fields, **measurement.extra}
+  return _measured(case, measurement, **fields)
 
 
 def run_interleaved(cases: list[Case], workdir: str) -> list[dict[str, Any]]:

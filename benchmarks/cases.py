@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import os
 import statistics
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 
@@ -160,6 +160,24 @@ def profile_cases(profile: str) -> list[Case]:
         *_pipeline_cases(16, 4, 8, dict(num_images=12, height_range=(24, 40), width_range=(28, 40)), 1),
     ]
   raise ValueError(f'unknown profile {profile!r}; use one of {PROFILES}.')
+
+
+def matches(case: Case, selector: str) -> bool:
+  """Whether `selector` names `case`: its name, its kind, or `kind/variant`."""
+  return selector in (case.name, case.kind, f'{case.kind}/{case.variant}')
+
+
+def select(profile: str, names: Optional[Sequence[str]]) -> list[Case]:
+  """The profile's cases, or those among them named (exactly, by a `kind` such as 'eval', or
+  by `kind/variant` such as 'eval/bf16'); a name that picks no case exits with a one-line message."""
+  cases = profile_cases(profile)
+  if not names:
+    return cases
+  unknown = [name for name in names if not any(matches(case, name) for case in cases)]
+  if unknown:
+    raise SystemExit(f'unknown case(s) {unknown} for profile {profile!r}; '
+                     f'known: {[case.name for case in cases]}, a kind or kind/variant.')
+  return [case for case in cases if any(matches(case, name) for name in names)]
 
 
 def internal_reference(case: Case, cases: list[Case]) -> Optional[Case]:

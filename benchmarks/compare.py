@@ -124,6 +124,34 @@ def target(case: cases_lib.Case, reference: str, profile: str) -> Optional[Targe
   return None
 
 
+def price(records: list[dict[str, Any]], profile: str, cpu_count: int, with_torch: bool) -> None:
+  """Adds to each of our records with a figure its reference values, ratios, time ratios and
+  targets, against whichever of its references `records` holds a figure for: the anchors'
+  figures and our own internal references (`cases.internal_reference`). The records may come
+  from several calls on one machine (`report --runs`), so a case can be priced against a
+  reference measured in another call."""
+  profile_cases = cases_lib.profile_cases(profile)
+  by_name = {case.name: case for case in profile_cases}
+  ours = {r['case']: r for r in records if r.get('record') == 'ours'}
+  anchors = {r['case']: r for r in records if r.get('record') == 'anchor'}
+  for name, record in ours.items():
+    case = by_name.get(name)
+    if case is None or record.get('value') is None:
+      continue
+    reference_values = {ref: anchors[ref].get('value') for ref in references(case, cpu_count, with_torch)
+                        if ref in anchors}
+    internal = cases_lib.internal_reference(case, profile_cases)
+    if internal is not None and internal.name in ours:
+      reference_values[f'ours:{internal.name}'] = ours[internal.name].get('value')
+    reference_values = {ref: value for ref, value in reference_values.items() if value}
+    record['reference_values'] = reference_values
+    record['ratios'] = {ref: record['value'] / value for ref, value in reference_values.items()}
+    record['time_ratios'] = {ref: time_ratio(record['value'], value, case.unit)
+                             for ref, value in reference_values.items()}
+    targets = {ref: target(case, ref, profile) for ref in reference_values}
+    record['targets'] = {ref: dataclasses.asdict(t) for ref, t in targets.items() if t is not None}
+
+
 def median_or_none(values: list[Optional[float]]) -> Optional[float]:
   present = [v for v in values if v is not None]
   return statistics.median(present) if present else None

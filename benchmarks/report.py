@@ -1,6 +1,8 @@
 """The side-by-side table in markdown, and its section in benchmarks/RESULTS.md.
 
-`python -m benchmarks.report RESULTS_JSONL [--results-md PATH]` renders a file's last run again.
+`python -m benchmarks.report RESULTS_JSONL [--runs N] [--results-md PATH]` renders a file's
+last run again, or its last N runs as one table: the stages of one device lease
+(`side_by_side --stage`), each case priced against references measured in any of them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import json
 import re
 import sys
 from typing import Any, Optional, Sequence
+
+from benchmarks import cases as cases_lib
+from benchmarks import compare
 
 BEGIN = '<!-- side-by-side {profile} begin -->'
 END = '<!-- side-by-side {profile} end -->'
@@ -24,7 +29,10 @@ def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
   lines = [
       f"### {run['date']}, {run['device']} (profile `{run['profile']}`)",
       '',
-      f"{run['rounds']} round(s), ours and the anchors interleaved (the order alternates each round)"
+      (f"Figures from {len(run['run_ids'])} calls on the same machine (runs {', '.join(run['run_ids'])}, "
+       'stages ' + ', '.join(stage or 'all' for stage in run['stages']) + '); each case is priced against '
+       'references measured in any of them. ' if len(run.get('run_ids', ())) > 1 else '')
+      + f"{run['rounds']} round(s), ours and the anchors interleaved (the order alternates each round)"
       + ('; train and eval: our step and the Flax anchor\'s (its own code) in one process, step by step '
          'in turn (`benchmarks/paired.py`)' if run.get('paired') else '')
       + '. Each figure is the median over rounds of a median over timed steps, compilation excluded. '
@@ -80,22 +88,67 @@ def update_results_md(text: str, profile: str, section: str) -> str:
   return text.rstrip('\n') + '\n\n' + block
 
 
-def last_run(lines: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """The last run of a results file: its 'run' record and the records that carry its run_id."""
+def last_runs(lines: Sequence[str], count: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """The last `count` runs of a results file and their figures as one set: a case measured in
+  several keeps the latest figure (an error replaces none). The runs must share profile and device."""
   records = [json.loads(line) for line in lines if line.strip()]
   runs = [record for record in records if record.get('record') == 'run']
-  if not runs:
-    raise ValueError('no run record in the results file')
-  run = runs[-1]
-  return run, [r for r in records if r.get('run_id') == run['run_id'] and r.get('record') != 'run']
+  if len(runs) < count:
+    raise ValueError(f'the results file holds {len(runs)} run(s), not the {count} asked for')
+  runs = runs[-count:]
+  if len({(run['profile'], run['device']) for run in runs}) > 1:
+    raise ValueError('the runs to combine differ in profile or device: '
+                     f"{sorted({(run['profile'], run['device']) for run in runs})}; combine one machine's runs")
+  figures: dict[tuple[str, str], dict[str, Any]] = {}
+  for run in runs:
+    for record in records:
+      if record.get('run_id') == run['run_id'] and record.get('record') != 'run':
+        key = (record['record'], record['case'])
+        if record.get('value') is not None or figures.get(key, {}).get('value') is None:
+          figures[key] = record
+  return runs, list(figures.values())
+
+
+def last_run(lines: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """The last run of a results file: its 'run' record and the records that carry its run_id."""
+  runs, records = last_runs(lines, 1)
+  return runs[0], records
+
+
+def combined_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+  """One 'run' record standing for several calls: their loads, uptimes and jobs together, less
+  the failed or skipped jobs a later call ran."""
+  if len(runs) == 1:
+    return runs[0]
+  jobs = []
+  for index, run in enumerate(runs):
+    done_later = {job['job'] for later in runs[index + 1:] for job in later['jobs'] if job.get('status') == 'ok'}
+    jobs += [job for job in run['jobs'] if job.get('status') == 'ok' or job['job'] not in done_later]
+  return {**runs[-1], 'rounds': max(run['rounds'] for run in runs), 'jobs': jobs,
+          'load_min': min(run['load_min'] for run in runs), 'load_max': max(run['load_max'] for run in runs),
+          'uptime_before': runs[0]['uptime_before'], 'paired': any(run.get('paired') for run in runs),
+          'with_torch': any(run.get('with_torch') for run in runs),
+          'run_ids': [run['run_id'] for run in runs], 'stages': [run.get('stage') for run in runs]}
+
+
+def priced_again(records: list[dict[str, Any]], run: dict[str, Any]) -> list[dict[str, Any]]:
+  """`records` with every ratio made anew from the figures they hold, ours in the profile's order."""
+  records = [dict(record) for record in records]
+  compare.price(records, run['profile'], run['cpu_count'], run.get('with_torch', False))
+  order = {case.name: index for index, case in enumerate(cases_lib.profile_cases(run['profile']))}
+  return sorted(records, key=lambda r: (r.get('record') != 'ours', order.get(r['case'], len(order))))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('results_jsonl')
+  parser.add_argument('--runs', type=int, default=1, help='combine the last N runs (one lease\'s stages)')
   parser.add_argument('--results-md', default='benchmarks/RESULTS.md')
   args = parser.parse_args(argv)
-  run, records = last_run(open(args.results_jsonl).read().splitlines())
+  runs, records = last_runs(open(args.results_jsonl).read().splitlines(), args.runs)
+  run = combined_run(runs)
+  if len(runs) > 1:
+    records = priced_again(records, run)
   text = open(args.results_md).read()
   with open(args.results_md, 'w') as file:
     file.write(update_results_md(text, run['profile'], table(records, run)))

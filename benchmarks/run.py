@@ -47,19 +47,6 @@ def add_ratios(records: list[dict[str, Any]], cases: Sequence[cases_lib.Case]) -
       record.setdefault('ratios', {})[reference_name(reference)] = record['value'] / reference_record['value']
 
 
-def select(profile: str, names: Optional[Sequence[str]]) -> list[cases_lib.Case]:
-  """The profile's cases, or those among them named (exactly, or by a `kind` such as 'eval')."""
-  cases = cases_lib.profile_cases(profile)
-  if not names:
-    return cases
-  chosen = [case for case in cases if case.name in names or case.kind in names]
-  unknown = set(names) - {case.name for case in cases} - {case.kind for case in cases}
-  if unknown:
-    raise SystemExit(f'unknown case(s) {sorted(unknown)} for profile {profile!r}; '
-                     f'known: {[case.name for case in cases]} or a kind.')
-  return chosen
-
-
 def timed_together(case: cases_lib.Case) -> Optional[tuple]:
   """What the cases timed in turn with this one share (None: it is timed alone): our BN
   options and flax's at one shape; our train step and its variants at one size."""
@@ -86,7 +73,7 @@ def _batches(cases: Sequence[cases_lib.Case]) -> list[list[cases_lib.Case]]:
 def run(profile: str, names: Optional[Sequence[str]] = None, *, device: Optional[str] = None,
         date: Optional[str] = None, log=sys.stderr) -> list[dict[str, Any]]:
   """Runs the chosen cases of `profile` in this process and returns their records."""
-  chosen = select(profile, names)
+  chosen = cases_lib.select(profile, names)
   common = {'device': device or device_description(), 'date': date or datetime.date.today().isoformat(),
             'profile': profile, 'jax': jax.__version__}
   records = []
@@ -118,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   profile = 'smoke' if args.smoke else args.profile
   if args.list:
-    for case in select(profile, args.cases):
+    for case in cases_lib.select(profile, args.cases):
       print(case.name)
     return 0
   records = run(profile, args.cases, device=args.device, date=args.date)

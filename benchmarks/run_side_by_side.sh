@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Ours and the anchors side by side, in one command.
+# Ours and the anchors side by side.
 #
-# Here, once (copies the anchors and the ml_collections wheel into git-ignored folders):
+# Here, once (copies the anchors and the ml_collections and tensorboardX wheels into
+# git-ignored folders):
 #   bash benchmarks/run_side_by_side.sh --prepare
-# On the GPU machine, with the device tool:
-#   run(command="bash benchmarks/run_side_by_side.sh", carry=["benchmarks/anchors", "benchmarks/wheels"],
-#       timeout_s=600)
-# then copy what comes back: files_at/RESULTS.md over benchmarks/RESULTS.md and
-# files_at/*.jsonl into benchmarks/results/, and commit them.
-# Arguments are passed to `python -m benchmarks.side_by_side` (default: the gpu profile, one
-# round, all groups, a 500 s budget; jobs that would start later are skipped and listed), e.g.
-# `--groups torch train eval` for a second command if torch_resnet.py did not fit in the first.
-# If the call is cut short anyway, files_at/raw_jobs.jsonl holds every finished job's output.
+# On the GPU machine a lease is 15 minutes of device time in all (the machine's start, a
+# minute or more, included), so the run comes in stages, one device call each, the one that
+# decides the issue's targets first (`STAGES` in benchmarks/side_by_side.py):
+#   run(command="bash benchmarks/run_side_by_side.sh --stage targets",
+#       carry=["benchmarks/anchors", "benchmarks/wheels"], timeout_s=420)
+#   run(command="bash benchmarks/run_side_by_side.sh --stage rest", carry=[...the same], timeout_s=360)
+#   run(command="bash benchmarks/run_side_by_side.sh --stage torch", ..., timeout_s=300)  # if time is left
+# each at once after the last (the machine stays warm 30 s). After each, append what came
+# back here: `cat <files_at>/*.jsonl >> benchmarks/results/<that file's name>`; then one table
+# of all the stages: `python -m benchmarks.report benchmarks/results/<file> --runs <stages run>`.
+# If a call is cut short, files_at/raw_jobs.jsonl holds every finished job's output, and
+# `--cases NAME ...` reruns what is missing. Other arguments go to `python -m
+# benchmarks.side_by_side` (without --stage: every group, a 500 s budget).
 # On the 2-core CPU machine:
 #   bash benchmarks/run_side_by_side.sh --profile cpu --rounds 3 --budget-s 3600 \
 #     --device '2-core CPU (CI-class machine)'
@@ -34,7 +39,7 @@ fi
 PYTHON="${PYTHON:-python3}"
 if [[ -x .venv/bin/python && -z "${OUT:-}" ]]; then PYTHON=.venv/bin/python; fi
 if ! "$PYTHON" -c 'import ml_collections, tensorboardX' 2>/dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/bench_site benchmarks/wheels/*.whl
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/bench_site benchmarks/wheels/*.whl
   export PYTHONPATH="/tmp/bench_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if [[ ! -f benchmarks/anchors/flax_resnet.py && -d ../shared/anchors ]]; then
@@ -44,14 +49,11 @@ fi
 if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
 "$PYTHON" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
 
-mkdir -p benchmarks/results
-marker=$(mktemp)
-# 500 s of jobs leaves the device call (600 s at most) time to start, install and copy back.
-raw=()
-if [[ -n "${OUT:-}" ]]; then raw=(--raw-log "$OUT/raw_jobs.jsonl"); fi
-"$PYTHON" -m benchmarks.side_by_side --budget-s 500 "${raw[@]}" "$@" 2>&1
+# The device machine's files come back only from $OUT: there, this call's figures (a file of
+# their own, so no earlier call's lines come back twice), its table and every job's output.
+out_args=()
 if [[ -n "${OUT:-}" ]]; then
-  # The device machine's files come back only from $OUT: the table and the JSON lines this run wrote.
-  cp benchmarks/RESULTS.md "$OUT/"
-  find benchmarks/results -name '*.jsonl' -newer "$marker" -exec cp {} "$OUT/" \;
+  cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  out_args=(--results-dir "$OUT" --results-md "$OUT/RESULTS.md" --raw-log "$OUT/raw_jobs.jsonl")
 fi
+"$PYTHON" -m benchmarks.side_by_side "${out_args[@]}" "$@" 2>&1

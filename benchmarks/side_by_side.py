@@ -28,6 +28,31 @@ from benchmarks import compare, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUPS = ('train', 'eval', 'loop', 'pipeline', 'bn', 'torch')
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A part of the run sized for one device call: a lease is 15 minutes of device time in all,
+  machine start included, and a call should leave time to run again. `cases` are selectors
+  (`cases.matches`); `budget_s` is the default time after which no job starts."""
+  groups: tuple[str, ...]
+  cases: tuple[str, ...]
+  budget_s: float
+
+
+# Each of our cases is measured in exactly one of the first two stages; `report --runs` prices
+# across them. 'targets' holds what the issue's GPU targets are read from (ResNet-50 train and
+# ResNet-152 bf16 eval against the Flax anchor, the BN options against nn.BatchNorm); 'rest'
+# first the other targets' (train.py's loop against the bare step, the input pipeline on the
+# host's cores), then fp32 eval and 1x1 convolutions; 'torch' torch_resnet.py's figures, which
+# no target reads.
+STAGES = {
+    'targets': Stage(('train', 'bn', 'eval'), ('train', 'train_flax_bn', 'bn_layer', 'eval/bf16'), 330.0),
+    'rest': Stage(('loop', 'pipeline', 'eval', 'train'), ('train_loop', 'pipeline', 'eval/fp32', 'train_conv1x1'),
+                  270.0),
+    'torch': Stage(('torch',), ('train', 'eval'), 240.0),
+}
+DEFAULT_BUDGET_S = 500.0
 # Images the JPEG anchor decodes with all cores (an eighth of them with one process).
 JPEG_ANCHOR_IMAGES = {'gpu': 20000, 'cpu': 8000, 'smoke': 64}
 
@@ -158,7 +183,8 @@ def run_rounds(planned: list[list[Job]], rounds: int, budget_s: float, group_rou
 
 def merge(results: list[dict], cases: Sequence[cases_lib.Case], profile: str, cpu_count: int, with_torch: bool,
           common: dict[str, Any]) -> list[dict[str, Any]]:
-  """Median over rounds of every figure, and our cases' ratios to each reference measured."""
+  """Median over rounds of every figure (ours for `cases`; every anchor figure found, and the
+  ones `cases` are compared with even where missing), and our cases' ratios to each reference."""
   merged: dict[str, dict[str, Any]] = {}
   for case in cases:
     per_round = [found['ours'].get(case.name) for found in results]
@@ -174,31 +200,26 @@ def merge(results: list[dict], cases: Sequence[cases_lib.Case], profile: str, cp
                          'value': compare.median_or_none([r['value'] for r in present]),
                          'compile_s': compare.median_or_none([r.get('compile_s') for r in present]),
                          'rounds': [record['value'] if record and 'value' in record else None for record in per_round]}
+  units = {name: case.unit for case in cases for name in compare.references(case, cpu_count, with_torch)}
+  for found in results:  # anchor figures no case of this run is compared with (the torch stage's)
+    for name in found['anchors']:
+      units.setdefault(name, _anchor_unit(found['anchors'][name]))
   anchors: dict[str, dict[str, Any]] = {}
-  for case in cases:
-    for name in compare.references(case, cpu_count, with_torch):
-      per_round = [found['anchors'].get(name) for found in results]
-      values = [compare.anchor_value(record, case.unit) if record else None for record in per_round]
-      last = next((record for record in reversed(per_round) if record), {})
-      anchors[name] = {'record': 'anchor', 'case': name, 'unit': case.unit, **common,
-                       'value': compare.median_or_none(values), 'rounds': values,
-                       **({'error': last['error']} if 'error' in last else {})}
-  for case in cases:
-    record = merged[case.name]
-    if record.get('value') is None:
-      continue
-    reference_values = {name: anchors[name]['value'] for name in compare.references(case, cpu_count, with_torch)}
-    internal = cases_lib.internal_reference(case, list(cases))
-    if internal is not None:
-      reference_values[f'ours:{internal.name}'] = merged[internal.name].get('value')
-    reference_values = {name: value for name, value in reference_values.items() if value}
-    record['reference_values'] = reference_values
-    record['ratios'] = {name: record['value'] / value for name, value in reference_values.items()}
-    record['time_ratios'] = {name: compare.time_ratio(record['value'], value, case.unit)
-                             for name, value in reference_values.items()}
-    targets = {name: compare.target(case, name, profile) for name in reference_values}
-    record['targets'] = {name: dataclasses.asdict(t) for name, t in targets.items() if t is not None}
-  return list(merged.values()) + list(anchors.values())
+  for name, unit in units.items():
+    per_round = [found['anchors'].get(name) for found in results]
+    values = [compare.anchor_value(record, unit) if record else None for record in per_round]
+    last = next((record for record in reversed(per_round) if record), {})
+    anchors[name] = {'record': 'anchor', 'case': name, 'unit': unit, **common,
+                     'value': compare.median_or_none(values), 'rounds': values,
+                     **({'error': last['error']} if 'error' in last else {})}
+  records = list(merged.values()) + list(anchors.values())
+  compare.price(records, profile, cpu_count, with_torch)
+  return records
+
+
+def _anchor_unit(record: dict[str, Any]) -> str:
+  """An anchor figure's unit by what it reports: latency where it gives one, else throughput."""
+  return 'ms' if 'ms_per_batch' in record or record.get('case', '').startswith('eval:') else 'img/s'
 
 
 def device_slug(device: str) -> str:
@@ -211,14 +232,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--rounds', type=int, default=1)
   parser.add_argument('--group-rounds', nargs='*', default=[], metavar='GROUP=N',
                       help='rounds for some groups, e.g. pipeline=3 (cheap groups can afford more)')
-  parser.add_argument('--groups', nargs='*', default=list(GROUPS), choices=GROUPS)
+  parser.add_argument('--stage', choices=sorted(STAGES),
+                      help='one device call\'s part of the run: its groups, cases and budget (see STAGES)')
+  parser.add_argument('--groups', nargs='*', choices=GROUPS, help='default: the stage\'s, else all')
+  parser.add_argument('--cases', nargs='*', help='our cases: names, kinds or kind/variant (default: the '
+                      'stage\'s, else all of the profile); the anchors follow them')
   parser.add_argument('--anchors-dir', default=os.path.join(REPO, 'benchmarks', 'anchors'))
   parser.add_argument('--torch', choices=('auto', 'on', 'off'), default='auto',
                       help='run torch_resnet.py (auto: on the gpu profile when torch is importable)')
   parser.add_argument('--paired', choices=('auto', 'on', 'off'), default='auto',
                       help='time our train/eval steps and the Flax anchor\'s in turn in one process '
                            '(auto: on for the cpu profile; see benchmarks/paired.py)')
-  parser.add_argument('--budget-s', type=float, default=540.0, help='start no job after this many seconds')
+  parser.add_argument('--budget-s', type=float,
+                      help=f'start no job after this many seconds (default: the stage\'s, else {DEFAULT_BUDGET_S:.0f})')
   parser.add_argument('--device', help="device name to record (default: what our harness reports)")
   parser.add_argument('--date', default=datetime.date.today().isoformat())
   parser.add_argument('--results-dir', default=os.path.join(REPO, 'benchmarks', 'results'))
@@ -233,22 +259,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      '(bash benchmarks/run_side_by_side.sh --prepare does).')
   with_torch = args.torch == 'on' or (args.torch == 'auto' and args.profile == 'gpu'
                                       and importlib.util.find_spec('torch') is not None)
-  cases = cases_lib.profile_cases(args.profile)
+  stage = STAGES.get(args.stage)
+  groups = args.groups or (stage.groups if stage else GROUPS)
+  with_torch = with_torch and 'torch' in groups  # else its figures would be listed as missing
+  budget_s = args.budget_s or (stage.budget_s if stage else DEFAULT_BUDGET_S)
+  cases = cases_lib.select(args.profile, args.cases or (stage.cases if stage else None))
   paired = args.paired == 'on' or (args.paired == 'auto' and args.profile == 'cpu')
-  planned = build_groups(args.profile, cases, args.groups, args.anchors_dir, with_torch, paired=paired)
+  planned = build_groups(args.profile, cases, groups, args.anchors_dir, with_torch, paired=paired)
   # Only our harness imports jax here (in its own processes), so this process holds no GPU memory.
-  cases = [case for case in cases if _group_of(case) in args.groups]
+  cases = [case for case in cases if _group_of(case) in groups]
   uptime_before = _uptime()
   wanted = {group: int(rounds) for group, rounds in (item.split('=') for item in args.group_rounds)}
   group_rounds = {index: wanted[jobs[0].group] for index, jobs in enumerate(planned) if jobs[0].group in wanted}
-  results, jobs_log = run_rounds(planned, args.rounds, args.budget_s, group_rounds, args.raw_log)
+  results, jobs_log = run_rounds(planned, args.rounds, budget_s, group_rounds, args.raw_log)
   uptime_after = _uptime()
   ours_device = next((r['device'] for found in results for r in found['ours'].values() if 'device' in r), 'unknown')
   device = args.device or ours_device
   loads = [job['load1'] for job in jobs_log]
   run = {'record': 'run', 'run_id': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
          'date': args.date, 'device': device, 'profile': args.profile, 'rounds': args.rounds,
-         'group_rounds': wanted, 'cpu_count': os.cpu_count(),
+         'stage': args.stage, 'group_rounds': wanted, 'cpu_count': os.cpu_count(),
          'load_min': min(loads, default=0.0), 'load_max': max(loads, default=0.0),
          'uptime_before': uptime_before, 'uptime_after': uptime_after, 'with_torch': with_torch, 'paired': paired,
          'jobs': jobs_log}

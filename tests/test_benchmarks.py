@@ -213,6 +213,116 @@ def test_side_by_side_plans_ours_and_each_anchor_in_alternating_groups():
       'eval:resnet152:32:0:fp32', 'eval:resnet152:32:1:bf16', 'train:resnet50:256:0:bf16', 'train:resnet50:256:1:bf16']
 
 
+def test_the_device_stages_measure_every_gpu_case_once_the_targets_first():
+  gpu_cases = cases_lib.profile_cases('gpu')
+  def picked(stage):
+    groups = side_by_side.STAGES[stage].groups
+    chosen = cases_lib.select('gpu', side_by_side.STAGES[stage].cases)
+    return {case.name for case in chosen if side_by_side._group_of(case) in groups}
+  targets, rest = picked('targets'), picked('rest')
+  assert not targets & rest and targets | rest == {case.name for case in gpu_cases}
+  assert not picked('torch')  # torch_resnet.py's figures only
+  # First what the issue's GPU targets are read from (ResNet-50 train and ResNet-152 bf16 eval
+  # against the Flax anchor, BN options against nn.BatchNorm) and what they are priced against.
+  assert targets == {case.name for case in gpu_cases if case.kind in ('train', 'train_flax_bn', 'bn_layer')
+                     or (case.kind, case.variant) == ('eval', 'bf16')}
+  assert side_by_side.STAGES['rest'].groups[:2] == ('loop', 'pipeline')  # then the other targets' cases
+  planned = side_by_side.build_groups('gpu', cases_lib.select('gpu', side_by_side.STAGES['torch'].cases),
+                                      side_by_side.STAGES['torch'].groups, '/anchors', with_torch=True)
+  assert {job.source for group in planned for job in group} == {compare.TORCH}
+
+
+def test_merge_keeps_anchor_figures_no_case_of_the_run_is_compared_with():
+  torch_lines = ['{"case": "train:resnet50:256:1:bf16", "img_per_s": 3000.0}',
+                 '{"case": "eval:resnet152:32:0:fp32", "ms_per_batch": 20.0, "img_per_s": 1600.0}',
+                 '{"case": "eval:resnet152:32:1:bf16", "error": "RuntimeError()"}']
+  results = [{'ours': {}, 'anchors': compare.anchor_figures(compare.TORCH, torch_lines)}]
+  records = side_by_side.merge(results, [], 'gpu', 16, True, {'device': 'd', 'date': 'x'})
+  by_name = {record['case']: record for record in records}
+  assert by_name['torch_resnet.py train:resnet50:256:1:bf16'].items() >= {'unit': 'img/s', 'value': 3000.0}.items()
+  assert by_name['torch_resnet.py eval:resnet152:32:0:fp32']['unit'] == 'ms'
+  assert by_name['torch_resnet.py eval:resnet152:32:0:fp32']['value'] == 20.0
+  failed = by_name['torch_resnet.py eval:resnet152:32:1:bf16']
+  assert failed['unit'] == 'ms' and failed['value'] is None and failed['error'] == 'RuntimeError()'
+
+
+def _run_lines(run_id, records, stage, device='d'):
+  run_info = {'record': 'run', 'run_id': run_id, 'date': 'x', 'device': device, 'profile': 'cpu', 'rounds': 1,
+              'stage': stage, 'load_min': 0.5, 'load_max': 1.5, 'cpu_count': 2, 'uptime_before': f'up {run_id}',
+              'uptime_after': f'up {run_id}', 'with_torch': False, 'paired': False,
+              'jobs': [{'job': 'ours:loop', 'round': 0, 'status': 'skipped: time budget spent'}] if stage == 'a' else
+                      [{'job': 'ours:loop', 'round': 0, 'status': 'ok'}]}
+  return [json.dumps(r) for r in [run_info, *[{**r, 'run_id': run_id} for r in records]]]
+
+
+def test_a_report_of_several_calls_prices_each_case_against_figures_from_any_of_them():
+  cpu_cases = cases_lib.profile_cases('cpu')
+  train = [case for case in cpu_cases if case.kind in ('train', 'train_flax_bn')]
+  loop = [case for case in cpu_cases if case.kind == 'train_loop']
+  common = {'device': 'd', 'date': 'x'}
+  first = side_by_side.merge(_fake_results(train), train, 'cpu', 2, False, common)
+  later_results = _fake_results(loop + train[:1])
+  for found in later_results:  # the later call's train figure failed: the earlier one stays
+    found['ours'][train[0].name] = {'case': train[0].name, 'error': 'RuntimeError: boom'}
+    found['ours'][loop[0].name]['value'] = 2.0
+  later = side_by_side.merge(later_results, loop + train[:1], 'cpu', 2, False, common)
+  loop_record = next(r for r in later if r['case'] == loop[0].name)
+  assert loop_record['value'] == 2.0 and not loop_record['ratios']  # no bare step in its own call
+  lines = _run_lines('r1', first, 'a') + _run_lines('r2', later, 'b')
+  runs, records = report.last_runs(lines, 2)
+  run_info = report.combined_run(runs)
+  priced = report.priced_again(records, run_info)
+  by_case = {record['case']: record for record in priced}
+  assert by_case[train[0].name]['value'] == 2.5  # not replaced by the later error
+  assert by_case[loop[0].name]['time_ratios'] == {f'ours:{train[0].name}': pytest.approx(2.5 / 2.0)}
+  assert [r['case'] for r in priced if r['record'] == 'ours'] == [train[0].name, train[1].name, loop[0].name]
+  section = report.table(priced, run_info)
+  assert 'Figures from 2 calls on the same machine (runs r1, r2, stages a, b)' in section
+  assert 'ours:loop' not in section  # skipped in the first call, run in the second
+  assert f'| `{loop[0].name}` | 2 | img/s | `ours:{train[0].name}` | 2.5 | 1.250 |' in section
+  assert report.last_runs(lines, 1)[0] == runs[1:]
+  with pytest.raises(ValueError, match='differ in profile or device'):
+    report.last_runs(_run_lines('r1', first, 'a') + _run_lines('r2', later, 'b', device='other'), 2)
+  with pytest.raises(ValueError, match='holds 2 run'):
+    report.last_runs(lines, 3)
+
+
+def test_a_stage_runs_its_groups_and_cases_within_its_budget(tmp_path, monkeypatch):
+  anchors = tmp_path / 'anchors'
+  anchors.mkdir()
+  for script in (compare.FLAX, compare.TORCH, compare.JPEG):
+    (anchors / script).write_text('')
+  ran = []
+  def fake_job(job, timeout_s, env):
+    ran.append((job.name, job.command, timeout_s))
+    if job.source == 'ours':
+      chosen = cases_lib.select('gpu', job.command[job.command.index('--cases') + 1:])
+      return 'ok', [json.dumps({'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
+                                'value': 10.0, 'device': 'H100'}) for case in chosen]
+    return 'ok', [json.dumps({'case': spec, 'img_per_s': 8.0, 'ms_per_batch': 20.0}) for spec in job.command[2:]]
+  monkeypatch.setattr(side_by_side, 'run_job', fake_job)
+  results_md = tmp_path / 'RESULTS.md'
+  results_md.write_text('# Benchmark results\n')
+  argv = ['--stage', 'targets', '--anchors-dir', str(anchors), '--results-dir', str(tmp_path),
+          '--results-md', str(results_md), '--date', '2026-12-06', '--torch', 'on']
+  assert side_by_side.main(argv) == 0
+  assert [name for name, _, _ in ran] == ['ours:train', 'flax_resnet.py:train', 'ours:bn', 'ours:eval',
+                                          'flax_resnet.py:eval']
+  assert ran[-1][1][2:] == ('eval:resnet152:32:bf16',)  # the anchor measures only what the stage compares
+  assert all(timeout <= side_by_side.STAGES['targets'].budget_s for _, _, timeout in ran)
+  lines = (tmp_path / '2026-12-06_h100.jsonl').read_text().splitlines()
+  run_info, records = report.last_run(lines)
+  assert run_info['stage'] == 'targets'
+  assert {r['case'] for r in records if r['record'] == 'ours'} == {
+      c.name for c in cases_lib.select('gpu', side_by_side.STAGES['targets'].cases)}
+  train = next(r for r in records if r['case'] == 'train/resnet_v1_50/bf16/b256')
+  assert train['time_ratios'] == {'flax_resnet.py train:resnet50:256:bf16': pytest.approx(0.8),
+                                  'ours:train_flax_bn/resnet_v1_50/bf16/b256': pytest.approx(1.0)}
+  assert '`train/resnet_v1_50/bf16/b256`' in results_md.read_text()
+  # torch_resnet.py runs in a stage of its own; this one does not list its figures as missing.
+  assert not run_info['with_torch'] and 'torch_resnet' not in results_md.read_text()
+
+
 FAKE_ANCHOR = """
 import jax.numpy as jnp
 import flax.linen as nn

@@ -52,5 +52,16 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
   # `rng` is closed over, a constant of the program, so no process has to pass in an
   # array on devices the others do not see.
   init = jax.jit(lambda: initializer(rng), out_shardings=shardings)
-  # Init runs once: XLA's optimization passes would triple its compile time for nothing.
-  return init.lower().compile(compiler_options=RUN_ONCE_COMPILER_OPTIONS)()
+  return compile_run_once(init.lower())()
+
+
+def compile_run_once(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+  """`lowered` compiled for a program run once: XLA's optimization passes would triple an
+  init's compile time for nothing. An XLA that no longer knows those options (they are
+  debug options, and jax versions move) gets a plain compile rather than a failed run."""
+  try:
+    return lowered.compile(compiler_options=RUN_ONCE_COMPILER_OPTIONS)
+  except RuntimeError as error:
+    if 'No such compile option' not in str(error):
+      raise
+    return lowered.compile()

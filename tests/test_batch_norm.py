@@ -91,6 +91,9 @@ def test_eval_uses_moving_statistics_and_ignores_batch_mates():
   variables = layer.init(jax.random.PRNGKey(0), x, train=False)
   stats = {'moving_mean': jnp.asarray([0.5, -1.0, 2.0]), 'moving_variance': jnp.asarray([2.0, 0.5, 1.5])}
   params = {'beta': jnp.asarray([0.1, 0.2, 0.3]), 'gamma': jnp.asarray([1.5, 0.5, 2.0])}
+  # The hand-made variables are the layer's own, names and shapes alike.
+  assert jax.tree_util.tree_map(jnp.shape, {'params': params, 'batch_stats': stats}) == \
+      jax.tree_util.tree_map(jnp.shape, variables)
   y = layer.apply({'params': params, 'batch_stats': stats}, x, train=False)
   expected = (np.asarray(x) - stats['moving_mean']) / np.sqrt(np.asarray(stats['moving_variance']) + 1e-3)
   np.testing.assert_allclose(y, expected * params['gamma'] + params['beta'], rtol=1e-5, atol=1e-6)

@@ -11,7 +11,6 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from resnet_flax import checkpoints, train_lib

@@ -263,7 +263,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   groups = args.groups or (stage.groups if stage else GROUPS)
   with_torch = with_torch and 'torch' in groups  # else its figures would be listed as missing
   budget_s = args.budget_s or (stage.budget_s if stage else DEFAULT_BUDGET_S)
-  cases = cases_lib.select(args.profile, args.cases or (stage.cases if stage else None))
+  if args.cases or not stage:
+    cases = cases_lib.select(args.profile, args.cases)
+  else:  # a stage's selectors may name variants a profile lacks (the cpu one has no bf16 eval)
+    cases = [case for case in cases_lib.profile_cases(args.profile)
+             if any(cases_lib.matches(case, selector) for selector in stage.cases)]
   paired = args.paired == 'on' or (args.paired == 'auto' and args.profile == 'cpu')
   planned = build_groups(args.profile, cases, groups, args.anchors_dir, with_torch, paired=paired)
   # Only our harness imports jax here (in its own processes), so this process holds no GPU memory.

@@ -296,7 +296,8 @@ def test_a_stage_runs_its_groups_and_cases_within_its_budget(tmp_path, monkeypat
   def fake_job(job, timeout_s, env):
     ran.append((job.name, job.command, timeout_s))
     if job.source == 'ours':
-      chosen = cases_lib.select('gpu', job.command[job.command.index('--cases') + 1:])
+      profile = job.command[job.command.index('--profile') + 1]
+      chosen = cases_lib.select(profile, job.command[job.command.index('--cases') + 1:])
       return 'ok', [json.dumps({'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
                                 'value': 10.0, 'device': 'H100'}) for case in chosen]
     return 'ok', [json.dumps({'case': spec, 'img_per_s': 8.0, 'ms_per_batch': 20.0}) for spec in job.command[2:]]
@@ -321,6 +322,10 @@ def test_a_stage_runs_its_groups_and_cases_within_its_budget(tmp_path, monkeypat
   assert '`train/resnet_v1_50/bf16/b256`' in results_md.read_text()
   # torch_resnet.py runs in a stage of its own; this one does not list its figures as missing.
   assert not run_info['with_torch'] and 'torch_resnet' not in results_md.read_text()
+  # A stage's selectors may name variants a profile lacks: the cpu profile has no bf16 eval.
+  ran.clear()
+  assert side_by_side.main([*argv, '--profile', 'cpu', '--paired', 'off']) == 0
+  assert [name for name, _, _ in ran] == ['ours:train', 'flax_resnet.py:train', 'ours:bn']
 
 
 FAKE_ANCHOR = """

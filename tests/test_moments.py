@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from resnet_flax.layers import moments
+from resnet_flax.models import resnet_v1
 from test_multi_device import _run_code
 
 ALGORITHMS = {'centred': moments.centred_moments, 'shifted': moments.shifted_moments,
@@ -63,6 +64,23 @@ def test_cpu_compiles_the_centred_algorithm():
     np.testing.assert_array_equal(got, want)
   # The two algorithms round differently, so the bit-for-bit match above singles one out.
   assert any(not np.array_equal(a, b) for a, b in zip(centred, shifted))
+
+
+def test_a_train_step_lowered_for_gpu_takes_the_shifted_sums_in_every_batch_norm():
+  # Lowering for another platform needs none of its devices: the GPU's choice is checked here,
+  # in a whole model's gradient, by the one slice the shifted sums take their shift with.
+  model = resnet_v1.ResNetV1(block_sizes=((4, 2, 2),), num_classes=3)
+  images = jnp.ones((4, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+  def loss(params):
+    logits, _ = model.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'])
+    return jnp.mean(logits ** 2)
+  def slices(platform):
+    lowered = jax.jit(jax.grad(loss)).trace(variables['params']).lower(lowering_platforms=(platform,))
+    return lowered.as_text().count('stablehlo.slice')
+  batch_norms = len(jax.tree_util.tree_leaves(variables['batch_stats'])) // 2  # moving mean and variance each
+  assert batch_norms == 8
+  assert slices('cuda') - slices('cpu') == batch_norms
 
 
 # Each algorithm's moments and gradients with the batch split over 8 devices, against one

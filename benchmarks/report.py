@@ -93,6 +93,8 @@ def last_runs(lines: Sequence[str], count: int = 1) -> tuple[list[dict[str, Any]
   several keeps the latest figure (an error replaces none). The runs must share profile and device."""
   records = [json.loads(line) for line in lines if line.strip()]
   runs = [record for record in records if record.get('record') == 'run']
+  if count < 1:
+    raise ValueError(f'--runs {count}: combine at least one run')
   if len(runs) < count:
     raise ValueError(f'the results file holds {len(runs)} run(s), not the {count} asked for')
   runs = runs[-count:]
@@ -117,13 +119,15 @@ def last_run(lines: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]
 
 def combined_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
   """One 'run' record standing for several calls: their loads, uptimes and jobs together, less
-  the failed or skipped jobs a later call ran."""
+  the failed or skipped jobs a later call ran again (same job, same arguments) and finished."""
   if len(runs) == 1:
     return runs[0]
+  def same_job(job: dict[str, Any]) -> tuple[str, str]:
+    return job['job'], json.dumps(job.get('arguments'))
   jobs = []
   for index, run in enumerate(runs):
-    done_later = {job['job'] for later in runs[index + 1:] for job in later['jobs'] if job.get('status') == 'ok'}
-    jobs += [job for job in run['jobs'] if job.get('status') == 'ok' or job['job'] not in done_later]
+    done_later = {same_job(job) for later in runs[index + 1:] for job in later['jobs'] if job.get('status') == 'ok'}
+    jobs += [job for job in run['jobs'] if job.get('status') == 'ok' or same_job(job) not in done_later]
   return {**runs[-1], 'rounds': max(run['rounds'] for run in runs), 'jobs': jobs,
           'load_min': min(run['load_min'] for run in runs), 'load_max': max(run['load_max'] for run in runs),
           'uptime_before': runs[0]['uptime_before'], 'paired': any(run.get('paired') for run in runs),

@@ -8,15 +8,17 @@
 # minute or more, included), so the run comes in stages, one device call each, the one that
 # decides the issue's targets first (`STAGES` in benchmarks/side_by_side.py):
 #   run(command="bash benchmarks/run_side_by_side.sh --stage targets",
-#       carry=["benchmarks/anchors", "benchmarks/wheels"], timeout_s=420)
-#   run(command="bash benchmarks/run_side_by_side.sh --stage rest", carry=[...the same], timeout_s=360)
-#   run(command="bash benchmarks/run_side_by_side.sh --stage torch", ..., timeout_s=300)  # if time is left
-# each at once after the last (the machine stays warm 30 s). After each, append what came
-# back here: `cat <files_at>/*.jsonl >> benchmarks/results/<that file's name>`; then one table
-# of all the stages: `python -m benchmarks.report benchmarks/results/<file> --runs <stages run>`.
-# If a call is cut short, files_at/raw_jobs.jsonl holds every finished job's output, and
-# `--cases NAME ...` reruns what is missing. Other arguments go to `python -m
-# benchmarks.side_by_side` (without --stage: every group, a 500 s budget).
+#       carry=["benchmarks/anchors", "benchmarks/wheels"], timeout_s=480)
+#   run(command="bash benchmarks/run_side_by_side.sh --stage rest", carry=[...the same], timeout_s=300)
+#   run(command="bash benchmarks/run_side_by_side.sh --stage torch", ..., timeout_s=180)  # if time is left
+# each at once after the last (the machine stays warm 30 s). A call's figures come back in
+# files_at/<date>_<device>.jsonl (that call's alone): append it to the file of that name in
+# benchmarks/results/, then make one table of the stages:
+# `python -m benchmarks.report benchmarks/results/<date>_<device>.jsonl --runs <calls>`.
+# files_at/raw_jobs.log holds every finished job's output, also of a call cut short. A job
+# skipped at its stage's budget: `--cases NAME ... --torch off --budget-s <what is left>`.
+# Other arguments go to `python -m benchmarks.side_by_side` (without --stage: every group,
+# a 500 s budget).
 # On the 2-core CPU machine:
 #   bash benchmarks/run_side_by_side.sh --profile cpu --rounds 3 --budget-s 3600 \
 #     --device '2-core CPU (CI-class machine)'
@@ -54,6 +56,6 @@ if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.tot
 out_args=()
 if [[ -n "${OUT:-}" ]]; then
   cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
-  out_args=(--results-dir "$OUT" --results-md "$OUT/RESULTS.md" --raw-log "$OUT/raw_jobs.jsonl")
+  out_args=(--results-dir "$OUT" --results-md "$OUT/RESULTS.md" --raw-log "$OUT/raw_jobs.log")
 fi
 "$PYTHON" -m benchmarks.side_by_side "${out_args[@]}" "$@" 2>&1

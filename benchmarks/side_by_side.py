@@ -42,15 +42,15 @@ class Stage:
 
 # Each of our cases is measured in exactly one of the first two stages; `report --runs` prices
 # across them. 'targets' holds what the issue's GPU targets are read from (ResNet-50 train and
-# ResNet-152 bf16 eval against the Flax anchor, the BN options against nn.BatchNorm); 'rest'
+# ResNet-152 bf16 eval against the Flax anchor, the BN options against nn.BatchNorm) and the
+# 1x1-as-convolution step, which decides a choice only when timed in turn with our own; 'rest'
 # first the other targets' (train.py's loop against the bare step, the input pipeline on the
-# host's cores), then fp32 eval and 1x1 convolutions; 'torch' torch_resnet.py's figures, which
-# no target reads.
+# host's cores), then fp32 eval; 'torch' torch_resnet.py's figures, which no target reads.
 STAGES = {
-    'targets': Stage(('train', 'bn', 'eval'), ('train', 'train_flax_bn', 'bn_layer', 'eval/bf16'), 330.0),
-    'rest': Stage(('loop', 'pipeline', 'eval', 'train'), ('train_loop', 'pipeline', 'eval/fp32', 'train_conv1x1'),
-                  270.0),
-    'torch': Stage(('torch',), ('train', 'eval'), 240.0),
+    'targets': Stage(('train', 'bn', 'eval'), ('train', 'train_flax_bn', 'train_conv1x1', 'bn_layer', 'eval/bf16'),
+                     390.0),
+    'rest': Stage(('loop', 'pipeline', 'eval'), ('train_loop', 'pipeline', 'eval/fp32'), 210.0),
+    'torch': Stage(('torch',), ('train', 'eval'), 120.0),
 }
 DEFAULT_BUDGET_S = 500.0
 # Images the JPEG anchor decodes with all cores (an eighth of them with one process).
@@ -107,6 +107,16 @@ def build_groups(profile: str, cases: Sequence[cases_lib.Case], groups: Sequence
   return planned
 
 
+def _device_description() -> str:
+  """What our harness would record as the device, asked of a process of its own (so this one
+  holds no GPU memory while the anchors run): for a run with no case of ours, the torch stage's."""
+  try:
+    return subprocess.run([sys.executable, '-c', 'from benchmarks import run; print(run.device_description())'],
+                          cwd=REPO, capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+
+
 def _load1() -> float:
   return os.getloadavg()[0]
 
@@ -158,7 +168,8 @@ def run_rounds(planned: list[list[Job]], rounds: int, budget_s: float, group_rou
         continue
       for job in (group if round_index % 2 == 0 else group[::-1]):
         left = budget_s - (time.perf_counter() - start)
-        entry = {'job': job.name, 'round': round_index, 'load1': _load1()}
+        # The arguments name what the job measured: the stages share job names ('ours:train').
+        entry = {'job': job.name, 'arguments': list(job.command[1:]), 'round': round_index, 'load1': _load1()}
         if left < 30:
           jobs_log.append({**entry, 'status': 'skipped: time budget spent'})
           continue
@@ -218,8 +229,8 @@ def merge(results: list[dict], cases: Sequence[cases_lib.Case], profile: str, cp
 
 
 def _anchor_unit(record: dict[str, Any]) -> str:
-  """An anchor figure's unit by what it reports: latency where it gives one, else throughput."""
-  return 'ms' if 'ms_per_batch' in record or record.get('case', '').startswith('eval:') else 'img/s'
+  """An anchor figure's unit, as our cases of its kind have it: eval latency, else throughput."""
+  return 'ms' if record.get('case', '').startswith('eval:') else 'img/s'
 
 
 def device_slug(device: str) -> str:
@@ -234,8 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help='rounds for some groups, e.g. pipeline=3 (cheap groups can afford more)')
   parser.add_argument('--stage', choices=sorted(STAGES),
                       help='one device call\'s part of the run: its groups, cases and budget (see STAGES)')
-  parser.add_argument('--groups', nargs='*', choices=GROUPS, help='default: the stage\'s, else all')
-  parser.add_argument('--cases', nargs='*', help='our cases: names, kinds or kind/variant (default: the '
+  parser.add_argument('--groups', nargs='+', choices=GROUPS, help='default: the stage\'s, else all')
+  parser.add_argument('--cases', nargs='+', help='our cases: names, kinds or kind/variant (default: the '
                       'stage\'s, else all of the profile); the anchors follow them')
   parser.add_argument('--anchors-dir', default=os.path.join(REPO, 'benchmarks', 'anchors'))
   parser.add_argument('--torch', choices=('auto', 'on', 'off'), default='auto',
@@ -262,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   stage = STAGES.get(args.stage)
   groups = args.groups or (stage.groups if stage else GROUPS)
   with_torch = with_torch and 'torch' in groups  # else its figures would be listed as missing
-  budget_s = args.budget_s or (stage.budget_s if stage else DEFAULT_BUDGET_S)
+  budget_s = args.budget_s if args.budget_s is not None else (stage.budget_s if stage else DEFAULT_BUDGET_S)
   if args.cases or not stage:
     cases = cases_lib.select(args.profile, args.cases)
   else:  # a stage's selectors may name variants a profile lacks (the cpu one has no bf16 eval)
@@ -277,10 +288,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   group_rounds = {index: wanted[jobs[0].group] for index, jobs in enumerate(planned) if jobs[0].group in wanted}
   results, jobs_log = run_rounds(planned, args.rounds, budget_s, group_rounds, args.raw_log)
   uptime_after = _uptime()
-  ours_device = next((r['device'] for found in results for r in found['ours'].values() if 'device' in r), 'unknown')
-  device = args.device or ours_device
+  ours_device = next((r['device'] for found in results for r in found['ours'].values() if 'device' in r), None)
+  device = args.device or ours_device or _device_description()
   loads = [job['load1'] for job in jobs_log]
-  run = {'record': 'run', 'run_id': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+  run = {'record': 'run', 'run_id': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='microseconds'),
          'date': args.date, 'device': device, 'profile': args.profile, 'rounds': args.rounds,
          'stage': args.stage, 'group_rounds': wanted, 'cpu_count': os.cpu_count(),
          'load_min': min(loads, default=0.0), 'load_max': max(loads, default=0.0),

@@ -224,7 +224,8 @@ def test_the_device_stages_measure_every_gpu_case_once_the_targets_first():
   assert not picked('torch')  # torch_resnet.py's figures only
   # First what the issue's GPU targets are read from (ResNet-50 train and ResNet-152 bf16 eval
   # against the Flax anchor, BN options against nn.BatchNorm) and what they are priced against.
-  assert targets == {case.name for case in gpu_cases if case.kind in ('train', 'train_flax_bn', 'bn_layer')
+  # The 1x1-as-convolution step too: the choice it decides is read from a ratio of steps in turn.
+  assert targets == {case.name for case in gpu_cases if case.kind in (*cases_lib.TRAIN_KINDS, 'bn_layer')
                      or (case.kind, case.variant) == ('eval', 'bf16')}
   assert side_by_side.STAGES['rest'].groups[:2] == ('loop', 'pipeline')  # then the other targets' cases
   planned = side_by_side.build_groups('gpu', cases_lib.select('gpu', side_by_side.STAGES['torch'].cases),
@@ -250,8 +251,10 @@ def _run_lines(run_id, records, stage, device='d'):
   run_info = {'record': 'run', 'run_id': run_id, 'date': 'x', 'device': device, 'profile': 'cpu', 'rounds': 1,
               'stage': stage, 'load_min': 0.5, 'load_max': 1.5, 'cpu_count': 2, 'uptime_before': f'up {run_id}',
               'uptime_after': f'up {run_id}', 'with_torch': False, 'paired': False,
-              'jobs': [{'job': 'ours:loop', 'round': 0, 'status': 'skipped: time budget spent'}] if stage == 'a' else
-                      [{'job': 'ours:loop', 'round': 0, 'status': 'ok'}]}
+              'jobs': [{'job': 'ours:loop', 'round': 0, 'status': 'skipped: time budget spent'},
+                       {'job': 'ours:eval', 'arguments': ['bf16'], 'round': 0, 'status': 'timed out after 9 s'}]
+                      if stage == 'a' else [{'job': 'ours:loop', 'round': 0, 'status': 'ok'},
+                                            {'job': 'ours:eval', 'arguments': ['fp32'], 'round': 0, 'status': 'ok'}]}
   return [json.dumps(r) for r in [run_info, *[{**r, 'run_id': run_id} for r in records]]]
 
 
@@ -279,6 +282,7 @@ def test_a_report_of_several_calls_prices_each_case_against_figures_from_any_of_
   section = report.table(priced, run_info)
   assert 'Figures from 2 calls on the same machine (runs r1, r2, stages a, b)' in section
   assert 'ours:loop' not in section  # skipped in the first call, run in the second
+  assert '- job `ours:eval` (round 0): timed out after 9 s' in section  # the later one measured other cases
   assert f'| `{loop[0].name}` | 2 | img/s | `ours:{train[0].name}` | 2.5 | 1.250 |' in section
   assert report.last_runs(lines, 1)[0] == runs[1:]
   with pytest.raises(ValueError, match='differ in profile or device'):
@@ -326,6 +330,38 @@ def test_a_stage_runs_its_groups_and_cases_within_its_budget(tmp_path, monkeypat
   ran.clear()
   assert side_by_side.main([*argv, '--profile', 'cpu', '--paired', 'off']) == 0
   assert [name for name, _, _ in ran] == ['ours:train', 'flax_resnet.py:train', 'ours:bn']
+
+
+def test_the_torch_stage_records_the_machine_its_figures_are_combined_with(tmp_path, monkeypatch):
+  anchors = tmp_path / 'anchors'
+  anchors.mkdir()
+  for script in (compare.FLAX, compare.TORCH, compare.JPEG):
+    (anchors / script).write_text('')
+  def fake_job(job, timeout_s, env):
+    if job.source == 'ours':
+      chosen = cases_lib.select('gpu', job.command[job.command.index('--cases') + 1:])
+      return 'ok', [json.dumps({'case': c.name, 'kind': c.kind, 'variant': c.variant, 'unit': c.unit, 'value': 10.0,
+                                'device': 'NVIDIA H100'}) for c in chosen]
+    return 'ok', [json.dumps({'case': spec, 'img_per_s': 5.0, 'ms_per_batch': 40.0}) for spec in job.command[2:]]
+  monkeypatch.setattr(side_by_side, 'run_job', fake_job)
+  # No case of ours runs in the torch stage: the device is asked of a process of its own.
+  monkeypatch.setattr(side_by_side, '_device_description', lambda: 'NVIDIA H100')
+  (tmp_path / 'RESULTS.md').write_text('# Benchmark results\n')
+  common = ['--anchors-dir', str(anchors), '--results-dir', str(tmp_path), '--results-md',
+            str(tmp_path / 'RESULTS.md'), '--date', '2026-12-06', '--torch', 'on']
+  for stage in ('targets', 'torch'):
+    assert side_by_side.main(['--stage', stage, *common]) == 0
+  assert [path.name for path in tmp_path.glob('*.jsonl')] == ['2026-12-06_nvidia-h100.jsonl']
+  lines = (tmp_path / '2026-12-06_nvidia-h100.jsonl').read_text().splitlines()
+  runs, records = report.last_runs(lines, 2)
+  assert [run_info['stage'] for run_info in runs] == ['targets', 'torch'] and runs[0]['run_id'] != runs[1]['run_id']
+  priced = {r['case']: r for r in report.priced_again(records, report.combined_run(runs))}
+  assert priced['train/resnet_v1_50/bf16/b256']['time_ratios']['torch_resnet.py train:resnet50:256:1:bf16'] == 0.5
+  assert priced['eval/resnet_v2_152/bf16/b32']['time_ratios']['torch_resnet.py eval:resnet152:32:1:bf16'] == 0.25
+
+
+def test_the_device_a_run_without_cases_of_ours_records_is_our_harnesss():
+  assert side_by_side._device_description() == run.device_description()
 
 
 FAKE_ANCHOR = """

@@ -13,8 +13,8 @@ from resnet_flax import models
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 CROSS_DEVICE = ('global', 'per_device')
-# config.bn fields that are not BatchNorm fields: how statistics are grouped, and a model option.
-_NOT_LAYER_FIELDS = ('cross_device', 'ghost_batch_size', 'zero_init_last_gamma')
+# config.bn fields that are not BatchNorm fields: how statistics are grouped, and model options.
+_NOT_LAYER_FIELDS = ('cross_device', 'ghost_batch_size', 'zero_init_last_gamma', 'fold_in_eval')
 
 
 def statistics_group_size(bn: ml_collections.ConfigDict, batch_size: int, device_count: int) -> Optional[int]:
@@ -95,6 +95,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, device_coun
   overrides = {f'batch_norm_{field}': value for field, value in config.bn.items() if field not in _NOT_LAYER_FIELDS}
   overrides['batch_norm_ghost_batch_size'] = statistics_group_size(config.bn, config.batch_size, device_count)
   overrides['zero_init_last_gamma'] = config.bn.zero_init_last_gamma
+  overrides['fold_batch_norm_in_eval'] = config.bn.fold_in_eval
   # None means "the model's own default" (e.g. no root block for the digits variants).
   overrides.update({key: value for key, value in config.model_options.items() if value is not None})
   model = models.get_model(config.model, num_classes=num_classes, weight_decay=config.weight_decay,

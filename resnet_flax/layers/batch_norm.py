@@ -193,6 +193,18 @@ class BatchNorm(nn.Module):
       y = self.activation(y)
     return y.astype(self.dtype or x.dtype)
 
+  def eval_scale_and_shift(self) -> tuple[Array, Array]:
+    """Eval mode as one affine map per channel, `x * scale + shift` before the activation:
+    what the convolution before this layer can take in (`Conv2D.fold_batch_norm_in_eval`)."""
+    self._check_options()
+    mean, variance = (self.get_variable(BATCH_STATS, name) for name in ('moving_mean', 'moving_variance'))
+    if mean is None or variance is None:
+      raise ValueError(f'BatchNorm {module_path(self)!r} has no moving statistics to fold: apply the model with '
+                       f'the {BATCH_STATS!r} collection its init returned.')
+    gamma = self.get_variable('params', 'gamma') if self.scale else None
+    beta = self.get_variable('params', 'beta') if self.center else None
+    return eval_affine(mean, variance, gamma, beta, self.epsilon)
+
   def _statistics(self, channels: int) -> dict[str, Any]:
     """The `batch_stats` variables this configuration keeps, by name."""
     zeros, ones, step = (jnp.zeros, (channels,)), (jnp.ones, (channels,)), (jnp.zeros, ())
@@ -264,6 +276,19 @@ class BatchNorm(nn.Module):
 def module_path(module: nn.Module) -> str:
   """The module's slash-separated path in the variable tree (its slim scope)."""
   return '/'.join(module.scope.path) if module.scope is not None else str(module.name)
+
+
+def eval_affine(mean: Array, variance: Array, gamma: Optional[Array], beta: Optional[Array],
+                epsilon: float) -> tuple[Array, Array]:
+  """(scale, shift) with `x * scale + shift` equal to `normalize(x, mean, variance, gamma, beta,
+  epsilon)` up to rounding: the normalization folded into one multiply-add per channel."""
+  scale = jax.lax.rsqrt(variance + epsilon)
+  if gamma is not None:
+    scale = scale * gamma
+  shift = -mean * scale
+  if beta is not None:
+    shift = shift + beta
+  return scale, shift
 
 
 def normalize(x: Array, mean: Array, variance: Array, gamma: Optional[Array], beta: Optional[Array],

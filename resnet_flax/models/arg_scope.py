@@ -19,13 +19,16 @@ class ResNetArgScope:
 
   `batch_norm` holds BatchNorm fields (decay, epsilon, scale, zero_debias_moving_mean,
   fused, ...); `weight_decay` is the L2 factor on conv weights that the loss applies
-  (slim's `0.5 * weight_decay * sum(w ** 2)` regularizer).
+  (slim's `0.5 * weight_decay * sum(w ** 2)` regularizer). `fold_batch_norm_in_eval` (not
+  slim's) folds each conv's BatchNorm into it in eval mode (`Conv2D`); v2's `preact` and
+  `postnorm`, which follow no convolution, stay as they are.
   """
   weight_decay: float = 1e-4
   batch_norm: FrozenDict = FrozenDict(decay=0.997, epsilon=1e-5, scale=True)
   activation_fn: Callable = nn.relu
   use_batch_norm: bool = True
   dtype: Any = jnp.float32
+  fold_batch_norm_in_eval: bool = False
 
   def make_batch_norm(self, **overrides) -> BatchNorm:
     """slim.batch_norm under this scope (for v2's `preact` and `postnorm`)."""
@@ -35,7 +38,7 @@ class ResNetArgScope:
     """slim.conv2d under this scope: BN (with these field overrides) or biases, and the scope's activation."""
     normalizer: Optional[Callable[..., nn.Module]] = (
         functools.partial(BatchNorm, **{**self.batch_norm, **batch_norm_overrides}) if self.use_batch_norm else None)
-    return _Conv2DFactory(normalizer, self.activation_fn, self.dtype)
+    return _Conv2DFactory(normalizer, self.activation_fn, self.dtype, self.fold_batch_norm_in_eval)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +47,10 @@ class _Conv2DFactory:
   normalizer: Optional[Callable[..., nn.Module]]
   activation: Optional[Callable]
   dtype: Any
+  fold_batch_norm_in_eval: bool = False
 
   def __call__(self, features: int, kernel_size: int, **kwargs) -> Conv2D:
     kwargs.setdefault('normalizer', self.normalizer)
     kwargs.setdefault('activation', self.activation)
-    return Conv2D(features, kernel_size, dtype=self.dtype, **kwargs)
+    return Conv2D(features, kernel_size, dtype=self.dtype, fold_batch_norm_in_eval=self.fold_batch_norm_in_eval,
+                  **kwargs)

@@ -61,7 +61,7 @@ _VARIANT_DEFAULTS = {'resnet_v1_digits': {'include_root_block': False},
 _SMALL_VARIANTS = ('_tiny', '_digits')
 
 # resnet_arg_scope's own argument names, mapped onto ResNetArgScope / BatchNorm fields.
-_ARG_SCOPE_NAMES = {'weight_decay', 'activation_fn', 'use_batch_norm', 'dtype'}
+_ARG_SCOPE_NAMES = {'weight_decay', 'activation_fn', 'use_batch_norm', 'dtype', 'fold_batch_norm_in_eval'}
 _BATCH_NORM_ALIASES = {'batch_norm_decay': 'decay', 'batch_norm_epsilon': 'epsilon',
                        'batch_norm_scale': 'scale', 'batch_norm_center': 'center',
                        'batch_norm_fused': 'fused', 'zero_debias_moving_mean': 'zero_debias_moving_mean'}
@@ -102,7 +102,7 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
   Overrides use resnet_arg_scope's names (`weight_decay`, `batch_norm_decay`,
   `batch_norm_epsilon`, `batch_norm_scale`, `activation_fn`, `use_batch_norm`),
   `zero_debias_moving_mean`, `batch_norm_<field>` for any other BatchNorm field,
-  `dtype`, and the model's own arguments (`global_pool`, `output_stride`,
+  `dtype`, `fold_batch_norm_in_eval` (`ResNetArgScope`), and the model's own arguments (`global_pool`, `output_stride`,
   `spatial_squeeze`, `include_root_block`, ...; v1 also `depth_multiplier`,
   `min_base_depth`, `use_bounded_activations`, `store_non_strided_activations`), and
   `block_sizes`, ((base_depth, num_units, stride), ...) per block as slim's

@@ -7,7 +7,9 @@ Kinds (each case's `kind`):
   train_flax_bn  the same step with every BatchNorm swapped for flax's `nn.BatchNorm`, img/s
   train_conv1x1  the same step with 1x1 kernels lowered as convolutions instead of our dots
                  (a choice measured on CPU; this prices it on the device), img/s
-  eval           `model.apply(..., train=False)` on one batch, ms per batch (latency)
+  eval           `model.apply(..., train=False)` on one batch, ms per batch (latency); the
+                 `<dtype>_folded` variants with BatchNorm folded into the convs
+                 (`fold_batch_norm_in_eval`), priced against the unfolded model
   train_loop     `train_lib.train_and_evaluate` (what train.py runs) on synthetic data with
                  the train case's model and batch: img/s the loop sustains, batches copied
                  to the device every step; priced against the bare train step
@@ -88,14 +90,14 @@ def _train_loop_case(model_name: str, dtype: str, batch: int, image_size: int, n
 
 
 def _eval_case(model_name: str, dtype: str, batch: int, image_size: int, num_classes: int, warmup: int, iters: int,
-               anchor_arch: str) -> Case:
+               anchor_arch: str, fold_batch_norm: bool = False) -> Case:
   params = dict(model=model_name, dtype=dtype, batch=batch, image_size=image_size, num_classes=num_classes,
-                warmup=warmup, iters=iters)
-  measure = functools.partial(measure_stepper, prepare=prepare_eval, model_name=model_name,
-                              **{k: v for k, v in params.items() if k != 'model'})
+                warmup=warmup, iters=iters, fold_batch_norm=fold_batch_norm)
   prepare = functools.partial(prepare_eval, model_name=model_name,
                               **{k: v for k, v in params.items() if k != 'model'})
-  return Case(f'eval/{model_name}/{dtype}/b{batch}', 'eval', dtype, 'ms', {**params, 'anchor_arch': anchor_arch},
+  measure = functools.partial(measure_stepper, prepare=prepare, warmup=warmup, iters=iters)
+  variant = f'{dtype}_folded' if fold_batch_norm else dtype
+  return Case(f'eval/{model_name}/{variant}/b{batch}', 'eval', variant, 'ms', {**params, 'anchor_arch': anchor_arch},
               measure, prepare)
 
 
@@ -132,6 +134,7 @@ def profile_cases(profile: str) -> list[Case]:
         *_train_cases('resnet_v1_50', 'bf16', 256, 224, 1000, 5, 20, 'resnet50'),
         _eval_case('resnet_v2_152', 'fp32', 32, 224, 1000, 5, 50, 'resnet152'),
         _eval_case('resnet_v2_152', 'bf16', 32, 224, 1000, 5, 50, 'resnet152'),
+        _eval_case('resnet_v2_152', 'bf16', 32, 224, 1000, 5, 50, 'resnet152', fold_batch_norm=True),
         _train_loop_case('resnet_v1_50', 'bf16', 256, 224, 1000, 3, 20),
         # The largest BN input of ResNet-50 (block1's conv3 and shortcut) at batch 256.
         *_bn_cases((256, 56, 56, 256), 5, 50),
@@ -155,6 +158,7 @@ def profile_cases(profile: str) -> list[Case]:
         *_train_cases('resnet_v1_tiny', 'bf16', 4, 16, 10, 1, 2, 'resnet50', one_block),
         _eval_case('resnet_v2_tiny', 'fp32', 4, 16, 10, 1, 3, 'resnet152'),
         _eval_case('resnet_v2_tiny', 'bf16', 4, 16, 10, 1, 3, 'resnet152'),
+        _eval_case('resnet_v2_tiny', 'bf16', 4, 16, 10, 1, 3, 'resnet152', fold_batch_norm=True),
         _train_loop_case('resnet_v1_tiny', 'bf16', 4, 16, 10, 2, 2, one_block),
         *_bn_cases((4, 8, 8, 16), 1, 3),
         *_pipeline_cases(16, 4, 8, dict(num_images=12, height_range=(24, 40), width_range=(28, 40)), 1),
@@ -182,8 +186,11 @@ def select(profile: str, names: Optional[Sequence[str]]) -> list[Case]:
 
 def internal_reference(case: Case, cases: list[Case]) -> Optional[Case]:
   """The case of ours another is priced against in the same run, if any: flax's nn.BatchNorm
-  for our train step and BN layer, our train step for train.py's loop and for 1x1 convolutions."""
-  if case.kind == 'train':
+  for our train step and BN layer, our train step for train.py's loop and for 1x1 convolutions,
+  the unfolded model for eval with BatchNorm folded into the convs."""
+  if case.kind == 'eval' and case.params.get('fold_batch_norm'):
+    wanted = ('eval', case.params['dtype'])
+  elif case.kind == 'train':
     wanted = ('train_flax_bn', case.variant)
   elif case.kind in ('train_loop', 'train_conv1x1'):
     wanted = ('train', case.variant)

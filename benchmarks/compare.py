@@ -109,7 +109,8 @@ def target(case: cases_lib.Case, reference: str, profile: str) -> Optional[Targe
   """The issue's target for this comparison, if it sets one."""
   if reference.startswith('ours:') and case.kind == 'train_loop':  # train.py against the bare step
     return Target(1.03, '<= 1.03 (train.py as fast as the bare step: no hidden host round trips)')
-  if case.kind == 'train_conv1x1' or case.variant in workloads.FORCED_MOMENTS:  # choices to make by their figures
+  if (case.kind == 'train_conv1x1' or case.variant in workloads.FORCED_MOMENTS or
+      (case.kind == 'eval' and reference.startswith('ours:'))):  # choices to make by their figures
     return None
   if reference.startswith('ours:'):  # our BN against flax's nn.BatchNorm
     return Target(1.03, '<= 1.03 (BN options <= 3% slower than nn.BatchNorm)')
@@ -117,7 +118,7 @@ def target(case: cases_lib.Case, reference: str, profile: str) -> Optional[Targe
     return Target(1.00, '<= 1.00 (2-core CPU: no slower than the plain Flax anchor)')
   if profile == 'gpu' and reference.startswith(FLAX) and case.kind == 'train':
     return Target(1 / 1.30, '<= 0.77 (>= 1.30x the plain Flax img/s)')
-  if profile == 'gpu' and reference.startswith(FLAX) and case.kind == 'eval' and case.variant == 'bf16':
+  if profile == 'gpu' and reference.startswith(FLAX) and case.kind == 'eval' and case.params['dtype'] == 'bf16':
     return Target(0.85, "<= 0.85 of the Flax anchor's time")
   if case.kind == 'pipeline' and reference.endswith('draft=True') and case.params['num_workers'] == 1:
     return Target(1.00, '<= 1.00 (match or beat the PIL anchor per core)')

@@ -49,11 +49,14 @@ def add_ratios(records: list[dict[str, Any]], cases: Sequence[cases_lib.Case]) -
 
 def timed_together(case: cases_lib.Case) -> Optional[tuple]:
   """What the cases timed in turn with this one share (None: it is timed alone): our BN
-  options and flax's at one shape; our train step and its variants at one size."""
+  options and flax's at one shape; our train step and its variants at one size; eval of one
+  model at one size, folded or not, in either dtype."""
   if case.kind == 'bn_layer':  # fp32 and bf16 options alike
     return ('bn_layer', str(case.params['shape']), case.params['warmup'], case.params['iters'])
   if case.kind in cases_lib.TRAIN_KINDS:
     return ('train', *sorted((k, str(v)) for k, v in case.params.items()))
+  if case.kind == 'eval':
+    return ('eval', *sorted((k, str(v)) for k, v in case.params.items() if k not in ('dtype', 'fold_batch_norm')))
   return None
 
 

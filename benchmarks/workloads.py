@@ -169,9 +169,11 @@ def prepare_train(*, model_name: str, dtype: str, batch: int, image_size: int, n
 
 
 def prepare_eval(*, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
-                 **unused: Any) -> Stepper:
-  """`model.apply(variables, images, train=False)` jitted as the anchor does; figure: ms per batch."""
-  model = models.get_model(model_name, num_classes=num_classes, dtype=DTYPES[dtype])
+                 fold_batch_norm: bool = False, **unused: Any) -> Stepper:
+  """`model.apply(variables, images, train=False)` jitted as the anchor does; figure: ms per batch.
+  `fold_batch_norm`: each conv's BatchNorm folded into it (`fold_batch_norm_in_eval`)."""
+  model = models.get_model(model_name, num_classes=num_classes, dtype=DTYPES[dtype],
+                           fold_batch_norm_in_eval=fold_batch_norm)
   images = jnp.asarray(_synthetic_batch(batch, image_size, num_classes)['image'])
   variables = host_initialized_variables(model, (image_size, image_size, 3))
   forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False))

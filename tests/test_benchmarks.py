@@ -32,7 +32,7 @@ def _kinds_and_variants(profile):
 def test_smoke_covers_every_case_the_gpu_run_measures():
   assert _kinds_and_variants('smoke') == _kinds_and_variants('gpu')
   assert {kind for kind, _ in _kinds_and_variants('gpu')} == set(UNITS)
-  assert {variant for kind, variant in _kinds_and_variants('gpu') if kind == 'eval'} == {'fp32', 'bf16'}
+  assert {variant for kind, variant in _kinds_and_variants('gpu') if kind == 'eval'} == {'fp32', 'bf16', 'bf16_folded'}
   assert {variant for kind, variant in _kinds_and_variants('gpu') if kind == 'bn_layer'} >= {
       'plain', 'zero_debias', 'bf16_act_fp32_stats', 'renorm', 'flax_nn_batchnorm'}
 
@@ -43,8 +43,9 @@ def test_gpu_profile_has_the_issues_shapes():
     by_kind.setdefault(case.kind, []).append(case)
   (train,) = by_kind['train']
   assert (train.params['model'], train.params['dtype'], train.params['batch']) == ('resnet_v1_50', 'bf16', 256)
-  assert {(c.params['model'], c.params['batch'], c.params['dtype']) for c in by_kind['eval']} == {
-      ('resnet_v2_152', 32, 'fp32'), ('resnet_v2_152', 32, 'bf16')}
+  assert {(c.params['model'], c.params['batch'], c.params['dtype'], c.params['fold_batch_norm'])
+          for c in by_kind['eval']} == {('resnet_v2_152', 32, 'fp32', False), ('resnet_v2_152', 32, 'bf16', False),
+                                        ('resnet_v2_152', 32, 'bf16', True)}
   assert all(c.params['image_size'] == 224 for c in by_kind['pipeline'])
 
 
@@ -226,7 +227,7 @@ def test_the_device_stages_measure_every_gpu_case_once_the_targets_first():
   # against the Flax anchor, BN options against nn.BatchNorm) and what they are priced against.
   # The 1x1-as-convolution step too: the choice it decides is read from a ratio of steps in turn.
   assert targets == {case.name for case in gpu_cases if case.kind in (*cases_lib.TRAIN_KINDS, 'bn_layer')
-                     or (case.kind, case.variant) == ('eval', 'bf16')}
+                     or (case.kind, case.params.get('dtype')) == ('eval', 'bf16')}
   assert side_by_side.STAGES['rest'].groups[:2] == ('loop', 'pipeline')  # then the other targets' cases
   planned = side_by_side.build_groups('gpu', cases_lib.select('gpu', side_by_side.STAGES['torch'].cases),
                                       side_by_side.STAGES['torch'].groups, '/anchors', with_torch=True)
@@ -448,7 +449,9 @@ def test_cases_priced_against_each_other_are_timed_together():
     assert list(cases_lib.TRAIN_KINDS) in batches, profile
     bn_batches = [batch for batch in batches if 'bn_layer' in batch]
     assert len(bn_batches) == 1 and len(bn_batches[0]) >= 5 and set(bn_batches[0]) == {'bn_layer'}, profile
-    assert all(len(batch) == 1 for batch in batches if batch[0] not in ('bn_layer', *cases_lib.TRAIN_KINDS))
+    evals = sum(case.kind == 'eval' for case in cases_lib.profile_cases(profile))  # gpu: fp32, bf16, folded
+    assert [batch for batch in batches if 'eval' in batch] == [['eval'] * evals], profile
+    assert all(len(batch) == 1 for batch in batches if batch[0] not in ('bn_layer', 'eval', *cases_lib.TRAIN_KINDS))
   # Only cases of equal sizes share a rotation.
   for kind in ('train', 'bn_layer'):
     small, large = ([case for case in cases_lib.profile_cases(profile) if case.kind == kind][0]

@@ -34,7 +34,8 @@ GROUPS = ('train', 'eval', 'loop', 'pipeline', 'bn', 'torch')
 class Stage:
   """A part of the run sized for one device call: a lease is 15 minutes of device time in all,
   machine start included, and a call should leave time to run again. `cases` are selectors
-  (`cases.matches`); `budget_s` is the default time after which no job starts."""
+  (`cases.matches`); `budget_s` is the default time after which no job starts; a job started
+  before it may run `STAGE_GRACE_S` longer (the call's timeout_s covers both)."""
   groups: tuple[str, ...]
   cases: tuple[str, ...]
   budget_s: float
@@ -54,6 +55,8 @@ STAGES = {
     'torch': Stage(('torch',), ('train', 'eval'), 120.0),
 }
 DEFAULT_BUDGET_S = 500.0
+# A compile started near a stage's budget is worth finishing: its figure is what the call is for.
+STAGE_GRACE_S = 60.0
 # Images the JPEG anchor decodes with all cores (an eighth of them with one process).
 JPEG_ANCHOR_IMAGES = {'gpu': 20000, 'cpu': 8000, 'smoke': 64}
 
@@ -150,13 +153,15 @@ def _ours_records(lines: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def run_rounds(planned: list[list[Job]], rounds: int, budget_s: float, group_rounds: Optional[dict[int, int]] = None,
-               raw_log: Optional[str] = None, log=sys.stderr) -> tuple[list[dict], list[dict]]:
+               raw_log: Optional[str] = None, log=sys.stderr, grace_s: float = 0.0) -> tuple[list[dict], list[dict]]:
   """Runs every group `rounds` times (group i: `group_rounds[i]` times if given), alternating
   the order inside each group.
 
   Returns (per-round results {'ours': {case: record}, 'anchors': {figure: record}}, job log).
-  A job that would start past `budget_s` is skipped and logged. Each job's output is also
-  appended to `raw_log` as it ends, so a run cut short still leaves its figures.
+  A job that would start past `budget_s` is skipped and logged; one started before it may
+  run `grace_s` past it (a device call's time limit must allow for that), then it is
+  stopped. Each job's output is also appended to `raw_log` as it ends, so a run cut short
+  still leaves its figures.
   """
   env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
   start = time.perf_counter()
@@ -176,7 +181,7 @@ def run_rounds(planned: list[list[Job]], rounds: int, budget_s: float, group_rou
           continue
         print(f'[side_by_side] round {round_index}: {job.name} (load {entry["load1"]:.2f})', file=log, flush=True)
         job_start = time.perf_counter()
-        status, lines = run_job(job, left, env)
+        status, lines = run_job(job, left + grace_s, env)
         jobs_log.append({**entry, 'status': status, 'seconds': round(time.perf_counter() - job_start, 1)})
         if raw_log:
           with open(raw_log, 'a') as file:
@@ -287,7 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   uptime_before = _uptime()
   wanted = {group: int(rounds) for group, rounds in (item.split('=') for item in args.group_rounds)}
   group_rounds = {index: wanted[jobs[0].group] for index, jobs in enumerate(planned) if jobs[0].group in wanted}
-  results, jobs_log = run_rounds(planned, args.rounds, budget_s, group_rounds, args.raw_log)
+  results, jobs_log = run_rounds(planned, args.rounds, budget_s, group_rounds, args.raw_log,
+                                 grace_s=STAGE_GRACE_S if stage else 0.0)
   uptime_after = _uptime()
   ours_device = next((r['device'] for found in results for r in found['ours'].values() if 'device' in r), None)
   device = args.device or ours_device or _device_description()

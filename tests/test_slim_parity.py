@@ -188,6 +188,15 @@ def test_eval_logits(name):
   assert_close(our_eval(name)['logits'], load_case(name)['eval_logits'], f'{name} eval logits')
 
 
+@pytest.mark.parametrize('name', _params(MODEL_CASES, SLOW_CASES))
+def test_eval_logits_with_batch_norm_folded_into_the_convs(name):
+  # Not slim's order of operations (fold_batch_norm_in_eval), but slim's numbers to the same tolerance.
+  case = load_case(name)
+  logits = make_model(case['config'], fold_batch_norm_in_eval=True).apply(our_variables(case), case['images'],
+                                                                          train=False)
+  assert_close(logits, case['eval_logits'], f'{name} eval logits, BatchNorm folded')
+
+
 @pytest.mark.parametrize('name', _params(BASE_CASES, SLOW_CASES))
 def test_eval_end_points(name):
   case = load_case(name)

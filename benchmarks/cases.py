@@ -147,6 +147,7 @@ def profile_cases(profile: str) -> list[Case]:
         *_train_cases('resnet_v1_50', 'fp32', 8, 224, 1000, 1, 6, 'resnet50'),
         _train_loop_case('resnet_v1_50', 'fp32', 8, 224, 1000, 2, 3),
         _eval_case('resnet_v2_152', 'fp32', 4, 224, 1000, 2, 20, 'resnet152'),
+        _eval_case('resnet_v2_152', 'fp32', 4, 224, 1000, 2, 20, 'resnet152', fold_batch_norm=True),
         *_bn_cases((8, 56, 56, 256), 5, 30),
         *_pipeline_cases(224, 64, 2048, _PHOTO_JPEGS, 2),
     ]

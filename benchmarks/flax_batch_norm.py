@@ -49,7 +49,9 @@ class FlaxBatchNormArgScope(ResNetArgScope):
     factory = super().conv2d()
     if factory.normalizer is None:
       return factory
-    return dataclasses.replace(factory, normalizer=functools.partial(FlaxBatchNorm, **self.batch_norm))
+    # flax's layer has no affine map to hand a convolution: never folded.
+    return dataclasses.replace(factory, normalizer=functools.partial(FlaxBatchNorm, **self.batch_norm),
+                               fold_batch_norm_in_eval=False)
 
 
 def with_flax_batch_norm(model: nn.Module) -> nn.Module:

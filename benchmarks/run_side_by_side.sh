@@ -8,9 +8,9 @@
 # minute or more, included), so the run comes in stages, one device call each, the one that
 # decides the issue's targets first (`STAGES` in benchmarks/side_by_side.py):
 #   run(command="bash benchmarks/run_side_by_side.sh --stage targets",
-#       carry=["benchmarks/anchors", "benchmarks/wheels"], timeout_s=500)
-#   run(command="bash benchmarks/run_side_by_side.sh --stage rest", carry=[...the same], timeout_s=290)
-#   run(command="bash benchmarks/run_side_by_side.sh --stage torch", ..., timeout_s=200)  # if time is left
+#       carry=["benchmarks/anchors", "benchmarks/wheels"], timeout_s=480)
+#   run(command="bash benchmarks/run_side_by_side.sh --stage rest", carry=[...the same], timeout_s=270)
+#   run(command="bash benchmarks/run_side_by_side.sh --stage torch", ..., timeout_s=210)  # if time is left
 # each at once after the last (the machine stays warm 30 s). A call's figures come back in
 # files_at/<date>_<device>.jsonl (that call's alone): append it to the file of that name in
 # benchmarks/results/, then make one table of the stages:

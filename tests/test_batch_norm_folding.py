@@ -2,6 +2,7 @@
 the same function as the unfolded model to rounding, with no per-channel multiply left after
 a convolution, and nothing changed in train mode or in the variables."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,7 @@ def test_folded_eval_is_the_same_function_in_float32(name, bn):
 
 
 @pytest.mark.parametrize('name', MODELS)
-def test_folded_bfloat16_eval_errs_no_more_than_bfloat16_itself(name):
+def test_folded_bfloat16_eval_errs_about_as_much_as_plain_bfloat16(name):
   reference, _, variables = _model_and_variables(name, seed=3)
   images = _images(2, batch=8)
   exact = reference.apply(variables, images, train=False)
@@ -59,8 +60,9 @@ def test_folded_bfloat16_eval_errs_no_more_than_bfloat16_itself(name):
     got = model.apply(variables, images, train=False).astype(jnp.float32)
     return float(jnp.sqrt(jnp.mean((got - exact) ** 2) / jnp.mean(exact ** 2)))
   plain_error, folded_error = relative_error(False), relative_error(True)
-  # bfloat16 keeps 8 bits: a few percent after a dozen layers, folded or not.
-  assert plain_error < 0.05 and folded_error < 0.05, (plain_error, folded_error)
+  # bfloat16 keeps 8 bits: about 1 % after a dozen layers; folding rounds the scaled weights
+  # instead of the conv outputs, which may cost a little but not a different order.
+  assert plain_error < 0.03 and folded_error < 2.5 * plain_error, (plain_error, folded_error)
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -120,6 +122,37 @@ def test_eval_affine_is_normalize():
     scale, shift = batch_norm_lib.eval_affine(mean, variance, g, b, 1e-3)
     np.testing.assert_allclose(x * scale + shift, batch_norm_lib.normalize(x, mean, variance, g, b, 1e-3),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_gamma_and_beta_get_no_gradient_folded_either():
+  _, folded, variables = _model_and_variables('resnet_v1_tiny', batch_norm_frozen_gamma_beta=True)
+  grads = jax.grad(lambda p: jnp.sum(folded.apply({**variables, 'params': p}, _images(), train=False) ** 2))(
+      variables['params'])
+  for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+    if 'BatchNorm' in jax.tree_util.keystr(path):
+      assert not np.any(np.asarray(grad)), jax.tree_util.keystr(path)
+    elif 'weights' in jax.tree_util.keystr(path) and 'conv1' in jax.tree_util.keystr(path):
+      assert np.any(np.asarray(grad)), jax.tree_util.keystr(path)  # the conv weights still learn
+
+
+def test_a_checkpoint_without_the_gamma_the_layer_wants_is_refused_not_taken_as_one():
+  _, folded, variables = _model_and_variables('resnet_v1_tiny')
+  drop_gamma = lambda tree: {k: drop_gamma(v) for k, v in tree.items() if k != 'gamma'} if isinstance(tree, dict) \
+      else tree
+  with pytest.raises(ValueError, match='no gamma among its params.*batch_norm_scale=False'):
+    folded.apply({**variables, 'params': drop_gamma(variables['params'])}, _images(), train=False)
+
+
+def test_a_normalizer_that_cannot_fold_is_named():
+  class Plain(nn.Module):  # a normalizer without BatchNorm's affine map
+    dtype: object = None
+    @nn.compact
+    def __call__(self, x, *, train):
+      return x
+  layer = Conv2D(3, 1, normalizer=Plain, fold_batch_norm_in_eval=True)
+  variables = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 2)), train=False)
+  with pytest.raises(ValueError, match='Plain cannot be folded.*fold_batch_norm_in_eval'):
+    layer.apply(variables, jnp.ones((1, 4, 4, 2)), train=False)
 
 
 def test_a_model_folded_without_its_moving_statistics_is_refused():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import cases as cases_lib
-from benchmarks import compare, paired, report, run, side_by_side, timing, workloads, xla_flags
+from benchmarks import compare, flax_batch_norm, paired, report, run, side_by_side, timing, workloads, xla_flags
 from resnet_flax import models
 from resnet_flax.layers import BatchNorm, moments
 from resnet_flax.layers import batch_norm as batch_norm_lib
@@ -364,6 +364,14 @@ def test_the_torch_stage_records_the_machine_its_figures_are_combined_with(tmp_p
 
 def test_the_device_a_run_without_cases_of_ours_records_is_our_harnesss():
   assert side_by_side._device_description() == run.device_description()
+
+
+def test_the_flax_batch_norm_swap_never_folds():
+  model = models.get_model('resnet_v1_tiny', num_classes=3, fold_batch_norm_in_eval=True)
+  swapped = flax_batch_norm.with_flax_batch_norm(model)
+  images = jnp.ones((2, 16, 16, 3))
+  variables = swapped.init(jax.random.PRNGKey(0), images, train=False)
+  assert bool(jnp.all(jnp.isfinite(swapped.apply(variables, images, train=False))))
 
 
 FAKE_ANCHOR = """

@@ -203,6 +203,14 @@ class BatchNorm(nn.Module):
                        f'the {BATCH_STATS!r} collection its init returned.')
     gamma = self.get_variable('params', 'gamma') if self.scale else None
     beta = self.get_variable('params', 'beta') if self.center else None
+    missing = [name for name, wanted, value in (('gamma', self.scale, gamma), ('beta', self.center, beta))
+               if wanted and value is None]
+    if missing:  # get_variable answers None where __call__ would have raised
+      raise ValueError(f'BatchNorm {module_path(self)!r} has scale={self.scale}, center={self.center} but no '
+                       f'{" or ".join(missing)} among its params: match the layer to the checkpoint (e.g. '
+                       'batch_norm_scale=False for slim checkpoints without gamma).')
+    if self.frozen_gamma_beta:
+      gamma, beta = (None if v is None else jax.lax.stop_gradient(v) for v in (gamma, beta))
     return eval_affine(mean, variance, gamma, beta, self.epsilon)
 
   def _statistics(self, channels: int) -> dict[str, Any]:

@@ -24,8 +24,9 @@ class Conv2D(nn.Module):
   the convolution (weights scaled per output channel, its shift added as a bias). The same
   function, rounded differently (about 1e-6 relative in float32), and no longer TF-Slim's
   order of operations; what it buys is the pattern XLA:GPU fuses into one cuDNN call or
-  cuBLAS epilogue (convolution, per-channel bias, residual add, ReLU), which a per-channel
-  multiply after the convolution prevents. Variables and train mode are unchanged.
+  cuBLAS epilogue (convolution, per-channel bias, then a residual add where v1 has one, and
+  ReLU), which a per-channel multiply after the convolution prevents. Variables and train
+  mode are unchanged; the BatchNorm's own `__call__` does not run (no intermediates of it).
   """
   features: int
   kernel_size: int
@@ -47,6 +48,9 @@ class Conv2D(nn.Module):
     if self.normalizer is not None:
       norm = self.normalizer(name='BatchNorm', dtype=self.dtype)
       if self.fold_batch_norm_in_eval and not train and not self.is_initializing():
+        if not hasattr(norm, 'eval_scale_and_shift'):
+          raise ValueError(f'{type(norm).__name__} cannot be folded into a convolution (no eval_scale_and_shift); '
+                           'turn off fold_batch_norm_in_eval or use resnet_flax.layers.BatchNorm.')
         scale, shift = norm.eval_scale_and_shift()
         y = conv(weights * scale) + shift.astype(self.dtype)
         if norm.activation is not None:

@@ -1,6 +1,6 @@
-"""BatchNorm folded into the convolution before it in eval mode (`Conv2D.fold_batch_norm_in_eval`):
-the same function as the unfolded model to rounding, with no per-channel multiply left after
-a convolution, and nothing changed in train mode or in the variables."""
+"""`layers/conv.py`'s BatchNorm folding (`Conv2D.fold_batch_norm_in_eval`): in eval mode the
+same function as the unfolded model to rounding, with no per-channel multiply left after a
+convolution, and nothing changed in train mode or in the variables."""
 
 import flax.linen as nn
 import jax

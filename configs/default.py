@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
       'frozen_gamma_beta': False,  # gamma and beta get no gradient (fine-tuning at small batch)
       'zero_init_last_gamma': False,  # v1: each unit's last BN starts with gamma = 0 (unit = identity)
       # Eval: each conv's BN folded into its weights and a bias (same function, rounded otherwise; not
-      # slim's order) so XLA:GPU can fuse conv, bias, residual add and ReLU; train mode unchanged.
+      # slim's order) so XLA:GPU may fuse conv, bias, residual add and ReLU; train mode unchanged.
       'fold_in_eval': False,
       # Batch renormalization (TF's renorm, renorm_clipping, renorm_decay); None: unclipped.
       'renorm': False,

@@ -172,14 +172,15 @@ def matches(case: Case, selector: str) -> bool:
   return selector in (case.name, case.kind, f'{case.kind}/{case.variant}')
 
 
-def select(profile: str, names: Optional[Sequence[str]]) -> list[Case]:
+def select(profile: str, names: Optional[Sequence[str]], strict: bool = True) -> list[Case]:
   """The profile's cases, or those among them named (exactly, by a `kind` such as 'eval', or
-  by `kind/variant` such as 'eval/bf16'); a name that picks no case exits with a one-line message."""
+  by `kind/variant` such as 'eval/bf16'); with `strict`, a name that picks no case exits with a
+  one-line message (a stage's names may name variants a profile lacks: not strict)."""
   cases = profile_cases(profile)
   if not names:
     return cases
   unknown = [name for name in names if not any(matches(case, name) for case in cases)]
-  if unknown:
+  if unknown and strict:
     raise SystemExit(f'unknown case(s) {unknown} for profile {profile!r}; '
                      f'known: {[case.name for case in cases]}, a kind or kind/variant.')
   return [case for case in cases if any(matches(case, name) for name in names)]

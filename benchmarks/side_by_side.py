@@ -45,9 +45,9 @@ class Stage:
 # across them. 'targets' holds what the issue's GPU targets are read from (ResNet-50 train and
 # ResNet-152 bf16 eval against the Flax anchor, the BN options against nn.BatchNorm) and the
 # two choices decided by steps timed in turn with our own (1x1 kernels as convolutions, BN
-# folded into the convs for eval); 'rest'
-# first the other targets' (train.py's loop against the bare step, the input pipeline on the
-# host's cores), then fp32 eval; 'torch' torch_resnet.py's figures, which no target reads.
+# folded into the convs for eval); 'rest' first the other targets' (train.py's loop against
+# the bare step, the input pipeline on the host's cores), then fp32 eval; 'torch'
+# torch_resnet.py's figures, which no target reads.
 STAGES = {
     'targets': Stage(('train', 'bn', 'eval'), ('train', 'train_flax_bn', 'train_conv1x1', 'bn_layer', 'eval/bf16',
                                                  'eval/bf16_folded'), 390.0),
@@ -280,11 +280,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   groups = args.groups or (stage.groups if stage else GROUPS)
   with_torch = with_torch and 'torch' in groups  # else its figures would be listed as missing
   budget_s = args.budget_s if args.budget_s is not None else (stage.budget_s if stage else DEFAULT_BUDGET_S)
-  if args.cases or not stage:
-    cases = cases_lib.select(args.profile, args.cases)
-  else:  # a stage's selectors may name variants a profile lacks (the cpu one has no bf16 eval)
-    cases = [case for case in cases_lib.profile_cases(args.profile)
-             if any(cases_lib.matches(case, selector) for selector in stage.cases)]
+  # A stage's selectors may name variants a profile lacks (the cpu one has no bf16 eval).
+  cases = (cases_lib.select(args.profile, args.cases) if args.cases or not stage else
+           cases_lib.select(args.profile, stage.cases, strict=False))
   paired = args.paired == 'on' or (args.paired == 'auto' and args.profile == 'cpu')
   planned = build_groups(args.profile, cases, groups, args.anchors_dir, with_torch, paired=paired)
   # Only our harness imports jax here (in its own processes), so this process holds no GPU memory.

@@ -39,12 +39,15 @@ def slim_l2_regularization(params: Any, weight_decay: float) -> jax.Array:
 
 
 def correct_top_k(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int) -> jax.Array:
-  """Number of masked-in examples whose label is among the k largest logits."""
+  """Number of masked-in examples whose label is among the k largest logits, as tf.math.in_top_k.
+
+  Ties count in the label's favour; a non-finite label logit never counts, so a model that
+  outputs NaN scores 0, not 1 (NaN compares false with everything, so its rank would be 0).
+  """
   num_classes = logits.shape[-1]
   k = min(k, num_classes)
   # A masked max, not take_along_axis: see per_example_cross_entropy.
   is_label = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
   label_logit = jnp.max(jnp.where(is_label, logits, -jnp.inf), axis=-1, keepdims=True)
-  # Rank = number of classes scoring strictly higher; ties count in the label's favour.
-  rank = jnp.sum(logits > label_logit, axis=-1)
-  return jnp.sum((rank < k) * mask)
+  rank = jnp.sum(logits > label_logit, axis=-1)  # classes scoring strictly higher
+  return jnp.sum(((rank < k) & jnp.isfinite(label_logit[..., 0])) * mask)

@@ -7,21 +7,47 @@ from resnet_flax import losses, sharding, steps
 
 
 def _numpy_correct_top_k(logits, labels, mask, k):
-  rank = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(-1)  # ties in the label's favour
-  return float(((rank < k) * mask).sum())
+  label_logit = logits[np.arange(len(labels)), labels]
+  rank = (logits > label_logit[:, None]).sum(-1)  # ties in the label's favour
+  return float(((rank < k) * np.isfinite(label_logit) * mask).sum())
+
+
+def _logits_with_ties_and_non_finite_values(rng):
+  logits = rng.integers(-3, 3, size=(64, 10)).astype(np.float32)  # many ties
+  labels = rng.integers(0, 10, size=64).astype(np.int32)
+  logits[0], labels[0] = -np.inf, 2
+  logits[1, 4], labels[1] = np.inf, 4
+  logits[2], labels[2] = np.nan, 7  # a diverged model: all NaN
+  logits[3, 5], labels[3] = np.nan, 5  # NaN at the label only
+  logits[4, 1], labels[4] = np.nan, 6  # NaN elsewhere: compares false, so it does not outrank the label
+  logits[5, 0], labels[5] = np.inf, 0
+  logits[5, 3] = np.inf  # a tie at +inf: the label logit is not finite, so not counted (tf.math.in_top_k)
+  mask = (rng.random(64) < 0.8).astype(np.float32)
+  mask[:6] = 1.0
+  return logits, labels, mask
 
 
 @pytest.mark.parametrize('k', [1, 3, 5, 20])
-def test_correct_top_k_matches_numpy_with_ties_infinities_and_mask(k):
-  rng = np.random.default_rng(0)
-  logits = rng.integers(-3, 3, size=(64, 10)).astype(np.float32)  # many ties
-  logits[0] = -np.inf
-  logits[1, 4] = np.inf
-  labels = rng.integers(0, 10, size=64).astype(np.int32)
-  labels[0], labels[1] = 2, 4
-  mask = (rng.random(64) < 0.8).astype(np.float32)
+def test_correct_top_k_matches_numpy_with_ties_non_finite_logits_and_mask(k):
+  logits, labels, mask = _logits_with_ties_and_non_finite_values(np.random.default_rng(0))
   expected = _numpy_correct_top_k(logits, labels, mask, k)
   assert float(losses.correct_top_k(logits, labels, mask, k)) == expected
+
+
+def test_all_nan_logits_score_zero():
+  logits = np.full((8, 10), np.nan, np.float32)
+  labels = np.arange(8, dtype=np.int32)
+  assert float(losses.correct_top_k(logits, labels, np.ones(8, np.float32), 1)) == 0.0
+
+
+@pytest.mark.parametrize('k', [1, 3, 5])
+def test_correct_top_k_matches_tensorflow_in_top_k(k):
+  tf = pytest.importorskip('tensorflow', reason='the TF reference needs tensorflow (run with /work/tfenv)')
+  logits, labels, _ = _logits_with_ties_and_non_finite_values(np.random.default_rng(1))
+  expected = tf.math.in_top_k(labels, logits, k).numpy()
+  ones = np.ones(1, np.float32)
+  got = [float(losses.correct_top_k(logits[i:i + 1], labels[i:i + 1], ones, k)) for i in range(len(labels))]
+  np.testing.assert_array_equal(np.array(got, bool), expected)
 
 
 @pytest.mark.parametrize('batch', [1, 2, 8])

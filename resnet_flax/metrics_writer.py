@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import time
 from typing import Any, Iterator, Mapping, Optional
@@ -52,19 +53,25 @@ class MetricsWriter:
           self._events.flush()
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
-    """Records scalars for `step`; keys like 'train/loss' become TensorBoard tags."""
+    """Records scalars for `step`; keys like 'train/loss' become TensorBoard tags.
+
+    A NaN or infinity (the eval loss of a diverged model) is written as null in metrics.jsonl,
+    which strict JSON readers accept, and as itself in TensorBoard, which plots it as a gap.
+    """
     if not self.enabled:
       return
-    from tensorboardX.proto import event_pb2
-    from tensorboardX.summary import scalar
+    from tensorboardX.proto import event_pb2, summary_pb2
     wall_time = time.time()
+    values = {key: float(value) for key, value in metrics.items()}
     with self._reporting_failure(self._tensorboard_dir):
-      for key, value in metrics.items():
-        self._events.write_event(event_pb2.Event(wall_time=wall_time, step=int(step),
-                                                 summary=scalar(key, float(value))))
+      for key, value in values.items():
+        # The proto itself, not tensorboardX's scalar(): that logs a warning for each NaN.
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=key, simple_value=value)])
+        self._events.write_event(event_pb2.Event(wall_time=wall_time, step=int(step), summary=summary))
       self._events.flush()
+    record = {'step': int(step), **{key: value if math.isfinite(value) else None for key, value in values.items()}}
     with self._reporting_failure(self._jsonl.name):
-      self._jsonl.write(json.dumps({'step': int(step), **{k: float(v) for k, v in metrics.items()}}) + '\n')
+      self._jsonl.write(json.dumps(record, allow_nan=False) + '\n')
       self._jsonl.flush()
 
   def record_config(self, config: Mapping[str, Any]) -> list[str]:

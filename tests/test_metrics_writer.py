@@ -1,6 +1,7 @@
 """metrics.jsonl and TensorBoard event files, read back independently; a full disk is one error, not a hang."""
 
 import json
+import math
 import os
 import resource
 import struct
@@ -40,6 +41,22 @@ def test_tensorboard_events_hold_what_metrics_jsonl_holds(tmp_path):
   assert scalars == [(2, 'train/loss', 1.5), (2, 'train/top1', 0.25), (4, 'eval/loss', 0.75)]
   lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert lines == [{'step': 2, 'train/loss': 1.5, 'train/top1': 0.25}, {'step': 4, 'eval/loss': 0.75}]
+
+
+def test_non_finite_values_are_null_in_metrics_jsonl_and_nan_in_tensorboard_without_warnings(tmp_path, caplog):
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.write(3, {'eval/loss': float('nan'), 'eval/top1': 0.0, 'eval/grad': float('inf')})
+  writer.close()
+
+  def refuse(constant):
+    raise ValueError(f'{constant} is not JSON')
+
+  (line,) = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  assert json.loads(line, parse_constant=refuse) == {'step': 3, 'eval/loss': None, 'eval/top1': 0.0, 'eval/grad': None}
+  (events_file,) = (tmp_path / 'tensorboard').iterdir()
+  values = {value.tag: value.simple_value for event in _read_records(events_file)[1:] for value in event.summary.value}
+  assert math.isnan(values['eval/loss']) and values['eval/top1'] == 0.0 and values['eval/grad'] == math.inf
+  assert not caplog.records
 
 
 def test_a_failed_events_write_is_one_error_and_close_still_returns(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import Any, Optional, Sequence
@@ -88,6 +89,14 @@ def update_results_md(text: str, profile: str, section: str) -> str:
   return text.rstrip('\n') + '\n\n' + block
 
 
+def write_results_section(results_md: str, profile: str, section: str) -> None:
+  """Replaces the profile's section of the file at `results_md` (made if absent), atomically."""
+  text = open(results_md).read() if os.path.exists(results_md) else '# Benchmark results\n'
+  with open(results_md + '.tmp', 'w') as file:
+    file.write(update_results_md(text, profile, section))
+  os.replace(results_md + '.tmp', results_md)
+
+
 def last_runs(lines: Sequence[str], count: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """The last `count` runs of a results file and their figures as one set: a case measured in
   several keeps the latest figure (an error replaces none). The runs must share profile and device."""
@@ -149,13 +158,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--runs', type=int, default=1, help='combine the last N runs (one lease\'s stages)')
   parser.add_argument('--results-md', default='benchmarks/RESULTS.md')
   args = parser.parse_args(argv)
-  runs, records = last_runs(open(args.results_jsonl).read().splitlines(), args.runs)
-  run = combined_run(runs)
+  try:
+    runs, records = last_runs(open(args.results_jsonl).read().splitlines(), args.runs)
+    run = combined_run(runs)
+  except (OSError, ValueError) as error:
+    print(f'report: {error}', file=sys.stderr)
+    return 2
   if len(runs) > 1:
     records = priced_again(records, run)
-  text = open(args.results_md).read()
-  with open(args.results_md, 'w') as file:
-    file.write(update_results_md(text, run['profile'], table(records, run)))
+  section = table(records, run)
+  write_results_section(args.results_md, run['profile'], section)
+  print(section)
+  print(f'[report] wrote its section of {args.results_md}', file=sys.stderr)
   return 0
 
 

@@ -310,9 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for record in [run, *records]:
       file.write(json.dumps(record) + '\n')
   section = report.table(records, run)
-  text = open(args.results_md).read() if os.path.exists(args.results_md) else '# Benchmark results\n'
-  with open(args.results_md, 'w') as file:
-    file.write(report.update_results_md(text, args.profile, section))
+  report.write_results_section(args.results_md, args.profile, section)
   print(section)
   print(f'[side_by_side] wrote {path} and {args.results_md}', file=sys.stderr)
   return 0

@@ -187,6 +187,23 @@ def test_a_report_of_several_calls_prices_each_case_against_figures_from_any_of_
     report.last_runs(lines, 3)
 
 
+def test_report_main_prints_the_table_and_replaces_only_its_section(tmp_path, capsys):
+  train = [case for case in cases_lib.profile_cases('cpu') if case.kind == 'train']
+  records = side_by_side.merge(_fake_results(train), train, 'cpu', 2, False, {'device': 'd', 'date': 'x'})
+  results = tmp_path / 'results.jsonl'
+  results.write_text('\n'.join(_run_lines('r1', records, 'a')) + '\n')
+  results_md = tmp_path / 'RESULTS.md'
+  results_md.write_text('# Notes kept\n')
+  assert report.main([str(results), '--results-md', str(results_md)]) == 0
+  printed = capsys.readouterr()
+  assert f'| `{train[0].name}` | 2.5 | img/s |' in printed.out and str(results_md) in printed.err
+  written = results_md.read_text()
+  assert written.startswith('# Notes kept\n') and printed.out.rstrip('\n') in written
+  assert report.main([str(results), '--runs', '2', '--results-md', str(results_md)]) == 2
+  assert capsys.readouterr().err == 'report: the results file holds 1 run(s), not the 2 asked for\n'
+  assert results_md.read_text() == written
+
+
 def _fake_device(tmp_path, monkeypatch, device, anchor_img_per_s, anchor_ms_per_batch):
   """side_by_side.main's arguments for a run with empty anchor scripts and every job faked:
   ours report 10.0 on `device`, the anchors the given figures. Returns (arguments, jobs run)."""

@@ -13,6 +13,7 @@ from typing import Optional
 
 import jax
 import ml_collections
+from absl import logging
 
 MODES = ('auto', 'on', 'off')
 _EXPLICIT_FIELDS = ('coordinator_address', 'num_processes', 'process_id')
@@ -81,4 +82,18 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
     raise ValueError(f'jax.distributed.initialize: {error} Set config.distributed.coordinator_address, '
                      'num_processes and process_id, or launch under SLURM, Open MPI or a Cloud TPU slice.'
                      ) from error
+  if (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+      and cached_programs_hang(jax.process_count(), jax.default_backend(), jax.__version_info__)):
+    jax.config.update('jax_enable_compilation_cache', False)
+    logging.warning('persistent compilation cache off for this run: jax %s hangs in the first collective of '
+                    'a multi-process CPU program read back from it; each process compiles afresh.', jax.__version__)
   return True
+
+
+def cached_programs_hang(process_count: int, backend: str, jax_version: tuple[int, ...]) -> bool:
+  """Whether programs read back from the persistent compilation cache hang in their collectives.
+
+  Seen with jax 0.12.1 on CPU across processes: the second run of a two-process train.py (and
+  of a bare two-process psum) waited forever in the first all-reduce; 0.10.2 and 0.11.2 ran both.
+  """
+  return process_count > 1 and backend == 'cpu' and jax_version >= (0, 12)

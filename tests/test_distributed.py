@@ -154,3 +154,27 @@ def test_unknown_cluster_detection_method_is_a_one_line_error(monkeypatch):
   assert called == []
   assert distributed.initialize(_settings(cluster_detection_method='mpi4py'))
   assert called == [{'cluster_detection_method': 'mpi4py'}]
+
+
+@pytest.mark.parametrize('process_count, backend, version, hangs', [
+    (2, 'cpu', (0, 12, 1), True), (2, 'cpu', (0, 11, 2), False), (1, 'cpu', (0, 12, 1), False),
+    (2, 'gpu', (0, 12, 1), False),
+])
+def test_a_multi_process_cpu_run_on_jax_0_12_compiles_without_the_cache(monkeypatch, caplog, tmp_path, process_count,
+                                                                        backend, version, hangs):
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: None)
+  monkeypatch.setattr(jax, 'process_count', lambda: process_count)
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  monkeypatch.setattr(jax, '__version_info__', version)
+  assert distributed.cached_programs_hang(process_count, backend, version) == hangs
+  was = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
+  jax.config.update('jax_compilation_cache_dir', was[1] or str(tmp_path))
+  try:
+    jax.config.update('jax_enable_compilation_cache', True)
+    assert distributed.initialize(_settings(coordinator_address='h:1', num_processes=process_count, process_id=0))
+    assert jax.config.jax_enable_compilation_cache == (not hangs)
+    warned = [r.getMessage() for r in caplog.records if 'persistent compilation cache off' in r.getMessage()]
+    assert len(warned) == hangs
+  finally:
+    jax.config.update('jax_enable_compilation_cache', was[0])
+    jax.config.update('jax_compilation_cache_dir', was[1])

@@ -41,8 +41,8 @@ def slim_l2_regularization(params: Any, weight_decay: float) -> jax.Array:
 def correct_top_k(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int) -> jax.Array:
   """Number of masked-in examples whose label is among the k largest logits, as tf.math.in_top_k.
 
-  Ties count in the label's favour; a non-finite label logit never counts, so a model that
-  outputs NaN scores 0, not 1 (NaN compares false with everything, so its rank would be 0).
+  Ties count in the label's favour; an example with any non-finite logit never counts, so a
+  model that outputs NaN scores 0, not 1 (NaN compares false with everything: rank 0).
   """
   num_classes = logits.shape[-1]
   k = min(k, num_classes)
@@ -50,4 +50,4 @@ def correct_top_k(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int)
   is_label = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
   label_logit = jnp.max(jnp.where(is_label, logits, -jnp.inf), axis=-1, keepdims=True)
   rank = jnp.sum(logits > label_logit, axis=-1)  # classes scoring strictly higher
-  return jnp.sum(((rank < k) & jnp.isfinite(label_logit[..., 0])) * mask)
+  return jnp.sum(((rank < k) & jnp.all(jnp.isfinite(logits), axis=-1)) * mask)

@@ -9,7 +9,7 @@ from resnet_flax import losses, sharding, steps
 def _numpy_correct_top_k(logits, labels, mask, k):
   label_logit = logits[np.arange(len(labels)), labels]
   rank = (logits > label_logit[:, None]).sum(-1)  # ties in the label's favour
-  return float(((rank < k) * np.isfinite(label_logit) * mask).sum())
+  return float(((rank < k) * np.isfinite(logits).all(-1) * mask).sum())
 
 
 def _logits_with_ties_and_non_finite_values(rng):
@@ -19,11 +19,14 @@ def _logits_with_ties_and_non_finite_values(rng):
   logits[1, 4], labels[1] = np.inf, 4
   logits[2], labels[2] = np.nan, 7  # a diverged model: all NaN
   logits[3, 5], labels[3] = np.nan, 5  # NaN at the label only
-  logits[4, 1], labels[4] = np.nan, 6  # NaN elsewhere: compares false, so it does not outrank the label
-  logits[5, 0], labels[5] = np.inf, 0
-  logits[5, 3] = np.inf  # a tie at +inf: the label logit is not finite, so not counted (tf.math.in_top_k)
+  logits[4, 6], labels[4] = 9.0, 6  # the label first, but a NaN (or -inf) elsewhere: not counted,
+  logits[4, 1] = np.nan  # as tf.math.in_top_k, though NaN compares false and would not outrank it
+  logits[5, 0], labels[5] = 9.0, 0
+  logits[5, 3] = -np.inf
+  logits[6, 0], labels[6] = np.inf, 0
+  logits[6, 3] = np.inf  # a tie at +inf
   mask = (rng.random(64) < 0.8).astype(np.float32)
-  mask[:6] = 1.0
+  mask[:7] = 1.0
   return logits, labels, mask
 
 
@@ -32,6 +35,13 @@ def test_correct_top_k_matches_numpy_with_ties_non_finite_logits_and_mask(k):
   logits, labels, mask = _logits_with_ties_and_non_finite_values(np.random.default_rng(0))
   expected = _numpy_correct_top_k(logits, labels, mask, k)
   assert float(losses.correct_top_k(logits, labels, mask, k)) == expected
+
+
+def test_a_top_label_beside_a_non_finite_logit_is_not_counted():
+  logits = np.array([[5.0, np.nan, 0.0], [5.0, -np.inf, 0.0], [5.0, 1.0, 0.0]], np.float32)
+  hits = [float(losses.correct_top_k(logits[i:i + 1], np.zeros(1, np.int32), np.ones(1, np.float32), 1))
+          for i in range(3)]
+  assert hits == [0.0, 0.0, 1.0]  # tf.math.in_top_k gives False, False, True (TF 2.21)
 
 
 def test_all_nan_logits_score_zero():

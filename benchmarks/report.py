@@ -91,10 +91,18 @@ def update_results_md(text: str, profile: str, section: str) -> str:
 
 def write_results_section(results_md: str, profile: str, section: str) -> None:
   """Replaces the profile's section of the file at `results_md` (made if absent), atomically."""
-  text = open(results_md).read() if os.path.exists(results_md) else '# Benchmark results\n'
-  with open(results_md + '.tmp', 'w') as file:
-    file.write(update_results_md(text, profile, section))
-  os.replace(results_md + '.tmp', results_md)
+  text = '# Benchmark results\n'
+  if os.path.exists(results_md):
+    with open(results_md, encoding='utf-8') as file:
+      text = file.read()
+  temporary = results_md + '.tmp'
+  try:
+    with open(temporary, 'w', encoding='utf-8') as file:
+      file.write(update_results_md(text, profile, section))
+    os.replace(temporary, results_md)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 def last_runs(lines: Sequence[str], count: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -159,15 +167,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--results-md', default='benchmarks/RESULTS.md')
   args = parser.parse_args(argv)
   try:
-    runs, records = last_runs(open(args.results_jsonl).read().splitlines(), args.runs)
+    with open(args.results_jsonl, encoding='utf-8') as file:
+      runs, records = last_runs(file.read().splitlines(), args.runs)
     run = combined_run(runs)
-  except (OSError, ValueError) as error:
-    print(f'report: {error}', file=sys.stderr)
+  except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+    print(f'report: {args.results_jsonl}: {error}', file=sys.stderr)
     return 2
   if len(runs) > 1:
     records = priced_again(records, run)
   section = table(records, run)
-  write_results_section(args.results_md, run['profile'], section)
+  try:
+    write_results_section(args.results_md, run['profile'], section)
+  except OSError as error:
+    print(f'report: writing {args.results_md} failed ({error}); pass --results-md PATH', file=sys.stderr)
+    return 2
   print(section)
   print(f'[report] wrote its section of {args.results_md}', file=sys.stderr)
   return 0

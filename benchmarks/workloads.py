@@ -219,7 +219,8 @@ def measure_train_loop(workdir: str, *, model_name: str, dtype: str, batch: int,
   with open(os.path.join(run_dir, 'metrics.jsonl'), encoding='utf-8') as lines:
     logged = [json.loads(line) for line in lines]
   rates = [record['train/images_per_second'] for record in logged if 'train/images_per_second' in record][1:]
-  if len(rates) != intervals or not np.isfinite(np.array([record.get('train/loss', 0.0) for record in logged], float)).all():
+  losses = np.array([record.get('train/loss', 0.0) for record in logged], float)  # null (non-finite) -> NaN
+  if len(rates) != intervals or not np.isfinite(losses).all():
     raise ValueError(f'train.py logged {len(rates)} timed intervals of {intervals}, or a non-finite loss.')
   value = statistics.median(rates)
   return Measurement(value, None, intervals * log_every,

@@ -82,7 +82,9 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
     raise ValueError(f'jax.distributed.initialize: {error} Set config.distributed.coordinator_address, '
                      'num_processes and process_id, or launch under SLURM, Open MPI or a Cloud TPU slice.'
                      ) from error
-  if (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+  # The version first: the other two start the backends, which only jax 0.12 needs asked here.
+  if (jax.__version_info__ >= (0, 12) and jax.config.jax_enable_compilation_cache
+      and jax.config.jax_compilation_cache_dir
       and cached_programs_hang(jax.process_count(), jax.default_backend(), jax.__version_info__)):
     jax.config.update('jax_enable_compilation_cache', False)
     logging.warning('persistent compilation cache off for this run: jax %s hangs in the first collective of '

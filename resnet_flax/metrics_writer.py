@@ -56,7 +56,7 @@ class MetricsWriter:
     """Records scalars for `step`; keys like 'train/loss' become TensorBoard tags.
 
     A NaN or infinity (the eval loss of a diverged model) is written as null in metrics.jsonl,
-    which strict JSON readers accept, and as itself in TensorBoard, which plots it as a gap.
+    which strict JSON readers accept, and as itself in TensorBoard.
     """
     if not self.enabled:
       return

@@ -200,8 +200,11 @@ def test_report_main_prints_the_table_and_replaces_only_its_section(tmp_path, ca
   written = results_md.read_text()
   assert written.startswith('# Notes kept\n') and printed.out.rstrip('\n') in written
   assert report.main([str(results), '--runs', '2', '--results-md', str(results_md)]) == 2
-  assert capsys.readouterr().err == 'report: the results file holds 1 run(s), not the 2 asked for\n'
+  assert capsys.readouterr().err == f'report: {results}: the results file holds 1 run(s), not the 2 asked for\n'
   assert results_md.read_text() == written
+  assert report.main([str(results), '--results-md', str(tmp_path / 'missing' / 'RESULTS.md')]) == 2
+  assert capsys.readouterr().err.startswith(f"report: writing {tmp_path / 'missing' / 'RESULTS.md'} failed (")
+  assert sorted(path.name for path in tmp_path.iterdir()) == ['RESULTS.md', 'results.jsonl']  # no .tmp left
 
 
 def _fake_device(tmp_path, monkeypatch, device, anchor_img_per_s, anchor_ms_per_batch):

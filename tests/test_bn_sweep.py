@@ -1,6 +1,7 @@
 """BN sweeps: grid expansion and run names, a 2x2 grid end to end (tables, plots), resume."""
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -50,6 +51,19 @@ def _config(overrides=None, **sweep):
 
 def _flag(value):
   return '(' + ''.join(f'{item},' for item in value) + ')' if isinstance(value, tuple) else str(value)
+
+
+def test_result_files_hold_null_for_nan_and_infinity_as_strict_json(tmp_path):
+  path = str(tmp_path / 'result.json')
+  runner.files.write_json(path, {'moving': {'loss': float('nan'), 'top1': 0.0}, 'curve': [float('inf'), 1.5],
+                                 'pair': (float('-inf'), 2)})
+
+  def refuse(constant):
+    raise ValueError(f'{constant} is not JSON')
+
+  with open(path, encoding='utf-8') as file:
+    assert json.load(file, parse_constant=refuse) == {'moving': {'loss': None, 'top1': 0.0}, 'curve': [None, 1.5],
+                                                      'pair': [None, 2]}
 
 
 def test_grid_is_the_product_with_every_axis_in_the_name():

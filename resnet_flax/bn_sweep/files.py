@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable, IO
 
@@ -23,8 +24,19 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, value: Any) -> None:
-  """Writes `value` as indented JSON, atomically."""
-  write_text(path, json.dumps(value, indent=2, sort_keys=True) + '\n')
+  """Writes `value` as indented JSON, atomically; NaN and infinities as null, as metrics.jsonl
+  has them (a diverged run's eval loss), so strict JSON readers can read every result."""
+  write_text(path, json.dumps(_finite_or_null(value), indent=2, sort_keys=True, allow_nan=False) + '\n')
+
+
+def _finite_or_null(value: Any) -> Any:
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {key: _finite_or_null(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_null(item) for item in value]
+  return value
 
 
 def read_json(path: str) -> Any:

@@ -62,7 +62,7 @@ def _summarize(history: list[dict[str, jax.Array]], last_step: int, skip_nonfini
                              'config.learning_rate or raise config.warmup_steps, or set '
                              'config.skip_nonfinite_steps=True to skip such steps.', bad_steps[0])
   finite = [metrics for metrics in per_step if not metrics['nonfinite']]
-  # Every step skipped: no loss to average, so none is logged (a NaN would read as a real value).
+  # Every step skipped: nothing to average, so the interval logs no loss or accuracy.
   means = {key: float(np.mean([m[key] for m in finite])) for key in finite[0] if key != 'nonfinite'} if finite else {}
   return means, bad_steps
 

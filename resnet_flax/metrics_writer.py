@@ -69,7 +69,7 @@ class MetricsWriter:
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=key, simple_value=value)])
         self._events.write_event(event_pb2.Event(wall_time=wall_time, step=int(step), summary=summary))
       self._events.flush()
-    record = {'step': int(step), **{key: value if math.isfinite(value) else None for key, value in values.items()}}
+    record = finite_or_null({'step': int(step), **values})
     with self._reporting_failure(self._jsonl.name):
       self._jsonl.write(json.dumps(record, allow_nan=False) + '\n')
       self._jsonl.flush()
@@ -137,6 +137,18 @@ def _record_step(line: str) -> Optional[int]:
     return int(json.loads(line)['step'])
   except (json.JSONDecodeError, KeyError, TypeError, ValueError):
     return None
+
+
+def finite_or_null(value: Any) -> Any:
+  """`value` (floats, dicts, lists, tuples as lists) with NaN and infinities as None: JSON null,
+  which strict readers accept where Python's bare NaN is not JSON."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {key: finite_or_null(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [finite_or_null(item) for item in value]
+  return value
 
 
 def flat_fields(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

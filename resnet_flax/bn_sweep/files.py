@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Callable, IO
+
+from resnet_flax.metrics_writer import finite_or_null
 
 
 def write_atomically(path: str, write: Callable[[IO], None], mode: str = 'w') -> None:
@@ -26,17 +27,7 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, value: Any) -> None:
   """Writes `value` as indented JSON, atomically; NaN and infinities as null, as metrics.jsonl
   has them (a diverged run's eval loss), so strict JSON readers can read every result."""
-  write_text(path, json.dumps(_finite_or_null(value), indent=2, sort_keys=True, allow_nan=False) + '\n')
-
-
-def _finite_or_null(value: Any) -> Any:
-  if isinstance(value, float):
-    return value if math.isfinite(value) else None
-  if isinstance(value, dict):
-    return {key: _finite_or_null(item) for key, item in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_finite_or_null(item) for item in value]
-  return value
+  write_text(path, json.dumps(finite_or_null(value), indent=2, sort_keys=True, allow_nan=False) + '\n')
 
 
 def read_json(path: str) -> Any:

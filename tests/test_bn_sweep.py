@@ -66,6 +66,19 @@ def test_result_files_hold_null_for_nan_and_infinity_as_strict_json(tmp_path):
                                                       'pair': [None, 2]}
 
 
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):
+  path = tmp_path / 'table.csv'
+  runner.files.write_text(str(path), 'old\n')
+
+  def fail_halfway(file):
+    file.write('half')
+    raise OSError(28, 'No space left on device')
+
+  with pytest.raises(OSError, match='No space left'):
+    runner.files.write_atomically(str(path), fail_halfway)
+  assert path.read_text() == 'old\n' and sorted(p.name for p in tmp_path.iterdir()) == ['table.csv']
+
+
 def test_grid_is_the_product_with_every_axis_in_the_name():
   runs = grid.expand(_config(decay=(0.9, 0.999), zero_debias_moving_mean=(False, True), batch_size=(32,),
                              num_train_steps=(200,)))

@@ -10,13 +10,18 @@ from resnet_flax.metrics_writer import finite_or_null
 
 
 def write_atomically(path: str, write: Callable[[IO], None], mode: str = 'w') -> None:
-  """Calls `write(file)` on a temporary file next to `path`, then renames it into place."""
+  """Calls `write(file)` on a temporary file next to `path`, then renames it into place; a
+  failed write (a full disk) leaves neither half a file nor the temporary one."""
   temporary = f'{path}.tmp'
-  with open(temporary, mode, **({} if 'b' in mode else {'encoding': 'utf-8', 'newline': ''})) as file:
-    write(file)
-    file.flush()
-    os.fsync(file.fileno())
-  os.replace(temporary, path)
+  try:
+    with open(temporary, mode, **({} if 'b' in mode else {'encoding': 'utf-8', 'newline': ''})) as file:
+      write(file)
+      file.flush()
+      os.fsync(file.fileno())
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 def write_text(path: str, text: str) -> None:

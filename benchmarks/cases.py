@@ -207,6 +207,11 @@ def internal_reference(case: Case, cases: list[Case]) -> Optional[Case]:
   return same_sizes[0] if same_sizes else None
 
 
+def reference_name(case: Case) -> str:
+  """How a case of ours is named where another is priced against it: 'ours:<case>'."""
+  return f'ours:{case.name}'
+
+
 def _head(case: Case) -> dict[str, Any]:
   return {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit}
 

@@ -130,7 +130,8 @@ def target(case: cases_lib.Case, reference: str, profile: str) -> Optional[Targe
 def price(records: list[dict[str, Any]], profile: str, cpu_count: int, with_torch: bool) -> None:
   """Adds to each of our records with a figure its reference values, ratios, time ratios and
   targets, against whichever of its references `records` holds a figure for: the anchors'
-  figures and our own internal references (`cases.internal_reference`). The records may come
+  figures and our own internal references (`cases.internal_reference`); against the latter
+  also the ratio of XLA's bytes accessed (`bytes_ratios`). The records may come
   from several calls on one machine (`report --runs`), so a case can be priced against a
   reference measured in another call."""
   profile_cases = cases_lib.profile_cases(profile)
@@ -144,8 +145,12 @@ def price(records: list[dict[str, Any]], profile: str, cpu_count: int, with_torc
     reference_values = {ref: anchors[ref].get('value') for ref in references(case, cpu_count, with_torch)
                         if ref in anchors}
     internal = cases_lib.internal_reference(case, profile_cases)
+    record['bytes_ratios'] = {}
     if internal is not None and internal.name in ours:
-      reference_values[f'ours:{internal.name}'] = ours[internal.name].get('value')
+      reference_values[cases_lib.reference_name(internal)] = ours[internal.name].get('value')
+      traffic = [r.get('xla_bytes_accessed') for r in (record, ours[internal.name])]
+      if all(traffic):
+        record['bytes_ratios'][cases_lib.reference_name(internal)] = traffic[0] / traffic[1]
     reference_values = {ref: value for ref, value in reference_values.items() if value}
     record['reference_values'] = reference_values
     record['ratios'] = {ref: record['value'] / value for ref, value in reference_values.items()}

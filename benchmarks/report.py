@@ -77,6 +77,11 @@ def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
                    if r.get('record') == 'ours' and r.get('compile_s')]
   if compile_times:
     lines += ['', 'Compile time of ours (median over rounds): ' + ', '.join(compile_times) + '.']
+  traffic = [f"`{r['case']}` {ratio:.3f}x `{reference.removeprefix('ours:')}`" for r in records
+             if r.get('record') == 'ours' for reference, ratio in (r.get('bytes_ratios') or {}).items()]
+  if traffic:
+    lines += ['', "Bytes accessed per step by XLA's cost analysis, ours / our reference (the same in every "
+              'run: a time ratio above it is not more passes over memory): ' + ', '.join(traffic) + '.']
   return '\n'.join(lines) + '\n'
 
 

@@ -30,10 +30,6 @@ def device_description() -> str:
   return name if jax.device_count() == 1 else f'{name} x{jax.device_count()}'
 
 
-def reference_name(case: cases_lib.Case) -> str:
-  return f'ours:{case.name}'
-
-
 def add_ratios(records: list[dict[str, Any]], cases: Sequence[cases_lib.Case]) -> None:
   """Adds `ratios[ours:<reference case>] = value / reference value` where both were measured."""
   by_name = {record['case']: record for record in records}
@@ -44,7 +40,7 @@ def add_ratios(records: list[dict[str, Any]], cases: Sequence[cases_lib.Case]) -
       continue
     reference_record = by_name.get(reference.name, {})
     if reference_record.get('value'):
-      record.setdefault('ratios', {})[reference_name(reference)] = record['value'] / reference_record['value']
+      record.setdefault('ratios', {})[cases_lib.reference_name(reference)] = record['value'] / reference_record['value']
 
 
 def timed_together(case: cases_lib.Case) -> Optional[tuple]:

@@ -31,6 +31,22 @@ def compile_timed(jitted: Any, *args: Any) -> tuple[Callable[..., Any], float]:
   return compiled, time.perf_counter() - start
 
 
+def xla_cost(compiled: Any) -> dict[str, float]:
+  """XLA's own count for one call of `compiled`: bytes its fused kernels read and write
+  (`xla_bytes_accessed`) and floating-point operations (`xla_flops`); empty where the backend
+  gives none.
+
+  Unlike a timing it is the same in every run, so it tells an extra pass over memory from a
+  machine's noise: a step a few per cent slower that accesses as many bytes is not doing more.
+  """
+  try:
+    analysis = compiled.cost_analysis()
+  except (NotImplementedError, RuntimeError):  # a backend without a cost model
+    return {}
+  names = {'bytes accessed': 'xla_bytes_accessed', 'flops': 'xla_flops'}
+  return {name: float(analysis[key]) for key, name in names.items() if analysis and key in analysis}
+
+
 def median_step_time(step: Callable[[], Any], warmup: int, iters: int) -> tuple[float, list[float]]:
   """Runs `step` `warmup` times untimed, then `iters` times each waited on with
   `block_until_ready`; returns (median seconds, every timed step's seconds).

@@ -163,7 +163,8 @@ def prepare_train(*, model_name: str, dtype: str, batch: int, image_size: int, n
     loss = float(step()['loss'])
     if not np.isfinite(loss):
       raise FloatingPointError(f'{model_name}: the train step gave loss {loss}; the timing would be meaningless.')
-    return Measurement(batch / median_s, compile_s, iters, {'median_step_ms': median_s * 1e3, 'loss': loss})
+    return Measurement(batch / median_s, compile_s, iters, {'median_step_ms': median_s * 1e3, 'loss': loss,
+                                                            **timing.xla_cost(compiled)})
 
   return Stepper(step, compile_s, measurement)
 
@@ -180,7 +181,7 @@ def prepare_eval(*, model_name: str, dtype: str, batch: int, image_size: int, nu
   compiled, compile_s = timing.compile_timed(forward, variables, images)
 
   def measurement(median_s: float, iters: int) -> Measurement:
-    return Measurement(median_s * 1e3, compile_s, iters, {'img_per_s': batch / median_s})
+    return Measurement(median_s * 1e3, compile_s, iters, {'img_per_s': batch / median_s, **timing.xla_cost(compiled)})
 
   return Stepper(lambda: compiled(variables, images), compile_s, measurement)
 
@@ -273,7 +274,8 @@ def prepare_bn_layer(*, variant: str, shape: tuple[int, ...], **unused: Any) -> 
     compiled, compile_s = timing.compile_timed(jax.jit(forward_backward), variables, x, cotangent)
 
   def measurement(median_s: float, iters: int) -> Measurement:
-    return Measurement(median_s * 1e3, compile_s, iters, {'gelem_per_s': int(np.prod(shape)) / median_s / 1e9})
+    return Measurement(median_s * 1e3, compile_s, iters, {'gelem_per_s': int(np.prod(shape)) / median_s / 1e9,
+                                                              **timing.xla_cost(compiled)})
 
   return Stepper(lambda: compiled(variables, x, cotangent), compile_s, measurement)
 

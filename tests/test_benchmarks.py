@@ -17,8 +17,8 @@ from resnet_flax.layers import BatchNorm, moments
 from resnet_flax.layers import batch_norm as batch_norm_lib
 from resnet_flax.layers import conv as conv_lib
 
-UNITS = {'train': 'img/s', 'train_flax_bn': 'img/s', 'train_conv1x1': 'img/s', 'train_loop': 'img/s', 'eval': 'ms', 'bn_layer': 'ms',
-         'pipeline': 'img/s'}
+UNITS = {'train': 'img/s', 'train_flax_bn': 'img/s', 'train_conv1x1': 'img/s', 'train_loop': 'img/s', 'eval': 'ms',
+         'bn_layer': 'ms', 'pipeline': 'img/s'}
 
 
 @pytest.fixture(scope='module')
@@ -68,6 +68,7 @@ def test_every_smoke_case_reports_a_real_figure(smoke_records):
       assert record['compile_s'] is None and record['intervals'] == record['params']['intervals']
     else:
       assert math.isfinite(record['compile_s']) and record['compile_s'] > 0, record
+      assert record['xla_bytes_accessed'] > 0 and record['xla_flops'] > 0, record
     assert record['steps'] >= 2
     if record['kind'] in ('bn_layer', *cases_lib.TRAIN_KINDS):  # timed in turn with what they are priced against
       assert record['interleaved']
@@ -249,6 +250,18 @@ def test_steps_taken_in_turn_follow_every_other_step_not_always_the_same_one():
   timing.round_robin(steps, 0, 5)
   timing.round_robin(steps, 0, 5)
   assert calls[:20] == calls[20:]  # seeded: a rerun repeats the order
+
+
+def test_xla_cost_is_the_memory_and_arithmetic_of_one_call():
+  # y = 2x over 1,000 float32 values: reads 4,000 bytes, writes 4,000, one multiply each.
+  compiled = jax.jit(lambda x: 2.0 * x).lower(jnp.ones(1000, jnp.float32)).compile()
+  assert timing.xla_cost(compiled) == {'xla_bytes_accessed': 8000.0, 'xla_flops': 1000.0}
+
+  class NoCostModel:
+    def cost_analysis(self):
+      raise NotImplementedError('no cost model on this backend')
+
+  assert timing.xla_cost(NoCostModel()) == {}
 
 
 @pytest.mark.parametrize('variant, algorithm', list(workloads.FORCED_MOMENTS.items()))

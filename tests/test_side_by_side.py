@@ -30,7 +30,8 @@ def _fake_results(cpu_cases):
   for index in range(2):
     ours = {case.name: {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
                         'value': (index + 2.0) * (10 if case.unit == 'ms' else 1), 'compile_s': 1.0,
-                        'params': case.params} for case in cpu_cases}
+                        'params': case.params, 'xla_bytes_accessed': 15.0 if 'flax' in case.variant else 16.0}
+            for case in cpu_cases}
     anchors = {
         'flax_resnet.py train:resnet50:8:fp32': {'case': 'train:resnet50:8:fp32', 'img_per_s': 2.0 + 2 * index},
         'flax_resnet.py eval:resnet152:4:fp32': {'case': 'eval:resnet152:4:fp32', 'ms_per_batch': 40.0},
@@ -57,6 +58,8 @@ def test_merge_takes_medians_over_rounds_and_ratios_of_medians():
   flax_bn = 'ours:bn_layer/flax_nn_batchnorm/8x56x56x256'
   plain_bn = by_case['bn_layer/plain/8x56x56x256']
   assert plain_bn['ratios'] == {flax_bn: pytest.approx(1.0)} and plain_bn['targets'][flax_bn]['max_time_ratio'] == 1.03
+  assert plain_bn['bytes_ratios'] == {flax_bn: pytest.approx(16.0 / 15.0)}
+  assert by_case['bn_layer/flax_nn_batchnorm/8x56x56x256']['bytes_ratios'] == {}  # a reference itself
   for forced in workloads.FORCED_MOMENTS:  # priced against flax's layer, but a choice of ours, not a target
     assert flax_bn in by_case[f'bn_layer/{forced}/8x56x56x256']['ratios']
     assert not by_case[f'bn_layer/{forced}/8x56x56x256'].get('targets'), forced
@@ -77,6 +80,7 @@ def test_results_md_section_is_replaced_and_the_rest_kept():
   section = report.table(records, run_info)
   row = '| `train/resnet_v1_50/fp32/b8` | 2.5 | img/s | `flax_resnet.py train:resnet50:8:fp32` | 3 | 1.200 |'
   assert row in section
+  assert "`bn_layer/plain/8x56x56x256` 1.067x `bn_layer/flax_nn_batchnorm/8x56x56x256`" in section
   original = '# Benchmark results\n\nEarlier text.\n'
   once = report.update_results_md(original, 'cpu', section)
   twice = report.update_results_md(once, 'cpu', section.replace('2.5', '9.9'))

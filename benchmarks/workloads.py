@@ -65,10 +65,12 @@ class Measurement:
 @dataclasses.dataclass(frozen=True)
 class Stepper:
   """A compiled step ready to time: `step()` runs one (its result is waited on), and
-  `measurement(median_s, iters)` turns the median step time into the case's figure."""
+  `measurement(median_s, iters)` turns the median step time into the case's figure;
+  `compiled` is the XLA program `step` runs (its HLO, for `benchmarks.profile`)."""
   step: Callable[[], Any]
   compile_s: Optional[float]
   measurement: Callable[[float, int], Measurement]
+  compiled: Any = None
 
 
 class SkipCase(Exception):
@@ -166,7 +168,7 @@ def prepare_train(*, model_name: str, dtype: str, batch: int, image_size: int, n
     return Measurement(batch / median_s, compile_s, iters, {'median_step_ms': median_s * 1e3, 'loss': loss,
                                                             **timing.xla_cost(compiled)})
 
-  return Stepper(step, compile_s, measurement)
+  return Stepper(step, compile_s, measurement, compiled)
 
 
 def prepare_eval(*, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
@@ -183,7 +185,7 @@ def prepare_eval(*, model_name: str, dtype: str, batch: int, image_size: int, nu
   def measurement(median_s: float, iters: int) -> Measurement:
     return Measurement(median_s * 1e3, compile_s, iters, {'img_per_s': batch / median_s, **timing.xla_cost(compiled)})
 
-  return Stepper(lambda: compiled(variables, images), compile_s, measurement)
+  return Stepper(lambda: compiled(variables, images), compile_s, measurement, compiled)
 
 
 def _train_in_this_process(config: Any, workdir: str) -> None:
@@ -277,7 +279,7 @@ def prepare_bn_layer(*, variant: str, shape: tuple[int, ...], **unused: Any) -> 
     return Measurement(median_s * 1e3, compile_s, iters, {'gelem_per_s': int(np.prod(shape)) / median_s / 1e9,
                                                               **timing.xla_cost(compiled)})
 
-  return Stepper(lambda: compiled(variables, x, cotangent), compile_s, measurement)
+  return Stepper(lambda: compiled(variables, x, cotangent), compile_s, measurement, compiled)
 
 
 def _jpeg_tree(workdir: str, num_images: int, height_range: tuple[int, int], width_range: tuple[int, int]) -> str:

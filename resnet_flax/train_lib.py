@@ -113,8 +113,10 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx, mesh, state_sh
 
 def check_training_config(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line ValueError for a config that cannot train, before anything is built:
-  values out of range, a batch that does not split over the devices, single-example BN statistics."""
+  values out of range, a data set that cannot be built as configured, a batch that does not
+  split over the devices, single-example BN statistics."""
   config_checks.check_config(config)
+  data.check_config(config.data)
   sharding.check_batch_size(config.batch_size)
   model_builder.check_statistics_groups(config, jax.device_count())
 

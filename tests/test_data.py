@@ -301,6 +301,20 @@ def test_config_errors_are_one_line_data_errors(config, match):
   assert isinstance(excinfo.value, ValueError)
 
 
+@pytest.mark.parametrize('config', [
+    {'name': 'mnist'}, {'name': 'digits', 'colour': 1}, {'name': 'digits', 'preprocessing': 'vgg'},
+    {'name': 'cifar10', 'dir': '/nonexistent', 'image_size': 8}, {'name': 'imagefolder', 'dir': '/nonexistent'}])
+def test_config_errors_that_need_no_data_are_found_without_reading_any(config):
+  # What train_lib checks before it builds anything (a sweep, before its first run).
+  with pytest.raises(data.DataError):
+    data.check_config(config)
+
+
+def test_a_buildable_config_passes_the_check_without_its_data_being_read():
+  data.check_config({'name': 'cifar10', 'dir': '/nonexistent', 'image_size': 32})
+  data.check_config({'name': 'imagefolder', 'dir': '/nonexistent', 'image_size': 224, 'preprocessing': 'vgg'})
+
+
 def test_unknown_split_and_bad_sharding():
   with pytest.raises(data.DataError, match='split'):
     data.build(DIGITS, 'holdout', batch_size=4, seed=0)

@@ -68,12 +68,29 @@ def _field(config: Mapping[str, Any], key: str, default: Any) -> Any:
   return default if value is None else value
 
 
-def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -> Source:
+def check_config(config: Mapping[str, Any]) -> None:
+  """Raises a one-line DataError for fields no data set of this name can be built with,
+  before anything is read: an unknown name or field, preprocessing on a source that has none,
+  CIFAR-10 at another size, an image folder without its size or preprocessing."""
+  _check_fields(config)
   name = config.get('name')
   if name not in NAMES:
     raise DataError(f'config.data.name={name!r} is unknown; use one of {NAMES}.')
   if name != 'imagefolder':
     _check_no_preprocessing(config, name)
+  if name == 'cifar10':
+    image_size = _field(config, 'image_size', cifar10.NATIVE_SIZE)
+    if image_size != cifar10.NATIVE_SIZE:
+      raise DataError(f'cifar10 images are {cifar10.NATIVE_SIZE}x{cifar10.NATIVE_SIZE}; set config.data.image_size '
+                      f'to {cifar10.NATIVE_SIZE} (got {image_size}).')
+  if name == 'imagefolder' and (not (config.get('image_size') or 0) > 0 or not config.get('preprocessing')):
+    raise DataError("imagefolder needs a positive config.data.image_size and config.data.preprocessing ('vgg' or "
+                    f"'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
+
+
+def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -> Source:
+  """The source `config` names; `check_config(config)` has passed."""
+  name = config['name']
   augment = config.get('augment')
   if name == 'digits':  # Off unless asked: the reference script does not augment.
     return digits.build_source(split, image_size=_field(config, 'image_size', digits.NATIVE_SIZE),
@@ -81,15 +98,8 @@ def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -
   # On unless asked not to, as in the standard CIFAR and slim recipes.
   augment_train = augment is None or bool(augment)
   if name == 'cifar10':
-    image_size = _field(config, 'image_size', cifar10.NATIVE_SIZE)
-    if image_size != cifar10.NATIVE_SIZE:
-      raise DataError(f'cifar10 images are {cifar10.NATIVE_SIZE}x{cifar10.NATIVE_SIZE}; set config.data.image_size '
-                      f'to {cifar10.NATIVE_SIZE} (got {image_size}).')
     return cifar10.build_source(config.get('dir'), split, augment_train=augment_train)
   if name == 'imagefolder':
-    if not (config.get('image_size') or 0) > 0 or not config.get('preprocessing'):
-      raise DataError("imagefolder needs a positive config.data.image_size and config.data.preprocessing ('vgg' or "
-                      f"'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
     return image_folder.build_source(
         config.get('dir'), split, preprocessing=config['preprocessing'], image_size=config['image_size'],
         color_distortion=bool(config.get('color_distortion')), label_offset=config.get('label_offset') or 0,
@@ -106,7 +116,7 @@ def build(config: Mapping[str, Any], split: str, *, batch_size: int, seed: int, 
 
   `batch_size` is per process; the global batch is batch_size * process_count.
   """
-  _check_fields(config)
+  check_config(config)
   source = _source(config, split, batch_size, seed)
   expected_classes = config.get('num_classes')
   if expected_classes is not None and expected_classes != source.num_classes:

@@ -54,8 +54,9 @@ def define_flags() -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a malformed value, an unknown field or an override of a field the
-  chosen optimizer, schedule or data set never reads reported in one line (exit 2).
+  """absl's parsing, with a malformed value, an unknown field, a word that is not a flag or an
+  override of a field the chosen optimizer, schedule or data set never reads reported in one
+  line (exit 2).
 
   With `--config=FILE` given, the overrides are applied here rather than in `define_flags`.
   """
@@ -73,6 +74,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     if 'get_config' in str(error):
       _exit("the config file has no get_config(); configs/digits.py shows the form (it returns a ConfigDict).")
     _exit_unknown_field(error, argv[1:])
+  if len(remaining) > 1:
+    # absl leaves words that are not flags to main(); dropped there, `--config.bn.scale False`
+    # would set scale to True (a bare boolean flag) and `train.py configs/x.py` train the default.
+    stray = ' '.join(repr(word) for word in remaining[1:])
+    _exit(f'unexpected argument(s) {stray}: every setting is a flag with its value after "=", e.g. '
+          '--config.bn.scale=False (a boolean flag alone means True) and --config=configs/<name>.py.')
   try:
     config_checks.check_overrides_read(flags.FLAGS.config, config_flags.get_override_values(flags.FLAGS['config']))
   except ValueError as error:

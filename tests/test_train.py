@@ -226,6 +226,19 @@ def test_an_override_the_run_never_reads_is_refused_in_one_line():
       "config.optimizer='lars'; set that as well, or drop --config.lars.trust_coefficient."]
 
 
+@pytest.mark.parametrize('script, words, stray', [
+    ('train.py', ('--config.bn.zero_debias_moving_mean', 'False'), "'False'"),  # would have set it to True
+    ('eval.py', ('configs/cifar10.py',), "'configs/cifar10.py'"),  # would have run the default config
+])
+def test_a_word_that_is_not_a_flag_is_refused_not_dropped(tmp_path, script, words, stray):
+  result = run_script(script, f'--workdir={tmp_path}', *words)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f'error: unexpected argument(s) {stray}: every setting is a flag with its value after "=", e.g. '
+      '--config.bn.scale=False (a boolean flag alone means True) and --config=configs/<name>.py.']
+  assert not (tmp_path / 'checkpoints').exists()
+
+
 def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
   def interrupted():
     raise KeyboardInterrupt

@@ -229,6 +229,30 @@ def check_workdir(workdir: str, needed_bytes: int, subdirectories: tuple[str, ..
                           f'{_size(needed_bytes)} more; free disk space or lower config.keep_checkpoints.')
 
 
+def _is_checkpoint(path: str) -> bool:
+  """Whether `path` is an orbax checkpoint: a manager's `<step>` directory or a bare item."""
+  return any(os.path.isfile(os.path.join(path, *name)) for name in
+             (('_CHECKPOINT_METADATA',), ('default', '_METADATA'), ('_METADATA',)))
+
+
+def check_not_a_checkpoint(workdir: str) -> None:
+  """Refuses a workdir that is a checkpoint, or a workdir's `checkpoints/` folder: a run
+  started there would write a run of its own inside the saved one (whose next start then
+  sets that checkpoint aside as damaged), and an evaluation would find nothing."""
+  path = os.path.abspath(workdir)
+  newest = latest_step_in(path)
+  if _is_checkpoint(path):
+    run, what = os.path.dirname(os.path.dirname(path)), 'a checkpoint'
+  elif newest is not None and _is_checkpoint(os.path.join(path, str(newest))):
+    run, what = os.path.dirname(path), "a workdir's checkpoints/ folder"
+    path = os.path.join(path, str(newest))
+  else:
+    return
+  raise CheckpointError(f'--workdir {os.path.abspath(workdir)} is {what}, not a workdir: pass --workdir={run} '
+                        '(train.py resumes it, eval.py takes its newest checkpoint), or name a checkpoint itself: '
+                        f'eval.py --checkpoint={path}, train.py --config.init_checkpoint={path}.')
+
+
 def committed_steps(directory: str) -> list[int]:
   """The committed steps under `directory`, oldest first, without creating or locking anything.
 

@@ -95,6 +95,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   mesh = sharding.data_mesh()
   if checkpoint is None:
     directory = os.path.join(checkpoints.local_path(workdir, 'workdir'), 'checkpoints')
+    checkpoints.check_not_a_checkpoint(workdir)
     step = checkpoints.latest_step_in(directory)
     if step is None:
       converted = os.path.join(workdir, 'variables')

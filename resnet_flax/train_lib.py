@@ -124,6 +124,7 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.num_train_steps` steps, resuming from `workdir`, and returns the final eval."""
   check_training_config(config)
+  checkpoints.check_not_a_checkpoint(workdir)
   is_chief = jax.process_index() == 0
   train_ds = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
                         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())

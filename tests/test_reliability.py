@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_flax import checkpoints, train_lib
+from resnet_flax import checkpoints, eval_lib, train_lib
 from test_train import REPO, SMALL_MODEL_FLAG, _read_params, run_script, tiny_config
 
 COMMON = ['--config=configs/digits.py', '--config.batch_size=16', '--config.log_every_steps=1',
@@ -136,6 +136,26 @@ def test_checkpoints_of_another_model_fail_clearly_and_stay_untouched(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match='no usable checkpoint'):
     train_lib.train_and_evaluate(other, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+
+
+@pytest.mark.parametrize('inside', ['checkpoints/2', 'checkpoints'])
+def test_a_workdir_that_is_a_checkpoint_is_refused_and_the_checkpoint_left_alone(tmp_path, inside):
+  # Trained there, a new run had written its own checkpoints into the saved one; the real
+  # run's next start then set that step aside as damaged.
+  run = tmp_path / 'run'
+  train_lib.train_and_evaluate(tiny_config(2), str(run))
+  saved = sorted(os.listdir(run / 'checkpoints' / '2'))
+  what = 'a checkpoint' if inside == 'checkpoints/2' else "a workdir's checkpoints/ folder"
+  expected = (f'--workdir {run / inside} is {what}, not a workdir: pass --workdir={run} '
+              f'(train.py resumes it, eval.py takes its newest checkpoint), or name a checkpoint itself: eval.py '
+              f'--checkpoint={run}/checkpoints/2, train.py --config.init_checkpoint={run}/checkpoints/2.')
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    train_lib.train_and_evaluate(tiny_config(4), str(run / inside))
+  assert str(error.value) == expected
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    eval_lib.evaluate(tiny_config(4), str(run / inside))
+  assert str(error.value) == expected
+  assert sorted(os.listdir(run / 'checkpoints' / '2')) == saved and sorted(os.listdir(run / 'checkpoints')) == ['2']
 
 
 def test_resuming_with_another_optimizer_names_where_the_state_differs(tmp_path):

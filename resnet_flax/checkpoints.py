@@ -33,6 +33,11 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be used, with a one-line message naming it and the fix."""
 
 
+class StateMismatchError(CheckpointError):
+  """Every checkpoint of a workdir holds other arrays, or arrays of other shapes, than the
+  run's state: a run of another config (model, class count, BN options, optimizer), not damage."""
+
+
 def abstract_like(state: Any) -> Any:
   """Shape/dtype/sharding skeleton of `state`, the restore target.
 
@@ -134,11 +139,21 @@ class Checkpointer:
 
     A damaged newest checkpoint (truncated or corrupted files) is skipped with a message,
     so a crash that damaged it costs the steps since the one before, not the run. If every
-    checkpoint fails, one error lists them all (e.g. they belong to another model).
+    checkpoint fails, one error lists them all; if every one holds other arrays than `target`
+    (another model, class count, BN options, optimizer), a StateMismatchError says which,
+    before any is read.
     """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    # Compared from the metadata first: orbax's restore of a misshapen array fails in
+    # asynchronous reads that print a traceback each (thousands of lines).
+    mismatched = {step: state_differences(os.path.join(self.directory, str(step)), target) for step in steps}
+    if steps and all(mismatched.values()):
+      raise StateMismatchError(_mismatch_message(os.path.join(self.directory, str(steps[0])), mismatched[steps[0]]))
     failures, failed_steps = [], []
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    for step in steps:
       try:
+        if mismatched[step]:
+          raise CheckpointError(_mismatch_message(os.path.join(self.directory, str(step)), mismatched[step]))
         state = self.restore(step, target)
       except CheckpointError as error:
         failures.append(str(error))
@@ -293,6 +308,52 @@ def _item_directory(path: str) -> str:
   return item
 
 
+def _saved_metadata(item: str) -> Any:
+  """The tree of array metadata (shape, dtype) an orbax item holds, without reading arrays.
+
+  The handler's metadata, not the checkpointer's: that one also reads step metadata from
+  the item directory, where the manager never writes it, and warns on every eval.
+  """
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.metadata(epath.Path(item))
+  finally:
+    handler.close()
+
+
+def _path_name(path: tuple) -> str:
+  """A tree path as 'params/conv1/weights', the same for a TrainState and its saved dicts."""
+  return '/'.join(str(next((getattr(entry, a) for a in ('key', 'name', 'idx') if hasattr(entry, a)), entry))
+                  for entry in path)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {_path_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if hasattr(leaf, 'shape')}
+
+
+def state_differences(path: str, target: Any) -> list[str]:
+  """How the arrays of the checkpoint at `path` differ from `target`'s, by name ('params/
+  logits/weights: saved (1, 1, 64, 10), this run (1, 1, 64, 12)', '...: in this run, not
+  saved'); empty when they agree, or when its metadata cannot be read (a restore then says why)."""
+  try:
+    saved = _shapes(_saved_metadata(_item_directory(path)))
+  except _READ_FAILURES:
+    return []
+  wanted = _shapes(target)
+  return ([f'{name}: saved {saved[name]}, this run {shape}' for name, shape in wanted.items()
+           if name in saved and saved[name] != shape]
+          + [f'{name}: in this run, not saved' for name in sorted(set(wanted) - set(saved))]
+          + [f'{name}: saved, not in this run' for name in sorted(set(saved) - set(wanted))])
+
+
+def _mismatch_message(path: str, mismatches: list[str]) -> str:
+  more = f' and {len(mismatches) - 2} more' if len(mismatches) > 2 else ''
+  return (f'checkpoint {path} was saved by a run of another config: {"; ".join(mismatches[:2])}{more}. Resume with '
+          'the config it was trained with (model and its options, num_classes, the data set\'s channels, optimizer, '
+          'bn), or start a fresh --workdir.')
+
+
 def restore_tree(path: str) -> dict[str, Any]:
   """A checkpoint as saved (nested dicts of arrays), for checkpoints of another structure.
 
@@ -303,13 +364,7 @@ def restore_tree(path: str) -> dict[str, Any]:
   item = _item_directory(path)
   orbax_noise.quiet_failure_echoes()
   try:
-    # The handler's metadata, not the checkpointer's: that one also reads step metadata
-    # from the item directory, where the manager never writes it, and warns on every eval.
-    handler = ocp.StandardCheckpointHandler()
-    try:
-      saved = handler.metadata(epath.Path(item))
-    finally:
-      handler.close()
+    saved = _saved_metadata(item)
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(saved))
   except _READ_FAILURES as error:

@@ -82,21 +82,13 @@ class MetricsWriter:
     """
     if not self.enabled:
       return []
+    changes = config_changes(self._workdir, config)
     path = os.path.join(self._workdir, 'config.json')
-    current = flat_fields(json.loads(json.dumps(config, default=str)))  # tuples as lists, as read back
-    saved = {}
-    if os.path.exists(path):
-      with open(path, encoding='utf-8') as file:
-        saved = flat_fields(json.load(file))
     with self._reporting_failure(path):
       with open(path + '.tmp', 'w', encoding='utf-8') as file:
         json.dump(config, file, indent=1, sort_keys=True, default=str)
       os.replace(path + '.tmp', path)
-    if not saved:
-      return []
-    missing = '(none)'
-    return [f'{key}: {saved.get(key, missing)} -> {current.get(key, missing)}'
-            for key in sorted(set(saved) | set(current)) if saved.get(key, missing) != current.get(key, missing)]
+    return changes
 
   def close(self) -> None:
     if not self.enabled:
@@ -149,6 +141,20 @@ def finite_or_null(value: Any) -> Any:
   if isinstance(value, (list, tuple)):
     return [finite_or_null(item) for item in value]
   return value
+
+
+def config_changes(workdir: str, config: Mapping[str, Any]) -> list[str]:
+  """How `config` (nested dicts) differs from the one recorded in `workdir/config.json`:
+  'field: old -> new' (dotted names) in sorted order; none without a record."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as file:
+    saved = flat_fields(json.load(file))
+  current = flat_fields(json.loads(json.dumps(config, default=str)))  # tuples as lists, as read back
+  missing = '(none)'
+  return [f'{key}: {saved.get(key, missing)} -> {current.get(key, missing)}'
+          for key in sorted(set(saved) | set(current)) if saved.get(key, missing) != current.get(key, missing)]
 
 
 def flat_fields(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

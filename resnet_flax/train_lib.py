@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 from resnet_flax import (checkpoints, config_checks, data, device_input, eval_lib, model_builder, optim, pretrained,
                          sharding, steps)
-from resnet_flax.metrics_writer import MetricsWriter
+from resnet_flax.metrics_writer import MetricsWriter, config_changes
 from resnet_flax.progress import ProgressBar
 from resnet_flax.train_state import TrainState, create_train_state, train_state_initializer
 
@@ -140,7 +140,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             subdirectories=('checkpoints', 'tensorboard'))
   checkpointer = checkpoints.Checkpointer(checkpoint_dir, config.keep_checkpoints, config.async_checkpointing)
   progress = ProgressBar(config.num_train_steps, enabled=is_chief)
-  state, last_saved = checkpointer.restore_newest_intact(state, progress.message)
+  # The device count with the config: per-device BN statistics and ghost batches depend on it.
+  run_record = {**config.to_dict(), 'device_count': jax.device_count()}
+  try:
+    state, last_saved = checkpointer.restore_newest_intact(state, progress.message)
+  except checkpoints.StateMismatchError as error:
+    changes = config_changes(workdir, run_record)
+    raise checkpoints.StateMismatchError(f'{error} Changed since: {"; ".join(changes)}.' if changes else str(error)
+                                         ) from None
   if last_saved is not None:
     progress.message(f'Resumed from {checkpointer.directory}/{last_saved} (step {int(state.step)}).')
   elif config.init_checkpoint:
@@ -159,8 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      eval_ds, mesh)
 
   writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=last_saved)
-  # The device count with it: per-device BN statistics and ghost batches depend on it.
-  changes = writer.record_config({**config.to_dict(), 'device_count': jax.device_count()})
+  changes = writer.record_config(run_record)
   if last_saved is not None and changes:
     # Allowed (a longer run, another eval cadence), but some (batch size, BN options, the
     # device count with per-device statistics) make the result differ from an uninterrupted run.

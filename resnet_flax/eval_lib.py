@@ -93,6 +93,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   num_classes = model_builder.head_size(config, dataset.num_classes)
   model = model_builder.build_model(config, num_classes)
   mesh = sharding.data_mesh()
+  older: list[int] = []
   if checkpoint is None:
     directory = os.path.join(checkpoints.local_path(workdir, 'workdir'), 'checkpoints')
     checkpoints.check_not_a_checkpoint(workdir)
@@ -102,8 +103,17 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
       hint = f'--checkpoint={converted}' if os.path.isdir(converted) else '--checkpoint=PATH'
       raise checkpoints.CheckpointError(f'no checkpoint in {directory}; train first or pass {hint}.')
     checkpoint = os.path.join(directory, str(step))
-  variables, step, _ = pretrained.load_for_model(checkpoint, model, abstract_variables(model, dataset.image_shape),
-                                                 dataset.image_shape)
+    older = checkpoints.committed_steps(directory)[:-1]
+  try:
+    variables, step, _ = pretrained.load_for_model(checkpoint, model, abstract_variables(model, dataset.image_shape),
+                                                   dataset.image_shape)
+  except checkpoints.CheckpointError as error:
+    if not older:
+      raise
+    # train.py falls back to the newest checkpoint that reads by itself; eval.py evaluates
+    # only what it is asked to, and says what else there is.
+    raise checkpoints.CheckpointError(f'{error} Older checkpoints in {directory}: steps {older}; if this one is '
+                                      f'damaged, pass --checkpoint={directory}/{older[-1]}.') from None
   return LoadedCheckpoint(model, sharding.replicate(variables, mesh), step, num_classes, dataset, mesh)
 
 

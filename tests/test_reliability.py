@@ -363,5 +363,10 @@ def test_one_truncated_data_file_is_skipped_like_a_damaged_checkpoint(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match=r'checkpoint .*/4 cannot be read \(OUT_OF_RANGE: Error '
                                                         r'reading .*\); it is damaged'):
     checkpoints.restore_tree(str(tmp_path / 'checkpoints' / '4'))
+  # eval.py takes only what it is asked for, and names the checkpoint before.
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    eval_lib.evaluate(tiny_config(4), str(tmp_path))
+  assert str(error.value).endswith(f'Older checkpoints in {tmp_path}/checkpoints: steps [2]; if this one is damaged, '
+                                   f'pass --checkpoint={tmp_path}/checkpoints/2.')
   assert train_lib.train_and_evaluate(tiny_config(6), str(tmp_path))['step'] == 6
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4', '4.damaged', '6']  # 4 saved again

@@ -34,8 +34,8 @@ class CheckpointError(ValueError):
 
 
 class StateMismatchError(CheckpointError):
-  """Every checkpoint of a workdir holds other arrays, or arrays of other shapes, than the
-  run's state: a run of another config (model, class count, BN options, optimizer), not damage."""
+  """A checkpoint holds other arrays, or arrays of other shapes, than the run's state or
+  model: a run of another config (model, class count, BN options, optimizer), not damage."""
 
 
 def abstract_like(state: Any) -> Any:

@@ -107,6 +107,8 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   try:
     variables, step, _ = pretrained.load_for_model(checkpoint, model, abstract_variables(model, dataset.image_shape),
                                                    dataset.image_shape)
+  except checkpoints.StateMismatchError:
+    raise  # the config, not the checkpoint: an older one would not fit either
   except checkpoints.CheckpointError as error:
     if not older:
       raise

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import jax
 import numpy as np
 
 from resnet_flax import checkpoints, slim
+from resnet_flax.metrics_writer import flat_fields
 from resnet_flax.slim import checkpoint_import, names
 
 SLIM_PREFIX = 'slim:'
@@ -61,9 +64,10 @@ def fit_variables(loaded: dict[str, Any], reference: dict[str, Any], *, allow_ne
         problems.append(f"{collection}/{'/'.join(path)}: {found}, model wants {tuple(want.shape)}")
     fitted[collection] = names.unflatten(leaves)
   if problems:
-    raise checkpoints.CheckpointError(f'{source} does not fit the model ({len(problems)} variables): '
-                                      + '; '.join(problems[:8]) + (' ...' if len(problems) > 8 else '')
-                                      + f'. {_fix(loaded, reference)}')
+    # The fix first: a long list would hide it.
+    raise checkpoints.StateMismatchError(f'{source} does not fit the model ({len(problems)} variables). '
+                                         f'{_fix(loaded, reference, source)} What differs: '
+                                         + '; '.join(problems[:6]) + (' ...' if len(problems) > 6 else '.'))
   return fitted, fresh
 
 
@@ -72,6 +76,7 @@ def _left_out(collection: str, have: dict, wanted: dict, allow_new_head: bool) -
   a deeper network's extra units, gamma / beta other than 1 / 0. A head is left out for a
   feature extractor or a new head."""
   head_optional = allow_new_head or not any(path[0] == HEAD for path in wanted)
+  leaf_names = {path[-1] for path in wanted}
   problems = []
   for path, value in have.items():
     if (path in wanted or path[-1] in checkpoint_import.OPTIONAL_STATISTICS
@@ -80,20 +85,46 @@ def _left_out(collection: str, have: dict, wanted: dict, allow_new_head: bool) -
     identity, field = checkpoint_import.OPTIONAL_BN_PARAMS.get(path[-1], (None, None))
     if field and collection == 'params' and np.all(np.asarray(value) == identity):
       continue
-    fix = f' (build it with config.bn.{field}=True)' if field else ''
+    # Only a model without any gamma (beta) was built with scale (center) off.
+    fix = f' (build it with config.bn.{field}=True)' if field and path[-1] not in leaf_names else ''
     problems.append(f"{collection}/{'/'.join(path)}: in the checkpoint, not in the model{fix}")
   return problems
 
 
-def _fix(loaded: dict[str, Any], reference: dict[str, Any]) -> str:
-  """The likeliest fix: the class count when only the logits differ, else the model's options."""
-  have = np.shape(names.flatten(loaded.get('params', {})).get((HEAD, 'biases'), ()))
-  want = np.shape(names.flatten(reference.get('params', {})).get((HEAD, 'biases'), ()))
-  if have and want and have != want:
-    return (f'The checkpoint has {have[0]} classes, the model {want[0]}: set config.num_classes={have[0]} (and '
-            'config.data.label_offset to match its background class, if any).')
-  return 'Check --config.model and its options (config.bn, config.model_options).'
+def _fix(loaded: dict[str, Any], reference: dict[str, Any], source: str) -> str:
+  """The likeliest fixes: the class count and the input channels where they differ, what the
+  checkpoint's run recorded in its config.json, else the model's options."""
+  have, want = (names.flatten(tree.get('params', {})) for tree in (loaded, reference))
+  fixes = []
+  have_classes, want_classes = (np.shape(tree.get((HEAD, 'biases'), ())) for tree in (have, want))
+  if have_classes and want_classes and have_classes != want_classes:
+    fixes.append(f'The checkpoint has {have_classes[0]} classes, the model {want_classes[0]}: set '
+                 f'config.num_classes={have_classes[0]} (and config.data.label_offset to match its background '
+                 'class, if any).')
+  have_channels, want_channels = (np.shape(tree.get(('conv1', 'weights'), ()))[2:3] for tree in (have, want))
+  if have_channels and want_channels and have_channels != want_channels:
+    fixes.append(f'The checkpoint takes {have_channels[0]}-channel images, the data set gives {want_channels[0]}: '
+                 'evaluate it on the data set it was trained on (config.data).')
+  recorded = _recorded_config(source)
+  if recorded:
+    fixes.append(f'Its run was trained with {recorded}.')
+  return ' '.join(fixes) or 'Check --config.model and its options (config.bn, config.model_options).'
 
+
+def _recorded_config(source: str) -> str:
+  """The model-shaping fields of the config.json of the run that wrote an orbax checkpoint
+  `<workdir>/checkpoints/<step>`, as 'model=..., ...'; empty if there is none."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(source))), 'config.json')
+  if source.startswith(SLIM_PREFIX) or not os.path.isfile(path):
+    return ''
+  try:
+    with open(path, encoding='utf-8') as file:
+      fields = flat_fields(json.load(file))
+  except (OSError, ValueError):
+    return ''
+  shaping = ('model', 'num_classes', 'model_options.block_sizes', 'data.name', 'bn.center', 'bn.scale',
+             'bn.zero_debias_moving_mean', 'bn.renorm')
+  return ', '.join(f'{name}={fields[name]!r}' for name in shaping if name in fields)
 
 
 def load_for_model(spec: str, model: Any, reference: dict[str, Any], image_shape: tuple[int, int, int], *,

@@ -8,6 +8,8 @@ block_sizes by the model registry, where library users meet them as well.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Callable, Iterable
 
 import ml_collections
@@ -15,7 +17,8 @@ import ml_collections
 from resnet_flax import optim
 from resnet_flax.layers import batch_norm
 
-# (field, allowed, what it must be). Comparisons are False for NaN, so NaN is refused.
+# (field, allowed, what it must be). Every number in a value must also be finite (`_finite`):
+# `v >= 0` holds for inf, which then surfaces only as a non-finite loss at step 1.
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('batch_size', lambda v: v >= 1, 'a positive number of examples'),
     ('eval_batch_size', lambda v: v >= 0, '>= 0 (0: batch_size)'),
@@ -80,6 +83,14 @@ def _lookup(config: ml_collections.ConfigDict, field: str) -> Any:
   return node
 
 
+def _finite(value: Any) -> bool:
+  """False for inf or NaN, alone or in a tuple or list; True for anything that is not a number."""
+  if isinstance(value, (tuple, list)):
+    return all(_finite(item) for item in value)
+  # Whole numbers are finite, and math.isfinite overflows on those past float's range.
+  return not isinstance(value, numbers.Real) or isinstance(value, numbers.Integral) or math.isfinite(value)
+
+
 def _allowed(allowed: Callable[[Any], bool], value: Any) -> bool:
   try:
     return bool(allowed(value))
@@ -93,6 +104,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     value = _lookup(config, field)
     if value is None:
       continue
+    if not _finite(value):
+      raise ValueError(f'config.{field}={value!r} is not allowed: it must be finite and {expected}.')
     if not _allowed(allowed, value):
       raise ValueError(f'config.{field}={value!r} is not allowed: it must be {expected}.')
   if all(field in config for field in ('lr_schedule', 'lr_boundaries', 'num_train_steps', 'warmup_steps')):

@@ -46,6 +46,20 @@ def test_value_out_of_range_is_one_line_naming_the_field(field, value):
 
 
 @pytest.mark.parametrize('field, value', [
+    ('learning_rate', float('inf')), ('weight_decay', float('inf')), ('momentum', float('-inf')),
+    ('label_smoothing', float('nan')), ('lr_decay_factor', float('inf')), ('lr_end', float('inf')),
+    ('lr_power', float('inf')), ('lars.weight_decay', float('inf')), ('lars.trust_coefficient', float('inf')),
+    ('lars.eps', float('inf')), ('adamw.weight_decay', float('inf')), ('lr_boundaries', (0.3, float('inf'))),
+    ('lr_boundaries', (float('nan'),)),
+])
+def test_inf_and_nan_are_refused_as_not_finite(field, value):
+  # inf passed `>= 0` and stopped the run at step 1 as a non-finite loss, blaming the learning rate.
+  with pytest.raises(ValueError, match=rf'^config\.{field.replace(".", "[.]")}=.* must be finite and ') as error:
+    config_checks.check_config(_with(field, value))
+  assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('field, value', [
     ('bn.decay', 1.5), ('bn.decay', float('nan')), ('bn.epsilon', 0.0), ('bn.renorm_decay', 2.0),
     ('bn.renorm_clipping_ramp_steps', -5),
 ])
@@ -62,6 +76,7 @@ def test_renorm_options_without_renorm_are_refused_in_the_config():
 @pytest.mark.parametrize('field, value', [
     ('bn.decay', 0.0), ('bn.decay', 1.0), ('num_train_steps', 0), ('keep_checkpoints', 1), ('momentum', 0.0),
     ('eval_batch_size', 0), ('label_smoothing', 0.0), ('bn_report_batch_sizes', (1, 8)),
+    ('log_every_steps', 10 ** 400),  # whole numbers are finite: math.isfinite would overflow on it
 ])
 def test_boundary_values_that_mean_something_are_allowed(field, value):
   config_checks.check_config(_with(field, value))
@@ -81,11 +96,25 @@ def _step_schedule(num_train_steps, warmup_steps, lr_boundaries, lr_schedule='st
      r'config\.warmup_steps=50; use fractions above 0\.505 or lower config\.warmup_steps\.$'),
     (100, 30, (0.3, 0.6), r'steps \(30, 60\) .* after the warm-up, config\.warmup_steps=30'),  # never at the peak
     (3, 0, (0.1,), r'steps \(0,\) .* config\.warmup_steps=0; use fractions above 0\.1667\.$'),  # round(0.3)
+    (100, 97, (0.3, 0.6), r'steps \(30, 60\) .* use fractions above 0\.975 or lower config\.warmup_steps\.$'),
 ])
 def test_step_boundaries_landing_where_they_cannot_apply_are_refused(total, warmup, boundaries, problem):
   with pytest.raises(ValueError, match=r'^config\.lr_boundaries=.* lands on ' + problem) as error:
     config_checks.check_config(_step_schedule(total, warmup, boundaries))
   assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('total, warmup, boundaries, fix', [
+    (3, 50, (0.3, 0.6), r'lower config\.warmup_steps to 0\.$'),  # fractions are below 1: none is above 16.83
+    (100, 100, (0.5,), r'lower config\.warmup_steps to at most 98\.$'),
+    (100, 97, (0.3, 0.6, 0.8), r'lower config\.warmup_steps to at most 96\.$'),  # steps 98, 99: two, not three
+    (3, 0, (0.1, 0.4, 0.7), r'drop boundaries to at most 2 or raise config\.num_train_steps\.$'),
+])
+def test_step_boundaries_no_fraction_can_fix_name_only_a_possible_fix(total, warmup, boundaries, fix):
+  after_warmup = r'^config\.lr_boundaries=.* each must be after the warm-up, config\.warmup_steps=\d+; '
+  with pytest.raises(ValueError, match=after_warmup + fix) as error:
+    config_checks.check_config(_step_schedule(total, warmup, boundaries))
+  assert '\n' not in str(error.value) and 'fractions' not in str(error.value)
 
 
 @pytest.mark.parametrize('total, warmup, boundaries, schedule', [
@@ -95,6 +124,7 @@ def test_step_boundaries_landing_where_they_cannot_apply_are_refused(total, warm
     (100, 0, (), 'step'),
     (0, 50, (0.3, 0.6, 0.8), 'step'),  # no step runs
     (150, 50, (0.3, 0.6, 0.8), 'cosine'),  # bn_sweep's length: the boundaries are not read
+    (3, 50, (0.3, 0.6), 'cosine'),  # a warm-up longer than the run stops part-way up (default.py)
 ])
 def test_step_boundaries_on_distinct_steps_after_warmup_are_allowed(total, warmup, boundaries, schedule):
   config_checks.check_config(_step_schedule(total, warmup, boundaries, schedule))

@@ -60,6 +60,8 @@ def test_step_boundaries_round_to_the_nearest_step(boundaries, total, decay_step
     (dict(warmup_steps=50, num_train_steps=100, lr_boundaries=(0.3, 0.6, 0.8)),
      r'steps \(30, 60, 80\) of num_train_steps=100: each must be after the warm-up, config\.warmup_steps=50;'),
     (dict(warmup_steps=0, num_train_steps=10, lr_boundaries=(0.31, 0.34)), r'steps \(3, 3\) .* strictly increasing'),
+    (dict(warmup_steps=50, num_train_steps=3, lr_boundaries=(0.3, 0.6)),
+     r'steps \(1, 2\) of num_train_steps=3: .* config\.warmup_steps=50; lower config\.warmup_steps to 0\.$'),
 ])
 def test_step_schedule_refuses_boundaries_it_cannot_honour(fields, message):
   # A library user who builds the schedule without config_checks gets the same one-line error.

@@ -289,7 +289,7 @@ def test_init_in_train_mode_creates_only_params_and_batch_stats():
 
 @pytest.mark.parametrize('options, named', [
     ({'decay': 1.5}, 'decay=1.5'), ({'decay': -0.1}, 'decay=-0.1'), ({'decay': float('nan')}, 'decay=nan'),
-    ({'epsilon': 0.0}, 'epsilon=0.0'), ({'epsilon': -1e-3}, 'epsilon=-0.001'),
+    ({'epsilon': 0.0}, 'epsilon=0.0'), ({'epsilon': -1e-3}, 'epsilon=-0.001'), ({'epsilon': float('inf')}, 'epsilon=inf'),
     ({'renorm': True, 'renorm_decay': 2.0}, 'renorm_decay=2.0'),
     ({'renorm': True, 'renorm_r_max': 2.0, 'renorm_r_min': 3.0}, 'renorm_r_min=3.0'),
     ({'renorm': True, 'renorm_clipping_ramp_steps': -5}, 'renorm_clipping_ramp_steps=-5'),

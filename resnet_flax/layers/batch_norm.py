@@ -74,9 +74,9 @@ def check_options(prefix: str, options: Mapping[str, Any]) -> None:
     if not 0.0 <= get(field) <= 1.0:
       raise ValueError(f'{prefix}{field}={get(field)} must be in [0, 1] (the weight the moving average keeps; '
                        '1 never updates it).')
-  if not get('epsilon') > 0.0:
-    raise ValueError(f"{prefix}epsilon={get('epsilon')} must be > 0 (it keeps 1 / sqrt(variance + epsilon) "
-                     'finite for a constant channel).')
+  if not 0.0 < get('epsilon') < float('inf'):
+    raise ValueError(f"{prefix}epsilon={get('epsilon')} must be > 0 and finite (it keeps 1 / sqrt(variance + "
+                     'epsilon) finite for a constant channel; an infinite one zeroes every output).')
   bounds = (('renorm_r_max', lambda v: v >= 1.0, '>= 1 (1 is plain BN)'),
             ('renorm_r_min', lambda v: 0.0 <= v <= 1.0, 'in [0, 1] (1 is plain BN)'),
             ('renorm_d_max', lambda v: v >= 0.0, '>= 0 (0 is plain BN)'),

@@ -61,7 +61,8 @@ def test_cli_keeps_the_class_count_hint_in_its_one_line(tmp_path, capsys):
   assert len(err) == 1, err
   assert ('2 variable(s) with another shape, e.g. resnet_v1_tiny/logits/biases  model (1000,), checkpoint (10,)'
           in err[0])
-  assert err[0].endswith('hint: the checkpoint has 10 classes, the model 1000; use num_classes=10')
+  assert err[0].endswith('hint: the checkpoint has 10 classes, the model 1000; use num_classes=10 '
+                         '(--config.num_classes=10 for train.py / eval.py)')
   with pytest.raises(slim.SlimCheckpointError, match=r'(?s)does not fit.*\n.*logits/weights'):
     slim_cli.main(['convert', '--checkpoint', V1_CKPT, '--model', 'resnet_v1_tiny', '--workdir', str(tmp_path),
                    '--image_size', '32', '--traceback'])
@@ -89,7 +90,8 @@ def test_fine_tuning_keeps_backbone_and_replaces_head():
   # Evaluating (no new head): slim's own error, which names the checkpoint's class count.
   with pytest.raises(slim.SlimCheckpointError) as error:
     pretrained.load_for_model('slim:' + V1_CKPT, model, reference, IMAGE_SHAPE, allow_new_head=False)
-  assert error.value.summary.endswith('hint: the checkpoint has 10 classes, the model 5; use num_classes=10')
+  assert error.value.summary.endswith('hint: the checkpoint has 10 classes, the model 5; use num_classes=10 '
+                                      '(--config.num_classes=10 for train.py / eval.py)')
 
 
 def test_train_from_init_checkpoint(tmp_path):

@@ -227,7 +227,8 @@ def _hints(model: Any, found, missing, misshaped, unexpected) -> list[str]:
     scopes = sorted({name.split('/', 1)[0] for name in found if '/' in name})
     hints.append(f'the checkpoint has no variable under {scope + "/"!r}; its variables are under '
                  f'{", ".join(repr(s) for s in scopes[:5]) or "no scope"}: build the model that '
-                 'matches the checkpoint (models.get_model(<that scope>, ...))')
+                 "matches the checkpoint (models.get_model('<that scope>', ...); train.py / eval.py: "
+                 '--config.model=<that scope>)')
     return hints
   logits = names.slim_name(scope, ('logits', 'weights'))
   for name, ours, theirs in misshaped:
@@ -238,7 +239,7 @@ def _hints(model: Any, found, missing, misshaped, unexpected) -> list[str]:
         hint += ": slim's ResNet v2 checkpoints include a background class 0"
       elif classes + 1 == ours[-1]:
         hint += ": slim's ResNet v1 checkpoints have no background class"
-      hints.append(f'{hint}; use num_classes={classes}')
+      hints.append(f'{hint}; use num_classes={classes} (--config.num_classes={classes} for train.py / eval.py)')
   if any(name == logits for name, _ in missing):
     hints.append('the checkpoint has no logits layer; load it into a num_classes=None model and '
                  "add a new logits layer's variables from model.init")

@@ -163,8 +163,11 @@ def resolve_prefix(path: str) -> str:
   if os.path.isdir(path):
     state = os.path.join(path, STATE_FILENAME)
     if not os.path.isfile(state):
+      if any(os.path.isfile(os.path.join(path, *name)) for name in _ORBAX_FILES):
+        raise FileNotFoundError(f'{path} is an orbax checkpoint (this package\'s own), not a TF one: pass it without '
+                                'the slim: prefix.')
       raise FileNotFoundError(f'{path}: directory has no {STATE_FILENAME!r} state file; pass '
-                              'the checkpoint prefix instead (e.g. dir/model.ckpt)')
+                              f'the checkpoint prefix instead ({_prefixes_in(path)})')
     prefix = os.path.join(path, _latest_from_state(state))
     if not os.path.isfile(prefix + '.index'):
       raise FileNotFoundError(f'{state} names checkpoint {prefix}, but {prefix}.index does '
@@ -179,8 +182,25 @@ def resolve_prefix(path: str) -> str:
     if re.search(r'\.data-\d{5}-of-\d{5}$', path):
       raise FileNotFoundError(f'{path}: pass the checkpoint prefix (without .data-...), and '
                               'keep the .index file beside it')
-    raise FileNotFoundError(f'{path}: no checkpoint here ({path}.index does not exist)')
+    raise FileNotFoundError(f'{path}: no checkpoint here ({path}.index does not exist; '
+                            f'{_prefixes_in(os.path.dirname(path) or ".")})')
   return path
+
+
+# Files that mark an orbax checkpoint directory: a manager's step, its item, a bare item.
+_ORBAX_FILES = (('_CHECKPOINT_METADATA',), ('default', '_METADATA'), ('_METADATA',))
+
+
+def _prefixes_in(directory: str) -> str:
+  """'prefixes there: a, b' (the checkpoints whose .index is in `directory`), or 'none there'."""
+  try:
+    prefixes = sorted(name[:-len('.index')] for name in os.listdir(directory) if name.endswith('.index'))
+  except OSError:
+    return f'{directory} cannot be listed'
+  if not prefixes:
+    return f'no *.index file in {directory}'
+  return 'prefixes there: ' + ', '.join(os.path.join(directory, name) for name in prefixes[:5]) + (
+      ' ...' if len(prefixes) > 5 else '')
 
 
 def _latest_from_state(state: str) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from resnet_flax import checkpoints, slim
 from resnet_flax.metrics_writer import flat_fields
@@ -40,13 +41,15 @@ def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_he
 
 
 def fit_variables(loaded: dict[str, Any], reference: dict[str, Any], *, allow_new_head: bool,
-                  source: str) -> tuple[dict[str, Any], list[str]]:
+                  source: str, epsilon: float = 0.0) -> tuple[dict[str, Any], list[str]]:
   """`reference`'s tree with every leaf taken from `loaded`; returns it and the leaves kept fresh.
 
-  Only the `logits` layer may be missing or mis-shaped, and only when `allow_new_head`
+  BatchNorm state the checkpoint's run did not keep (zero-debias, renorm averages) is filled
+  as for TF-Slim checkpoints (`checkpoint_import.absent_statistic`, `epsilon` the model's BN
+  epsilon). Only the `logits` layer may be missing or mis-shaped, and only when `allow_new_head`
   (fine-tuning to another class count); anything else is listed in one error.
   """
-  fitted, fresh, problems = {}, [], []
+  fitted, fresh, problems, filled = {}, [], [], []
   for collection in ('params', 'batch_stats'):
     have = names.flatten(loaded.get(collection, {}))
     wanted = names.flatten(reference.get(collection, {}))
@@ -54,8 +57,15 @@ def fit_variables(loaded: dict[str, Any], reference: dict[str, Any], *, allow_ne
     leaves = {}
     for path, want in wanted.items():
       got = have.get(path)
+      absent = None
+      if got is None and collection == 'batch_stats':
+        layer = {other[-1]: value for other, value in have.items() if other[:-1] == path[:-1]}
+        absent = checkpoint_import.absent_statistic(path[-1], layer, tuple(want.shape), epsilon)
       if got is not None and tuple(np.shape(got)) == tuple(want.shape):
         leaves[path] = np.asarray(got, dtype=want.dtype)
+      elif absent is not None:
+        leaves[path] = absent.astype(want.dtype)
+        filled.append('/'.join(path))
       elif allow_new_head and path[0] == HEAD:
         leaves[path] = want
         fresh.append('/'.join(path))
@@ -68,6 +78,9 @@ def fit_variables(loaded: dict[str, Any], reference: dict[str, Any], *, allow_ne
     raise checkpoints.StateMismatchError(f'{source} does not fit the model ({len(problems)} variables). '
                                          f'{_fix(loaded, reference, source)} What differs: '
                                          + '; '.join(problems[:6]) + (' ...' if len(problems) > 6 else '.'))
+  if filled:
+    logging.info('%s: %d BatchNorm statistics its run did not keep (e.g. %s) start as TF would start them: '
+                 'zero-debias state at 0, renorm averages at the moving statistics.', source, len(filled), filled[0])
   return fitted, fresh
 
 
@@ -136,5 +149,6 @@ def load_for_model(spec: str, model: Any, reference: dict[str, Any], image_shape
   """
   loaded = _read(spec, model, image_shape, allow_new_head)
   step = int(np.asarray(jax.device_get(loaded.pop('step', 0))))
-  fitted, fresh = fit_variables(loaded, reference, allow_new_head=allow_new_head, source=spec)
+  fitted, fresh = fit_variables(loaded, reference, allow_new_head=allow_new_head, source=spec,
+                                epsilon=checkpoint_import.batch_norm_epsilon(model))
   return fitted, step, fresh

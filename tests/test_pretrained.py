@@ -203,3 +203,26 @@ def test_another_class_count_names_num_classes_as_the_fix():
   features = _leaves(params__unit_1__conv__weights=np.ones(2))  # a feature extractor leaves the head out
   pretrained.fit_variables({**saved, 'params': {**saved['params'], 'unit_1': {'conv': {'weights': np.ones(2)}}}},
                            features, allow_new_head=False, source='ckpt')
+
+
+def test_statistics_a_checkpoint_lacks_are_filled_alike_from_orbax_and_tf_slim(tmp_path):
+  # Fine-tuning one's own checkpoint with zero-debias or renorm switched on: the orbax path had
+  # refused the state its run never kept, where the TF-Slim path fills it as TF would.
+  plain = models.get_model('resnet_v1_tiny', num_classes=10)
+  rng = np.random.default_rng(0)
+  variables = jax.tree_util.tree_map(lambda v: rng.uniform(0.5, 1.5, v.shape).astype(np.float32),
+                                     plain.init(jax.random.PRNGKey(0), np.zeros((1, *IMAGE_SHAPE)), train=False))
+  checkpoints.save_tree(str(tmp_path / 'orbax'), variables)
+  prefix = slim.save_slim_checkpoint(str(tmp_path / 'slim' / 'model.ckpt'), variables, plain, image_shape=IMAGE_SHAPE)
+  for options in ({'batch_norm_zero_debias_moving_mean': True}, {'batch_norm_renorm': True}):
+    model = models.get_model('resnet_v1_tiny', num_classes=10, **options)
+    from_orbax, _, _ = pretrained.load_for_model(str(tmp_path / 'orbax'), model, _reference(model), IMAGE_SHAPE)
+    from_slim, _, _ = pretrained.load_for_model('slim:' + prefix, model, _reference(model), IMAGE_SHAPE)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, from_orbax, from_slim)
+    layer = from_orbax['batch_stats']['conv1']['BatchNorm']
+    original = variables['batch_stats']['conv1']['BatchNorm']
+    if 'renorm_stddev' in layer:  # the renorm averages start at the moving statistics
+      np.testing.assert_allclose(layer['renorm_stddev'], np.sqrt(original['moving_variance'] + 1e-5), rtol=1e-6)
+      np.testing.assert_array_equal(layer['renorm_mean'], original['moving_mean'])
+    else:  # zero-debias state starts at 0, as TF creates it beside a restored moving mean
+      assert not np.any(layer['moving_mean_biased']) and not np.any(layer['moving_mean_local_step'])

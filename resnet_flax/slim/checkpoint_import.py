@@ -13,7 +13,7 @@ have) is ignored. What does not fit is reported all at once in a `SlimCheckpoint
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,29 @@ _ZERO_START_GROUPS = (('moving_mean_biased', 'moving_mean_local_step'),
 # statistics, as if they had always tracked them (stddev = sqrt(variance + epsilon)).
 _RENORM_FROM_MOVING = {'renorm_mean': 'moving_mean', 'renorm_stddev': 'moving_variance',
                        'moving_stddev': 'moving_variance'}
+
+
+def batch_norm_epsilon(model: Any) -> float:
+  """The epsilon of a ResNet's BatchNorm layers (its arg scope's), 0 for other modules."""
+  return float(dict(model.arg_scope.batch_norm).get('epsilon', 0.0)) if hasattr(model, 'arg_scope') else 0.0
+
+
+def absent_statistic(leaf: str, layer: Mapping[str, np.ndarray], shape: tuple[int, ...], epsilon: float
+                     ) -> Optional[np.ndarray]:
+  """The value of BatchNorm state `leaf` that a checkpoint lacks, from the rest of its layer's
+  state `layer` (leaf name -> value), as `load_variables` fills it for TF-Slim checkpoints:
+  zero-debias and schedule state at 0 when its whole group is absent, renorm averages from the
+  moving statistics; None when it cannot be filled."""
+  group = next((g for g in _ZERO_START_GROUPS if leaf in g), None)
+  if group is not None and not any(name in layer for name in group):
+    return np.zeros(shape, np.float32)
+  source = _RENORM_FROM_MOVING.get(leaf)
+  if source is None or source not in layer:
+    return None
+  value = np.asarray(layer[source], np.float32)
+  return value if leaf == 'renorm_mean' else np.sqrt(value + epsilon).astype(np.float32)
+
+
 # BatchNorm state a model without zero-debias or renorm does without (its moving mean and
 # variance hold the statistics), so a checkpoint's copy of it may be left out.
 OPTIONAL_STATISTICS = frozenset({*(name for group in _ZERO_START_GROUPS for name in group), *_RENORM_FROM_MOVING})
@@ -114,7 +137,7 @@ def load_variables(path: str | os.PathLike, model: Any, *,
   plan, filled = _plan(expected, found, scope, reader, model)
 
   out: dict[str, dict] = {PARAMS: {}, BATCH_STATS: {}}
-  epsilon = float(dict(model.arg_scope.batch_norm).get('epsilon', 0.0)) if hasattr(model, 'arg_scope') else 0.0
+  epsilon = batch_norm_epsilon(model)
   for collection, leaves in expected.items():
     for path, spec in leaves.items():
       name = plan[collection][path]

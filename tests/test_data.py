@@ -1,8 +1,10 @@
 """Input pipelines: splits, determinism and exact resume, sharding, padding, CIFAR-10 files
-(and refusing malicious ones), synthetic data, prefetching, config errors, and image folder
-trees that cannot train (symlink loops, one class, batches of unreadable files).
+(and refusing malicious ones), synthetic data, prefetching, config
+errors, and image folder trees that cannot train (symlink loops, one class, batches of
+unreadable files).
 
-Image folders and their preprocessing are tested in test_preprocessing.py."""
+Image folders and their preprocessing are tested in test_preprocessing.py, config.data.dir
+mistakes in test_data_dir.py."""
 
 import gc
 import io
@@ -322,6 +324,12 @@ def test_unknown_split_and_bad_sharding():
     data.build(DIGITS, 'train', batch_size=4, seed=0, process_index=2, process_count=2)
   with pytest.raises(data.DataError, match='start_step'):
     data.build(DIGITS, 'train', batch_size=4, seed=0).train_batches(-1)
+
+
+def test_a_negative_seed_names_config_seed():
+  with pytest.raises(data.DataError, match=r'^config.seed must be a non-negative integer, got -1; set config.seed '
+                                           r'to 0 or more\.$'):
+    data.build(DIGITS, 'train', batch_size=4, seed=-1)
 
 
 def test_labels_out_of_range_are_refused():

@@ -16,6 +16,7 @@ import numpy as np
 from resnet_flax.data import augment, safe_pickle
 from resnet_flax.data.array_loader import ArrayLoader
 from resnet_flax.data.errors import DataError
+from resnet_flax.data.data_dir import data_directory
 from resnet_flax.data.pipeline import Source
 
 NATIVE_SIZE = 32
@@ -28,7 +29,8 @@ MEAN = np.array([0.49139968, 0.48215841, 0.44653091], np.float32)
 STD = np.array([0.24703223, 0.24348513, 0.26158784], np.float32)
 # The standard CIFAR augmentation: 4-pixel zero padding, random 32x32 crop, random mirror.
 _CROP_PADDING = 4
-_EXPECTED = 'the extracted cifar-10-batches-py directory (data_batch_1..5, test_batch) of cifar-10-python.tar.gz'
+BATCHES_DIR = 'cifar-10-batches-py'
+_EXPECTED = f'the extracted {BATCHES_DIR} directory (data_batch_1..5, test_batch) of cifar-10-python.tar.gz'
 
 
 def _field(batch: dict, key: str) -> Any:
@@ -57,12 +59,29 @@ def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
   return np.ascontiguousarray(images), np.asarray(labels, np.int32)
 
 
+def _archive_fix(archive: str, stem: str) -> str:
+  # cifar-10-python.tar.gz unpacks to cifar-10-batches-py/ next to it, whatever the archive is called.
+  parent = os.path.dirname(archive) or '.'
+  command = f'unzip {archive} -d {parent}' if archive.lower().endswith('.zip') else f'tar xf {archive} -C {parent}'
+  return f'extract it first ({command}) and set config.data.dir to {os.path.join(parent, BATCHES_DIR)}.'
+
+
+def _check_not_parent(directory: str) -> None:
+  """Refuses the directory that holds cifar-10-batches-py/ rather than being it, naming the one to pass."""
+  inner = os.path.join(directory, BATCHES_DIR)
+  has_batches = any(os.path.isfile(os.path.join(directory, name)) for names in FILES.values() for name in names)
+  # Not used silently: a dir that merely contains the data may be a mistake the user should see.
+  if not has_batches and os.path.isdir(inner):
+    raise DataError(f'config.data.dir={directory!r} holds {BATCHES_DIR}/ but no CIFAR-10 batch files; '
+                    f'set config.data.dir to {inner}.')
+
+
 def read_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """All images and labels of `split` ('train', 'test' or 'validation' = 'test')."""
+  """All images and labels of `split` ('train', 'test' or 'validation' = 'test'); `~` in `directory` is expanded."""
   if split not in SPLITS:
     raise DataError(f'cifar10 has no split {split!r}; use one of {sorted(SPLITS)}.')
-  if not directory or not os.path.isdir(directory):
-    raise DataError(f'cifar10 directory {directory!r} does not exist; set config.data.dir to {_EXPECTED}.')
+  directory = data_directory(directory, _EXPECTED, _archive_fix)
+  _check_not_parent(directory)
   parts = [read_batch(os.path.join(directory, name)) for name in FILES[SPLITS[split]]]
   return np.concatenate([images for images, _ in parts]), np.concatenate([labels for _, labels in parts])
 

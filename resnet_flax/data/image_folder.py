@@ -22,6 +22,7 @@ import numpy as np
 from resnet_flax.data import inception_preprocessing, vgg_preprocessing
 from resnet_flax.data.errors import DataError
 from resnet_flax.data.image_decode import decode_into_slot, values_dtype
+from resnet_flax.data.data_dir import data_directory
 from resnet_flax.data.pipeline import Loaded, Pending, Source
 from resnet_flax.data.preprocessing import Preprocessing
 from resnet_flax.data.worker_processes import ProcessLoader
@@ -31,6 +32,7 @@ PREPROCESSINGS = ('vgg', 'inception')
 ON_BAD_IMAGE = ('error', 'skip')
 # Directory names tried for a split, in order: ImageNet-style trees call validation 'val'.
 _SPLIT_DIRS = {'validation': ('validation', 'val'), 'val': ('val', 'validation'), 'test': ('test', 'val')}
+_EXPECTED = 'the ImageFolder root: a directory holding train/ and val/, each with one folder of images per class'
 
 
 def get_preprocessing(name: str, image_size: int, *, color_distortion: bool = False) -> Preprocessing:
@@ -42,6 +44,11 @@ def get_preprocessing(name: str, image_size: int, *, color_distortion: bool = Fa
   if name == 'inception':
     return inception_preprocessing.preprocessing(image_size, color_distortion=color_distortion)
   raise DataError(f'preprocessing {name!r} is unknown for image folders; use one of {PREPROCESSINGS}.')
+
+
+def _archive_fix(archive: str, stem: str) -> str:
+  return (f'extract it first (e.g. into {stem}) and set config.data.dir to the extracted directory that holds '
+          f'train/ and val/ with one folder of images per class.')
 
 
 def split_directory(root: str, split: str) -> str:
@@ -173,16 +180,14 @@ def build_source(root: str, split: str, *, preprocessing: str, image_size: int, 
   processes with `worker_processes` (for many cores: threads share one GIL; see
   `worker_processes.py`). Both give the same batches.
 
-  Without `augment_train`, training batches get the deterministic eval preprocessing.
+  Without `augment_train`, training batches get the deterministic eval preprocessing; `~` in `root` is expanded.
   """
   if on_bad_image not in ON_BAD_IMAGE:
     raise DataError(f'on_bad_image {on_bad_image!r} is unknown; use one of {ON_BAD_IMAGE}.')
   if label_offset < 0:
     raise DataError(f'label_offset must be >= 0, got {label_offset}.')
   chosen = get_preprocessing(preprocessing, image_size, color_distortion=color_distortion)
-  if not root or not os.path.isdir(root):
-    raise DataError(f'image folder root {root!r} does not exist; set config.data.dir to a directory with '
-                    f'train/ and val/ subdirectories of class folders.')
+  root = data_directory(root, _EXPECTED, _archive_fix)
   # Labels are the training split's class indices, whichever split this is (a tree with
   # only a validation split, to evaluate a converted checkpoint, has its own).
   directory = split_directory(root, split)

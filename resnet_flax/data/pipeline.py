@@ -138,7 +138,7 @@ class Dataset:
     if self.batch_size < 1:
       raise DataError(f'batch_size must be >= 1, got {self.batch_size}.')
     if self.seed < 0:
-      raise DataError(f'seed must be a non-negative integer, got {self.seed}.')
+      raise DataError(f'config.seed must be a non-negative integer, got {self.seed}; set config.seed to 0 or more.')
     if not 0 <= self.process_index < self.process_count:
       raise DataError(f'process_index {self.process_index} is not in [0, process_count={self.process_count}).')
 

@@ -1,0 +1,49 @@
+"""`config.data.dir` checked before a source reads it: set, a directory (`~` expanded), not an
+archive passed in its place; each mistake one line naming what to pass instead."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import zipfile
+from typing import Callable, Optional, Union
+
+from resnet_flax.data.errors import DataError
+
+ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar.bz2', '.tbz2', '.tar.xz', '.txz', '.tar', '.zip')
+
+
+def archive_stem(path: str) -> Optional[str]:
+  """`path` without its archive suffix (`x/imagenet.tar.gz` -> `x/imagenet`) if it is a tar or zip file, else None."""
+  suffix = next((suffix for suffix in ARCHIVE_SUFFIXES if path.lower().endswith(suffix)), None)
+  if suffix is not None:
+    return path[:-len(suffix)]
+  try:  # A renamed archive is still one.
+    is_archive = zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+  except OSError:
+    is_archive = False
+  return os.path.splitext(path)[0] if is_archive else None
+
+
+def data_directory(path: Union[str, os.PathLike, None], expected: str,
+                   archive_fix: Callable[[str, str], str]) -> str:
+  """`path` (config.data.dir) with `~` expanded, once it is known to be a directory.
+
+  Otherwise a one-line DataError: `expected` says what the directory must be, and
+  `archive_fix(archive, stem)` what to do with an archive passed in its place.
+  """
+  if path is None or not str(path).strip():
+    raise DataError(f'config.data.dir is not set; set it to {expected}.')
+  # A quoted '--config.data.dir=~/data' reaches us unexpanded by the shell.
+  directory = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(directory):
+    return directory
+  if os.path.isfile(directory):
+    stem = archive_stem(directory)
+    if stem is not None:
+      raise DataError(f'config.data.dir={directory!r} is an archive file, not a directory; '
+                      f'{archive_fix(directory, stem)}')
+    raise DataError(f'config.data.dir={directory!r} is a file, not a directory; set it to {expected}.')
+  if os.path.exists(directory):
+    raise DataError(f'config.data.dir={directory!r} is not a directory; set it to {expected}.')
+  raise DataError(f'config.data.dir={directory!r} does not exist; set it to {expected}.')

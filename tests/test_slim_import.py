@@ -367,6 +367,16 @@ def test_renorm_and_variance_debias_state_round_trip(tmp_path):
   assert f'{bn}/{bn}/moving_variance/local_step' in exported and f'{bn}/{bn}/moving_variance/biased' in exported
 
 
+@pytest.mark.parametrize('model_name, image_shape', [('resnet_v1_digits', (8, 8, 1)), ('resnet_v2_tiny', (32, 32, 1))])
+def test_a_one_channel_model_exports_without_being_told_its_input(tmp_path, model_name, image_shape):
+  # The variables say how many channels the image has; the 3-channel default had failed with
+  # "shape (1, 1, 1, 64), model (1, 1, 3, 64)" and no hint.
+  model = model_for(model_name, num_classes=10)
+  variables = model.init(jax.random.PRNGKey(0), np.zeros((1, *image_shape)), train=False)
+  prefix = slim.save_slim_checkpoint(str(tmp_path / 'model.ckpt'), variables, model)
+  assert_tree_equal(slim.load_variables(prefix, model, image_shape=image_shape), variables)
+
+
 @pytest.mark.parametrize('damage', ['truncated_data', 'flipped_byte', 'truncated_index'])
 def test_damaged_checkpoint_names_the_file(damage, tmp_path):
   prefix = copy_checkpoint('v1_tiny_10', tmp_path)

@@ -461,6 +461,22 @@ def test_a_validation_split_with_one_class_present_keeps_the_training_classes(tm
   assert ds.num_classes == 2 and set(ds.source.labels.tolist()) == {1}
 
 
+def test_images_in_every_format_torchvision_lists_are_read_and_other_files_are_not(tmp_path):
+  # .bmp and .webp files had been left out without a word.
+  directory = tmp_path / 'train' / 'a'
+  _image_tree(tmp_path, classes=('b',))
+  directory.mkdir(parents=True)
+  pixels = np.full((20, 24, 3), 90, np.uint8)
+  for extension in ('jpg', 'JPEG', 'png', 'ppm', 'bmp', 'tif', 'tiff', 'webp'):
+    Image.fromarray(pixels).save(directory / f'x.{extension}')
+  Image.fromarray(pixels[..., 0]).save(directory / 'x.pgm')
+  (directory / 'labels.txt').write_text('not an image')
+  dataset = data.build(_folder(tmp_path), 'train', batch_size=4, seed=0)
+  assert dataset.num_examples == 9 + 4
+  batches = list(dataset.eval_batches())  # every file decoded: an unreadable one would raise
+  assert sum(int(batch['mask'].sum()) for batch in batches) == 13
+
+
 def test_a_skipped_file_is_one_warning_line_without_the_skip_advice(tmp_path):
   root = _image_tree(tmp_path)
   (root / 'train' / 'a' / 'broken.jpg').write_bytes(b'not a jpeg')

@@ -27,7 +27,8 @@ from resnet_flax.data.pipeline import Loaded, Pending, Source
 from resnet_flax.data.preprocessing import Preprocessing
 from resnet_flax.data.worker_processes import ProcessLoader
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+# torchvision's ImageFolder list: Pillow decodes them all (slim's own pipelines read JPEG and PNG).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 PREPROCESSINGS = ('vgg', 'inception')
 ON_BAD_IMAGE = ('error', 'skip')
 # Directory names tried for a split, in order: ImageNet-style trees call validation 'val'.

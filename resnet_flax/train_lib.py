@@ -140,6 +140,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             subdirectories=('checkpoints', 'tensorboard'))
   checkpointer = checkpoints.Checkpointer(checkpoint_dir, config.keep_checkpoints, config.async_checkpointing)
   progress = ProgressBar(config.num_train_steps, enabled=is_chief)
+  if config.batch_size > train_ds.num_examples:
+    progress.message(f'warning: config.batch_size={config.batch_size} is more than the {train_ds.num_examples} '
+                     'training examples, so every batch holds some of them more than once (and BatchNorm\'s '
+                     'statistics count each copy); lower config.batch_size unless that is meant.')
   # The device count with the config: per-device BN statistics and ghost batches depend on it.
   run_record = {**config.to_dict(), 'device_count': jax.device_count()}
   try:

@@ -173,6 +173,17 @@ def test_two_examples_per_statistics_group_are_enough():
   model_builder.check_statistics_groups(config, 8)
 
 
+def test_a_batch_larger_than_the_training_split_is_warned_of(tmp_path, capsys):
+  # It trains (every batch repeats examples), but BatchNorm's statistics then count repeats.
+  config = tiny_config(1)
+  config.data.update(name='synthetic', image_size=8, channels=1, num_classes=10, num_examples=12)
+  config.batch_size = 16
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert ('warning: config.batch_size=16 is more than the 12 training examples, so every batch holds some of '
+          "them more than once (and BatchNorm's statistics count each copy); lower config.batch_size unless that "
+          'is meant.') in capsys.readouterr().out
+
+
 def test_frozen_bn_trains_and_evaluates_at_batch_one(tmp_path):
   # Frozen statistics make a batch of one legitimate; eval_batch_size=1 used to crash in
   # the metrics (gathers with no inferable sharding).

@@ -244,7 +244,7 @@ def check_workdir(workdir: str, needed_bytes: int, subdirectories: tuple[str, ..
                           f'{_size(needed_bytes)} more; free disk space or lower config.keep_checkpoints.')
 
 
-def _is_checkpoint(path: str) -> bool:
+def is_checkpoint(path: str) -> bool:
   """Whether `path` is an orbax checkpoint: a manager's `<step>` directory or a bare item."""
   return any(os.path.isfile(os.path.join(path, *name)) for name in
              (('_CHECKPOINT_METADATA',), ('default', '_METADATA'), ('_METADATA',)))
@@ -255,17 +255,22 @@ def check_not_a_checkpoint(workdir: str) -> None:
   started there would write a run of its own inside the saved one (whose next start then
   sets that checkpoint aside as damaged), and an evaluation would find nothing."""
   path = os.path.abspath(workdir)
+  if os.path.basename(path) == 'default' and is_checkpoint(os.path.dirname(path)):
+    path = os.path.dirname(path)  # a manager step's item: the step is what to name
   newest = latest_step_in(path)
-  if _is_checkpoint(path):
-    run, what = os.path.dirname(os.path.dirname(path)), 'a checkpoint'
-  elif newest is not None and _is_checkpoint(os.path.join(path, str(newest))):
-    run, what = os.path.dirname(path), "a workdir's checkpoints/ folder"
-    path = os.path.join(path, str(newest))
+  if is_checkpoint(path):
+    what, checkpoint = 'a checkpoint', path
+  elif newest is not None and is_checkpoint(os.path.join(path, str(newest))):
+    what, checkpoint = "a workdir's checkpoints/ folder", os.path.join(path, str(newest))
   else:
     return
-  raise CheckpointError(f'--workdir {os.path.abspath(workdir)} is {what}, not a workdir: pass --workdir={run} '
-                        '(train.py resumes it, eval.py takes its newest checkpoint), or name a checkpoint itself: '
-                        f'eval.py --checkpoint={path}, train.py --config.init_checkpoint={path}.')
+  steps = os.path.dirname(checkpoint)
+  # Only a step of a workdir's checkpoints/ has a workdir above it (not a converted `variables`).
+  workdir_hint = (f'pass --workdir={os.path.dirname(steps)} (train.py resumes it, eval.py takes its newest '
+                  'checkpoint), or ' if os.path.basename(steps) == 'checkpoints' else '')
+  raise CheckpointError(f'--workdir {os.path.abspath(workdir)} is {what}, not a workdir: {workdir_hint}name the '
+                        f'checkpoint itself: eval.py --checkpoint={checkpoint}, train.py '
+                        f'--config.init_checkpoint={checkpoint}.')
 
 
 def committed_steps(directory: str) -> list[int]:

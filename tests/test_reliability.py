@@ -162,16 +162,16 @@ def test_resuming_with_another_class_count_is_one_error_naming_the_shapes_withou
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
 
 
-@pytest.mark.parametrize('inside', ['checkpoints/2', 'checkpoints'])
+@pytest.mark.parametrize('inside', ['checkpoints/2', 'checkpoints/2/default', 'checkpoints'])
 def test_a_workdir_that_is_a_checkpoint_is_refused_and_the_checkpoint_left_alone(tmp_path, inside):
   # Trained there, a new run had written its own checkpoints into the saved one; the real
   # run's next start then set that step aside as damaged.
   run = tmp_path / 'run'
   train_lib.train_and_evaluate(tiny_config(2), str(run))
   saved = sorted(os.listdir(run / 'checkpoints' / '2'))
-  what = 'a checkpoint' if inside == 'checkpoints/2' else "a workdir's checkpoints/ folder"
-  expected = (f'--workdir {run / inside} is {what}, not a workdir: pass --workdir={run} '
-              f'(train.py resumes it, eval.py takes its newest checkpoint), or name a checkpoint itself: eval.py '
+  what = "a workdir's checkpoints/ folder" if inside == 'checkpoints' else 'a checkpoint'
+  expected = (f'--workdir {run / inside} is {what}, not a workdir: pass --workdir={run} (train.py resumes it, '
+              f'eval.py takes its newest checkpoint), or name the checkpoint itself: eval.py '
               f'--checkpoint={run}/checkpoints/2, train.py --config.init_checkpoint={run}/checkpoints/2.')
   with pytest.raises(checkpoints.CheckpointError) as error:
     train_lib.train_and_evaluate(tiny_config(4), str(run / inside))
@@ -180,6 +180,16 @@ def test_a_workdir_that_is_a_checkpoint_is_refused_and_the_checkpoint_left_alone
     eval_lib.evaluate(tiny_config(4), str(run / inside))
   assert str(error.value) == expected
   assert sorted(os.listdir(run / 'checkpoints' / '2')) == saved and sorted(os.listdir(run / 'checkpoints')) == ['2']
+
+
+def test_a_converted_checkpoint_as_workdir_names_no_workdir_above_it(tmp_path):
+  # What `slim convert` writes, a bare item: the directory above it is no run to resume.
+  variables = tmp_path / 'converted' / 'variables'
+  checkpoints.save_tree(str(variables), {'params': {'w': np.zeros(2, np.float32)}})
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    train_lib.train_and_evaluate(tiny_config(2), str(variables))
+  assert str(error.value) == (f'--workdir {variables} is a checkpoint, not a workdir: name the checkpoint itself: '
+                              f'eval.py --checkpoint={variables}, train.py --config.init_checkpoint={variables}.')
 
 
 def test_resuming_with_another_optimizer_names_where_the_state_differs(tmp_path):

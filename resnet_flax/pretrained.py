@@ -27,6 +27,9 @@ def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_he
     if not path.strip():
       raise checkpoints.CheckpointError(f'{spec!r} names no checkpoint; give slim:PATH, PATH a TF-Slim checkpoint '
                                         'prefix (.../model.ckpt) or its directory.')
+    if checkpoints.is_checkpoint(path):
+      raise checkpoints.CheckpointError(f'{path} is an orbax checkpoint (this package\'s own), not a TF one: pass it '
+                                        f'without the {SLIM_PREFIX} prefix.')
     try:
       return slim.load_variables(path, model, image_shape=image_shape)
     except slim.SlimCheckpointError:
@@ -41,7 +44,7 @@ def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_he
 
 
 def fit_variables(loaded: dict[str, Any], reference: dict[str, Any], *, allow_new_head: bool,
-                  source: str, epsilon: float = 0.0) -> tuple[dict[str, Any], list[str]]:
+                  source: str, epsilon: float) -> tuple[dict[str, Any], list[str]]:
   """`reference`'s tree with every leaf taken from `loaded`; returns it and the leaves kept fresh.
 
   BatchNorm state the checkpoint's run did not keep (zero-debias, renorm averages) is filled
@@ -125,10 +128,11 @@ def _fix(loaded: dict[str, Any], reference: dict[str, Any], source: str) -> str:
 
 
 def _recorded_config(source: str) -> str:
-  """The model-shaping fields of the config.json of the run that wrote an orbax checkpoint
-  `<workdir>/checkpoints/<step>`, as 'model=..., ...'; empty if there is none."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(source))), 'config.json')
-  if source.startswith(SLIM_PREFIX) or not os.path.isfile(path):
+  """The model-shaping fields that the run which wrote the orbax checkpoint `<workdir>/
+  checkpoints/<step>` recorded in `<workdir>/config.json`, as flags; empty if there is none."""
+  steps = os.path.dirname(os.path.abspath(source))
+  path = os.path.join(os.path.dirname(steps), 'config.json')
+  if source.startswith(SLIM_PREFIX) or os.path.basename(steps) != 'checkpoints' or not os.path.isfile(path):
     return ''
   try:
     with open(path, encoding='utf-8') as file:
@@ -137,7 +141,14 @@ def _recorded_config(source: str) -> str:
     return ''
   shaping = ('model', 'num_classes', 'model_options.block_sizes', 'data.name', 'bn.center', 'bn.scale',
              'bn.zero_debias_moving_mean', 'bn.renorm')
-  return ', '.join(f'{name}={fields[name]!r}' for name in shaping if name in fields)
+  return ' '.join(f'--config.{name}={_as_flag(fields[name])}' for name in shaping if fields.get(name) is not None)
+
+
+def _as_flag(value: Any) -> str:
+  """A config.json value as a command line writes it: JSON's lists as tuples, no spaces."""
+  if isinstance(value, list):
+    return '(' + ','.join(_as_flag(item) for item in value) + (',)' if len(value) == 1 else ')')
+  return str(value)
 
 
 def load_for_model(spec: str, model: Any, reference: dict[str, Any], image_shape: tuple[int, int, int], *,

@@ -9,6 +9,7 @@ import pytest
 from configs import default
 from resnet_flax import checkpoints, eval_lib, models, pretrained, slim, train_lib
 from resnet_flax.slim import __main__ as slim_cli
+from test_train import SMALL_BLOCKS, tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'slim_ckpt')
 V1_CKPT = os.path.join(FIXTURES, 'v1_tiny_10', 'model.ckpt')
@@ -181,17 +182,17 @@ def test_checkpoint_leaves_the_model_would_drop_are_refused_when_they_matter():
   exact = _leaves(params__unit_1__conv__weights=np.ones(2), batch_stats__unit_1__bn__moving_mean=np.zeros(2),
                   params__unit_1__bn__gamma=np.ones(2), params__unit_1__bn__beta=np.zeros(2),  # identities
                   batch_stats__unit_1__bn__moving_mean_biased=np.zeros(2))  # zero-debias state: optional
-  pretrained.fit_variables(exact, model, allow_new_head=False, source='ckpt')
+  pretrained.fit_variables(exact, model, allow_new_head=False, source='ckpt', epsilon=1e-5)
   scaled = {**exact, 'params': {'unit_1': {**exact['params']['unit_1'], 'bn': {'gamma': np.full(2, 0.5)}}}}
   with pytest.raises(checkpoints.CheckpointError, match=r'params/unit_1/bn/gamma: in the checkpoint, not in the '
                                                         r'model \(build it with config.bn.scale=True\)'):
-    pretrained.fit_variables(scaled, model, allow_new_head=False, source='ckpt')
+    pretrained.fit_variables(scaled, model, allow_new_head=False, source='ckpt', epsilon=1e-5)
   # A deeper network's extra unit had been dropped without a word, its first units loaded.
   deeper = _leaves(params__unit_1__conv__weights=np.ones(2), batch_stats__unit_1__bn__moving_mean=np.zeros(2),
                    params__unit_2__conv__weights=np.ones(2))
   with pytest.raises(checkpoints.CheckpointError, match='params/unit_2/conv/weights: in the checkpoint, not in '
                                                         'the model'):
-    pretrained.fit_variables(deeper, model, allow_new_head=False, source='ckpt')
+    pretrained.fit_variables(deeper, model, allow_new_head=False, source='ckpt', epsilon=1e-5)
 
 
 def test_another_class_count_names_num_classes_as_the_fix():
@@ -199,10 +200,10 @@ def test_another_class_count_names_num_classes_as_the_fix():
   saved = _leaves(params__logits__weights=np.ones((4, 10)), params__logits__biases=np.ones(10))
   with pytest.raises(checkpoints.CheckpointError, match=r'The checkpoint has 10 classes, the model 12: set '
                                                         r'config.num_classes=10'):
-    pretrained.fit_variables(saved, model, allow_new_head=False, source='ckpt')
+    pretrained.fit_variables(saved, model, allow_new_head=False, source='ckpt', epsilon=1e-5)
   features = _leaves(params__unit_1__conv__weights=np.ones(2))  # a feature extractor leaves the head out
   pretrained.fit_variables({**saved, 'params': {**saved['params'], 'unit_1': {'conv': {'weights': np.ones(2)}}}},
-                           features, allow_new_head=False, source='ckpt')
+                           features, allow_new_head=False, source='ckpt', epsilon=1e-5)
 
 
 def test_statistics_a_checkpoint_lacks_are_filled_alike_from_orbax_and_tf_slim(tmp_path):
@@ -226,3 +227,25 @@ def test_statistics_a_checkpoint_lacks_are_filled_alike_from_orbax_and_tf_slim(t
       np.testing.assert_array_equal(layer['renorm_mean'], original['moving_mean'])
     else:  # zero-debias state starts at 0, as TF creates it beside a restored moving mean
       assert not np.any(layer['moving_mean_biased']) and not np.any(layer['moving_mean_local_step'])
+
+
+def test_slim_prefix_on_an_orbax_checkpoint_says_to_drop_it(tmp_path):
+  step = tmp_path / 'checkpoints' / '40'
+  checkpoints.save_tree(str(step), {'params': {'w': np.zeros(2, np.float32)}})
+  model = models.get_model('resnet_v1_tiny', num_classes=10)
+  with pytest.raises(checkpoints.CheckpointError, match=rf'^{step} is an orbax checkpoint .* pass it without the '
+                                                        r'slim: prefix\.$'):
+    pretrained.load_for_model(f'slim:{step}', model, _reference(model), IMAGE_SHAPE)
+
+
+def test_a_checkpoint_of_another_config_names_its_runs_model_fields_as_flags(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  other = tiny_config(2)
+  other.num_classes = 12
+  with pytest.raises(checkpoints.StateMismatchError) as error:
+    eval_lib.evaluate(other, None, str(tmp_path / 'checkpoints' / '2'))
+  blocks = '(' + ','.join('(' + ','.join(str(n) for n in block) + ')' for block in SMALL_BLOCKS) + ')'
+  assert (f'Its run was trained with --config.model=resnet_v1_digits --config.model_options.block_sizes={blocks} '
+          '--config.data.name=digits --config.bn.center=True --config.bn.scale=True '
+          '--config.bn.zero_debias_moving_mean=False --config.bn.renorm=False.') in str(error.value)
+  assert 'num_classes=None' not in str(error.value)

@@ -465,14 +465,9 @@ def test_live_reads_tf_checkpoints(tf, tmp_path):
   _assert_same_as_tf(tf, str(tmp_path / 'model.ckpt'))
 
 
-def test_a_wrong_prefix_or_an_orbax_directory_is_named_for_what_it_is(tmp_path):
+def test_a_wrong_prefix_lists_the_prefixes_there(tmp_path):
   (tmp_path / 'model.ckpt-10.index').write_bytes(b'')
   with pytest.raises(FileNotFoundError, match=rf'prefixes there: {tmp_path}/model.ckpt-10\)$'):
     tensor_bundle.resolve_prefix(str(tmp_path / 'model'))
   with pytest.raises(FileNotFoundError, match=rf'prefix instead \(prefixes there: {tmp_path}/model.ckpt-10\)$'):
     tensor_bundle.resolve_prefix(str(tmp_path))
-  orbax_step = tmp_path / '40'
-  orbax_step.mkdir()
-  (orbax_step / '_CHECKPOINT_METADATA').write_text('{}')
-  with pytest.raises(FileNotFoundError, match='is an orbax checkpoint .* pass it without the slim: prefix'):
-    tensor_bundle.resolve_prefix(str(orbax_step))

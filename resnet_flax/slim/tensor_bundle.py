@@ -163,9 +163,6 @@ def resolve_prefix(path: str) -> str:
   if os.path.isdir(path):
     state = os.path.join(path, STATE_FILENAME)
     if not os.path.isfile(state):
-      if any(os.path.isfile(os.path.join(path, *name)) for name in _ORBAX_FILES):
-        raise FileNotFoundError(f'{path} is an orbax checkpoint (this package\'s own), not a TF one: pass it without '
-                                'the slim: prefix.')
       raise FileNotFoundError(f'{path}: directory has no {STATE_FILENAME!r} state file; pass '
                               f'the checkpoint prefix instead ({_prefixes_in(path)})')
     prefix = os.path.join(path, _latest_from_state(state))
@@ -187,12 +184,8 @@ def resolve_prefix(path: str) -> str:
   return path
 
 
-# Files that mark an orbax checkpoint directory: a manager's step, its item, a bare item.
-_ORBAX_FILES = (('_CHECKPOINT_METADATA',), ('default', '_METADATA'), ('_METADATA',))
-
-
 def _prefixes_in(directory: str) -> str:
-  """'prefixes there: a, b' (the checkpoints whose .index is in `directory`), or 'none there'."""
+  """'prefixes there: a, b' (the checkpoints whose .index is in `directory`), or what is there instead."""
   try:
     prefixes = sorted(name[:-len('.index')] for name in os.listdir(directory) if name.endswith('.index'))
   except OSError:

@@ -1,7 +1,6 @@
 """Input pipelines: splits, determinism and exact resume, sharding, padding, CIFAR-10 files
-(and refusing malicious ones), synthetic data, prefetching, config
-errors, and image folder trees that cannot train (symlink loops, one class, batches of
-unreadable files).
+(and refusing malicious ones), synthetic data, prefetching, config errors, and image folder
+trees that cannot train (symlink loops, one class, batches of unreadable files).
 
 Image folders and their preprocessing are tested in test_preprocessing.py, config.data.dir
 mistakes in test_data_dir.py."""

@@ -89,3 +89,11 @@ def test_the_directory_above_cifar_10_batches_py_names_the_one_to_pass(tmp_path)
     assert _build_error({'name': 'cifar10', 'dir': str(tmp_path)}, split) == (
         f"config.data.dir='{tmp_path}' holds cifar-10-batches-py/ but no CIFAR-10 batch files; "
         f'set config.data.dir to {tmp_path}/cifar-10-batches-py.')
+
+
+def test_a_file_of_zeros_is_a_file_not_an_archive(tmp_path):
+  # tarfile.is_tarfile says yes to 512 zero bytes; such a file is no archive to extract.
+  path = tmp_path / 'blank.img'
+  path.write_bytes(bytes(4096))
+  assert _build_error({'name': 'cifar10', 'dir': str(path)}).startswith(
+      f"config.data.dir='{path}' is a file, not a directory; set it to {_CIFAR_EXPECTED}")

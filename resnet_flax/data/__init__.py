@@ -1,4 +1,4 @@
-"""Input pipelines: embedded digits, CIFAR-10, ImageFolder JPEG trees, synthetic.
+"""Input pipelines: embedded digits, CIFAR-10, ImageFolder trees (JPEG, PNG, ...), synthetic.
 
   ds = data.build(config.data, 'train', batch_size=128, seed=0)
   for batch in data.prefetch(ds.train_batches(start_step)):  # {'image', 'label', 'mask'}

@@ -15,8 +15,8 @@ import numpy as np
 
 from resnet_flax.data import augment, safe_pickle
 from resnet_flax.data.array_loader import ArrayLoader
-from resnet_flax.data.errors import DataError
 from resnet_flax.data.data_dir import data_directory
+from resnet_flax.data.errors import DataError
 from resnet_flax.data.pipeline import Source
 
 NATIVE_SIZE = 32

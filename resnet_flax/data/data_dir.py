@@ -18,11 +18,17 @@ def archive_stem(path: str) -> Optional[str]:
   suffix = next((suffix for suffix in ARCHIVE_SUFFIXES if path.lower().endswith(suffix)), None)
   if suffix is not None:
     return path[:-len(suffix)]
-  try:  # A renamed archive is still one.
-    is_archive = zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
-  except OSError:
-    is_archive = False
-  return os.path.splitext(path)[0] if is_archive else None
+  return os.path.splitext(path)[0] if zipfile.is_zipfile(path) or _holds_a_tar_member(path) else None
+
+
+def _holds_a_tar_member(path: str) -> bool:
+  """Whether `path` is a tar archive (compressed or not) with a first member: a renamed
+  archive is still one. Not `tarfile.is_tarfile`, which says yes to 512 zero bytes."""
+  try:
+    with tarfile.open(path) as archive:
+      return archive.next() is not None
+  except (OSError, tarfile.TarError, EOFError):
+    return False
 
 
 def data_directory(path: Union[str, os.PathLike, None], expected: str,

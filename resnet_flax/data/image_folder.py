@@ -1,4 +1,4 @@
-"""ImageFolder trees: <dir>/<split>/<class name>/<image>.{jpg,jpeg,png}, decoded by a thread pool.
+"""ImageFolder trees: <dir>/<split>/<class name>/<image> (IMAGE_EXTENSIONS), decoded by a thread pool.
 
 Classes are the sorted subdirectory names of the training split (of the split itself when
 there is no train/), at least 2; label i is the i-th class plus `label_offset` (1 for slim's
@@ -20,9 +20,9 @@ from typing import Optional
 import numpy as np
 
 from resnet_flax.data import inception_preprocessing, vgg_preprocessing
+from resnet_flax.data.data_dir import data_directory
 from resnet_flax.data.errors import DataError
 from resnet_flax.data.image_decode import decode_into_slot, values_dtype
-from resnet_flax.data.data_dir import data_directory
 from resnet_flax.data.pipeline import Loaded, Pending, Source
 from resnet_flax.data.preprocessing import Preprocessing
 from resnet_flax.data.worker_processes import ProcessLoader

@@ -66,7 +66,7 @@ class Measurement:
 class Stepper:
   """A compiled step ready to time: `step()` runs one (its result is waited on), and
   `measurement(median_s, iters)` turns the median step time into the case's figure;
-  `compiled` is the XLA program `step` runs (its HLO, for `benchmarks.profile`)."""
+  `compiled` is the XLA program `step` runs (its HLO, for `benchmarks.op_times`)."""
   step: Callable[[], Any]
   compile_s: Optional[float]
   measurement: Callable[[float, int], Measurement]

@@ -289,7 +289,8 @@ def test_init_in_train_mode_creates_only_params_and_batch_stats():
 
 @pytest.mark.parametrize('options, named', [
     ({'decay': 1.5}, 'decay=1.5'), ({'decay': -0.1}, 'decay=-0.1'), ({'decay': float('nan')}, 'decay=nan'),
-    ({'epsilon': 0.0}, 'epsilon=0.0'), ({'epsilon': -1e-3}, 'epsilon=-0.001'), ({'epsilon': float('inf')}, 'epsilon=inf'),
+    ({'epsilon': 0.0}, 'epsilon=0.0'), ({'epsilon': -1e-3}, 'epsilon=-0.001'),
+    ({'epsilon': float('inf')}, 'epsilon=inf'),
     ({'renorm': True, 'renorm_decay': 2.0}, 'renorm_decay=2.0'),
     ({'renorm': True, 'renorm_r_max': 2.0, 'renorm_r_min': 3.0}, 'renorm_r_min=3.0'),
     ({'renorm': True, 'renorm_clipping_ramp_steps': -5}, 'renorm_clipping_ramp_steps=-5'),
@@ -320,15 +321,15 @@ def test_decay_bounds_are_allowed_and_mean_what_they_say(decay):
   np.testing.assert_allclose(updates['batch_stats']['moving_mean'], expected, rtol=1e-6)
 
 
-def _activation_passes(apply, shape):
+def _activation_passes(layer, shape):
   """XLA's count of the bytes one train step of a BN layer reads and writes (output,
   gradients, new statistics), in full float32 activation tensors: the memory traffic that
   sets a BN layer's speed, counted the same in every run, unlike a timing."""
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
-  variables = jax.eval_shape(lambda: apply.init(x))
+  variables = jax.eval_shape(lambda: layer.init(x))
 
   def step(variables, x, cotangent):
-    y, pullback, updates = jax.vjp(lambda params, x: apply.train(variables, params, x), variables['params'], x,
+    y, pullback, updates = jax.vjp(lambda params, x: layer.train(variables, params, x), variables['params'], x,
                                    has_aux=True)
     return y, pullback(cotangent), updates
 

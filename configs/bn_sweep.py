@@ -1,8 +1,7 @@
 """BN sweep on digits: decay x zero-debias x batch size x steps (python -m resnet_flax.bn_sweep).
 
-Every base field stays overridable (--config.data.name=cifar10 --config.data.dir=...
---config.data.image_size=32), and so is the grid: --config.sweep.decay='(0.9,0.999)'. A grid
-field set to a 1-tuple is simply fixed.
+Every base field stays overridable (--config.data.name=cifar10 --config.data.dir=...), and so is
+the grid: --config.sweep.decay='(0.9,0.999)'. A grid field set to a 1-tuple is simply fixed.
 """
 
 import ml_collections

@@ -65,10 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict({
       'name': 'digits',  # 'digits' | 'cifar10' | 'imagefolder' | 'synthetic'
       'dir': config_dict.placeholder(str),  # cifar10 / imagefolder root
-      'image_size': 8,
+      # None: the data set's own size (digits 8, cifar10 32, synthetic 224); imagefolder needs one.
+      'image_size': config_dict.placeholder(int),
       'digits_resize': 'pad',  # digits above 8 px: 'pad' | 'upsample'
       'preprocessing': 'none',  # imagefolder: 'vgg' | 'inception' (slim's)
-      'augment': False,
+      # None: the data set's recipe (digits off; cifar10 and imagefolder on, as slim's and CIFAR's).
+      'augment': config_dict.placeholder(bool),
       'color_distortion': False,  # inception preprocessing only
       'num_classes': config_dict.placeholder(int),  # synthetic; elsewhere a check
       'num_examples': config_dict.placeholder(int),  # synthetic

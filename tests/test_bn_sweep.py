@@ -133,10 +133,14 @@ def test_a_run_with_impossible_settings_stops_the_sweep_before_any_run_trains(tm
   assert not (tmp_path / 'runs').exists()
 
 
-def test_a_data_set_that_cannot_be_built_as_configured_stops_the_sweep_before_any_run(tmp_path):
-  # The digits base config's 8 px images with CIFAR-10 (a directory that is not even read).
-  config = _config({'data.name': 'cifar10', 'data.dir': str(tmp_path / 'cifar')})
-  with pytest.raises(ValueError, match=r'cifar10 images are 32x32; set config.data.image_size to 32 \(got 8\)'):
+@pytest.mark.parametrize('overrides, message', [
+    ({'data.image_size': 8}, r'cifar10 images are 32x32; set config.data.image_size to 32 \(got 8\)'),
+    ({}, r"config.data.dir='.*/cifar' does not exist"),
+])
+def test_a_data_set_that_cannot_be_built_as_configured_stops_the_sweep_before_any_run(tmp_path, overrides, message):
+  # Had failed only in the first run, after making its directory.
+  config = _config({'data.name': 'cifar10', 'data.dir': str(tmp_path / 'cifar'), **overrides})
+  with pytest.raises(ValueError, match=message):
     bn_sweep.run_sweep(config, str(tmp_path), log=lambda message: None)
   assert not (tmp_path / 'runs').exists()
 

@@ -70,8 +70,9 @@ def _field(config: Mapping[str, Any], key: str, default: Any) -> Any:
 
 def check_config(config: Mapping[str, Any]) -> None:
   """Raises a one-line DataError for fields no data set of this name can be built with,
-  before anything is read: an unknown name or field, preprocessing on a source that has none,
-  CIFAR-10 at another size, an image folder without its size or preprocessing."""
+  before any file is read: an unknown name or field, preprocessing on a source that has none,
+  CIFAR-10 at another size, an image folder without its size or preprocessing, a data
+  directory that is unset, missing, a file or an archive."""
   _check_fields(config)
   name = config.get('name')
   if name not in NAMES:
@@ -83,9 +84,12 @@ def check_config(config: Mapping[str, Any]) -> None:
     if image_size != cifar10.NATIVE_SIZE:
       raise DataError(f'cifar10 images are {cifar10.NATIVE_SIZE}x{cifar10.NATIVE_SIZE}; set config.data.image_size '
                       f'to {cifar10.NATIVE_SIZE} (got {image_size}).')
-  if name == 'imagefolder' and (not (config.get('image_size') or 0) > 0 or not config.get('preprocessing')):
-    raise DataError("imagefolder needs a positive config.data.image_size and config.data.preprocessing ('vgg' or "
-                    f"'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
+    cifar10.check_directory(config.get('dir'))
+  if name == 'imagefolder':
+    if not (config.get('image_size') or 0) > 0 or not config.get('preprocessing'):
+      raise DataError("imagefolder needs a positive config.data.image_size and config.data.preprocessing ('vgg' or "
+                      f"'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
+    image_folder.check_root(config.get('dir'))
 
 
 def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -> Source:

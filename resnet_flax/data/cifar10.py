@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -76,12 +76,19 @@ def _check_not_parent(directory: str) -> None:
                     f'set config.data.dir to {inner}.')
 
 
+def check_directory(directory: Optional[str]) -> str:
+  """`directory` (`~` expanded) if it can be CIFAR-10's batches directory, else a one-line DataError
+  naming what to pass (unset, a file, the tarball, the directory above it)."""
+  directory = data_directory(directory, _EXPECTED, _archive_fix)
+  _check_not_parent(directory)
+  return directory
+
+
 def read_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """All images and labels of `split` ('train', 'test' or 'validation' = 'test'); `~` in `directory` is expanded."""
   if split not in SPLITS:
     raise DataError(f'cifar10 has no split {split!r}; use one of {sorted(SPLITS)}.')
-  directory = data_directory(directory, _EXPECTED, _archive_fix)
-  _check_not_parent(directory)
+  directory = check_directory(directory)
   parts = [read_batch(os.path.join(directory, name)) for name in FILES[SPLITS[split]]]
   return np.concatenate([images for images, _ in parts]), np.concatenate([labels for _, labels in parts])
 

@@ -52,6 +52,11 @@ def _archive_fix(archive: str, stem: str) -> str:
           f'train/ and val/ with one folder of images per class.')
 
 
+def check_root(root: Optional[str]) -> str:
+  """`root` (`~` expanded) if it is a directory, else a one-line DataError naming what to pass."""
+  return data_directory(root, _EXPECTED, _archive_fix)
+
+
 def split_directory(root: str, split: str) -> str:
   """The directory holding `split`'s class folders."""
   candidates = [os.path.join(root, name) for name in _SPLIT_DIRS.get(split, (split,))]
@@ -188,7 +193,7 @@ def build_source(root: str, split: str, *, preprocessing: str, image_size: int, 
   if label_offset < 0:
     raise DataError(f'label_offset must be >= 0, got {label_offset}.')
   chosen = get_preprocessing(preprocessing, image_size, color_distortion=color_distortion)
-  root = data_directory(root, _EXPECTED, _archive_fix)
+  root = check_root(root)
   # Labels are the training split's class indices, whichever split this is (a tree with
   # only a validation split, to evaluate a converted checkpoint, has its own).
   directory = split_directory(root, split)

@@ -333,3 +333,21 @@ def test_same_command_again_skips_finished_runs_and_redoes_one_without_result(sw
   assert {key: new[key] for key in ('step', 'moving', 'batch', 'recalibrated', 'curve')} == {
       key: old[key] for key in ('step', 'moving', 'batch', 'recalibrated', 'curve')}
   assert (workdir / 'results.md').read_text() == (sweep_dir / 'results.md').read_text()
+
+
+def test_a_preempted_run_stops_the_sweep_unrecorded_and_the_same_command_resumes_it(tmp_path, monkeypatch):
+  # A signal had made train_and_evaluate return at the saved step: the run was then recorded
+  # as finished (its row read 20 steps after 5) and the next run trained.
+  config = _config(dict(TINY, checkpoint_every_steps=5), zero_debias_moving_mean=(False,))
+  first, second = 'decay0.9_debias0_bs16_steps20', 'decay0.99_debias0_bs16_steps20'
+  messages = []
+  monkeypatch.setattr(runner.train_lib, '_preemption_check', lambda: (lambda step: step >= 5))
+  assert bn_sweep.run_sweep(config, str(tmp_path), log=messages.append) == []
+  assert messages[-1] == (f'Preempted: {first} stopped at step 5 of 20 (saved); rerun the same command to resume '
+                          'the sweep.')
+  assert not (tmp_path / 'runs' / first / 'result.json').exists() and not (tmp_path / 'runs' / second).exists()
+  assert not (tmp_path / 'results.csv').exists()
+  monkeypatch.undo()
+  results = bn_sweep.run_sweep(config, str(tmp_path), log=lambda message: None)
+  assert [result['name'] for result in results] == [first, second]
+  assert [result['step'] for result in results] == [20, 20]

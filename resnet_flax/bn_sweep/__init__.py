@@ -23,13 +23,18 @@ def check_run(run: grid.Run) -> None:
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """Runs every unfinished run of `config.sweep`'s grid, then writes tables and plots of them all."""
+  """Runs every unfinished run of `config.sweep`'s grid, then writes tables and plots of them all;
+  returns their results ([] when a signal stopped it: the same command resumes)."""
   runs = grid.expand(config)
   for run in runs:  # every run's settings, before the first one trains
     check_run(run)
   checkpoints.check_workdir(workdir, needed_bytes=0)  # each run checks its own room when it starts
   plots.require_matplotlib()
-  results = runner.run_all(runs, workdir, config.sweep.recalibration_batches, log)
+  try:
+    results = runner.run_all(runs, workdir, config.sweep.recalibration_batches, log)
+  except runner.Preempted as stopped:  # the tables wait for every run
+    log(f'Preempted: {stopped}')
+    return []
   for path in tables.write_tables(results, workdir) + plots.write_plots(results, workdir):
     log(f'wrote {path}')
   return results

@@ -77,14 +77,25 @@ def eval_curve(directory: str) -> list[dict[str, float]]:
   return [by_step[step] for step in sorted(by_step)]
 
 
+class Preempted(Exception):
+  """SIGTERM or Ctrl-C stopped a run after saving its step: the sweep stops too, the run has
+  no result.json, and the same command resumes it."""
+
+
 def run_one(run: grid.Run, workdir: str, recalibration_batches: int) -> dict[str, Any]:
-  """Trains (or resumes) one run, measures its BN discrepancy and writes its result.json."""
+  """Trains (or resumes) one run, measures its BN discrepancy and writes its result.json.
+
+  Raises Preempted if a signal stopped the training before its last step.
+  """
   directory = run_directory(workdir, run.name)
   os.makedirs(directory, exist_ok=True)
   check_same_config(directory, run.config)
   start = time.perf_counter()
   try:
-    train_lib.train_and_evaluate(run.config, directory)
+    trained = train_lib.train_and_evaluate(run.config, directory)
+    if trained['step'] < run.config.num_train_steps:  # it returns early only when preempted
+      raise Preempted(f"{run.name} stopped at step {trained['step']} of {run.config.num_train_steps} (saved); "
+                      'rerun the same command to resume the sweep.')
   except train_lib.NonFiniteLossError as error:
     # A setting that diverges is a finding of the sweep, not a reason to stop it. It is
     # recorded like a finished run: started again, the same config diverges the same way.

@@ -145,6 +145,15 @@ def test_a_data_set_that_cannot_be_built_as_configured_stops_the_sweep_before_an
   assert not (tmp_path / 'runs').exists()
 
 
+def test_a_grid_batch_size_above_the_eval_split_is_refused_before_any_run(tmp_path):
+  # Each run had trained first, then failed in its BN report naming config.bn_report_batch_sizes.
+  config = _config(TINY, batch_size=(16, 400, 5000))
+  with pytest.raises(ValueError, match=r'^config.sweep.batch_size has \[400, 5000\], more than the 360 examples of '
+                                       r'the test split .*; use sizes up to 360\.$'):
+    bn_sweep.run_sweep(config, str(tmp_path), log=lambda message: None)
+  assert not (tmp_path / 'runs').exists()
+
+
 def test_an_unwritable_sweep_workdir_is_refused_in_one_line(tmp_path):
   (tmp_path / 'file').write_text('')
   with pytest.raises(ValueError, match='is a file, not a directory'):

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from resnet_flax import checkpoints, train_lib
+from resnet_flax import checkpoints, eval_lib, train_lib
 from resnet_flax.bn_sweep import grid, plots, runner, tables
 
 
@@ -21,6 +21,17 @@ def check_run(run: grid.Run) -> None:
     raise ValueError(f'sweep run {run.name}: {error}') from error
 
 
+def check_batch_sizes(runs: list[grid.Run], config: ml_collections.ConfigDict) -> None:
+  """Refuses grid batch sizes above the eval split's size: each run's batch statistics are
+  measured on that split in batches of its own size, after its training."""
+  examples = eval_lib.build_eval_dataset(config).num_examples
+  too_big = sorted({run.settings['batch_size'] for run in runs if run.settings['batch_size'] > examples})
+  if too_big:
+    raise ValueError(f'config.sweep.batch_size has {too_big}, more than the {examples} examples of the '
+                     f'{config.eval_split} split on which each run\'s batch statistics are measured at its batch '
+                     f'size; use sizes up to {examples}.')
+
+
 def run_sweep(config: ml_collections.ConfigDict, workdir: str,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
   """Runs every unfinished run of `config.sweep`'s grid, then writes tables and plots of them all;
@@ -28,6 +39,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str,
   runs = grid.expand(config)
   for run in runs:  # every run's settings, before the first one trains
     check_run(run)
+  check_batch_sizes(runs, config)
   checkpoints.check_workdir(workdir, needed_bytes=0)  # each run checks its own room when it starts
   plots.require_matplotlib()
   try:

@@ -243,11 +243,30 @@ def device_slug(device: str) -> str:
   return re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-').lower()
 
 
+def _group_rounds(item: str) -> tuple[str, int]:
+  """'pipeline=3' -> ('pipeline', 3), for argparse: a malformed item is a usage error."""
+  group, _, rounds = item.partition('=')
+  if group not in GROUPS or not rounds.isdigit() or int(rounds) < 1:
+    raise argparse.ArgumentTypeError(f'{item!r}: give GROUP=N with GROUP one of {", ".join(GROUPS)} and N >= 1')
+  return group, int(rounds)
+
+
+def unrecordable(records: list[dict[str, Any]], profile: str, device: str) -> Optional[str]:
+  """Why a run's figures should not go into results/ and RESULTS.md, or None: nothing was
+  measured (a stage may hold anchors only), or the GPU profile ran on a CPU (its file and
+  section are the GPU's)."""
+  if not any(record.get('value') is not None for record in records):
+    return 'nothing was measured (each job failed, was skipped, or found no time left)'
+  if profile == 'gpu' and device.startswith('cpu'):
+    return f'the gpu profile ran on {device}; pass --profile cpu for a CPU run'
+  return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--profile', choices=('gpu', 'cpu'), default='gpu')
   parser.add_argument('--rounds', type=int, default=1)
-  parser.add_argument('--group-rounds', nargs='*', default=[], metavar='GROUP=N',
+  parser.add_argument('--group-rounds', nargs='*', default=[], metavar='GROUP=N', type=_group_rounds,
                       help='rounds for some groups, e.g. pipeline=3 (cheap groups can afford more)')
   parser.add_argument('--stage', choices=sorted(STAGES),
                       help='one device call\'s part of the run: its groups, cases and budget (see STAGES)')
@@ -288,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # Only our harness imports jax here (in its own processes), so this process holds no GPU memory.
   cases = [case for case in cases if _group_of(case) in groups]
   uptime_before = _uptime()
-  wanted = {group: int(rounds) for group, rounds in (item.split('=') for item in args.group_rounds)}
+  wanted = dict(args.group_rounds)
   group_rounds = {index: wanted[jobs[0].group] for index, jobs in enumerate(planned) if jobs[0].group in wanted}
   results, jobs_log = run_rounds(planned, args.rounds, budget_s, group_rounds, args.raw_log,
                                  grace_s=STAGE_GRACE_S if stage else 0.0)
@@ -304,6 +323,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
          'jobs': jobs_log}
   records = merge(results, cases, args.profile, os.cpu_count(), with_torch,
                   {'device': device, 'date': args.date, 'profile': args.profile, 'run_id': run['run_id']})
+  refusal = unrecordable(records, args.profile, device)
+  if refusal:
+    print(report.table(records, run))
+    print(f'[side_by_side] {refusal}; nothing written (the jobs\' output: {args.raw_log or "above"}).', file=sys.stderr)
+    return 1
   os.makedirs(args.results_dir, exist_ok=True)
   path = os.path.join(args.results_dir, f'{args.date}_{device_slug(device)}.jsonl')
   with open(path, 'a') as file:

@@ -279,3 +279,22 @@ def test_the_torch_stage_records_the_machine_its_figures_are_combined_with(tmp_p
 
 def test_the_device_a_run_without_cases_of_ours_records_is_our_harnesss():
   assert side_by_side._device_description() == run.device_description()
+
+
+def test_a_run_that_measured_nothing_or_the_gpu_profile_on_a_cpu_writes_nothing(tmp_path, monkeypatch, capsys):
+  # Both had been appended to results/ and given a RESULTS.md section of "not run" rows.
+  arguments, _ = _fake_device(tmp_path, monkeypatch, 'cpu (2 cores)', 8.0, 20.0)
+  assert side_by_side.main(['--stage', 'targets', *arguments]) == 1
+  assert 'the gpu profile ran on cpu (2 cores); pass --profile cpu for a CPU run; nothing written' in (
+      capsys.readouterr().err)
+  monkeypatch.setattr(side_by_side, 'run_job', lambda job, timeout_s, env: ('timed out', []))
+  assert side_by_side.main(['--stage', 'targets', '--profile', 'cpu', *arguments]) == 1
+  assert 'nothing was measured' in capsys.readouterr().err
+  assert not list(tmp_path.glob('*.jsonl')) and (tmp_path / 'RESULTS.md').read_text() == '# Benchmark results\n'
+
+
+@pytest.mark.parametrize('item', ['pipeline', 'nosuch=3', 'pipeline=0', 'pipeline=x'])
+def test_a_malformed_group_rounds_item_is_a_usage_error(item, capsys):
+  with pytest.raises(SystemExit) as exit_status:
+    side_by_side.main(['--group-rounds', item])
+  assert exit_status.value.code == 2 and 'give GROUP=N with GROUP one of' in capsys.readouterr().err

@@ -169,18 +169,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(args.results_jsonl, encoding='utf-8') as file:
       runs, records = last_runs(file.read().splitlines(), args.runs)
     run = combined_run(runs)
+    if len(runs) > 1:
+      records = priced_again(records, run)
+    section = table(records, run)
   except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
     print(f'report: {args.results_jsonl}: {error}', file=sys.stderr)
     return 2
-  if len(runs) > 1:
-    records = priced_again(records, run)
-  section = table(records, run)
+  except (KeyError, TypeError, AttributeError) as error:  # JSON of another shape than side_by_side's
+    print(f'report: {args.results_jsonl} is not a results file side_by_side wrote ({type(error).__name__}: '
+          f'{error}).', file=sys.stderr)
+    return 2
+  print(section)  # before writing: a failed write still shows the table
   try:
     write_results_section(args.results_md, run['profile'], section)
   except OSError as error:
     print(f'report: writing {args.results_md} failed ({error}); pass --results-md PATH', file=sys.stderr)
     return 2
-  print(section)
   print(f'[report] wrote its section of {args.results_md}', file=sys.stderr)
   return 0
 

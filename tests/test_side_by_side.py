@@ -298,3 +298,13 @@ def test_a_malformed_group_rounds_item_is_a_usage_error(item, capsys):
   with pytest.raises(SystemExit) as exit_status:
     side_by_side.main(['--group-rounds', item])
   assert exit_status.value.code == 2 and 'give GROUP=N with GROUP one of' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('lines', [['[1, 2]'], ['{"record": "run", "run_id": "a"}']])
+def test_report_of_json_that_side_by_side_did_not_write_is_one_line(tmp_path, capsys, lines):
+  path = tmp_path / 'other.jsonl'
+  path.write_text('\n'.join(lines) + '\n')
+  assert report.main([str(path), '--results-md', str(tmp_path / 'RESULTS.md')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'report: {path} is not a results file side_by_side wrote (') and err.count('\n') == 1
+  assert not (tmp_path / 'RESULTS.md').exists()

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import os
 import statistics
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -181,8 +182,10 @@ def select(profile: str, names: Optional[Sequence[str]], strict: bool = True) ->
     return cases
   unknown = [name for name in names if not any(matches(case, name) for case in cases)]
   if unknown and strict:
-    raise SystemExit(f'unknown case(s) {unknown} for profile {profile!r}; '
-                     f'known: {[case.name for case in cases]}, a kind or kind/variant.')
+    kinds = ', '.join(sorted({case.kind for case in cases}))
+    print(f'error: unknown case(s) {unknown} for profile {profile!r}: give a case name (--list shows them), a kind '
+          f'({kinds}) or kind/variant.', file=sys.stderr)
+    raise SystemExit(2)
   return [case for case in cases if any(matches(case, name) for name in names)]
 
 

@@ -219,11 +219,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--top', type=int, default=25, help='slowest ops listed')
   parser.add_argument('--out', default=os.environ.get('OUT', 'op_times'), help='folder for the files (default: $OUT)')
   args = parser.parse_args(argv)
-  if args.steps < 1:
-    parser.error(f'--steps {args.steps}: trace at least one step')
+  if args.steps < 1 or args.top < 1:
+    parser.error(f'--steps {args.steps} --top {args.top}: trace at least one step and list at least one op')
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    parser.error(f'--out {args.out} is a file; give a folder for the HLO, the op times and the trace')
+  chosen = cases_lib.select(args.profile, args.cases)  # an unknown name fails before --out is made
   os.makedirs(args.out, exist_ok=True)
   status = 0
-  for case in cases_lib.select(args.profile, args.cases):
+  for case in chosen:
     try:
       print(profile_case(case, args.steps, args.out, args.top), flush=True)
     except Exception as error:  # Reported, not raised: the other cases are still profiled.

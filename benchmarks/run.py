@@ -103,6 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--list', action='store_true', help='list the cases and exit')
   args = parser.parse_args(argv)
   profile = 'smoke' if args.smoke else args.profile
+  if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
+    parser.error(f'--out {args.out}: give a file in an existing directory (checked before hours of measuring)')
   if args.list:
     for case in cases_lib.select(profile, args.cases):
       print(case.name)

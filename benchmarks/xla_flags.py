@@ -85,6 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--sets', nargs='*', choices=sorted(FLAG_SETS), help='flag sets (default: the GPU ones)')
   parser.add_argument('--timeout-s', type=float, default=300.0, help='per flag set')
   args = parser.parse_args(argv)
+  if not args.timeout_s > 0:
+    parser.error(f'--timeout-s {args.timeout_s}: give a positive number of seconds per flag set')
   sets = args.sets or list(GPU_SETS)
   if 'default' not in sets:
     sets = ['default', *sets]

@@ -278,3 +278,18 @@ def test_the_forced_moments_cases_trace_one_algorithm_and_no_platform_choice(var
   assert 'platform_index' not in forced
   assert ('slice[' in forced) == (algorithm is moments.shifted_moments)  # the shifted sums' per-example shift
   assert 'platform_index' in jaxpr()  # and the patch is undone
+
+
+@pytest.mark.parametrize('out', ['missing/x.jsonl', '.'])
+def test_an_out_file_that_cannot_be_written_is_refused_before_measuring(tmp_path, out, monkeypatch):
+  monkeypatch.setattr(run, 'run', lambda *args, **kwargs: pytest.fail('measured before checking --out'))
+  with pytest.raises(SystemExit) as exit_status:
+    run.main(['--smoke', '--cases', 'bn_layer/plain', '--out', str(tmp_path / out)])
+  assert exit_status.value.code == 2
+
+
+def test_an_unknown_case_is_one_line_with_exit_status_2(capsys):
+  with pytest.raises(SystemExit) as exit_status:
+    run.main(['--profile', 'cpu', '--cases', 'nosuch', '--list'])
+  assert exit_status.value.code == 2
+  assert capsys.readouterr().err.startswith("error: unknown case(s) ['nosuch'] for profile 'cpu': give a case name")

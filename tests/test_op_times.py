@@ -138,5 +138,12 @@ def test_cases_without_a_compiled_step_and_bad_arguments_are_refused(tmp_path, c
     op_times.profile_case(loop, 1, str(tmp_path), 5)
   assert op_times.main(['--profile', 'smoke', '--cases', 'train_loop', '--out', str(tmp_path)]) == 1
   assert 'train_loop' in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    op_times.main(['--steps', '0', '--out', str(tmp_path)])
+  for bad in (['--steps', '0'], ['--top', '0'], ['--out', str(tmp_path / 'a_file')]):
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(SystemExit) as exit_status:
+      op_times.main(['--profile', 'smoke', '--out', str(tmp_path), *bad])
+    assert exit_status.value.code == 2
+  with pytest.raises(SystemExit) as exit_status:  # an unknown case: before --out is made
+    op_times.main(['--profile', 'smoke', '--cases', 'nosuch', '--out', str(tmp_path / 'new')])
+  assert exit_status.value.code == 2 and not (tmp_path / 'new').exists()
+  assert "unknown case(s) ['nosuch']" in capsys.readouterr().err

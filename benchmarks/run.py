@@ -109,6 +109,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for case in cases_lib.select(profile, args.cases):
       print(case.name)
     return 0
+  if profile == 'gpu' and jax.default_backend() == 'cpu':
+    print('[benchmarks] warning: the gpu profile (the issue\'s ResNet-50 batch 256, ResNet-152 batch 32) on a CPU '
+          'takes hours; --profile cpu is sized for one.', file=sys.stderr)
   records = run(profile, args.cases, device=args.device, date=args.date)
   lines = [json.dumps(record) for record in records]
   print('\n'.join(lines), flush=True)

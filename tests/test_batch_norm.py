@@ -374,3 +374,41 @@ def test_bn_options_add_no_pass_over_the_activations(options):
   # read the centred activations once more, for their rounding correction; flax's
   # E[x^2] - E[x]^2 does not, and is off by more than 50 % at |mean| / std = 300 / 0.01).
   assert plain <= _activation_passes(_Flax(), shape) + 1.1
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_variables_without_batch_stats_are_refused_not_started_afresh(train):
+  # With mutable=['batch_stats'] flax would create them at 0 and 1: the "restored model
+  # performs at chance" bug, silently, in eval mode too.
+  layer = BatchNorm(scale=True)
+  x = jnp.ones((4, 3))
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  with pytest.raises(ValueError, match="has no moving_mean, moving_variance in the 'batch_stats' collection"):
+    layer.apply({'params': variables['params']}, x, train=train, mutable=['batch_stats'])
+  with pytest.raises(ValueError, match="has no moving_variance"):  # a part missing: the same
+    layer.apply({**variables, 'batch_stats': {'moving_mean': variables['batch_stats']['moving_mean']}}, x,
+                train=train, mutable=['batch_stats'])
+
+
+def test_a_gamma_or_beta_the_layer_does_not_use_is_refused_not_dropped():
+  trained = BatchNorm(scale=True).init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=False)
+  for layer, named in ((BatchNorm(scale=False), 'has gamma among its params'),
+                       (BatchNorm(scale=True, center=False), 'has beta among its params')):
+    with pytest.raises(ValueError, match=named):
+      layer.apply(trained, jnp.ones((4, 3)), train=False)
+
+
+@pytest.mark.parametrize('train', ['False', None, 0, jnp.array(True)])
+def test_train_must_be_a_python_bool(train):
+  # 'False' is truthy: it had trained and updated the statistics.
+  layer = BatchNorm()
+  variables = layer.init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=False)
+  with pytest.raises(TypeError, match=r'must be True or False, a Python bool'):
+    layer.apply(variables, jnp.ones((4, 3)), train=train, mutable=['batch_stats'])
+
+
+@pytest.mark.parametrize('x_dtype, layer_dtype', [(jnp.int32, None), (jnp.uint8, None), (jnp.float32, jnp.int32)])
+def test_integer_activations_or_dtype_are_refused_not_truncated(x_dtype, layer_dtype):
+  layer = BatchNorm(dtype=layer_dtype)
+  with pytest.raises(TypeError, match='is not a float type'):
+    layer.init(jax.random.PRNGKey(0), jnp.ones((4, 3), x_dtype), train=False)

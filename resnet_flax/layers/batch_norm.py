@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from resnet_flax.layers import moving_averages, renorm
 from resnet_flax.layers.end_points import keep_latest
@@ -157,6 +158,7 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     self._check_options()
+    self._check_call(x, train)
     channels = x.shape[-1]
     beta = self.param('beta', nn.initializers.zeros, (channels,), jnp.float32) if self.center else None
     gamma = self.param('gamma', self.gamma_init, (channels,), jnp.float32) if self.scale else None
@@ -213,6 +215,24 @@ class BatchNorm(nn.Module):
       gamma, beta = (None if v is None else jax.lax.stop_gradient(v) for v in (gamma, beta))
     return eval_affine(mean, variance, gamma, beta, self.epsilon)
 
+  def _check_call(self, x: Array, train: Any) -> None:
+    """Refuses a call whose result would be silently wrong: a mode that is not a bool ('False'
+    is truthy), integer activations or dtype (truncated), and params the layer does not use."""
+    if not isinstance(train, (bool, np.bool_)):
+      raise TypeError(f'BatchNorm {module_path(self)!r}: train={train!r} ({type(train).__name__}) must be True or '
+                      'False, a Python bool (under jax.jit, a static argument: static_argnames=("train",)).')
+    for what, dtype in (('input', x.dtype), ('dtype', self.dtype)):
+      if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f'BatchNorm {module_path(self)!r}: {what} {jnp.dtype(dtype).name} is not a float type, so '
+                        'its output would be truncated; use float32 or bfloat16.')
+    if not self.is_initializing():
+      unused = [name for name, kept, field in (('gamma', self.scale, 'scale'), ('beta', self.center, 'center'))
+                if not kept and self.has_variable('params', name)]
+      if unused:  # flax would ignore them: a trained gamma / beta silently dropped
+        raise ValueError(f'BatchNorm {module_path(self)!r} has {" and ".join(unused)} among its params but is built '
+                         f'without them; build the model with batch_norm_scale / batch_norm_center=True (config.bn) '
+                         'to use them.')
+
   def _statistics(self, channels: int) -> dict[str, Any]:
     """The `batch_stats` variables this configuration keeps, by name."""
     zeros, ones, step = (jnp.zeros, (channels,)), (jnp.ones, (channels,)), (jnp.zeros, ())
@@ -225,6 +245,12 @@ class BatchNorm(nn.Module):
       wanted.update(moving_stddev=ones, renorm_mean=zeros, renorm_stddev=ones)
       if self.renorm_clipping_start_step or self.renorm_clipping_ramp_steps:
         wanted.update(renorm_clipping_step=step)
+    if not self.is_initializing():
+      missing = [name for name in wanted if not self.has_variable(BATCH_STATS, name)]
+      if missing:  # with the collection mutable, flax would create them afresh at 0 and 1
+        raise ValueError(f'BatchNorm {module_path(self)!r} has no {", ".join(missing)} in the {BATCH_STATS!r} '
+                         f'collection: apply with all the variables init or a checkpoint gave, '
+                         f'{{"params": ..., "{BATCH_STATS}": ...}} (a fresh start of the statistics would be silent).')
     return {name: self.variable(BATCH_STATS, name, init, shape, jnp.float32)
             for name, (init, shape) in wanted.items()}
 

@@ -31,30 +31,34 @@ def _moments_step(variables: Variables, images: jax.Array, *, model) -> dict:
 class _PopulationMoments:
   """Running sums, in float64, from which a population's exact mean and variance follow.
 
-  With groups of equal size, the population mean is the mean of the group means and the
-  population variance is the mean group variance plus the variance of the group means
-  (the law of total variance), so no pass over the data is needed twice.
+  Each group's moments weigh by its number of examples, so batches of unequal size (a short
+  last one) still give the population's: its mean is the weighted mean of the group means,
+  its variance the weighted mean group variance plus the weighted variance of the group
+  means (the law of total variance), so no pass over the data is needed twice.
   """
 
   def __init__(self):
-    self.groups = 0
+    self.weight = 0.0
     self.sums: dict[tuple[str, ...], list[np.ndarray]] = {}
 
-  def add(self, moments: Mapping) -> None:
+  def add(self, moments: Mapping, examples: int) -> None:
+    """One batch's per-group moments ({path: {'mean', 'variance'}}, (groups, C) each) of `examples` images."""
     flat = traverse_util.flatten_dict(moments)
+    groups = next(iter(flat.values())).shape[0] if flat else 0
     for path in {p[:-1] for p in flat}:
       mean = np.asarray(flat[path + ('mean',)], np.float64)
       variance = np.asarray(flat[path + ('variance',)], np.float64)
-      terms = [mean.sum(0), variance.sum(0), np.square(mean).sum(0)]
+      per_group = examples / groups
+      terms = [per_group * mean.sum(0), per_group * variance.sum(0), per_group * np.square(mean).sum(0)]
       self.sums[path] = terms if path not in self.sums else [a + b for a, b in zip(self.sums[path], terms)]
-    self.groups += next(iter(flat.values())).shape[0] if flat else 0
+    self.weight += examples if flat else 0
 
   def statistics(self) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
     """{BatchNorm module path: (population mean, population variance)}."""
     out = {}
     for path, (mean_sum, variance_sum, mean_square_sum) in self.sums.items():
-      mean = mean_sum / self.groups
-      variance = variance_sum / self.groups + np.maximum(mean_square_sum / self.groups - np.square(mean), 0.0)
+      mean = mean_sum / self.weight
+      variance = variance_sum / self.weight + np.maximum(mean_square_sum / self.weight - np.square(mean), 0.0)
       out[path] = (mean, variance)
     return out
 
@@ -64,7 +68,7 @@ def population_statistics(model, variables: Variables, image_batches: Iterable[A
   """{BatchNorm path: (mean, variance)} over all images of `image_batches`, every BN at once.
 
   As precise BN does, every layer sees its input normalized with batch statistics (train
-  mode), so all layers are measured in one pass. Batches must have equal sizes.
+  mode), so all layers are measured in one pass. Batches may differ in size.
   """
   mesh = mesh or sharding.data_mesh()
   moments_step = sharding.jit_over_batch(functools.partial(_moments_step, model=model), mesh)
@@ -75,7 +79,7 @@ def population_statistics(model, variables: Variables, image_batches: Iterable[A
     # process's host share.
     if not (isinstance(images, jax.Array) and images.sharding.is_equivalent_to(batch_sharding, images.ndim)):
       images = sharding.to_global_batch({'image': np.asarray(images)}, mesh)['image']
-    accumulator.add(jax.device_get(moments_step(variables, images)))
+    accumulator.add(jax.device_get(moments_step(variables, images)), images.shape[0])
   if not accumulator.sums:
     raise ValueError('recalibration saw no batch statistics: give it at least one batch, and a model whose '
                      'BatchNorm computes them in train mode (not config.bn.frozen).')
@@ -95,6 +99,10 @@ def with_statistics(variables: Variables, statistics: Mapping[tuple[str, ...], t
 def recalibrate(config: ml_collections.ConfigDict, model, variables: Variables, num_batches: int, mesh=None
                 ) -> Variables:
   """Precise BN: population statistics of `num_batches` training batches of `config.batch_size`."""
+  if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+    # None or -1 would take every batch of an endless stream: a hang.
+    raise ValueError(f'num_batches={num_batches!r}: give a positive number of training batches to recalibrate on '
+                     '(config.bn_recalibration_batches).')
   sharding.check_batch_size(config.batch_size)
   dataset = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
                        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())

@@ -1,6 +1,7 @@
 """ResNet v1/v2 structure: shapes, strides, end points, names, initializers, registry."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,3 +242,20 @@ def test_one_by_one_convolution_as_a_dot_equals_xla_convolution(stride, padding,
   w = jnp.asarray(rng.randn(1, 1, 5, 4), jnp.float32)
   reference = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   np.testing.assert_allclose(convolve(x, w, stride, 1, padding), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('overrides, error, named', [
+    ({'batch_norm_frozen': 'False'}, TypeError, "the BatchNorm field frozen='False' must be True or False"),
+    ({'zero_debias_moving_mean': 'no'}, TypeError, "zero_debias_moving_mean='no' must be True or False"),
+    ({'global_pool': 'False'}, TypeError, "global_pool='False' must be True or False"),
+    ({'use_batch_norm': 0}, TypeError, 'use_batch_norm=0 must be True or False'),
+    ({'num_classes': 0}, ValueError, 'num_classes=0 must be a positive int, or None'),
+    ({'num_classes': 5.0}, ValueError, 'num_classes=5.0 must be a positive int'),
+    ({'num_classes': True}, ValueError, 'num_classes=True must be a positive int'),
+])
+def test_switches_and_class_counts_of_the_wrong_type_are_refused(overrides, error, named):
+  # Each had been read by its truthiness: 'False' froze the statistics, 0 dropped the logits.
+  overrides = {'num_classes': 5, **overrides}
+  with pytest.raises(error, match=re.escape(named)):
+    models.get_model('resnet_v1_tiny', **overrides)
+  models.get_model('resnet_v1_tiny', num_classes=np.int64(5), batch_norm_frozen=True)  # numpy ints are counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -96,6 +97,22 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
   return scope_kwargs, bn_kwargs, model_kwargs
 
 
+def _check_types(name: str, num_classes: Any, targets: tuple) -> None:
+  """Refuses what would be silently misread: a switch that is not a bool ('False' is truthy),
+  a class count that is not a positive int (0 and None alike give slim's logit-less features)."""
+  if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+                                  or num_classes < 1):
+    raise ValueError(f'get_model({name!r}): num_classes={num_classes!r} must be a positive int, or None for the '
+                     'pooled features without a logits layer.')
+  for module, given in targets:
+    switches = {field.name for field in dataclasses.fields(module) if isinstance(field.default, bool)}
+    for field, value in given.items():
+      if field in switches and not isinstance(value, bool):
+        owner = 'the BatchNorm field ' if module is BatchNorm else ''
+        raise TypeError(f'get_model({name!r}): {owner}{field}={value!r} must be True or False (a string or number '
+                        'would be read by its truthiness).')
+
+
 def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
   """Builds a registered ResNet, e.g. `get_model('resnet_v1_50', num_classes=1000)`.
 
@@ -134,6 +151,7 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
     raise TypeError(f'get_model({name!r}): unknown argument(s) {unknown}; valid: '
                     f'{sorted(valid | _ARG_SCOPE_NAMES | set(_BATCH_NORM_ALIASES))} '
                     'or batch_norm_<BatchNorm field>.')
+  _check_types(name, num_classes, ((BatchNorm, bn_kwargs), (ResNetArgScope, scope_kwargs), (cls, model_kwargs)))
   batch_norm = FrozenDict({**ResNetArgScope().batch_norm, **bn_kwargs})
   arg_scope = ResNetArgScope(batch_norm=batch_norm, **scope_kwargs)
   return cls(block_sizes=block_sizes, num_classes=num_classes, slim_scope=name, arg_scope=arg_scope,

@@ -259,3 +259,13 @@ def test_switches_and_class_counts_of_the_wrong_type_are_refused(overrides, erro
   with pytest.raises(error, match=re.escape(named)):
     models.get_model('resnet_v1_tiny', **overrides)
   models.get_model('resnet_v1_tiny', num_classes=np.int64(5), batch_norm_frozen=True)  # numpy ints are counts
+
+
+@pytest.mark.parametrize('shape, named', [
+    ((4, 3, 32, 32), 'look NCHW (channels first); the models take NHWC'),  # had trained with 32 "channels"
+    ((32, 32, 3), 'give a batch of NHWC images'),
+])
+def test_inputs_that_are_not_a_batch_of_nhwc_images_are_refused(shape, named):
+  model = models.get_model('resnet_v1_tiny', num_classes=5)
+  with pytest.raises(ValueError, match=re.escape(named)):
+    model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)

@@ -25,7 +25,14 @@ class Block:
 
 
 def check_float_inputs(inputs: Array) -> Array:
-  """`inputs`, if they are floating point; integer pixels would silently skip preprocessing."""
+  """`inputs`, if they are a batch of NHWC float images: integer pixels would silently skip
+  preprocessing, and NCHW images would be read with their height as channels."""
+  if inputs.ndim != 4:
+    raise ValueError(f'ResNet inputs are {tuple(inputs.shape)}: give a batch of NHWC images, (batch, height, width, '
+                     'channels); one image is x[None].')
+  if inputs.shape[1] in (1, 3, 4) and inputs.shape[3] > 4:
+    raise ValueError(f'ResNet inputs {tuple(inputs.shape)} look NCHW (channels first); the models take NHWC, as '
+                     'slim: jnp.transpose(images, (0, 2, 3, 1)).')
   if not jnp.issubdtype(inputs.dtype, jnp.floating):
     raise ValueError(f'ResNet inputs are {inputs.dtype} {tuple(inputs.shape)}, raw pixels: map them to the '
                      "preprocessing's float values first (dataset.model_input, which resnet_flax.device_input "

@@ -29,8 +29,9 @@ class NonFiniteLossError(FloatingPointError):
     self.step = step
 
 
-def _preemption_check() -> Callable[[int], bool]:
-  """step -> whether to save and stop after it, because SIGTERM (or SIGINT) arrived.
+def _preemption_check() -> tuple[Callable[[int], bool], Callable[[], None]]:
+  """(step -> whether to save and stop after it, because SIGTERM or SIGINT arrived; a
+  function that puts the process's own handlers back, for after training).
 
   One process: our own handlers set a flag. Several: each host could see the signal
   at a different step, and one saving alone would hang the others; JAX's preemption
@@ -38,12 +39,20 @@ def _preemption_check() -> Callable[[int], bool]:
   agrees on one step at which every process stops, so they all save that step.
   """
   if jax.process_count() > 1:
-    return multihost_utils.reached_preemption_sync_point
+    return multihost_utils.reached_preemption_sync_point, lambda: None
   flag = threading.Event()
+  previous = {}
   if threading.current_thread() is threading.main_thread():
     for signum in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(signum, lambda *_: flag.set())
-  return lambda step: flag.is_set()
+      previous[signum] = signal.signal(signum, lambda *_: flag.set())
+
+  def restore() -> None:
+    # After training, a signal is the caller's again (a sweep's Ctrl-C during evaluation
+    # had only set this flag, which nobody read any more).
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+  return (lambda step: flag.is_set()), restore
 
 
 def _summarize(history: list[dict[str, jax.Array]], last_step: int, skip_nonfinite: bool,
@@ -175,7 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Allowed (a longer run, another eval cadence), but some (batch size, BN options, the
     # device count with per-device statistics) make the result differ from an uninterrupted run.
     progress.message(f'warning: resuming with a changed config: {"; ".join(changes)}.')
-  preempted = _preemption_check()
+  preempted, restore_signal_handlers = _preemption_check()
+  stopping = False
   eval_metrics: dict[str, Any] = {}
   history: list[dict[str, jax.Array]] = []
   skipped_run = 0  # non-finite steps in a row, skipped
@@ -224,7 +234,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # Nothing left to train (a finished run started again): report its evaluation anyway.
       eval_metrics = evaluate(state)
   finally:
+    restore_signal_handlers()
     batches.close()
     checkpointer.close()
     writer.close()
-  return {'step': int(state.step), **eval_metrics}
+  # `preempted` only when a signal stopped it (at the last step too): a sweep stops after it.
+  return {'step': int(state.step), **eval_metrics, **({'preempted': True} if stopping else {})}

@@ -350,7 +350,7 @@ def test_a_preempted_run_stops_the_sweep_unrecorded_and_the_same_command_resumes
   config = _config(dict(TINY, checkpoint_every_steps=5), zero_debias_moving_mean=(False,))
   first, second = 'decay0.9_debias0_bs16_steps20', 'decay0.99_debias0_bs16_steps20'
   messages = []
-  monkeypatch.setattr(runner.train_lib, '_preemption_check', lambda: (lambda step: step >= 5))
+  monkeypatch.setattr(runner.train_lib, '_preemption_check', lambda: ((lambda step: step >= 5), lambda: None))
   assert bn_sweep.run_sweep(config, str(tmp_path), log=messages.append) == []
   assert messages[-1] == (f'Preempted: {first} stopped at step 5 of 20 (saved); rerun the same command to resume '
                           'the sweep.')
@@ -360,3 +360,15 @@ def test_a_preempted_run_stops_the_sweep_unrecorded_and_the_same_command_resumes
   results = bn_sweep.run_sweep(config, str(tmp_path), log=lambda message: None)
   assert [result['name'] for result in results] == [first, second]
   assert [result['step'] for result in results] == [20, 20]
+
+
+def test_a_signal_at_a_runs_last_step_records_the_run_and_stops_the_sweep(tmp_path, monkeypatch):
+  # Its step count had not told it from a finished run: the sweep had trained the next one.
+  config = _config(TINY, zero_debias_moving_mean=(False,))
+  first, second = 'decay0.9_debias0_bs16_steps20', 'decay0.99_debias0_bs16_steps20'
+  messages = []
+  monkeypatch.setattr(runner.train_lib, '_preemption_check', lambda: ((lambda step: step >= 20), lambda: None))
+  assert bn_sweep.run_sweep(config, str(tmp_path), log=messages.append) == []
+  assert messages[-1] == (f'Preempted: {first} finished, then a signal stopped the sweep; rerun the same command '
+                          'to go on.')
+  assert (tmp_path / 'runs' / first / 'result.json').exists() and not (tmp_path / 'runs' / second).exists()

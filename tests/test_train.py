@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -305,3 +306,10 @@ def test_eval_with_both_workdir_and_checkpoint_is_refused(tmp_path):
   # --workdir had been ignored without a word when --checkpoint was given too.
   with pytest.raises(ValueError, match=r'pass --workdir=DIR \(its latest checkpoint\) or --checkpoint=PATH, one'):
     eval_lib.load_checkpoint(tiny_config(), str(tmp_path), str(tmp_path / 'checkpoints' / '2'))
+
+
+def test_training_gives_the_signal_handlers_back(tmp_path):
+  # A BN sweep's Ctrl-C during a run's evaluation had only set a flag nobody read any more.
+  before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+  train_lib.train_and_evaluate(tiny_config(1), str(tmp_path))
+  assert {signum: signal.getsignal(signum) for signum in before} == before

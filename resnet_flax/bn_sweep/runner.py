@@ -85,15 +85,17 @@ class Preempted(Exception):
 def run_one(run: grid.Run, workdir: str, recalibration_batches: int) -> dict[str, Any]:
   """Trains (or resumes) one run, measures its BN discrepancy and writes its result.json.
 
-  Raises Preempted if a signal stopped the training before its last step.
+  Raises Preempted if a signal stopped the training: before its last step the run keeps no
+  result.json (the same command resumes it); at its last step it is recorded first.
   """
   directory = run_directory(workdir, run.name)
   os.makedirs(directory, exist_ok=True)
   check_same_config(directory, run.config)
   start = time.perf_counter()
+  trained: dict[str, Any] = {}
   try:
     trained = train_lib.train_and_evaluate(run.config, directory)
-    if trained['step'] < run.config.num_train_steps:  # it returns early only when preempted
+    if trained.get('preempted') and trained['step'] < run.config.num_train_steps:
       raise Preempted(f"{run.name} stopped at step {trained['step']} of {run.config.num_train_steps} (saved); "
                       'rerun the same command to resume the sweep.')
   except train_lib.NonFiniteLossError as error:
@@ -108,6 +110,8 @@ def run_one(run: grid.Run, workdir: str, recalibration_batches: int) -> dict[str
     result = results_lib.summarize(run, report, eval_curve(directory), recalibration_batches,
                                    time.perf_counter() - start)
   files.write_json(os.path.join(directory, 'result.json'), result)
+  if trained.get('preempted'):  # at its last step: the run is whole, the sweep stops
+    raise Preempted(f'{run.name} finished, then a signal stopped the sweep; rerun the same command to go on.')
   return result
 
 

@@ -169,9 +169,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(args.results_jsonl, encoding='utf-8') as file:
       runs, records = last_runs(file.read().splitlines(), args.runs)
     run = combined_run(runs)
-    if len(runs) > 1:
-      records = priced_again(records, run)
-    section = table(records, run)
   except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
     print(f'report: {args.results_jsonl}: {error}', file=sys.stderr)
     return 2
@@ -179,6 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'report: {args.results_jsonl} is not a results file side_by_side wrote ({type(error).__name__}: '
           f'{error}).', file=sys.stderr)
     return 2
+  if len(runs) > 1:
+    records = priced_again(records, run)
+  section = table(records, run)
   print(section)  # before writing: a failed write still shows the table
   try:
     write_results_section(args.results_md, run['profile'], section)

@@ -14,7 +14,8 @@
 # each at once after the last (the machine stays warm 30 s). A call's figures come back in
 # files_at/<date>_<device>.jsonl (that call's alone): append it to the file of that name in
 # benchmarks/results/, then make one table of the stages:
-# `python -m benchmarks.report benchmarks/results/<date>_<device>.jsonl --runs <calls>`.
+# `python -m benchmarks.report benchmarks/results/<date>_<device>.jsonl --runs <calls>`
+# (the calls that wrote a file: one that measured nothing writes none and exits 1).
 # files_at/raw_jobs.log holds every finished job's output, also of a call cut short. A job
 # skipped at its stage's budget: `--cases NAME ... --torch off --budget-s <what is left>`.
 # Other arguments go to `python -m benchmarks.side_by_side` (without --stage: every group,

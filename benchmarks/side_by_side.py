@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import glob
 import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -257,6 +259,20 @@ def unrecordable(records: list[dict[str, Any]], profile: str, device: str) -> Op
   section are the GPU's)."""
   if not any(record.get('value') is not None for record in records):
     return 'nothing was measured (each job failed, was skipped, or found no time left)'
+  return profile_mismatch(profile, device)
+
+
+def has_nvidia_gpu() -> bool:
+  """Whether the machine may have an NVIDIA GPU: any NVIDIA device file, or nvidia-smi. Not
+  jax's answer: that takes a process initializing the GPU, seconds of a short device lease.
+  Generous on purpose: a wrong no would lose a lease's stage; after measuring, the device
+  our harness reports is checked again (`unrecordable`)."""
+  return bool(glob.glob('/dev/nvidia*')) or shutil.which('nvidia-smi') is not None
+
+
+def profile_mismatch(profile: str, device: str) -> Optional[str]:
+  """Why `profile` should not run on `device`, or None: the gpu profile's figures on a CPU
+  would go into the GPU's results file and RESULTS.md section."""
   if profile == 'gpu' and device.startswith('cpu'):
     return f'the gpu profile ran on {device}; pass --profile cpu for a CPU run'
   return None
@@ -306,6 +322,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   planned = build_groups(args.profile, cases, groups, args.anchors_dir, with_torch, paired=paired)
   # Only our harness imports jax here (in its own processes), so this process holds no GPU memory.
   cases = [case for case in cases if _group_of(case) in groups]
+  if args.profile == 'gpu' and not args.device and not has_nvidia_gpu():  # before hours of measuring
+    print('[side_by_side] the gpu profile needs an NVIDIA GPU and this machine has none (no /dev/nvidia*); pass '
+          '--profile cpu for a CPU run; nothing run.', file=sys.stderr)
+    return 1
   uptime_before = _uptime()
   wanted = dict(args.group_rounds)
   group_rounds = {index: wanted[jobs[0].group] for index, jobs in enumerate(planned) if jobs[0].group in wanted}

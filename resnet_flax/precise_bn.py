@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import numbers
 from typing import Any, Iterable, Iterator, Mapping
 
 import jax
@@ -68,7 +69,8 @@ def population_statistics(model, variables: Variables, image_batches: Iterable[A
   """{BatchNorm path: (mean, variance)} over all images of `image_batches`, every BN at once.
 
   As precise BN does, every layer sees its input normalized with batch statistics (train
-  mode), so all layers are measured in one pass. Batches may differ in size.
+  mode), so all layers are measured in one pass. Batches may differ in size (each must still
+  split over the devices, and into ghost batches where the model has them).
   """
   mesh = mesh or sharding.data_mesh()
   moments_step = sharding.jit_over_batch(functools.partial(_moments_step, model=model), mesh)
@@ -99,7 +101,7 @@ def with_statistics(variables: Variables, statistics: Mapping[tuple[str, ...], t
 def recalibrate(config: ml_collections.ConfigDict, model, variables: Variables, num_batches: int, mesh=None
                 ) -> Variables:
   """Precise BN: population statistics of `num_batches` training batches of `config.batch_size`."""
-  if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+  if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) or num_batches < 1:
     # None or -1 would take every batch of an endless stream: a hang.
     raise ValueError(f'num_batches={num_batches!r}: give a positive number of training batches to recalibrate on '
                      '(config.bn_recalibration_batches).')

@@ -392,8 +392,8 @@ def test_variables_without_batch_stats_are_refused_not_started_afresh(train):
 
 def test_a_gamma_or_beta_the_layer_does_not_use_is_refused_not_dropped():
   trained = BatchNorm(scale=True).init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=False)
-  for layer, named in ((BatchNorm(scale=False), 'has gamma among its params'),
-                       (BatchNorm(scale=True, center=False), 'has beta among its params')):
+  for layer, named in ((BatchNorm(scale=False), 'has gamma among its params but scale=False'),
+                       (BatchNorm(scale=True, center=False), 'has beta among its params but center=False')):
     with pytest.raises(ValueError, match=named):
       layer.apply(trained, jnp.ones((4, 3)), train=False)
 

@@ -269,3 +269,24 @@ def test_inputs_that_are_not_a_batch_of_nhwc_images_are_refused(shape, named):
   model = models.get_model('resnet_v1_tiny', num_classes=5)
   with pytest.raises(ValueError, match=re.escape(named)):
     model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+
+
+@pytest.mark.parametrize('name, options, shape', [
+    ('resnet_v1_tiny', {}, (2, 1, 64, 8)),  # a spectrogram: height 1, not square
+    ('resnet_v1_tiny', {'include_root_block': False}, (2, 4, 4, 16)),  # a feature map, no root block
+    ('resnet_v2_tiny', {'include_root_block': False}, (2, 3, 3, 64)),
+])
+def test_nhwc_inputs_that_merely_have_few_rows_are_taken(name, options, shape):
+  model = models.get_model(name, num_classes=5, **options)
+  assert model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)['params']
+
+
+@pytest.mark.parametrize('fold', [False, True])
+def test_a_trained_gamma_the_model_is_built_without_is_refused_folded_or_not(fold):
+  # Folded eval reads the layer's variables itself; it had dropped the gamma silently.
+  trained = models.get_model('resnet_v1_tiny', num_classes=5).init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)),
+                                                                   train=False)
+  model = models.get_model('resnet_v1_tiny', num_classes=5, batch_norm_scale=False, fold_batch_norm_in_eval=fold)
+  with pytest.raises(ValueError, match='has gamma among its params but scale=False: build the model with '
+                                       r'batch_norm_scale=True \(config.bn.scale=True\)'):
+    model.apply(trained, jnp.zeros((2, 32, 32, 3)), train=False)

@@ -229,6 +229,7 @@ def _fake_device(tmp_path, monkeypatch, device, anchor_img_per_s, anchor_ms_per_
     return 'ok', [json.dumps({'case': spec, 'img_per_s': anchor_img_per_s, 'ms_per_batch': anchor_ms_per_batch})
                   for spec in job.command[2:]]
   monkeypatch.setattr(side_by_side, 'run_job', fake_job)
+  monkeypatch.setattr(side_by_side, 'has_nvidia_gpu', lambda: not device.startswith('cpu'))
   (tmp_path / 'RESULTS.md').write_text('# Benchmark results\n')
   arguments = ['--anchors-dir', str(anchors), '--results-dir', str(tmp_path), '--results-md',
                str(tmp_path / 'RESULTS.md'), '--date', '2026-12-06', '--torch', 'on']
@@ -283,10 +284,12 @@ def test_the_device_a_run_without_cases_of_ours_records_is_our_harnesss():
 
 def test_a_run_that_measured_nothing_or_the_gpu_profile_on_a_cpu_writes_nothing(tmp_path, monkeypatch, capsys):
   # Both had been appended to results/ and given a RESULTS.md section of "not run" rows.
-  arguments, _ = _fake_device(tmp_path, monkeypatch, 'cpu (2 cores)', 8.0, 20.0)
+  arguments, ran = _fake_device(tmp_path, monkeypatch, 'cpu (2 cores)', 8.0, 20.0)
   assert side_by_side.main(['--stage', 'targets', *arguments]) == 1
-  assert 'the gpu profile ran on cpu (2 cores); pass --profile cpu for a CPU run; nothing written' in (
-      capsys.readouterr().err)
+  assert 'the gpu profile needs an NVIDIA GPU and this machine has none' in capsys.readouterr().err
+  assert not ran  # refused before measuring
+  assert side_by_side.unrecordable([{'record': 'ours', 'value': 1.0}], 'gpu', 'cpu (2 cores)') == (
+      'the gpu profile ran on cpu (2 cores); pass --profile cpu for a CPU run')  # a --device given: after
   monkeypatch.setattr(side_by_side, 'run_job', lambda job, timeout_s, env: ('timed out', []))
   assert side_by_side.main(['--stage', 'targets', '--profile', 'cpu', *arguments]) == 1
   assert 'nothing was measured' in capsys.readouterr().err

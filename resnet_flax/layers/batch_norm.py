@@ -199,6 +199,7 @@ class BatchNorm(nn.Module):
     """Eval mode as one affine map per channel, `x * scale + shift` before the activation:
     what the convolution before this layer can take in (`Conv2D.fold_batch_norm_in_eval`)."""
     self._check_options()
+    self._check_no_unused_params()
     mean, variance = (self.get_variable(BATCH_STATS, name) for name in ('moving_mean', 'moving_variance'))
     if mean is None or variance is None:
       raise ValueError(f'BatchNorm {module_path(self)!r} has no moving statistics to fold: apply the model with '
@@ -226,12 +227,16 @@ class BatchNorm(nn.Module):
         raise TypeError(f'BatchNorm {module_path(self)!r}: {what} {jnp.dtype(dtype).name} is not a float type, so '
                         'its output would be truncated; use float32 or bfloat16.')
     if not self.is_initializing():
-      unused = [name for name, kept, field in (('gamma', self.scale, 'scale'), ('beta', self.center, 'center'))
-                if not kept and self.has_variable('params', name)]
-      if unused:  # flax would ignore them: a trained gamma / beta silently dropped
-        raise ValueError(f'BatchNorm {module_path(self)!r} has {" and ".join(unused)} among its params but is built '
-                         f'without them; build the model with batch_norm_scale / batch_norm_center=True (config.bn) '
-                         'to use them.')
+      self._check_no_unused_params()
+
+  def _check_no_unused_params(self) -> None:
+    """Refuses a gamma or beta among the params of a layer built without it: flax would
+    ignore it, silently dropping a trained scale or shift (in folded eval too)."""
+    for name, kept, field in (('gamma', self.scale, 'scale'), ('beta', self.center, 'center')):
+      if not kept and self.has_variable('params', name):
+        raise ValueError(f'BatchNorm {module_path(self)!r} has {name} among its params but {field}=False: build the '
+                         f'model with batch_norm_{field}=True (config.bn.{field}=True) to use it, or leave it out of '
+                         'the params.')
 
   def _statistics(self, channels: int) -> dict[str, Any]:
     """The `batch_stats` variables this configuration keeps, by name."""
@@ -249,8 +254,10 @@ class BatchNorm(nn.Module):
       missing = [name for name in wanted if not self.has_variable(BATCH_STATS, name)]
       if missing:  # with the collection mutable, flax would create them afresh at 0 and 1
         raise ValueError(f'BatchNorm {module_path(self)!r} has no {", ".join(missing)} in the {BATCH_STATS!r} '
-                         f'collection: apply with all the variables init or a checkpoint gave, '
-                         f'{{"params": ..., "{BATCH_STATS}": ...}} (a fresh start of the statistics would be silent).')
+                         f'collection (a fresh start at 0 and 1 would be silent): apply with all the variables init or '
+                         f'a checkpoint gave, {{"params": ..., "{BATCH_STATS}": ...}}; for variables of a model with '
+                         'other BatchNorm options (zero-debias, renorm), build the model as they were, or load them '
+                         'with pretrained.load_for_model (config.init_checkpoint), which fills the state they lack.')
     return {name: self.variable(BATCH_STATS, name, init, shape, jnp.float32)
             for name, (init, shape) in wanted.items()}
 

@@ -7,6 +7,7 @@ import numbers
 from typing import Any, Optional
 
 import flax.linen as nn
+import numpy as np
 from flax.core import FrozenDict
 
 from resnet_flax.layers import BatchNorm
@@ -107,7 +108,7 @@ def _check_types(name: str, num_classes: Any, targets: tuple) -> None:
   for module, given in targets:
     switches = {field.name for field in dataclasses.fields(module) if isinstance(field.default, bool)}
     for field, value in given.items():
-      if field in switches and not isinstance(value, bool):
+      if field in switches and not isinstance(value, (bool, np.bool_)):
         owner = 'the BatchNorm field ' if module is BatchNorm else ''
         raise TypeError(f'get_model({name!r}): {owner}{field}={value!r} must be True or False (a string or number '
                         'would be read by its truthiness).')

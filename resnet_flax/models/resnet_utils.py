@@ -24,13 +24,15 @@ class Block:
   args: tuple[dict, ...]
 
 
-def check_float_inputs(inputs: Array) -> Array:
-  """`inputs`, if they are a batch of NHWC float images: integer pixels would silently skip
-  preprocessing, and NCHW images would be read with their height as channels."""
+def check_inputs(inputs: Array, images: bool) -> Array:
+  """`inputs`, if they are a 4-D NHWC float batch: integer pixels would silently skip
+  preprocessing. With `images` (a root block reads them), a batch of square images shaped
+  channels first, (N, 1|3|4, S, S) with S > 4, is refused too: it would be read with its
+  height as the channels. Without a root block the input may be any feature map."""
   if inputs.ndim != 4:
     raise ValueError(f'ResNet inputs are {tuple(inputs.shape)}: give a batch of NHWC images, (batch, height, width, '
                      'channels); one image is x[None].')
-  if inputs.shape[1] in (1, 3, 4) and inputs.shape[3] > 4:
+  if images and inputs.shape[1] in (1, 3, 4) and inputs.shape[2] == inputs.shape[3] > 4:
     raise ValueError(f'ResNet inputs {tuple(inputs.shape)} look NCHW (channels first); the models take NHWC, as '
                      'slim: jnp.transpose(images, (0, 2, 3, 1)).')
   if not jnp.issubdtype(inputs.dtype, jnp.floating):

@@ -65,7 +65,7 @@ class ResNetV2(nn.Module):
     conv = self.arg_scope.conv2d()
     blocks = resnet_utils.bottleneck_blocks(self.block_sizes, bottleneck_v2(self.arg_scope))
     output_stride = resnet_utils.root_output_stride(self.output_stride, self.include_root_block)
-    x = resnet_utils.check_float_inputs(inputs)
+    x = resnet_utils.check_inputs(inputs, images=self.include_root_block)
     if self.include_root_block:
       # No BN or activation here: the first unit's `preact` does both.
       root_conv = functools.partial(conv, normalizer=None, activation=None)

@@ -344,31 +344,35 @@ def test_same_command_again_skips_finished_runs_and_redoes_one_without_result(sw
   assert (workdir / 'results.md').read_text() == (sweep_dir / 'results.md').read_text()
 
 
+# The two runs of a one-debias grid, and a sweep a signal stops after `step` of its first run.
+FIRST, SECOND = 'decay0.9_debias0_bs16_steps20', 'decay0.99_debias0_bs16_steps20'
+
+
+def _sweep_signalled_at(step, config, workdir, monkeypatch):
+  """run_sweep's return and its last message, with SIGTERM seen after training step `step`."""
+  messages = []
+  monkeypatch.setattr(runner.train_lib, '_preemption_check', lambda: ((lambda now: now >= step), lambda: None))
+  returned = bn_sweep.run_sweep(config, str(workdir), log=messages.append)
+  monkeypatch.undo()
+  return returned, messages[-1]
+
+
 def test_a_preempted_run_stops_the_sweep_unrecorded_and_the_same_command_resumes_it(tmp_path, monkeypatch):
   # A signal had made train_and_evaluate return at the saved step: the run was then recorded
   # as finished (its row read 20 steps after 5) and the next run trained.
   config = _config(dict(TINY, checkpoint_every_steps=5), zero_debias_moving_mean=(False,))
-  first, second = 'decay0.9_debias0_bs16_steps20', 'decay0.99_debias0_bs16_steps20'
-  messages = []
-  monkeypatch.setattr(runner.train_lib, '_preemption_check', lambda: ((lambda step: step >= 5), lambda: None))
-  assert bn_sweep.run_sweep(config, str(tmp_path), log=messages.append) == []
-  assert messages[-1] == (f'Preempted: {first} stopped at step 5 of 20 (saved); rerun the same command to resume '
-                          'the sweep.')
-  assert not (tmp_path / 'runs' / first / 'result.json').exists() and not (tmp_path / 'runs' / second).exists()
+  assert _sweep_signalled_at(5, config, tmp_path, monkeypatch) == (
+      [], f'Preempted: {FIRST} stopped at step 5 of 20 (saved); rerun the same command to resume the sweep.')
+  assert not (tmp_path / 'runs' / FIRST / 'result.json').exists() and not (tmp_path / 'runs' / SECOND).exists()
   assert not (tmp_path / 'results.csv').exists()
-  monkeypatch.undo()
   results = bn_sweep.run_sweep(config, str(tmp_path), log=lambda message: None)
-  assert [result['name'] for result in results] == [first, second]
+  assert [result['name'] for result in results] == [FIRST, SECOND]
   assert [result['step'] for result in results] == [20, 20]
 
 
 def test_a_signal_at_a_runs_last_step_records_the_run_and_stops_the_sweep(tmp_path, monkeypatch):
   # Its step count had not told it from a finished run: the sweep had trained the next one.
   config = _config(TINY, zero_debias_moving_mean=(False,))
-  first, second = 'decay0.9_debias0_bs16_steps20', 'decay0.99_debias0_bs16_steps20'
-  messages = []
-  monkeypatch.setattr(runner.train_lib, '_preemption_check', lambda: ((lambda step: step >= 20), lambda: None))
-  assert bn_sweep.run_sweep(config, str(tmp_path), log=messages.append) == []
-  assert messages[-1] == (f'Preempted: {first} finished, then a signal stopped the sweep; rerun the same command '
-                          'to go on.')
-  assert (tmp_path / 'runs' / first / 'result.json').exists() and not (tmp_path / 'runs' / second).exists()
+  assert _sweep_signalled_at(20, config, tmp_path, monkeypatch) == (
+      [], f'Preempted: {FIRST} finished, then a signal stopped the sweep; rerun the same command to go on.')
+  assert (tmp_path / 'runs' / FIRST / 'result.json').exists() and not (tmp_path / 'runs' / SECOND).exists()

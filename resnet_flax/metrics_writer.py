@@ -143,14 +143,21 @@ def finite_or_null(value: Any) -> Any:
   return value
 
 
+def recorded_config(workdir: str) -> Optional[dict[str, Any]]:
+  """The config recorded in `workdir/config.json`, by dotted field name; None without one."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as file:
+    return flat_fields(json.load(file))
+
+
 def config_changes(workdir: str, config: Mapping[str, Any]) -> list[str]:
   """How `config` (nested dicts) differs from the one recorded in `workdir/config.json`:
   'field: old -> new' (dotted names) in sorted order; none without a record."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  saved = recorded_config(workdir)
+  if saved is None:
     return []
-  with open(path, encoding='utf-8') as file:
-    saved = flat_fields(json.load(file))
   current = flat_fields(json.loads(json.dumps(config, default=str)))  # tuples as lists, as read back
   missing = '(none)'
   return [f'{key}: {saved.get(key, missing)} -> {current.get(key, missing)}'

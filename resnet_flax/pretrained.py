@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 from absl import logging
 
 from resnet_flax import checkpoints, slim
-from resnet_flax.metrics_writer import flat_fields
+from resnet_flax.metrics_writer import recorded_config
 from resnet_flax.slim import checkpoint_import, names
 
 SLIM_PREFIX = 'slim:'
@@ -131,13 +130,13 @@ def _recorded_config(source: str) -> str:
   """The model-shaping fields that the run which wrote the orbax checkpoint `<workdir>/
   checkpoints/<step>` recorded in `<workdir>/config.json`, as flags; empty if there is none."""
   steps = os.path.dirname(os.path.abspath(source))
-  path = os.path.join(os.path.dirname(steps), 'config.json')
-  if source.startswith(SLIM_PREFIX) or os.path.basename(steps) != 'checkpoints' or not os.path.isfile(path):
+  if source.startswith(SLIM_PREFIX) or os.path.basename(steps) != 'checkpoints':
     return ''
   try:
-    with open(path, encoding='utf-8') as file:
-      fields = flat_fields(json.load(file))
-  except (OSError, ValueError):
+    fields = recorded_config(os.path.dirname(steps))
+  except (OSError, ValueError):  # a hint only: an unreadable record gives none
+    return ''
+  if fields is None:
     return ''
   shaping = ('model', 'num_classes', 'model_options.block_sizes', 'data.name', 'bn.center', 'bn.scale',
              'bn.zero_debias_moving_mean', 'bn.renorm')

@@ -45,14 +45,15 @@ class _PopulationMoments:
   def add(self, moments: Mapping, examples: int) -> None:
     """One batch's per-group moments ({path: {'mean', 'variance'}}, (groups, C) each) of `examples` images."""
     flat = traverse_util.flatten_dict(moments)
-    groups = next(iter(flat.values())).shape[0] if flat else 0
+    if not flat:
+      return
+    per_group = examples / next(iter(flat.values())).shape[0]  # every layer: the batch's groups
     for path in {p[:-1] for p in flat}:
       mean = np.asarray(flat[path + ('mean',)], np.float64)
       variance = np.asarray(flat[path + ('variance',)], np.float64)
-      per_group = examples / groups
       terms = [per_group * mean.sum(0), per_group * variance.sum(0), per_group * np.square(mean).sum(0)]
       self.sums[path] = terms if path not in self.sums else [a + b for a, b in zip(self.sums[path], terms)]
-    self.weight += examples if flat else 0
+    self.weight += examples
 
   def statistics(self) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
     """{BatchNorm module path: (population mean, population variance)}."""

@@ -120,8 +120,8 @@ def loss(params, images):
 for name in ('centred_moments', 'shifted_moments'):
   batch_norm.batch_moments = getattr(moments, name)  # before tracing: each jit below traces afresh
   step = jax.value_and_grad(loss)
-  gaps['model_' + name] = gap(on_mesh(step, 'params')(sharding.replicate(variables['params'], mesh), split_batch(images)),
-                              jax.jit(step)(variables['params'], images))
+  on_devices = on_mesh(step, 'params')(sharding.replicate(variables['params'], mesh), split_batch(images))
+  gaps['model_' + name] = gap(on_devices, jax.jit(step)(variables['params'], images))
 print(json.dumps({'devices': len(mesh.devices.flat), **gaps}))
 '''
 

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import os
 import statistics
-import sys
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -173,19 +172,22 @@ def matches(case: Case, selector: str) -> bool:
   return selector in (case.name, case.kind, f'{case.kind}/{case.variant}')
 
 
+class UnknownCaseError(ValueError):
+  """A case name that picks no case of the profile."""
+
+
 def select(profile: str, names: Optional[Sequence[str]], strict: bool = True) -> list[Case]:
   """The profile's cases, or those among them named (exactly, by a `kind` such as 'eval', or
-  by `kind/variant` such as 'eval/bf16'); with `strict`, a name that picks no case exits with a
-  one-line message (a stage's names may name variants a profile lacks: not strict)."""
+  by `kind/variant` such as 'eval/bf16'); with `strict`, a name that picks no case raises
+  UnknownCaseError (a stage's names may name variants a profile lacks: not strict)."""
   cases = profile_cases(profile)
   if not names:
     return cases
   unknown = [name for name in names if not any(matches(case, name) for case in cases)]
   if unknown and strict:
     kinds = ', '.join(sorted({case.kind for case in cases}))
-    print(f'error: unknown case(s) {unknown} for profile {profile!r}: give a case name (--list shows them), a kind '
-          f'({kinds}) or kind/variant.', file=sys.stderr)
-    raise SystemExit(2)
+    raise UnknownCaseError(f'unknown case(s) {unknown} for profile {profile!r}: give a case name (`python -m '
+                           f'benchmarks.run --profile {profile} --list` lists them), a kind ({kinds}) or kind/variant.')
   return [case for case in cases if any(matches(case, name) for name in names)]
 
 

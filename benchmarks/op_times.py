@@ -223,7 +223,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error(f'--steps {args.steps} --top {args.top}: trace at least one step and list at least one op')
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     parser.error(f'--out {args.out} is a file; give a folder for the HLO, the op times and the trace')
-  chosen = cases_lib.select(args.profile, args.cases)  # an unknown name fails before --out is made
+  try:
+    chosen = cases_lib.select(args.profile, args.cases)  # an unknown name fails before --out is made
+  except cases_lib.UnknownCaseError as error:
+    parser.error(str(error))
   os.makedirs(args.out, exist_ok=True)
   status = 0
   for case in chosen:

@@ -117,7 +117,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--device')
   parser.add_argument('--date')
   args = parser.parse_args(argv)
-  chosen = [case for case in cases_lib.select(args.profile, args.cases) if case.prepare is not None]
+  try:
+    chosen = [case for case in cases_lib.select(args.profile, args.cases) if case.prepare is not None]
+  except cases_lib.UnknownCaseError as error:
+    parser.error(str(error))
   anchor = load_anchor(os.path.join(args.anchors_dir, compare.FLAX))
   common = {'device': args.device or run.device_description(), 'jax': jax.__version__, 'profile': args.profile,
             **({'date': args.date} if args.date else {})}

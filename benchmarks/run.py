@@ -105,9 +105,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   profile = 'smoke' if args.smoke else args.profile
   if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
     parser.error(f'--out {args.out}: give a file in an existing directory (checked before hours of measuring)')
+  try:
+    chosen = cases_lib.select(profile, args.cases)
+  except cases_lib.UnknownCaseError as error:
+    parser.error(str(error))
   if args.list:
-    for case in cases_lib.select(profile, args.cases):
-      print(case.name)
+    print('\n'.join(case.name for case in chosen))
     return 0
   if profile == 'gpu' and jax.default_backend() == 'cpu':
     print('[benchmarks] warning: the gpu profile (the issue\'s ResNet-50 batch 256, ResNet-152 batch 32) on a CPU '

@@ -316,8 +316,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   with_torch = with_torch and 'torch' in groups  # else its figures would be listed as missing
   budget_s = args.budget_s if args.budget_s is not None else (stage.budget_s if stage else DEFAULT_BUDGET_S)
   # A stage's selectors may name variants a profile lacks (the cpu one has no bf16 eval).
-  cases = (cases_lib.select(args.profile, args.cases) if args.cases or not stage else
-           cases_lib.select(args.profile, stage.cases, strict=False))
+  try:
+    cases = (cases_lib.select(args.profile, args.cases) if args.cases or not stage else
+             cases_lib.select(args.profile, stage.cases, strict=False))
+  except cases_lib.UnknownCaseError as error:
+    parser.error(str(error))
   paired = args.paired == 'on' or (args.paired == 'auto' and args.profile == 'cpu')
   planned = build_groups(args.profile, cases, groups, args.anchors_dir, with_torch, paired=paired)
   # Only our harness imports jax here (in its own processes), so this process holds no GPU memory.

@@ -98,8 +98,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, device_coun
   overrides['fold_batch_norm_in_eval'] = config.bn.fold_in_eval
   # None means "the model's own default" (e.g. no root block for the digits variants).
   overrides.update({key: value for key, value in config.model_options.items() if value is not None})
-  model = models.get_model(config.model, num_classes=num_classes, weight_decay=config.weight_decay,
-                           dtype=DTYPES[config.dtype], **overrides)
+  model = models.get_model(config.model, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
   _check_for_classification(model)
   return model
 

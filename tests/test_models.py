@@ -252,6 +252,9 @@ def test_one_by_one_convolution_as_a_dot_equals_xla_convolution(stride, padding,
     ({'num_classes': 0}, ValueError, 'num_classes=0 must be a positive int, or None'),
     ({'num_classes': 5.0}, ValueError, 'num_classes=5.0 must be a positive int'),
     ({'num_classes': True}, ValueError, 'num_classes=True must be a positive int'),
+    # slim's resnet_arg_scope argument: a model field the loss never read had been accepted silently.
+    ({'weight_decay': 0.0}, TypeError, 'weight_decay is not a model argument; slim\'s L2 on conv weights is a term '
+                                       'of the loss: add losses.slim_l2_regularization(params, weight_decay)'),
 ])
 def test_switches_and_class_counts_of_the_wrong_type_are_refused(overrides, error, named):
   # Each had been read by its truthiness: 'False' froze the statistics, 0 dropped the logits.

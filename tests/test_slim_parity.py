@@ -97,7 +97,6 @@ def make_model(config: dict, **overrides):
       batch_norm_scale=config['batch_norm_scale'],
       batch_norm_decay=config['batch_norm_decay'],
       batch_norm_epsilon=config['batch_norm_epsilon'],
-      weight_decay=config['weight_decay'],
       output_stride=config['output_stride'],
       spatial_squeeze=False,
   )

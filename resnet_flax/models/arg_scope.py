@@ -18,12 +18,12 @@ class ResNetArgScope:
   """What slim's `resnet_arg_scope(...)` sets, as a value a model carries.
 
   `batch_norm` holds BatchNorm fields (decay, epsilon, scale, zero_debias_moving_mean,
-  fused, ...); `weight_decay` is the L2 factor on conv weights that the loss applies
-  (slim's `0.5 * weight_decay * sum(w ** 2)` regularizer). `fold_batch_norm_in_eval` (not
-  slim's) folds each conv's BatchNorm into it in eval mode (`Conv2D`); v2's `preact` and
-  `postnorm`, which follow no convolution, stay as they are.
+  fused, ...). slim's `weight_decay` is not here: its L2 regularizer is a term of the loss,
+  `losses.slim_l2_regularization(params, weight_decay)` (`config.weight_decay`), one place
+  for it rather than a model field the loss could disagree with. `fold_batch_norm_in_eval`
+  (not slim's) folds each conv's BatchNorm into it in eval mode (`Conv2D`); v2's `preact`
+  and `postnorm`, which follow no convolution, stay as they are.
   """
-  weight_decay: float = 1e-4
   batch_norm: FrozenDict = FrozenDict(decay=0.997, epsilon=1e-5, scale=True)
   activation_fn: Callable = nn.relu
   use_batch_norm: bool = True

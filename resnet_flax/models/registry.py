@@ -63,7 +63,7 @@ _VARIANT_DEFAULTS = {'resnet_v1_digits': {'include_root_block': False},
 _SMALL_VARIANTS = ('_tiny', '_digits')
 
 # resnet_arg_scope's own argument names, mapped onto ResNetArgScope / BatchNorm fields.
-_ARG_SCOPE_NAMES = {'weight_decay', 'activation_fn', 'use_batch_norm', 'dtype', 'fold_batch_norm_in_eval'}
+_ARG_SCOPE_NAMES = {'activation_fn', 'use_batch_norm', 'dtype', 'fold_batch_norm_in_eval'}
 _BATCH_NORM_ALIASES = {'batch_norm_decay': 'decay', 'batch_norm_epsilon': 'epsilon',
                        'batch_norm_scale': 'scale', 'batch_norm_center': 'center',
                        'batch_norm_fused': 'fused', 'zero_debias_moving_mean': 'zero_debias_moving_mean'}
@@ -117,8 +117,9 @@ def _check_types(name: str, num_classes: Any, targets: tuple) -> None:
 def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
   """Builds a registered ResNet, e.g. `get_model('resnet_v1_50', num_classes=1000)`.
 
-  Overrides use resnet_arg_scope's names (`weight_decay`, `batch_norm_decay`,
-  `batch_norm_epsilon`, `batch_norm_scale`, `activation_fn`, `use_batch_norm`),
+  Overrides use resnet_arg_scope's names (`batch_norm_decay`, `batch_norm_epsilon`,
+  `batch_norm_scale`, `activation_fn`, `use_batch_norm`; its `weight_decay` is the loss's:
+  `losses.slim_l2_regularization`),
   `zero_debias_moving_mean`, `batch_norm_<field>` for any other BatchNorm field,
   `dtype`, `fold_batch_norm_in_eval` (`ResNetArgScope`), and the model's own arguments (`global_pool`, `output_stride`,
   `spatial_squeeze`, `include_root_block`, ...; v1 also `depth_multiplier`,
@@ -128,6 +129,10 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
   """
   if name not in _REGISTRY:
     raise ValueError(f'Unknown model {name!r}; choose one of: {", ".join(list_models())}.')
+  if 'weight_decay' in overrides:  # resnet_arg_scope's argument, which a model field here could not apply
+    raise TypeError(f'get_model({name!r}): weight_decay is not a model argument; slim\'s L2 on conv weights is a '
+                    'term of the loss: add losses.slim_l2_regularization(params, weight_decay) to it '
+                    '(config.weight_decay in train.py).')
   cls, block_sizes = _REGISTRY[name]
   scope_kwargs, bn_kwargs, model_kwargs = split_overrides({**_VARIANT_DEFAULTS.get(name, {}), **overrides})
   custom_blocks = model_kwargs.pop('block_sizes', None)

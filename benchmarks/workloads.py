@@ -1,8 +1,8 @@
 """The programs the harness times: a `prepare_*` (a compiled step, timed by the caller) or a
 `measure_*` (timed inside) per kind of case, on synthetic data.
 
-  prepare_train       our full train step (`steps.train_step` jitted with donation, as
-                      train_lib does), or with flax's `nn.BatchNorm` swapped in; img/s
+  prepare_train       our full train step (`train_lib.make_train_step`: jitted with donation,
+                      as train.py runs it), or with flax's `nn.BatchNorm` swapped in; img/s
   prepare_eval        `model.apply(..., train=False)` on one batch; ms per batch
   measure_train_loop  `train_lib.train_and_evaluate` (what train.py runs); img/s it logs
   prepare_bn_layer    one BatchNorm layer, forward + backward + new statistics; ms
@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks import flax_batch_norm, synthetic_jpegs, timing
 from configs import imagenet_resnet_v1_50, synthetic_resnet_v1_50
-from resnet_flax import data, models, optim, sharding, steps, train_lib
+from resnet_flax import data, models, optim, sharding, train_lib
 from resnet_flax.layers import BatchNorm, moments
 from resnet_flax.layers import batch_norm as batch_norm_lib
 from resnet_flax.layers import conv as conv_lib
@@ -128,7 +128,7 @@ def _traced_with(module: types.ModuleType, name: str, replacement: Callable[...,
 def prepare_train(*, model_name: str, dtype: str, batch: int, image_size: int, num_classes: int,
                   flax_bn: bool = False, one_by_one_as_dot: bool = True, block_sizes: Optional[tuple] = None,
                   **unused: Any) -> Stepper:
-  """Our train step, built and jitted as `train_lib.train_and_evaluate` does; figure: img/s.
+  """Our train step, `train_lib.make_train_step` as `train_lib.train_and_evaluate` builds it; figure: img/s.
 
   `block_sizes` shrinks the registry model (smoke runs: compiling dominates them).
   `one_by_one_as_dot=False` traces 1x1 kernels as convolutions (the `train_conv1x1` case).
@@ -146,12 +146,7 @@ def prepare_train(*, model_name: str, dtype: str, batch: int, image_size: int, n
   state = sharding.replicate(TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                                         batch_stats=variables['batch_stats'],
                                         opt_state=tx.init(variables['params'])), mesh)
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=model, tx=tx, weight_decay=config.weight_decay,
-                        label_smoothing=config.label_smoothing, skip_nonfinite=config.skip_nonfinite_steps),
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-      donate_argnums=0)
+  train_step = train_lib.make_train_step(config, model, tx, mesh, sharding.train_state_shardings(state, mesh))
   batch_arrays = sharding.to_global_batch(_synthetic_batch(batch, image_size, num_classes), mesh)
   with contextlib.nullcontext() if one_by_one_as_dot else _traced_with(conv_lib, 'convolve', conv_lib.convolution):
     compiled, compile_s = timing.compile_timed(train_step, state, batch_arrays)

@@ -79,7 +79,6 @@ def get_config() -> ml_collections.ConfigDict:
       'on_bad_image': 'error',  # imagefolder: 'error' | 'skip'
       'num_workers': 0,  # imagefolder decoding threads (or processes); 0: one per core
       'worker_processes': False,  # imagefolder: processes, for many cores (threads share one GIL)
-      'normalize': 'auto',  # the only value: normalization follows from name and preprocessing
   })
   config.eval_split = 'test'
   # eval.py: > 0 recomputes BN statistics on this many training batches first (precise BN).

@@ -283,7 +283,7 @@ def test_synthetic_is_fixed_shape_and_reuses_its_images():
     ({'name': 'digits', 'preprocessing': 'vgg'}, 'imagefolder only'),
     ({'name': 'digits', 'num_classes': 1000}, 'num_classes'),
     ({'name': 'digits', 'image_size': 4}, 'image_size'),
-    ({'name': 'digits', 'normalize': 'imagenet_mean'}, 'normalize'),
+    ({'name': 'digits', 'normalize': 'imagenet_mean'}, 'unknown config.data field'),  # it follows from name
     ({'name': 'cifar10', 'image_size': 224}, 'image_size'),
     ({'name': 'imagefolder', 'dir': '/nonexistent'}, 'preprocessing'),
     # An explicit 0 is an error, not the default (0 had silently meant 8, 32, 3 or 1000).
@@ -346,7 +346,7 @@ def test_labels_out_of_range_are_refused():
 def test_works_with_a_config_dict():
   ml_collections = pytest.importorskip('ml_collections')
   config = ml_collections.ConfigDict({'name': 'digits', 'image_size': 8, 'digits_resize': 'pad',
-                                      'preprocessing': 'none', 'augment': False, 'normalize': 'auto'})
+                                      'preprocessing': 'none', 'augment': False})
   assert data.build(config, 'test', batch_size=8, seed=0).num_examples == 360
 
 

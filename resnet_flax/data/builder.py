@@ -26,10 +26,10 @@ Fields of `config.data` (an ml_collections.ConfigDict or a plain dict):
   num_workers    imagefolder: decoding threads or processes (default 0: one per CPU core)
   worker_processes  imagefolder: decode in worker processes rather than threads (default
                  False); threads share one GIL and stop scaling at a few thousand img/s
-  normalize      'auto' only: normalization follows from name and preprocessing (digits
-                 x / 16; cifar10 per-channel mean/std; vgg mean subtraction; inception [-1, 1])
 
 Fields named for one source are ignored by the others, so one base config can serve all.
+Normalization is no field: it follows from name and preprocessing (digits x / 16; cifar10
+per-channel mean/std; vgg mean subtraction; inception [-1, 1]).
 """
 
 from __future__ import annotations
@@ -43,16 +43,13 @@ from resnet_flax.data.pipeline import Dataset, Source
 NAMES = ('digits', 'cifar10', 'imagefolder', 'synthetic')
 _FIELDS = frozenset({'name', 'dir', 'image_size', 'digits_resize', 'preprocessing', 'augment', 'color_distortion',
                      'num_classes', 'num_examples', 'channels', 'label_offset', 'on_bad_image', 'num_workers',
-                     'worker_processes', 'normalize'})
+                     'worker_processes'})
 
 
 def _check_fields(config: Mapping[str, Any]) -> None:
   unknown = sorted(set(config.keys()) - _FIELDS)
   if unknown:
     raise DataError(f'unknown config.data field(s) {unknown}; known fields: {sorted(_FIELDS)}.')
-  if config.get('normalize', 'auto') != 'auto':
-    raise DataError(f"config.data.normalize={config['normalize']!r} is not supported: normalization follows from "
-                    f"name and preprocessing; set it to 'auto' or remove it.")
 
 
 def _check_no_preprocessing(config: Mapping[str, Any], name: str) -> None:

@@ -127,12 +127,6 @@ def last_runs(lines: Sequence[str], count: int = 1) -> tuple[list[dict[str, Any]
   return runs, list(figures.values())
 
 
-def last_run(lines: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """The last run of a results file: its 'run' record and the records that carry its run_id."""
-  runs, records = last_runs(lines, 1)
-  return runs[0], records
-
-
 def combined_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
   """One 'run' record standing for several calls: their loads, uptimes and jobs together, less
   the failed or skipped jobs a later call ran again (same job, same arguments) and finished."""

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import statistics
 import time
 from typing import Any, Callable
 
 import jax
-
-
-@dataclasses.dataclass(frozen=True)
-class Timing:
-  """Median seconds per step over `steps` timed steps, and the compile time apart."""
-  median_s: float
-  compile_s: float | None
-  steps: int
-  warmup: int
 
 
 def compile_timed(jitted: Any, *args: Any) -> tuple[Callable[..., Any], float]:

@@ -91,7 +91,7 @@ def test_results_md_section_is_replaced_and_the_rest_kept():
   new_run = {**old_run, 'run_id': 'b'}
   lines = [json.dumps(r) for r in [old_run, {'record': 'ours', 'case': 'stale', 'run_id': 'a'}, new_run,
                                    *[{**r, 'run_id': 'b'} for r in records]]]
-  again_run, again_records = report.last_run(lines)
+  (again_run,), again_records = report.last_runs(lines, 1)
   assert again_run == new_run and report.table(again_records, again_run) == section
 
 
@@ -247,7 +247,7 @@ def test_a_stage_runs_its_groups_and_cases_within_its_budget(tmp_path, monkeypat
   assert all(timeout <= side_by_side.STAGES['targets'].budget_s + side_by_side.STAGE_GRACE_S for _, _, timeout in ran)
   assert ran[0][2] > side_by_side.STAGES['targets'].budget_s  # the first job may overrun the budget by the grace
   lines = (tmp_path / '2026-12-06_h100.jsonl').read_text().splitlines()
-  run_info, records = report.last_run(lines)
+  (run_info,), records = report.last_runs(lines, 1)
   assert run_info['stage'] == 'targets'
   assert {r['case'] for r in records if r['record'] == 'ours'} == {
       c.name for c in cases_lib.select('gpu', side_by_side.STAGES['targets'].cases)}

@@ -41,8 +41,6 @@ _U8, _U16, _LOW_BYTE, _LOW_PAIR = np.uint32(8), np.uint32(16), np.uint32(0xff), 
 _REGISTER_BASIS = (np.arange(256, dtype=np.uint32)[None, :]
                    << (8 * np.arange(4, dtype=np.uint32))[:, None]).ravel()
 
-CRC32C_IMPLEMENTATION = 'google_crc32c' if _google_crc32c else 'numpy'
-
 
 def crc32c(data: bytes, crc: int = 0) -> int:
   """CRC-32C of `data`, continuing a running `crc` (that of the bytes before `data`)."""

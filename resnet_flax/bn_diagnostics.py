@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping, Optional
 import jax
 import ml_collections
 
-from resnet_flax import data, device_input, eval_lib, model_builder, precise_bn, sharding, steps
+from resnet_flax import device_input, eval_lib, model_builder, precise_bn, sharding, steps
 from resnet_flax.layers.batch_norm import BATCH_STATS
 
 Variables = dict[str, Any]
@@ -28,14 +28,13 @@ def evaluate_with_batch_statistics(config: ml_collections.ConfigDict, variables:
   Statistics are over each whole batch (no ghost or per-device groups, not frozen); the
   last, partial batch is left out so every batch has the same size.
   """
-  sharding.check_batch_size(batch_size, 'a config.bn_report_batch_sizes entry')
   bn_config = config.copy_and_resolve_references()
   with bn_config.unlocked():
     bn_config.batch_size = batch_size
     bn_config.bn.update(ghost_batch_size=None, cross_device='global', frozen=False)
   model = model_builder.build_model(bn_config, num_classes)
-  dataset = data.build(config.data, config.eval_split, batch_size=batch_size // jax.process_count(),
-                       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  dataset = device_input.process_dataset(config, config.eval_split, batch_size,
+                                         'a config.bn_report_batch_sizes entry')
   mesh = sharding.data_mesh()
   step = sharding.jit_over_batch(functools.partial(_batch_statistics_step, model=model), mesh)
   # The global batches that are full on every process: all processes take the same steps.

@@ -20,6 +20,15 @@ from resnet_flax.data.pipeline import as_model_input
 DeviceBatch = dict[str, jax.Array]
 
 
+def process_dataset(config: Any, split: str, global_batch_size: int, setting: str = 'config.batch_size'
+                    ) -> data.Dataset:
+  """This process's share of `config.data`'s `split`, for global batches of `global_batch_size`
+  (which must split over the devices: `setting`, the config field that gave it, is named if not)."""
+  sharding.check_batch_size(global_batch_size, setting)
+  return data.build(config.data, split, batch_size=global_batch_size // jax.process_count(), seed=config.seed,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def _model_input_on_device(model_input: Callable[[Any], Any]) -> Callable[[DeviceBatch], DeviceBatch]:
   if model_input is as_model_input:
     return lambda batch: batch

@@ -44,10 +44,8 @@ def evaluate_dataset(eval_step, variables: dict[str, Any], dataset: data.Dataset
 
 def build_eval_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
   """This process's share of `config.eval_split`."""
-  eval_batch_size = config.eval_batch_size or config.batch_size
-  sharding.check_batch_size(eval_batch_size, 'config.eval_batch_size')
-  return data.build(config.data, config.eval_split, batch_size=eval_batch_size // jax.process_count(),
-                    seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  return device_input.process_dataset(config, config.eval_split, config.eval_batch_size or config.batch_size,
+                                      'config.eval_batch_size')
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model, image_shape) -> TrainState:

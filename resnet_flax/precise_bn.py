@@ -106,9 +106,7 @@ def recalibrate(config: ml_collections.ConfigDict, model, variables: Variables, 
     # None or -1 would take every batch of an endless stream: a hang.
     raise ValueError(f'num_batches={num_batches!r}: give a positive number of training batches to recalibrate on '
                      '(config.bn_recalibration_batches).')
-  sharding.check_batch_size(config.batch_size)
-  dataset = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
-                       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  dataset = device_input.process_dataset(config, 'train', config.batch_size)
   mesh = mesh or sharding.data_mesh()
   batches = device_input.dataset_batches(dataset, _first(dataset.train_batches(0), num_batches), mesh)
   try:

@@ -93,6 +93,51 @@ def _initialize_from(spec: str, state: TrainState, model, image_shape, mesh, pro
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
 
 
+def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_record: dict[str, Any],
+                          checkpointer: checkpoints.Checkpointer, state: TrainState, model, image_shape, mesh,
+                          progress: ProgressBar) -> tuple[TrainState, Optional[int]]:
+  """The state to train on and the step of the checkpoint it was resumed from (None: none was):
+  the newest intact checkpoint of `workdir`, else `config.init_checkpoint`'s weights, else `state`."""
+  try:
+    state, last_saved = checkpointer.restore_newest_intact(state, progress.message)
+  except checkpoints.StateMismatchError as error:
+    changes = config_changes(workdir, run_record)
+    raise checkpoints.StateMismatchError(f'{error} Changed since: {"; ".join(changes)}.' if changes else str(error)
+                                         ) from None
+  if last_saved is not None:
+    progress.message(f'Resumed from {checkpointer.directory}/{last_saved} (step {int(state.step)}).')
+  elif config.init_checkpoint:
+    state = _initialize_from(config.init_checkpoint, state, model, image_shape, mesh, progress)
+  if int(state.step) > config.num_train_steps:
+    raise ValueError(f'{checkpointer.directory} is at step {int(state.step)}, past config.num_train_steps='
+                     f'{config.num_train_steps}; raise num_train_steps to train on, or pass a fresh --workdir '
+                     '(eval.py evaluates the checkpoint).')
+  return state, last_saved
+
+
+def _log_interval(step: int, history: list[dict[str, jax.Array]], elapsed_s: float, nonfinite_before: int,
+                  config: ml_collections.ConfigDict, last_saved: Optional[int], learning_rate: float,
+                  writer: MetricsWriter, progress: ProgressBar) -> int:
+  """Writes and shows the means of the logging interval ending at `step` (its metrics in
+  `history`); returns the non-finite steps in a row up to `step`, after raising
+  NonFiniteLossError where training cannot go on."""
+  train_metrics, skipped = _summarize(history, step, config.skip_nonfinite_steps, last_saved)
+  if skipped:
+    progress.message(f'warning: skipped non-finite step(s) {skipped}.')
+  nonfinite_in_a_row = skipped_in_a_row(nonfinite_before, step - len(history) + 1, step, skipped)
+  if nonfinite_in_a_row >= config.max_skipped_in_a_row:
+    # Skipping is for a rare spike; this many in a row is divergence, and each step was wasted.
+    raise NonFiniteLossError(f'{nonfinite_in_a_row} steps in a row were non-finite and skipped (up to step {step}); '
+                             'the run has diverged. Lower config.learning_rate or raise config.warmup_steps, then '
+                             'rerun: it resumes from the newest checkpoint.', step - nonfinite_in_a_row + 1)
+  images_per_second = len(history) * config.batch_size / elapsed_s
+  writer.write(step, {**{f'train/{k}': v for k, v in train_metrics.items()}, 'train/learning_rate': learning_rate,
+                      'train/images_per_second': images_per_second})
+  progress.update(step, {key: train_metrics.get(key, float('nan')) for key in ('loss', 'top1')},
+                  images_per_second, elapsed_s / len(history))
+  return nonfinite_in_a_row
+
+
 def _is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
@@ -135,8 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_training_config(config)
   checkpoints.check_not_a_checkpoint(workdir)
   is_chief = jax.process_index() == 0
-  train_ds = data.build(config.data, 'train', batch_size=config.batch_size // jax.process_count(),
-                        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  train_ds = device_input.process_dataset(config, 'train', config.batch_size)
   eval_ds = eval_lib.build_eval_dataset(config)
   model = model_builder.build_model(config, model_builder.head_size(config, train_ds.num_classes))
   tx = optim.build_optimizer(config)
@@ -155,21 +199,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      'statistics count each copy); lower config.batch_size unless that is meant.')
   # The device count with the config: per-device BN statistics and ghost batches depend on it.
   run_record = {**config.to_dict(), 'device_count': jax.device_count()}
-  try:
-    state, last_saved = checkpointer.restore_newest_intact(state, progress.message)
-  except checkpoints.StateMismatchError as error:
-    changes = config_changes(workdir, run_record)
-    raise checkpoints.StateMismatchError(f'{error} Changed since: {"; ".join(changes)}.' if changes else str(error)
-                                         ) from None
-  if last_saved is not None:
-    progress.message(f'Resumed from {checkpointer.directory}/{last_saved} (step {int(state.step)}).')
-  elif config.init_checkpoint:
-    state = _initialize_from(config.init_checkpoint, state, model, train_ds.image_shape, mesh, progress)
+  state, last_saved = _resume_or_initialize(config, workdir, run_record, checkpointer, state, model,
+                                            train_ds.image_shape, mesh, progress)
   start_step = int(state.step)
-  if start_step > config.num_train_steps:
-    raise ValueError(f'{checkpointer.directory} is at step {start_step}, past config.num_train_steps='
-                     f'{config.num_train_steps}; raise num_train_steps to train on, or pass a fresh --workdir '
-                     '(eval.py evaluates the checkpoint).')
 
   train_step = make_train_step(config, model, tx, mesh, state_shardings)
   eval_step = eval_lib.make_eval_step(model, mesh)
@@ -184,39 +216,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Allowed (a longer run, another eval cadence), but some (batch size, BN options, the
     # device count with per-device statistics) make the result differ from an uninterrupted run.
     progress.message(f'warning: resuming with a changed config: {"; ".join(changes)}.')
-  preempted, restore_signal_handlers = _preemption_check()
+  stop_after, restore_signal_handlers = _preemption_check()
   stopping = False
   eval_metrics: dict[str, Any] = {}
   history: list[dict[str, jax.Array]] = []
-  skipped_run = 0  # non-finite steps in a row, skipped
+  nonfinite_in_a_row = 0  # steps, skipped
   batches: Iterator = device_input.dataset_batches(train_ds, train_ds.train_batches(start_step), mesh)
-  interval_start, interval_steps = time.perf_counter(), 0
+  interval_start = time.perf_counter()
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
       state, metrics = train_step(state, next(batches))
       history.append(metrics)
-      interval_steps += 1
-      stopping = preempted(step)
+      stopping = stop_after(step)
       save_now = stopping or _is_due(step, config.checkpoint_every_steps, config.num_train_steps)
       if save_now or _is_due(step, config.log_every_steps, config.num_train_steps):
-        train_metrics, skipped = _summarize(history, step, config.skip_nonfinite_steps, last_saved)
-        if skipped:
-          progress.message(f'warning: skipped non-finite step(s) {skipped}.')
-        skipped_run = skipped_in_a_row(skipped_run, step - len(history) + 1, step, skipped)
-        if skipped_run >= config.max_skipped_in_a_row:
-          # Skipping is for a rare spike; this many in a row is divergence, and each step was wasted.
-          raise NonFiniteLossError(f'{skipped_run} steps in a row were non-finite and skipped (up to step {step}); '
-                                   'the run has diverged. Lower config.learning_rate or raise '
-                                   'config.warmup_steps, then rerun: it resumes from the newest checkpoint.',
-                                   step - skipped_run + 1)
-        elapsed = time.perf_counter() - interval_start
-        images_per_second = interval_steps * config.batch_size / elapsed
-        writer.write(step, {**{f'train/{k}': v for k, v in train_metrics.items()},
-                            'train/learning_rate': float(schedule(step - 1)),
-                            'train/images_per_second': images_per_second})
-        progress.update(step, {key: train_metrics.get(key, float('nan')) for key in ('loss', 'top1')},
-                        images_per_second, elapsed / interval_steps)
-        history, interval_start, interval_steps = [], time.perf_counter(), 0
+        nonfinite_in_a_row = _log_interval(step, history, time.perf_counter() - interval_start, nonfinite_in_a_row,
+                                           config, last_saved, float(schedule(step - 1)), writer, progress)
+        history, interval_start = [], time.perf_counter()
         checkpointer.check()  # a failed save (full disk) stops the run now, not at the next save
       if _is_due(step, config.eval_every_steps, config.num_train_steps):
         eval_metrics = evaluate(state)

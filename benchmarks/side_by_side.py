@@ -323,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.error(str(error))
   paired = args.paired == 'on' or (args.paired == 'auto' and args.profile == 'cpu')
   planned = build_groups(args.profile, cases, groups, args.anchors_dir, with_torch, paired=paired)
-  # Only our harness imports jax here (in its own processes), so this process holds no GPU memory.
+  # Only the jobs (their own processes) start a JAX backend; this one, which imports jax, holds no GPU memory.
   cases = [case for case in cases if _group_of(case) in groups]
   if args.profile == 'gpu' and not args.device and not has_nvidia_gpu():  # before hours of measuring
     print('[side_by_side] the gpu profile needs an NVIDIA GPU and this machine has none (no /dev/nvidia*); pass '

@@ -18,7 +18,7 @@ Batch = dict[str, jax.Array]
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
                weight_decay: float, label_smoothing: float, skip_nonfinite: bool = False
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step; the new moving statistics come back inside the new state.
+  """One optimizer step; the new moving statistics come back inside the new state.
 
   `metrics['nonfinite']` is 1 when the loss or gradients were NaN/Inf; with
   `skip_nonfinite` such a step leaves params, statistics and optimizer state as they were

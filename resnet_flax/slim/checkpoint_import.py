@@ -140,16 +140,16 @@ def load_variables(path: str | os.PathLike, model: Any, *,
   epsilon = batch_norm_epsilon(model)
   for collection, leaves in expected.items():
     for path, spec in leaves.items():
-      name = plan[collection][path]
-      if name is None:
-        value = np.ones(spec.shape, spec.dtype) if path[-1] == 'gamma' else np.zeros(spec.shape, spec.dtype)
-      elif path[-1] in _RENORM_FROM_MOVING and name.endswith('/' + _RENORM_FROM_MOVING[path[-1]]):
-        value = reader.read(name).astype(spec.dtype)
-        if path[-1] != 'renorm_mean':
-          value = np.sqrt(value + epsilon).astype(spec.dtype)
+      name, leaf = plan[collection][path], path[-1]
+      if name is None and leaf == 'gamma':
+        value = np.ones(spec.shape, spec.dtype)
+      elif name is None or (leaf in _RENORM_FROM_MOVING and name.endswith('/' + _RENORM_FROM_MOVING[leaf])):
+        # Filled by the one rule the orbax path (pretrained.fit_variables) uses too.
+        layer = {} if name is None else {_RENORM_FROM_MOVING[leaf]: reader.read(name)}
+        value = absent_statistic(leaf, layer, spec.shape, epsilon)
       else:
-        value = reader.read(name).astype(spec.dtype)
-      out[collection][path] = value
+        value = reader.read(name)
+      out[collection][path] = value.astype(spec.dtype)
   if filled['gamma']:
     logging.warning('%s: %d BatchNorm layer(s) have no gamma in the checkpoint (slim batch_norm with '
                     'scale=False), e.g. %s; using gamma = 1, which computes the same function. Build '

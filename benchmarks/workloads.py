@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import signal
 import statistics
@@ -30,7 +29,7 @@ import numpy as np
 
 from benchmarks import flax_batch_norm, synthetic_jpegs, timing
 from configs import imagenet_resnet_v1_50, synthetic_resnet_v1_50
-from resnet_flax import data, models, optim, sharding, train_lib
+from resnet_flax import data, metrics_writer, models, optim, sharding, train_lib
 from resnet_flax.layers import BatchNorm, moments
 from resnet_flax.layers import batch_norm as batch_norm_lib
 from resnet_flax.layers import conv as conv_lib
@@ -214,8 +213,7 @@ def measure_train_loop(workdir: str, *, model_name: str, dtype: str, batch: int,
   config.num_train_steps = (intervals + 1) * log_every
   run_dir = os.path.join(workdir, f'train_loop_{model_name}_{dtype}_{batch}_{time.time_ns()}')
   _train_in_this_process(config, run_dir)
-  with open(os.path.join(run_dir, 'metrics.jsonl'), encoding='utf-8') as lines:
-    logged = [json.loads(line) for line in lines]
+  logged = metrics_writer.read_records(run_dir)
   rates = [record['train/images_per_second'] for record in logged if 'train/images_per_second' in record][1:]
   losses = np.array([record.get('train/loss', 0.0) for record in logged], float)  # null (non-finite) -> NaN
   if len(rates) != intervals or not np.isfinite(losses).all():

@@ -123,6 +123,22 @@ def _keep_records_up_to(path: str, step: int) -> None:
   os.replace(path + '.tmp', path)
 
 
+def read_records(workdir: str) -> list[dict[str, Any]]:
+  """The records of `workdir`'s metrics.jsonl in the order written, without a line a kill cut
+  short; none when there is no file (a run that diverged before its first log line)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path, encoding='utf-8') as file:
+    for line in file:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
+
+
 def _record_step(line: str) -> Optional[int]:
   """The step of a metrics.jsonl line, or None for a line a kill cut short."""
   try:

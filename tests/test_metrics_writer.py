@@ -139,3 +139,15 @@ def test_resuming_with_nothing_to_drop_leaves_metrics_jsonl_untouched(tmp_path):
   before = os.stat(tmp_path / 'metrics.jsonl').st_mtime_ns
   metrics_writer.MetricsWriter(str(tmp_path), resumed_step=2).close()
   assert os.stat(tmp_path / 'metrics.jsonl').st_mtime_ns == before
+
+
+def test_read_records_gives_what_was_written_without_a_line_a_kill_cut_short(tmp_path):
+  assert metrics_writer.read_records(str(tmp_path)) == []  # no file yet: a run that diverged before logging
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.write(1, {'train/loss': 2.5})
+  writer.write(2, {'eval/top1': float('nan')})
+  writer.close()
+  with open(tmp_path / 'metrics.jsonl', 'a', encoding='utf-8') as file:
+    file.write('{"step": 3, "train/lo')  # killed mid-write
+  assert metrics_writer.read_records(str(tmp_path)) == [{'step': 1, 'train/loss': 2.5},
+                                                         {'step': 2, 'eval/top1': None}]

@@ -61,19 +61,9 @@ def eval_curve(directory: str) -> list[dict[str, float]]:
   A run resumed from an earlier checkpoint logs some steps again: the last record of a step
   wins. A line cut short by a kill is skipped.
   """
-  by_step = {}
-  path = os.path.join(directory, 'metrics.jsonl')
-  if not os.path.exists(path):  # A run that diverged before its first log line.
-    return []
-  with open(path, encoding='utf-8') as file:
-    for line in file:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if 'eval/top1' in record:
-        by_step[int(record['step'])] = {'step': int(record['step']), 'top1': record['eval/top1'],
-                                        'loss': record['eval/loss']}
+  by_step = {int(record['step']): {'step': int(record['step']), 'top1': record['eval/top1'],
+                                   'loss': record['eval/loss']}
+             for record in metrics_writer.read_records(directory) if 'eval/top1' in record}
   return [by_step[step] for step in sorted(by_step)]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from configs import bn_sweep as bn_sweep_config
 from configs import digits
-from resnet_flax import bn_sweep
+from resnet_flax import bn_sweep, metrics_writer
 from resnet_flax.bn_sweep import grid, runner, tables
 from resnet_flax.bn_sweep import results as results_lib
 from test_train import SMALL_BLOCKS
@@ -269,6 +269,11 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 def test_a_run_directory_refuses_another_training_config(tmp_path):
   (run,) = grid.expand(_config(decay=(0.9,), zero_debias_moving_mean=(False,), batch_size=(16,)))
+  runner.check_same_config(str(tmp_path), run.config)  # a first start: nothing recorded yet
+  # What train_and_evaluate records when the run starts.
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.record_config({**run.config.to_dict(), 'device_count': 1})
+  writer.close()
   runner.check_same_config(str(tmp_path), run.config)
   run.config.eval_every_steps = 7  # bookkeeping: may change between starts
   runner.check_same_config(str(tmp_path), run.config)

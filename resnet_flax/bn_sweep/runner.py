@@ -29,30 +29,23 @@ def run_directory(workdir: str, name: str) -> str:
   return os.path.join(workdir, 'runs', name)
 
 
-def _training_fields(config_json: dict[str, Any]) -> dict[str, Any]:
-  return {key: value for key, value in metrics_writer.flat_fields(config_json).items() if key not in _BOOKKEEPING}
-
-
 def check_same_config(directory: str, config: ml_collections.ConfigDict) -> None:
-  """Stores a run's config on its first start; a later start must train the same way.
+  """A run that has started before (its config.json, which train_and_evaluate records at
+  each start) must train the same way now.
 
   Otherwise the table would silently mix checkpoints of two configs under one name (a
   rerun with, say, another --config.learning_rate into the same workdir). Fields only one
-  side has (a field added to the code since) are not compared.
+  side has (a field added to the code since, the recorded device count) are not compared.
   """
-  path = os.path.join(directory, 'config.json')
-  current = json.loads(json.dumps(config.to_dict()))  # tuples as JSON lists, as stored
-  stored = files.read_json(path)
+  stored = metrics_writer.recorded_config(directory)
   if stored is None:
-    files.write_json(path, current)
     return
-  stored_fields, current_fields = _training_fields(stored), _training_fields(current)
-  changed = sorted(key for key in stored_fields.keys() & current_fields.keys()
-                   if stored_fields[key] != current_fields[key])
+  current = metrics_writer.flat_fields(json.loads(json.dumps(config.to_dict(), default=str)))  # as read back
+  changed = sorted(key for key in stored.keys() & (current.keys() - _BOOKKEEPING) if stored[key] != current[key])
   if changed:
     key = changed[0]
-    raise ValueError(f'{directory} was trained with {key}={stored_fields[key]!r}, this sweep has '
-                     f'{current_fields[key]!r}; use another --workdir or delete that run directory.')
+    raise ValueError(f'{directory} was trained with {key}={stored[key]!r}, this sweep has '
+                     f'{current[key]!r}; use another --workdir or delete that run directory.')
 
 
 def eval_curve(directory: str) -> list[dict[str, float]]:

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 from benchmarks import cases as cases_lib
 from benchmarks import compare
-from resnet_flax.bn_sweep import files
+from resnet_flax import atomic_files
 
 BEGIN = '<!-- side-by-side {profile} begin -->'
 END = '<!-- side-by-side {profile} end -->'
@@ -101,7 +101,7 @@ def write_results_section(results_md: str, profile: str, section: str) -> None:
   if os.path.exists(results_md):
     with open(results_md, encoding='utf-8') as file:
       text = file.read()
-  files.write_text(results_md, update_results_md(text, profile, section))
+  atomic_files.write_text(results_md, update_results_md(text, profile, section))
 
 
 def last_runs(lines: Sequence[str], count: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import time
 from typing import Any, Iterator, Mapping, Optional
+
+from resnet_flax import atomic_files
 
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -69,7 +70,7 @@ class MetricsWriter:
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=key, simple_value=value)])
         self._events.write_event(event_pb2.Event(wall_time=wall_time, step=int(step), summary=summary))
       self._events.flush()
-    record = finite_or_null({'step': int(step), **values})
+    record = atomic_files.finite_or_null({'step': int(step), **values})
     with self._reporting_failure(self._jsonl.name):
       self._jsonl.write(json.dumps(record, allow_nan=False) + '\n')
       self._jsonl.flush()
@@ -85,9 +86,7 @@ class MetricsWriter:
     changes = config_changes(self._workdir, config)
     path = os.path.join(self._workdir, 'config.json')
     with self._reporting_failure(path):
-      with open(path + '.tmp', 'w', encoding='utf-8') as file:
-        json.dump(config, file, indent=1, sort_keys=True, default=str)
-      os.replace(path + '.tmp', path)
+      atomic_files.write_text(path, json.dumps(config, indent=1, sort_keys=True, default=str))
     return changes
 
   def close(self) -> None:
@@ -118,9 +117,7 @@ def _keep_records_up_to(path: str, step: int) -> None:
   kept = [line for line, logged in zip(lines, map(_record_step, lines)) if logged is not None and logged <= step]
   if len(kept) == len(lines) and all(line.endswith('\n') for line in lines):
     return
-  with open(path + '.tmp', 'w', encoding='utf-8') as file:
-    file.writelines(line if line.endswith('\n') else line + '\n' for line in kept)
-  os.replace(path + '.tmp', path)
+  atomic_files.write_text(path, ''.join(line if line.endswith('\n') else line + '\n' for line in kept))
 
 
 def read_records(workdir: str) -> list[dict[str, Any]]:
@@ -145,18 +142,6 @@ def _record_step(line: str) -> Optional[int]:
     return int(json.loads(line)['step'])
   except (json.JSONDecodeError, KeyError, TypeError, ValueError):
     return None
-
-
-def finite_or_null(value: Any) -> Any:
-  """`value` (floats, dicts, lists, tuples as lists) with NaN and infinities as None: JSON null,
-  which strict readers accept where Python's bare NaN is not JSON."""
-  if isinstance(value, float):
-    return value if math.isfinite(value) else None
-  if isinstance(value, dict):
-    return {key: finite_or_null(item) for key, item in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [finite_or_null(item) for item in value]
-  return value
 
 
 def recorded_config(workdir: str) -> Optional[dict[str, Any]]:

@@ -11,7 +11,7 @@ import pytest
 
 from configs import bn_sweep as bn_sweep_config
 from configs import digits
-from resnet_flax import bn_sweep, metrics_writer
+from resnet_flax import atomic_files, bn_sweep, metrics_writer
 from resnet_flax.bn_sweep import grid, runner, tables
 from resnet_flax.bn_sweep import results as results_lib
 from test_train import SMALL_BLOCKS
@@ -55,7 +55,7 @@ def _flag(value):
 
 def test_result_files_hold_null_for_nan_and_infinity_as_strict_json(tmp_path):
   path = str(tmp_path / 'result.json')
-  runner.files.write_json(path, {'moving': {'loss': float('nan'), 'top1': 0.0}, 'curve': [float('inf'), 1.5],
+  atomic_files.write_json(path, {'moving': {'loss': float('nan'), 'top1': 0.0}, 'curve': [float('inf'), 1.5],
                                  'pair': (float('-inf'), 2)})
 
   def refuse(constant):
@@ -68,14 +68,14 @@ def test_result_files_hold_null_for_nan_and_infinity_as_strict_json(tmp_path):
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):
   path = tmp_path / 'table.csv'
-  runner.files.write_text(str(path), 'old\n')
+  atomic_files.write_text(str(path), 'old\n')
 
   def fail_halfway(file):
     file.write('half')
     raise OSError(28, 'No space left on device')
 
   with pytest.raises(OSError, match='No space left'):
-    runner.files.write_atomically(str(path), fail_halfway)
+    atomic_files.write_atomically(str(path), fail_halfway)
   assert path.read_text() == 'old\n' and sorted(p.name for p in tmp_path.iterdir()) == ['table.csv']
 
 
@@ -343,7 +343,7 @@ def test_same_command_again_skips_finished_runs_and_redoes_one_without_result(sw
   assert {name for name in TINY_NAMES if results_after[name] != results_before[name]} == {redone}
   # The redone run's training had finished: its checkpoint is evaluated, nothing is trained or logged.
   assert _mtimes(workdir, 'metrics.jsonl') == metrics_before
-  old, new = (runner.files.read_json(str(root / 'runs' / redone / 'result.json')) for root in (sweep_dir, workdir))
+  old, new = (atomic_files.read_json(str(root / 'runs' / redone / 'result.json')) for root in (sweep_dir, workdir))
   assert {key: new[key] for key in ('step', 'moving', 'batch', 'recalibrated', 'curve')} == {
       key: old[key] for key in ('step', 'moving', 'batch', 'recalibrated', 'curve')}
   assert (workdir / 'results.md').read_text() == (sweep_dir / 'results.md').read_text()

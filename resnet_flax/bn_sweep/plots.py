@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from resnet_flax.bn_sweep import files, results as results_lib
+from resnet_flax import atomic_files
+from resnet_flax.bn_sweep import results as results_lib
 
 _INSTALL_HINT = "the sweep's plots need matplotlib: pip install -e '.[sweep]' (or pip install matplotlib)."
 
@@ -30,7 +31,7 @@ def _pyplot():
 
 
 def _save(figure, path: str) -> None:
-  files.write_atomically(path, lambda file: figure.savefig(file, format='png', dpi=120, bbox_inches='tight'),
+  atomic_files.write_atomically(path, lambda file: figure.savefig(file, format='png', dpi=120, bbox_inches='tight'),
                          mode='wb')
 
 

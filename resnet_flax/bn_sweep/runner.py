@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 import ml_collections
 
-from resnet_flax import bn_diagnostics, metrics_writer, train_lib
-from resnet_flax.bn_sweep import files, grid, results as results_lib
+from resnet_flax import atomic_files, bn_diagnostics, metrics_writer, train_lib
+from resnet_flax.bn_sweep import grid, results as results_lib
 
 # Fields that change how a run is logged or saved, not what it computes: a run may resume
 # under different values of these.
@@ -92,7 +92,7 @@ def run_one(run: grid.Run, workdir: str, recalibration_batches: int) -> dict[str
                                                recalibration_batches=recalibration_batches)
     result = results_lib.summarize(run, report, eval_curve(directory), recalibration_batches,
                                    time.perf_counter() - start)
-  files.write_json(os.path.join(directory, 'result.json'), result)
+  atomic_files.write_json(os.path.join(directory, 'result.json'), result)
   if trained.get('preempted'):  # at its last step: the run is whole, the sweep stops
     raise Preempted(f'{run.name} finished, then a signal stopped the sweep; rerun the same command to go on.')
   return result
@@ -104,7 +104,7 @@ def run_all(runs: list[grid.Run], workdir: str, recalibration_batches: int,
   results = []
   for index, run in enumerate(runs, 1):
     directory = run_directory(workdir, run.name)
-    result = files.read_json(os.path.join(directory, 'result.json'))
+    result = atomic_files.read_json(os.path.join(directory, 'result.json'))
     if results_lib.is_finished(result, recalibration_batches):
       check_same_config(directory, run.config)
       log(f'[{index}/{len(runs)}] {run.name}: finished before, skipped.')

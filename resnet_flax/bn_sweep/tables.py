@@ -7,7 +7,8 @@ import io
 import os
 from typing import Any, Sequence
 
-from resnet_flax.bn_sweep import files, grid, results as results_lib
+from resnet_flax import atomic_files
+from resnet_flax.bn_sweep import grid, results as results_lib
 
 RESULT_COLUMNS = ('name',) + grid.SETTINGS + (
     'step', 'diverged_at_step', 'moving_top1', 'moving_loss', 'batch_top1', 'batch_loss', 'recalibrated_top1',
@@ -90,5 +91,5 @@ def write_tables(results: list[dict[str, Any]], workdir: str) -> list[str]:
   paths = []
   for name, text in contents.items():
     paths.append(os.path.join(workdir, name))
-    files.write_text(paths[-1], text)
+    atomic_files.write_text(paths[-1], text)
   return paths

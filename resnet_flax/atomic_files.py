@@ -1,12 +1,24 @@
-"""Atomic file writes: a reader (or an interrupted sweep) never sees half a file."""
+"""Files written whole or not at all (a reader, or a run started again, never sees half a file), and
+strict JSON for them: NaN and infinities as null."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable, IO
 
-from resnet_flax.metrics_writer import finite_or_null
+
+def finite_or_null(value: Any) -> Any:
+  """`value` (floats, dicts, lists, tuples as lists) with NaN and infinities as None: JSON null,
+  which strict readers accept where Python's bare NaN is not JSON."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {key: finite_or_null(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [finite_or_null(item) for item in value]
+  return value
 
 
 def write_atomically(path: str, write: Callable[[IO], None], mode: str = 'w') -> None:

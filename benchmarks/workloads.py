@@ -315,6 +315,6 @@ def measure_pipeline(workdir: str, *, preprocessing: str, image_size: int, batch
     batches_iter.close()
   if images.shape != (batch, image_size, image_size, 3) or not np.isfinite(images).all() or not images.any():
     raise ValueError(f'the pipeline returned images {images.dtype}{images.shape} that are not real crops.')
-  workers = num_workers or os.cpu_count()
+  workers = num_workers or len(os.sched_getaffinity(0))  # what the loader starts (image_folder.build_source)
   return Measurement(batches * batch / total, None, batches,
                      {'median_batch_ms': float(np.median(times)) * 1e3, 'workers': workers})

@@ -15,12 +15,8 @@ import dataclasses
 import numpy as np
 
 from resnet_flax.data.errors import DataError
+from resnet_flax.data.inception_preprocessing import signed_pixel_values
 from resnet_flax.data.pipeline import Loaded, Pending, Source
-
-
-def signed_unit_values(pixels: np.ndarray) -> np.ndarray:
-  """uint8 pixels -> float32 in [-1, 1] (numpy or jax)."""
-  return pixels.astype(np.float32) / 127.5 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,4 +46,4 @@ def build_source(*, image_size: int, channels: int = 3, num_classes: int, num_ex
   labels = rng.integers(0, num_classes, size=num_examples).astype(np.int32)
   return Source(labels=labels, num_classes=num_classes, image_shape=(image_size, image_size, channels),
                 loader=ConstantLoader(images), name='synthetic', image_dtype=np.uint8,
-                model_input=signed_unit_values)
+                model_input=signed_pixel_values)

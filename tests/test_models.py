@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from resnet_flax import models
 from resnet_flax.layers import initializers
@@ -293,3 +293,38 @@ def test_a_trained_gamma_the_model_is_built_without_is_refused_folded_or_not(fol
   with pytest.raises(ValueError, match='has gamma among its params but scale=False: build the model with '
                                        r'batch_norm_scale=True \(config.bn.scale=True\)'):
     model.apply(trained, jnp.zeros((2, 32, 32, 3)), train=False)
+
+
+def test_bounded_activations_clip_the_residual_and_relu6_the_sum():
+  """Newer slim's use_bounded_activations: relu6(shortcut + clip(residual, -6, 6)). With a shortcut in
+  [0, 6] (relu6 outputs) the clip cannot change the sum's relu6, so the test needs an identity shortcut of
+  unbounded input: no root block, input channels = the unit's depth."""
+  model = models.get_model('resnet_v1_tiny', num_classes=2, block_sizes=((16, 1, 1),), include_root_block=False,
+                           use_bounded_activations=True)
+  x = jnp.asarray(np.random.RandomState(2).randn(2, 8, 8, 64) * 10, jnp.float32)
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
+  params = flatten_dict(variables['params'])
+  params = {k: (v * 20.0 if k[-1] == 'gamma' and 'conv3' in k else v) for k, v in params.items()}
+  variables = {**variables, 'params': unflatten_dict(params)}
+  _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+  unit = state['intermediates']['block1']['unit_1']['bottleneck_v1']
+  residual = np.asarray(unit['conv3']['end_point'])
+  shortcut = np.asarray(x)
+  expected = np.clip(shortcut + np.clip(residual, -6, 6), 0, 6)
+  assert not np.allclose(expected, np.clip(shortcut + residual, 0, 6), atol=1e-3)  # the clip matters here
+  np.testing.assert_allclose(unit['end_point'], expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['resnet_v1_tiny'])
+def test_store_non_strided_activations_keeps_block_end_points_full_size_same_logits(name):
+  """slim's store_non_strided_activations: each block's end point before its stride, same eval logits."""
+  x = jnp.asarray(np.random.RandomState(3).randn(2, 32, 32, 3), jnp.float32)
+  plain = models.get_model(name, num_classes=3)
+  stored = models.get_model(name, num_classes=3, store_non_strided_activations=True)
+  variables = jax.jit(lambda x: plain.init(jax.random.PRNGKey(0), x, train=False))(x)
+  a, sa = plain.apply(variables, x, train=False, mutable=['intermediates'])
+  b, sb = stored.apply(variables, x, train=False, mutable=['intermediates'])
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  ea, eb = models.end_points(sa['intermediates'], plain), models.end_points(sb['intermediates'], stored)
+  assert eb[f'{name}/block1'].shape[1] == 2 * ea[f'{name}/block1'].shape[1]
+  np.testing.assert_allclose(eb[f'{name}/block1'][:, ::2, ::2], ea[f'{name}/block1'], rtol=1e-5, atol=1e-5)

@@ -111,3 +111,73 @@ def test_invalid_renorm_options_are_clear_errors(options):
   layer = BatchNorm(renorm=True, **options)
   with pytest.raises(ValueError, match='renorm'):
     layer.init(jax.random.PRNGKey(0), jnp.ones((4, 2)), train=False)
+
+
+def test_renorm_r_min_defaults_to_one_over_r_max():
+  """r_min=None with r_max set clips r below at 1/r_max (the paper's, and the docstring's, default)."""
+  rng = np.random.RandomState(0)
+  x = (rng.randn(8, 3, 3, 4) * 0.1 + 0.5).astype(np.float32)  # batch std ~0.1 << renorm_stddev = 1
+  eps = 1e-3
+  layer = BatchNorm(renorm=True, renorm_r_max=2.0, epsilon=eps)  # no scale, beta = 0
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  y, _ = layer.apply(variables, x, train=True, mutable=['batch_stats'])
+  xd = x.astype(np.float64)
+  mean, var = xd.mean((0, 1, 2)), xd.var((0, 1, 2))
+  r = np.clip(np.sqrt(var + eps) / 1.0, 1 / 2.0, 2.0)   # renorm_stddev starts at 1
+  d = (mean - 0.0) / 1.0                                 # renorm_mean starts at 0; d unclipped
+  assert np.all(np.sqrt(var + eps) < 0.5)                # the lower bound is what acts here
+  np.testing.assert_allclose(y, (xd - mean) / np.sqrt(var + eps) * r + d, rtol=1e-5, atol=1e-5)
+
+
+def _renorm_ghost_reference(x, stats, gbs, decay, renorm_decay, eps):
+  """numpy: contiguous ghost groups; r, d per group from the pre-update renorm averages;
+  every average takes the mean over groups of the group mean / sqrt(var + eps)."""
+  groups = x.astype(np.float64).reshape(-1, gbs, *x.shape[1:])
+  axes = tuple(range(1, groups.ndim - 1))
+  m, v = groups.mean(axes), groups.var(axes)            # (G, C)
+  s = np.sqrt(v + eps)
+  rs = np.maximum(stats['renorm_stddev'], np.sqrt(eps))
+  r, d = s / rs, (m - stats['renorm_mean']) / rs
+  ex = lambda a: a[:, None, None, None, :]
+  y = ((groups - ex(m)) / ex(s) * ex(r) + ex(d)).reshape(x.shape)
+  ema = lambda old, new, dec: old - (1 - dec) * (old - new)
+  new = dict(moving_mean=ema(stats['moving_mean'], m.mean(0), decay),
+             moving_stddev=ema(stats['moving_stddev'], s.mean(0), decay),
+             renorm_mean=ema(stats['renorm_mean'], m.mean(0), renorm_decay),
+             renorm_stddev=ema(stats['renorm_stddev'], s.mean(0), renorm_decay))
+  new['moving_variance'] = np.maximum(new['moving_stddev'] ** 2 - eps, 0)
+  return y, new
+
+
+def test_renorm_with_ghost_batches_matches_numpy_per_group_reference():
+  """Each ghost batch is renormalized by its own r and d. Our choice, not tf_keras': its
+  virtual_batch_size with renorm groups strided examples and takes one r and d, and the
+  stddev it averages, from the group-averaged moments (BatchNorm's docstring)."""
+  rng = np.random.RandomState(1)
+  x = (rng.randn(8, 3, 3, 4) * np.arange(1, 9).reshape(8, 1, 1, 1) + 2).astype(np.float32)
+  layer = BatchNorm(renorm=True, renorm_decay=0.8, decay=0.9, ghost_batch_size=4)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  stats = {k: np.asarray(v, np.float64) for k, v in variables['batch_stats'].items()}
+  stats.update(renorm_mean=np.full(4, 0.5), renorm_stddev=np.full(4, 2.0))
+  y, upd = layer.apply({**variables, 'batch_stats': {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}},
+                       x, train=True, mutable=['batch_stats'])
+  ref_y, ref = _renorm_ghost_reference(x, stats, 4, 0.9, 0.8, layer.epsilon)
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+  for k, v in ref.items():
+    np.testing.assert_allclose(upd['batch_stats'][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_a_clipping_start_without_a_ramp_holds_plain_bn_then_jumps():
+  layer = BatchNorm(renorm=True, renorm_r_max=1.5, renorm_d_max=0.5, renorm_clipping_start_step=2)
+  x = jnp.asarray(np.random.RandomState(4).randn(6, 4) * 2 + 3, jnp.float32)
+  variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+  stats = {**variables['batch_stats'], 'renorm_mean': jnp.full((4,), 1.0), 'renorm_stddev': jnp.full((4,), 4.0)}
+  plain = BatchNorm(fused=False)
+  y_plain, _ = plain.apply(plain.init(jax.random.PRNGKey(0), x, train=False), x, train=True, mutable=['batch_stats'])
+  outputs = []
+  for _ in range(3):
+    y, updates = layer.apply({**variables, 'batch_stats': stats}, x, train=True, mutable=['batch_stats'])
+    stats = {**updates['batch_stats'], 'renorm_mean': jnp.full((4,), 1.0), 'renorm_stddev': jnp.full((4,), 4.0)}
+    outputs.append(y)
+  np.testing.assert_allclose(outputs[1], y_plain, rtol=1e-6, atol=1e-6)  # steps 0 and 1: r = 1, d = 0
+  assert not np.allclose(outputs[2], y_plain, atol=1e-3)  # step 2: the full bounds at once

@@ -116,10 +116,14 @@ class BatchNorm(nn.Module):
       (fine-tuning at small batch); gamma and beta still get gradients.
     frozen_gamma_beta: gamma and beta get no gradient (with `frozen`, the layer is
       a fixed affine map).
-    ghost_batch_size: train-mode statistics per group of this many examples (ghost /
-      virtual batches, as TF's `virtual_batch_size`; per-device statistics are groups
-      of the per-device batch); the moving averages take the mean over groups of the
-      group mean and variance. None: the whole batch.
+    ghost_batch_size: train-mode statistics per group of this many consecutive examples
+      (ghost batches, Hoffer et al. 2017). Consecutive, so that per-device statistics are
+      the groups of each device's share; TF's `virtual_batch_size` groups strided
+      examples instead (example j joins group j mod groups), feeds the biased variance
+      and, with renorm, one r and d from the averaged moments. Here each group is
+      normalized by its own statistics (with renorm, its own r and d) and the moving
+      averages take the mean over groups of the group mean and variance (n / (n - 1)
+      per group with `fused`). None: the whole batch.
     gamma_init: initializer of gamma (zeros for the last BN of a residual unit makes
       each unit start as the identity, Goyal et al. 2017).
     renorm: batch renormalization as TF's `renorm=True` (see `layers/renorm.py`); as

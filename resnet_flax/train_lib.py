@@ -115,13 +115,16 @@ def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_r
   return state, last_saved
 
 
-def _log_interval(step: int, history: list[dict[str, jax.Array]], elapsed_s: float, nonfinite_before: int,
+def _log_interval(step: int, history: list[dict[str, jax.Array]], interval_start: float, nonfinite_before: int,
                   config: ml_collections.ConfigDict, last_saved: Optional[int], learning_rate: float,
                   writer: MetricsWriter, progress: ProgressBar) -> int:
-  """Writes and shows the means of the logging interval ending at `step` (its metrics in
-  `history`); returns the non-finite steps in a row up to `step`, after raising
-  NonFiniteLossError where training cannot go on."""
+  """Writes and shows the means of the logging interval that began at `interval_start`
+  (perf_counter seconds) and ends at `step` (its metrics in `history`); returns the
+  non-finite steps in a row up to `step`, after raising NonFiniteLossError where training
+  cannot go on."""
   train_metrics, skipped = _summarize(history, step, config.skip_nonfinite_steps, last_saved)
+  # Timed after the summary's host sync: before it, the steps may only have been dispatched.
+  elapsed_s = time.perf_counter() - interval_start
   if skipped:
     progress.message(f'warning: skipped non-finite step(s) {skipped}.')
   nonfinite_in_a_row = skipped_in_a_row(nonfinite_before, step - len(history) + 1, step, skipped)
@@ -230,8 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stopping = stop_after(step)
       save_now = stopping or _is_due(step, config.checkpoint_every_steps, config.num_train_steps)
       if save_now or _is_due(step, config.log_every_steps, config.num_train_steps):
-        nonfinite_in_a_row = _log_interval(step, history, time.perf_counter() - interval_start, nonfinite_in_a_row,
-                                           config, last_saved, float(schedule(step - 1)), writer, progress)
+        nonfinite_in_a_row = _log_interval(step, history, interval_start, nonfinite_in_a_row, config, last_saved,
+                                           float(schedule(step - 1)), writer, progress)
         history, interval_start = [], time.perf_counter()
         checkpointer.check()  # a failed save (full disk) stops the run now, not at the next save
       if _is_due(step, config.eval_every_steps, config.num_train_steps):

@@ -30,9 +30,11 @@ UNIT_FIELDS = {'img/s': 'img_per_s', 'ms': 'ms_per_batch'}
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """The issue's target for one comparison: ours' time at most `max_time_ratio` of the reference's."""
+  """The issue's target for one comparison: ours' time at most `max_time_ratio` of the reference's,
+  and at least `min_time_ratio` of it where less would be a measuring error, not speed."""
   max_time_ratio: float
   text: str
+  min_time_ratio: float = 0.0
 
 
 def torch_specs(case: cases_lib.Case) -> list[str]:
@@ -108,7 +110,9 @@ def time_ratio(ours: float, reference: float, unit: str) -> float:
 def target(case: cases_lib.Case, reference: str, profile: str) -> Optional[Target]:
   """The issue's target for this comparison, if it sets one."""
   if reference.startswith('ours:') and case.kind == 'train_loop':  # train.py against the bare step
-    return Target(1.03, '<= 1.03 (train.py as fast as the bare step: no hidden host round trips)')
+    # train.py runs the bare step, so it cannot beat it: far below 1 its img/s is mistimed.
+    return Target(1.03, '<= 1.03 (train.py as fast as the bare step: no hidden host round trips; below 0.90, '
+                  'mistimed)', min_time_ratio=0.90)
   if (case.kind == 'train_conv1x1' or case.variant in workloads.FORCED_MOMENTS or
       (case.kind == 'eval' and reference.startswith('ours:'))):  # choices to make by their figures
     return None

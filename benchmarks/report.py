@@ -57,7 +57,8 @@ def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
       lines.append(f"| `{record['case']}` | {_number(record['value'])} | {record['unit']} |{no_reference}")
     for reference, ratio in compared.items():
       target = (record.get('targets') or {}).get(reference)
-      met = '—' if target is None else ('yes' if ratio <= target['max_time_ratio'] else '**no**')
+      met = '—' if target is None else (
+          'yes' if target.get('min_time_ratio', 0.0) <= ratio <= target['max_time_ratio'] else '**no**')
       lines.append(f"| `{record['case']}` | {_number(record['value'])} | {record['unit']} | `{reference}` | "
                    f"{_number(record['reference_values'][reference])} | {ratio:.3f} | "
                    f"{target['text'] if target else '—'} | {met} |")

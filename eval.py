@@ -19,7 +19,8 @@ flags.DEFINE_string('checkpoint', None, 'A checkpoint: <workdir>/checkpoints/<st
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+  """Evaluates `--checkpoint`, or the latest in `--workdir`, and ends stdout with the result as a JSON line."""
   del argv
 
   def run():

@@ -12,7 +12,8 @@ flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir, --traceba
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+  """Trains `--config` in `--workdir`; prints the final eval accuracy and the result as a JSON line."""
   del argv
   start = time.time()
 

@@ -59,6 +59,7 @@ def flax_spec(case: cases_lib.Case) -> Optional[str]:
 
 
 def jpeg_name(procs: int, draft: bool) -> str:
+  """The name of jpeg_pipeline.py's figure for `procs` processes, with or without draft decoding."""
   return f'{JPEG} pil_jpeg_rrc224 procs={procs} draft={draft}'
 
 
@@ -165,5 +166,6 @@ def price(records: list[dict[str, Any]], profile: str, cpu_count: int, with_torc
 
 
 def median_or_none(values: list[Optional[float]]) -> Optional[float]:
+  """The median of the values that are not None, or None if there are none."""
   present = [v for v in values if v is not None]
   return statistics.median(present) if present else None

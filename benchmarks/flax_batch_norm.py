@@ -42,10 +42,12 @@ class FlaxBatchNorm(nn.Module):
 class FlaxBatchNormArgScope(ResNetArgScope):
   """`ResNetArgScope` whose normalizer is flax's `nn.BatchNorm` (same decay, epsilon, scale)."""
 
-  def make_batch_norm(self, **overrides) -> FlaxBatchNorm:
+  def make_batch_norm(self, **overrides: Any) -> FlaxBatchNorm:
+    """flax's BatchNorm with this scope's fields (for v2's `preact` and `postnorm`)."""
     return FlaxBatchNorm(**{**self.batch_norm, 'dtype': self.dtype, **overrides})
 
   def conv2d(self) -> Callable[..., nn.Module]:
+    """The scope's conv factory with flax's BatchNorm as its normalizer, never folded in eval."""
     factory = super().conv2d()
     if factory.normalizer is None:
       return factory

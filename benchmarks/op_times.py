@@ -212,6 +212,7 @@ def profile_case(case: cases_lib.Case, steps: int, out_dir: str, top: int) -> st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Profiles the chosen cases; returns the exit status (1 if a case failed)."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--profile', choices=cases_lib.PROFILES, default='gpu')
   parser.add_argument('--cases', nargs='+', default=['train'], help='case names or kinds (default: train)')

@@ -110,6 +110,7 @@ def paired_records(cases: Sequence[cases_lib.Case], anchor: dict[str, Any], spec
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Times the chosen cases in turn with the Flax anchor's, printing a JSON line per figure; returns 0."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--profile', choices=cases_lib.PROFILES, default='cpu')
   parser.add_argument('--cases', nargs='*', default=['train', 'eval'], help='train/eval case names or kinds')

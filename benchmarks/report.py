@@ -155,6 +155,7 @@ def priced_again(records: list[dict[str, Any]], run: dict[str, Any]) -> list[dic
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Renders the results file's last run(s) and writes its RESULTS.md section; returns the exit status."""
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('results_jsonl')
   parser.add_argument('--runs', type=int, default=1, help='combine the last N runs (one lease\'s stages)')

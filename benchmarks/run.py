@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, TextIO
 
 import jax
 
@@ -70,7 +70,7 @@ def _batches(cases: Sequence[cases_lib.Case]) -> list[list[cases_lib.Case]]:
 
 
 def run(profile: str, names: Optional[Sequence[str]] = None, *, device: Optional[str] = None,
-        date: Optional[str] = None, log=sys.stderr) -> list[dict[str, Any]]:
+        date: Optional[str] = None, log: TextIO = sys.stderr) -> list[dict[str, Any]]:
   """Runs the chosen cases of `profile` in this process and returns their records."""
   chosen = cases_lib.select(profile, names)
   common = {'device': device or device_description(), 'date': date or datetime.date.today().isoformat(),
@@ -93,6 +93,7 @@ def run(profile: str, names: Optional[Sequence[str]] = None, *, device: Optional
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the chosen cases and prints their JSON lines; returns the exit status (1 if a case failed)."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--profile', choices=cases_lib.PROFILES, default='gpu')
   parser.add_argument('--smoke', action='store_true', help='same as --profile smoke')

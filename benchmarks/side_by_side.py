@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, TextIO
 
 from benchmarks import cases as cases_lib
 from benchmarks import compare, report
@@ -65,6 +65,7 @@ JPEG_ANCHOR_IMAGES = {'gpu': 20000, 'cpu': 8000, 'smoke': 64}
 
 @dataclasses.dataclass(frozen=True)
 class Job:
+  """One process to run: our harness on some cases, the paired timer, or one anchor script."""
   name: str
   source: str  # 'ours', 'paired' or the anchor's script name
   command: tuple[str, ...]
@@ -155,7 +156,8 @@ def _ours_records(lines: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def run_rounds(planned: list[list[Job]], rounds: int, budget_s: float, group_rounds: Optional[dict[int, int]] = None,
-               raw_log: Optional[str] = None, log=sys.stderr, grace_s: float = 0.0) -> tuple[list[dict], list[dict]]:
+               raw_log: Optional[str] = None, log: TextIO = sys.stderr, grace_s: float = 0.0
+               ) -> tuple[list[dict], list[dict]]:
   """Runs every group `rounds` times (group i: `group_rounds[i]` times if given), alternating
   the order inside each group.
 
@@ -242,6 +244,7 @@ def _anchor_unit(record: dict[str, Any]) -> str:
 
 
 def device_slug(device: str) -> str:
+  """`device` as a lowercase file-name part, e.g. 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
   return re.sub(r'[^A-Za-z0-9]+', '-', device).strip('-').lower()
 
 
@@ -279,6 +282,7 @@ def profile_mismatch(profile: str, device: str) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the jobs in rounds, then records and reports the figures; returns the exit status."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--profile', choices=('gpu', 'cpu'), default='gpu')
   parser.add_argument('--rounds', type=int, default=1)

@@ -55,6 +55,7 @@ FORCED_MOMENTS = {'centred_moments': moments.centred_moments, 'shifted_moments':
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
+  """A case's figure, its compile time (None: not measured), the steps timed, and extra fields for its record."""
   value: float
   compile_s: Optional[float]
   steps: int

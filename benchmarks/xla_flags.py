@@ -79,6 +79,7 @@ def table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the cases under each flag set and prints their records and table; returns the exit status."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--profile', default='gpu', choices=('gpu', 'cpu', 'smoke'))
   parser.add_argument('--cases', nargs='*', default=['train'], help='case names or kinds for benchmarks.run')

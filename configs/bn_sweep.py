@@ -10,6 +10,7 @@ from configs import digits
 
 
 def get_config() -> ml_collections.ConfigDict:
+  """The BN sweep's base run (digits) and its grid, `config.sweep`, for `python -m resnet_flax.bn_sweep`."""
   config = digits.get_config()
   # Runs are short: checkpoint and log often enough that an interrupted run loses little
   # and the training curves have points.

@@ -3,10 +3,13 @@
     python train.py --config=configs/cifar10.py --config.data.dir=/path/cifar-10-batches-py
 """
 
+import ml_collections
+
 from configs import default
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
+  """CIFAR-10 with slim's ResNet v2 50, without the root block for 32x32 images."""
   config = default.get_config()
   config.model = 'resnet_v2_50'
   # 32x32 inputs: the 7x7/2 root and 3x3/2 pool would leave 8x8 before block1.

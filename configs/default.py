@@ -12,6 +12,7 @@ from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
+  """Every field train.py and eval.py read, at its default value (a digits run); the variants change a few."""
   config = ml_collections.ConfigDict()
   # Model: a name from `resnet_flax.models.list_models()`.
   config.model = 'resnet_v1_digits'

@@ -9,12 +9,15 @@ smoothing 0.1, about 76 epochs. Global batch: spread it over as many devices as 
 e.g. 256 TPU chips x 128, or 512 GPUs x 64 (see README: Scaling out).
 """
 
+import ml_collections
+
 from configs import imagenet_resnet_v1_50
 
 STEPS_PER_EPOCH = 1281167 // 32768  # 39
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
+  """ImageNet ResNet v1 50 at batch 32768 with LARS, as MLPerf's large-batch runs."""
   config = imagenet_resnet_v1_50.get_config()
   config.batch_size = 32768
   config.optimizer = 'lars'

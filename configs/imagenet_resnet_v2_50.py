@@ -4,10 +4,13 @@ Slim's public v2 checkpoints were evaluated with inception preprocessing at 299 
 label 0 as background, so labels are shifted by one (`label_offset=1`).
 """
 
+import ml_collections
+
 from configs import imagenet_resnet_v1_50
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
+  """ImageNet with slim's ResNet v2 50: 1001 classes, inception preprocessing at 299 px."""
   config = imagenet_resnet_v1_50.get_config()
   config.model = 'resnet_v2_50'
   config.num_classes = 1001

@@ -5,25 +5,28 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from resnet_flax import (checkpoints, config_checks, data, device_input, model_builder, optim, precise_bn, pretrained,
                          sharding, steps)
 from resnet_flax.train_state import TrainState, train_state_initializer
 
 
-def make_eval_step(model, mesh):
+def make_eval_step(model: nn.Module, mesh: Mesh
+                   ) -> Callable[[dict[str, Any], device_input.DeviceBatch], dict[str, jax.Array]]:
   """The jitted eval step; build it once per run so repeated evaluations reuse the compilation."""
   return sharding.jit_over_batch(functools.partial(steps.eval_step, model=model), mesh)
 
 
-def metrics_over(step_fn, variables: dict[str, Any], batches: Iterable[device_input.DeviceBatch]
-                 ) -> dict[str, float]:
+def metrics_over(step_fn: Callable[[dict[str, Any], device_input.DeviceBatch], dict[str, jax.Array]],
+                 variables: dict[str, Any], batches: Iterable[device_input.DeviceBatch]) -> dict[str, float]:
   """Loss, top-1 and top-5 over every real example of device `batches`, from `step_fn`'s per-batch sums."""
   sums = None
   for batch in batches:
@@ -37,7 +40,8 @@ def metrics_over(step_fn, variables: dict[str, Any], batches: Iterable[device_in
           'num_examples': int(sums['num_examples'])}
 
 
-def evaluate_dataset(eval_step, variables: dict[str, Any], dataset: data.Dataset, mesh) -> dict[str, float]:
+def evaluate_dataset(eval_step: Callable[[dict[str, Any], device_input.DeviceBatch], dict[str, jax.Array]],
+                     variables: dict[str, Any], dataset: data.Dataset, mesh: Mesh) -> dict[str, float]:
   """Loss, top-1 and top-5 over every real example of `dataset` (padding masked out)."""
   return metrics_over(eval_step, variables, device_input.dataset_batches(dataset, dataset.eval_batches(), mesh))
 
@@ -48,13 +52,14 @@ def build_eval_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
                                       'config.eval_batch_size')
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, model, image_shape) -> TrainState:
+def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, image_shape: tuple[int, int, int]
+                         ) -> TrainState:
   """The TrainState's structure, shapes and dtypes, without computing anything."""
   tx = optim.build_optimizer(config)
   return jax.eval_shape(train_state_initializer(model, tx, image_shape), jax.random.PRNGKey(0))
 
 
-def abstract_variables(model, image_shape) -> dict[str, Any]:
+def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, Any]:
   """The model's {'params', 'batch_stats'} shapes and dtypes, without computing anything."""
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))
 

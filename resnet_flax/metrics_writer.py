@@ -90,6 +90,7 @@ class MetricsWriter:
     return changes
 
   def close(self) -> None:
+    """Closes metrics.jsonl and the TensorBoard event file."""
     if not self.enabled:
       return
     # After a failed write, closing retries the lost bytes; that failure was reported.

@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import itertools
 import numbers
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
+from jax.sharding import Mesh
 
 from resnet_flax import data, device_input, sharding
 from resnet_flax.layers.batch_norm import BATCH_MOMENTS, BATCH_STATS
@@ -65,8 +67,8 @@ class _PopulationMoments:
     return out
 
 
-def population_statistics(model, variables: Variables, image_batches: Iterable[Any], mesh=None
-                          ) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
+def population_statistics(model: nn.Module, variables: Variables, image_batches: Iterable[Any],
+                          mesh: Optional[Mesh] = None) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
   """{BatchNorm path: (mean, variance)} over all images of `image_batches`, every BN at once.
 
   As precise BN does, every layer sees its input normalized with batch statistics (train
@@ -99,8 +101,8 @@ def with_statistics(variables: Variables, statistics: Mapping[tuple[str, ...], t
   return {**variables, BATCH_STATS: traverse_util.unflatten_dict(stats)}
 
 
-def recalibrate(config: ml_collections.ConfigDict, model, variables: Variables, num_batches: int, mesh=None
-                ) -> Variables:
+def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: Variables, num_batches: int,
+                mesh: Optional[Mesh] = None) -> Variables:
   """Precise BN: population statistics of `num_batches` training batches of `config.batch_size`."""
   if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) or num_batches < 1:
     # None or -1 would take every batch of an endless stream: a hang.

@@ -7,6 +7,7 @@ from typing import Mapping, Optional, TextIO
 
 
 def format_duration(seconds: float) -> str:
+  """`seconds` as 'MM:SS', or 'H:MM:SS' from an hour up (a negative duration reads as zero)."""
   seconds = max(int(seconds), 0)
   hours, rest = divmod(seconds, 3600)
   minutes, secs = divmod(rest, 60)
@@ -25,6 +26,7 @@ class ProgressBar:
 
   def update(self, step: int, metrics: Mapping[str, float], images_per_second: float,
              seconds_per_step: float) -> None:
+    """Shows `step` of the total with `metrics`, the img/s and the ETA at `seconds_per_step`."""
     if not self.enabled:
       return
     done = min(step / max(self.total_steps, 1), 1.0)

@@ -17,10 +17,12 @@ def data_mesh() -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A whole copy of the array on every device of `mesh`."""
   return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """The leading (batch) axis split over the `data` axis of `mesh`."""
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
@@ -73,4 +75,5 @@ def to_global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
+  """`tree` with every array copied whole onto each device of `mesh`."""
   return jax.device_put(tree, replicated(mesh))

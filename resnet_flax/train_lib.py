@@ -9,10 +9,13 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from resnet_flax import (checkpoints, config_checks, data, device_input, eval_lib, model_builder, optim, pretrained,
                          sharding, steps)
@@ -84,7 +87,8 @@ def skipped_in_a_row(before: int, first_step: int, last_step: int, bad_steps: li
   return last_step - finite[-1] if finite else before + last_step - first_step + 1
 
 
-def _initialize_from(spec: str, state: TrainState, model, image_shape, mesh, progress: ProgressBar) -> TrainState:
+def _initialize_from(spec: str, state: TrainState, model: nn.Module, image_shape: tuple[int, int, int], mesh: Mesh,
+                     progress: ProgressBar) -> TrainState:
   """Fine-tuning: pretrained params and statistics, a fresh head when the class count differs."""
   reference = {'params': state.params, 'batch_stats': state.batch_stats}
   variables, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True)
@@ -94,8 +98,9 @@ def _initialize_from(spec: str, state: TrainState, model, image_shape, mesh, pro
 
 
 def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_record: dict[str, Any],
-                          checkpointer: checkpoints.Checkpointer, state: TrainState, model, image_shape, mesh,
-                          progress: ProgressBar) -> tuple[TrainState, Optional[int]]:
+                          checkpointer: checkpoints.Checkpointer, state: TrainState, model: nn.Module,
+                          image_shape: tuple[int, int, int], mesh: Mesh, progress: ProgressBar
+                          ) -> tuple[TrainState, Optional[int]]:
   """The state to train on and the step of the checkpoint it was resumed from (None: none was):
   the newest intact checkpoint of `workdir`, else `config.init_checkpoint`'s weights, else `state`."""
   try:
@@ -145,7 +150,8 @@ def _is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
-def initial_state(config: ml_collections.ConfigDict, model, tx, image_shape, mesh) -> tuple[TrainState, Any]:
+def initial_state(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
+                  image_shape: tuple[int, int, int], mesh: Mesh) -> tuple[TrainState, Any]:
   """The initial TrainState on `mesh`, and its shardings (ZeRO-1 with `config.shard_optimizer_state`)."""
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(train_state_initializer(model, tx, image_shape), rng)
@@ -153,7 +159,9 @@ def initial_state(config: ml_collections.ConfigDict, model, tx, image_shape, mes
   return create_train_state(model, tx, rng, image_shape, shardings), shardings
 
 
-def make_train_step(config: ml_collections.ConfigDict, model, tx, mesh, state_shardings: Any):
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
+                    state_shardings: Any
+                    ) -> Callable[[TrainState, steps.Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted train step: batch split over `mesh`, the state laid out as `state_shardings`.
 
   Declaring the layout of the state on both sides is what makes ZeRO-1 work: XLA

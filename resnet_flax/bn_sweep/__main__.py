@@ -21,6 +21,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
+  """Runs `--config`'s sweep grid into `--workdir`; a user error is one line on stderr and exit status 2."""
   del argv
 
   def run():

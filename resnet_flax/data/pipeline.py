@@ -144,14 +144,17 @@ class Dataset:
 
   @property
   def num_examples(self) -> int:
+    """Examples in the whole split (every process's together)."""
     return int(self.source.labels.shape[0])
 
   @property
   def num_classes(self) -> int:
+    """Number of classes the labels index into."""
     return self.source.num_classes
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
+    """(height, width, channels) of one image."""
     return self.source.image_shape
 
   @property

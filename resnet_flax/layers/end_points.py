@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -9,7 +11,7 @@ INTERMEDIATES = 'intermediates'
 END_POINT = 'end_point'
 
 
-def keep_latest(_, value):
+def keep_latest(_: Any, value: Any) -> Any:
   """A `sow` reducer that stores the latest value instead of appending to a tuple."""
   return value
 

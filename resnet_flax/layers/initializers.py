@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 
-def variance_scaling(factor: float = 2.0):
+def variance_scaling(factor: float = 2.0) -> Callable[..., jax.Array]:
   """slim.variance_scaling_initializer(factor, mode='FAN_IN', uniform=False).
 
   Slim draws from a normal truncated at two standard deviations whose *parameter*

@@ -30,11 +30,11 @@ class ResNetArgScope:
   dtype: Any = jnp.float32
   fold_batch_norm_in_eval: bool = False
 
-  def make_batch_norm(self, **overrides) -> BatchNorm:
+  def make_batch_norm(self, **overrides: Any) -> BatchNorm:
     """slim.batch_norm under this scope (for v2's `preact` and `postnorm`)."""
     return BatchNorm(**{**self.batch_norm, 'dtype': self.dtype, **overrides})
 
-  def conv2d(self, **batch_norm_overrides) -> Callable[..., nn.Module]:
+  def conv2d(self, **batch_norm_overrides: Any) -> Callable[..., nn.Module]:
     """slim.conv2d under this scope: BN (with these field overrides) or biases, and the scope's activation."""
     normalizer: Optional[Callable[..., nn.Module]] = (
         functools.partial(BatchNorm, **{**self.batch_norm, **batch_norm_overrides}) if self.use_batch_norm else None)

@@ -96,7 +96,8 @@ class BlockStack(nn.Module):
 
 
 def plan_strides(blocks: Sequence[Block], output_stride: Optional[int],
-                 store_non_strided_activations: bool = False):
+                 store_non_strided_activations: bool = False
+                 ) -> list[tuple[tuple[tuple[int, int, int, int], ...], int]]:
   """Per unit (stride, rate) and per block trailing subsample, as stack_blocks_dense does.
 
   Once the network has reached `output_stride`, further strides turn into atrous

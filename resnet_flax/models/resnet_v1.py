@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ class BottleneckV1(nn.Module):
 
 
 def bottleneck_v1(arg_scope: ResNetArgScope, use_bounded_activations: bool = False,
-                  zero_init_last_gamma: bool = False):
+                  zero_init_last_gamma: bool = False) -> Callable[..., BottleneckV1]:
   """The unit function for v1 blocks, with the model's arg scope bound."""
   def unit_fn(**kwargs) -> BottleneckV1:
     return BottleneckV1(**kwargs, arg_scope=arg_scope, use_bounded_activations=use_bounded_activations,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -42,7 +42,7 @@ class BottleneckV2(nn.Module):
     return output
 
 
-def bottleneck_v2(arg_scope: ResNetArgScope):
+def bottleneck_v2(arg_scope: ResNetArgScope) -> Callable[..., BottleneckV2]:
   """The unit function for v2 blocks, with the model's arg scope bound."""
   def unit_fn(**kwargs) -> BottleneckV2:
     return BottleneckV2(**kwargs, arg_scope=arg_scope, name='bottleneck_v2')

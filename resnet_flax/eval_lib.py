@@ -14,9 +14,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from resnet_flax import (checkpoints, config_checks, data, device_input, model_builder, optim, precise_bn, pretrained,
-                         sharding, steps)
-from resnet_flax.train_state import TrainState, train_state_initializer
+from resnet_flax import (checkpoints, config_checks, data, device_input, model_builder, precise_bn, pretrained, sharding,
+                         steps)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh
@@ -50,13 +49,6 @@ def build_eval_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
   """This process's share of `config.eval_split`."""
   return device_input.process_dataset(config, config.eval_split, config.eval_batch_size or config.batch_size,
                                       'config.eval_batch_size')
-
-
-def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, image_shape: tuple[int, int, int]
-                         ) -> TrainState:
-  """The TrainState's structure, shapes and dtypes, without computing anything."""
-  tx = optim.build_optimizer(config)
-  return jax.eval_shape(train_state_initializer(model, tx, image_shape), jax.random.PRNGKey(0))
 
 
 def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, Any]:

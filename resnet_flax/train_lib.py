@@ -21,7 +21,7 @@ from resnet_flax import (checkpoints, config_checks, data, device_input, eval_li
                          sharding, steps)
 from resnet_flax.metrics_writer import MetricsWriter, config_changes
 from resnet_flax.progress import ProgressBar
-from resnet_flax.train_state import TrainState, create_train_state, train_state_initializer
+from resnet_flax.train_state import TrainState, abstract_train_state, create_train_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -153,10 +153,9 @@ def _is_due(step: int, every: int, total: int) -> bool:
 def initial_state(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
                   image_shape: tuple[int, int, int], mesh: Mesh) -> tuple[TrainState, Any]:
   """The initial TrainState on `mesh`, and its shardings (ZeRO-1 with `config.shard_optimizer_state`)."""
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(train_state_initializer(model, tx, image_shape), rng)
-  shardings = sharding.train_state_shardings(abstract, mesh, config.shard_optimizer_state)
-  return create_train_state(model, tx, rng, image_shape, shardings), shardings
+  shardings = sharding.train_state_shardings(abstract_train_state(model, tx, image_shape), mesh,
+                                             config.shard_optimizer_state)
+  return create_train_state(model, tx, jax.random.PRNGKey(config.seed), image_shape, shardings), shardings
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,

@@ -40,6 +40,12 @@ def train_state_initializer(model: nn.Module, tx: optax.GradientTransformation,
   return init
 
 
+def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                         image_shape: tuple[int, int, int]) -> TrainState:
+  """The initial TrainState's structure, shapes and dtypes, without computing anything."""
+  return jax.eval_shape(train_state_initializer(model, tx, image_shape), jax.random.PRNGKey(0))
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        image_shape: tuple[int, int, int], shardings: Any = None) -> TrainState:
   """The initial TrainState, compiled (eager init runs op by op and is slower still).

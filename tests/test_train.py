@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from configs import digits
-from resnet_flax import checkpoints, cli, eval_lib, losses, metrics_writer, model_builder, train_lib
+from resnet_flax import checkpoints, cli, eval_lib, losses, metrics_writer, model_builder, optim, train_lib
 from resnet_flax.slim import names
+from resnet_flax.train_state import abstract_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What these tests check (the loop, checkpoints, resume, devices, faults) does not depend on
@@ -65,7 +66,7 @@ def test_logged_throughput_waits_for_the_steps(tmp_path, monkeypatch):
 
 
 def _read_params(workdir, config, step):
-  target = eval_lib.abstract_train_state(config, model_builder.build_model(config, 10), (8, 8, 1))
+  target = abstract_train_state(model_builder.build_model(config, 10), optim.build_optimizer(config), (8, 8, 1))
   return checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(step, target)
 
 

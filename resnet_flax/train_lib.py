@@ -40,20 +40,30 @@ def _preemption_check() -> tuple[Callable[[int], bool], Callable[[], None]]:
   at a different step, and one saving alone would hang the others; JAX's preemption
   sync manager (started by jax.distributed.initialize, which handles SIGTERM itself)
   agrees on one step at which every process stops, so they all save that step.
+  A second signal stops at once, without saving: the first is only read at a step's end,
+  which a run stuck waiting for its input (a hung network mount) never reaches.
   """
   if jax.process_count() > 1:
     return multihost_utils.reached_preemption_sync_point, lambda: None
   flag = threading.Event()
   previous = {}
-  if threading.current_thread() is threading.main_thread():
-    for signum in (signal.SIGTERM, signal.SIGINT):
-      previous[signum] = signal.signal(signum, lambda *_: flag.set())
 
   def restore() -> None:
     # After training, a signal is the caller's again (a sweep's Ctrl-C during evaluation
     # had only set this flag, which nobody read any more).
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+
+  def on_signal(signum: int, _: Any) -> None:
+    if not flag.is_set():
+      flag.set()
+      return
+    restore()
+    raise KeyboardInterrupt(f'{signal.Signals(signum).name} a second time: stopped without saving')
+
+  if threading.current_thread() is threading.main_thread():
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      previous[signum] = signal.signal(signum, on_signal)
 
   return (lambda step: flag.is_set()), restore
 

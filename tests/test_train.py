@@ -333,3 +333,20 @@ def test_training_gives_the_signal_handlers_back(tmp_path):
   before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
   train_lib.train_and_evaluate(tiny_config(1), str(tmp_path))
   assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_stops_at_once(signum):
+  # The first is read at a step's end, which a run stuck waiting for an image on a hung
+  # mount never reached: SIGTERM and Ctrl-C had both been ignored until kill -9.
+  before = signal.getsignal(signum)
+  stop_after, restore = train_lib._preemption_check()
+  try:
+    os.kill(os.getpid(), signum)
+    assert stop_after(1)  # the first: save after this step, then stop
+    with pytest.raises(KeyboardInterrupt, match='a second time: stopped without saving'):
+      os.kill(os.getpid(), signum)
+      time.sleep(1)  # the handler runs at the next bytecode; the sleep is interrupted
+    assert signal.getsignal(signum) == before  # a third is the process's own handler's
+  finally:
+    restore()

@@ -436,6 +436,14 @@ def test_a_symlink_loop_is_refused_by_name(tmp_path, link, target):
   assert '\n' not in str(excinfo.value)
 
 
+def test_a_class_folder_linked_to_a_missing_target_is_refused(tmp_path):
+  root = _image_tree(tmp_path)
+  (root / 'train' / 'c').symlink_to(tmp_path / 'unmounted')  # had trained on 2 classes of 3 without a word
+  with pytest.raises(data.DataError, match=re.escape(f"{root / 'train' / 'c'} is a symlink to "
+                                                     f"{tmp_path / 'unmounted'}, which does not exist")):
+    data.build(_folder(root), 'train', batch_size=4, seed=0)
+
+
 def test_symlinks_to_directories_elsewhere_count_each_path(tmp_path):
   root = _image_tree(tmp_path)
   _image_tree(tmp_path / 'extra', classes=('more',), per_class=2)

@@ -69,7 +69,12 @@ def split_directory(root: str, split: str) -> str:
 
 def class_names(directory: str) -> list[str]:
   """The class folders of a split directory, sorted: label i is the i-th."""
-  classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith('.'))
+  entries = [entry for entry in os.scandir(directory) if not entry.name.startswith('.')]
+  broken = sorted(entry.path for entry in entries if entry.is_symlink() and not os.path.exists(entry.path))
+  if broken:  # a class folder linked from a mount that is gone: its class had been dropped without a word
+    raise DataError(f'{broken[0]} is a symlink to {os.readlink(broken[0])}, which does not exist; mount or fix its '
+                    f'target, or remove the link ({len(broken)} broken link(s) in {directory}).')
+  classes = sorted(entry.name for entry in entries if entry.is_dir())
   if not classes:
     raise DataError(f'{directory} has no class subdirectories; expected {directory}/<class name>/<image>.jpg.')
   return classes

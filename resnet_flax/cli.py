@@ -106,6 +106,11 @@ def _refuse_repeated_tuple_overrides(args: list[str], config) -> None:
             'give it once.')
 
 
+def _wants_traceback() -> bool:
+  """--traceback's value; False where the command line defines no such flag."""
+  return 'traceback' in flags.FLAGS and bool(flags.FLAGS['traceback'].value)
+
+
 def run_reporting_user_errors(main: Callable[[], None]) -> None:
   """Runs `main`; a user error prints `error: <message>` on stderr and exits with status 2."""
   if not flags.FLAGS['verbosity'].present:
@@ -114,9 +119,15 @@ def run_reporting_user_errors(main: Callable[[], None]) -> None:
   try:
     main()
   except USER_ERRORS + (data.DataError, checkpoints.CheckpointError, metrics_writer.MetricsWriteError) as error:
-    if flags.FLAGS.traceback:
+    if _wants_traceback():
       raise
     print(f'error: {one_line_message(error)}', file=sys.stderr)
+    sys.exit(2)
+  except MemoryError as error:  # the host's: a batch or image size the machine cannot hold
+    if _wants_traceback():
+      raise
+    print(f'error: out of host memory ({one_line_message(error)}); lower config.batch_size or '
+          'config.data.image_size.', file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:
     # Training turns Ctrl-C into a save and a clean stop; this is one before (or after) that.

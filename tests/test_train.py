@@ -282,6 +282,17 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
                                      'checkpoint.\n')
 
 
+def test_running_out_of_host_memory_is_one_line(capsys):
+  def too_big():  # what numpy raises for --config.data.image_size=100000 (112 GiB of synthetic images)
+    raise MemoryError('Unable to allocate 112. GiB for an array with shape (4, 100000, 100000, 3)')
+
+  with pytest.raises(SystemExit) as exit_status:
+    cli.run_reporting_user_errors(too_big)
+  assert exit_status.value.code == 2
+  assert capsys.readouterr().err == ('error: out of host memory (Unable to allocate 112. GiB for an array with shape '
+                                     '(4, 100000, 100000, 3)); lower config.batch_size or config.data.image_size.\n')
+
+
 @pytest.mark.parametrize('script, default', [('train.py', ' or leave the flag out (/tmp/resnet_flax)'),
                                              ('eval.py', '')])
 def test_empty_workdir_is_one_line_not_the_default(script, default):

@@ -150,8 +150,12 @@ def recorded_config(workdir: str) -> Optional[dict[str, Any]]:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return None
-  with open(path, encoding='utf-8') as file:
-    return flat_fields(json.load(file))
+  try:
+    with open(path, encoding='utf-8') as file:
+      return flat_fields(json.load(file))
+  except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:  # written whole, so damaged since
+    raise ValueError(f'{path} is damaged ({error}); delete it: it only records the config of the last start, '
+                     'and the next start writes it again.') from None
 
 
 def config_changes(workdir: str, config: Mapping[str, Any]) -> list[str]:

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -127,6 +128,24 @@ def test_half_written_save_is_ignored(tmp_path):
   leftover.mkdir()
   (leftover / 'garbage').write_bytes(b'\x00' * 10)
   assert train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))['step'] == 4
+
+
+def test_an_unfinished_save_is_refused_by_eval(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  unfinished = tmp_path / 'checkpoints' / '2.orbax-checkpoint-tmp-1234567'
+  shutil.copytree(tmp_path / 'checkpoints' / '2', unfinished)  # whole, as it is just before orbax's rename
+  with pytest.raises(checkpoints.CheckpointError, match=re.escape(
+      f'{unfinished} is a save that never finished (orbax renames it to 2 when whole); pass a committed step')):
+    eval_lib.load_checkpoint(tiny_config(2), None, str(unfinished / 'default'))  # had been evaluated
+
+
+def test_a_damaged_config_record_is_named_with_its_fix(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  (tmp_path / 'config.json').write_text('{"model": "resnet')
+  with pytest.raises(ValueError, match=re.escape(f'{tmp_path / "config.json"} is damaged (')) as excinfo:
+    train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))
+  assert str(excinfo.value).endswith('delete it: it only records the config of the last start, and the next '
+                                     'start writes it again.')
 
 
 def test_checkpoints_of_another_model_fail_clearly_and_stay_untouched(tmp_path):

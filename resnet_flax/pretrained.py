@@ -78,7 +78,7 @@ def fit_variables(loaded: dict[str, Any], reference: dict[str, Any], *, allow_ne
   if problems:
     # The fix first: a long list would hide it.
     raise checkpoints.StateMismatchError(f'{source} does not fit the model ({len(problems)} variables). '
-                                         f'{_fix(loaded, reference, source)} What differs: '
+                                         f'{_fix(loaded, reference, source, allow_new_head)} What differs: '
                                          + '; '.join(problems[:6]) + (' ...' if len(problems) > 6 else '.'))
   if filled:
     logging.info('%s: %d BatchNorm statistics its run did not keep (e.g. %s) start as TF would start them: '
@@ -106,17 +106,18 @@ def _left_out(collection: str, have: dict, wanted: dict, allow_new_head: bool) -
   return problems
 
 
-def _fix(loaded: dict[str, Any], reference: dict[str, Any], source: str) -> str:
-  """The likeliest fixes: the class count and the input channels where they differ, what the
-  checkpoint's run recorded in its config.json, else the model's options."""
+def _fix(loaded: dict[str, Any], reference: dict[str, Any], source: str, allow_new_head: bool) -> str:
+  """The likeliest fixes: the class count (unless a new head may replace it) and the input
+  channels where they differ, what the checkpoint's run recorded in its config.json, else the
+  model's options."""
   have, want = (names.flatten(tree.get('params', {})) for tree in (loaded, reference))
   fixes = []
   have_classes, want_classes = (np.shape(tree.get((HEAD, 'biases'), ())) for tree in (have, want))
-  if have_classes and want_classes and have_classes != want_classes:
+  if have_classes and want_classes and have_classes != want_classes and not allow_new_head:
     fixes.append(f'The checkpoint has {have_classes[0]} classes, the model {want_classes[0]}: set '
                  f'config.num_classes={have_classes[0]} (and config.data.label_offset to match its background '
                  'class, if any).')
-  have_channels, want_channels = (np.shape(tree.get(('conv1', 'weights'), ()))[2:3] for tree in (have, want))
+  have_channels, want_channels = (_input_channels(tree) for tree in (have, want))
   if have_channels and want_channels and have_channels != want_channels:
     fixes.append(f'The checkpoint takes {have_channels[0]}-channel images, the data set gives {want_channels[0]}: '
                  'evaluate it on the data set it was trained on (config.data).')
@@ -124,6 +125,15 @@ def _fix(loaded: dict[str, Any], reference: dict[str, Any], source: str) -> str:
   if recorded:
     fixes.append(f'Its run was trained with {recorded}.')
   return ' '.join(fixes) or 'Check --config.model and its options (config.bn, config.model_options).'
+
+
+def _input_channels(params: dict[tuple[str, ...], Any]) -> tuple[int, ...]:
+  """(channels,) of the images the first convolution reads: the root block's conv1, else (no
+  root block) the first unit's conv1, which reads them directly (v1) or after preact (v2); ()
+  if neither is there."""
+  first = [path for path in params if path == ('conv1', 'weights') or
+           (path[:2] == ('block1', 'unit_1') and path[-2:] == ('conv1', 'weights'))]
+  return np.shape(params[min(first, key=len)])[2:3] if first else ()
 
 
 def _recorded_config(source: str) -> str:

@@ -206,6 +206,20 @@ def test_another_class_count_names_num_classes_as_the_fix():
                            features, allow_new_head=False, source='ckpt', epsilon=1e-5)
 
 
+def test_fine_tuning_names_the_input_channels_not_the_class_count_a_new_head_replaces():
+  # A 3-channel, 2-class run's checkpoint fine-tuned on digits (1 channel, 10 classes, no root
+  # block): the hint had said to set num_classes=2, which the new head makes needless.
+  first_conv = 'params__block1__unit_1__bottleneck_v1__conv1__weights'
+  saved = _leaves(**{first_conv: np.ones((1, 1, 3, 4))}, params__logits__weights=np.ones((4, 2)),
+                  params__logits__biases=np.ones(2))
+  model = _leaves(**{first_conv: np.ones((1, 1, 1, 4))}, params__logits__weights=np.ones((4, 10)),
+                  params__logits__biases=np.ones(10))
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    pretrained.fit_variables(saved, model, allow_new_head=True, source='ckpt', epsilon=1e-5)
+  assert 'The checkpoint takes 3-channel images, the data set gives 1' in str(error.value)
+  assert 'num_classes' not in str(error.value)
+
+
 def test_statistics_a_checkpoint_lacks_are_filled_alike_from_orbax_and_tf_slim(tmp_path):
   # Fine-tuning one's own checkpoint with zero-debias or renorm switched on: the orbax path had
   # refused the state its run never kept, where the TF-Slim path fills it as TF would.

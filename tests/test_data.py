@@ -6,6 +6,7 @@ Image folders and their preprocessing are tested in test_preprocessing.py, confi
 mistakes in test_data_dir.py."""
 
 import gc
+import codecs
 import io
 import itertools
 import os
@@ -21,7 +22,7 @@ import pytest
 from PIL import Image
 
 from resnet_flax import data
-from resnet_flax.data import augment, cifar10, digits, sampling
+from resnet_flax.data import augment, cifar10, digits, safe_pickle, sampling
 from resnet_flax.data.pipeline import SkippedImageWarning, Source
 from resnet_flax.data.synthetic import ConstantLoader
 
@@ -164,16 +165,16 @@ class _Python2Pickler(pickle._Pickler):
   dispatch[bytes] = _save_python2_str
 
 
-def _write_cifar_batch(path, batch, python2=True):
-  if python2:  # Protocol 2, numpy 1.x module names: what cifar-10-python.tar.gz contains.
+def _write_cifar_batch(path, batch, written_by='python2'):
+  if written_by == 'python2':  # Protocol 2, numpy 1.x module names: what cifar-10-python.tar.gz contains.
     buffer = io.BytesIO()
     _Python2Pickler(buffer, protocol=2).dump(batch)
     path.write_bytes(buffer.getvalue().replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n'))
-  else:  # Re-pickled by Python 3 and numpy 2.
-    path.write_bytes(pickle.dumps(batch, protocol=4))
+  else:  # Re-pickled by Python 3 and numpy 2; at protocol 2 its bytes are _codecs.encode(str, 'latin1').
+    path.write_bytes(pickle.dumps(batch, protocol={'python3': 4, 'python3_protocol_2': 2}[written_by]))
 
 
-def _make_cifar(directory, sizes=(3, 3, 3, 3, 2), test_size=5, python2=True):
+def _make_cifar(directory, sizes=(3, 3, 3, 3, 2), test_size=5, written_by='python2'):
   rng = np.random.default_rng(0)
   expected = {}
   for name, size in [*((f'data_batch_{i + 1}', n) for i, n in enumerate(sizes)), ('test_batch', test_size)]:
@@ -181,14 +182,14 @@ def _make_cifar(directory, sizes=(3, 3, 3, 3, 2), test_size=5, python2=True):
     labels = [int(label) for label in rng.integers(0, 10, size)]
     rows = images.transpose(0, 3, 1, 2).reshape(size, 3072)  # R plane, G plane, B plane.
     _write_cifar_batch(directory / name, {b'batch_label': name.encode(), b'labels': labels, b'data': rows,
-                                          b'filenames': [b'x.png'] * size}, python2)
+                                          b'filenames': [b'x.png'] * size}, written_by)
     expected[name] = (images, labels)
   return expected
 
 
-@pytest.mark.parametrize('python2', [True, False])
-def test_cifar10_fixture_loads_with_correct_values(tmp_path, python2):
-  expected = _make_cifar(tmp_path, python2=python2)
+@pytest.mark.parametrize('written_by', ['python2', 'python3', 'python3_protocol_2'])
+def test_cifar10_fixture_loads_with_correct_values(tmp_path, written_by):
+  expected = _make_cifar(tmp_path, written_by=written_by)
   train_images = np.concatenate([expected[f'data_batch_{i}'][0] for i in range(1, 6)])
   train_labels = sum((expected[f'data_batch_{i}'][1] for i in range(1, 6)), [])
   images, labels = cifar10.read_split(str(tmp_path), 'train')
@@ -240,6 +241,17 @@ def test_malicious_cifar_pickle_is_refused_without_running_code(tmp_path, payloa
     data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'train', batch_size=4, seed=0)
   assert 'data_batch_3' in str(excinfo.value) and '\n' not in str(excinfo.value)
   assert not marker.exists()
+
+
+class _Rot13:
+  def __reduce__(self):
+    return codecs.encode, ('abc', 'rot13')  # pickled as _codecs.encode, like Python 3's latin-1 bytes
+
+
+def test_codecs_encode_is_let_through_for_latin1_bytes_only(tmp_path):
+  (tmp_path / 'data_batch_1').write_bytes(pickle.dumps({b'labels': _Rot13()}, protocol=2))
+  with pytest.raises(data.DataError, match=r"_codecs.encode\(str, 'rot13'\) is not a byte string"):
+    safe_pickle.load(tmp_path / 'data_batch_1')
 
 
 def test_cifar10_rejects_wrong_shapes_and_labels(tmp_path):

@@ -2,8 +2,9 @@
 
 `pickle.load` on a downloaded file runs whatever callables the file names (`os.system`,
 `subprocess.Popen`, ...). The CIFAR-10 python files only need dicts, lists, ints, byte
-strings and uint8 arrays, so every global the file asks for is refused except the three
-numpy names an array is rebuilt from.
+strings and uint8 arrays, so every global the file asks for is refused except the numpy
+names an array is rebuilt from and the latin-1 encoding Python 3 writes bytes with at
+protocols 0-2.
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ from resnet_flax.data.errors import DataError, one_line
 # How a pickled ndarray is rebuilt (`ndarray.__reduce__` at protocols 2-4). Files written by
 # numpy 1.x (the published CIFAR files) name `numpy.core`; numpy 2.x renamed it `numpy._core`.
 _RECONSTRUCT = np.ndarray((0,), np.uint8).__reduce__()[0]
+
+
+def _latin1_bytes(text: str, encoding: str = 'latin1') -> bytes:
+  """How Python 3 pickles bytes at protocols 0-2, `_codecs.encode(str, 'latin1')`, and nothing else."""
+  if not isinstance(text, str) or encoding != 'latin1':
+    raise pickle.UnpicklingError(f'_codecs.encode({type(text).__name__}, {encoding!r}) is not a byte string')
+  return text.encode('latin1')
+
+
 _ALLOWED_GLOBALS = {
+    ('_codecs', 'encode'): _latin1_bytes,  # a CIFAR batch pickled again by Python 3 at protocol 2
     ('numpy.core.multiarray', '_reconstruct'): _RECONSTRUCT,
     ('numpy._core.multiarray', '_reconstruct'): _RECONSTRUCT,
     ('numpy', 'ndarray'): np.ndarray,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -18,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from resnet_flax import (checkpoints, config_checks, data, device_input, eval_lib, model_builder, optim, pretrained,
-                         sharding, steps)
+                         sharding, steps, workdir_lock)
 from resnet_flax.metrics_writer import MetricsWriter, config_changes
 from resnet_flax.progress import ProgressBar
 from resnet_flax.train_state import TrainState, abstract_train_state, create_train_state
@@ -200,6 +201,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_training_config(config)
   checkpoints.check_not_a_checkpoint(workdir)
   is_chief = jax.process_index() == 0
+  # The chief alone: a multi-host run's processes share the workdir.
+  with workdir_lock.held(workdir) if is_chief else contextlib.nullcontext():
+    return _train_and_evaluate(config, workdir, is_chief)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chief: bool) -> dict[str, Any]:
+  """train_and_evaluate once its config is checked and the workdir is this run's."""
   train_ds = device_input.process_dataset(config, 'train', config.batch_size)
   eval_ds = eval_lib.build_eval_dataset(config)
   model = model_builder.build_model(config, model_builder.head_size(config, train_ds.num_classes))

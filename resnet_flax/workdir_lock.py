@@ -1,0 +1,56 @@
+"""One training run per workdir: an exclusive lock on `WORKDIR/.lock`, held while it trains.
+
+Two runs started on one workdir had both saved into `checkpoints/` (one failing with a
+misleading "free disk space" error) and logged every step twice in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from typing import IO, Iterator
+
+from resnet_flax import checkpoints
+
+LOCK_NAME = '.lock'
+
+
+class WorkdirInUseError(checkpoints.CheckpointError):
+  """Another process holds the workdir's lock; the message names it."""
+
+
+@contextlib.contextmanager
+def held(workdir: str) -> Iterator[None]:
+  """Holds `workdir`'s lock (creating the directory) until the block ends; raises
+  WorkdirInUseError at once if another process holds it. Where no lock can be taken (a
+  file system without locks, a workdir that cannot be made, which `check_workdir` then
+  names), the block runs unguarded, as it did before there was a lock."""
+  path = os.path.join(checkpoints.local_path(workdir, 'workdir'), LOCK_NAME)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    file = open(path, 'a+', encoding='utf-8')
+  except OSError:
+    file = None
+  with file if file is not None else contextlib.nullcontext():
+    if file is not None and _locked(file, workdir):
+      file.seek(0)
+      file.truncate()
+      file.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+      file.flush()
+    yield  # closing the file releases the lock, also when the process dies
+
+
+def _locked(file: IO[str], workdir: str) -> bool:
+  """Takes the lock on `file` without waiting; False where the file system has no locks."""
+  try:
+    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    file.seek(0)
+    owner = file.read().strip() or 'another process'
+    raise WorkdirInUseError(f'{workdir} is in use by another training run ({owner}); wait for it to end or stop '
+                            'it, or pass another --workdir.') from None
+  except OSError:  # e.g. ENOLCK or EOPNOTSUPP on some FUSE mounts
+    return False
+  return True

@@ -1,0 +1,49 @@
+"""One training run per workdir: a second is refused at once, by name; the lock goes with the run."""
+
+import multiprocessing
+import os
+
+import pytest
+
+from resnet_flax import checkpoints, train_lib, workdir_lock
+from test_train import tiny_config
+
+
+def _hold_until_told(workdir, held, release):
+  with workdir_lock.held(workdir):
+    held.set()
+    release.wait(60)
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_by_name(tmp_path):
+  context = multiprocessing.get_context('spawn')  # another process: flock locks are per open file, not per pid
+  held, release = context.Event(), context.Event()
+  other = context.Process(target=_hold_until_told, args=(str(tmp_path), held, release))
+  other.start()
+  try:
+    assert held.wait(60)
+    with pytest.raises(workdir_lock.WorkdirInUseError, match=rf'{tmp_path} is in use by another training run '
+                                                             rf'\(pid {other.pid} on [^)]+\); wait for it'):
+      train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+    assert not (tmp_path / 'checkpoints').exists()  # refused before anything was written
+  finally:
+    release.set()
+    other.join(60)
+  assert train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))['step'] == 2  # free once it ended
+
+
+def test_the_lock_is_given_back_when_a_run_fails(tmp_path):
+  other = tiny_config(2)
+  other.model = 'resnet_v2_digits'
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  with pytest.raises(checkpoints.StateMismatchError):
+    train_lib.train_and_evaluate(other, str(tmp_path))
+  # In the same process, while the failure's traceback still holds the failed run's frames.
+  assert train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))['step'] == 4
+
+
+def test_no_lock_where_the_workdir_cannot_be_made(tmp_path):
+  (tmp_path / 'a_file').write_text('')
+  with workdir_lock.held(str(tmp_path / 'a_file')):  # check_workdir names this one
+    pass
+  assert os.listdir(tmp_path) == ['a_file']

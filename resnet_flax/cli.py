@@ -10,7 +10,7 @@ from typing import Callable, NoReturn, Optional
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnet_flax import checkpoints, config_checks, data, metrics_writer
+from resnet_flax import checkpoints, config_checks, data, metrics_writer, train_lib
 
 DEFAULT_TRAIN_WORKDIR = '/tmp/resnet_flax'
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'digits.py')
@@ -133,8 +133,13 @@ def run_reporting_user_errors(main: Callable[[], None]) -> None:
     print(f'error: out of host memory ({one_line_message(error)}); lower config.batch_size or '
           'config.data.image_size.', file=sys.stderr)
     sys.exit(2)
+  except train_lib.StoppedBySignal as error:
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Not sys.exit: it joins the input pipeline's threads, and one stuck on a hung read never returns.
+    os._exit(128 + error.signum)
   except KeyboardInterrupt:
-    # Training turns Ctrl-C into a save and a clean stop; this is one before (or after) that.
+    # Training turns Ctrl-C into a save and a clean stop; this is a Ctrl-C before (or after) that.
     print('interrupted (Ctrl-C); rerun the same command to resume from the newest checkpoint.', file=sys.stderr)
     sys.exit(130)
 

@@ -33,7 +33,16 @@ class NonFiniteLossError(FloatingPointError):
     self.step = step
 
 
-def _preemption_check() -> tuple[Callable[[int], bool], Callable[[], None]]:
+class StoppedBySignal(KeyboardInterrupt):
+  """A second SIGTERM or SIGINT: training stopped at once, without saving."""
+
+  def __init__(self, signum: int):
+    super().__init__(f'{signal.Signals(signum).name} a second time: stopped without saving; rerun the same command '
+                     'to resume from the newest checkpoint.')
+    self.signum = signum
+
+
+def _preemption_check(second_signal_after_s: float = 2.0) -> tuple[Callable[[int], bool], Callable[[], None]]:
   """(step -> whether to save and stop after it, because SIGTERM or SIGINT arrived; a
   function that puts the process's own handlers back, for after training).
 
@@ -41,12 +50,14 @@ def _preemption_check() -> tuple[Callable[[int], bool], Callable[[], None]]:
   at a different step, and one saving alone would hang the others; JAX's preemption
   sync manager (started by jax.distributed.initialize, which handles SIGTERM itself)
   agrees on one step at which every process stops, so they all save that step.
-  A second signal stops at once, without saving: the first is only read at a step's end,
-  which a run stuck waiting for its input (a hung network mount) never reaches.
+  With one process, a second signal, `second_signal_after_s` or more after the first (a
+  signal delivered twice at once is one request), raises StoppedBySignal: the first is only
+  read at a step's end, which a run stuck waiting for its input (a hung mount) never reaches.
   """
   if jax.process_count() > 1:
     return multihost_utils.reached_preemption_sync_point, lambda: None
   flag = threading.Event()
+  first_signal_at: list[float] = []
   previous = {}
 
   def restore() -> None:
@@ -57,10 +68,13 @@ def _preemption_check() -> tuple[Callable[[int], bool], Callable[[], None]]:
 
   def on_signal(signum: int, _: Any) -> None:
     if not flag.is_set():
+      first_signal_at.append(time.monotonic())
       flag.set()
       return
+    if time.monotonic() - first_signal_at[0] < second_signal_after_s:
+      return
     restore()
-    raise KeyboardInterrupt(f'{signal.Signals(signum).name} a second time: stopped without saving')
+    raise StoppedBySignal(signum)
 
   if threading.current_thread() is threading.main_thread():
     for signum in (signal.SIGTERM, signal.SIGINT):

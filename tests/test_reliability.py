@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -120,6 +121,39 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_identically(tmp_path)
   assert len(lines) == 1 and lines[0].startswith('error: checkpoint') and 'damaged' in lines[0], done.stderr
   jax.tree_util.tree_map(np.testing.assert_array_equal, _read_params(straight, tiny_config(), 6),
                          _read_params(damaged, tiny_config(), 6))
+
+
+def test_a_second_sigterm_ends_a_run_stuck_on_a_hung_read(tmp_path):
+  # Every image is a FIFO nobody writes to: the decoding threads block as on a hung mount,
+  # and the loop never reaches a step's end, where the first signal is read. The second had
+  # raised in the main thread, but exiting then waited on the stuck threads for ever.
+  for split in ('train', 'val'):
+    for name in ('a', 'b'):
+      (tmp_path / 'data' / split / name).mkdir(parents=True)
+      os.mkfifo(tmp_path / 'data' / split / name / 'hung.jpg')
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}', SMALL_MODEL_FLAG,
+       '--config.data.name=imagefolder', f'--config.data.dir={tmp_path / "data"}', '--config.data.image_size=16',
+       '--config.data.preprocessing=vgg', '--config.data.num_workers=1', '--config.batch_size=2',
+       '--config.num_train_steps=2', '--config.warmup_steps=0'],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  try:
+    deadline = time.monotonic() + 120
+    while not (workdir / '.lock').exists() and proc.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.2)
+    time.sleep(3)  # into the wait for the first batch
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(3)  # the first is only a request to save at the step's end
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+  finally:
+    proc.kill()
+  assert proc.returncode == 128 + signal.SIGTERM
+  assert stderr.strip().splitlines()[-1] == ('error: SIGTERM a second time: stopped without saving; rerun the same '
+                                              'command to resume from the newest checkpoint.')
 
 
 def test_half_written_save_is_ignored(tmp_path):

@@ -349,15 +349,28 @@ def test_training_gives_the_signal_handlers_back(tmp_path):
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_a_second_signal_stops_at_once(signum):
   # The first is read at a step's end, which a run stuck waiting for an image on a hung
-  # mount never reached: SIGTERM and Ctrl-C had both been ignored until kill -9.
+  # mount never reached: SIGTERM and Ctrl-C had both been ignored until kill -9 (the whole
+  # process: tests/test_reliability.py).
   before = signal.getsignal(signum)
-  stop_after, restore = train_lib._preemption_check()
+  stop_after, restore = train_lib._preemption_check(second_signal_after_s=0.0)
   try:
     os.kill(os.getpid(), signum)
     assert stop_after(1)  # the first: save after this step, then stop
-    with pytest.raises(KeyboardInterrupt, match='a second time: stopped without saving'):
+    with pytest.raises(train_lib.StoppedBySignal, match='a second time: stopped without saving'):
       os.kill(os.getpid(), signum)
       time.sleep(1)  # the handler runs at the next bytecode; the sleep is interrupted
     assert signal.getsignal(signum) == before  # a third is the process's own handler's
+  finally:
+    restore()
+
+
+def test_a_signal_delivered_twice_at_once_is_one_request():
+  # e.g. to the process group and again by a wrapper forwarding it: a save, not an unsaved stop.
+  stop_after, restore = train_lib._preemption_check(second_signal_after_s=60.0)
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    assert stop_after(1)
   finally:
     restore()

@@ -298,8 +298,9 @@ def _item_directory(path: str) -> str:
   unfinished = re.search(r'\.orbax-checkpoint-tmp[^/]*', normalized)
   if unfinished:  # orbax renames a save into place only when it is whole
     committed = normalized[:unfinished.start()]
-    raise CheckpointError(f'{normalized[:unfinished.end()]} is a save that never finished (orbax renames it to {os.path.basename(committed)} '
-                          f'when whole); pass a committed step, e.g. the newest in {os.path.dirname(committed)}.')
+    raise CheckpointError(f'{normalized[:unfinished.end()]} is a save that never finished (orbax renames it to '
+                          f'{os.path.basename(committed)} when whole); pass a committed step, e.g. the newest in '
+                          f'{os.path.dirname(committed)}.')
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     raise CheckpointError(f'{path} is a training workdir, not a checkpoint; name one of its checkpoints, '
                           f'{path}/checkpoints/<step> (eval.py: or pass --workdir={path} for the newest).')

@@ -65,7 +65,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     flags.FLAGS.config.keys()  # ml_collections defers a failed load to the first use: fail here, in one line.
     _refuse_repeated_tuple_overrides(argv[1:], flags.FLAGS.config)
   except flags.Error as error:
-    given_none = [arg for arg in argv[1:] if arg.startswith('--config.') and arg.endswith('=None') and arg in str(error)]
+    given_none = [arg for arg in argv[1:]
+                  if arg.startswith('--config.') and arg.endswith('=None') and arg in str(error)]
     if given_none:  # ml_collections parses a placeholder's value as its type: 'None' is no int
       _exit(f'{given_none[0]}: None cannot be given on the command line; leave the flag out for the config '
             "file's value, or set the field to None in a config file (configs/default.py shows which may be).")

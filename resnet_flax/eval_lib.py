@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from resnet_flax import (checkpoints, config_checks, data, device_input, model_builder, precise_bn, pretrained, sharding,
-                         steps)
+from resnet_flax import (checkpoints, config_checks, data, device_input, model_builder, precise_bn, pretrained,
+                         sharding, steps)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh

@@ -82,7 +82,8 @@ def check_statistics_groups(config: ml_collections.ConfigDict, device_count: int
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, device_count: Optional[int] = None
                 ) -> nn.Module:
-  """`models.get_model(config.model, ...)` with `config.bn`, weight decay, dtype and model options.
+  """`models.get_model(config.model, ...)` with `config.bn`, dtype and model options (slim's weight
+  decay is the loss's, `config.weight_decay`).
 
   `device_count` (default: all devices) matters only for `config.bn.cross_device='per_device'`.
   """

@@ -10,7 +10,7 @@ import contextlib
 import fcntl
 import os
 import socket
-from typing import IO, Iterator
+from typing import IO, Iterator, Optional
 
 from resnet_flax import checkpoints
 
@@ -28,18 +28,29 @@ def held(workdir: str) -> Iterator[None]:
   file system without locks, a workdir that cannot be made, which `check_workdir` then
   names), the block runs unguarded, as it did before there was a lock."""
   path = os.path.join(checkpoints.local_path(workdir, 'workdir'), LOCK_NAME)
+  file = _open(path)
+  with file if file is not None else contextlib.nullcontext():
+    if file is not None and _locked(file, workdir) and file.writable():
+      with contextlib.suppress(OSError):  # the owner's name is for the message only (a full disk is check_workdir's)
+        file.seek(0)
+        file.truncate()
+        file.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+        file.flush()
+    yield  # closing the file releases the lock, also when the process dies
+
+
+def _open(path: str) -> Optional[IO[str]]:
+  """The lock file, made if need be; read-only where another user made it (flock needs no write
+  access); None where it cannot be opened at all."""
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    file = open(path, 'a+', encoding='utf-8')
+    return open(path, 'a+', encoding='utf-8')
+  except PermissionError:
+    with contextlib.suppress(OSError):
+      return open(path, encoding='utf-8')
   except OSError:
-    file = None
-  with file if file is not None else contextlib.nullcontext():
-    if file is not None and _locked(file, workdir):
-      file.seek(0)
-      file.truncate()
-      file.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-      file.flush()
-    yield  # closing the file releases the lock, also when the process dies
+    pass
+  return None
 
 
 def _locked(file: IO[str], workdir: str) -> bool:

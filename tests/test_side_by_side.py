@@ -191,7 +191,7 @@ def test_a_report_of_several_calls_prices_each_case_against_figures_from_any_of_
     report.last_runs(lines, 3)
 
 
-@pytest.mark.parametrize('loop_img_per_s, met', [(2.5, 'yes'), (2.0, '**no**'), (1450.0, '**no**')])
+@pytest.mark.parametrize('loop_img_per_s, met', [(2.5, 'yes'), (3.0, 'yes'), (2.0, '**no**'), (1450.0, '**no**')])
 def test_train_py_faster_than_the_step_it_runs_is_not_met(loop_img_per_s, met):
   # 1,450 img/s for a 4 img/s step had been "met": train.py's intervals were timed before
   # their host sync. Far below a time ratio of 1 the loop is mistimed, not fast.
@@ -203,7 +203,7 @@ def test_train_py_faster_than_the_step_it_runs_is_not_met(loop_img_per_s, met):
   records = side_by_side.merge(results, chosen, 'cpu', 2, False, {'device': 'd', 'date': 'x'})
   runs, records = report.last_runs(_run_lines('r1', records, 'b'), 1)
   row = next(line for line in report.table(records, runs[0]).splitlines() if line.startswith(f'| `{loop.name}`'))
-  assert row.endswith(f'below 0.90, mistimed) | {met} |')
+  assert row.endswith(f'below 0.75, mistimed) | {met} |')
 
 
 def test_report_main_prints_the_table_and_replaces_only_its_section(tmp_path, capsys):

@@ -123,6 +123,13 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_identically(tmp_path)
                          _read_params(damaged, tiny_config(), 6))
 
 
+def _catches(pid, signum):
+  """Whether process `pid` has a handler of its own for `signum` (Linux: /proc/<pid>/status)."""
+  with open(f'/proc/{pid}/status', encoding='utf-8') as status:
+    caught = next(int(line.split()[1], 16) for line in status if line.startswith('SigCgt:'))
+  return bool(caught >> (signum - 1) & 1)
+
+
 def test_a_second_sigterm_ends_a_run_stuck_on_a_hung_read(tmp_path):
   # Every image is a FIFO nobody writes to: the decoding threads block as on a hung mount,
   # and the loop never reaches a step's end, where the first signal is read. The second had
@@ -140,9 +147,10 @@ def test_a_second_sigterm_ends_a_run_stuck_on_a_hung_read(tmp_path):
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   try:
     deadline = time.monotonic() + 120
-    while not (workdir / '.lock').exists() and proc.poll() is None and time.monotonic() < deadline:
+    # Once training's own handler is in (before it, SIGTERM's default would just kill it).
+    while not _catches(proc.pid, signal.SIGTERM) and proc.poll() is None and time.monotonic() < deadline:
       time.sleep(0.2)
-    time.sleep(3)  # into the wait for the first batch
+    time.sleep(2)  # into the wait for the first batch
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     time.sleep(3)  # the first is only a request to save at the step's end

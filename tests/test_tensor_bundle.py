@@ -396,6 +396,15 @@ def tf():
   return pytest.importorskip('tensorflow', reason='live TF comparison needs tensorflow')
 
 
+def _tf_save(tf, prefix, tensors):
+  """TF's own SaveV2 of `tensors`, in a graph of its own: tests/slim_shim.py turns eager execution off
+  for the whole process, and then a bare call only builds an op nobody runs (no files written)."""
+  names = list(tensors)
+  with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+    session.run(tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[''] * len(names),
+                                  tensors=[tf.constant(tensors[name]) for name in names]))
+
+
 def _assert_same_as_tf(tf, prefix, reader=None):
   reader = reader or tensor_bundle.CheckpointReader(prefix)
   tf_reader = tf.train.load_checkpoint(prefix)
@@ -425,10 +434,7 @@ def test_live_tf_reads_our_checkpoints(tf, tmp_path):
 
 def test_live_output_is_byte_identical_to_tf(tf, tmp_path):
   tensors = _sample_tensors()
-  names = sorted(tensors)
-  tf.raw_ops.SaveV2(prefix=str(tmp_path / 'tf' / 'model.ckpt'), tensor_names=names,
-                    shape_and_slices=[''] * len(names),
-                    tensors=[tf.constant(tensors[n]) for n in names])
+  _tf_save(tf, str(tmp_path / 'tf' / 'model.ckpt'), {name: tensors[name] for name in sorted(tensors)})
   tensor_bundle.write_checkpoint(str(tmp_path / 'ours' / 'model.ckpt'), tensors)
   for suffix in ('.index', '.data-00000-of-00001'):
     ours = (tmp_path / 'ours' / ('model.ckpt' + suffix)).read_bytes()
@@ -458,9 +464,7 @@ def test_live_reads_tf_checkpoints(tf, tmp_path):
     _assert_same_as_tf(tf, os.path.join(FIXTURES, fixture, prefix))
   # TF's index spans several data blocks only past 256 KiB of entries.
   many = {f'scope_{i // 100}/layer_{i}/' + 'w' * 80: np.float32(i) for i in range(3000)}
-  tf.raw_ops.SaveV2(prefix=str(tmp_path / 'model.ckpt'), tensor_names=list(many),
-                    shape_and_slices=[''] * len(many),
-                    tensors=[tf.constant(v) for v in many.values()])
+  _tf_save(tf, str(tmp_path / 'model.ckpt'), many)
   assert _num_index_blocks(str(tmp_path / 'model.ckpt.index')) > 1
   _assert_same_as_tf(tf, str(tmp_path / 'model.ckpt'))
 

@@ -117,23 +117,14 @@ def _fix(loaded: dict[str, Any], reference: dict[str, Any], source: str, allow_n
     fixes.append(f'The checkpoint has {have_classes[0]} classes, the model {want_classes[0]}: set '
                  f'config.num_classes={have_classes[0]} (and config.data.label_offset to match its background '
                  'class, if any).')
-  have_channels, want_channels = (_input_channels(tree) for tree in (have, want))
+  have_channels, want_channels = (checkpoint_import.input_channels(tree) for tree in (have, want))
   if have_channels and want_channels and have_channels != want_channels:
-    fixes.append(f'The checkpoint takes {have_channels[0]}-channel images, the data set gives {want_channels[0]}: '
+    fixes.append(f'The checkpoint takes {have_channels}-channel images, the data set gives {want_channels}: '
                  'evaluate it on the data set it was trained on (config.data).')
   recorded = _recorded_config(source)
   if recorded:
     fixes.append(f'Its run was trained with {recorded}.')
   return ' '.join(fixes) or 'Check --config.model and its options (config.bn, config.model_options).'
-
-
-def _input_channels(params: dict[tuple[str, ...], Any]) -> tuple[int, ...]:
-  """(channels,) of the images the first convolution reads: the root block's conv1, else (no
-  root block) the first unit's conv1, which reads them directly (v1) or after preact (v2); ()
-  if neither is there."""
-  first = [path for path in params if path == ('conv1', 'weights') or
-           (path[:2] == ('block1', 'unit_1') and path[-2:] == ('conv1', 'weights'))]
-  return np.shape(params[min(first, key=len)])[2:3] if first else ()
 
 
 def _recorded_config(source: str) -> str:

@@ -11,7 +11,7 @@ slim can evaluate the checkpoint or resume training from it.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -19,19 +19,7 @@ import numpy as np
 from resnet_flax.slim import names
 from resnet_flax.slim import tensor_bundle
 from resnet_flax.slim.checkpoint_import import (BATCH_STATS, DEFAULT_IMAGE_SHAPE, PARAMS, SlimCheckpointError,
-                                                expected_variables)
-
-
-def _input_channels(given: Mapping[tuple, Any], expected: Mapping[tuple, Any]) -> Optional[int]:
-  """The input channels of `given`'s kernels where they and the channels traced are the only
-  difference: the kernels that read the image (conv1, or a first unit's conv1 and shortcut
-  without a root block) differ from `expected` in their input-channel axis alone, all to one
-  size; else None."""
-  differing = [(np.shape(value), tuple(expected[path].shape)) for path, value in given.items()
-               if path in expected and np.shape(value) != tuple(expected[path].shape)]
-  channels = [theirs[2] if len(theirs) == len(ours) == 4 and theirs[:2] == ours[:2] and theirs[3] == ours[3]
-              else None for theirs, ours in differing]
-  return int(channels[0]) if channels and None not in channels and len(set(channels)) == 1 else None
+                                                expected_variables, input_channels)
 
 
 def variables_to_slim(variables: Mapping[str, Any], model: Any, *,
@@ -40,8 +28,8 @@ def variables_to_slim(variables: Mapping[str, Any], model: Any, *,
 
   Arrays are fetched to the host and cast to the model's variable dtypes (float32; TF's
   zero-debias `local_step` is a float32 scalar as well). `image_shape` is only used to trace the
-  model's variable list; where only the first convolution's input channels differ from it (a
-  1-channel model under the 3-channel default), the variables' channel count is taken.
+  model's variable list; its channels are those the variables' first convolution reads (a
+  1-channel model under the 3-channel default traces with 1).
 
   Raises:
     SlimCheckpointError: `variables` is not exactly the model's (a missing collection, such as
@@ -49,8 +37,8 @@ def variables_to_slim(variables: Mapping[str, Any], model: Any, *,
   """
   expected = expected_variables(model, image_shape)
   given = {collection: names.flatten(variables.get(collection, {})) for collection in (PARAMS, BATCH_STATS)}
-  channels = _input_channels(given[PARAMS], expected[PARAMS])
-  if channels is not None:
+  channels = input_channels(given[PARAMS])
+  if channels is not None and channels != image_shape[-1]:
     expected = expected_variables(model, (*image_shape[:-1], channels))
   problems = []
   for collection in (PARAMS, BATCH_STATS):

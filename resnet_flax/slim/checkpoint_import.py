@@ -57,6 +57,15 @@ def absent_statistic(leaf: str, layer: Mapping[str, np.ndarray], shape: tuple[in
   return value if leaf == 'renorm_mean' else np.sqrt(value + epsilon).astype(np.float32)
 
 
+def input_channels(params: Mapping[tuple[str, ...], Any]) -> Optional[int]:
+  """The channels of the images a ResNet's flat `params` ({path: array}) read: the in-channels of
+  the root block's conv1, else (no root block) of the first unit's conv1, which reads them
+  directly (v1) or after preact (v2); None if neither is there."""
+  first = [path for path in params if path == ('conv1', 'weights') or
+           (path[:2] == ('block1', 'unit_1') and path[-2:] == ('conv1', 'weights'))]
+  return int(np.shape(params[min(first, key=len)])[2]) if first else None
+
+
 # BatchNorm state a model without zero-debias or renorm does without (its moving mean and
 # variance hold the statistics), so a checkpoint's copy of it may be left out.
 OPTIONAL_STATISTICS = frozenset({*(name for group in _ZERO_START_GROUPS for name in group), *_RENORM_FROM_MOVING})

@@ -164,10 +164,16 @@ def config_changes(workdir: str, config: Mapping[str, Any]) -> list[str]:
   saved = recorded_config(workdir)
   if saved is None:
     return []
-  current = flat_fields(json.loads(json.dumps(config, default=str)))  # tuples as lists, as read back
+  current = as_recorded(config)
   missing = '(none)'
   return [f'{key}: {saved.get(key, missing)} -> {current.get(key, missing)}'
           for key in sorted(set(saved) | set(current)) if saved.get(key, missing) != current.get(key, missing)]
+
+
+def as_recorded(config: Mapping[str, Any]) -> dict[str, Any]:
+  """`config` (nested dicts) by dotted field name, as config.json gives it back: tuples as lists,
+  other values JSON cannot hold as their str."""
+  return flat_fields(json.loads(json.dumps(config, default=str)))
 
 
 def flat_fields(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

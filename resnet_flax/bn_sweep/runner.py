@@ -8,7 +8,6 @@ sweep started again skips finished runs; a half-done run resumes from its own ch
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable
@@ -40,7 +39,7 @@ def check_same_config(directory: str, config: ml_collections.ConfigDict) -> None
   stored = metrics_writer.recorded_config(directory)
   if stored is None:
     return
-  current = metrics_writer.flat_fields(json.loads(json.dumps(config.to_dict(), default=str)))  # as read back
+  current = metrics_writer.as_recorded(config.to_dict())
   changed = sorted(key for key in stored.keys() & (current.keys() - _BOOKKEEPING) if stored[key] != current[key])
   if changed:
     key = changed[0]

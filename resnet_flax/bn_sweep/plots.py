@@ -32,7 +32,7 @@ def _pyplot():
 
 def _save(figure, path: str) -> None:
   atomic_files.write_atomically(path, lambda file: figure.savefig(file, format='png', dpi=120, bbox_inches='tight'),
-                         mode='wb')
+                                mode='wb')
 
 
 def _panel_title(settings: dict[str, Any]) -> str:

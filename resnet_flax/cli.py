@@ -123,16 +123,14 @@ def run_reporting_user_errors(main: Callable[[], None]) -> None:
     logging.set_verbosity(logging.WARNING)
   try:
     main()
-  except USER_ERRORS + (data.DataError, checkpoints.CheckpointError, metrics_writer.MetricsWriteError) as error:
+  except USER_ERRORS + (data.DataError, checkpoints.CheckpointError, metrics_writer.MetricsWriteError,
+                        MemoryError) as error:
     if _wants_traceback():
       raise
-    print(f'error: {one_line_message(error)}', file=sys.stderr)
-    sys.exit(2)
-  except MemoryError as error:  # the host's: a batch or image size the machine cannot hold
-    if _wants_traceback():
-      raise
-    print(f'error: out of host memory ({one_line_message(error)}); lower config.batch_size or '
-          'config.data.image_size.', file=sys.stderr)
+    message = one_line_message(error)
+    if isinstance(error, MemoryError):  # the host's: a batch or image size the machine cannot hold
+      message = f'out of host memory ({message}); lower config.batch_size or config.data.image_size.'
+    print(f'error: {message}', file=sys.stderr)
     sys.exit(2)
   except train_lib.StoppedBySignal as error:
     print(f'error: {error}', file=sys.stderr, flush=True)

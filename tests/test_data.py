@@ -274,6 +274,17 @@ def test_cifar10_missing_files_name_what_is_expected(tmp_path):
     data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'train', batch_size=4, seed=0)
 
 
+
+@pytest.mark.parametrize('make', [os.mkdir, os.mkfifo], ids=['directory', 'fifo'])
+def test_a_cifar_batch_that_is_not_a_file_is_named_as_what_it_is(tmp_path, make):
+  _make_cifar(tmp_path)
+  (tmp_path / 'data_batch_2').unlink()
+  make(tmp_path / 'data_batch_2')  # A FIFO had blocked the read for ever; a directory read as "does not exist".
+  kind = 'a directory' if make is os.mkdir else r'a named pipe \(FIFO\)'
+  with pytest.raises(data.DataError, match=f'data_batch_2 is {kind}, not a CIFAR-10 batch file'):
+    data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'train', batch_size=4, seed=0)
+
+
 # --- synthetic, config errors -------------------------------------------------------------
 
 def test_synthetic_is_fixed_shape_and_reuses_its_images():
@@ -513,6 +524,39 @@ def test_a_skipped_file_is_one_warning_line_without_the_skip_advice(tmp_path):
   printed = warnings.formatwarning(caught[0].message, caught[0].category, caught[0].filename, caught[0].lineno)
   assert printed.count('\n') == 1 and 'broken.jpg' in printed and 'replace or delete the file' in printed
   assert 'on_bad_image' not in printed  # It is already 'skip'.
+
+
+
+def _in_a_thread(function, timeout_s=30):
+  """`function()`'s exception or result, or a failed test if it is still running after `timeout_s`."""
+  outcome = {}
+
+  def run():
+    try:
+      outcome['result'] = function()
+    except Exception as error:  # pylint: disable=broad-except
+      outcome['error'] = error
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  assert not thread.is_alive(), f'still running after {timeout_s} s'
+  return outcome
+
+
+@pytest.mark.parametrize('on_bad_image', ['error', 'skip'])
+def test_a_named_pipe_among_the_images_is_refused_not_read(tmp_path, on_bad_image):
+  root = _image_tree(tmp_path)
+  os.mkfifo(root / 'train' / 'a' / 'fifo.jpg')  # Opening it for reading had waited for a writer for ever.
+  ds = data.build(_folder(root, on_bad_image=on_bad_image), 'train', batch_size=9, seed=0)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    outcome = _in_a_thread(lambda: next(ds.eval_batches()))
+  problem = f"image {root / 'train' / 'a' / 'fifo.jpg'} is a named pipe (FIFO), not an image file"
+  if on_bad_image == 'error':
+    assert isinstance(outcome['error'], data.DataError) and problem in str(outcome['error'])
+  else:
+    assert outcome['result']['mask'].sum() == 8
+    assert [str(w.message) for w in caught if problem in str(w.message)]
 
 
 def test_a_skipped_training_image_is_a_masked_copy_of_a_batch_mate(tmp_path):

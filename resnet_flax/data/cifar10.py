@@ -15,7 +15,7 @@ import numpy as np
 
 from resnet_flax.data import augment, safe_pickle
 from resnet_flax.data.array_loader import ArrayLoader
-from resnet_flax.data.data_dir import data_directory
+from resnet_flax.data.data_dir import data_directory, special_file_kind
 from resnet_flax.data.errors import DataError
 from resnet_flax.data.pipeline import Source
 
@@ -40,6 +40,9 @@ def _field(batch: dict, key: str) -> Any:
 
 def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
   """Images (N, 32, 32, 3) uint8 and labels (N,) int32 from one CIFAR-10 batch file."""
+  kind = special_file_kind(path)
+  if kind is not None:
+    raise DataError(f'{path} is {kind}, not a CIFAR-10 batch file; config.data.dir must be {_EXPECTED}.')
   if not os.path.isfile(path):
     raise DataError(f'{path} does not exist; config.data.dir must be {_EXPECTED}.')
   batch = safe_pickle.load(path)

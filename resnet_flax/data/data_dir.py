@@ -1,9 +1,11 @@
 """`config.data.dir` checked before a source reads it: set, a directory (`~` expanded), not an
-archive passed in its place; each mistake one line naming what to pass instead."""
+archive passed in its place; each mistake one line naming what to pass instead. Also what a
+path inside it is when it is not the regular file a reader expects."""
 
 from __future__ import annotations
 
 import os
+import stat
 import tarfile
 import zipfile
 from typing import Callable, Optional, Union
@@ -53,3 +55,21 @@ def data_directory(path: Union[str, os.PathLike, None], expected: str,
   if os.path.exists(directory):
     raise DataError(f'config.data.dir={directory!r} is not a directory; set it to {expected}.')
   raise DataError(f'config.data.dir={directory!r} does not exist; set it to {expected}.')
+
+
+def special_file_kind(path: str) -> Optional[str]:
+  """What `path` is if it exists but is not a regular file ('a directory', 'a named pipe (FIFO)', ...), else None.
+
+  Opening a named pipe for reading waits for a writer, so a data file that is one would
+  hang the read for ever; a reader asks this first.
+  """
+  try:
+    mode = os.stat(path).st_mode  # follows symlinks: a link to an image is the image
+  except OSError:
+    return None  # missing or unreadable: the reader's open names that
+  for is_kind, kind in ((stat.S_ISREG, None), (stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a named pipe (FIFO)'),
+                        (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+                        (stat.S_ISBLK, 'a block device')):
+    if is_kind(mode):
+      return kind
+  return 'not a regular file'

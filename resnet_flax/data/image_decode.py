@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
+from resnet_flax.data.data_dir import special_file_kind
 from resnet_flax.data.errors import DataError, one_line
 from resnet_flax.data.preprocessing import Crop, Preprocessing
 
@@ -53,6 +54,10 @@ def decode_crop(path: str, plan: Callable[[int, int], Crop], size: int) -> np.nd
 
   Raises UnreadableImage naming `path` if the file is not a readable image in an RGB-convertible mode.
   """
+  kind = special_file_kind(path)
+  if kind is not None:  # A named pipe would block the decoding thread for ever, and a stopping run with it.
+    raise UnreadableImage(f'image {os.fspath(path)} is {kind}, not an image file; replace it with the image or '
+                          f'remove it{_OR_SKIP}.')
   try:
     image = Image.open(path)  # Reads the header only.
   except _DECODE_ERRORS as error:

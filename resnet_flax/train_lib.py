@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import signal
@@ -214,10 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains `config.num_train_steps` steps, resuming from `workdir`, and returns the final eval."""
   check_training_config(config)
   checkpoints.check_not_a_checkpoint(workdir)
-  is_chief = jax.process_index() == 0
-  # The chief alone: a multi-host run's processes share the workdir.
-  with workdir_lock.held(workdir) if is_chief else contextlib.nullcontext():
-    return _train_and_evaluate(config, workdir, is_chief)
+  with workdir_lock.held_by_chief(workdir):  # a multi-host run's processes share the workdir
+    return _train_and_evaluate(config, workdir, jax.process_index() == 0)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chief: bool) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import default
-from resnet_flax import distributed, train_lib
+from resnet_flax import distributed, train_lib, workdir_lock
 from test_train import REPO, SMALL_MODEL_FLAG, _read_params, tiny_config
 
 # ZeRO-1 on, so each process holds and writes its own half of the optimizer state: the
@@ -46,8 +46,11 @@ def _why_unsupported():
   return None
 
 
-def _run_processes(workdir, count=2, devices_each=2, timeout=300):
-  """train.py once per process, joined through a coordinator on localhost; (returncode, stdout, stderr) each."""
+def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_failure=True):
+  """train.py once per process, joined through a coordinator on localhost; (returncode, stdout, stderr) each.
+
+  Without `stop_all_on_a_failure`, each process is left to end by itself (until `timeout`).
+  """
   coordinator = f'localhost:{_free_port()}'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
   logs = workdir.parent / f'{workdir.name}_logs'
@@ -65,7 +68,8 @@ def _run_processes(workdir, count=2, devices_each=2, timeout=300):
   try:
     # A process that fails leaves the others waiting on it in a collective: stop them at once.
     while any(p.poll() is None for p in processes):
-      if any(p.returncode not in (None, 0) for p in processes) or time.monotonic() > deadline:
+      failed = stop_all_on_a_failure and any(p.returncode not in (None, 0) for p in processes)
+      if failed or time.monotonic() > deadline:
         break
       time.sleep(0.2)
   finally:
@@ -101,6 +105,20 @@ def test_two_processes_train_like_one_device(tmp_path):
   two, one = _read_params(tmp_path / 'two', config, 4), _read_params(tmp_path / 'one', config, 4)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), two, one)
   assert abs(results[0]['loss'] - reference['loss']) < 1e-5
+
+
+def test_a_workdir_in_use_stops_every_process_not_only_the_chief(tmp_path):
+  reason = _why_unsupported()
+  if reason:
+    pytest.skip(reason)
+  workdir = tmp_path / 'busy'
+  with workdir_lock.held(str(workdir)):  # as another run would hold it
+    runs = _run_processes(workdir, timeout=120, stop_all_on_a_failure=False)
+    assert os.listdir(workdir) == [workdir_lock.LOCK_NAME]  # nothing written beside the lock
+  # Process 1 had waited at its first collective for the chief, which had stopped: here 30 s, then a gloo traceback.
+  for index, (returncode, stdout, stderr) in enumerate(runs):
+    assert returncode == 2, f'process {index} ended with {returncode}:\n{stdout}\n{stderr}'
+    assert f'error: {workdir} is in use by another training run' in stderr
 
 
 def _settings(**fields):

@@ -3,9 +3,10 @@
 import multiprocessing
 import os
 
+import ml_collections
 import pytest
 
-from resnet_flax import checkpoints, train_lib, workdir_lock
+from resnet_flax import checkpoints, data, train_lib, workdir_lock
 from test_train import tiny_config
 
 
@@ -47,3 +48,23 @@ def test_no_lock_where_the_workdir_cannot_be_made(tmp_path):
   with workdir_lock.held(str(tmp_path / 'a_file')):  # check_workdir names this one
     pass
   assert os.listdir(tmp_path) == ['a_file']
+
+
+@pytest.mark.parametrize('existed', [False, True])
+def test_a_run_that_fails_before_writing_leaves_no_lock_behind(tmp_path, existed):
+  workdir = tmp_path / 'run'
+  if existed:
+    workdir.mkdir()
+  config = tiny_config(2)
+  config.data = ml_collections.ConfigDict({'name': 'cifar10', 'dir': str(tmp_path)})  # passes the path check
+  with pytest.raises(data.DataError, match='data_batch_1 does not exist'):
+    train_lib.train_and_evaluate(config, str(workdir))  # fails on its data, with the lock held
+  # An empty workdir holding `.lock` had been left; one that was there stays, empty.
+  assert (os.listdir(workdir) == []) if existed else not workdir.exists()
+
+
+def test_a_workdir_with_anything_else_in_it_keeps_the_lock_file(tmp_path):
+  (tmp_path / 'notes.txt').write_text('mine')
+  with workdir_lock.held(str(tmp_path)):
+    pass
+  assert sorted(os.listdir(tmp_path)) == [workdir_lock.LOCK_NAME, 'notes.txt']

@@ -235,6 +235,22 @@ def test_eval_without_checkpoint_is_one_line(tmp_path):
                                                 'train first or pass --checkpoint=PATH.']
 
 
+@pytest.mark.parametrize('files, named', [
+    (['checkpoint', 'model.ckpt-9.index', 'model.ckpt-9.data-00000-of-00001'], ''),
+    (['model.ckpt-9.index', 'model.ckpt-9.data-00000-of-00001'], '/model.ckpt-9'),
+    (['resnet_v1_50.ckpt'], '/resnet_v1_50.ckpt'),
+])
+def test_eval_of_a_tensorflow_checkpoint_folder_as_workdir_names_the_slim_checkpoint(tmp_path, files, named):
+  for name in files:
+    (tmp_path / name).write_text('')
+  result = run_script('eval.py', f'--workdir={tmp_path}')
+  assert result.returncode == 2
+  # It had said "no checkpoint in <dir>/checkpoints; train first".
+  assert result.stderr.strip().splitlines() == [f'error: {tmp_path} holds a TensorFlow checkpoint, not a workdir; '
+                                                f'evaluate it with --checkpoint=slim:{tmp_path}{named} (and no '
+                                                '--workdir).']
+
+
 @pytest.mark.parametrize('script', ['train.py', 'eval.py'])
 def test_help_lists_the_main_flags(script):
   # They are defined in resnet_flax/cli.py; absl had listed them only under --helpfull.

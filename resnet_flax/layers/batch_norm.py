@@ -113,7 +113,10 @@ class BatchNorm(nn.Module):
       matches the non-fused path, which feeds the biased one. Both normalize with
       the biased variance.
     frozen: train mode normalizes with the moving statistics and never updates them
-      (fine-tuning at small batch); gamma and beta still get gradients.
+      (fine-tuning at small batch); gamma and beta still get gradients. The options
+      that shape the statistics (renorm, zero-debias, ghost batches) are accepted and
+      idle, so that a run can switch to frozen and resume from its own checkpoints,
+      whose state they decide.
     frozen_gamma_beta: gamma and beta get no gradient (with `frozen`, the layer is
       a fixed affine map).
     ghost_batch_size: train-mode statistics per group of this many consecutive examples

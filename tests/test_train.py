@@ -70,6 +70,21 @@ def _read_params(workdir, config, step):
   return checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(step, target)
 
 
+def test_a_run_switched_to_frozen_statistics_resumes_and_keeps_them(tmp_path, capsys):
+  # Freezing BN for the last steps of a run: its statistics options stay as they were, since
+  # they decide the state the checkpoints hold (here zero-debias's biased mean and step count).
+  config = tiny_config(2)
+  config.bn.zero_debias_moving_mean = True
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  config.num_train_steps, config.bn.frozen = 4, True
+  assert train_lib.train_and_evaluate(config, str(tmp_path))['step'] == 4
+  assert 'warning: resuming with a changed config: bn.frozen: False -> True' in capsys.readouterr().out
+  before, after = _read_params(tmp_path, config, 2), _read_params(tmp_path, config, 4)
+  assert 'biased' in str(jax.tree_util.tree_structure(after.batch_stats))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, after.batch_stats, before.batch_stats)
+  assert not np.array_equal(*(jax.tree_util.tree_leaves(state.params)[0] for state in (before, after)))
+
+
 def test_train_eval_round_trip_and_logs(tmp_path, caplog):
   config = tiny_config()
   result = train_lib.train_and_evaluate(config, str(tmp_path))

@@ -6,7 +6,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import time
 from typing import Any, Callable, Optional
 
@@ -193,14 +192,6 @@ def bytes_for_saves(tree: Any, max_to_keep: int, directory: str) -> int:
   return checkpoint_bytes(tree) * max(1, max_to_keep + 1 - len(committed_steps(directory)))
 
 
-def _size(num_bytes: int) -> str:
-  for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
-    if num_bytes >= scale:
-      value = num_bytes / scale
-      return f'{value:.1f} {unit}' if value < 10 else f'{value:.0f} {unit}'
-  return f'{num_bytes} bytes'
-
-
 def _write_failure_reason(error: BaseException) -> str:
   """'No space left on device' for tensorstore's long RESOURCE_EXHAUSTED message, else its first line."""
   code = re.search(r"os_error_code='(\d+)'", str(error))
@@ -219,58 +210,10 @@ def local_path(path: str, what: str) -> str:
   return os.path.abspath(path)
 
 
-def check_workdir(workdir: str, needed_bytes: int, subdirectories: tuple[str, ...] = ()) -> None:
-  """Fails now, not hours in, if `workdir` (or a `subdirectories` entry in it) cannot be written
-  or lacks room for the checkpoints."""
-  local_path(workdir, 'workdir')
-  for path in (workdir, *(os.path.join(workdir, name) for name in subdirectories)):
-    if os.path.exists(path) and not os.path.isdir(path):
-      raise CheckpointError(f'{path} is a file, not a directory; move it or pass another --workdir.')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    # Every process of a multi-host run probes the same shared directory.
-    probe = os.path.join(workdir, f'.write_probe_{socket.gethostname()}_{os.getpid()}')
-    with open(probe, 'wb') as file:
-      file.write(b'0' * 4096)
-      file.flush()
-      os.fsync(file.fileno())
-    os.remove(probe)
-  except OSError as error:
-    raise CheckpointError(f'workdir {workdir} is not writable ({error.strerror or error}); '
-                          'pass a --workdir you can write to.') from error
-  free = shutil.disk_usage(workdir).free
-  if free < needed_bytes:
-    raise CheckpointError(f'workdir {workdir} has {_size(free)} free but the checkpoints need about '
-                          f'{_size(needed_bytes)} more; free disk space or lower config.keep_checkpoints.')
-
-
 def is_checkpoint(path: str) -> bool:
   """Whether `path` is an orbax checkpoint: a manager's `<step>` directory or a bare item."""
   return any(os.path.isfile(os.path.join(path, *name)) for name in
              (('_CHECKPOINT_METADATA',), ('default', '_METADATA'), ('_METADATA',)))
-
-
-def check_not_a_checkpoint(workdir: str) -> None:
-  """Refuses a workdir that is a checkpoint, or a workdir's `checkpoints/` folder: a run
-  started there would write a run of its own inside the saved one (whose next start then
-  sets that checkpoint aside as damaged), and an evaluation would find nothing."""
-  path = os.path.abspath(workdir)
-  if os.path.basename(path) == 'default' and is_checkpoint(os.path.dirname(path)):
-    path = os.path.dirname(path)  # a manager step's item: the step is what to name
-  newest = latest_step_in(path)
-  if is_checkpoint(path):
-    what, checkpoint = 'a checkpoint', path
-  elif newest is not None and is_checkpoint(os.path.join(path, str(newest))):
-    what, checkpoint = "a workdir's checkpoints/ folder", os.path.join(path, str(newest))
-  else:
-    return
-  steps = os.path.dirname(checkpoint)
-  # Only a step of a workdir's checkpoints/ has a workdir above it (not a converted `variables`).
-  workdir_hint = (f'pass --workdir={os.path.dirname(steps)} (train.py resumes it, eval.py takes its newest '
-                  'checkpoint), or ' if os.path.basename(steps) == 'checkpoints' else '')
-  raise CheckpointError(f'--workdir {os.path.abspath(workdir)} is {what}, not a workdir: {workdir_hint}name the '
-                        f'checkpoint itself: eval.py --checkpoint={checkpoint}, train.py '
-                        f'--config.init_checkpoint={checkpoint}.')
 
 
 def committed_steps(directory: str) -> list[int]:

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from resnet_flax import (checkpoints, config_checks, data, device_input, model_builder, precise_bn, pretrained,
-                         sharding, steps)
+                         sharding, steps, workdirs)
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh
@@ -91,14 +91,10 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   older: list[int] = []
   if checkpoint is None:
     directory = os.path.join(checkpoints.local_path(workdir, 'workdir'), 'checkpoints')
-    checkpoints.check_not_a_checkpoint(workdir)
+    workdirs.check_not_a_checkpoint(workdir)
     step = checkpoints.latest_step_in(directory)
     if step is None:
       converted = os.path.join(workdir, 'variables')
-      tf_checkpoint = _tf_checkpoint_in(workdir)
-      if tf_checkpoint is not None:
-        raise checkpoints.CheckpointError(f'{workdir} holds a TensorFlow checkpoint, not a workdir; evaluate it with '
-                                          f'--checkpoint=slim:{tf_checkpoint} (and no --workdir).')
       hint = f'--checkpoint={converted}' if os.path.isdir(converted) else '--checkpoint=PATH'
       raise checkpoints.CheckpointError(f'no checkpoint in {directory}; train first or pass {hint}.')
     checkpoint = os.path.join(directory, str(step))
@@ -116,21 +112,6 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     raise checkpoints.CheckpointError(f'{error} Older checkpoints in {directory}: steps {older}; if this one is '
                                       f'damaged, pass --checkpoint={directory}/{older[-1]}.') from None
   return LoadedCheckpoint(model, sharding.replicate(variables, mesh), step, num_classes, dataset, mesh)
-
-
-def _tf_checkpoint_in(directory: str) -> Optional[str]:
-  """What `slim:` takes for the TensorFlow checkpoint in `directory`, if it holds one: the
-  directory itself where a `checkpoint` state file names the newest, else a V2 prefix
-  (`model.ckpt-N` of `model.ckpt-N.index`) or a V1 file (`resnet_v1_50.ckpt`)."""
-  try:
-    names = sorted(os.listdir(directory))
-  except OSError:
-    return None
-  if 'checkpoint' in names:
-    return directory
-  found = [name.removesuffix('.index') for name in names if name.endswith('.index')] + [
-      name for name in names if name.endswith('.ckpt')]
-  return os.path.join(directory, found[0]) if found else None
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoint: Optional[str] = None

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from resnet_flax import (checkpoints, config_checks, data, device_input, eval_lib, model_builder, optim, pretrained,
-                         sharding, steps, workdir_lock)
+                         sharding, steps, workdir_lock, workdirs)
 from resnet_flax.metrics_writer import MetricsWriter, config_changes
 from resnet_flax.progress import ProgressBar
 from resnet_flax.train_state import TrainState, abstract_train_state, create_train_state
@@ -212,7 +212,7 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.num_train_steps` steps, resuming from `workdir`, and returns the final eval."""
   check_training_config(config)
-  checkpoints.check_not_a_checkpoint(workdir)
+  workdirs.check_not_a_checkpoint(workdir)
   with workdir_lock.held_by_chief(workdir):  # a multi-host run's processes share the workdir
     return _train_and_evaluate(config, workdir, jax.process_index() == 0)
 
@@ -228,7 +228,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
   state, state_shardings = initial_state(config, model, tx, train_ds.image_shape, mesh)
 
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
-  checkpoints.check_workdir(workdir, checkpoints.bytes_for_saves(state, config.keep_checkpoints, checkpoint_dir),
+  workdirs.check_workdir(workdir, checkpoints.bytes_for_saves(state, config.keep_checkpoints, checkpoint_dir),
                             subdirectories=('checkpoints', 'tensorboard'))
   checkpointer = checkpoints.Checkpointer(checkpoint_dir, config.keep_checkpoints, config.async_checkpointing)
   progress = ProgressBar(config.num_train_steps, enabled=is_chief)

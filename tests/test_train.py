@@ -250,20 +250,29 @@ def test_eval_without_checkpoint_is_one_line(tmp_path):
                                                 'train first or pass --checkpoint=PATH.']
 
 
+@pytest.mark.parametrize('script', ['train.py', 'eval.py'])
 @pytest.mark.parametrize('files, named', [
     (['checkpoint', 'model.ckpt-9.index', 'model.ckpt-9.data-00000-of-00001'], ''),
     (['model.ckpt-9.index', 'model.ckpt-9.data-00000-of-00001'], '/model.ckpt-9'),
     (['resnet_v1_50.ckpt'], '/resnet_v1_50.ckpt'),
 ])
-def test_eval_of_a_tensorflow_checkpoint_folder_as_workdir_names_the_slim_checkpoint(tmp_path, files, named):
+def test_a_tensorflow_checkpoint_folder_as_workdir_names_the_slim_checkpoint(tmp_path, script, files, named):
   for name in files:
     (tmp_path / name).write_text('')
-  result = run_script('eval.py', f'--workdir={tmp_path}')
+  result = run_script(script, f'--workdir={tmp_path}', '--config.num_train_steps=1')
   assert result.returncode == 2
-  # It had said "no checkpoint in <dir>/checkpoints; train first".
-  assert result.stderr.strip().splitlines() == [f'error: {tmp_path} holds a TensorFlow checkpoint, not a workdir; '
-                                                f'evaluate it with --checkpoint=slim:{tmp_path}{named} (and no '
-                                                '--workdir).']
+  # eval.py had said "no checkpoint in <dir>/checkpoints; train first"; train.py had trained into the folder.
+  checkpoint = f'slim:{tmp_path}{named}'
+  assert result.stderr.strip().splitlines() == [
+      f'error: --workdir {tmp_path} is a folder holding a TensorFlow checkpoint, not a workdir: name the checkpoint '
+      f'itself: eval.py --checkpoint={checkpoint}, train.py --config.init_checkpoint={checkpoint}.']
+  assert sorted(os.listdir(tmp_path)) == sorted(files)
+
+
+def test_a_workdir_with_its_own_runs_and_an_exported_tensorflow_checkpoint_is_still_a_workdir(tmp_path):
+  assert train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))['step'] == 2
+  (tmp_path / 'model.ckpt-2.index').write_text('')  # e.g. `python -m resnet_flax.slim export` into it
+  assert eval_lib.evaluate(tiny_config(2), str(tmp_path))['step'] == 2
 
 
 @pytest.mark.parametrize('script', ['train.py', 'eval.py'])

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from resnet_flax import checkpoints, eval_lib, train_lib
+from resnet_flax import eval_lib, train_lib, workdirs
 from resnet_flax.bn_sweep import grid, plots, runner, tables
 
 
@@ -40,7 +40,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str,
   for run in runs:  # every run's settings, before the first one trains
     check_run(run)
   check_batch_sizes(runs, config)
-  checkpoints.check_workdir(workdir, needed_bytes=0)  # each run checks its own room when it starts
+  workdirs.check_workdir(workdir, needed_bytes=0)  # each run checks its own room when it starts
   plots.require_matplotlib()
   try:
     results = runner.run_all(runs, workdir, config.sweep.recalibration_batches, log)

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import NoReturn
 
-from resnet_flax import checkpoints, cli, models, slim
+from resnet_flax import checkpoints, cli, models, slim, workdirs
 
 # Slim's public ImageNet checkpoints: v1 has 1000 classes, v2 1001 (class 0 = background).
 _DEFAULT_CLASSES = {'resnet_v1': 1000, 'resnet_v2': 1001}
@@ -63,7 +63,7 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
   model = models.get_model(model_name, num_classes=num_classes or None)
   variables = slim.load_variables(checkpoint, model, image_shape=image_shape)
   # Before orbax's writer threads meet an unwritable or full workdir (they hung there).
-  checkpoints.check_workdir(workdir, checkpoints.checkpoint_bytes(variables))
+  workdirs.check_workdir(workdir, checkpoints.checkpoint_bytes(variables))
   checkpoints.save_tree(target, {**variables, 'step': 0})
   return target
 

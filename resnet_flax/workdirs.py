@@ -1,0 +1,87 @@
+"""A `--workdir` checked before a run writes to it: writable with room for the checkpoints, and
+a workdir at all, not a checkpoint (orbax or TensorFlow) passed in its place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from typing import Optional
+
+from resnet_flax import checkpoints
+from resnet_flax.checkpoints import CheckpointError
+
+
+def _size(num_bytes: int) -> str:
+  for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
+    if num_bytes >= scale:
+      value = num_bytes / scale
+      return f'{value:.1f} {unit}' if value < 10 else f'{value:.0f} {unit}'
+  return f'{num_bytes} bytes'
+
+
+def check_workdir(workdir: str, needed_bytes: int, subdirectories: tuple[str, ...] = ()) -> None:
+  """Fails now, not hours in, if `workdir` (or a `subdirectories` entry in it) cannot be written
+  or lacks room for the checkpoints."""
+  checkpoints.local_path(workdir, 'workdir')
+  for path in (workdir, *(os.path.join(workdir, name) for name in subdirectories)):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise CheckpointError(f'{path} is a file, not a directory; move it or pass another --workdir.')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    # Every process of a multi-host run probes the same shared directory.
+    probe = os.path.join(workdir, f'.write_probe_{socket.gethostname()}_{os.getpid()}')
+    with open(probe, 'wb') as file:
+      file.write(b'0' * 4096)
+      file.flush()
+      os.fsync(file.fileno())
+    os.remove(probe)
+  except OSError as error:
+    raise CheckpointError(f'workdir {workdir} is not writable ({error.strerror or error}); '
+                          'pass a --workdir you can write to.') from error
+  free = shutil.disk_usage(workdir).free
+  if free < needed_bytes:
+    raise CheckpointError(f'workdir {workdir} has {_size(free)} free but the checkpoints need about '
+                          f'{_size(needed_bytes)} more; free disk space or lower config.keep_checkpoints.')
+
+
+def check_not_a_checkpoint(workdir: str) -> None:
+  """Refuses a workdir that is a checkpoint, a workdir's `checkpoints/` folder, or a folder
+  holding a TensorFlow checkpoint: a run started there would write a run of its own inside
+  the saved one (whose next start then sets that checkpoint aside as damaged), and an
+  evaluation would find nothing."""
+  path = os.path.abspath(workdir)
+  if os.path.basename(path) == 'default' and checkpoints.is_checkpoint(os.path.dirname(path)):
+    path = os.path.dirname(path)  # a manager step's item: the step is what to name
+  newest = checkpoints.latest_step_in(path)
+  tf_checkpoint = None if os.path.isdir(os.path.join(path, 'checkpoints')) else _tf_checkpoint_in(path)
+  if checkpoints.is_checkpoint(path):
+    what, checkpoint = 'a checkpoint', path
+  elif newest is not None and checkpoints.is_checkpoint(os.path.join(path, str(newest))):
+    what, checkpoint = "a workdir's checkpoints/ folder", os.path.join(path, str(newest))
+  elif tf_checkpoint is not None:
+    what, checkpoint = 'a folder holding a TensorFlow checkpoint', f'slim:{tf_checkpoint}'
+  else:
+    return
+  steps = os.path.dirname(checkpoint)
+  # Only a step of a workdir's checkpoints/ has a workdir above it (not a converted `variables`).
+  workdir_hint = (f'pass --workdir={os.path.dirname(steps)} (train.py resumes it, eval.py takes its newest '
+                  'checkpoint), or ' if os.path.basename(steps) == 'checkpoints' else '')
+  raise CheckpointError(f'--workdir {os.path.abspath(workdir)} is {what}, not a workdir: {workdir_hint}name the '
+                        f'checkpoint itself: eval.py --checkpoint={checkpoint}, train.py '
+                        f'--config.init_checkpoint={checkpoint}.')
+
+
+def _tf_checkpoint_in(directory: str) -> Optional[str]:
+  """What `slim:` takes for the TensorFlow checkpoint in `directory`, if it holds one: the
+  directory itself where a `checkpoint` state file names the newest, else a V2 prefix
+  (`model.ckpt-N` of `model.ckpt-N.index`) or a V1 file (`resnet_v1_50.ckpt`)."""
+  try:
+    names = sorted(os.listdir(directory))
+  except OSError:
+    return None
+  if 'checkpoint' in names:
+    return directory
+  found = [name.removesuffix('.index') for name in names if name.endswith('.index')] + [
+      name for name in names if name.endswith('.ckpt')]
+  return os.path.join(directory, found[0]) if found else None

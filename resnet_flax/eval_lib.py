@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from resnet_flax import (checkpoints, config_checks, data, device_input, model_builder, precise_bn, pretrained,
                          sharding, steps, workdirs)
+from resnet_flax.progress import BatchProgress
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh
@@ -25,12 +26,17 @@ def make_eval_step(model: nn.Module, mesh: Mesh
 
 
 def metrics_over(step_fn: Callable[[dict[str, Any], device_input.DeviceBatch], dict[str, jax.Array]],
-                 variables: dict[str, Any], batches: Iterable[device_input.DeviceBatch]) -> dict[str, float]:
-  """Loss, top-1 and top-5 over every real example of device `batches`, from `step_fn`'s per-batch sums."""
+                 variables: dict[str, Any], batches: Iterable[device_input.DeviceBatch],
+                 progress: Optional[BatchProgress] = None) -> dict[str, float]:
+  """Loss, top-1 and top-5 over every real example of device `batches`, from `step_fn`'s per-batch sums;
+  `progress` says how far it has come."""
   sums = None
-  for batch in batches:
+  for done, batch in enumerate(batches, 1):
     out = step_fn(variables, batch)
     sums = out if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, out)
+    if progress is not None and progress.due():
+      jax.block_until_ready(sums)  # the steps so far done, not only dispatched
+      progress.show(done)
   if sums is None:
     raise ValueError('no batch to evaluate: the eval split is smaller than one batch; use a smaller batch size.')
   sums = jax.tree_util.tree_map(lambda x: float(np.asarray(x)), sums)
@@ -40,9 +46,11 @@ def metrics_over(step_fn: Callable[[dict[str, Any], device_input.DeviceBatch], d
 
 
 def evaluate_dataset(eval_step: Callable[[dict[str, Any], device_input.DeviceBatch], dict[str, jax.Array]],
-                     variables: dict[str, Any], dataset: data.Dataset, mesh: Mesh) -> dict[str, float]:
+                     variables: dict[str, Any], dataset: data.Dataset, mesh: Mesh,
+                     progress: Optional[BatchProgress] = None) -> dict[str, float]:
   """Loss, top-1 and top-5 over every real example of `dataset` (padding masked out)."""
-  return metrics_over(eval_step, variables, device_input.dataset_batches(dataset, dataset.eval_batches(), mesh))
+  return metrics_over(eval_step, variables, device_input.dataset_batches(dataset, dataset.eval_batches(), mesh),
+                      progress)
 
 
 def build_eval_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
@@ -66,10 +74,14 @@ class LoadedCheckpoint:
   dataset: data.Dataset
   mesh: Any
 
-  def evaluate(self, variables: Optional[dict[str, Any]] = None) -> dict[str, float]:
-    """Eval-mode metrics over the eval split, with these variables or the loaded ones."""
+  def evaluate(self, variables: Optional[dict[str, Any]] = None, *, show_progress: bool = False
+               ) -> dict[str, float]:
+    """Eval-mode metrics over the eval split, with these variables or the loaded ones; with
+    `show_progress`, process 0 prints how far it has come every 10 s."""
     variables = self.variables if variables is None else sharding.replicate(variables, self.mesh)
-    return evaluate_dataset(make_eval_step(self.model, self.mesh), variables, self.dataset, self.mesh)
+    progress = (BatchProgress('eval', self.dataset.num_eval_steps, self.dataset.batch_size * jax.process_count())
+                if show_progress and jax.process_index() == 0 else None)
+    return evaluate_dataset(make_eval_step(self.model, self.mesh), variables, self.dataset, self.mesh, progress)
 
 
 def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoint: Optional[str] = None
@@ -122,9 +134,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoi
   that many training batches (precise BN); the metrics before are under 'before_recalibration'.
   """
   loaded = load_checkpoint(config, workdir, checkpoint)
-  metrics = loaded.evaluate()
+  metrics = loaded.evaluate(show_progress=True)
   if config.get('bn_recalibration_batches', 0) > 0:
     variables = precise_bn.recalibrate(config, loaded.model, loaded.variables, config.bn_recalibration_batches,
-                                           loaded.mesh)
-    return {'step': loaded.step, **loaded.evaluate(variables), 'before_recalibration': metrics}
+                                       loaded.mesh, show_progress=True)
+    return {'step': loaded.step, **loaded.evaluate(variables, show_progress=True), 'before_recalibration': metrics}
   return {'step': loaded.step, **metrics}

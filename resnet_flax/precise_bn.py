@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from resnet_flax import data, device_input, sharding
 from resnet_flax.layers.batch_norm import BATCH_MOMENTS, BATCH_STATS
+from resnet_flax.progress import BatchProgress
 
 Variables = dict[str, Any]
 
@@ -68,23 +69,27 @@ class _PopulationMoments:
 
 
 def population_statistics(model: nn.Module, variables: Variables, image_batches: Iterable[Any],
-                          mesh: Optional[Mesh] = None) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
+                          mesh: Optional[Mesh] = None, progress: Optional[BatchProgress] = None
+                          ) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
   """{BatchNorm path: (mean, variance)} over all images of `image_batches`, every BN at once.
 
   As precise BN does, every layer sees its input normalized with batch statistics (train
   mode), so all layers are measured in one pass. Batches may differ in size (each must still
-  split over the devices, and into ghost batches where the model has them).
+  split over the devices, and into ghost batches where the model has them). `progress` says
+  how far it has come.
   """
   mesh = mesh or sharding.data_mesh()
   moments_step = sharding.jit_over_batch(functools.partial(_moments_step, model=model), mesh)
   accumulator = _PopulationMoments()
   batch_sharding = sharding.batch_sharded(mesh)
-  for images in image_batches:
+  for done, images in enumerate(image_batches, 1):
     # Global batches from `device_input` are used as they are; anything else is this
     # process's host share.
     if not (isinstance(images, jax.Array) and images.sharding.is_equivalent_to(batch_sharding, images.ndim)):
       images = sharding.to_global_batch({'image': np.asarray(images)}, mesh)['image']
     accumulator.add(jax.device_get(moments_step(variables, images)), images.shape[0])
+    if progress is not None and progress.due():
+      progress.show(done)
   if not accumulator.sums:
     raise ValueError('recalibration saw no batch statistics: give it at least one batch, and a model whose '
                      'BatchNorm computes them in train mode (not config.bn.frozen).')
@@ -102,8 +107,9 @@ def with_statistics(variables: Variables, statistics: Mapping[tuple[str, ...], t
 
 
 def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: Variables, num_batches: int,
-                mesh: Optional[Mesh] = None) -> Variables:
-  """Precise BN: population statistics of `num_batches` training batches of `config.batch_size`."""
+                mesh: Optional[Mesh] = None, show_progress: bool = False) -> Variables:
+  """Precise BN: population statistics of `num_batches` training batches of `config.batch_size`;
+  with `show_progress`, process 0 prints how far it has come every 10 s."""
   if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) or num_batches < 1:
     # None or -1 would take every batch of an endless stream: a hang.
     raise ValueError(f'num_batches={num_batches!r}: give a positive number of training batches to recalibrate on '
@@ -112,7 +118,9 @@ def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: 
   mesh = mesh or sharding.data_mesh()
   batches = device_input.dataset_batches(dataset, _first(dataset.train_batches(0), num_batches), mesh)
   try:
-    statistics = population_statistics(model, variables, (batch['image'] for batch in batches), mesh)
+    progress = (BatchProgress('recalibrating BN', num_batches, config.batch_size)
+                if show_progress and jax.process_index() == 0 else None)
+    statistics = population_statistics(model, variables, (batch['image'] for batch in batches), mesh, progress)
   finally:
     batches.close()
   return with_statistics(variables, statistics)

@@ -1,9 +1,11 @@
-"""A one-line console progress bar: step, loss, accuracy, img/s and ETA."""
+"""Console progress: training's one-line bar (step, loss, accuracy, img/s, ETA), and a line
+now and then through a long pass over batches (an evaluation, precise BN)."""
 
 from __future__ import annotations
 
 import sys
-from typing import Mapping, Optional, TextIO
+import time
+from typing import Callable, Mapping, Optional, TextIO
 
 
 def format_duration(seconds: float) -> str:
@@ -42,3 +44,33 @@ class ProgressBar:
     if self.enabled:
       self.stream.write(('\n' if self._interactive else '') + text + '\n')
       self.stream.flush()
+
+
+class BatchProgress:
+  """Says how far a pass over `total_batches` batches of `batch_size` images has come, on a
+  line of its own at most every `every_s` seconds: a pass over ImageNet's validation set
+  takes minutes, which had gone by without a word. Nothing is shown for a pass shorter than that."""
+
+  def __init__(self, label: str, total_batches: int, batch_size: int, stream: Optional[TextIO] = None,
+               every_s: float = 10.0, clock: Callable[[], float] = time.perf_counter):
+    self.label = label
+    self.total_batches = total_batches
+    self.batch_size = batch_size
+    self.stream = stream or sys.stdout
+    self.every_s = every_s
+    self._clock = clock
+    self._start = self._last = clock()
+
+  def due(self) -> bool:
+    """Whether a line is due; the caller then waits for the batches so far and calls `show`."""
+    return self._clock() - self._last >= self.every_s
+
+  def show(self, done_batches: int) -> None:
+    """Prints the batches done of the total, the images per second since the start and the ETA."""
+    now = self._clock()
+    self._last = now
+    elapsed = max(now - self._start, 1e-9)
+    eta = format_duration((self.total_batches - done_batches) * elapsed / max(done_batches, 1))
+    self.stream.write(f'{self.label}: {done_batches}/{self.total_batches} batches | '
+                      f'{done_batches * self.batch_size / elapsed:,.0f} img/s | ETA {eta}\n')
+    self.stream.flush()

@@ -1,0 +1,72 @@
+"""Console progress: training's bar, and the lines a long evaluation or recalibration prints."""
+
+import functools
+import io
+
+import pytest
+
+from resnet_flax import eval_lib, precise_bn, train_lib
+from resnet_flax.progress import BatchProgress, ProgressBar, format_duration
+from test_train import tiny_config
+
+
+@pytest.mark.parametrize('seconds, shown', [(0, '00:00'), (59.9, '00:59'), (61, '01:01'), (3725, '1:02:05'),
+                                            (-3, '00:00')])
+def test_durations_read_as_minutes_and_seconds_then_hours(seconds, shown):
+  assert format_duration(seconds) == shown
+
+
+def test_the_bar_prints_a_line_per_update_into_a_file():
+  stream = io.StringIO()
+  bar = ProgressBar(10, stream=stream, width=10)
+  bar.update(5, {'loss': 0.5}, 1234.0, 2.0)
+  bar.message('eval at step 5')
+  assert stream.getvalue() == '[#####.....] 5/10 loss 0.5 | 1,234 img/s | ETA 00:10\neval at step 5\n'
+  ProgressBar(10, enabled=False, stream=stream).update(6, {}, 1.0, 1.0)
+  assert stream.getvalue().count('\n') == 2
+
+
+class _Clock:
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_batch_progress_speaks_only_every_interval():
+  clock, stream = _Clock(), io.StringIO()
+  shown = BatchProgress('eval', total_batches=100, batch_size=50, stream=stream, every_s=10, clock=clock)
+  clock.now += 9.9
+  assert not shown.due()
+  clock.now += 0.1
+  assert shown.due()
+  shown.show(25)  # 25 batches of 50 in 10 s: 125 img/s, 75 batches left at 0.4 s each
+  assert stream.getvalue() == 'eval: 25/100 batches | 125 img/s | ETA 00:30\n'
+  assert not shown.due()
+
+
+def test_a_long_evaluation_and_recalibration_say_how_far_they_have_come(tmp_path, monkeypatch):
+  config = tiny_config(2)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  stream = io.StringIO()
+  # Every batch counts as long: each is due.
+  monkeypatch.setattr(eval_lib, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
+  monkeypatch.setattr(precise_bn, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
+  config.bn_recalibration_batches = 3
+  result = eval_lib.evaluate(config, str(tmp_path))
+  lines = stream.getvalue().splitlines()
+  eval_steps = -(-360 // config.eval_batch_size)  # the digits test split: 360 images
+  evals = [f'eval: {done}/{eval_steps} batches' for done in range(1, eval_steps + 1)]
+  recalibration = [f'recalibrating BN: {done}/3 batches' for done in range(1, 4)]
+  assert [line.split(' |')[0] for line in lines] == evals + recalibration + evals
+  assert result['num_examples'] == 360 and 'before_recalibration' in result
+
+
+def test_nothing_is_shown_without_asking(tmp_path, monkeypatch):
+  config = tiny_config(2)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  stream = io.StringIO()
+  monkeypatch.setattr(eval_lib, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
+  eval_lib.load_checkpoint(config, str(tmp_path)).evaluate()  # as the BN diagnostics and sweeps call it
+  assert stream.getvalue() == ''

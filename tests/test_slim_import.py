@@ -30,6 +30,7 @@ from resnet_flax import models
 from resnet_flax import slim
 from resnet_flax.slim import names
 from resnet_flax.slim import tensor_bundle
+from resnet_flax.slim import tensor_bundle_writer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 CKPT_ROOT = os.path.join(FIXTURES, 'slim_ckpt')
@@ -237,7 +238,7 @@ def test_missing_and_misshaped_variables_are_listed_together(tmp_path):
   for name in dropped:
     del tensors[name]
   tensors[reshaped] = np.zeros((3,), np.float32)
-  prefix = tensor_bundle.write_checkpoint(tmp_path / 'model.ckpt', tensors)
+  prefix = tensor_bundle_writer.write_checkpoint(tmp_path / 'model.ckpt', tensors)
   with pytest.raises(slim.SlimCheckpointError) as error:
     slim.load_variables(prefix, fixture_model('v1_tiny_10'))
   message = str(error.value)

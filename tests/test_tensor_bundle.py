@@ -80,7 +80,7 @@ def _expected(name):
 def test_round_trip_every_dtype_and_shape(tmp_path, dtype_name):
   rng = np.random.default_rng(0)
   tensors = {f'v{i}': _random(dtype_name, shape, rng) for i, shape in enumerate(SHAPES)}
-  prefix = tensor_bundle.write_checkpoint(str(tmp_path / 'model.ckpt'), tensors)
+  prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), tensors)
   reader = tensor_bundle.CheckpointReader(prefix)
   assert reader.variables() == {n: (_dtype(dtype_name), v.shape) for n, v in tensors.items()}
   for name, value in tensors.items():
@@ -115,7 +115,7 @@ def _num_index_blocks(index_path):
 
 
 def test_writer_global_step_and_state_file(tmp_path):
-  prefix = tensor_bundle.write_checkpoint(str(tmp_path / 'out' / 'model.ckpt'),
+  prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'out' / 'model.ckpt'),
                                           {'w': np.ones(3, np.float32)}, global_step=42)
   assert prefix == str(tmp_path / 'out' / 'model.ckpt-42')
   state = (tmp_path / 'out' / 'checkpoint').read_text()
@@ -129,12 +129,12 @@ def test_writer_global_step_and_state_file(tmp_path):
   assert sorted(os.listdir(tmp_path / 'out')) == [
       'checkpoint', 'model.ckpt-42.data-00000-of-00001', 'model.ckpt-42.index']
   with pytest.raises(ValueError, match='global_step'):
-    tensor_bundle.write_checkpoint(str(tmp_path / 'model.ckpt'), {'global_step': np.int64(1)},
+    tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), {'global_step': np.int64(1)},
                                    global_step=2)
 
 
 def test_writer_writes_empty_checkpoint(tmp_path):
-  prefix = tensor_bundle.write_checkpoint(str(tmp_path / 'model.ckpt'), {})
+  prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), {})
   assert tensor_bundle.CheckpointReader(prefix).variables() == {}
 
 
@@ -148,13 +148,13 @@ def test_writer_writes_empty_checkpoint(tmp_path):
 ])
 def test_writer_refuses_what_it_cannot_write(tmp_path, name, value, match):
   with pytest.raises(ValueError, match=match):
-    tensor_bundle.write_checkpoint(str(tmp_path / 'model.ckpt'), {name: value})
+    tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), {name: value})
   assert os.listdir(tmp_path) == []
 
 
 def test_writer_is_atomic(tmp_path, monkeypatch):
   prefix = str(tmp_path / 'model.ckpt')
-  tensor_bundle.write_checkpoint(prefix, {'w': np.zeros(3, np.float32)})
+  tensor_bundle_writer.write_checkpoint(prefix, {'w': np.zeros(3, np.float32)})
   old = sorted(os.listdir(tmp_path))
 
   def fail(*args, **kwargs):
@@ -163,7 +163,7 @@ def test_writer_is_atomic(tmp_path, monkeypatch):
   # A failure before the renames leaves the old checkpoint intact and no temporary files.
   monkeypatch.setattr(sstable, 'build_table', fail)
   with pytest.raises(OSError, match='disk full'):
-    tensor_bundle.write_checkpoint(prefix, {'w': np.ones(3, np.float32)})
+    tensor_bundle_writer.write_checkpoint(prefix, {'w': np.ones(3, np.float32)})
   monkeypatch.undo()
   assert sorted(os.listdir(tmp_path)) == old
   _assert_exact(tensor_bundle.CheckpointReader(prefix).read('w'), np.zeros(3, np.float32))
@@ -173,12 +173,12 @@ def test_writer_is_atomic(tmp_path, monkeypatch):
   monkeypatch.setattr(os, 'replace', lambda src, dst: fail() if dst.endswith('.index')
                       else real_replace(src, dst))
   with pytest.raises(OSError, match='disk full'):
-    tensor_bundle.write_checkpoint(prefix, {'w': np.ones(3, np.float32)})
+    tensor_bundle_writer.write_checkpoint(prefix, {'w': np.ones(3, np.float32)})
   monkeypatch.undo()
   assert not os.path.exists(prefix + '.index')
   assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
 
-  tensor_bundle.write_checkpoint(prefix, {'w': np.ones(3, np.float32)})
+  tensor_bundle_writer.write_checkpoint(prefix, {'w': np.ones(3, np.float32)})
   _assert_exact(tensor_bundle.CheckpointReader(tmp_path).read('w'), np.ones(3, np.float32))
   assert sorted(os.listdir(tmp_path)) == old
 
@@ -340,14 +340,14 @@ def _header(num_shards=1, endianness=0, min_consumer=0):
     (b'\x0a\x02ab', r'corrupted bundle header \(protobuf field 1 has wire type 2'),
 ])
 def test_refuses_bad_headers(tmp_path, header, match):
-  prefix = tensor_bundle.write_checkpoint(str(tmp_path / 'model.ckpt'), {'w': np.ones(2)})
+  prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), {'w': np.ones(2)})
   _rewrite_index(prefix, lambda entries: [(b'', header)] + entries[1:])
   with pytest.raises(ValueError, match=f'^{prefix}.index: {match}'):
     tensor_bundle.CheckpointReader(prefix)
 
 
 def test_refuses_snappy_compressed_index(tmp_path):
-  prefix = tensor_bundle.write_checkpoint(str(tmp_path / 'model.ckpt'), {'w': np.ones(2)})
+  prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), {'w': np.ones(2)})
   with open(prefix + '.index', 'rb') as f:
     entries = sstable.read_table(f.read(), 'x')
   block = sstable.encode_block(entries, 16)
@@ -367,7 +367,7 @@ def test_refuses_snappy_compressed_index(tmp_path):
 
 
 def test_refuses_unknown_dtypes_and_inconsistent_entries(tmp_path):
-  prefix = tensor_bundle.write_checkpoint(str(tmp_path / 'model.ckpt'),
+  prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'),
                                           {'f8': np.ones(2, np.uint8), 'big': np.ones(2, np.uint8),
                                            'ok': np.ones(2, np.uint8)})
 
@@ -435,7 +435,7 @@ def test_live_tf_reads_our_checkpoints(tf, tmp_path):
 def test_live_output_is_byte_identical_to_tf(tf, tmp_path):
   tensors = _sample_tensors()
   _tf_save(tf, str(tmp_path / 'tf' / 'model.ckpt'), {name: tensors[name] for name in sorted(tensors)})
-  tensor_bundle.write_checkpoint(str(tmp_path / 'ours' / 'model.ckpt'), tensors)
+  tensor_bundle_writer.write_checkpoint(str(tmp_path / 'ours' / 'model.ckpt'), tensors)
   for suffix in ('.index', '.data-00000-of-00001'):
     ours = (tmp_path / 'ours' / ('model.ckpt' + suffix)).read_bytes()
     assert ours == (tmp_path / 'tf' / ('model.ckpt' + suffix)).read_bytes(), suffix
@@ -446,7 +446,7 @@ def test_live_saver_restores_our_checkpoint(tf, tmp_path):
   tensors = {'net/conv1/weights': rng.standard_normal((3, 3, 3, 8)).astype(np.float32),
              'net/conv1/BatchNorm/moving_mean': rng.standard_normal(8).astype(np.float32),
              'net/logits/biases': rng.standard_normal(10).astype(np.float32)}
-  prefix = tensor_bundle.write_checkpoint(str(tmp_path / 'model.ckpt'), tensors, global_step=7)
+  prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), tensors, global_step=7)
   v1 = tf.compat.v1
   with tf.Graph().as_default() as graph:
     variables = {n: v1.get_variable(n, shape=v.shape, dtype=tf.float32) for n, v in tensors.items()}

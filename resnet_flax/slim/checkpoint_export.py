@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from resnet_flax.slim import names
-from resnet_flax.slim import tensor_bundle
+from resnet_flax.slim import tensor_bundle_writer
 from resnet_flax.slim.checkpoint_import import (BATCH_STATS, DEFAULT_IMAGE_SHAPE, PARAMS, SlimCheckpointError,
                                                 expected_variables, input_channels)
 
@@ -77,4 +77,4 @@ def save_slim_checkpoint(prefix: str | os.PathLike, variables: Mapping[str, Any]
   `load_variables` take).
   """
   tensors = variables_to_slim(variables, model, image_shape=image_shape)
-  return tensor_bundle.write_checkpoint(prefix, tensors, global_step)
+  return tensor_bundle_writer.write_checkpoint(prefix, tensors, global_step)

@@ -16,54 +16,23 @@ path gets a `tensor_slice.TensorSliceReader` instead (same interface).
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import math
 import os
 import re
-from typing import Any, Mapping
 
 import numpy as np
 
-from resnet_flax.slim import sstable
+from resnet_flax.slim import checkpoint_state, sstable, tensor_slice, tf_types
 
-# TF DataType enum (tensorflow/core/framework/types.proto) -> numpy dtype name. Tensors of
-# these types are stored as their raw little-endian element bytes.
-NUMPY_DTYPES = {
-    1: 'float32', 2: 'float64', 3: 'int32', 4: 'uint8', 5: 'int16', 6: 'int8', 8: 'complex64',
-    9: 'int64', 10: 'bool', 14: 'bfloat16', 17: 'uint16', 18: 'complex128', 19: 'float16',
-    22: 'uint32', 23: 'uint64',
-}
-# Types we recognize but cannot read, for the error message.
-_OTHER_DTYPES = {
-    7: 'string', 11: 'qint8', 12: 'quint8', 13: 'qint32', 15: 'qint16', 16: 'quint16',
-    20: 'resource', 21: 'variant', 24: 'float8_e5m2', 25: 'float8_e4m3fn', 29: 'int4',
-    30: 'uint4',
-}
 HEADER_KEY = b''
 BUNDLE_VERSION = 1  # kTensorBundleVersion: the version we write and can read
 _BIG_ENDIAN = 1
-STATE_FILENAME = 'checkpoint'
 
 
 def data_path(prefix: str, shard: int, num_shards: int) -> str:
   """Path of data shard `shard` (TF's `DataFilename`)."""
   return f'{prefix}.data-{shard:05d}-of-{num_shards:05d}'
-
-
-def numpy_dtype(name: str) -> np.dtype:
-  """np.dtype for a name in NUMPY_DTYPES; bfloat16 comes from ml_dtypes (imported lazily)."""
-  if name == 'bfloat16':
-    import ml_dtypes  # a jax dependency; only needed for bfloat16 tensors
-    return np.dtype(ml_dtypes.bfloat16)
-  return np.dtype(name).newbyteorder('<')
-
-
-def write_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, Any],
-                     global_step: int | None = None) -> str:
-  """Writes a single-shard checkpoint; see `tensor_bundle_writer.write_checkpoint`."""
-  from resnet_flax.slim import tensor_bundle_writer  # it imports this module's tables
-  return tensor_bundle_writer.write_checkpoint(prefix, tensors, global_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +61,6 @@ class CheckpointReader:
   """
 
   def __new__(cls, path: str | os.PathLike, verify: bool = True):
-    from resnet_flax.slim import tensor_slice  # it imports this module's tables
     v1_files = tensor_slice.find_v1_files(os.fspath(path))
     if cls is CheckpointReader and v1_files:
       return tensor_slice.TensorSliceReader(v1_files, verify=verify)
@@ -161,11 +129,11 @@ class CheckpointReader:
 def resolve_prefix(path: str) -> str:
   """The checkpoint prefix for `path`: a prefix, a `.index` file, or a checkpoint directory."""
   if os.path.isdir(path):
-    state = os.path.join(path, STATE_FILENAME)
+    state = os.path.join(path, checkpoint_state.STATE_FILENAME)
     if not os.path.isfile(state):
-      raise FileNotFoundError(f'{path}: directory has no {STATE_FILENAME!r} state file; pass '
+      raise FileNotFoundError(f'{path}: directory has no {checkpoint_state.STATE_FILENAME!r} state file; pass '
                               f'the checkpoint prefix instead ({_prefixes_in(path)})')
-    prefix = os.path.join(path, _latest_from_state(state))
+    prefix = os.path.join(path, checkpoint_state.newest_in(state))
     if not os.path.isfile(prefix + '.index'):
       raise FileNotFoundError(f'{state} names checkpoint {prefix}, but {prefix}.index does '
                               'not exist')
@@ -196,16 +164,6 @@ def _prefixes_in(directory: str) -> str:
       ' ...' if len(prefixes) > 5 else '')
 
 
-def _latest_from_state(state: str) -> str:
-  with open(state, encoding='utf-8') as f:
-    text = f.read()
-  # TF text-format proto: `model_checkpoint_path: "..."` with C-style escapes.
-  match = re.search(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
-  if not match:
-    raise ValueError(f'{state}: no model_checkpoint_path in the checkpoint state file')
-  return codecs.escape_decode(match.group(1).encode('utf-8'))[0].decode('utf-8')
-
-
 def _looks_like_v1(path: str) -> bool:
   # V1 checkpoints are a single SSTable file named like a V2 prefix.
   if not os.path.isfile(path) or os.path.getsize(path) < sstable.FOOTER_SIZE:
@@ -221,8 +179,6 @@ _VERSION_WIRE = {1: _VARINT, 2: _VARINT, 3: _VARINT}  # VersionDef
 _ENTRY_WIRE = {1: _VARINT, 2: _BYTES, 3: _VARINT, 4: _VARINT, 5: _VARINT, 6: _FIXED32,
                7: _BYTES}  # BundleEntryProto
 _ENTRY_FIELDS = {1: 'dtype', 3: 'shard', 4: 'offset', 5: 'size'}
-_SHAPE_WIRE = {2: _BYTES, 3: _VARINT}  # TensorShapeProto
-_DIM_WIRE = {1: _VARINT}  # TensorShapeProto.Dim
 
 
 def _parse_header(value: bytes, index_path: str) -> int:
@@ -263,7 +219,7 @@ def _parse_entry(value: bytes, name: str, num_shards: int, index_path: str) -> _
       if field in _ENTRY_FIELDS:
         fields[_ENTRY_FIELDS[field]] = sstable.to_signed64(v)
       elif field == 2:
-        fields['shape'] = _parse_shape(v)
+        fields['shape'] = tf_types.parse_shape(v)
       elif field == 6:
         fields['crc32c'] = sstable.unmask_crc(v)
       elif field == 7:
@@ -279,28 +235,14 @@ def _parse_entry(value: bytes, name: str, num_shards: int, index_path: str) -> _
   return entry
 
 
-def _parse_shape(value: bytes) -> tuple[int, ...]:
-  dims = []
-  for field, v in sstable.iter_fields(value, _SHAPE_WIRE):
-    if field == 2:
-      size = 0
-      for dim_field, dv in sstable.iter_fields(v, _DIM_WIRE):
-        if dim_field == 1:
-          size = sstable.to_signed64(dv)
-      dims.append(size)
-    elif field == 3 and v:
-      raise ValueError('shape of unknown rank')
-  return tuple(dims)
-
-
 def _dtype_or_object(dtype: int) -> np.dtype:
-  name = NUMPY_DTYPES.get(dtype)
-  return numpy_dtype(name).newbyteorder('=') if name else np.dtype(object)
+  name = tf_types.NUMPY_DTYPES.get(dtype)
+  return tf_types.numpy_dtype(name).newbyteorder('=') if name else np.dtype(object)
 
 
 def _readable_dtype(dtype: int, name: str, prefix: str) -> np.dtype:
-  if dtype in NUMPY_DTYPES:
-    return numpy_dtype(NUMPY_DTYPES[dtype])
-  kind = _OTHER_DTYPES.get(dtype, f'unknown DataType {dtype}')
+  if dtype in tf_types.NUMPY_DTYPES:
+    return tf_types.numpy_dtype(tf_types.NUMPY_DTYPES[dtype])
+  kind = tf_types.OTHER_DTYPES.get(dtype, f'unknown DataType {dtype}')
   raise ValueError(f'{prefix}: variable {name!r} has dtype {kind}, which is not supported '
                    '(numeric tensors only)')

@@ -14,11 +14,10 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from resnet_flax.slim import sstable
-from resnet_flax.slim import tensor_bundle
+from resnet_flax.slim import checkpoint_state, sstable, tensor_bundle, tf_types
 
 GLOBAL_STEP = 'global_step'
-_DTYPE_ENUMS = {name: enum for enum, name in tensor_bundle.NUMPY_DTYPES.items()}
+_DTYPE_ENUMS = {name: enum for enum, name in tf_types.NUMPY_DTYPES.items()}
 
 
 def write_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, Any],
@@ -49,14 +48,14 @@ def write_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, Any],
   os.makedirs(directory, exist_ok=True)
   data_final = tensor_bundle.data_path(prefix, 0, 1)
   index_final = prefix + '.index'
-  state_final = os.path.join(directory, tensor_bundle.STATE_FILENAME)
+  state_final = os.path.join(directory, checkpoint_state.STATE_FILENAME)
   temps = []
   try:
     entries = []
     temps.append(_write_temp(data_final, _data_chunks(arrays, entries)))
     index = sstable.build_table(_index_entries(entries), block_size=block_size)
     temps.append(_write_temp(index_final, [index]))
-    temps.append(_write_temp(state_final, [_state_text(os.path.basename(prefix))]))
+    temps.append(_write_temp(state_final, [checkpoint_state.state_text(os.path.basename(prefix))]))
     # The index is what makes a checkpoint exist: drop the old one before its data is
     # replaced, and publish the new one only after its data is in place.
     if os.path.lexists(index_final):
@@ -116,12 +115,6 @@ def _index_entries(entries: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, 
   header = sstable.varint_field(1, 1) + sstable.bytes_field(3, version)  # 1 shard, little-endian
   yield tensor_bundle.HEADER_KEY, header
   yield from entries
-
-
-def _state_text(basename: str) -> bytes:
-  quoted = basename.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
-  return (f'model_checkpoint_path: "{quoted}"\n'
-          f'all_model_checkpoint_paths: "{quoted}"\n').encode('utf-8')
 
 
 def _write_temp(final: str, chunks) -> str:

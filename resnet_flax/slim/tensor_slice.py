@@ -29,8 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from resnet_flax.slim import sstable
-from resnet_flax.slim import tensor_bundle
+from resnet_flax.slim import checkpoint_state, sstable, tf_types
 
 _VARINT, _FIXED64, _BYTES, _FIXED32 = (sstable.WIRE_VARINT, sstable.WIRE_FIXED64,
                                        sstable.WIRE_BYTES, sstable.WIRE_FIXED32)
@@ -129,10 +128,10 @@ def find_v1_files(path: str) -> list[str] | None:
   `path-00000-of-0000N`. A directory is resolved through its `checkpoint` state file.
   """
   if os.path.isdir(path):
-    state = os.path.join(path, tensor_bundle.STATE_FILENAME)
+    state = os.path.join(path, checkpoint_state.STATE_FILENAME)
     if not os.path.isfile(state):
       return None
-    path = os.path.join(path, tensor_bundle._latest_from_state(state))
+    path = os.path.join(path, checkpoint_state.newest_in(state))
   if os.path.exists(path + '.index') or path.endswith('.index'):
     return None
   if os.path.isfile(path):
@@ -259,7 +258,7 @@ def _parse_slice_meta(message: bytes) -> tuple[str, _Tensor]:
     if field == 1:
       name = v.decode('utf-8')
     elif field == 2:
-      shape = tensor_bundle._parse_shape(v)
+      shape = tf_types.parse_shape(v)
     elif field == 3:
       dtype = v
     elif field == 4:
@@ -307,16 +306,16 @@ def _dtype_name(dtype: np.dtype) -> str:
 
 
 def _dtype_or_object(dtype: int) -> np.dtype:
-  name = tensor_bundle.NUMPY_DTYPES.get(dtype)
+  name = tf_types.NUMPY_DTYPES.get(dtype)
   if name not in _VALUE_FIELDS:
     return np.dtype(object)
-  return tensor_bundle.numpy_dtype(name).newbyteorder('=')
+  return tf_types.numpy_dtype(name).newbyteorder('=')
 
 
 def _readable_dtype(dtype: int, name: str, prefix: str) -> np.dtype:
-  kind = tensor_bundle.NUMPY_DTYPES.get(dtype)
+  kind = tf_types.NUMPY_DTYPES.get(dtype)
   if kind in _VALUE_FIELDS:
-    return tensor_bundle.numpy_dtype(kind).newbyteorder('=')
-  kind = kind or tensor_bundle._OTHER_DTYPES.get(dtype, f'unknown DataType {dtype}')
+    return tf_types.numpy_dtype(kind).newbyteorder('=')
+  kind = kind or tf_types.OTHER_DTYPES.get(dtype, f'unknown DataType {dtype}')
   raise ValueError(f'{prefix}: variable {name!r} has dtype {kind}, which V1 checkpoints of this '
                    'reader do not support (numeric tensors only)')

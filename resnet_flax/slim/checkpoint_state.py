@@ -1,0 +1,26 @@
+"""The `checkpoint` state file TensorFlow keeps beside a directory's checkpoints: which is the newest."""
+
+from __future__ import annotations
+
+import codecs
+import re
+
+STATE_FILENAME = 'checkpoint'
+
+
+def newest_in(state: str) -> str:
+  """The newest checkpoint's prefix (`model_checkpoint_path`) as the state file `state` gives it."""
+  with open(state, encoding='utf-8') as f:
+    text = f.read()
+  # TF text-format proto: `model_checkpoint_path: "..."` with C-style escapes.
+  match = re.search(r'^\s*model_checkpoint_path\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
+  if not match:
+    raise ValueError(f'{state}: no model_checkpoint_path in the checkpoint state file')
+  return codecs.escape_decode(match.group(1).encode('utf-8'))[0].decode('utf-8')
+
+
+def state_text(basename: str) -> bytes:
+  """A state file naming `basename` (a prefix in the same directory) as the newest and only checkpoint."""
+  quoted = basename.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+  return (f'model_checkpoint_path: "{quoted}"\n'
+          f'all_model_checkpoint_paths: "{quoted}"\n').encode('utf-8')

@@ -107,7 +107,13 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     step = checkpoints.latest_step_in(directory)
     if step is None:
       converted = os.path.join(workdir, 'variables')
-      hint = f'--checkpoint={converted}' if os.path.isdir(converted) else '--checkpoint=PATH'
+      tf_checkpoint = workdirs.tf_checkpoint_in(workdir)
+      if os.path.isdir(converted):
+        hint = f'--checkpoint={converted}'
+      elif tf_checkpoint is not None:  # a TF-Slim download passed as the workdir
+        hint = f'--checkpoint=slim:{tf_checkpoint} (the TensorFlow checkpoint there) without --workdir'
+      else:
+        hint = '--checkpoint=PATH'
       raise checkpoints.CheckpointError(f'no checkpoint in {directory}; train first or pass {hint}.')
     checkpoint = os.path.join(directory, str(step))
     older = checkpoints.committed_steps(directory)[:-1]

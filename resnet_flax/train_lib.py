@@ -229,7 +229,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
 
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   workdirs.check_workdir(workdir, checkpoints.bytes_for_saves(state, config.keep_checkpoints, checkpoint_dir),
-                            subdirectories=('checkpoints', 'tensorboard'))
+                         subdirectories=('checkpoints', 'tensorboard'))
   checkpointer = checkpoints.Checkpointer(checkpoint_dir, config.keep_checkpoints, config.async_checkpointing)
   progress = ProgressBar(config.num_train_steps, enabled=is_chief)
   if config.batch_size > train_ds.num_examples:

@@ -19,6 +19,8 @@ from jax.experimental import multihost_utils
 from resnet_flax import checkpoints
 
 LOCK_NAME = '.lock'
+# Tries at a lock file that another run's end keeps removing (see `_open_and_lock`).
+_OPEN_ATTEMPTS = 5
 
 
 class WorkdirInUseError(checkpoints.CheckpointError):
@@ -34,9 +36,8 @@ def held(workdir: str) -> Iterator[None]:
   directory = checkpoints.local_path(workdir, 'workdir')
   path = os.path.join(directory, LOCK_NAME)
   made_directory = not os.path.isdir(directory)
-  file = _open(path)
+  file, locked = _open_and_lock(path, workdir)
   with file if file is not None else contextlib.nullcontext():
-    locked = file is not None and _locked(file, workdir)
     if locked and file.writable():
       with contextlib.suppress(OSError):  # the owner's name is for the message only (a full disk is check_workdir's)
         file.seek(0)
@@ -55,21 +56,59 @@ def held_by_chief(workdir: str) -> Iterator[None]:
   """`held` for a run of one or many processes: the chief (process 0) takes the lock, and
   if another run holds it, every process raises WorkdirInUseError, not the chief alone:
   the others would wait for it at their first collective until that timed out."""
+  checkpoints.local_path(workdir, 'workdir')  # a URL: every process refuses it by itself, before the broadcast
   with contextlib.ExitStack() as stack:
-    refusal: Optional[WorkdirInUseError] = None
+    failure: Optional[Exception] = None
     if jax.process_index() == 0:
       try:
         stack.enter_context(held(workdir))
-      except WorkdirInUseError as error:
-        refusal = error
+      except Exception as error:  # pylint: disable=broad-except  # whatever it is, the others must hear of it
+        failure = error
     if jax.process_count() > 1:
-      refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
-      if refused and refusal is None:
-        refusal = WorkdirInUseError(f'{workdir} is in use by another training run (process 0 found its lock '
+      # 0: the lock is taken (or cannot be, and the run goes unguarded); 1: in use; 2: the chief failed otherwise.
+      code = 0 if failure is None else 1 if isinstance(failure, WorkdirInUseError) else 2
+      code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+      if failure is None and code == 1:
+        failure = WorkdirInUseError(f'{workdir} is in use by another training run (process 0 found its lock '
                                     'taken and names it); wait for it to end or stop it, or pass another --workdir.')
-    if refusal is not None:
-      raise refusal
+      elif failure is None and code == 2:
+        failure = checkpoints.CheckpointError(f'process 0 failed to take the lock of {workdir} (its error says why); '
+                                              'fix that and rerun.')
+    if failure is not None:
+      raise failure
     yield
+
+
+def _open_and_lock(path: str, workdir: str) -> tuple[Optional[IO[str]], bool]:
+  """The lock file, open, and whether this process now holds its lock (False: no lock can be taken).
+
+  A run that ends with nothing else in its workdir removes the lock file; another run that
+  opened it just before would lock a file no longer there while a third locked a new one.
+  So a lock counts only on the file the path still names; else the one there now is tried.
+  """
+  for _ in range(_OPEN_ATTEMPTS):
+    file = _open(path)
+    if file is None:
+      return None, False
+    try:
+      if not _locked(file, workdir):
+        return file, False
+      if _is_file_at(file, path):
+        return file, True
+    except BaseException:
+      file.close()
+      raise
+    file.close()
+  return None, False  # removed under us again and again: train unguarded rather than not at all
+
+
+def _is_file_at(file: IO[str], path: str) -> bool:
+  """Whether `path` still names the open `file` (not removed or replaced since it was opened)."""
+  try:
+    named, opened = os.stat(path), os.fstat(file.fileno())
+  except OSError:
+    return False
+  return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _open(path: str) -> Optional[IO[str]]:
@@ -103,7 +142,8 @@ def _locked(file: IO[str], workdir: str) -> bool:
 def _remove_if_only_the_lock(directory: str, made_directory: bool) -> None:
   """Removes the lock file from a workdir that holds nothing else, and the workdir if this
   run made it: a run that failed before writing anything (on its data, say) leaves nothing.
-  Done while the lock is still held, so no other run can be using the file."""
+  Done while the lock is still held; a run that opened the file before its removal sees
+  that it is gone once it holds the lock (`_open_and_lock`)."""
   with contextlib.suppress(OSError):
     if os.listdir(directory) == [LOCK_NAME]:
       os.remove(os.path.join(directory, LOCK_NAME))

@@ -1,9 +1,11 @@
 """A `--workdir` checked before a run writes to it: writable with room for the checkpoints, and
-a workdir at all, not a checkpoint (orbax or TensorFlow) passed in its place."""
+a workdir at all, not a checkpoint passed in its place (and, for eval.py's hint, the
+TensorFlow checkpoint a folder holds)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 from typing import Optional
@@ -46,21 +48,17 @@ def check_workdir(workdir: str, needed_bytes: int, subdirectories: tuple[str, ..
 
 
 def check_not_a_checkpoint(workdir: str) -> None:
-  """Refuses a workdir that is a checkpoint, a workdir's `checkpoints/` folder, or a folder
-  holding a TensorFlow checkpoint: a run started there would write a run of its own inside
-  the saved one (whose next start then sets that checkpoint aside as damaged), and an
-  evaluation would find nothing."""
+  """Refuses a workdir that is a checkpoint, or a workdir's `checkpoints/` folder: a run
+  started there would write a run of its own inside the saved one (whose next start then
+  sets that checkpoint aside as damaged), and an evaluation would find nothing."""
   path = os.path.abspath(workdir)
   if os.path.basename(path) == 'default' and checkpoints.is_checkpoint(os.path.dirname(path)):
     path = os.path.dirname(path)  # a manager step's item: the step is what to name
   newest = checkpoints.latest_step_in(path)
-  tf_checkpoint = None if os.path.isdir(os.path.join(path, 'checkpoints')) else _tf_checkpoint_in(path)
   if checkpoints.is_checkpoint(path):
     what, checkpoint = 'a checkpoint', path
   elif newest is not None and checkpoints.is_checkpoint(os.path.join(path, str(newest))):
     what, checkpoint = "a workdir's checkpoints/ folder", os.path.join(path, str(newest))
-  elif tf_checkpoint is not None:
-    what, checkpoint = 'a folder holding a TensorFlow checkpoint', f'slim:{tf_checkpoint}'
   else:
     return
   steps = os.path.dirname(checkpoint)
@@ -72,16 +70,24 @@ def check_not_a_checkpoint(workdir: str) -> None:
                         f'--config.init_checkpoint={checkpoint}.')
 
 
-def _tf_checkpoint_in(directory: str) -> Optional[str]:
+def tf_checkpoint_in(directory: str) -> Optional[str]:
   """What `slim:` takes for the TensorFlow checkpoint in `directory`, if it holds one: the
-  directory itself where a `checkpoint` state file names the newest, else a V2 prefix
-  (`model.ckpt-N` of `model.ckpt-N.index`) or a V1 file (`resnet_v1_50.ckpt`)."""
+  directory itself where a `checkpoint` state file names the newest, else the V2 prefix of
+  the highest step (`model.ckpt-N` of `model.ckpt-N.index`), else a V1 file (`resnet_v1_50.ckpt`)."""
   try:
-    names = sorted(os.listdir(directory))
+    names = os.listdir(directory)
   except OSError:
     return None
-  if 'checkpoint' in names:
+  if os.path.isfile(os.path.join(directory, 'checkpoint')):
     return directory
-  found = [name.removesuffix('.index') for name in names if name.endswith('.index')] + [
-      name for name in names if name.endswith('.ckpt')]
-  return os.path.join(directory, found[0]) if found else None
+  prefixes = [name.removesuffix('.index') for name in names if name.endswith('.index')]
+  if prefixes:
+    return os.path.join(directory, max(prefixes, key=_step_then_name))
+  v1_files = sorted(name for name in names if name.endswith('.ckpt'))
+  return os.path.join(directory, v1_files[0]) if v1_files else None
+
+
+def _step_then_name(prefix: str) -> tuple[int, str]:
+  """Sorts `model.ckpt-999` before `model.ckpt-1000` (a prefix without a step first)."""
+  step = re.search(r'-(\d+)$', prefix)
+  return (int(step.group(1)) if step else -1, prefix)

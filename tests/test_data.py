@@ -274,7 +274,6 @@ def test_cifar10_missing_files_name_what_is_expected(tmp_path):
     data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'train', batch_size=4, seed=0)
 
 
-
 @pytest.mark.parametrize('make', [os.mkdir, os.mkfifo], ids=['directory', 'fifo'])
 def test_a_cifar_batch_that_is_not_a_file_is_named_as_what_it_is(tmp_path, make):
   _make_cifar(tmp_path)
@@ -524,7 +523,6 @@ def test_a_skipped_file_is_one_warning_line_without_the_skip_advice(tmp_path):
   printed = warnings.formatwarning(caught[0].message, caught[0].category, caught[0].filename, caught[0].lineno)
   assert printed.count('\n') == 1 and 'broken.jpg' in printed and 'replace or delete the file' in printed
   assert 'on_bad_image' not in printed  # It is already 'skip'.
-
 
 
 def _in_a_thread(function, timeout_s=30):

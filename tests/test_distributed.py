@@ -46,10 +46,11 @@ def _why_unsupported():
   return None
 
 
-def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_failure=True):
+def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_failure=True, workdir_flag=None):
   """train.py once per process, joined through a coordinator on localhost; (returncode, stdout, stderr) each.
 
-  Without `stop_all_on_a_failure`, each process is left to end by itself (until `timeout`).
+  Without `stop_all_on_a_failure`, each process is left to end by itself (until `timeout`);
+  `workdir_flag` is passed as --workdir in place of `workdir` (whose parent still takes the logs).
   """
   coordinator = f'localhost:{_free_port()}'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
@@ -60,7 +61,7 @@ def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_
     # Files, not pipes: a process blocked on a full pipe would stall the other in a collective.
     with open(logs / f'{index}.out', 'w') as stdout, open(logs / f'{index}.err', 'w') as stderr:
       processes.append(subprocess.Popen(
-          [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir}', *ARGS,
+          [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir_flag or workdir}', *ARGS,
            f'--config.distributed.coordinator_address={coordinator}', f'--config.distributed.num_processes={count}',
            f'--config.distributed.process_id={index}'],
           cwd=REPO, env=env, stdout=stdout, stderr=stderr))
@@ -119,6 +120,16 @@ def test_a_workdir_in_use_stops_every_process_not_only_the_chief(tmp_path):
   for index, (returncode, stdout, stderr) in enumerate(runs):
     assert returncode == 2, f'process {index} ended with {returncode}:\n{stdout}\n{stderr}'
     assert f'error: {workdir} is in use by another training run' in stderr
+
+
+def test_a_url_workdir_stops_every_process_at_once(tmp_path):
+  reason = _why_unsupported()
+  if reason:
+    pytest.skip(reason)
+  runs = _run_processes(tmp_path / 'url', timeout=120, stop_all_on_a_failure=False, workdir_flag='gs://bucket/run')
+  for index, (returncode, stdout, stderr) in enumerate(runs):  # process 1 had waited 30 s for the chief
+    assert returncode == 2, f'process {index} ended with {returncode}:\n{stdout}\n{stderr}'
+    assert 'error: workdir gs://bucket/run is a URL' in stderr
 
 
 def _settings(**fields):

@@ -116,7 +116,7 @@ def _num_index_blocks(index_path):
 
 def test_writer_global_step_and_state_file(tmp_path):
   prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'out' / 'model.ckpt'),
-                                          {'w': np.ones(3, np.float32)}, global_step=42)
+                                                 {'w': np.ones(3, np.float32)}, global_step=42)
   assert prefix == str(tmp_path / 'out' / 'model.ckpt-42')
   state = (tmp_path / 'out' / 'checkpoint').read_text()
   assert state == ('model_checkpoint_path: "model.ckpt-42"\n'
@@ -130,7 +130,7 @@ def test_writer_global_step_and_state_file(tmp_path):
       'checkpoint', 'model.ckpt-42.data-00000-of-00001', 'model.ckpt-42.index']
   with pytest.raises(ValueError, match='global_step'):
     tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), {'global_step': np.int64(1)},
-                                   global_step=2)
+                                          global_step=2)
 
 
 def test_writer_writes_empty_checkpoint(tmp_path):
@@ -368,8 +368,8 @@ def test_refuses_snappy_compressed_index(tmp_path):
 
 def test_refuses_unknown_dtypes_and_inconsistent_entries(tmp_path):
   prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'),
-                                          {'f8': np.ones(2, np.uint8), 'big': np.ones(2, np.uint8),
-                                           'ok': np.ones(2, np.uint8)})
+                                                 {'f8': np.ones(2, np.uint8), 'big': np.ones(2, np.uint8),
+                                                  'ok': np.ones(2, np.uint8)})
 
   def patch(entries):
     out = []

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from resnet_flax import checkpoints, cli, eval_lib, losses, metrics_writer, model_builder, optim, train_lib
+from resnet_flax import checkpoints, cli, eval_lib, losses, metrics_writer, model_builder, optim, slim, train_lib
 from resnet_flax.slim import names
 from resnet_flax.train_state import abstract_train_state
 
@@ -250,23 +250,30 @@ def test_eval_without_checkpoint_is_one_line(tmp_path):
                                                 'train first or pass --checkpoint=PATH.']
 
 
-@pytest.mark.parametrize('script', ['train.py', 'eval.py'])
 @pytest.mark.parametrize('files, named', [
     (['checkpoint', 'model.ckpt-9.index', 'model.ckpt-9.data-00000-of-00001'], ''),
-    (['model.ckpt-9.index', 'model.ckpt-9.data-00000-of-00001'], '/model.ckpt-9'),
+    (['model.ckpt-999.index', 'model.ckpt-1000.index', 'model.ckpt-1000.data-00000-of-00001'], '/model.ckpt-1000'),
     (['resnet_v1_50.ckpt'], '/resnet_v1_50.ckpt'),
 ])
-def test_a_tensorflow_checkpoint_folder_as_workdir_names_the_slim_checkpoint(tmp_path, script, files, named):
+def test_eval_of_a_tensorflow_checkpoint_folder_as_workdir_names_the_slim_checkpoint(tmp_path, files, named):
   for name in files:
     (tmp_path / name).write_text('')
-  result = run_script(script, f'--workdir={tmp_path}', '--config.num_train_steps=1')
+  result = run_script('eval.py', f'--workdir={tmp_path}')
   assert result.returncode == 2
-  # eval.py had said "no checkpoint in <dir>/checkpoints; train first"; train.py had trained into the folder.
-  checkpoint = f'slim:{tmp_path}{named}'
+  # It had said "train first or pass --checkpoint=PATH".
   assert result.stderr.strip().splitlines() == [
-      f'error: --workdir {tmp_path} is a folder holding a TensorFlow checkpoint, not a workdir: name the checkpoint '
-      f'itself: eval.py --checkpoint={checkpoint}, train.py --config.init_checkpoint={checkpoint}.']
-  assert sorted(os.listdir(tmp_path)) == sorted(files)
+      f'error: no checkpoint in {tmp_path}/checkpoints; train first or pass --checkpoint=slim:{tmp_path}{named} '
+      '(the TensorFlow checkpoint there) without --workdir.']
+
+
+def test_a_run_may_train_in_the_folder_of_the_tensorflow_checkpoint_it_starts_from(tmp_path):
+  # As a fine-tuning run written into the folder its TF-Slim checkpoint was downloaded to.
+  config = tiny_config(2)
+  model = model_builder.build_model(config, 10)
+  variables = model.init(jax.random.PRNGKey(1), np.zeros((1, 8, 8, 1), np.float32), train=False)
+  prefix = slim.save_slim_checkpoint(tmp_path / 'model.ckpt', variables, model, image_shape=(8, 8, 1))
+  config.init_checkpoint = f'slim:{prefix}'
+  assert train_lib.train_and_evaluate(config, str(tmp_path))['step'] == 2
 
 
 def test_a_workdir_with_its_own_runs_and_an_exported_tensorflow_checkpoint_is_still_a_workdir(tmp_path):

@@ -68,3 +68,18 @@ def test_a_workdir_with_anything_else_in_it_keeps_the_lock_file(tmp_path):
   with workdir_lock.held(str(tmp_path)):
     pass
   assert sorted(os.listdir(tmp_path)) == [workdir_lock.LOCK_NAME, 'notes.txt']
+
+
+def test_a_run_that_opened_the_lock_file_just_before_its_removal_locks_the_one_there_now(tmp_path, monkeypatch):
+  workdir = tmp_path / 'run'
+  with workdir_lock.held(str(workdir)):  # run A, which fails before writing anything
+    stale = open(workdir / workdir_lock.LOCK_NAME, 'a+', encoding='utf-8')  # run B opens the file meanwhile
+  assert not workdir.exists()  # A removed its lock file and the workdir it made
+  opened = iter([stale])
+  open_lock_file = workdir_lock._open
+  monkeypatch.setattr(workdir_lock, '_open', lambda path: next(opened, None) or open_lock_file(path))
+  with workdir_lock.held(str(workdir)):  # B: its lock on the removed file would not have kept anyone out
+    with pytest.raises(workdir_lock.WorkdirInUseError):
+      with workdir_lock.held(str(workdir)):  # run C
+        pass
+  assert stale.closed

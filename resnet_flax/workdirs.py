@@ -12,6 +12,7 @@ from typing import Optional
 
 from resnet_flax import checkpoints
 from resnet_flax.checkpoints import CheckpointError
+from resnet_flax.slim import checkpoint_state
 
 
 def _size(num_bytes: int) -> str:
@@ -78,7 +79,7 @@ def tf_checkpoint_in(directory: str) -> Optional[str]:
     names = os.listdir(directory)
   except OSError:
     return None
-  if os.path.isfile(os.path.join(directory, 'checkpoint')):
+  if os.path.isfile(os.path.join(directory, checkpoint_state.STATE_FILENAME)):
     return directory
   prefixes = [name.removesuffix('.index') for name in names if name.endswith('.index')]
   if prefixes:

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     if config.bn_report_batch_sizes:
       report = bn_diagnostics.discrepancy_report(config, workdir, FLAGS.checkpoint, config.bn_report_batch_sizes,
-                                                 config.bn_recalibration_batches)
+                                                 config.bn_recalibration_batches, show_progress=True)
       print(bn_diagnostics.format_report(report))
       print(json.dumps(report))
       return

@@ -11,6 +11,7 @@ import ml_collections
 
 from resnet_flax import device_input, eval_lib, model_builder, precise_bn, sharding, steps
 from resnet_flax.layers.batch_norm import BATCH_STATS
+from resnet_flax.progress import BatchProgress
 
 Variables = dict[str, Any]
 
@@ -22,11 +23,12 @@ def _batch_statistics_step(variables: Variables, batch: steps.Batch, *, model) -
 
 
 def evaluate_with_batch_statistics(config: ml_collections.ConfigDict, variables: Variables, batch_size: int,
-                                   num_classes: int) -> dict[str, float]:
+                                   num_classes: int, show_progress: bool = False) -> dict[str, float]:
   """Eval-split metrics when every BatchNorm uses the statistics of batches of `batch_size`.
 
   Statistics are over each whole batch (no ghost or per-device groups, not frozen); the
-  last, partial batch is left out so every batch has the same size.
+  last, partial batch is left out so every batch has the same size. With `show_progress`,
+  process 0 prints how far it has come every 10 s.
   """
   bn_config = config.copy_and_resolve_references()
   with bn_config.unlocked():
@@ -43,26 +45,31 @@ def evaluate_with_batch_statistics(config: ml_collections.ConfigDict, variables:
     raise ValueError(f'config.bn_report_batch_sizes has {batch_size}, more than the {dataset.num_examples} examples '
                      f'of the {config.eval_split} split; use sizes up to {dataset.num_examples}.')
   full_batches = itertools.islice(dataset.eval_batches(), full_steps)
+  progress = (BatchProgress(f'eval with the statistics of batches of {batch_size}', full_steps, batch_size)
+              if show_progress and jax.process_index() == 0 else None)
   return eval_lib.metrics_over(step, sharding.replicate(variables, mesh),
-                               device_input.dataset_batches(dataset, full_batches, mesh))
+                               device_input.dataset_batches(dataset, full_batches, mesh), progress)
 
 
 def discrepancy_report(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
                        checkpoint: Optional[str] = None, batch_sizes: Iterable[int] = (),
-                       recalibration_batches: int = 0) -> dict[str, Any]:
+                       recalibration_batches: int = 0, show_progress: bool = False) -> dict[str, Any]:
   """Eval accuracy of one checkpoint with moving statistics, batch statistics and recalibrated ones.
 
   Returns {'step', 'moving': metrics, 'batch': {batch_size: metrics}, 'recalibrated': metrics
-  or None}; metrics are {'top1', 'top5', 'loss', 'num_examples'}.
+  or None}; metrics are {'top1', 'top5', 'loss', 'num_examples'}. With `show_progress`, each
+  pass prints how far it has come every 10 s (process 0).
   """
   loaded = eval_lib.load_checkpoint(config, workdir, checkpoint)
-  report = {'step': loaded.step, 'moving': loaded.evaluate(loaded.variables), 'recalibrated': None,
+  report = {'step': loaded.step, 'moving': loaded.evaluate(loaded.variables, show_progress=show_progress),
+            'recalibrated': None,
             'batch': {int(size): evaluate_with_batch_statistics(config, loaded.variables, int(size),
-                                                                loaded.num_classes)
+                                                                loaded.num_classes, show_progress)
                       for size in batch_sizes}}
   if recalibration_batches > 0:
-    report['recalibrated'] = loaded.evaluate(precise_bn.recalibrate(config, loaded.model, loaded.variables,
-                                                         recalibration_batches, loaded.mesh))
+    recalibrated = precise_bn.recalibrate(config, loaded.model, loaded.variables, recalibration_batches,
+                                          loaded.mesh, show_progress)
+    report['recalibrated'] = loaded.evaluate(recalibrated, show_progress=show_progress)
   return report
 
 

@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from resnet_flax import eval_lib, precise_bn, train_lib
+from resnet_flax import bn_diagnostics, eval_lib, precise_bn, train_lib
 from resnet_flax.progress import BatchProgress, ProgressBar, format_duration
 from test_train import tiny_config
 
@@ -70,3 +70,17 @@ def test_nothing_is_shown_without_asking(tmp_path, monkeypatch):
   monkeypatch.setattr(eval_lib, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
   eval_lib.load_checkpoint(config, str(tmp_path)).evaluate()  # as the BN diagnostics and sweeps call it
   assert stream.getvalue() == ''
+
+
+def test_the_bn_discrepancy_report_says_how_far_each_pass_has_come(tmp_path, monkeypatch):
+  config = tiny_config(2)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  stream = io.StringIO()
+  for module in (eval_lib, precise_bn, bn_diagnostics):
+    monkeypatch.setattr(module, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
+  bn_diagnostics.discrepancy_report(config, str(tmp_path), batch_sizes=(120,), recalibration_batches=2,
+                                    show_progress=True)
+  labels = [line.split(':')[0] for line in stream.getvalue().splitlines()]
+  passes = [label for i, label in enumerate(labels) if i == 0 or labels[i - 1] != label]
+  assert passes == ['eval', 'eval with the statistics of batches of 120', 'recalibrating BN', 'eval']
+  assert 'eval with the statistics of batches of 120: 3/3 batches' in stream.getvalue()  # 360 images, full batches

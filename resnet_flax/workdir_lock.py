@@ -54,8 +54,8 @@ def held(workdir: str) -> Iterator[None]:
 @contextlib.contextmanager
 def held_by_chief(workdir: str) -> Iterator[None]:
   """`held` for a run of one or many processes: the chief (process 0) takes the lock, and
-  if another run holds it, every process raises WorkdirInUseError, not the chief alone:
-  the others would wait for it at their first collective until that timed out."""
+  if another run holds it (or taking it fails otherwise), every process raises, not the
+  chief alone: the others would wait for it at their first collective until that timed out."""
   checkpoints.local_path(workdir, 'workdir')  # a URL: every process refuses it by itself, before the broadcast
   with contextlib.ExitStack() as stack:
     failure: Optional[Exception] = None

@@ -8,7 +8,8 @@ import zipfile
 import pytest
 
 from resnet_flax import data
-from test_data import _folder, _image_tree, _make_cifar
+from test_cifar10 import _make_cifar
+from test_image_folder import _folder, _image_tree
 
 _CIFAR_EXPECTED = 'the extracted cifar-10-batches-py directory'
 _FOLDER_EXPECTED = 'the ImageFolder root: a directory holding train/ and val/'

@@ -11,7 +11,7 @@ import ml_collections
 
 from resnet_flax import device_input, eval_lib, model_builder, precise_bn, sharding, steps
 from resnet_flax.layers.batch_norm import BATCH_STATS
-from resnet_flax.progress import BatchProgress
+from resnet_flax.progress import batch_progress
 
 Variables = dict[str, Any]
 
@@ -45,8 +45,8 @@ def evaluate_with_batch_statistics(config: ml_collections.ConfigDict, variables:
     raise ValueError(f'config.bn_report_batch_sizes has {batch_size}, more than the {dataset.num_examples} examples '
                      f'of the {config.eval_split} split; use sizes up to {dataset.num_examples}.')
   full_batches = itertools.islice(dataset.eval_batches(), full_steps)
-  progress = (BatchProgress(f'eval with the statistics of batches of {batch_size}', full_steps, batch_size)
-              if show_progress and jax.process_index() == 0 else None)
+  progress = batch_progress(show_progress, f'eval with the statistics of batches of {batch_size}', full_steps,
+                            batch_size)
   return eval_lib.metrics_over(step, sharding.replicate(variables, mesh),
                                device_input.dataset_batches(dataset, full_batches, mesh), progress)
 

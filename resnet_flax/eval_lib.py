@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from resnet_flax import (checkpoints, config_checks, data, device_input, model_builder, precise_bn, pretrained,
                          sharding, steps, workdirs)
-from resnet_flax.progress import BatchProgress
+from resnet_flax.progress import BatchProgress, batch_progress
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh
@@ -79,8 +79,8 @@ class LoadedCheckpoint:
     """Eval-mode metrics over the eval split, with these variables or the loaded ones; with
     `show_progress`, process 0 prints how far it has come every 10 s."""
     variables = self.variables if variables is None else sharding.replicate(variables, self.mesh)
-    progress = (BatchProgress('eval', self.dataset.num_eval_steps, self.dataset.batch_size * jax.process_count())
-                if show_progress and jax.process_index() == 0 else None)
+    progress = batch_progress(show_progress, 'eval', self.dataset.num_eval_steps,
+                              self.dataset.batch_size * jax.process_count())
     return evaluate_dataset(make_eval_step(self.model, self.mesh), variables, self.dataset, self.mesh, progress)
 
 

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from resnet_flax import data, device_input, sharding
 from resnet_flax.layers.batch_norm import BATCH_MOMENTS, BATCH_STATS
-from resnet_flax.progress import BatchProgress
+from resnet_flax.progress import BatchProgress, batch_progress
 
 Variables = dict[str, Any]
 
@@ -118,8 +118,7 @@ def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: 
   mesh = mesh or sharding.data_mesh()
   batches = device_input.dataset_batches(dataset, _first(dataset.train_batches(0), num_batches), mesh)
   try:
-    progress = (BatchProgress('recalibrating BN', num_batches, config.batch_size)
-                if show_progress and jax.process_index() == 0 else None)
+    progress = batch_progress(show_progress, 'recalibrating BN', num_batches, config.batch_size)
     statistics = population_statistics(model, variables, (batch['image'] for batch in batches), mesh, progress)
   finally:
     batches.close()

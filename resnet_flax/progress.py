@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Callable, Mapping, Optional, TextIO
 
+import jax
+
 
 def format_duration(seconds: float) -> str:
   """`seconds` as 'MM:SS', or 'H:MM:SS' from an hour up (a negative duration reads as zero)."""
@@ -74,3 +76,10 @@ class BatchProgress:
     self.stream.write(f'{self.label}: {done_batches}/{self.total_batches} batches | '
                       f'{done_batches * self.batch_size / elapsed:,.0f} img/s | ETA {eta}\n')
     self.stream.flush()
+
+
+def batch_progress(show: bool, label: str, total_batches: int, batch_size: int) -> Optional[BatchProgress]:
+  """A `BatchProgress` where `show` is set, on process 0 only (the one that prints); else None."""
+  if not show or jax.process_index() != 0:
+    return None
+  return BatchProgress(label, total_batches, batch_size)

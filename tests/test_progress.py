@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from resnet_flax import bn_diagnostics, eval_lib, precise_bn, train_lib
+from resnet_flax import bn_diagnostics, eval_lib, progress, train_lib
 from resnet_flax.progress import BatchProgress, ProgressBar, format_duration
 from test_train import tiny_config
 
@@ -51,8 +51,7 @@ def test_a_long_evaluation_and_recalibration_say_how_far_they_have_come(tmp_path
   train_lib.train_and_evaluate(config, str(tmp_path))
   stream = io.StringIO()
   # Every batch counts as long: each is due.
-  monkeypatch.setattr(eval_lib, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
-  monkeypatch.setattr(precise_bn, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
+  monkeypatch.setattr(progress, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
   config.bn_recalibration_batches = 3
   result = eval_lib.evaluate(config, str(tmp_path))
   lines = stream.getvalue().splitlines()
@@ -67,7 +66,7 @@ def test_nothing_is_shown_without_asking(tmp_path, monkeypatch):
   config = tiny_config(2)
   train_lib.train_and_evaluate(config, str(tmp_path))
   stream = io.StringIO()
-  monkeypatch.setattr(eval_lib, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
+  monkeypatch.setattr(progress, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
   eval_lib.load_checkpoint(config, str(tmp_path)).evaluate()  # as the BN diagnostics and sweeps call it
   assert stream.getvalue() == ''
 
@@ -76,8 +75,7 @@ def test_the_bn_discrepancy_report_says_how_far_each_pass_has_come(tmp_path, mon
   config = tiny_config(2)
   train_lib.train_and_evaluate(config, str(tmp_path))
   stream = io.StringIO()
-  for module in (eval_lib, precise_bn, bn_diagnostics):
-    monkeypatch.setattr(module, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
+  monkeypatch.setattr(progress, 'BatchProgress', functools.partial(BatchProgress, every_s=0, stream=stream))
   bn_diagnostics.discrepancy_report(config, str(tmp_path), batch_sizes=(120,), recalibration_batches=2,
                                     show_progress=True)
   labels = [line.split(':')[0] for line in stream.getvalue().splitlines()]

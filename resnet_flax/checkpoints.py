@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 from etils import epath  # orbax's own path type (a dependency of orbax)
 from jax.experimental import multihost_utils
 
-from resnet_flax import orbax_noise
+from resnet_flax import error_lines, orbax_noise
 
 # What a failed write raises: tensorstore reports a full disk or a quota as ValueError
 # ('RESOURCE_EXHAUSTED: ... [os_error_code='28']'), the file system as OSError.
@@ -199,7 +199,7 @@ def _write_failure_reason(error: BaseException) -> str:
     return os.strerror(int(code.group(1)))
   if isinstance(error, OSError) and error.strerror:
     return error.strerror
-  return _first_line(error)
+  return error_lines.first_line(error)[:300]
 
 
 def local_path(path: str, what: str) -> str:
@@ -365,15 +365,10 @@ def _read_failure(error: BaseException) -> str:
     error = error.__cause__
   text = str(error)
   if 'tree structures do not match' not in text:
-    return _first_line(error)
+    return error_lines.first_line(error)[:300]
   detail = text.partition('If this mismatch is intentional')[0]
   detail = re.sub(r"<class '([\w.]+)'>", r'\1', detail)
   return ' '.join(detail.replace('- ', '').replace(':\n', ': ').split())[:400]
-
-
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def restore_from(path: str, target: Any) -> Any:

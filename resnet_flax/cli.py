@@ -10,7 +10,7 @@ from typing import Callable, NoReturn, Optional
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnet_flax import checkpoints, config_checks, data, metrics_writer, train_lib
+from resnet_flax import checkpoints, config_checks, data, distributed, error_lines, metrics_writer, train_lib
 
 DEFAULT_TRAIN_WORKDIR = '/tmp/resnet_flax'
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'digits.py')
@@ -124,10 +124,10 @@ def run_reporting_user_errors(main: Callable[[], None]) -> None:
   try:
     main()
   except USER_ERRORS + (data.DataError, checkpoints.CheckpointError, metrics_writer.MetricsWriteError,
-                        MemoryError) as error:
+                        distributed.FailedOnAnotherProcess, MemoryError) as error:
     if _wants_traceback():
       raise
-    message = one_line_message(error)
+    message = error_lines.first_line(error)
     if isinstance(error, MemoryError):  # the host's: a batch or image size the machine cannot hold
       message = f'out of host memory ({message}); lower config.batch_size or config.data.image_size.'
     print(f'error: {message}', file=sys.stderr)
@@ -141,12 +141,3 @@ def run_reporting_user_errors(main: Callable[[], None]) -> None:
     # Training turns Ctrl-C into a save and a clean stop; this is a Ctrl-C before (or after) that.
     print('interrupted (Ctrl-C); rerun the same command to resume from the newest checkpoint.', file=sys.stderr)
     sys.exit(130)
-
-
-def one_line_message(error: BaseException) -> str:
-  """The error's own one-line `summary` if it has one (a listing's counts and hints), else its first line."""
-  summary = getattr(error, 'summary', None)
-  if summary:
-    return summary
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__

@@ -7,15 +7,22 @@ start the same command once per host (or per GPU) with the scheduler you have.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import Optional
+from typing import Iterator, Optional
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+
+from resnet_flax import error_lines
 
 MODES = ('auto', 'on', 'off')
+# Bytes of a failing process's message that the others receive (UTF-8, cut at a character).
+_MESSAGE_BYTES = 2048
 _EXPLICIT_FIELDS = ('coordinator_address', 'num_processes', 'process_id')
 
 
@@ -99,3 +106,45 @@ def cached_programs_hang(process_count: int, backend: str, jax_version: tuple[in
   of a bare two-process psum) waited forever in the first all-reduce; 0.10.2 and 0.11.2 ran both.
   """
   return process_count > 1 and backend == 'cpu' and jax_version >= (0, 12)
+
+
+class FailedOnAnotherProcess(RuntimeError):
+  """Another process of this run failed where this one did not; the message is that process's error."""
+
+
+@contextlib.contextmanager
+def failing_together(what: str) -> Iterator[None]:
+  """Runs the block on every process; if it raises on any, it raises on all, where they are.
+
+  Work that can fail on one process alone (its data, a file only it writes, the chief's
+  lock) would otherwise leave the others waiting for it at their next collective until that
+  timed out with a traceback that does not say why. A failing process raises its own error;
+  each other one raises FailedOnAnotherProcess with the first failing process's message.
+  Every process must enter the same blocks in the same order (one all-gather each).
+  """
+  failure: Optional[Exception] = None
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-except  # whatever it is, the others must hear of it
+    failure = error
+  if jax.process_count() > 1:
+    messages = multihost_utils.process_allgather(_encoded(failure))
+    failed = [(index, _decoded(row)) for index, row in enumerate(np.asarray(messages)) if row[0]]
+    if failure is None and failed:
+      index, message = failed[0]
+      failure = FailedOnAnotherProcess(f'process {index} of {jax.process_count()} failed {what}: {message}')
+  if failure is not None:
+    raise failure
+
+
+def _encoded(failure: Optional[Exception]) -> np.ndarray:
+  """`failure`'s one-line message as a fixed-size zero-padded byte row (all zeros: no failure)."""
+  row = np.zeros(_MESSAGE_BYTES, np.uint8)
+  if failure is not None:
+    text = (error_lines.first_line(failure) or type(failure).__name__).encode('utf-8')[:_MESSAGE_BYTES]
+    row[:len(text)] = np.frombuffer(text, np.uint8)
+  return row
+
+
+def _decoded(row: np.ndarray) -> str:
+  return bytes(row).rstrip(b'\0').decode('utf-8', errors='ignore')

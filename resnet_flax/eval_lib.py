@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from resnet_flax import (checkpoints, config_checks, data, device_input, model_builder, precise_bn, pretrained,
-                         sharding, steps, workdirs)
+from resnet_flax import (checkpoints, config_checks, data, device_input, distributed, model_builder, precise_bn,
+                         pretrained, sharding, steps, workdirs)
 from resnet_flax.progress import BatchProgress, batch_progress
 
 
@@ -96,7 +96,8 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   if checkpoint is not None and not checkpoint.strip():
     raise ValueError('--checkpoint is empty; pass a checkpoint directory or slim:PATH, or leave the flag out.')
   config_checks.check_config(config)
-  dataset = build_eval_dataset(config)
+  with distributed.failing_together('to build its eval data'):  # each process reads its own share
+    dataset = build_eval_dataset(config)
   num_classes = model_builder.head_size(config, dataset.num_classes)
   model = model_builder.build_model(config, num_classes)
   mesh = sharding.data_mesh()
@@ -118,8 +119,10 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     checkpoint = os.path.join(directory, str(step))
     older = checkpoints.committed_steps(directory)[:-1]
   try:
-    variables, step, _ = pretrained.load_for_model(checkpoint, model, abstract_variables(model, dataset.image_shape),
-                                                   dataset.image_shape)
+    with distributed.failing_together(f'to read {checkpoint}'):  # a TF checkpoint is read by each process itself
+      variables, step, _ = pretrained.load_for_model(checkpoint, model,
+                                                     abstract_variables(model, dataset.image_shape),
+                                                     dataset.image_shape)
   except checkpoints.StateMismatchError:
     raise  # the config, not the checkpoint: an older one would not fit either
   except checkpoints.CheckpointError as error:

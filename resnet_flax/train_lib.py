@@ -17,8 +17,8 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from resnet_flax import (checkpoints, config_checks, data, device_input, eval_lib, model_builder, optim, pretrained,
-                         sharding, steps, workdir_lock, workdirs)
+from resnet_flax import (checkpoints, config_checks, data, device_input, distributed, eval_lib, model_builder, optim,
+                         pretrained, sharding, steps, workdir_lock, workdirs)
 from resnet_flax.metrics_writer import MetricsWriter, config_changes
 from resnet_flax.progress import ProgressBar
 from resnet_flax.train_state import TrainState, abstract_train_state, create_train_state
@@ -115,7 +115,8 @@ def _initialize_from(spec: str, state: TrainState, model: nn.Module, image_shape
                      progress: ProgressBar) -> TrainState:
   """Fine-tuning: pretrained params and statistics, a fresh head when the class count differs."""
   reference = {'params': state.params, 'batch_stats': state.batch_stats}
-  variables, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True)
+  with distributed.failing_together(f'to read {spec}'):  # each process reads the file itself
+    variables, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True)
   variables = sharding.replicate(variables, mesh)
   progress.message(f'Initialized from {spec}' + (f' (new head: {", ".join(fresh)})' if fresh else '') + '.')
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
@@ -211,16 +212,20 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.num_train_steps` steps, resuming from `workdir`, and returns the final eval."""
-  check_training_config(config)
-  workdirs.check_not_a_checkpoint(workdir)
+  # A data directory is checked on each process, and one host may lack the mount.
+  with distributed.failing_together('its config checks'):
+    check_training_config(config)
+    workdirs.check_not_a_checkpoint(workdir)
   with workdir_lock.held_by_chief(workdir):  # a multi-host run's processes share the workdir
     return _train_and_evaluate(config, workdir, jax.process_index() == 0)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chief: bool) -> dict[str, Any]:
   """train_and_evaluate once its config is checked and the workdir is this run's."""
-  train_ds = device_input.process_dataset(config, 'train', config.batch_size)
-  eval_ds = eval_lib.build_eval_dataset(config)
+  # Each process reads its own share of the data (its own mount, on another host).
+  with distributed.failing_together('to build its data sets'):
+    train_ds = device_input.process_dataset(config, 'train', config.batch_size)
+    eval_ds = eval_lib.build_eval_dataset(config)
   model = model_builder.build_model(config, model_builder.head_size(config, train_ds.num_classes))
   tx = optim.build_optimizer(config)
   schedule = optim.learning_rate_schedule(config)
@@ -228,8 +233,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
   state, state_shardings = initial_state(config, model, tx, train_ds.image_shape, mesh)
 
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
-  workdirs.check_workdir(workdir, checkpoints.bytes_for_saves(state, config.keep_checkpoints, checkpoint_dir),
-                         subdirectories=('checkpoints', 'tensorboard'))
+  with distributed.failing_together('its workdir check'):  # each host probes the shared directory itself
+    workdirs.check_workdir(workdir, checkpoints.bytes_for_saves(state, config.keep_checkpoints, checkpoint_dir),
+                           subdirectories=('checkpoints', 'tensorboard'))
   checkpointer = checkpoints.Checkpointer(checkpoint_dir, config.keep_checkpoints, config.async_checkpointing)
   progress = ProgressBar(config.num_train_steps, enabled=is_chief)
   if config.batch_size > train_ds.num_examples:
@@ -249,8 +255,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
     return eval_lib.evaluate_dataset(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
                                      eval_ds, mesh)
 
-  writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=last_saved)
-  changes = writer.record_config(run_record)
+  with distributed.failing_together('to open the metrics files'):  # the chief's alone
+    writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=last_saved)
+    changes = writer.record_config(run_record)
   if last_saved is not None and changes:
     # Allowed (a longer run, another eval cadence), but some (batch size, BN options, the
     # device count with per-device statistics) make the result differ from an uninterrupted run.

@@ -13,10 +13,8 @@ import socket
 from typing import IO, Iterator, Optional
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
-from resnet_flax import checkpoints
+from resnet_flax import checkpoints, distributed
 
 LOCK_NAME = '.lock'
 # Tries at a lock file that another run's end keeps removing (see `_open_and_lock`).
@@ -56,26 +54,11 @@ def held_by_chief(workdir: str) -> Iterator[None]:
   """`held` for a run of one or many processes: the chief (process 0) takes the lock, and
   if another run holds it (or taking it fails otherwise), every process raises, not the
   chief alone: the others would wait for it at their first collective until that timed out."""
-  checkpoints.local_path(workdir, 'workdir')  # a URL: every process refuses it by itself, before the broadcast
+  checkpoints.local_path(workdir, 'workdir')  # a URL: every process refuses it by itself, at once
   with contextlib.ExitStack() as stack:
-    failure: Optional[Exception] = None
-    if jax.process_index() == 0:
-      try:
+    with distributed.failing_together(f'to take the lock of {workdir}'):
+      if jax.process_index() == 0:
         stack.enter_context(held(workdir))
-      except Exception as error:  # pylint: disable=broad-except  # whatever it is, the others must hear of it
-        failure = error
-    if jax.process_count() > 1:
-      # 0: the lock is taken (or cannot be, and the run goes unguarded); 1: in use; 2: the chief failed otherwise.
-      code = 0 if failure is None else 1 if isinstance(failure, WorkdirInUseError) else 2
-      code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
-      if failure is None and code == 1:
-        failure = WorkdirInUseError(f'{workdir} is in use by another training run (process 0 found its lock '
-                                    'taken and names it); wait for it to end or stop it, or pass another --workdir.')
-      elif failure is None and code == 2:
-        failure = checkpoints.CheckpointError(f'process 0 failed to take the lock of {workdir} (its error says why); '
-                                              'fix that and rerun.')
-    if failure is not None:
-      raise failure
     yield
 
 

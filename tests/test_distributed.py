@@ -46,11 +46,13 @@ def _why_unsupported():
   return None
 
 
-def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_failure=True, workdir_flag=None):
-  """train.py once per process, joined through a coordinator on localhost; (returncode, stdout, stderr) each.
+def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_failure=True, workdir_flag=None,
+                   args=ARGS, args_of=lambda index: [], script='train.py'):
+  """`script` once per process, joined through a coordinator on localhost; (returncode, stdout, stderr) each.
 
   Without `stop_all_on_a_failure`, each process is left to end by itself (until `timeout`);
-  `workdir_flag` is passed as --workdir in place of `workdir` (whose parent still takes the logs).
+  `workdir_flag` is passed as --workdir in place of `workdir` (whose parent still takes the logs);
+  process i gets `args` and then `args_of(i)`.
   """
   coordinator = f'localhost:{_free_port()}'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
@@ -61,7 +63,7 @@ def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_
     # Files, not pipes: a process blocked on a full pipe would stall the other in a collective.
     with open(logs / f'{index}.out', 'w') as stdout, open(logs / f'{index}.err', 'w') as stderr:
       processes.append(subprocess.Popen(
-          [sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={workdir_flag or workdir}', *ARGS,
+          [sys.executable, os.path.join(REPO, script), f'--workdir={workdir_flag or workdir}', *args, *args_of(index),
            f'--config.distributed.coordinator_address={coordinator}', f'--config.distributed.num_processes={count}',
            f'--config.distributed.process_id={index}'],
           cwd=REPO, env=env, stdout=stdout, stderr=stderr))
@@ -80,6 +82,15 @@ def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_
         p.wait()
   return [(p.returncode, (logs / f'{i}.out').read_text(), (logs / f'{i}.err').read_text())
           for i, p in enumerate(processes)]
+
+
+def _assert_every_process_stops_with(runs, *messages):
+  """Each run ended with exit status 2 and the one-line error `messages[i]` (a substring) on stderr."""
+  for index, ((returncode, stdout, stderr), message) in enumerate(zip(runs, messages)):
+    assert returncode == 2, f'process {index} ended with {returncode}:\n{stdout}\n{stderr}'
+    errors = [line for line in stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and message in errors[0], f'process {index}:\n{stderr}'
+    assert 'Traceback' not in stderr, f'process {index}:\n{stderr}'
 
 
 def test_two_processes_train_like_one_device(tmp_path):
@@ -117,9 +128,8 @@ def test_a_workdir_in_use_stops_every_process_not_only_the_chief(tmp_path):
     runs = _run_processes(workdir, timeout=120, stop_all_on_a_failure=False)
     assert os.listdir(workdir) == [workdir_lock.LOCK_NAME]  # nothing written beside the lock
   # Process 1 had waited at its first collective for the chief, which had stopped: here 30 s, then a gloo traceback.
-  for index, (returncode, stdout, stderr) in enumerate(runs):
-    assert returncode == 2, f'process {index} ended with {returncode}:\n{stdout}\n{stderr}'
-    assert f'error: {workdir} is in use by another training run' in stderr
+  chiefs = f'error: {workdir} is in use by another training run'
+  _assert_every_process_stops_with(runs, chiefs, f'process 0 of 2 failed to take the lock of {workdir}: {chiefs[7:]}')
 
 
 def test_a_url_workdir_stops_every_process_at_once(tmp_path):
@@ -127,9 +137,36 @@ def test_a_url_workdir_stops_every_process_at_once(tmp_path):
   if reason:
     pytest.skip(reason)
   runs = _run_processes(tmp_path / 'url', timeout=120, stop_all_on_a_failure=False, workdir_flag='gs://bucket/run')
-  for index, (returncode, stdout, stderr) in enumerate(runs):  # process 1 had waited 30 s for the chief
-    assert returncode == 2, f'process {index} ended with {returncode}:\n{stdout}\n{stderr}'
-    assert 'error: workdir gs://bucket/run is a URL' in stderr
+  # Process 1 had waited 30 s for the chief.
+  _assert_every_process_stops_with(runs, *['error: workdir gs://bucket/run is a URL'] * 2)
+
+
+def test_when_only_the_chief_fails_the_others_stop_with_its_error(tmp_path):
+  reason = _why_unsupported()
+  if reason:
+    pytest.skip(reason)
+  workdir = tmp_path / 'run'
+  (workdir / 'metrics.jsonl').mkdir(parents=True)  # only the chief opens it
+  runs = _run_processes(workdir, timeout=120, stop_all_on_a_failure=False)
+  chiefs = f'writing metrics to {workdir}'
+  _assert_every_process_stops_with(runs, chiefs, f'process 0 of 2 failed to open the metrics files: {chiefs}')
+
+
+@pytest.mark.parametrize('script, where', [('train.py', 'its config checks'), ('eval.py', 'to build its eval data')])
+def test_when_one_host_lacks_the_data_every_process_stops_with_its_error(tmp_path, script, where):
+  reason = _why_unsupported()
+  if reason:
+    pytest.skip(reason)
+  from test_cifar10 import _make_cifar
+  mounted, missing = tmp_path / 'cifar', tmp_path / 'not_mounted'
+  mounted.mkdir()
+  _make_cifar(mounted)
+  args = ['--config=configs/cifar10.py', '--config.batch_size=4', '--config.eval_batch_size=4', SMALL_MODEL_FLAG]
+  runs = _run_processes(tmp_path / 'run', timeout=120, stop_all_on_a_failure=False, args=args, script=script,
+                        args_of=lambda index: [f'--config.data.dir={missing if index == 1 else mounted}'])
+  its = f"config.data.dir='{missing}' does not exist"
+  _assert_every_process_stops_with(runs, f'process 1 of 2 failed {where}: {its}', its)
+  assert not (tmp_path / 'run').exists()  # nothing written, no lock left
 
 
 def _settings(**fields):
@@ -166,6 +203,55 @@ def test_explicit_settings_and_detected_clusters_start_the_runtime(monkeypatch):
   monkeypatch.setenv('SLURM_NTASKS', '1')  # One task: a single process needs no coordinator.
   assert not distributed.initialize(_settings())
   assert len(called) == 2
+
+
+def test_failing_together_in_one_process_is_the_block_itself():
+  with distributed.failing_together('to do it'):
+    ran = True
+  assert ran
+  error = ValueError('bad value\nmore detail')
+  with pytest.raises(ValueError) as raised:
+    with distributed.failing_together('to do it'):
+      raise error
+  assert raised.value is error
+
+
+def _gathered_with(other_failure, index_of_other):
+  """A stand-in for process_allgather in a run of two: this process's row and another's."""
+  def process_allgather(row):
+    rows = [row, row]
+    rows[index_of_other] = distributed._encoded(other_failure)
+    return np.stack(rows)
+  return process_allgather
+
+
+def test_failing_together_tells_every_process_of_the_first_failure(monkeypatch):
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  other = ValueError('config.data.dir=\'/data/imagenet\' does not exist; set it to ...\nsecond line')
+  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather', _gathered_with(other, 1))
+  with pytest.raises(distributed.FailedOnAnotherProcess,
+                     match=r"^process 1 of 2 failed to build its data: config.data.dir='/data/imagenet' does not "
+                           r"exist; set it to \.\.\.$"):
+    with distributed.failing_together('to build its data'):
+      pass
+  # This process failed too: its own error, which is the one its log should show.
+  own = KeyError('its own')
+  with pytest.raises(KeyError) as raised:
+    with distributed.failing_together('to build its data'):
+      raise own
+  assert raised.value is own
+  # Nobody failed: nothing raised.
+  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather', _gathered_with(None, 1))
+  with distributed.failing_together('to build its data'):
+    pass
+
+
+def test_a_failing_process_message_crosses_in_utf8_cut_at_a_character():
+  message = 'é' * 2000  # 4000 bytes: more than is sent
+  text = distributed._decoded(distributed._encoded(ValueError(message)))
+  assert text == 'é' * (distributed._MESSAGE_BYTES // 2)
+  assert distributed._decoded(distributed._encoded(None)) == ''
+  assert distributed._decoded(distributed._encoded(ValueError())) == 'ValueError'
 
 
 def test_bad_mode_is_a_one_line_error():

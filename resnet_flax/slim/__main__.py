@@ -11,7 +11,7 @@ import os
 import sys
 from typing import NoReturn
 
-from resnet_flax import checkpoints, cli, models, slim, workdirs
+from resnet_flax import checkpoints, error_lines, models, slim, workdirs
 
 # Slim's public ImageNet checkpoints: v1 has 1000 classes, v2 1001 (class 0 = background).
 _DEFAULT_CLASSES = {'resnet_v1': 1000, 'resnet_v2': 1001}
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as error:
     if args.traceback:
       raise
-    print(f'error: {cli.one_line_message(error)}', file=sys.stderr)
+    print(f'error: {error_lines.first_line(error)}', file=sys.stderr)
     return 2
   print(f'wrote {target}')
   return 0

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 import ml_collections
 
-from resnet_flax import optim
+from resnet_flax import data, optim
 from resnet_flax.layers import batch_norm
 
 # (field, allowed, what it must be). Every number in a value must also be finite (`_finite`):
@@ -63,13 +63,9 @@ _READ_ONLY_WITH: tuple[tuple[tuple[str, ...], dict[str, tuple[str, ...]]], ...] 
     (('momentum', 'nesterov'), {'optimizer': ('sgd', 'lars')}),
     (('lr_boundaries', 'lr_decay_factor'), {'lr_schedule': ('step',)}),
     (('lr_end', 'lr_power'), {'lr_schedule': ('polynomial',)}),
-    (('data.dir',), {'data.name': ('cifar10', 'imagefolder')}),
-    (('data.digits_resize',), {'data.name': ('digits',)}),
-    (('data.label_offset', 'data.on_bad_image', 'data.num_workers', 'data.worker_processes'),
-     {'data.name': ('imagefolder',)}),
-    (('data.color_distortion',), {'data.name': ('imagefolder',), 'data.preprocessing': ('inception',)}),
-    (('data.num_examples', 'data.channels'), {'data.name': ('synthetic',)}),
-    (('data.augment',), {'data.name': ('digits', 'cifar10', 'imagefolder')}),
+    # Which data source reads which field is said where the sources are built.
+    *((tuple(f'data.{field}' for field in fields), {f'data.{key}': values for key, values in readers.items()})
+      for fields, readers in data.READ_ONLY_WITH),
 )
 
 

@@ -229,6 +229,32 @@ def test_works_with_a_config_dict():
   assert data.build(config, 'test', batch_size=8, seed=0).num_examples == 360
 
 
+# Two values of each field in data.READ_ONLY_WITH, each a valid setting.
+_TWO_VALUES = {'dir': ('/a', '/b'), 'digits_resize': ('pad', 'upsample'), 'label_offset': (0, 1),
+               'on_bad_image': ('error', 'skip'), 'num_workers': (1, 2), 'worker_processes': (False, True),
+               'color_distortion': (False, True), 'num_examples': (5, 6), 'channels': (1, 3), 'augment': (False, True)}
+
+
+def test_the_table_of_fields_each_source_reads_is_what_building_it_reads(monkeypatch):
+  # config_checks refuses an override of a field the run ignores by this table: a field read
+  # by a source the table leaves out would be refused, one it names but nobody reads let through.
+  from resnet_flax.data import builder
+  calls = []
+  for module in (builder.digits, builder.cifar10, builder.image_folder, builder.synthetic):
+    monkeypatch.setattr(module, 'build_source', lambda *args, **kwargs: calls.append((args, kwargs)))
+  base = {'image_size': 8, 'preprocessing': 'inception'}
+  assert sorted(_TWO_VALUES) == sorted(field for fields, _ in data.READ_ONLY_WITH for field in fields)
+  for fields, readers in data.READ_ONLY_WITH:
+    for field in fields:
+      for name in data.NAMES:
+        calls.clear()
+        for value in _TWO_VALUES[field]:
+          builder._source({**base, 'name': name, 'preprocessing': base['preprocessing'] if name == 'imagefolder'
+                           else 'none', field: value}, 'train', batch_size=4, seed=0)
+        reads = name in readers['name']
+        assert (calls[0] != calls[1]) == reads, f'{field} with data.name={name!r}'
+
+
 # --- prefetch ---------------------------------------------------------------------------
 
 def test_prefetch_preserves_order_and_ends():
@@ -281,3 +307,4 @@ def test_prefetched_training_batches_equal_direct_ones():
   ds = data.build(DIGITS, 'train', batch_size=32, seed=0)
   with data.prefetch(ds.train_batches(), buffer_size=2) as iterator:
     np.testing.assert_equal(_batches(iterator, 4), _batches(ds.train_batches(), 4))
+

@@ -45,6 +45,17 @@ _FIELDS = frozenset({'name', 'dir', 'image_size', 'digits_resize', 'preprocessin
                      'num_classes', 'num_examples', 'channels', 'label_offset', 'on_bad_image', 'num_workers',
                      'worker_processes'})
 
+# Fields only some sources read: (fields, {deciding field: the values that read them}), in the
+# form of `config_checks`' table, which refuses a command-line override that `_source` ignores.
+READ_ONLY_WITH: tuple[tuple[tuple[str, ...], dict[str, tuple[str, ...]]], ...] = (
+    (('dir',), {'name': ('cifar10', 'imagefolder')}),
+    (('digits_resize',), {'name': ('digits',)}),
+    (('label_offset', 'on_bad_image', 'num_workers', 'worker_processes'), {'name': ('imagefolder',)}),
+    (('color_distortion',), {'name': ('imagefolder',), 'preprocessing': ('inception',)}),
+    (('num_examples', 'channels'), {'name': ('synthetic',)}),
+    (('augment',), {'name': ('digits', 'cifar10', 'imagefolder')}),
+)
+
 
 def _check_fields(config: Mapping[str, Any]) -> None:
   unknown = sorted(set(config.keys()) - _FIELDS)

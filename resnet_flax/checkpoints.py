@@ -318,9 +318,13 @@ def restore_tree(path: str) -> dict[str, Any]:
   path = local_path(path, 'checkpoint')
   item = _item_directory(path)
   orbax_noise.quiet_failure_echoes()
+  # Each process reads the whole tree onto its own device, so the read is this process's
+  # alone: without orbax's closing barrier, one process failing to read cannot strand the others.
+  this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                     active_processes={jax.process_index()})
   try:
     saved = _saved_metadata(item)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer(multiprocessing_options=this_process) as checkpointer:
       return checkpointer.restore(item, abstract_like(saved))
   except _READ_FAILURES as error:
     raise CheckpointError(f'checkpoint {path} cannot be read ({_read_failure(error)}); it is damaged '

@@ -120,31 +120,57 @@ def failing_together(what: str) -> Iterator[None]:
   lock) would otherwise leave the others waiting for it at their next collective until that
   timed out with a traceback that does not say why. A failing process raises its own error;
   each other one raises FailedOnAnotherProcess with the first failing process's message.
-  Every process must enter the same blocks in the same order (one all-gather each).
+
+  Every process must enter the same blocks in the same order (one all-gather each), and a
+  block must hold no collective of its own (an orbax restore of sharded arrays, a jitted
+  computation over all devices): a process that failed before it would pair its all-gather
+  with the others' collective. Ctrl-C (a BaseException) is not shared: it stops one process.
   """
   failure: Optional[Exception] = None
   try:
     yield
   except Exception as error:  # pylint: disable=broad-except  # whatever it is, the others must hear of it
     failure = error
-  if jax.process_count() > 1:
-    messages = multihost_utils.process_allgather(_encoded(failure))
-    failed = [(index, _decoded(row)) for index, row in enumerate(np.asarray(messages)) if row[0]]
+  # One process: nothing to tell, and no backend to start (a config error is found before one is).
+  if jax.distributed.is_initialized() and jax.process_count() > 1:
+    try:
+      rows = np.asarray(multihost_utils.process_allgather(_encoded(failure)))
+    except Exception as gather_error:  # pylint: disable=broad-except
+      if failure is None:
+        raise
+      failure.add_note(f'(telling the other processes of it failed too: {error_lines.first_line(gather_error)})')
+      raise failure from None
+    failed = [(index, _decoded(row)) for index, row in enumerate(rows) if row[0]]
     if failure is None and failed:
       index, message = failed[0]
-      failure = FailedOnAnotherProcess(f'process {index} of {jax.process_count()} failed {what}: {message}')
+      failure = FailedOnAnotherProcess(f'process {index} of {len(rows)} failed {what}: {message}')
   if failure is not None:
     raise failure
 
 
+def process_zeros(value: int) -> int:
+  """Process 0's `value` on every process (the value itself in a run of one)."""
+  if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
 def _encoded(failure: Optional[Exception]) -> np.ndarray:
-  """`failure`'s one-line message as a fixed-size zero-padded byte row (all zeros: no failure)."""
+  """A fixed-size row of bytes: 1 and `failure`'s one-line message (UTF-8, zero-padded), or all zeros
+  for none. Never raises: a process that could not encode its error would not join the all-gather."""
   row = np.zeros(_MESSAGE_BYTES, np.uint8)
   if failure is not None:
-    text = (error_lines.first_line(failure) or type(failure).__name__).encode('utf-8')[:_MESSAGE_BYTES]
-    row[:len(text)] = np.frombuffer(text, np.uint8)
+    row[0] = 1
+    try:
+      # backslashreplace: a file name that is not UTF-8 comes as lone surrogates, which strict UTF-8 refuses.
+      text = error_lines.first_line(failure).encode('utf-8', 'backslashreplace')
+    except Exception:  # pylint: disable=broad-except  # a __str__ that raises
+      text = type(failure).__name__.encode()
+    text = text[:_MESSAGE_BYTES - 1]
+    row[1:1 + len(text)] = np.frombuffer(text, np.uint8)
   return row
 
 
 def _decoded(row: np.ndarray) -> str:
-  return bytes(row).rstrip(b'\0').decode('utf-8', errors='ignore')
+  """The message `_encoded` put in `row` (a character cut in two at the end is dropped)."""
+  return bytes(row[1:]).rstrip(b'\0').decode('utf-8', errors='ignore')

@@ -104,22 +104,14 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   older: list[int] = []
   if checkpoint is None:
     directory = os.path.join(checkpoints.local_path(workdir, 'workdir'), 'checkpoints')
-    workdirs.check_not_a_checkpoint(workdir)
-    step = checkpoints.latest_step_in(directory)
-    if step is None:
-      converted = os.path.join(workdir, 'variables')
-      tf_checkpoint = workdirs.tf_checkpoint_in(workdir)
-      if os.path.isdir(converted):
-        hint = f'--checkpoint={converted}'
-      elif tf_checkpoint is not None:  # a TF-Slim download passed as the workdir
-        hint = f'--checkpoint=slim:{tf_checkpoint} (the TensorFlow checkpoint there) without --workdir'
-      else:
-        hint = '--checkpoint=PATH'
-      raise checkpoints.CheckpointError(f'no checkpoint in {directory}; train first or pass {hint}.')
+    with distributed.failing_together(f'to find a checkpoint in {directory}'):  # a host may lack the mount
+      step = _newest_step(workdir, directory)
+    # A run training meanwhile may commit a step between two processes' listings: all read process 0's.
+    step = distributed.process_zeros(step)
     checkpoint = os.path.join(directory, str(step))
-    older = checkpoints.committed_steps(directory)[:-1]
+    older = [saved for saved in checkpoints.committed_steps(directory) if saved < step]
   try:
-    with distributed.failing_together(f'to read {checkpoint}'):  # a TF checkpoint is read by each process itself
+    with distributed.failing_together('to read the checkpoint'):  # each process reads it whole, by itself
       variables, step, _ = pretrained.load_for_model(checkpoint, model,
                                                      abstract_variables(model, dataset.image_shape),
                                                      dataset.image_shape)
@@ -133,6 +125,24 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     raise checkpoints.CheckpointError(f'{error} Older checkpoints in {directory}: steps {older}; if this one is '
                                       f'damaged, pass --checkpoint={directory}/{older[-1]}.') from None
   return LoadedCheckpoint(model, sharding.replicate(variables, mesh), step, num_classes, dataset, mesh)
+
+
+def _newest_step(workdir: str, directory: str) -> int:
+  """The newest committed step in `directory`, `workdir`'s checkpoints; if there is none, an
+  error naming what to pass instead (a converted or TF checkpoint found there)."""
+  workdirs.check_not_a_checkpoint(workdir)
+  step = checkpoints.latest_step_in(directory)
+  if step is not None:
+    return step
+  converted = os.path.join(workdir, 'variables')
+  tf_checkpoint = workdirs.tf_checkpoint_in(workdir)
+  if os.path.isdir(converted):
+    hint = f'--checkpoint={converted}'
+  elif tf_checkpoint is not None:  # a TF-Slim download passed as the workdir
+    hint = f'--checkpoint=slim:{tf_checkpoint} (the TensorFlow checkpoint there) without --workdir'
+  else:
+    hint = '--checkpoint=PATH'
+  raise checkpoints.CheckpointError(f'no checkpoint in {directory}; train first or pass {hint}.')
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoint: Optional[str] = None

@@ -115,7 +115,7 @@ def _initialize_from(spec: str, state: TrainState, model: nn.Module, image_shape
                      progress: ProgressBar) -> TrainState:
   """Fine-tuning: pretrained params and statistics, a fresh head when the class count differs."""
   reference = {'params': state.params, 'batch_stats': state.batch_stats}
-  with distributed.failing_together(f'to read {spec}'):  # each process reads the file itself
+  with distributed.failing_together('to read config.init_checkpoint'):  # each process reads it whole, by itself
     variables, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True)
   variables = sharding.replicate(variables, mesh)
   progress.message(f'Initialized from {spec}' + (f' (new head: {", ".join(fresh)})' if fresh else '') + '.')

@@ -238,21 +238,36 @@ _TWO_VALUES = {'dir': ('/a', '/b'), 'digits_resize': ('pad', 'upsample'), 'label
 def test_the_table_of_fields_each_source_reads_is_what_building_it_reads(monkeypatch):
   # config_checks refuses an override of a field the run ignores by this table: a field read
   # by a source the table leaves out would be refused, one it names but nobody reads let through.
-  from resnet_flax.data import builder
+  from resnet_flax.data import builder, image_folder
   calls = []
-  for module in (builder.digits, builder.cifar10, builder.image_folder, builder.synthetic):
+
+  def image_folder_source(root, split, **kwargs):  # which options its preprocessing refuses is its own
+    image_folder.get_preprocessing(kwargs['preprocessing'], kwargs['image_size'],
+                                   color_distortion=kwargs['color_distortion'])
+    calls.append(((root, split), kwargs))
+
+  for module in (builder.digits, builder.cifar10, builder.synthetic):
     monkeypatch.setattr(module, 'build_source', lambda *args, **kwargs: calls.append((args, kwargs)))
-  base = {'image_size': 8, 'preprocessing': 'inception'}
+  monkeypatch.setattr(image_folder, 'build_source', image_folder_source)
   assert sorted(_TWO_VALUES) == sorted(field for fields, _ in data.READ_ONLY_WITH for field in fields)
+  settings = [{'name': name, 'preprocessing': 'none'} for name in data.NAMES if name != 'imagefolder']
+  settings += [{'name': 'imagefolder', 'preprocessing': preprocessing} for preprocessing in ('vgg', 'inception')]
   for fields, readers in data.READ_ONLY_WITH:
     for field in fields:
-      for name in data.NAMES:
+      for setting in settings:
         calls.clear()
+        refused = []
         for value in _TWO_VALUES[field]:
-          builder._source({**base, 'name': name, 'preprocessing': base['preprocessing'] if name == 'imagefolder'
-                           else 'none', field: value}, 'train', batch_size=4, seed=0)
-        reads = name in readers['name']
-        assert (calls[0] != calls[1]) == reads, f'{field} with data.name={name!r}'
+          try:
+            builder._source({'image_size': 8, **setting, field: value}, 'train', batch_size=4, seed=0)
+          except data.DataError:
+            refused.append(value)
+        reads = all(setting[key] in values for key, values in readers.items())
+        if setting['name'] in readers['name'] and not reads:
+          # Read by the source, but not with this setting: it refuses the value that would matter.
+          assert len(refused) == 1, f'{field} with {setting}'
+        else:
+          assert not refused and (calls[0] != calls[1]) == reads, f'{field} with {setting}'
 
 
 # --- prefetch ---------------------------------------------------------------------------
@@ -307,4 +322,3 @@ def test_prefetched_training_batches_equal_direct_ones():
   ds = data.build(DIGITS, 'train', batch_size=32, seed=0)
   with data.prefetch(ds.train_batches(), buffer_size=2) as iterator:
     np.testing.assert_equal(_batches(iterator, 4), _batches(ds.train_batches(), 4))
-

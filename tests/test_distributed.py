@@ -9,12 +9,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
 from configs import default
-from resnet_flax import distributed, train_lib, workdir_lock
+from resnet_flax import checkpoints, distributed, eval_lib, model_builder, train_lib, workdir_lock
 from test_train import REPO, SMALL_MODEL_FLAG, _read_params, tiny_config
 
 # ZeRO-1 on, so each process holds and writes its own half of the optimizer state: the
@@ -47,12 +48,12 @@ def _why_unsupported():
 
 
 def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_failure=True, workdir_flag=None,
-                   args=ARGS, args_of=lambda index: [], script='train.py'):
+                   args=ARGS, args_of=lambda index: [], script='train.py', with_workdir=True):
   """`script` once per process, joined through a coordinator on localhost; (returncode, stdout, stderr) each.
 
   Without `stop_all_on_a_failure`, each process is left to end by itself (until `timeout`);
-  `workdir_flag` is passed as --workdir in place of `workdir` (whose parent still takes the logs);
-  process i gets `args` and then `args_of(i)`.
+  `workdir_flag` is passed as --workdir in place of `workdir` (whose parent still takes the logs;
+  no --workdir without `with_workdir`); process i gets `args` and then `args_of(i)`.
   """
   coordinator = f'localhost:{_free_port()}'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
@@ -63,7 +64,8 @@ def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_
     # Files, not pipes: a process blocked on a full pipe would stall the other in a collective.
     with open(logs / f'{index}.out', 'w') as stdout, open(logs / f'{index}.err', 'w') as stderr:
       processes.append(subprocess.Popen(
-          [sys.executable, os.path.join(REPO, script), f'--workdir={workdir_flag or workdir}', *args, *args_of(index),
+          [sys.executable, os.path.join(REPO, script), *([f'--workdir={workdir_flag or workdir}'] * with_workdir),
+           *args, *args_of(index),
            f'--config.distributed.coordinator_address={coordinator}', f'--config.distributed.num_processes={count}',
            f'--config.distributed.process_id={index}'],
           cwd=REPO, env=env, stdout=stdout, stderr=stderr))
@@ -169,6 +171,35 @@ def test_when_one_host_lacks_the_data_every_process_stops_with_its_error(tmp_pat
   assert not (tmp_path / 'run').exists()  # nothing written, no lock left
 
 
+def test_each_process_reads_a_whole_checkpoint_by_itself(tmp_path):
+  reason = _why_unsupported()
+  if reason:
+    pytest.skip(reason)
+  config = tiny_config()
+  config.eval_batch_size = 360
+  model = model_builder.build_model(config, 10)
+  saved = str(tmp_path / 'variables')
+  checkpoints.save_tree(saved, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False))
+  runs = _run_processes(tmp_path / 'eval', script='eval.py', with_workdir=False,
+                        args_of=lambda index: [f'--checkpoint={saved}'])
+  for index, (returncode, stdout, stderr) in enumerate(runs):
+    assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
+  results = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in runs]
+  reference = eval_lib.evaluate(config, None, saved)
+  assert results[0] == results[1] and results[0]['num_examples'] == 360
+  assert abs(results[0]['loss'] - reference['loss']) < 1e-5
+  # A host that cannot read it: orbax's closing barrier had paired with the failing process's
+  # all-gather, and both aborted with a gloo "collective mismatch".
+  elsewhere = tmp_path / 'not_mounted'
+  its = f'checkpoint {elsewhere} does not exist'
+  for script, flag, what in [('eval.py', '--checkpoint', 'the checkpoint'),
+                             ('train.py', '--config.init_checkpoint', 'config.init_checkpoint')]:
+    runs = _run_processes(tmp_path / script, script=script, with_workdir=script == 'train.py', timeout=120,
+                          stop_all_on_a_failure=False,
+                          args_of=lambda index: [f'{flag}={saved if index == 0 else elsewhere}'])
+    _assert_every_process_stops_with(runs, f'process 1 of 2 failed to read {what}: {its}', its)
+
+
 def _settings(**fields):
   settings = default.get_config().distributed
   settings.update(fields)
@@ -205,7 +236,10 @@ def test_explicit_settings_and_detected_clusters_start_the_runtime(monkeypatch):
   assert len(called) == 2
 
 
-def test_failing_together_in_one_process_is_the_block_itself():
+def test_failing_together_in_one_process_is_the_block_itself(monkeypatch):
+  def no_backend():
+    raise AssertionError('a run of one process asked for the process count')
+  monkeypatch.setattr(jax, 'process_count', no_backend)  # a config error must not start the backend
   with distributed.failing_together('to do it'):
     ran = True
   assert ran
@@ -214,23 +248,22 @@ def test_failing_together_in_one_process_is_the_block_itself():
     with distributed.failing_together('to do it'):
       raise error
   assert raised.value is error
+  assert distributed.process_zeros(7) == 7
 
 
-def _gathered_with(other_failure, index_of_other):
-  """A stand-in for process_allgather in a run of two: this process's row and another's."""
-  def process_allgather(row):
-    rows = [row, row]
-    rows[index_of_other] = distributed._encoded(other_failure)
-    return np.stack(rows)
-  return process_allgather
+def _as_processes(monkeypatch, *others):
+  """This process as the last of a run whose other processes failed with `others` (None: did not)."""
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
+  monkeypatch.setattr(jax, 'process_count', lambda: len(others) + 1)
+  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather',
+                      lambda row: np.stack([*(distributed._encoded(other) for other in others), row]))
 
 
 def test_failing_together_tells_every_process_of_the_first_failure(monkeypatch):
-  monkeypatch.setattr(jax, 'process_count', lambda: 2)
   other = ValueError('config.data.dir=\'/data/imagenet\' does not exist; set it to ...\nsecond line')
-  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather', _gathered_with(other, 1))
+  _as_processes(monkeypatch, None, other, KeyError('a later one'))
   with pytest.raises(distributed.FailedOnAnotherProcess,
-                     match=r"^process 1 of 2 failed to build its data: config.data.dir='/data/imagenet' does not "
+                     match=r"^process 1 of 4 failed to build its data: config.data.dir='/data/imagenet' does not "
                            r"exist; set it to \.\.\.$"):
     with distributed.failing_together('to build its data'):
       pass
@@ -241,15 +274,53 @@ def test_failing_together_tells_every_process_of_the_first_failure(monkeypatch):
       raise own
   assert raised.value is own
   # Nobody failed: nothing raised.
-  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather', _gathered_with(None, 1))
+  _as_processes(monkeypatch, None, None)
   with distributed.failing_together('to build its data'):
     pass
 
 
+def test_a_failure_whose_message_is_odd_is_still_a_failure(monkeypatch):
+  # A message starting with NUL, one from a file name that is not UTF-8 (lone surrogates), a __str__ that raises.
+  class Unprintable(Exception):
+    def __str__(self):
+      raise RuntimeError('no')
+  name = b'caf\xe9.jpg'.decode('utf-8', 'surrogateescape')
+  for other, shown in [(ValueError('\0starts with NUL'), '\0starts with NUL'),
+                       (ValueError(f'{name} is a symlink to nowhere'), 'caf\\udce9.jpg is a symlink to nowhere'),
+                       (Unprintable(), 'Unprintable')]:
+    _as_processes(monkeypatch, other)
+    with pytest.raises(distributed.FailedOnAnotherProcess) as raised:
+      with distributed.failing_together('to do it'):
+        pass
+    assert str(raised.value) == f'process 0 of 2 failed to do it: {shown}'
+
+
+def test_a_failing_process_whose_gather_fails_too_raises_its_own_error(monkeypatch):
+  _as_processes(monkeypatch, None)
+  def gather_fails(row):
+    raise RuntimeError('gloo: connection closed by peer')
+  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather', gather_fails)
+  own = ValueError('its own')
+  with pytest.raises(ValueError) as raised:
+    with distributed.failing_together('to do it'):
+      raise own
+  assert raised.value is own and 'gloo: connection closed by peer' in raised.value.__notes__[0]
+  with pytest.raises(RuntimeError, match='gloo'):  # nothing of its own to say: the gather's error
+    with distributed.failing_together('to do it'):
+      pass
+
+
+def test_every_process_takes_process_zeros_value(monkeypatch):
+  # eval.py --workdir: the newest step as process 0 listed it, should training commit one meanwhile.
+  _as_processes(monkeypatch, None)
+  monkeypatch.setattr(distributed.multihost_utils, 'broadcast_one_to_all', lambda value: np.int64(1200))
+  assert distributed.process_zeros(1300) == 1200
+
+
 def test_a_failing_process_message_crosses_in_utf8_cut_at_a_character():
-  message = 'é' * 2000  # 4000 bytes: more than is sent
+  message = 'é' * 2000  # 4000 bytes: more than is sent, cut inside a character
   text = distributed._decoded(distributed._encoded(ValueError(message)))
-  assert text == 'é' * (distributed._MESSAGE_BYTES // 2)
+  assert text == 'é' * ((distributed._MESSAGE_BYTES - 1) // 2)
   assert distributed._decoded(distributed._encoded(None)) == ''
   assert distributed._decoded(distributed._encoded(ValueError())) == 'ValueError'
 

@@ -35,6 +35,7 @@ def held(workdir: str) -> Iterator[None]:
   path = os.path.join(directory, LOCK_NAME)
   made_directory = not os.path.isdir(directory)
   file, locked = _open_and_lock(path, workdir)
+  existed = set(_entries(directory)) if locked else set()
   with file if file is not None else contextlib.nullcontext():
     if locked and file.writable():
       with contextlib.suppress(OSError):  # the owner's name is for the message only (a full disk is check_workdir's)
@@ -46,7 +47,7 @@ def held(workdir: str) -> Iterator[None]:
       yield  # closing the file releases the lock, also when the process dies
     finally:
       if locked:
-        _remove_if_only_the_lock(directory, made_directory)
+        _remove_if_nothing_written(directory, made_directory, existed)
 
 
 @contextlib.contextmanager
@@ -122,12 +123,25 @@ def _locked(file: IO[str], workdir: str) -> bool:
   return True
 
 
-def _remove_if_only_the_lock(directory: str, made_directory: bool) -> None:
-  """Removes the lock file from a workdir that holds nothing else, and the workdir if this
-  run made it: a run that failed before writing anything (on its data, say) leaves nothing.
-  Done while the lock is still held; a run that opened the file before its removal sees
-  that it is gone once it holds the lock (`_open_and_lock`)."""
+def _entries(directory: str) -> list[str]:
+  try:
+    return os.listdir(directory)
+  except OSError:
+    return []
+
+
+def _remove_if_nothing_written(directory: str, made_directory: bool, existed: set[str]) -> None:
+  """Removes the empty directories the run made in the workdir (an orbax manager makes
+  `checkpoints/` before the first save), then the lock file from a workdir that holds nothing
+  else, and the workdir if this run made it: a run that failed before writing anything (on
+  its data or its init checkpoint, say) leaves nothing. Done while the lock is still held; a
+  run that opened the file before its removal sees that it is gone once it holds the lock
+  (`_open_and_lock`)."""
   with contextlib.suppress(OSError):
+    for name in set(_entries(directory)) - existed:
+      made = os.path.join(directory, name)
+      if os.path.isdir(made) and not os.path.islink(made) and not os.listdir(made):
+        os.rmdir(made)
     if os.listdir(directory) == [LOCK_NAME]:
       os.remove(os.path.join(directory, LOCK_NAME))
       if made_directory:

@@ -51,16 +51,31 @@ def test_no_lock_where_the_workdir_cannot_be_made(tmp_path):
 
 
 @pytest.mark.parametrize('existed', [False, True])
-def test_a_run_that_fails_before_writing_leaves_no_lock_behind(tmp_path, existed):
+@pytest.mark.parametrize('failing_on', ['data', 'init_checkpoint'])
+def test_a_run_that_fails_before_writing_leaves_no_lock_behind(tmp_path, existed, failing_on):
   workdir = tmp_path / 'run'
   if existed:
     workdir.mkdir()
   config = tiny_config(2)
-  config.data = ml_collections.ConfigDict({'name': 'cifar10', 'dir': str(tmp_path)})  # passes the path check
-  with pytest.raises(data.DataError, match='data_batch_1 does not exist'):
-    train_lib.train_and_evaluate(config, str(workdir))  # fails on its data, with the lock held
-  # An empty workdir holding `.lock` had been left; one that was there stays, empty.
+  if failing_on == 'data':
+    config.data = ml_collections.ConfigDict({'name': 'cifar10', 'dir': str(tmp_path)})  # passes the path check
+    expected = (data.DataError, 'data_batch_1 does not exist')
+  else:  # after orbax's manager made checkpoints/
+    config.init_checkpoint = str(tmp_path / 'nowhere')
+    expected = (checkpoints.CheckpointError, 'nowhere does not exist')
+  with pytest.raises(expected[0], match=expected[1]):
+    train_lib.train_and_evaluate(config, str(workdir))  # fails with the lock held
+  # An empty workdir holding `.lock` (and `checkpoints/`) had been left; one that was there stays, empty.
   assert (os.listdir(workdir) == []) if existed else not workdir.exists()
+
+
+def test_only_the_empty_directories_the_run_made_are_removed(tmp_path):
+  (tmp_path / 'empty_before').mkdir()
+  with workdir_lock.held(str(tmp_path)):
+    (tmp_path / 'checkpoints').mkdir()
+    (tmp_path / 'tensorboard').mkdir()
+    (tmp_path / 'tensorboard' / 'events').write_text('x')
+  assert sorted(os.listdir(tmp_path)) == [workdir_lock.LOCK_NAME, 'empty_before', 'tensorboard']
 
 
 def test_a_workdir_with_anything_else_in_it_keeps_the_lock_file(tmp_path):

@@ -8,13 +8,15 @@ pixels (a quarter of float32's bytes) and become float32 values in one small jit
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
-from resnet_flax import data, sharding
+from resnet_flax import data, distributed, sharding
 from resnet_flax.data.pipeline import as_model_input
 
 DeviceBatch = dict[str, jax.Array]
@@ -27,6 +29,34 @@ def process_dataset(config: Any, split: str, global_batch_size: int, setting: st
   sharding.check_batch_size(global_batch_size, setting)
   return data.build(config.data, split, batch_size=global_batch_size // jax.process_count(), seed=config.seed,
                     process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def agreed_dataset(config: Any, split: str, global_batch_size: int, setting: str = 'config.batch_size'
+                   ) -> data.Dataset:
+  """`process_dataset` built by every process together: if it fails on one, it fails on all
+  (`distributed.failing_together`), and every process must see the same split.
+
+  Each process lists the split by itself, and takes its share of each global batch by
+  example index: a host whose copy of the data differs (a node's local copy missing files)
+  would train on other examples than the others think, silently.
+  """
+  with distributed.failing_together(f'to build its {split} data'):  # each process reads its own mount
+    dataset = process_dataset(config, split, global_batch_size, setting)
+  seen = distributed.every_process_text(_split_summary(dataset))
+  differing = next((index for index, text in enumerate(seen) if text != seen[0]), None)
+  if differing is not None:
+    raise data.DataError(f'the {split} split differs between processes: process 0 has {seen[0]}, process {differing} '
+                         f'has {seen[differing]}; every host must read the same copy of config.data.dir, with the '
+                         'same config.data settings.')
+  return dataset
+
+
+def _split_summary(dataset: data.Dataset) -> str:
+  """What a split is, in a line that differs where two splits do: sizes and a digest of every label."""
+  digest = hashlib.blake2b(np.ascontiguousarray(dataset.source.labels, np.int64).tobytes(), digest_size=6)
+  height, width, channels = dataset.image_shape
+  return (f'{dataset.num_examples:,} examples in {dataset.num_classes} classes ({height}x{width}x{channels}, labels '
+          f'#{digest.hexdigest()})')
 
 
 def _model_input_on_device(model_input: Callable[[Any], Any]) -> Callable[[DeviceBatch], DeviceBatch]:

@@ -132,45 +132,68 @@ def failing_together(what: str) -> Iterator[None]:
   except Exception as error:  # pylint: disable=broad-except  # whatever it is, the others must hear of it
     failure = error
   # One process: nothing to tell, and no backend to start (a config error is found before one is).
-  if jax.distributed.is_initialized() and jax.process_count() > 1:
+  if _several_processes():
     try:
-      rows = np.asarray(multihost_utils.process_allgather(_encoded(failure)))
+      messages = _gathered(None if failure is None else _message(failure))
     except Exception as gather_error:  # pylint: disable=broad-except
       if failure is None:
         raise
       failure.add_note(f'(telling the other processes of it failed too: {error_lines.first_line(gather_error)})')
       raise failure from None
-    failed = [(index, _decoded(row)) for index, row in enumerate(rows) if row[0]]
+    failed = [(index, message) for index, message in enumerate(messages) if message is not None]
     if failure is None and failed:
       index, message = failed[0]
-      failure = FailedOnAnotherProcess(f'process {index} of {len(rows)} failed {what}: {message}')
+      failure = FailedOnAnotherProcess(f'process {index} of {len(messages)} failed {what}: {message}')
   if failure is not None:
     raise failure
 
 
 def process_zeros(value: int) -> int:
   """Process 0's `value` on every process (the value itself in a run of one)."""
-  if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+  if not _several_processes():
     return value
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
-def _encoded(failure: Optional[Exception]) -> np.ndarray:
-  """A fixed-size row of bytes: 1 and `failure`'s one-line message (UTF-8, zero-padded), or all zeros
-  for none. Never raises: a process that could not encode its error would not join the all-gather."""
+def every_process_text(text: str) -> list[str]:
+  """`text` as each process has it, in process order (`[text]` in a run of one); texts are cut
+  to about 2 kB. A collective: every process must call it, outside `failing_together` blocks."""
+  if not _several_processes():
+    return [text]
+  return [gathered or '' for gathered in _gathered(text)]
+
+
+def _several_processes() -> bool:
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _message(failure: Exception) -> str:
+  """`failure` in one line; never raises (a process that could not say its error would not join the all-gather)."""
+  try:
+    return error_lines.first_line(failure)
+  except Exception:  # pylint: disable=broad-except  # a __str__ that raises
+    return type(failure).__name__
+
+
+def _gathered(text: Optional[str]) -> list[Optional[str]]:
+  """Every process's `text` (None: it had none), through one all-gather of fixed-size rows."""
+  rows = np.asarray(multihost_utils.process_allgather(_encoded(text)))
+  return [_decoded(row) for row in rows]
+
+
+def _encoded(text: Optional[str]) -> np.ndarray:
+  """A fixed-size row of bytes: 1 and `text` (UTF-8, cut to fit, zero-padded), or all zeros for None."""
   row = np.zeros(_MESSAGE_BYTES, np.uint8)
-  if failure is not None:
+  if text is not None:
     row[0] = 1
-    try:
-      # backslashreplace: a file name that is not UTF-8 comes as lone surrogates, which strict UTF-8 refuses.
-      text = error_lines.first_line(failure).encode('utf-8', 'backslashreplace')
-    except Exception:  # pylint: disable=broad-except  # a __str__ that raises
-      text = type(failure).__name__.encode()
-    text = text[:_MESSAGE_BYTES - 1]
-    row[1:1 + len(text)] = np.frombuffer(text, np.uint8)
+    # backslashreplace: a file name that is not UTF-8 comes as lone surrogates, which strict UTF-8 refuses.
+    encoded = text.encode('utf-8', 'backslashreplace')[:_MESSAGE_BYTES - 1]
+    row[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
   return row
 
 
-def _decoded(row: np.ndarray) -> str:
-  """The message `_encoded` put in `row` (a character cut in two at the end is dropped)."""
+def _decoded(row: np.ndarray) -> Optional[str]:
+  """The text `_encoded` put in `row`, or None (a character cut in two at the end is dropped)."""
+  if not row[0]:
+    return None
   return bytes(row[1:]).rstrip(b'\0').decode('utf-8', errors='ignore')

@@ -54,9 +54,9 @@ def evaluate_dataset(eval_step: Callable[[dict[str, Any], device_input.DeviceBat
 
 
 def build_eval_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
-  """This process's share of `config.eval_split`."""
-  return device_input.process_dataset(config, config.eval_split, config.eval_batch_size or config.batch_size,
-                                      'config.eval_batch_size')
+  """This process's share of `config.eval_split`, built by every process together (`device_input.agreed_dataset`)."""
+  return device_input.agreed_dataset(config, config.eval_split, config.eval_batch_size or config.batch_size,
+                                     'config.eval_batch_size')
 
 
 def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -96,8 +96,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   if checkpoint is not None and not checkpoint.strip():
     raise ValueError('--checkpoint is empty; pass a checkpoint directory or slim:PATH, or leave the flag out.')
   config_checks.check_config(config)
-  with distributed.failing_together('to build its eval data'):  # each process reads its own share
-    dataset = build_eval_dataset(config)
+  dataset = build_eval_dataset(config)
   num_classes = model_builder.head_size(config, dataset.num_classes)
   model = model_builder.build_model(config, num_classes)
   mesh = sharding.data_mesh()

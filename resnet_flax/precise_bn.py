@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from resnet_flax import data, device_input, distributed, sharding
+from resnet_flax import data, device_input, sharding
 from resnet_flax.layers.batch_norm import BATCH_MOMENTS, BATCH_STATS
 from resnet_flax.progress import BatchProgress, batch_progress
 
@@ -114,8 +114,7 @@ def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: 
     # None or -1 would take every batch of an endless stream: a hang.
     raise ValueError(f'num_batches={num_batches!r}: give a positive number of training batches to recalibrate on '
                      '(config.bn_recalibration_batches).')
-  with distributed.failing_together('to build its training data'):  # each process reads its own share
-    dataset = device_input.process_dataset(config, 'train', config.batch_size)
+  dataset = device_input.agreed_dataset(config, 'train', config.batch_size)
   mesh = mesh or sharding.data_mesh()
   batches = device_input.dataset_batches(dataset, _first(dataset.train_batches(0), num_batches), mesh)
   try:

@@ -222,10 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chief: bool) -> dict[str, Any]:
   """train_and_evaluate once its config is checked and the workdir is this run's."""
-  # Each process reads its own share of the data (its own mount, on another host).
-  with distributed.failing_together('to build its data sets'):
-    train_ds = device_input.process_dataset(config, 'train', config.batch_size)
-    eval_ds = eval_lib.build_eval_dataset(config)
+  train_ds = device_input.agreed_dataset(config, 'train', config.batch_size)
+  eval_ds = eval_lib.build_eval_dataset(config)
   model = model_builder.build_model(config, model_builder.head_size(config, train_ds.num_classes))
   tx = optim.build_optimizer(config)
   schedule = optim.learning_rate_schedule(config)

@@ -154,7 +154,7 @@ def test_when_only_the_chief_fails_the_others_stop_with_its_error(tmp_path):
   _assert_every_process_stops_with(runs, chiefs, f'process 0 of 2 failed to open the metrics files: {chiefs}')
 
 
-@pytest.mark.parametrize('script, where', [('train.py', 'its config checks'), ('eval.py', 'to build its eval data')])
+@pytest.mark.parametrize('script, where', [('train.py', 'its config checks'), ('eval.py', 'to build its test data')])
 def test_when_one_host_lacks_the_data_every_process_stops_with_its_error(tmp_path, script, where):
   reason = _why_unsupported()
   if reason:
@@ -169,6 +169,32 @@ def test_when_one_host_lacks_the_data_every_process_stops_with_its_error(tmp_pat
   its = f"config.data.dir='{missing}' does not exist"
   _assert_every_process_stops_with(runs, f'process 1 of 2 failed {where}: {its}', its)
   assert not (tmp_path / 'run').exists()  # nothing written, no lock left
+
+
+def test_a_host_whose_copy_of_the_data_differs_stops_every_process(tmp_path):
+  # Each process takes its share of a batch by example index into its own listing: with one
+  # example fewer on one host, the processes would have trained on a mix nobody chose.
+  reason = _why_unsupported()
+  if reason:
+    pytest.skip(reason)
+  from test_cifar10 import _make_cifar
+  whole, partial = tmp_path / 'cifar', tmp_path / 'partial_copy'
+  for directory, sizes in [(whole, (3, 3, 3, 3, 2)), (partial, (3, 3, 3, 3, 1))]:
+    directory.mkdir()
+    _make_cifar(directory, sizes)
+  args = ['--config=configs/cifar10.py', '--config.batch_size=4', '--config.eval_batch_size=4', SMALL_MODEL_FLAG]
+  runs = _run_processes(tmp_path / 'run', timeout=120, stop_all_on_a_failure=False, args=args,
+                        args_of=lambda index: [f'--config.data.dir={partial if index == 1 else whole}'])
+  message = ('the train split differs between processes: process 0 has 14 examples in 10 classes (32x32x3, labels #')
+  _assert_every_process_stops_with(runs, message, message)
+  assert 'process 1 has 13 examples in 10 classes' in runs[0][2]
+
+
+def test_every_process_text_in_a_run_of_several(monkeypatch):
+  _as_processes(monkeypatch, None)  # the other process's row: None, as a process without text would send
+  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather',
+                      lambda row: np.stack([distributed._encoded('theirs'), row]))
+  assert distributed.every_process_text('mine') == ['theirs', 'mine']
 
 
 def test_each_process_reads_a_whole_checkpoint_by_itself(tmp_path):
@@ -255,8 +281,8 @@ def _as_processes(monkeypatch, *others):
   """This process as the last of a run whose other processes failed with `others` (None: did not)."""
   monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
   monkeypatch.setattr(jax, 'process_count', lambda: len(others) + 1)
-  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather',
-                      lambda row: np.stack([*(distributed._encoded(other) for other in others), row]))
+  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather', lambda row: np.stack(
+      [*(distributed._encoded(None if other is None else distributed._message(other)) for other in others), row]))
 
 
 def test_failing_together_tells_every_process_of_the_first_failure(monkeypatch):
@@ -319,10 +345,10 @@ def test_every_process_takes_process_zeros_value(monkeypatch):
 
 def test_a_failing_process_message_crosses_in_utf8_cut_at_a_character():
   message = 'é' * 2000  # 4000 bytes: more than is sent, cut inside a character
-  text = distributed._decoded(distributed._encoded(ValueError(message)))
-  assert text == 'é' * ((distributed._MESSAGE_BYTES - 1) // 2)
-  assert distributed._decoded(distributed._encoded(None)) == ''
-  assert distributed._decoded(distributed._encoded(ValueError())) == 'ValueError'
+  assert distributed._decoded(distributed._encoded(message)) == 'é' * ((distributed._MESSAGE_BYTES - 1) // 2)
+  assert distributed._decoded(distributed._encoded(None)) is None
+  assert distributed._decoded(distributed._encoded('')) == ''
+  assert distributed._message(ValueError()) == 'ValueError'
 
 
 def test_bad_mode_is_a_one_line_error():

@@ -42,7 +42,8 @@ def agreed_dataset(config: Any, split: str, global_batch_size: int, setting: str
   """
   with distributed.failing_together(f'to build its {split} data'):  # each process reads its own mount
     dataset = process_dataset(config, split, global_batch_size, setting)
-  seen = distributed.every_process_text(_split_summary(dataset))
+    summary = split_summary(dataset)
+  seen = distributed.every_process_text(summary)
   differing = next((index for index, text in enumerate(seen) if text != seen[0]), None)
   if differing is not None:
     raise data.DataError(f'the {split} split differs between processes: process 0 has {seen[0]}, process {differing} '
@@ -51,8 +52,10 @@ def agreed_dataset(config: Any, split: str, global_batch_size: int, setting: str
   return dataset
 
 
-def _split_summary(dataset: data.Dataset) -> str:
-  """What a split is, in a line that differs where two splits do: sizes and a digest of every label."""
+def split_summary(dataset: data.Dataset) -> str:
+  """What a split is, in a line that differs where two splits do: sizes, image shape and a
+  digest of every example's label (an image folder's files are listed by class, so two copies
+  with the same counts per class and other files are not told apart)."""
   digest = hashlib.blake2b(np.ascontiguousarray(dataset.source.labels, np.int64).tobytes(), digest_size=6)
   height, width, channels = dataset.image_shape
   return (f'{dataset.num_examples:,} examples in {dataset.num_classes} classes ({height}x{width}x{channels}, labels '

@@ -24,6 +24,10 @@ from resnet_flax.progress import ProgressBar
 from resnet_flax.train_state import TrainState, abstract_train_state, create_train_state
 
 
+# What a training run writes into, beside metrics.jsonl and config.json.
+RUN_SUBDIRECTORIES = ('checkpoints', 'tensorboard')
+
+
 class NonFiniteLossError(FloatingPointError):
   """Training produced NaN or Inf at `step`; the message names it and the last good checkpoint."""
 
@@ -216,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with distributed.failing_together('its config checks'):
     check_training_config(config)
     workdirs.check_not_a_checkpoint(workdir)
-  with workdir_lock.held_by_chief(workdir):  # a multi-host run's processes share the workdir
+  with workdir_lock.held_by_chief(workdir, RUN_SUBDIRECTORIES):  # a multi-host run's processes share the workdir
     return _train_and_evaluate(config, workdir, jax.process_index() == 0)
 
 
@@ -233,7 +237,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   with distributed.failing_together('its workdir check'):  # each host probes the shared directory itself
     workdirs.check_workdir(workdir, checkpoints.bytes_for_saves(state, config.keep_checkpoints, checkpoint_dir),
-                           subdirectories=('checkpoints', 'tensorboard'))
+                           subdirectories=RUN_SUBDIRECTORIES)
   checkpointer = checkpoints.Checkpointer(checkpoint_dir, config.keep_checkpoints, config.async_checkpointing)
   progress = ProgressBar(config.num_train_steps, enabled=is_chief)
   if config.batch_size > train_ds.num_examples:

@@ -26,16 +26,21 @@ class WorkdirInUseError(checkpoints.CheckpointError):
 
 
 @contextlib.contextmanager
-def held(workdir: str) -> Iterator[None]:
+def held(workdir: str, subdirectories: tuple[str, ...] = ()) -> Iterator[None]:
   """Holds `workdir`'s lock (creating the directory) until the block ends; raises
   WorkdirInUseError at once if another process holds it. Where no lock can be taken (a
   file system without locks, a workdir that cannot be made, which `check_workdir` then
-  names), the block runs unguarded, as it did before there was a lock."""
+  names), the block runs unguarded, as it did before there was a lock.
+
+  At the end, what the run made and left empty goes: those of `subdirectories` (the
+  ones the run writes into) that were not there before, then the lock file if nothing else
+  is there, then the workdir if the run made it. A run that failed before writing
+  anything (on its data, its init checkpoint) leaves nothing."""
   directory = checkpoints.local_path(workdir, 'workdir')
   path = os.path.join(directory, LOCK_NAME)
   made_directory = not os.path.isdir(directory)
   file, locked = _open_and_lock(path, workdir)
-  existed = set(_entries(directory)) if locked else set()
+  made = [name for name in subdirectories if not os.path.lexists(os.path.join(directory, name))] if locked else []
   with file if file is not None else contextlib.nullcontext():
     if locked and file.writable():
       with contextlib.suppress(OSError):  # the owner's name is for the message only (a full disk is check_workdir's)
@@ -47,11 +52,11 @@ def held(workdir: str) -> Iterator[None]:
       yield  # closing the file releases the lock, also when the process dies
     finally:
       if locked:
-        _remove_if_nothing_written(directory, made_directory, existed)
+        _remove_if_nothing_written(directory, made_directory, made)
 
 
 @contextlib.contextmanager
-def held_by_chief(workdir: str) -> Iterator[None]:
+def held_by_chief(workdir: str, subdirectories: tuple[str, ...] = ()) -> Iterator[None]:
   """`held` for a run of one or many processes: the chief (process 0) takes the lock, and
   if another run holds it (or taking it fails otherwise), every process raises, not the
   chief alone: the others would wait for it at their first collective until that timed out."""
@@ -59,7 +64,7 @@ def held_by_chief(workdir: str) -> Iterator[None]:
   with contextlib.ExitStack() as stack:
     with distributed.failing_together(f'to take the lock of {workdir}'):
       if jax.process_index() == 0:
-        stack.enter_context(held(workdir))
+        stack.enter_context(held(workdir, subdirectories))
     yield
 
 
@@ -123,25 +128,15 @@ def _locked(file: IO[str], workdir: str) -> bool:
   return True
 
 
-def _entries(directory: str) -> list[str]:
-  try:
-    return os.listdir(directory)
-  except OSError:
-    return []
-
-
-def _remove_if_nothing_written(directory: str, made_directory: bool, existed: set[str]) -> None:
-  """Removes the empty directories the run made in the workdir (an orbax manager makes
-  `checkpoints/` before the first save), then the lock file from a workdir that holds nothing
-  else, and the workdir if this run made it: a run that failed before writing anything (on
-  its data or its init checkpoint, say) leaves nothing. Done while the lock is still held; a
-  run that opened the file before its removal sees that it is gone once it holds the lock
-  (`_open_and_lock`)."""
+def _remove_if_nothing_written(directory: str, made_directory: bool, made: list[str]) -> None:
+  """Removes the `made` subdirectories that are empty (an orbax manager makes `checkpoints/`
+  before its first save), then the lock file from a workdir that holds nothing else, and the
+  workdir if this run made it. Done while the lock is still held; a run that opened the file
+  before its removal sees that it is gone once it holds the lock (`_open_and_lock`)."""
+  for name in made:
+    with contextlib.suppress(OSError):  # not empty, a link, gone: it stays (or is gone)
+      os.rmdir(os.path.join(directory, name))
   with contextlib.suppress(OSError):
-    for name in set(_entries(directory)) - existed:
-      made = os.path.join(directory, name)
-      if os.path.isdir(made) and not os.path.islink(made) and not os.listdir(made):
-        os.rmdir(made)
     if os.listdir(directory) == [LOCK_NAME]:
       os.remove(os.path.join(directory, LOCK_NAME))
       if made_directory:

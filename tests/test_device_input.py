@@ -1,5 +1,6 @@
 """Device batches: order and values of the host batches, pixels mapped on the device, threads stopped."""
 
+import dataclasses
 import threading
 
 import jax
@@ -83,3 +84,21 @@ def test_uint8_source_without_a_mapping_is_refused():
   with pytest.raises(data.DataError, match='model_input'):
     Source(labels=np.zeros(3, np.int32), num_classes=1, image_shape=(2, 2, 3), loader=loader,
                          name='pixels', image_dtype=np.uint8)
+
+
+def test_the_split_summary_tells_apart_splits_that_differ_in_any_label():
+  # What agreed_dataset compares across processes: equal for the same split, different for one
+  # relabelled example (same counts) or another image shape.
+  dataset = data.build({'name': 'digits'}, 'train', batch_size=8, seed=0)
+  same = data.build({'name': 'digits'}, 'train', batch_size=4, seed=1, process_index=1, process_count=2)
+  labels = dataset.source.labels.copy()
+  labels[[0, 1]] = labels[[1, 0]] if labels[0] != labels[1] else (labels[0], (labels[0] + 1) % 10)
+  relabelled = dataclasses.replace(dataset, source=dataclasses.replace(dataset.source, labels=labels))
+  upsampled = data.build({'name': 'digits', 'image_size': 16, 'digits_resize': 'upsample'}, 'train', batch_size=8,
+                         seed=0)
+  summary = device_input.split_summary(dataset)
+  assert summary.startswith(f'{dataset.num_examples:,} examples in 10 classes (8x8x1, labels #')
+  assert device_input.split_summary(same) == summary
+  assert device_input.split_summary(relabelled) != summary
+  assert device_input.split_summary(upsampled) != summary
+  assert device_input.split_summary(relabelled).split(', labels')[0] == summary.split(', labels')[0]  # same counts

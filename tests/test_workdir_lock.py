@@ -71,11 +71,14 @@ def test_a_run_that_fails_before_writing_leaves_no_lock_behind(tmp_path, existed
 
 def test_only_the_empty_directories_the_run_made_are_removed(tmp_path):
   (tmp_path / 'empty_before').mkdir()
-  with workdir_lock.held(str(tmp_path)):
+  with workdir_lock.held(str(tmp_path), ('checkpoints', 'tensorboard', 'empty_before', 'linked')):
     (tmp_path / 'checkpoints').mkdir()
     (tmp_path / 'tensorboard').mkdir()
     (tmp_path / 'tensorboard' / 'events').write_text('x')
-  assert sorted(os.listdir(tmp_path)) == [workdir_lock.LOCK_NAME, 'empty_before', 'tensorboard']
+    (tmp_path / 'someone_elses').mkdir()  # made meanwhile, not by the run
+    (tmp_path / 'linked').symlink_to(tmp_path / 'someone_elses')
+  assert sorted(os.listdir(tmp_path)) == [workdir_lock.LOCK_NAME, 'empty_before', 'linked', 'someone_elses',
+                                          'tensorboard']
 
 
 def test_a_workdir_with_anything_else_in_it_keeps_the_lock_file(tmp_path):

@@ -57,7 +57,7 @@ def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_
   """
   coordinator = f'localhost:{_free_port()}'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
-  logs = workdir.parent / f'{workdir.name}_logs'
+  logs = workdir.parent / f'{workdir.name}_{script.removesuffix(".py")}_logs'
   logs.mkdir(parents=True)
   processes = []
   for index in range(count):
@@ -119,6 +119,12 @@ def test_two_processes_train_like_one_device(tmp_path):
   two, one = _read_params(tmp_path / 'two', config, 4), _read_params(tmp_path / 'one', config, 4)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), two, one)
   assert abs(results[0]['loss'] - reference['loss']) < 1e-5
+  # eval.py --workdir on both: the step process 0 found (every process reads that one), the same metrics.
+  evals = _run_processes(tmp_path / 'two', script='eval.py')
+  for index, (returncode, stdout, stderr) in enumerate(evals):
+    assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
+  evaluated = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in evals]
+  assert evaluated[0] == evaluated[1] == {key: results[0][key] for key in evaluated[0]}
 
 
 def test_a_workdir_in_use_stops_every_process_not_only_the_chief(tmp_path):

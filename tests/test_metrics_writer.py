@@ -10,7 +10,7 @@ import jax
 import pytest
 from tensorboardX.proto import event_pb2
 
-from resnet_flax import metrics_writer, train_lib
+from resnet_flax import metrics_writer, train_lib, workdir_lock
 from resnet_flax.slim import crc32c
 from test_train import tiny_config
 
@@ -79,7 +79,8 @@ def test_a_full_disk_stops_training_with_one_error_instead_of_hanging(tmp_path):
   os.symlink('/dev/full', tmp_path / 'metrics.jsonl')  # every write to it: ENOSPC
   with pytest.raises(metrics_writer.MetricsWriteError, match=r'metrics.jsonl failed \(No space left on device\)'):
     train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == []  # the first log (step 2) comes before its save
+  # The first log (step 2) comes before its save: no checkpoint, and the empty checkpoints/ is not left behind.
+  assert sorted(os.listdir(tmp_path)) == [workdir_lock.LOCK_NAME, 'config.json', 'metrics.jsonl', 'tensorboard']
 
 
 def test_a_directory_where_metrics_jsonl_belongs_names_the_path_not_the_disk(tmp_path):

@@ -84,6 +84,10 @@ def _asyncio_record(message, raised_in):
     # asyncio names no orbax code here; the traceback does.
     ('_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished exception=ValueError()>',
      '/x/site-packages/orbax/checkpoint/store.py', False),
+    # A tensorstore read awaited directly: neither the message's coroutine nor the traceback is orbax's.
+    ("Task exception was never retrieved\nfuture: <Task finished coro=<_wrap_awaitable() defined at "
+     "/usr/lib/python3.11/asyncio/tasks.py:687> exception=ValueError('DATA_LOSS: Error opening \"zarr\" driver: "
+     "... [tensorstore_spec=\\'{\"driver\":\"zarr\"}\\']')>", '/usr/lib/python3.11/asyncio/tasks.py', False),
     ('Task exception was never retrieved\nfuture: <Task coro=<mine() defined at /x/app.py:1>>', '/x/app.py', True),
     ('Unclosed client session', '/x/orbax/store.py', True),
     ('', '/x/app.py', True),  # an empty message is kept, not an IndexError in the filter

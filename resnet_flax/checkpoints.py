@@ -46,7 +46,7 @@ def abstract_like(state: Any) -> Any:
   otherwise orbax would reuse the saving run's device layout and refuse a checkpoint
   saved on another number of devices.
   """
-  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  default = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
 
   def leaf(x):
     sharding = getattr(x, 'sharding', None)

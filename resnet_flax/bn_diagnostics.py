@@ -35,6 +35,7 @@ def evaluate_with_batch_statistics(config: ml_collections.ConfigDict, variables:
     bn_config.batch_size = batch_size
     bn_config.bn.update(ghost_batch_size=None, cross_device='global', frozen=False)
   model = model_builder.build_model(bn_config, num_classes)
+  # Not agreed_dataset: load_checkpoint agreed on this split; what fails here (the batch size) fails on every process.
   dataset = device_input.process_dataset(config, config.eval_split, batch_size,
                                          'a config.bn_report_batch_sizes entry')
   mesh = sharding.data_mesh()

@@ -148,7 +148,7 @@ def failing_together(what: str) -> Iterator[None]:
     raise failure
 
 
-def process_zeros(value: int) -> int:
+def from_process_zero(value: int) -> int:
   """Process 0's `value` on every process (the value itself in a run of one)."""
   if not _several_processes():
     return value
@@ -164,6 +164,7 @@ def every_process_text(text: str) -> list[str]:
 
 
 def _several_processes() -> bool:
+  # Through jax.distributed, as `initialize` joins them; a runtime joined otherwise shares nothing here.
   return jax.distributed.is_initialized() and jax.process_count() > 1
 
 

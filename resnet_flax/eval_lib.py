@@ -106,7 +106,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     with distributed.failing_together(f'to find a checkpoint in {directory}'):  # a host may lack the mount
       step = _newest_step(workdir, directory)
     # A run training meanwhile may commit a step between two processes' listings: all read process 0's.
-    step = distributed.process_zeros(step)
+    step = distributed.from_process_zero(step)
     checkpoint = os.path.join(directory, str(step))
     older = [saved for saved in checkpoints.committed_steps(directory) if saved < step]
   try:

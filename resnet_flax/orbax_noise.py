@@ -33,8 +33,8 @@ def _is_late_completion(unraisable: sys.UnraisableHookArgs) -> bool:
 def keeps_asyncio_record(record: logging.LogRecord) -> bool:
   """False for asyncio's report of an orbax operation that failed with nobody awaiting it.
 
-  Known by orbax in the message or the traceback, or by the tensorstore spec that every
-  tensorstore error carries: a read awaited straight from tensorstore
+  Known by orbax in the message or the traceback, or by the tensorstore spec that
+  tensorstore's errors on opening an array carry: a read awaited straight from tensorstore
   (`coro=<_wrap_awaitable()>`, CI under load) names neither orbax nor any frame of it.
   """
   message = record.getMessage()

@@ -145,7 +145,7 @@ def test_a_url_workdir_stops_every_process_at_once(tmp_path):
   if reason:
     pytest.skip(reason)
   runs = _run_processes(tmp_path / 'url', timeout=120, stop_all_on_a_failure=False, workdir_flag='gs://bucket/run')
-  # Process 1 had waited 30 s for the chief.
+  # Before failing_together, process 1 had waited 30 s for the chief.
   _assert_every_process_stops_with(runs, *['error: workdir gs://bucket/run is a URL'] * 2)
 
 
@@ -174,7 +174,8 @@ def test_when_one_host_lacks_the_data_every_process_stops_with_its_error(tmp_pat
                         args_of=lambda index: [f'--config.data.dir={missing if index == 1 else mounted}'])
   its = f"config.data.dir='{missing}' does not exist"
   _assert_every_process_stops_with(runs, f'process 1 of 2 failed {where}: {its}', its)
-  assert not (tmp_path / 'run').exists()  # nothing written, no lock left
+  if script == 'train.py':
+    assert not (tmp_path / 'run').exists()  # nothing written, no lock left
 
 
 def test_a_host_whose_copy_of_the_data_differs_stops_every_process(tmp_path):
@@ -280,7 +281,7 @@ def test_failing_together_in_one_process_is_the_block_itself(monkeypatch):
     with distributed.failing_together('to do it'):
       raise error
   assert raised.value is error
-  assert distributed.process_zeros(7) == 7
+  assert distributed.from_process_zero(7) == 7
 
 
 def _as_processes(monkeypatch, *others):
@@ -342,11 +343,11 @@ def test_a_failing_process_whose_gather_fails_too_raises_its_own_error(monkeypat
       pass
 
 
-def test_every_process_takes_process_zeros_value(monkeypatch):
+def test_every_process_takes_the_value_of_process_zero(monkeypatch):
   # eval.py --workdir: the newest step as process 0 listed it, should training commit one meanwhile.
   _as_processes(monkeypatch, None)
   monkeypatch.setattr(distributed.multihost_utils, 'broadcast_one_to_all', lambda value: np.int64(1200))
-  assert distributed.process_zeros(1300) == 1200
+  assert distributed.from_process_zero(1300) == 1200
 
 
 def test_a_failing_process_message_crosses_in_utf8_cut_at_a_character():

@@ -21,9 +21,10 @@ from jax.experimental import multihost_utils
 from resnet_flax import error_lines
 
 MODES = ('auto', 'on', 'off')
-# Bytes of a failing process's message that the others receive (UTF-8, cut at a character).
-_MESSAGE_BYTES = 2048
 _EXPLICIT_FIELDS = ('coordinator_address', 'num_processes', 'process_id')
+# The fixed row one process sends the others (a failure's message, a split's summary): room
+# for a one-line error naming a long path, and all-gathered in microseconds.
+_MESSAGE_BYTES = 2048
 
 
 def _cluster_types() -> tuple:

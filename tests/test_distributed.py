@@ -119,12 +119,19 @@ def test_two_processes_train_like_one_device(tmp_path):
   two, one = _read_params(tmp_path / 'two', config, 4), _read_params(tmp_path / 'one', config, 4)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), two, one)
   assert abs(results[0]['loss'] - reference['loss']) < 1e-5
-  # eval.py --workdir on both: the step process 0 found (every process reads that one), the same metrics.
-  evals = _run_processes(tmp_path / 'two', script='eval.py')
+  # eval.py --workdir on both: the step process 0 found (every process reads that one), the same
+  # metrics; with precise BN, each process's share of the batches feeds one set of statistics.
+  evals = _run_processes(tmp_path / 'two', script='eval.py',
+                         args_of=lambda index: ['--config.bn_recalibration_batches=3'])
   for index, (returncode, stdout, stderr) in enumerate(evals):
     assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
   evaluated = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in evals]
-  assert evaluated[0] == evaluated[1] == {key: results[0][key] for key in evaluated[0]}
+  before = evaluated[0]['before_recalibration']
+  assert evaluated[0] == evaluated[1] and before == {key: results[0][key] for key in before}
+  config.bn_recalibration_batches = 3
+  recalibrated = eval_lib.evaluate(config, str(tmp_path / 'two'))
+  assert abs(evaluated[0]['loss'] - recalibrated['loss']) < 1e-5 and evaluated[0]['top1'] == recalibrated['top1']
+  assert abs(evaluated[0]['loss'] - before['loss']) > 1e-4  # the statistics did change
 
 
 def test_a_workdir_in_use_stops_every_process_not_only_the_chief(tmp_path):

@@ -3,9 +3,11 @@ one device, write one checkpoint together and one record of metrics; the start-u
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -15,7 +17,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import default
-from resnet_flax import checkpoints, distributed, eval_lib, model_builder, train_lib, workdir_lock
+from resnet_flax import bn_diagnostics, checkpoints, distributed, eval_lib, model_builder, train_lib, workdir_lock
 from test_train import REPO, SMALL_MODEL_FLAG, _read_params, tiny_config
 
 # ZeRO-1 on, so each process holds and writes its own half of the optimizer state: the
@@ -57,8 +59,8 @@ def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_
   """
   coordinator = f'localhost:{_free_port()}'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
-  logs = workdir.parent / f'{workdir.name}_{script.removesuffix(".py")}_logs'
-  logs.mkdir(parents=True)
+  workdir.parent.mkdir(parents=True, exist_ok=True)
+  logs = pathlib.Path(tempfile.mkdtemp(prefix=f'{workdir.name}_{script.removesuffix(".py")}_logs', dir=workdir.parent))
   processes = []
   for index in range(count):
     # Files, not pipes: a process blocked on a full pipe would stall the other in a collective.
@@ -132,6 +134,19 @@ def test_two_processes_train_like_one_device(tmp_path):
   recalibrated = eval_lib.evaluate(config, str(tmp_path / 'two'))
   assert abs(evaluated[0]['loss'] - recalibrated['loss']) < 1e-5 and evaluated[0]['top1'] == recalibrated['top1']
   assert abs(evaluated[0]['loss'] - before['loss']) > 1e-4  # the statistics did change
+  # The discrepancy report: batch statistics over each global batch of 8, split over 2 x 2 devices.
+  reports = _run_processes(tmp_path / 'two', script='eval.py', args_of=lambda index: [
+      '--config.bn_recalibration_batches=3', '--config.bn_report_batch_sizes=(8,)'])
+  for index, (returncode, stdout, stderr) in enumerate(reports):
+    assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
+  reported = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in reports]
+  reference = bn_diagnostics.discrepancy_report(config, str(tmp_path / 'two'), batch_sizes=(8,),
+                                                recalibration_batches=3)
+  assert reported[0] == reported[1]
+  pairs = {'moving': (reported[0]['moving'], reference['moving']), 'batch 8': (reported[0]['batch']['8'],
+           reference['batch'][8]), 'recalibrated': (reported[0]['recalibrated'], reference['recalibrated'])}
+  for column, (ours, one) in pairs.items():
+    assert abs(ours['loss'] - one['loss']) < 1e-5 and ours['top1'] == one['top1'], column
 
 
 def test_a_workdir_in_use_stops_every_process_not_only_the_chief(tmp_path):

@@ -156,6 +156,14 @@ def from_process_zero(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
+def steps_one_at_a_time() -> bool:
+  """Whether a loop over steps must wait for each before dispatching the next: XLA:CPU across
+  processes (gloo collectives) deadlocked with several steps in flight, both processes stuck
+  dispatching (2 of 13 two-process eval passes of 45 steps on a loaded 2-core machine; 0 of 16
+  waiting for each step, at the same speed). Accelerators keep their steps queued."""
+  return _several_processes() and jax.default_backend() == 'cpu'
+
+
 def every_process_text(text: str) -> list[str]:
   """`text` as each process has it, in process order (`[text]` in a run of one); texts are cut
   to about 2 kB. A collective: every process must call it, outside `failing_together` blocks."""

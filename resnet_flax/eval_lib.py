@@ -31,9 +31,12 @@ def metrics_over(step_fn: Callable[[dict[str, Any], device_input.DeviceBatch], d
   """Loss, top-1 and top-5 over every real example of device `batches`, from `step_fn`'s per-batch sums;
   `progress` says how far it has come."""
   sums = None
+  one_at_a_time = distributed.steps_one_at_a_time()
   for done, batch in enumerate(batches, 1):
     out = step_fn(variables, batch)
     sums = out if sums is None else jax.tree_util.tree_map(lambda a, b: a + b, sums, out)
+    if one_at_a_time:
+      jax.block_until_ready(sums)
     if progress is not None and progress.due():
       jax.block_until_ready(sums)  # the steps so far done, not only dispatched
       progress.show(done)

@@ -270,10 +270,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
   history: list[dict[str, jax.Array]] = []
   nonfinite_in_a_row = 0  # steps, skipped
   batches: Iterator = device_input.dataset_batches(train_ds, train_ds.train_batches(start_step), mesh)
+  one_at_a_time = distributed.steps_one_at_a_time()
   interval_start = time.perf_counter()
   try:
     for step in range(start_step + 1, config.num_train_steps + 1):
       state, metrics = train_step(state, next(batches))
+      if one_at_a_time:
+        jax.block_until_ready(metrics)
       history.append(metrics)
       stopping = stop_after(step)
       save_now = stopping or _is_due(step, config.checkpoint_every_steps, config.num_train_steps)

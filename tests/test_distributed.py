@@ -365,6 +365,14 @@ def test_a_failing_process_whose_gather_fails_too_raises_its_own_error(monkeypat
       pass
 
 
+@pytest.mark.parametrize('backend, one_at_a_time', [('cpu', True), ('gpu', False)])
+def test_steps_go_one_at_a_time_only_on_cpu_across_processes(monkeypatch, backend, one_at_a_time):
+  assert not distributed.steps_one_at_a_time()  # one process
+  _as_processes(monkeypatch, None)
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert distributed.steps_one_at_a_time() == one_at_a_time
+
+
 def test_every_process_takes_the_value_of_process_zero(monkeypatch):
   # eval.py --workdir: the newest step as process 0 listed it, should training commit one meanwhile.
   _as_processes(monkeypatch, None)

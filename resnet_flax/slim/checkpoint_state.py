@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import codecs
+import os
 import re
+from typing import Optional
 
 STATE_FILENAME = 'checkpoint'
 
@@ -17,6 +19,15 @@ def newest_in(state: str) -> str:
   if not match:
     raise ValueError(f'{state}: no model_checkpoint_path in the checkpoint state file')
   return codecs.escape_decode(match.group(1).encode('utf-8'))[0].decode('utf-8')
+
+
+def newest_prefix(directory: str) -> Optional[str]:
+  """The newest checkpoint's prefix in `directory` (joined to it) as its state file names it, or
+  None where `directory` has no state file."""
+  state = os.path.join(directory, STATE_FILENAME)
+  if not os.path.isfile(state):
+    return None
+  return os.path.join(directory, newest_in(state))
 
 
 def state_text(basename: str) -> bytes:

@@ -129,14 +129,13 @@ class CheckpointReader:
 def resolve_prefix(path: str) -> str:
   """The checkpoint prefix for `path`: a prefix, a `.index` file, or a checkpoint directory."""
   if os.path.isdir(path):
-    state = os.path.join(path, checkpoint_state.STATE_FILENAME)
-    if not os.path.isfile(state):
+    prefix = checkpoint_state.newest_prefix(path)
+    if prefix is None:
       raise FileNotFoundError(f'{path}: directory has no {checkpoint_state.STATE_FILENAME!r} state file; pass '
                               f'the checkpoint prefix instead ({_prefixes_in(path)})')
-    prefix = os.path.join(path, checkpoint_state.newest_in(state))
     if not os.path.isfile(prefix + '.index'):
-      raise FileNotFoundError(f'{state} names checkpoint {prefix}, but {prefix}.index does '
-                              'not exist')
+      raise FileNotFoundError(f'{os.path.join(path, checkpoint_state.STATE_FILENAME)} names checkpoint {prefix}, '
+                              f'but {prefix}.index does not exist')
     return prefix
   if not os.path.isfile(path + '.index'):
     if path.endswith('.index') and os.path.isfile(path):

@@ -128,10 +128,9 @@ def find_v1_files(path: str) -> list[str] | None:
   `path-00000-of-0000N`. A directory is resolved through its `checkpoint` state file.
   """
   if os.path.isdir(path):
-    state = os.path.join(path, checkpoint_state.STATE_FILENAME)
-    if not os.path.isfile(state):
+    path = checkpoint_state.newest_prefix(path)
+    if path is None:
       return None
-    path = os.path.join(path, checkpoint_state.newest_in(state))
   if os.path.exists(path + '.index') or path.endswith('.index'):
     return None
   if os.path.isfile(path):

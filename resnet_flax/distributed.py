@@ -8,7 +8,9 @@ start the same command once per host (or per GPU) with the scheduler you have.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import socket
 import warnings
 from typing import Iterator, Optional
 
@@ -79,6 +81,12 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
     raise ValueError(f'config.distributed.cluster_detection_method={method!r} is unknown; use one of {known} '
                      '(or leave it empty to detect the cluster).')
   explicit = {field: settings[field] for field in _EXPLICIT_FIELDS if settings[field] is not None}
+  address, source = settings.coordinator_address, 'config.distributed.coordinator_address'
+  if address is None:
+    address, source = os.environ.get('JAX_COORDINATOR_ADDRESS'), 'JAX_COORDINATOR_ADDRESS'
+  _check_coordinator_address(address, source)
+  if address is not None and settings.process_id == 0 and not os.environ.get('JAX_COORDINATOR_BIND_ADDRESS'):
+    _check_coordinator_port_free(address, source)
   if (settings.mode == 'auto' and not explicit and not settings.cluster_detection_method
       and not os.environ.get('JAX_COORDINATOR_ADDRESS')):
     cluster = detected_cluster()
@@ -98,6 +106,42 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
     logging.warning('persistent compilation cache off for this run: jax %s hangs in the first collective of '
                     'a multi-process CPU program read back from it; each process compiles afresh.', jax.__version__)
   return True
+
+
+def _check_coordinator_address(address: Optional[str], source: str) -> None:
+  """Refuses an `address` (from `source`) that is not host:port with a port in 1..65535.
+
+  JAX itself fails on a missing port with an IndexError traceback, and with port 0 or past
+  65535 process 0 waits for ever for a coordinator that never listened.
+  """
+  if address is None:
+    return
+  host, _, port = address.rpartition(':')
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"{source}={address!r} is not host:port; give process 0's host name or address and a free "
+                     "port from 1 to 65535 (e.g. 'node0:29500'), the same on every process.")
+
+
+def _check_coordinator_port_free(address: str, source: str) -> None:
+  """Process 0's check that it can listen on the port of `address` on every interface, as JAX will.
+
+  When it cannot, jaxlib's coordinator start fails, and more often than not (2 of 3 tries,
+  jaxlib 0.10.2) it takes the process down with a segmentation fault instead of raising.
+  """
+  port = int(address.rpartition(':')[2])
+  for family, everywhere in ((socket.AF_INET6, '::'), (socket.AF_INET, '')):
+    try:
+      with socket.socket(family) as probe:
+        # As gRPC does: a connection of an earlier run left in TIME_WAIT does not stop it listening.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((everywhere, port))
+      return
+    except OSError as error:
+      if error.errno in (errno.EADDRINUSE, errno.EACCES):
+        raise ValueError(f'{source}={address!r}: process 0 cannot listen on port {port} ({error.strerror}); '
+                         'another program holds it (an earlier run still alive?) or it is reserved: choose a free '
+                         'port, the same on every process.') from error
+  # Neither family could be tried (no network stack as we know it): JAX will say what it finds.
 
 
 def cached_programs_hang(process_count: int, backend: str, jax_version: tuple[int, ...]) -> bool:

@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
       'renorm': False,
       'renorm_decay': 0.99,
       'renorm_r_max': config_dict.placeholder(float),
-      'renorm_r_min': config_dict.placeholder(float),  # None: 1 / renorm_r_max
+      'renorm_r_min': config_dict.placeholder(float),  # None: TF's 0 (the paper uses 1 / renorm_r_max)
       'renorm_d_max': config_dict.placeholder(float),
       # Clipping schedule: plain BN (r = 1, d = 0) for start steps, then linear to the bounds.
       'renorm_clipping_start_step': 0,

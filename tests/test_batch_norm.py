@@ -294,6 +294,9 @@ def test_init_in_train_mode_creates_only_params_and_batch_stats():
     ({'renorm': True, 'renorm_decay': 2.0}, 'renorm_decay=2.0'),
     ({'renorm': True, 'renorm_r_max': 2.0, 'renorm_r_min': 3.0}, 'renorm_r_min=3.0'),
     ({'renorm': True, 'renorm_clipping_ramp_steps': -5}, 'renorm_clipping_ramp_steps=-5'),
+    # 1 - decay ** step = 0: NaN moving statistics (in TF too), reaching eval silently.
+    ({'decay': 1.0, 'zero_debias_moving_mean': True}, 'decay=1 with zero-debiasing'),
+    ({'decay': 1.0, 'zero_debias_moving_variance': True}, 'decay=1 with zero-debiasing'),
 ])
 def test_options_out_of_range_are_refused_naming_the_option(options, named):
   x = jnp.ones((4, 2, 2, 3))

@@ -18,9 +18,7 @@ def _layer_for(config, clipping):
   clipping = clipping or {}
   return BatchNorm(decay=config['decay'], epsilon=config['epsilon'], scale=True, center=True, renorm=True,
                    renorm_decay=config['renorm_decay'], renorm_r_max=clipping.get('rmax'),
-                   # TF leaves an absent rmin unclipped; ours would default it to 1 / rmax.
-                   renorm_r_min=clipping.get('rmin', 0.0 if 'rmax' in clipping else None),
-                   renorm_d_max=clipping.get('dmax'))
+                   renorm_r_min=clipping.get('rmin'), renorm_d_max=clipping.get('dmax'))  # absent: None, as TF
 
 
 @pytest.mark.parametrize('setting', ['clip', 'noclip', 'loaded'])
@@ -113,19 +111,21 @@ def test_invalid_renorm_options_are_clear_errors(options):
     layer.init(jax.random.PRNGKey(0), jnp.ones((4, 2)), train=False)
 
 
-def test_renorm_r_min_defaults_to_one_over_r_max():
-  """r_min=None with r_max set clips r below at 1/r_max (the paper's, and the docstring's, default)."""
+@pytest.mark.parametrize('r_min, expected_r_min', [(None, 0.0), (0.5, 0.5)])
+def test_renorm_r_min_none_is_tf_s_zero(r_min, expected_r_min):
+  """r_min=None with r_max set leaves r unclipped below, as TF's renorm_clipping without 'rmin'
+  (TF: "missing rmax, rmin, dmax are set to inf, 0, inf"); the paper's 1 / r_max must be given."""
   rng = np.random.RandomState(0)
   x = (rng.randn(8, 3, 3, 4) * 0.1 + 0.5).astype(np.float32)  # batch std ~0.1 << renorm_stddev = 1
   eps = 1e-3
-  layer = BatchNorm(renorm=True, renorm_r_max=2.0, epsilon=eps)  # no scale, beta = 0
+  layer = BatchNorm(renorm=True, renorm_r_max=2.0, renorm_r_min=r_min, epsilon=eps)  # no scale, beta = 0
   variables = layer.init(jax.random.PRNGKey(0), x, train=False)
   y, _ = layer.apply(variables, x, train=True, mutable=['batch_stats'])
   xd = x.astype(np.float64)
   mean, var = xd.mean((0, 1, 2)), xd.var((0, 1, 2))
-  r = np.clip(np.sqrt(var + eps) / 1.0, 1 / 2.0, 2.0)   # renorm_stddev starts at 1
-  d = (mean - 0.0) / 1.0                                 # renorm_mean starts at 0; d unclipped
-  assert np.all(np.sqrt(var + eps) < 0.5)                # the lower bound is what acts here
+  r = np.clip(np.sqrt(var + eps) / 1.0, expected_r_min, 2.0)   # renorm_stddev starts at 1
+  d = (mean - 0.0) / 1.0                                         # renorm_mean starts at 0; d unclipped
+  assert np.all(np.sqrt(var + eps) < 0.5)                        # a lower bound of 0.5 would act here
   np.testing.assert_allclose(y, (xd - mean) / np.sqrt(var + eps) * r + d, rtol=1e-5, atol=1e-5)
 
 

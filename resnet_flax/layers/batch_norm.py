@@ -46,6 +46,17 @@ def check_batch_statistics_possible(shape: tuple[int, ...], reduction_axes: tupl
         '(evaluate with train=False) for this step.')
 
 
+def slim_fuses(rank: int, fused: bool, zero_debias_moving_mean: bool) -> bool:
+  """Whether TF-Slim's `batch_norm(fused=fused)` runs a fused kernel on a rank-`rank` input, which
+  feeds the moving variance the unbiased batch variance (the non-fused code feeds the biased one).
+
+  Slim fuses ranks 2 and 4 itself; tf-keras's layer, which it builds otherwise, fuses ranks 4 and
+  5, but slim keeps zero-debiased layers off it. Rank 3 never fuses, whatever `fused` says
+  (measured: tests/fixtures/make_bn_rank_fixtures.py).
+  """
+  return fused and (rank in (2, 4) or (rank == 5 and not zero_debias_moving_mean))
+
+
 _CHECKED_OPTIONS = ('decay', 'epsilon', 'zero_debias_moving_mean', 'zero_debias_moving_variance', 'renorm',
                     'renorm_decay', 'renorm_r_min', 'renorm_r_max', 'renorm_d_max', 'renorm_clipping_start_step',
                     'renorm_clipping_ramp_steps')
@@ -70,6 +81,11 @@ def check_options(prefix: str, options: Mapping[str, Any]) -> None:
     # TF-Slim rejects renorm with zero_debias_moving_mean too; its moving averages are plain.
     raise ValueError(f'{prefix}renorm keeps plain moving averages (a moving stddev for the variance); turn off '
                      'zero_debias_moving_mean / zero_debias_moving_variance or renorm.')
+  if get('decay') == 1.0 and (get('zero_debias_moving_mean') or get('zero_debias_moving_variance')):
+    # TF gives NaN moving statistics too, and they reach eval silently.
+    raise ValueError(f'{prefix}decay=1 with zero-debiasing divides by 1 - decay ** step = 0 (NaN moving '
+                     'statistics); use a decay below 1, or turn zero_debias_moving_mean / '
+                     'zero_debias_moving_variance off to keep the statistics fixed.')
   # Written so NaN fails too: every comparison with NaN is False.
   for field in ('decay', 'renorm_decay'):
     if not 0.0 <= get(field) <= 1.0:
@@ -108,10 +124,11 @@ class BatchNorm(nn.Module):
       `biased / (1 - decay ** step)` as the moving mean.
     zero_debias_moving_variance: the same for the moving variance (as Haiku debiases
       both); before the first update the moving variance keeps its initial 1.
-    fused: match TF-Slim's fused code path (taken for 4-D inputs), which feeds the
-      unbiased batch variance (times n / (n - 1)) to the moving variance; False
-      matches the non-fused path, which feeds the biased one. Both normalize with
-      the biased variance.
+    fused: match TF-Slim's fused code path, which feeds the unbiased batch variance
+      (times n / (n - 1)) to the moving variance; False matches the non-fused path,
+      which feeds the biased one. Both normalize with the biased variance. As in
+      TF-Slim, only inputs of rank 2, 4 and 5 (5 without zero-debias) take the fused
+      path (`slim_fuses`); others feed the biased variance either way.
     frozen: train mode normalizes with the moving statistics and never updates them
       (fine-tuning at small batch); gamma and beta still get gradients. The options
       that shape the statistics (renorm, zero-debias, ghost batches) are accepted and
@@ -134,7 +151,7 @@ class BatchNorm(nn.Module):
       variance through a moving stddev, `moving_variance = max(moving_stddev ** 2 - epsilon, 0)`.
     renorm_decay: decay of the renorm mean and stddev (TF's `renorm_momentum`).
     renorm_r_min, renorm_r_max, renorm_d_max: TF's `renorm_clipping` rmin, rmax, dmax;
-      None leaves that side unclipped, except that r_min defaults to 1 / r_max as in the paper.
+      None leaves that side unclipped (r_min None is TF's 0; the paper's 1 / r_max must be given).
     renorm_clipping_start_step, renorm_clipping_ramp_steps: the clipping schedule: r = 1,
       d = 0 (plain BN) for the first steps, then bounds relax linearly to the targets;
       counted by this layer's own train-mode updates (`renorm_clipping_step`).
@@ -194,7 +211,8 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         self._require_mutable_stats()
         n = values_per_channel(group_shape, within_group)
-        self._update_statistics(stats, mean, variance, n)
+        unbiased = slim_fuses(x.ndim, self.fused, self.zero_debias_moving_mean)
+        self._update_statistics(stats, mean, variance, n / (n - 1) if unbiased else 1.0)
       y = normalize(groups, mean, variance, gamma, beta, self.epsilon, r, d).reshape(x.shape)
     else:
       y = normalize(x, stats['moving_mean'].value, stats['moving_variance'].value, gamma, beta, self.epsilon)
@@ -270,16 +288,18 @@ class BatchNorm(nn.Module):
 
   def _renorm_corrections(self, stats: dict[str, Any], mean: Array, variance: Array) -> tuple[Array, Array]:
     """r and d from the renorm averages before this step's update, as TF orders it."""
-    bounds = (self.renorm_r_min if self.renorm_r_min is not None or self.renorm_r_max is None
-              else 1.0 / self.renorm_r_max, self.renorm_r_max, self.renorm_d_max)
+    # A missing r_min is TF's 0 (r > 0, so no bound), which a clipping schedule can relax towards from 1.
+    bounds = (0.0 if self.renorm_r_min is None else self.renorm_r_min, self.renorm_r_max, self.renorm_d_max)
     if 'renorm_clipping_step' in stats:
       bounds = renorm.clipping_bounds(stats['renorm_clipping_step'].value, *bounds,
                                       self.renorm_clipping_start_step, self.renorm_clipping_ramp_steps)
     return renorm.corrections(mean, jnp.sqrt(variance + self.epsilon), stats['renorm_mean'].value,
                               stats['renorm_stddev'].value, self.epsilon, *bounds)
 
-  def _update_statistics(self, stats: dict[str, Any], mean: Array, variance: Array, n: int) -> None:
-    """One train-mode update of every moving statistic from the per-group moments."""
+  def _update_statistics(self, stats: dict[str, Any], mean: Array, variance: Array, variance_factor: float
+                         ) -> None:
+    """One train-mode update of every moving statistic from the per-group moments, the variance
+    fed times `variance_factor` (n / (n - 1) where TF-Slim's fused kernel runs, else 1)."""
     over_groups = lambda v: jnp.mean(v, axis=tuple(range(v.ndim - 1)))
     batch_mean = over_groups(mean)
     if self.zero_debias_moving_mean:
@@ -300,7 +320,7 @@ class BatchNorm(nn.Module):
       if 'renorm_clipping_step' in stats:
         stats['renorm_clipping_step'].value = stats['renorm_clipping_step'].value + 1.0
       return
-    batch_variance = over_groups(variance * (n / (n - 1)) if self.fused else variance)
+    batch_variance = over_groups(variance * variance_factor)
     if self.zero_debias_moving_variance:
       (stats['moving_variance_biased'].value, stats['moving_variance_local_step'].value,
        stats['moving_variance'].value) = moving_averages.zero_debiased_update(

@@ -191,7 +191,9 @@ class BatchNorm(nn.Module):
     stats = self._statistics(channels)
 
     if train and not self.frozen:
-      groups = ghost_batches(x, self.ghost_batch_size, module_path(self))
+      # One cast for the statistics and the normalization: a bfloat16 x's gradient is then their
+      # float32 sum rounded once, not two paths each rounded to bfloat16 before the sum.
+      groups = ghost_batches(x.astype(jnp.float32), self.ghost_batch_size, module_path(self))
       group_axis_count = groups.ndim - x.ndim  # 1 with ghost batches, else 0
       group_shape = groups.shape[group_axis_count:]  # one group's: x's shape, its batch axis smaller
       within_group = tuple(range(x.ndim - 1))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
+import sys
 from typing import Any, Callable, Iterable, Optional
 
 import flax.linen as nn
@@ -14,9 +16,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from resnet_flax import (checkpoints, config_checks, data, device_input, distributed, model_builder, precise_bn,
-                         pretrained, sharding, steps, workdirs)
+from resnet_flax import (checkpoints, config_checks, data, device_input, distributed, metrics_writer, model_builder,
+                         precise_bn, pretrained, sharding, steps, workdirs)
 from resnet_flax.progress import BatchProgress, batch_progress
+
+# What decides the images a model sees at evaluation: a run evaluated with other values scores
+# other numbers (digits trained upsampled to 16 px, evaluated padded to 8: 93.6% -> 13.9%).
+EVAL_INPUT_FIELDS = ('data.name', 'data.image_size', 'data.digits_resize', 'data.preprocessing', 'data.label_offset',
+                     'data.channels', 'model_options.output_stride')
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh
@@ -87,6 +94,30 @@ class LoadedCheckpoint:
     return evaluate_dataset(make_eval_step(self.model, self.mesh), variables, self.dataset, self.mesh, progress)
 
 
+def nonfinite_note(metrics: dict[str, Any], config: ml_collections.ConfigDict) -> Optional[str]:
+  """Why an evaluation whose loss is NaN or Inf means nothing, and what to do; None if it is finite.
+
+  Training losses use batch statistics; an evaluation uses the moving ones, which after few
+  updates (or with a deep model on tiny images) may not fit the weights at all.
+  """
+  if math.isfinite(metrics.get('loss', 0.0)):
+    return None
+  return (f"the evaluation's loss is {metrics['loss']}, so its accuracy means nothing: most likely the moving "
+          f'BatchNorm statistics (decay {config.bn.decay}) do not fit the weights yet. Evaluate after more steps, or with '
+          'statistics recomputed from training batches: eval.py --config.bn_recalibration_batches=20.')
+
+
+def input_differences(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """The fields deciding what the model sees at evaluation that differ from those the run in
+  `workdir` recorded in its config.json, as 'field: run's -> now'; none without a record."""
+  recorded = metrics_writer.recorded_config(workdir)
+  if recorded is None:
+    return []
+  current = metrics_writer.as_recorded(config.to_dict())
+  return [f'{field}: {recorded.get(field)} -> {current.get(field)}' for field in EVAL_INPUT_FIELDS
+          if recorded.get(field) != current.get(field)]
+
+
 def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoint: Optional[str] = None
                     ) -> LoadedCheckpoint:
   """The latest checkpoint in `workdir`, or `checkpoint`, with the model `config` describes.
@@ -112,6 +143,11 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     step = distributed.from_process_zero(step)
     checkpoint = os.path.join(directory, str(step))
     older = [saved for saved in checkpoints.committed_steps(directory) if saved < step]
+    differences = input_differences(config, workdir)
+    if differences and jax.process_index() == 0:
+      # Warned, not refused: another resolution or preprocessing may be the experiment.
+      print(f"warning: evaluating {workdir} on other inputs than its run trained on ({'; '.join(differences)}); "
+            "pass the run's values (--config.<field>=...) to evaluate it as trained.", file=sys.stderr)
   try:
     with distributed.failing_together('to read the checkpoint'):  # each process reads it whole, by itself
       variables, step, _ = pretrained.load_for_model(checkpoint, model,
@@ -156,8 +192,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoi
   """
   loaded = load_checkpoint(config, workdir, checkpoint)
   metrics = loaded.evaluate(show_progress=True)
+  result = {'step': loaded.step, **metrics}
   if config.get('bn_recalibration_batches', 0) > 0:
     variables = precise_bn.recalibrate(config, loaded.model, loaded.variables, config.bn_recalibration_batches,
                                        loaded.mesh, show_progress=True)
-    return {'step': loaded.step, **loaded.evaluate(variables, show_progress=True), 'before_recalibration': metrics}
-  return {'step': loaded.step, **metrics}
+    result = {'step': loaded.step, **loaded.evaluate(variables, show_progress=True), 'before_recalibration': metrics}
+  unusable = nonfinite_note(result, config)
+  if unusable and jax.process_index() == 0:
+    print(f'warning: {unusable}', file=sys.stderr)
+  return result

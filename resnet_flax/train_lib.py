@@ -98,6 +98,12 @@ def _summarize(history: list[dict[str, jax.Array]], last_step: int, skip_nonfini
   bad_steps = [first_step + i for i, metrics in enumerate(per_step) if metrics['nonfinite']]
   if bad_steps and not skip_nonfinite:
     kept = f'the last good checkpoint (step {last_saved}) is kept' if last_saved is not None else 'no checkpoint yet'
+    if bad_steps[0] == 1:  # computed from the initial weights: no learning rate has acted yet
+      raise NonFiniteLossError('non-finite loss or gradients at step 1, from the initial weights, so not from the '
+                               'learning rate; check the images (config.data) and that the model suits their '
+                               'size: a stride that leaves 1x1 feature maps gives BatchNorm only the batch size in '
+                               'values per channel (a larger config.batch_size or config.data.image_size, or a '
+                               'smaller model).', 1)
     raise NonFiniteLossError(f'non-finite loss or gradients at step {bad_steps[0]}; {kept}. Lower '
                              'config.learning_rate or raise config.warmup_steps, or set '
                              'config.skip_nonfinite_steps=True to skip such steps.', bad_steps[0])
@@ -285,15 +291,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
                                            float(schedule(step - 1)), writer, progress)
         history, interval_start = [], time.perf_counter()
         checkpointer.check()  # a failed save (full disk) stops the run now, not at the next save
+      if save_now:  # before the evaluation: one that fails (a bad validation image) loses no training
+        checkpointer.save(step, state)
+        last_saved = step
+        interval_start = time.perf_counter()  # The save's device-to-host copy is not training throughput.
       if _is_due(step, config.eval_every_steps, config.num_train_steps):
         eval_metrics = evaluate(state)
         writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         progress.message(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items()))
+        unusable = eval_lib.nonfinite_note(eval_metrics, config)
+        if unusable:
+          progress.message(f'warning: {unusable}')
         interval_start = time.perf_counter()  # Evaluation time is not training throughput.
-      if save_now:
-        checkpointer.save(step, state)
-        last_saved = step
-        interval_start = time.perf_counter()  # The save's device-to-host copy is not training throughput.
       if stopping:
         progress.message(f'Preempted: saved step {step} to {checkpointer.directory}; rerun the same command to resume.')
         break

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from resnet_flax import (checkpoints, config_checks, data, device_input, distributed, eval_lib, model_builder, optim,
                          pretrained, sharding, steps, workdir_lock, workdirs)
-from resnet_flax.metrics_writer import MetricsWriter, config_changes
+from resnet_flax.metrics_writer import MetricsWriter, config_changes, recorded_config
 from resnet_flax.progress import ProgressBar
 from resnet_flax.train_state import TrainState, abstract_train_state, create_train_state
 
@@ -138,6 +138,8 @@ def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_r
                           ) -> tuple[TrainState, Optional[int]]:
   """The state to train on and the step of the checkpoint it was resumed from (None: none was):
   the newest intact checkpoint of `workdir`, else `config.init_checkpoint`'s weights, else `state`."""
+  if checkpoints.committed_steps(checkpointer.directory):
+    _check_same_data_set(config, workdir, checkpointer.directory)
   try:
     state, last_saved = checkpointer.restore_newest_intact(state, progress.message)
   except checkpoints.StateMismatchError as error:
@@ -153,6 +155,19 @@ def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_r
                      f'{config.num_train_steps}; raise num_train_steps to train on, or pass a fresh --workdir '
                      '(eval.py evaluates the checkpoint).')
   return state, last_saved
+
+
+def _check_same_data_set(config: ml_collections.ConfigDict, workdir: str, checkpoint_dir: str) -> None:
+  """Refuses to resume the run in `workdir` on another data set than the one its config.json names.
+
+  Its state may fit (digits and synthetic data both have 10 classes), so it would train on:
+  what a second experiment in the shared default workdir did, silently.
+  """
+  recorded = (recorded_config(workdir) or {}).get('data.name')
+  if recorded is not None and recorded != config.data.name:
+    raise ValueError(f'{workdir} holds a run on {recorded} (its config.json), but config.data.name is '
+                     f'{config.data.name!r}; pass another --workdir, or start from its weights with '
+                     f'--config.init_checkpoint={checkpoint_dir}/<step> in a new one.')
 
 
 def _log_interval(step: int, history: list[dict[str, jax.Array]], interval_start: float, nonfinite_before: int,
@@ -265,7 +280,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
 
   with distributed.failing_together('to open the metrics files'):  # the chief's alone
     writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=last_saved)
-    changes = writer.record_config(run_record)
+    # A resumed run records its config with its first save: config.json describes the newest
+    # checkpoint, also when a changed start fails before saving anything.
+    changes = writer.record_config(run_record) if last_saved is None else config_changes(workdir, run_record)
+  config_recorded = last_saved is None
   if last_saved is not None and changes:
     # Allowed (a longer run, another eval cadence), but some (batch size, BN options, the
     # device count with per-device statistics) make the result differ from an uninterrupted run.
@@ -294,6 +312,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
       if save_now:  # before the evaluation: one that fails (a bad validation image) loses no training
         checkpointer.save(step, state)
         last_saved = step
+        if not config_recorded:
+          writer.record_config(run_record)
+          config_recorded = True
         interval_start = time.perf_counter()  # The save's device-to-host copy is not training throughput.
       if _is_due(step, config.eval_every_steps, config.num_train_steps):
         eval_metrics = evaluate(state)

@@ -155,6 +155,35 @@ def test_a_non_finite_evaluation_is_explained():
   assert 'accuracy means nothing' in note and '--config.bn_recalibration_batches' in note
 
 
+def test_resuming_on_another_data_set_is_refused(tmp_path):
+  # Digits and synthetic data both have 10 classes: the state fit, and the run trained on.
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  config = tiny_config(4)
+  config.data.update(name='synthetic', num_examples=64, image_size=8, channels=1)
+  with pytest.raises(ValueError, match=rf"{tmp_path} holds a run on digits \(its config.json\), but "
+                                       r"config.data.name is 'synthetic'; pass another --workdir"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+def test_config_json_describes_the_newest_checkpoint_when_a_changed_start_fails(tmp_path, monkeypatch):
+  # A resumed start with a changed config rewrote config.json at once; when it then failed
+  # before saving, the record of what trained the checkpoints was lost.
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  config = tiny_config(4)
+  config.learning_rate = 0.5
+
+  def failing(*args, **kwargs):
+    raise FloatingPointError('non-finite loss or gradients at step 4')
+
+  with monkeypatch.context() as patched:
+    patched.setattr(train_lib, '_log_interval', failing)
+    with pytest.raises(FloatingPointError):
+      train_lib.train_and_evaluate(config, str(tmp_path))
+  assert metrics_writer.recorded_config(str(tmp_path))['learning_rate'] == tiny_config().learning_rate
+  train_lib.train_and_evaluate(config, str(tmp_path))  # saves step 4: now the record is its config
+  assert metrics_writer.recorded_config(str(tmp_path))['learning_rate'] == 0.5
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
   straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
   train_lib.train_and_evaluate(tiny_config(4), str(straight))

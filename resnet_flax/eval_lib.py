@@ -65,8 +65,8 @@ def evaluate_dataset(eval_step: Callable[[dict[str, Any], device_input.DeviceBat
 
 def build_eval_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
   """This process's share of `config.eval_split`, built by every process together (`device_input.agreed_dataset`)."""
-  return device_input.agreed_dataset(config, config.eval_split, config.eval_batch_size or config.batch_size,
-                                     'config.eval_batch_size')
+  setting = 'config.eval_batch_size' if config.eval_batch_size else 'config.eval_batch_size=0, so config.batch_size'
+  return device_input.agreed_dataset(config, config.eval_split, config.eval_batch_size or config.batch_size, setting)
 
 
 def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, Any]:

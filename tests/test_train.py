@@ -148,6 +148,16 @@ def test_a_non_finite_step_names_the_likely_cause(step, named):
     train_lib._summarize(history, step, skip_nonfinite=False, last_saved=None)
 
 
+@pytest.mark.parametrize('eval_batch_size, named', [(0, 'config.eval_batch_size=0, so config.batch_size=3 does'),
+                                                     (5, 'config.eval_batch_size=5 does')])
+def test_an_eval_batch_that_does_not_split_names_the_setting_that_gave_it(monkeypatch, eval_batch_size, named):
+  config = tiny_config()
+  config.update(batch_size=3, eval_batch_size=eval_batch_size)
+  monkeypatch.setattr(jax, 'device_count', lambda: 2)
+  with pytest.raises(ValueError, match=rf'^{named} not split over 2 devices; use a multiple of 2'):
+    eval_lib.build_eval_dataset(config)
+
+
 def test_a_non_finite_evaluation_is_explained():
   config = tiny_config()
   assert eval_lib.nonfinite_note({'loss': 0.5, 'top1': 0.9}, config) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -163,18 +164,29 @@ class Checkpointer:
         # An older one fits the config, so the newer ones are damaged, not foreign: set them
         # aside (kept for inspection) so this run can save those steps again. One process
         # renames; the others wait for it before they look at the directory again.
-        if jax.process_index() == 0:
-          for bad in failed_steps:
-            os.rename(os.path.join(self.directory, str(bad)), os.path.join(self.directory, f'{bad}.damaged'))
+        set_aside = ([_set_aside(self.directory, bad) for bad in failed_steps] if jax.process_index() == 0
+                     else ['<step>.damaged'])
         if jax.process_count() > 1:
           multihost_utils.sync_global_devices('resnet_flax: damaged checkpoints set aside')
         self._manager.reload()
-        report(f'Set aside damaged checkpoint(s) {failed_steps} as <step>.damaged; resuming from step {step}.')
+        report(f'Set aside damaged checkpoint(s) {failed_steps} as {", ".join(set_aside)}; resuming from step {step}.')
       return state, step
     if failures:
       raise CheckpointError(f'no usable checkpoint in {self.directory}, {len(failures)} tried; the newest: '
                             f'{failures[0]}')
     return target, None
+
+
+def _set_aside(directory: str, step: int) -> str:
+  """Renames the damaged `directory/<step>` to the first free name of `<step>.damaged`,
+  `<step>.damaged.2`, ... and returns that path: a step saved again after it was set aside
+  can be damaged again, and an earlier one is kept for inspection too."""
+  candidates = (os.path.join(directory, f'{step}.damaged' + (f'.{number}' if number > 1 else ''))
+                for number in itertools.count(1))
+  # Not left to os.rename: it fails on a directory that holds files and replaces an empty one.
+  target = next(path for path in candidates if not os.path.lexists(path))
+  os.rename(os.path.join(directory, str(step)), target)
+  return target
 
 
 def checkpoint_bytes(tree: Any) -> int:

@@ -123,6 +123,25 @@ def test_damaged_newest_checkpoint_falls_back_and_finishes_identically(tmp_path)
                          _read_params(damaged, tiny_config(), 6))
 
 
+def test_the_same_step_damaged_twice_is_set_aside_twice(tmp_path, capsys):
+  # The rerun saves step 4 again; damaged again, it had met the first 4.damaged: "OSError:
+  # [Errno 39] Directory not empty" on every later start.
+  directory = tmp_path / 'checkpoints'
+  train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))
+  for set_aside in ['4.damaged', '4.damaged.2']:
+    _truncate_files(directory / '4')
+    capsys.readouterr()
+    assert train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))['step'] == 4
+    assert (f'Set aside damaged checkpoint(s) [4] as {directory}/{set_aside}; resuming from step 2.'
+            in capsys.readouterr().out)
+  assert sorted(os.listdir(directory)) == ['2', '4', '4.damaged', '4.damaged.2']
+  assert checkpoints.committed_steps(str(directory)) == [2, 4]
+  # Evaluating one set aside: the error names it, as for 4.damaged.
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=re.escape(f'checkpoint {directory}/4.damaged.2 cannot be read (') + r'.*\); it is damaged'):
+    eval_lib.evaluate(tiny_config(4), None, str(directory / '4.damaged.2'))
+
+
 def _catches(pid, signum):
   """Whether process `pid` has a handler of its own for `signum` (Linux: /proc/<pid>/status)."""
   with open(f'/proc/{pid}/status', encoding='utf-8') as status:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import functools
+import importlib.machinery
+import importlib.util
+import inspect
 import os
 import sys
+import traceback
 from typing import Callable, NoReturn, Optional
 
+import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -48,22 +53,30 @@ def define_flags() -> None:
                                     'Experiment config file (configs/*.py).', lock_config=True)
   except (AttributeError, KeyError) as error:
     _exit_unknown_field(error, sys.argv[1:])
+  # DEFINE_config_file takes no parser: ours replaces ml_collections' before the command line's
+  # --config=FILE is loaded (the default file, this repository's, is loaded by then).
+  flags.FLAGS['config'].parser = _ConfigFileParser()
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl and TensorBoard events '
                       f'(train.py: {DEFAULT_TRAIN_WORKDIR} if left out).')
   flags.DEFINE_bool('traceback', False, 'Show the full traceback of user errors too.')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a malformed value, an unknown field, a word that is not a flag or an
-  override of a field the chosen optimizer, schedule or data set never reads reported in one
-  line (exit 2).
+  """absl's parsing, with a config file that gives no config (`--traceback`: its traceback), a
+  malformed value, an unknown field, a word that is not a flag or an override of a field the
+  chosen optimizer, schedule or data set never reads reported in one line (exit 2).
 
   With `--config=FILE` given, the overrides are applied here rather than in `define_flags`.
   """
   try:
     remaining = flags.FLAGS(argv)
-    flags.FLAGS.config.keys()  # ml_collections defers a failed load to the first use: fail here, in one line.
+    if flags.FLAGS.config is None:  # no --config, and no configs/digits.py beside the package
+      _exit('no config given; pass --config=configs/<name>.py.')
     _refuse_repeated_tuple_overrides(argv[1:], flags.FLAGS.config)
+  except ConfigFileError as error:
+    if _traceback_in(argv):
+      raise
+    _exit(str(error))
   except flags.Error as error:
     given_none = [arg for arg in argv[1:]
                   if arg.startswith('--config.') and arg.endswith('=None') and arg in str(error)]
@@ -71,13 +84,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       _exit(f'{given_none[0]}: None cannot be given on the command line; leave the flag out for the config '
             "file's value, or set the field to None in a config file (configs/default.py shows which may be).")
     _exit(f'{error}; configs/default.py shows every field with its type.')
-  except (OSError, SyntaxError) as error:  # --config=FILE missing or not Python
-    error = error.__cause__ or error
-    where = f' at {error.filename}:{error.lineno}' if isinstance(error, SyntaxError) else ''
-    _exit(f'config file cannot be loaded ({_innermost_message(error)}{where}); pass --config=configs/<name>.py.')
   except (AttributeError, KeyError) as error:
-    if 'get_config' in str(error):
-      _exit("the config file has no get_config(); configs/digits.py shows the form (it returns a ConfigDict).")
     _exit_unknown_field(error, argv[1:])
   if len(remaining) > 1:
     # absl leaves words that are not flags to main(); dropped there, `--config.bn.scale False`
@@ -90,6 +97,101 @@ def parse_flags(argv: list[str]) -> list[str]:
   except ValueError as error:
     _exit(str(error))
   return remaining
+
+
+class ConfigFileError(Exception):
+  """A `--config` file that gives no config; the message is the one line to show.
+
+  Not a ValueError: absl would rewrap one as 'flag --config=...: <message>'.
+  """
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """`--config=FILE[:STRING]` as ml_collections reads it (FILE's `get_config(STRING)`, locked),
+  with each way a file fails as a ConfigFileError. ml_collections' own parser lets get_config's
+  exceptions out with their tracebacks (a TypeError or ValueError rewritten with the traceback
+  as its message), puts off a missing file until the config is first used, and returns whatever
+  get_config returns (a dict then failed in train.py with an AttributeError)."""
+
+  def parse(self, argument: str) -> ml_collections.ConfigDict:
+    path, colon, string = argument.partition(':')  # ml_collections splits at the first colon too
+    if not path:
+      raise ConfigFileError('--config is empty; pass --config=configs/<name>.py.')
+    try:
+      spec = importlib.util.spec_from_file_location('config_config', path,
+                                                    loader=importlib.machinery.SourceFileLoader('config_config', path))
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+    except OSError as error:
+      raise ConfigFileError(f'config file {path} cannot be loaded ({error.strerror or error}); pass '
+                            '--config=configs/<name>.py.') from error
+    except SyntaxError as error:  # error.filename: the config file or a module it imports
+      raise ConfigFileError(f'config file {path} cannot be loaded ({error.msg} at {error.filename}:{error.lineno}); '
+                            f'fix {error.filename}.') from error
+    except Exception as error:  # pylint: disable=broad-except  # whatever its top level raises
+      raise ConfigFileError(_config_file_raised(path, error)) from error
+    get_config = getattr(module, 'get_config', None)
+    if not callable(get_config):
+      raise ConfigFileError(f'config file {path} has no get_config(); configs/digits.py shows the form (it returns '
+                            'a ConfigDict).')
+    arguments = [string] if colon else []
+    try:
+      config = get_config(*arguments)
+    except Exception as error:  # pylint: disable=broad-except  # whatever get_config raises
+      if isinstance(error, TypeError) and not _accepts(get_config, arguments):
+        call, fix = ((f'get_config({string!r}), the text after the colon,', f'pass --config={path} without ":{string}"')
+                     if colon else ('get_config()', f'pass the argument it takes after a colon, --config={path}:VALUE'))
+        raise ConfigFileError(f'config file {path}: {call} raised TypeError: {error}; {fix}.') from error
+      raise ConfigFileError(_config_file_raised(path, error)) from error
+    if not isinstance(config, ml_collections.ConfigDict):
+      name = type(config).__name__
+      returned = ('None (no return statement?)' if config is None
+                  else f'{"an" if name[0].lower() in "aeiou" else "a"} {name}')
+      convert = 'ml_collections.ConfigDict(d) makes one of a dict; ' if isinstance(config, dict) else ''
+      raise ConfigFileError(f'config file {path}: get_config() returned {returned}; get_config() must return an '
+                            f'ml_collections.ConfigDict ({convert}configs/digits.py shows the form).')
+    config.lock()  # as DEFINE_config_file(lock_config=True): an override of a field no config has is an error
+    return config
+
+  def flag_type(self) -> str:
+    return 'config object'
+
+
+def _accepts(function: Callable, arguments: list[str]) -> bool:
+  """Whether `function` can be called with `arguments` (True where its signature is unknown)."""
+  try:
+    inspect.signature(function).bind(*arguments)
+  except TypeError:
+    return False
+  except ValueError:  # no signature to inspect
+    pass
+  return True
+
+
+def _config_file_raised(path: str, error: BaseException) -> str:
+  """'config file F raised NameError: ... at F:6 (in get_config); fix F ...': the innermost line of F
+  in the traceback (a module F imports may have raised, below it)."""
+  in_file = [frame for frame in traceback.extract_tb(error.__traceback__)
+             if os.path.realpath(frame.filename) == os.path.realpath(path)]
+  where = f' at {path}:{in_file[-1].lineno} (in {in_file[-1].name})' if in_file else ''
+  message = str(error).strip()
+  raised = f'{type(error).__name__}: {message.splitlines()[0]}' if message else type(error).__name__
+  return f'config file {path} raised {raised}{where}; fix {path} (--traceback shows the whole traceback).'
+
+
+def _traceback_in(argv: list[str]) -> bool:
+  """Whether `argv` sets --traceback, read from the words themselves: a --config that fails
+  stops absl's parsing before the flags after it."""
+  wanted = False
+  for word in argv[1:]:
+    if word == '--':
+      break
+    name, equals, value = word.lstrip('-').partition('=')
+    if name == 'traceback' and word.startswith('-'):
+      wanted = not equals or value.lower() in ('true', 't', '1')
+    elif name == 'notraceback' and word.startswith('-'):
+      wanted = False
+  return wanted
 
 
 def workdir(default: Optional[str] = None) -> Optional[str]:

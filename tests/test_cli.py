@@ -1,0 +1,47 @@
+"""train.py's command line: a --config file that raises or returns no ConfigDict is one line, exit status 2."""
+
+import pytest
+
+from test_train import run_script
+
+RAISES = ('import ml_collections\n\n\ndef get_config():\n  config = ml_collections.ConfigDict()\n'
+          '  config.batch_size = bach_size\n  return config\n')
+RETURNS_A_DICT = "def get_config():\n  return {'batch_size': 8}\n"
+
+
+def _error_line(*args):
+  done = run_script('train.py', *args)
+  lines = done.stderr.strip().splitlines()
+  assert done.returncode == 2 and len(lines) == 1, done.stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize('contents, expected', [
+    # Had been a 36-line traceback, exit status 1.
+    (RAISES, "error: config file {path} raised NameError: name 'bach_size' is not defined at {path}:6 (in get_config); "
+             'fix {path} (--traceback shows the whole traceback).'),
+    # Had failed in train.py, at config.distributed: "AttributeError: 'dict' object has no attribute".
+    (RETURNS_A_DICT, 'error: config file {path}: get_config() returned a dict; get_config() must return an '
+                     'ml_collections.ConfigDict (ml_collections.ConfigDict(d) makes one of a dict; configs/digits.py '
+                     'shows the form).'),
+], ids=['raises', 'returns_a_dict'])
+def test_a_config_file_that_raises_or_returns_no_config_dict_is_one_line(tmp_path, contents, expected):
+  path = tmp_path / 'my_config.py'
+  path.write_text(contents)
+  # The override is applied after get_config: a dict had reached it too.
+  assert _error_line(f'--workdir={tmp_path}', f'--config={path}', '--config.batch_size=4') == expected.format(path=path)
+
+
+def test_a_config_string_get_config_does_not_take_is_one_line(tmp_path):
+  # Had been absl's "error: flag --config=...: Error whilst parsing config file:" and a traceback.
+  assert _error_line(f'--workdir={tmp_path}', '--config=configs/default.py:foo') == (
+      "error: config file configs/default.py: get_config('foo'), the text after the colon, raised TypeError: "
+      'get_config() takes 0 positional arguments but 1 was given; pass --config=configs/default.py without ":foo".')
+
+
+def test_traceback_shows_where_the_config_file_raised(tmp_path):
+  path = tmp_path / 'my_config.py'
+  path.write_text(RAISES)
+  done = run_script('train.py', f'--workdir={tmp_path}', f'--config={path}', '--traceback')
+  assert done.returncode == 1
+  assert f'File "{path}", line 6, in get_config' in done.stderr and 'NameError' in done.stderr, done.stderr

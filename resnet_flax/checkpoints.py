@@ -396,6 +396,11 @@ def restore_from(path: str, target: Any) -> Any:
     with ocp.StandardCheckpointer() as checkpointer:
       return checkpointer.restore(item, abstract_like(target))
   except _READ_FAILURES as error:
-    raise CheckpointError(f'checkpoint {path} is damaged or does not match this model/config '
-                          f'({_read_failure(error)}); resume with the config it was trained with '
-                          '(model and its options, num_classes, optimizer, bn), or start a fresh --workdir.') from error
+    why = _read_failure(error)
+    if 'tree structures do not match' in why:
+      raise CheckpointError(f'checkpoint {path} does not match this model/config ({why}); resume with the config '
+                            'it was trained with (model and its options, num_classes, optimizer, bn), or start a '
+                            'fresh --workdir.') from error
+    # The arrays' names and shapes were compared before the read: a failing read is damage.
+    raise CheckpointError(f'checkpoint {path} is damaged ({why}): a crash or a disk error cut or changed its files; '
+                          'use an older checkpoint, or start a fresh --workdir.') from error

@@ -1,6 +1,7 @@
-"""Range checks of a config's values before anything is built: one-line errors naming the field.
+"""Checks of a config before anything is built: one-line errors naming the field.
 
-ml_collections checks types; these check what the values mean. BatchNorm's options are
+A field no program reads (a misspelling in a config file) is refused. ml_collections checks
+types; these check what the values mean. BatchNorm's options are
 checked by `layers.batch_norm.check_options` (the layer runs it too), the steps the 'step'
 schedule's boundaries land on by `optim.check_lr_boundaries` (the schedule runs it too) and
 block_sizes by the model registry, where library users meet them as well.
@@ -8,6 +9,7 @@ block_sizes by the model registry, where library users meet them as well.
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from typing import Any, Callable, Iterable
@@ -16,6 +18,19 @@ import ml_collections
 
 from resnet_flax import data, optim
 from resnet_flax.layers import batch_norm
+
+# Every top-level field train.py and eval.py read: configs/default.py's (a test keeps the two
+# equal). Assigning to a config in a file adds any name, so a misspelt one would be ignored.
+_FIELDS = frozenset({
+    'model', 'model_options', 'num_classes', 'init_checkpoint', 'dtype', 'bn', 'data', 'eval_split',
+    'bn_recalibration_batches', 'bn_report_batch_sizes', 'batch_size', 'eval_batch_size', 'num_train_steps',
+    'optimizer', 'learning_rate', 'lr_batch_size', 'lr_schedule', 'warmup_steps', 'lr_boundaries', 'lr_decay_factor',
+    'lr_end', 'lr_power', 'momentum', 'nesterov', 'weight_decay', 'label_smoothing', 'skip_nonfinite_steps',
+    'max_skipped_in_a_row', 'lars', 'adamw', 'shard_optimizer_state', 'distributed', 'seed', 'log_every_steps',
+    'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
+})
+# Top-level fields only another program reads, set in its own configs (configs/bn_sweep.py).
+_OTHER_PROGRAMS_FIELDS = frozenset({'sweep'})
 
 # (field, allowed, what it must be). Every number in a value must also be finite (`_finite`):
 # `v >= 0` holds for inf, which then surfaces only as a non-finite loss at step 1.
@@ -94,8 +109,26 @@ def _allowed(allowed: Callable[[Any], bool], value: Any) -> bool:
     return False
 
 
+def _check_fields(config: ml_collections.ConfigDict) -> None:
+  """Refuses top-level fields no program reads, each with the known field closest to it."""
+  known = _FIELDS | _OTHER_PROGRAMS_FIELDS
+  unknown = sorted(set(config.keys()) - known)
+  if not unknown:
+    return
+  named = []
+  for field in unknown:
+    close = difflib.get_close_matches(field, known, n=1)
+    named.append(f'config.{field}' + (f' (did you mean config.{close[0]}?)' if close else ''))
+  several = len(unknown) > 1
+  raise ValueError(f'unknown config field{"s" * several} {", ".join(named)}: no program reads '
+                   f'{"them" if several else "it"}, so the value would be ignored; fix or remove '
+                   f'{"them" if several else "it"} in the config file (configs/default.py lists every field).')
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a one-line ValueError for the first field of `config` out of its range, or at odds with others."""
+  """Raises a one-line ValueError for a top-level field no program reads, or the first field of
+  `config` out of its range, or at odds with others."""
+  _check_fields(config)
   for field, allowed, expected in _RULES:
     value = _lookup(config, field)
     if value is None:

@@ -3,17 +3,25 @@
 import glob
 import importlib
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits
+from configs import default, digits
 from resnet_flax import config_checks, data, optim, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_MODULES = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(REPO, 'configs', '[a-z]*.py')))
+
+
+def _run(program, *args):
+  """`python <program> ARGS` (a script, or ['-m', module]) from the repository on CPU, output captured."""
+  return subprocess.run([sys.executable, *program, *args], capture_output=True, text=True, cwd=REPO,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
 
 
 def _with(field, value):
@@ -25,6 +33,41 @@ def _with(field, value):
 @pytest.mark.parametrize('name', CONFIG_MODULES)
 def test_every_shipped_config_passes(name):
   config_checks.check_config(importlib.import_module(f'configs.{name}').get_config())
+
+
+def test_the_known_fields_are_default_py_s():
+  assert config_checks._FIELDS == set(default.get_config().keys())
+
+
+def _with_new_field(field, value):
+  config = digits.get_config()
+  setattr(config, field, value)  # as a config file's `config.<field> = value` adds it
+  return config
+
+
+@pytest.mark.parametrize('field, closest', [
+    ('lerning_rate', 'learning_rate'), ('num_train_step', 'num_train_steps'), ('swep', 'sweep'), ('zzz', None),
+])
+def test_an_unknown_field_in_a_config_file_is_one_line_naming_the_closest(field, closest):
+  with pytest.raises(ValueError, match=rf'^unknown config field config\.{field}\b') as error:
+    config_checks.check_config(_with_new_field(field, 0.01))
+  message = str(error.value)
+  assert '\n' not in message and message.endswith('(configs/default.py lists every field).')
+  assert (f'(did you mean config.{closest}?)' in message) if closest else 'did you mean' not in message
+
+
+def test_a_misspelt_field_in_a_config_file_stops_train_py_before_anything_is_written(tmp_path):
+  # It had trained at the default learning rate, config.json holding both fields.
+  config_file = tmp_path / 'typo.py'
+  config_file.write_text('from configs import digits\n\n\ndef get_config():\n  config = digits.get_config()\n'
+                         '  config.lerning_rate = 0.01\n  return config\n')
+  workdir = tmp_path / 'run'
+  result = _run(['train.py'], f'--config={config_file}', f'--workdir={workdir}', '--config.num_train_steps=2')
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.splitlines() == [
+      'error: unknown config field config.lerning_rate (did you mean config.learning_rate?): no program reads it, so '
+      'the value would be ignored; fix or remove it in the config file (configs/default.py lists every field).']
+  assert not workdir.exists()
 
 
 @pytest.mark.parametrize('field, value', [

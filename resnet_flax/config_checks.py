@@ -1,7 +1,8 @@
 """Checks of a config before anything is built: one-line errors naming the field.
 
-A field no program reads (a misspelling in a config file) is refused. ml_collections checks
-types; these check what the values mean. BatchNorm's options are
+A field no program reads (a misspelling in a config file) is refused, and so is a command-line
+override of one the running program, or its optimizer, schedule or data set, never reads.
+ml_collections checks types; these check what the values mean. BatchNorm's options are
 checked by `layers.batch_norm.check_options` (the layer runs it too), the steps the 'step'
 schedule's boundaries land on by `optim.check_lr_boundaries` (the schedule runs it too) and
 block_sizes by the model registry, where library users meet them as well.
@@ -12,7 +13,9 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from typing import Any, Callable, Iterable
+import os
+import sys
+from typing import Any, Callable, Iterable, Optional
 
 import ml_collections
 
@@ -29,8 +32,16 @@ _FIELDS = frozenset({
     'max_skipped_in_a_row', 'lars', 'adamw', 'shard_optimizer_state', 'distributed', 'seed', 'log_every_steps',
     'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
 })
-# Top-level fields only another program reads, set in its own configs (configs/bn_sweep.py).
-_OTHER_PROGRAMS_FIELDS = frozenset({'sweep'})
+# The programs, as their users start them.
+TRAIN, EVAL, BN_SWEEP = 'train.py', 'eval.py', 'python -m resnet_flax.bn_sweep'
+# Fields only one program reads -> that program. A config file may set them (train.py trains
+# configs/bn_sweep.py's base run); a command-line override in another program is refused.
+_READ_ONLY_BY: tuple[tuple[tuple[str, ...], str], ...] = (
+    (('sweep',), BN_SWEEP),
+    (('bn_recalibration_batches', 'bn_report_batch_sizes'), EVAL),
+)
+# Top-level fields only another program reads, set in its own configs (configs/bn_sweep.py's sweep).
+_OTHER_PROGRAMS_FIELDS = frozenset(field for fields, _ in _READ_ONLY_BY for field in fields) - _FIELDS
 
 # (field, allowed, what it must be). Every number in a value must also be finite (`_finite`):
 # `v >= 0` holds for inf, which then surfaces only as a non-finite loss at step 1.
@@ -153,10 +164,32 @@ def _one_of(values: tuple[str, ...]) -> str:
   return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
-def check_overrides_read(config: ml_collections.ConfigDict, overridden: Iterable[str]) -> None:
+def running_program() -> Optional[str]:
+  """TRAIN, EVAL or BN_SWEEP, as the process's main module says; None for any other (a test, a library user)."""
+  main = sys.modules.get('__main__')
+  spec = getattr(main, '__spec__', None)
+  if spec is not None and spec.name == 'resnet_flax.bn_sweep.__main__':
+    return BN_SWEEP
+  script = os.path.basename(getattr(main, '__file__', None) or '')
+  return script if script in (TRAIN, EVAL) else None
+
+
+def _check_program_reads(field: str, program: str) -> None:
+  for groups, reader in _READ_ONLY_BY:
+    if reader != program and any(_within(field, group) for group in groups):
+      raise ValueError(f'--config.{field} does nothing in {program}: it is read only by {reader}; run {reader} '
+                       f'with it, or drop --config.{field}.')
+
+
+def check_overrides_read(config: ml_collections.ConfigDict, overridden: Iterable[str],
+                         program: Optional[str] = None) -> None:
   """Raises a one-line ValueError for a command-line override (`--config.<field>`, dotted
-  `overridden` names) of a field `config`'s optimizer, schedule or data set never reads."""
+  `overridden` names) of a field `program` (TRAIN, EVAL or BN_SWEEP; None: `running_program()`)
+  or `config`'s optimizer, schedule or data set never reads."""
+  program = program or running_program()
   for field in overridden:
+    if program is not None:
+      _check_program_reads(field, program)
     for groups, readers in _READ_ONLY_WITH:
       if not any(_within(field, group) for group in groups):
         continue

@@ -18,9 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_MODULES = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(REPO, 'configs', '[a-z]*.py')))
 
 
-def _run(program, *args):
-  """`python <program> ARGS` (a script, or ['-m', module]) from the repository on CPU, output captured."""
-  return subprocess.run([sys.executable, *program, *args], capture_output=True, text=True, cwd=REPO,
+def _run(*args):
+  """`python ARGS` (a script or -m module, then its flags) from the repository on CPU, output captured."""
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
 
 
@@ -62,7 +62,7 @@ def test_a_misspelt_field_in_a_config_file_stops_train_py_before_anything_is_wri
   config_file.write_text('from configs import digits\n\n\ndef get_config():\n  config = digits.get_config()\n'
                          '  config.lerning_rate = 0.01\n  return config\n')
   workdir = tmp_path / 'run'
-  result = _run(['train.py'], f'--config={config_file}', f'--workdir={workdir}', '--config.num_train_steps=2')
+  result = _run('train.py', f'--config={config_file}', f'--workdir={workdir}', '--config.num_train_steps=2')
   assert result.returncode == 2, result.stderr
   assert result.stderr.splitlines() == [
       'error: unknown config field config.lerning_rate (did you mean config.learning_rate?): no program reads it, so '
@@ -209,6 +209,59 @@ def test_overrides_the_run_reads_are_allowed(overrides):
   config = digits.get_config()
   config.update_from_flattened_dict(overrides)
   config_checks.check_overrides_read(config, list(overrides))
+
+
+def _sweep_config():
+  return importlib.import_module('configs.bn_sweep').get_config()
+
+
+@pytest.mark.parametrize('program, field, reader', [
+    (config_checks.TRAIN, 'sweep.decay', config_checks.BN_SWEEP),
+    (config_checks.TRAIN, 'bn_recalibration_batches', config_checks.EVAL),
+    (config_checks.TRAIN, 'bn_report_batch_sizes', config_checks.EVAL),
+    (config_checks.EVAL, 'sweep.batch_size', config_checks.BN_SWEEP),
+    (config_checks.BN_SWEEP, 'bn_recalibration_batches', config_checks.EVAL),  # its own is sweep.recalibration_batches
+])
+def test_an_override_of_a_field_only_another_program_reads_names_that_program(program, field, reader):
+  with pytest.raises(ValueError) as error:
+    config_checks.check_overrides_read(_sweep_config(), [field], program)
+  assert str(error.value) == (f'--config.{field} does nothing in {program}: it is read only by {reader}; run {reader} '
+                              f'with it, or drop --config.{field}.')
+
+
+@pytest.mark.parametrize('program, field', [
+    (config_checks.BN_SWEEP, 'sweep.decay'), (config_checks.EVAL, 'bn_recalibration_batches'),
+    (config_checks.EVAL, 'bn_report_batch_sizes'), (config_checks.TRAIN, 'batch_size'),
+])
+def test_an_override_the_program_reads_is_allowed(program, field):
+  config_checks.check_overrides_read(_sweep_config(), [field], program)
+
+
+def test_a_library_caller_is_no_program():
+  assert config_checks.running_program() is None  # pytest's main module
+  config_checks.check_overrides_read(_sweep_config(), ['sweep.decay', 'bn_recalibration_batches'])
+
+
+@pytest.mark.parametrize('command, expected', [
+    # It had trained one plain run, without a word about the sweep.
+    (['train.py', '--config=configs/bn_sweep.py', '--workdir=WORKDIR', '--config.num_train_steps=2',
+      '--config.sweep.decay=(0.9,0.99)'],
+     'error: --config.sweep.decay does nothing in train.py: it is read only by python -m resnet_flax.bn_sweep; '),
+    (['train.py', '--workdir=WORKDIR', '--config.num_train_steps=2', '--config.bn_recalibration_batches=4'],
+     'error: --config.bn_recalibration_batches does nothing in train.py: it is read only by eval.py; '),  # ignored
+    (['-m', 'resnet_flax.bn_sweep', '--config=configs/bn_sweep.py', '--config.bn_report_batch_sizes=(8,)'],
+     'error: --config.bn_report_batch_sizes does nothing in python -m resnet_flax.bn_sweep: it is read only by eval.py'),
+    # Past the flags, each stops at its own first check: no --workdir for the sweep, no checkpoint in it for eval.py.
+    (['-m', 'resnet_flax.bn_sweep', '--config=configs/bn_sweep.py', '--config.sweep.decay=(0.9,0.99)'],
+     'error: pass --workdir=DIR'),
+    (['eval.py', '--workdir=WORKDIR', '--config.bn_recalibration_batches=4'], 'error: no checkpoint in WORKDIR'),
+])
+def test_each_program_knows_itself_from_the_command_line(tmp_path, command, expected):
+  workdir = str(tmp_path / 'run')
+  result = _run(*[arg.replace('WORKDIR', workdir) for arg in command])
+  assert result.returncode == 2, result.stderr
+  assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(expected.replace('WORKDIR', workdir))
+  assert not os.path.exists(workdir)
 
 
 def test_every_field_only_some_settings_read_is_a_config_field():

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import ml_collections
 
-from resnet_flax import data, optim
+from resnet_flax import data, model_builder, optim
 from resnet_flax.layers import batch_norm
 
 # Every top-level field train.py and eval.py read: configs/default.py's (a test keeps the two
@@ -152,6 +152,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     optim.check_lr_boundaries(config)
   if 'bn' in config:
     batch_norm.check_options('config.bn.', config.bn)
+  if 'model_options' in config:  # the model's shape, before a step is traced with it
+    model_builder.check_classification_options(config.model_options)
 
 
 def _within(field: str, group: str) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -113,11 +113,27 @@ def reachable_output_strides(model: nn.Module) -> list[int]:
   return sorted(set(strides))
 
 
+# Model options whose False gives logits other than (batch, classes), which training and
+# evaluation need: option -> (the logits it gives, what builds such a model).
+_CLASSIFICATION_OPTIONS = {
+    'global_pool': ('logits per spatial position', 'dense prediction: models.get_model'),
+    'spatial_squeeze': ('logits of shape (batch, 1, 1, classes)', "tf_slim 1.1.0's unsqueezed logits: "
+                        'models.get_model'),
+}
+
+
+def check_classification_options(options: Mapping[str, Any]) -> None:
+  """Refuses `options` (config.model_options; None keeps the model's default, True) training and
+  evaluation cannot use; `config_checks.check_config` runs it before anything is built."""
+  for option, (gives, elsewhere) in _CLASSIFICATION_OPTIONS.items():
+    if options.get(option) is not None and not options.get(option):
+      raise ValueError(f'config.model_options.{option}=False gives {gives}; training and evaluation need logits of '
+                       f'shape (batch, classes): keep it True ({elsewhere}).')
+
+
 def _check_for_classification(model: nn.Module) -> None:
   """Model options training and eval cannot use, named before anything is traced."""
-  if not model.global_pool:
-    raise ValueError('config.model_options.global_pool=False gives logits per spatial position; training and '
-                     'evaluation need one per image: keep it True (dense prediction: models.get_model).')
+  check_classification_options({option: getattr(model, option) for option in _CLASSIFICATION_OPTIONS})
   reachable = reachable_output_strides(model)
   if model.output_stride is not None and model.output_stride not in reachable:
     raise ValueError(f'config.model_options.output_stride={model.output_stride} cannot be reached by '

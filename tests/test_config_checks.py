@@ -173,6 +173,26 @@ def test_step_boundaries_on_distinct_steps_after_warmup_are_allowed(total, warmu
   config_checks.check_config(_step_schedule(total, warmup, boundaries, schedule))
 
 
+@pytest.mark.parametrize('option, gives', [
+    ('spatial_squeeze', r'logits of shape \(batch, 1, 1, classes\)'), ('global_pool', 'logits per spatial position'),
+])
+def test_model_options_without_one_logit_vector_per_image_are_refused(option, gives):
+  with pytest.raises(ValueError, match=rf'^config\.model_options\.{option}=False gives {gives}; training and '
+                                       r'evaluation need logits of shape \(batch, classes\): keep it True') as error:
+    config_checks.check_config(_with(f'model_options.{option}', False))
+  assert '\n' not in str(error.value)
+  for allowed in (True, None):  # None: the model's default, True
+    config_checks.check_config(_with(f'model_options.{option}', allowed))
+
+
+def test_spatial_squeeze_false_stops_training_before_anything_is_written(tmp_path):
+  # It had crashed at the first step with a ShardingTypeError (logits (batch, 1, 1, classes) against
+  # one-hot labels), leaving .lock, config.json and metrics.jsonl behind.
+  with pytest.raises(ValueError, match=r'^config\.model_options\.spatial_squeeze=False '):
+    train_lib.train_and_evaluate(_with('model_options.spatial_squeeze', False), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_training_refuses_before_building_anything(tmp_path):
   with pytest.raises(ValueError, match=r'config\.keep_checkpoints=0'):
     train_lib.train_and_evaluate(_with('keep_checkpoints', 0), str(tmp_path / 'run'))

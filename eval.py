@@ -9,7 +9,7 @@ import json
 
 from absl import app, flags
 
-from resnet_flax import bn_diagnostics, cli, distributed, eval_lib
+from resnet_flax import bn_diagnostics, cli, config_checks, distributed, eval_lib
 
 cli.define_flags()
 flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir, --traceback
@@ -46,4 +46,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(config_checks.EVAL))

@@ -5,7 +5,7 @@ import time
 
 from absl import app, flags
 
-from resnet_flax import cli, distributed, train_lib
+from resnet_flax import cli, config_checks, distributed, train_lib
 
 cli.define_flags()
 flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir, --traceback
@@ -30,4 +30,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(config_checks.TRAIN))

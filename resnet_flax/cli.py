@@ -61,10 +61,16 @@ def define_flags() -> None:
   flags.DEFINE_bool('traceback', False, 'Show the full traceback of user errors too.')
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
+  """`parse_flags` for `program` (config_checks.TRAIN, EVAL or BN_SWEEP): what `app.run` takes."""
+  return functools.partial(parse_flags, program=program)
+
+
+def parse_flags(argv: list[str], program: Optional[str] = None) -> list[str]:
   """absl's parsing, with a config file that gives no config (`--traceback`: its traceback), a
   malformed value, an unknown field, a word that is not a flag or an override of a field the
-  chosen optimizer, schedule or data set never reads reported in one line (exit 2).
+  chosen optimizer, schedule or data set, or `program` (see `flags_parser`), never reads
+  reported in one line (exit 2).
 
   With `--config=FILE` given, the overrides are applied here rather than in `define_flags`.
   """
@@ -93,7 +99,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     _exit(f'unexpected argument(s) {stray}: every setting is a flag with its value after "=", e.g. '
           '--config.bn.scale=False (a boolean flag alone means True) and --config=configs/<name>.py.')
   try:
-    config_checks.check_overrides_read(flags.FLAGS.config, config_flags.get_override_values(flags.FLAGS['config']))
+    config_checks.check_overrides_read(flags.FLAGS.config, config_flags.get_override_values(flags.FLAGS['config']),
+                                       program)
   except ValueError as error:
     _exit(str(error))
   return remaining

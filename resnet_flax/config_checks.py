@@ -13,8 +13,6 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-import os
-import sys
 from typing import Any, Callable, Iterable, Optional
 
 import ml_collections
@@ -166,16 +164,6 @@ def _one_of(values: tuple[str, ...]) -> str:
   return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
-def running_program() -> Optional[str]:
-  """TRAIN, EVAL or BN_SWEEP, as the process's main module says; None for any other (a test, a library user)."""
-  main = sys.modules.get('__main__')
-  spec = getattr(main, '__spec__', None)
-  if spec is not None and spec.name == 'resnet_flax.bn_sweep.__main__':
-    return BN_SWEEP
-  script = os.path.basename(getattr(main, '__file__', None) or '')
-  return script if script in (TRAIN, EVAL) else None
-
-
 def _check_program_reads(field: str, program: str) -> None:
   for groups, reader in _READ_ONLY_BY:
     if reader != program and any(_within(field, group) for group in groups):
@@ -186,9 +174,8 @@ def _check_program_reads(field: str, program: str) -> None:
 def check_overrides_read(config: ml_collections.ConfigDict, overridden: Iterable[str],
                          program: Optional[str] = None) -> None:
   """Raises a one-line ValueError for a command-line override (`--config.<field>`, dotted
-  `overridden` names) of a field `program` (TRAIN, EVAL or BN_SWEEP; None: `running_program()`)
-  or `config`'s optimizer, schedule or data set never reads."""
-  program = program or running_program()
+  `overridden` names) of a field `program` (TRAIN, EVAL or BN_SWEEP; None: a library caller,
+  not checked) or `config`'s optimizer, schedule or data set never reads."""
   for field in overridden:
     if program is not None:
       _check_program_reads(field, program)

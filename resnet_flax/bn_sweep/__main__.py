@@ -13,7 +13,7 @@ import sys
 import jax
 from absl import app, flags
 
-from resnet_flax import bn_sweep, cli
+from resnet_flax import bn_sweep, cli, config_checks
 
 cli.define_flags()
 flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir, --traceback
@@ -45,4 +45,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(config_checks.BN_SWEEP))

@@ -30,6 +30,15 @@ _FIELDS = frozenset({
     'max_skipped_in_a_row', 'lars', 'adamw', 'shard_optimizer_state', 'distributed', 'seed', 'log_every_steps',
     'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
 })
+# The fields of the groups no other check lists (data.* and bn.* are refused where they are read).
+_GROUP_FIELDS = {
+    'model_options': frozenset({'global_pool', 'spatial_squeeze', 'output_stride', 'include_root_block',
+                                'block_sizes'}),
+    'lars': frozenset({'weight_decay', 'trust_coefficient', 'eps'}),
+    'adamw': frozenset({'weight_decay'}),
+    'distributed': frozenset({'mode', 'coordinator_address', 'num_processes', 'process_id',
+                              'cluster_detection_method'}),
+}
 # The programs, as their users start them.
 TRAIN, EVAL, BN_SWEEP = 'train.py', 'eval.py', 'python -m resnet_flax.bn_sweep'
 # Fields only one program reads -> that program. A config file may set them (train.py trains
@@ -118,25 +127,33 @@ def _allowed(allowed: Callable[[Any], bool], value: Any) -> bool:
     return False
 
 
-def _check_fields(config: ml_collections.ConfigDict) -> None:
-  """Refuses top-level fields no program reads, each with the known field closest to it."""
-  known = _FIELDS | _OTHER_PROGRAMS_FIELDS
-  unknown = sorted(set(config.keys()) - known)
-  if not unknown:
-    return
+def _unknown_fields(fields: Iterable[str], known: frozenset, prefix: str) -> list[str]:
+  """'config.<prefix><field>' for each of `fields` not in `known`, with the known one closest to it."""
   named = []
-  for field in unknown:
+  for field in sorted(set(fields) - known):
     close = difflib.get_close_matches(field, known, n=1)
-    named.append(f'config.{field}' + (f' (did you mean config.{close[0]}?)' if close else ''))
-  several = len(unknown) > 1
+    named.append(f'config.{prefix}{field}' + (f' (did you mean config.{prefix}{close[0]}?)' if close else ''))
+  return named
+
+
+def _check_fields(config: ml_collections.ConfigDict) -> None:
+  """Refuses fields no program reads (top-level ones, and those of `_GROUP_FIELDS`' groups),
+  each with the known field closest to it."""
+  named = _unknown_fields(config.keys(), _FIELDS | _OTHER_PROGRAMS_FIELDS, '')
+  for group, known in _GROUP_FIELDS.items():
+    if isinstance(config.get(group), ml_collections.ConfigDict):
+      named += _unknown_fields(config[group].keys(), known, f'{group}.')
+  if not named:
+    return
+  several = len(named) > 1
   raise ValueError(f'unknown config field{"s" * several} {", ".join(named)}: no program reads '
                    f'{"them" if several else "it"}, so the value would be ignored; fix or remove '
                    f'{"them" if several else "it"} in the config file (configs/default.py lists every field).')
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a one-line ValueError for a top-level field no program reads, or the first field of
-  `config` out of its range, or at odds with others."""
+  """Raises a one-line ValueError for a field no program reads, or the first field of `config`
+  out of its range, or at odds with others."""
   _check_fields(config)
   for field, allowed, expected in _RULES:
     value = _lookup(config, field)

@@ -36,7 +36,24 @@ def test_every_shipped_config_passes(name):
 
 
 def test_the_known_fields_are_default_py_s():
-  assert config_checks._FIELDS == set(default.get_config().keys())
+  config = default.get_config()
+  assert config_checks._FIELDS == set(config.keys())
+  for group, known in config_checks._GROUP_FIELDS.items():
+    assert known == set(config[group].keys()), group
+
+
+@pytest.mark.parametrize('group, field, closest', [
+    ('lars', 'trust_coeficient', 'trust_coefficient'), ('adamw', 'wieght_decay', 'weight_decay'),
+    ('distributed', 'num_process', 'num_processes'), ('model_options', 'outputstride', 'output_stride'),
+])
+def test_an_unknown_field_of_a_group_is_one_line_naming_the_closest(group, field, closest):
+  # config.lars.trust_coeficient = ... in a config file had trained with the default, silently.
+  config = digits.get_config()
+  config[group].unlock()
+  config[group][field] = 0.5
+  with pytest.raises(ValueError, match=rf'^unknown config field config\.{group}\.{field} \(did you mean '
+                                       rf'config\.{group}\.{closest}\?\)'):
+    config_checks.check_config(config)
 
 
 def _with_new_field(field, value):

@@ -103,8 +103,8 @@ def nonfinite_note(metrics: dict[str, Any], config: ml_collections.ConfigDict) -
   if math.isfinite(metrics.get('loss', 0.0)):
     return None
   return (f"the evaluation's loss is {metrics['loss']}, so its accuracy means nothing: most likely the moving "
-          f'BatchNorm statistics (decay {config.bn.decay}) do not fit the weights yet. Evaluate after more steps, or with '
-          'statistics recomputed from training batches: eval.py --config.bn_recalibration_batches=20.')
+          f'BatchNorm statistics (decay {config.bn.decay}) do not fit the weights yet. Evaluate after more steps, '
+          'or with statistics recomputed from training batches: eval.py --config.bn_recalibration_batches=20.')
 
 
 def input_differences(config: ml_collections.ConfigDict, workdir: str) -> list[str]:

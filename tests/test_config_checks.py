@@ -286,7 +286,8 @@ def test_a_library_caller_is_no_program():
     (['train.py', '--workdir=WORKDIR', '--config.num_train_steps=2', '--config.bn_recalibration_batches=4'],
      'error: --config.bn_recalibration_batches does nothing in train.py: it is read only by eval.py; '),  # ignored
     (['-m', 'resnet_flax.bn_sweep', '--config=configs/bn_sweep.py', '--config.bn_report_batch_sizes=(8,)'],
-     'error: --config.bn_report_batch_sizes does nothing in python -m resnet_flax.bn_sweep: it is read only by eval.py'),
+     'error: --config.bn_report_batch_sizes does nothing in python -m resnet_flax.bn_sweep: it is read only by '
+     'eval.py'),
     # Past the flags, each stops at its own first check: no --workdir for the sweep, no checkpoint in it for eval.py.
     (['-m', 'resnet_flax.bn_sweep', '--config=configs/bn_sweep.py', '--config.sweep.decay=(0.9,0.99)'],
      'error: pass --workdir=DIR'),

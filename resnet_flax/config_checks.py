@@ -16,6 +16,7 @@ import numbers
 from typing import Any, Callable, Iterable, Optional
 
 import ml_collections
+from ml_collections import config_dict
 
 from resnet_flax import data, model_builder, optim
 from resnet_flax.layers import batch_norm
@@ -30,10 +31,9 @@ _FIELDS = frozenset({
     'max_skipped_in_a_row', 'lars', 'adamw', 'shard_optimizer_state', 'distributed', 'seed', 'log_every_steps',
     'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
 })
-# The fields of the groups no other check lists (data.* and bn.* are refused where they are read).
+# The fields of the groups no other check lists (data.*, bn.* and model_options.*, which a config
+# file may extend with any option get_model takes, are refused where they are read).
 _GROUP_FIELDS = {
-    'model_options': frozenset({'global_pool', 'spatial_squeeze', 'output_stride', 'include_root_block',
-                                'block_sizes'}),
     'lars': frozenset({'weight_decay', 'trust_coefficient', 'eps'}),
     'adamw': frozenset({'weight_decay'}),
     'distributed': frozenset({'mode', 'coordinator_address', 'num_processes', 'process_id',
@@ -127,10 +127,16 @@ def _allowed(allowed: Callable[[Any], bool], value: Any) -> bool:
     return False
 
 
-def _unknown_fields(fields: Iterable[str], known: frozenset, prefix: str) -> list[str]:
-  """'config.<prefix><field>' for each of `fields` not in `known`, with the known one closest to it."""
+def _unknown_fields(group: ml_collections.ConfigDict, known: frozenset, prefix: str) -> list[str]:
+  """'config.<prefix><field>' for each field of `group` not in `known`, with the known one closest to it.
+
+  A field made a reference (`config.get_ref('steps_per_epoch')`, a placeholder) is a helper
+  other fields are computed from, ml_collections' way: it is read through them.
+  """
   named = []
-  for field in sorted(set(fields) - known):
+  referenced = {name for name, value in group.items(preserve_field_references=True)
+                if isinstance(value, config_dict.FieldReference)}
+  for field in sorted(set(group.keys()) - known - referenced):
     close = difflib.get_close_matches(field, known, n=1)
     named.append(f'config.{prefix}{field}' + (f' (did you mean config.{prefix}{close[0]}?)' if close else ''))
   return named
@@ -139,10 +145,10 @@ def _unknown_fields(fields: Iterable[str], known: frozenset, prefix: str) -> lis
 def _check_fields(config: ml_collections.ConfigDict) -> None:
   """Refuses fields no program reads (top-level ones, and those of `_GROUP_FIELDS`' groups),
   each with the known field closest to it."""
-  named = _unknown_fields(config.keys(), _FIELDS | _OTHER_PROGRAMS_FIELDS, '')
+  named = _unknown_fields(config, _FIELDS | _OTHER_PROGRAMS_FIELDS, '')
   for group, known in _GROUP_FIELDS.items():
     if isinstance(config.get(group), ml_collections.ConfigDict):
-      named += _unknown_fields(config[group].keys(), known, f'{group}.')
+      named += _unknown_fields(config[group], known, f'{group}.')
   if not named:
     return
   several = len(named) > 1

@@ -128,6 +128,9 @@ class _ConfigFileParser(flags.ArgumentParser):
       spec = importlib.util.spec_from_file_location('config_config', path,
                                                     loader=importlib.machinery.SourceFileLoader('config_config', path))
       module = importlib.util.module_from_spec(spec)
+      # Registered as ml_collections' loader does: a dataclass under `from __future__ import
+      # annotations` looks its module up in sys.modules while the file runs.
+      sys.modules[spec.name] = module
       spec.loader.exec_module(module)
     except OSError as error:
       raise ConfigFileError(f'config file {path} cannot be loaded ({error.strerror or error}); pass '

@@ -2,6 +2,7 @@
 
 import pytest
 
+from resnet_flax import cli
 from test_train import run_script
 
 RAISES = ('import ml_collections\n\n\ndef get_config():\n  config = ml_collections.ConfigDict()\n'
@@ -45,3 +46,14 @@ def test_traceback_shows_where_the_config_file_raised(tmp_path):
   done = run_script('train.py', f'--workdir={tmp_path}', f'--config={path}', '--traceback')
   assert done.returncode == 1
   assert f'File "{path}", line 6, in get_config' in done.stderr and 'NameError' in done.stderr, done.stderr
+
+
+def test_a_config_file_with_a_dataclass_under_postponed_annotations_loads(tmp_path):
+  # The file's module must be in sys.modules while it runs, as ml_collections' loader had it;
+  # without, dataclasses failed ("'NoneType' object has no attribute '__dict__'").
+  path = tmp_path / 'dataclass_config.py'
+  path.write_text('from __future__ import annotations\nimport dataclasses\nfrom configs import digits\n\n\n'
+                  '@dataclasses.dataclass\nclass Schedule:\n  steps: int = 4\n\n\n'
+                  'def get_config():\n  config = digits.get_config()\n  config.num_train_steps = Schedule().steps\n'
+                  '  return config\n')
+  assert cli._ConfigFileParser().parse(str(path)).num_train_steps == 4

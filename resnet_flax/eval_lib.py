@@ -102,6 +102,10 @@ def nonfinite_note(metrics: dict[str, Any], config: ml_collections.ConfigDict) -
   """
   if math.isfinite(metrics.get('loss', 0.0)):
     return None
+  if 'before_recalibration' in metrics:  # the statistics were recomputed: the weights overflow
+    return (f"the evaluation's loss is {metrics['loss']} even with BatchNorm statistics recomputed from "
+            f'{config.bn_recalibration_batches} training batches, so its accuracy means nothing: the weights '
+            'hold NaN or Inf, or overflow on these images; check the run\'s training losses.')
   return (f"the evaluation's loss is {metrics['loss']}, so its accuracy means nothing: most likely the moving "
           f'BatchNorm statistics (decay {config.bn.decay}) do not fit the weights yet. Evaluate after more steps, '
           'or with statistics recomputed from training batches: eval.py --config.bn_recalibration_batches=20.')
@@ -110,7 +114,10 @@ def nonfinite_note(metrics: dict[str, Any], config: ml_collections.ConfigDict) -
 def input_differences(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """The fields deciding what the model sees at evaluation that differ from those the run in
   `workdir` recorded in its config.json, as 'field: run's -> now'; none without a record."""
-  recorded = metrics_writer.recorded_config(workdir)
+  try:
+    recorded = metrics_writer.recorded_config(workdir)
+  except (OSError, ValueError):  # a damaged record is no reason not to evaluate its checkpoints
+    return []
   if recorded is None:
     return []
   current = metrics_writer.as_recorded(config.to_dict())

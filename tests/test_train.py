@@ -163,6 +163,14 @@ def test_a_non_finite_evaluation_is_explained():
   assert eval_lib.nonfinite_note({'loss': 0.5, 'top1': 0.9}, config) is None
   note = eval_lib.nonfinite_note({'loss': float('nan'), 'top1': 0.0}, config)
   assert 'accuracy means nothing' in note and '--config.bn_recalibration_batches' in note
+  # After recalibration, that advice would be what the user just did.
+  note = eval_lib.nonfinite_note({'loss': float('inf'), 'before_recalibration': {'loss': float('nan')}}, config)
+  assert 'even with BatchNorm statistics recomputed' in note and '--config.bn_recalibration_batches' not in note
+
+
+def test_a_damaged_config_record_does_not_stop_an_evaluation(tmp_path):
+  (tmp_path / 'config.json').write_text('{"bro')
+  assert eval_lib.input_differences(tiny_config(), str(tmp_path)) == []
 
 
 def test_resuming_on_another_data_set_is_refused(tmp_path):

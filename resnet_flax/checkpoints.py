@@ -173,7 +173,7 @@ class Checkpointer:
       return state, step
     if failures:
       raise CheckpointError(f'no usable checkpoint in {self.directory}, {len(failures)} tried; the newest: '
-                            f'{failures[0]}')
+                            f'{failures[0]} Start a fresh --workdir, or fix or restore the files.')
     return target, None
 
 
@@ -401,6 +401,7 @@ def restore_from(path: str, target: Any) -> Any:
       raise CheckpointError(f'checkpoint {path} does not match this model/config ({why}); resume with the config '
                             'it was trained with (model and its options, num_classes, optimizer, bn), or start a '
                             'fresh --workdir.') from error
-    # The arrays' names and shapes were compared before the read: a failing read is damage.
-    raise CheckpointError(f'checkpoint {path} is damaged ({why}): a crash or a disk error cut or changed its files; '
-                          'use an older checkpoint, or start a fresh --workdir.') from error
+    # The arrays' names and shapes were compared before the read: a failing read is damage
+    # (or files this user may not read, which the reason then says).
+    raise CheckpointError(f'checkpoint {path} cannot be read ({why}): a crash or a disk error damaged its files, '
+                          'or they are not readable here.') from error

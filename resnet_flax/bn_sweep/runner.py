@@ -29,8 +29,8 @@ def run_directory(workdir: str, name: str) -> str:
 
 
 def check_same_config(directory: str, config: ml_collections.ConfigDict) -> None:
-  """A run that has started before (its config.json, which train_and_evaluate records at
-  each start) must train the same way now.
+  """A run that has started before (its config.json, which train_and_evaluate records at a
+  fresh start, and at a resumed one's first save) must train the same way now.
 
   Otherwise the table would silently mix checkpoints of two configs under one name (a
   rerun with, say, another --config.learning_rate into the same workdir). Fields only one

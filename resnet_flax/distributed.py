@@ -129,19 +129,19 @@ def _check_coordinator_port_free(address: str, source: str) -> None:
   jaxlib 0.10.2) it takes the process down with a segmentation fault instead of raising.
   """
   port = int(address.rpartition(':')[2])
+  # Both families: where IPv6 sockets take no IPv4 (bindv6only), a port taken in IPv4 only binds in IPv6.
   for family, everywhere in ((socket.AF_INET6, '::'), (socket.AF_INET, '')):
     try:
       with socket.socket(family) as probe:
         # As gRPC does: a connection of an earlier run left in TIME_WAIT does not stop it listening.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((everywhere, port))
-      return
     except OSError as error:
       if error.errno in (errno.EADDRINUSE, errno.EACCES):
         raise ValueError(f'{source}={address!r}: process 0 cannot listen on port {port} ({error.strerror}); '
                          'another program holds it (an earlier run still alive?) or it is reserved: choose a free '
                          'port, the same on every process.') from error
-  # Neither family could be tried (no network stack as we know it): JAX will say what it finds.
+      # Any other failure (no IPv6 on this host): the family JAX will not use either.
 
 
 def cached_programs_hang(process_count: int, backend: str, jax_version: tuple[int, ...]) -> bool:

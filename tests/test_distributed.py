@@ -57,7 +57,18 @@ def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_
   `workdir_flag` is passed as --workdir in place of `workdir` (whose parent still takes the logs;
   no --workdir without `with_workdir`); process i gets `args` and then `args_of(i)`.
   """
-  coordinator = f'localhost:{_free_port()}'
+  for _ in range(3):
+    runs = _run_processes_once(workdir, f'localhost:{_free_port()}', count, devices_each, timeout,
+                               stop_all_on_a_failure, workdir_flag, args, args_of, script, with_workdir)
+    # The probed port may be taken before the coordinator binds it: process 0 says so; try another.
+    if 'process 0 cannot listen on port' not in runs[0][2]:
+      break
+  return runs
+
+
+def _run_processes_once(workdir, coordinator, count, devices_each, timeout, stop_all_on_a_failure, workdir_flag,
+                        args, args_of, script, with_workdir):
+  """One try of `_run_processes` with `coordinator` (host:port)."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
   workdir.parent.mkdir(parents=True, exist_ok=True)
   logs = pathlib.Path(tempfile.mkdtemp(prefix=f'{workdir.name}_{script.removesuffix(".py")}_logs', dir=workdir.parent))

@@ -2,12 +2,15 @@
 place of its extracted directory, `~`, the directory above CIFAR-10's; one line each."""
 
 import io
+import os
+import socket
 import tarfile
 import zipfile
 
 import pytest
 
 from resnet_flax import data
+from resnet_flax.data import data_dir
 from test_cifar10 import _make_cifar
 from test_image_folder import _folder, _image_tree
 
@@ -98,3 +101,16 @@ def test_a_file_of_zeros_is_a_file_not_an_archive(tmp_path):
   path.write_bytes(bytes(4096))
   assert _build_error({'name': 'cifar10', 'dir': str(path)}).startswith(
       f"config.data.dir='{path}' is a file, not a directory; set it to {_CIFAR_EXPECTED}")
+
+
+def test_special_files_are_named_by_kind(tmp_path):
+  # Each would hang or mislead a read: a data file that is one is refused by this name.
+  os.mkfifo(tmp_path / 'fifo')
+  with socket.socket(socket.AF_UNIX) as unix:
+    unix.bind(str(tmp_path / 'socket'))
+    (tmp_path / 'null').symlink_to('/dev/null')  # a link to a device is the device
+    (tmp_path / 'image.jpg').write_bytes(b'\xff\xd8')
+    assert [data_dir.special_file_kind(str(tmp_path / name)) for name in ('fifo', 'socket', 'null', 'image.jpg')] == [
+        'a named pipe (FIFO)', 'a socket', 'a character device', None]
+  assert data_dir.special_file_kind(str(tmp_path)) == 'a directory'
+  assert data_dir.special_file_kind(str(tmp_path / 'missing')) is None

@@ -1,5 +1,6 @@
 """One training run per workdir: a second is refused at once, by name; the lock goes with the run."""
 
+import errno
 import multiprocessing
 import os
 
@@ -101,3 +102,14 @@ def test_a_run_that_opened_the_lock_file_just_before_its_removal_locks_the_one_t
       with workdir_lock.held(str(workdir)):  # run C
         pass
   assert stale.closed
+
+
+def test_a_file_system_without_locks_trains_unguarded(tmp_path, monkeypatch):
+  # Some FUSE mounts answer flock with ENOLCK: the run goes on (it cannot be guarded), twice over.
+  def no_locks(fileno, operation):
+    raise OSError(errno.ENOLCK, 'No locks available')
+
+  monkeypatch.setattr(workdir_lock.fcntl, 'flock', no_locks)
+  with workdir_lock.held(str(tmp_path)):
+    with workdir_lock.held(str(tmp_path)):  # a second run is not refused: nothing can tell it apart
+      (tmp_path / 'checkpoints').mkdir()

@@ -5,8 +5,6 @@ before recalibration with --config.bn_recalibration_batches=N). With
 --config.bn_report_batch_sizes='(8,32)' it prints the BatchNorm discrepancy report instead.
 """
 
-import json
-
 from absl import app, flags
 
 from resnet_flax import bn_diagnostics, cli, config_checks, distributed, eval_lib
@@ -31,7 +29,7 @@ def main(argv: list[str]) -> None:
       report = bn_diagnostics.discrepancy_report(config, workdir, FLAGS.checkpoint, config.bn_report_batch_sizes,
                                                  config.bn_recalibration_batches, show_progress=True)
       print(bn_diagnostics.format_report(report))
-      print(json.dumps(report))
+      print(cli.json_line(report))
       return
     result = eval_lib.evaluate(config, workdir, FLAGS.checkpoint)
     if 'before_recalibration' in result:
@@ -40,7 +38,7 @@ def main(argv: list[str]) -> None:
       print(f'after recalibrating BN on {config.bn_recalibration_batches} training batches:')
     print(f"{config.eval_split}: top-1 {100 * result['top1']:.2f}%, top-5 {100 * result['top5']:.2f}%, "
           f"loss {result['loss']:.4f} over {result['num_examples']} examples (step {result['step']})")
-    print(json.dumps(result))
+    print(cli.json_line(result))
 
   cli.run_reporting_user_errors(run)
 

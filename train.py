@@ -1,6 +1,5 @@
 """Trains a ResNet: python train.py --config=configs/digits.py --workdir=/tmp/digits"""
 
-import json
 import time
 
 from absl import app, flags
@@ -24,7 +23,7 @@ def main(argv: list[str]) -> None:
       print(f"Final {FLAGS.config.eval_split} accuracy: {100 * result['top1']:.2f}% "
             f"(top-5 {100 * result['top5']:.2f}%, loss {result['loss']:.4f}, {result['num_examples']} examples, "
             f"step {result['step']}, {time.time() - start:.1f} s)")
-    print(json.dumps(result))
+    print(cli.json_line(result))
 
   cli.run_reporting_user_errors(run)
 

@@ -6,6 +6,7 @@ import functools
 import importlib.machinery
 import importlib.util
 import inspect
+import json
 import os
 import sys
 import traceback
@@ -15,7 +16,8 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from resnet_flax import checkpoints, config_checks, data, distributed, error_lines, metrics_writer, train_lib
+from resnet_flax import (atomic_files, checkpoints, config_checks, data, distributed, error_lines, metrics_writer,
+                         train_lib)
 
 DEFAULT_TRAIN_WORKDIR = '/tmp/resnet_flax'
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'digits.py')
@@ -202,6 +204,12 @@ def _traceback_in(argv: list[str]) -> bool:
     elif name == 'notraceback' and word.startswith('-'):
       wanted = False
   return wanted
+
+
+def json_line(result: dict) -> str:
+  """`result` as the one JSON line a program ends stdout with: NaN and infinities as null, so
+  that strict readers (jq, JavaScript) take it; Python's json writes them as bare NaN."""
+  return json.dumps(atomic_files.finite_or_null(result), allow_nan=False)
 
 
 def workdir(default: Optional[str] = None) -> Optional[str]:

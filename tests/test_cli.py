@@ -57,3 +57,9 @@ def test_a_config_file_with_a_dataclass_under_postponed_annotations_loads(tmp_pa
                   'def get_config():\n  config = digits.get_config()\n  config.num_train_steps = Schedule().steps\n'
                   '  return config\n')
   assert cli._ConfigFileParser().parse(str(path)).num_train_steps == 4
+
+
+def test_the_closing_json_line_is_strict_json():
+  # Python's json wrote a NaN evaluation as bare NaN, which jq and JavaScript refuse.
+  line = cli.json_line({'step': 2, 'loss': float('nan'), 'before_recalibration': {'loss': float('inf'), 'top1': 0.5}})
+  assert line == '{"step": 2, "loss": null, "before_recalibration": {"loss": null, "top1": 0.5}}'

@@ -61,6 +61,8 @@ def discrepancy_report(config: ml_collections.ConfigDict, workdir: Optional[str]
   or None}; metrics are {'top1', 'top5', 'loss', 'num_examples'}. With `show_progress`, each
   pass prints how far it has come every 10 s (process 0).
   """
+  if recalibration_batches > 0:
+    precise_bn.check_recalibration_possible(config)
   loaded = eval_lib.load_checkpoint(config, workdir, checkpoint)
   report = {'step': loaded.step, 'moving': loaded.evaluate(loaded.variables, show_progress=show_progress),
             'recalibrated': None,

@@ -106,6 +106,15 @@ def with_statistics(variables: Variables, statistics: Mapping[tuple[str, ...], t
   return {**variables, BATCH_STATS: traverse_util.unflatten_dict(stats)}
 
 
+def check_recalibration_possible(config: ml_collections.ConfigDict) -> None:
+  """Refuses, before any pass over the data, a recalibration that frozen BatchNorm layers would
+  give no batch statistics to."""
+  if config.bn.frozen:
+    raise ValueError('config.bn_recalibration_batches recomputes the BatchNorm statistics from batch statistics, '
+                     'which config.bn.frozen=True turns off; leave --config.bn.frozen out for eval.py (it changes '
+                     'training only: a frozen run evaluates the same without it).')
+
+
 def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: Variables, num_batches: int,
                 mesh: Optional[Mesh] = None, show_progress: bool = False) -> Variables:
   """Precise BN: population statistics of `num_batches` training batches of `config.batch_size`;

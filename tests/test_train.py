@@ -115,12 +115,29 @@ def test_evaluating_a_run_on_other_inputs_than_it_trained_on_is_warned_of(tmp_pa
   config.data.update(image_size=None, digits_resize='pad')
   eval_lib.evaluate(config, str(tmp_path))
   warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')]
-  assert warning == [f'warning: evaluating {tmp_path} on other inputs than its run trained on (data.image_size: 16 '
-                     "-> None; data.digits_resize: upsample -> pad); pass the run's values (--config.<field>=...) to "
-                     'evaluate it as trained.']
+  assert warning == [f"warning: evaluating {tmp_path} with other settings than its run's (data.image_size: 16 -> "
+                     "None; data.digits_resize: upsample -> pad); pass the run's values (--config.<field>=..., its "
+                     'device count) to evaluate it as trained.']
   config.eval_split = 'train'  # another split is no other input
   config.data.update(image_size=16, digits_resize='upsample')
   assert eval_lib.input_differences(config, str(tmp_path)) == []
+  # Precise BN over per-device groups: the device count decides them.
+  config.bn.cross_device = 'per_device'
+  config.bn_recalibration_batches = 2
+  assert eval_lib.input_differences(config, str(tmp_path)) == []  # trained on this one device
+  recorded = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps({**recorded, 'device_count': 4}))
+  assert eval_lib.input_differences(config, str(tmp_path)) == [
+      "device_count: 4 -> 1 (precise BN's per-device statistics)"]
+
+
+def test_precise_bn_of_frozen_batch_norm_is_refused_before_any_pass(tmp_path):
+  # It had evaluated with the moving statistics first, then stopped: "recalibration saw no batch statistics".
+  config = tiny_config()
+  config.bn.frozen = True
+  config.bn_recalibration_batches = 2
+  with pytest.raises(ValueError, match=r'^config.bn_recalibration_batches recomputes .* leave --config.bn.frozen out'):
+    eval_lib.evaluate(config, str(tmp_path))
 
 
 def test_a_failing_evaluation_keeps_the_checkpoint_of_its_step(tmp_path, monkeypatch):

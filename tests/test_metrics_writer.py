@@ -108,7 +108,8 @@ def test_resuming_with_another_batch_size_says_so(tmp_path, capsys):
   changed.batch_size = 8
   train_lib.train_and_evaluate(changed, str(tmp_path))
   out = capsys.readouterr().out
-  assert 'warning: resuming with a changed config: batch_size: 16 -> 8; num_train_steps: 2 -> 4.' in out
+  assert ('warning: resuming with a changed config: batch_size: 16 -> 8; num_train_steps: 2 -> 4 (batches are cut '
+          'from the data order at step x batch size: with another batch size, some examples come again') in out
   # Recorded too: per-device statistics and ghost batches change with it.
   assert json.loads((tmp_path / 'config.json').read_text())['device_count'] == jax.device_count()
 

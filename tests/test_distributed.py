@@ -4,6 +4,7 @@ one device, write one checkpoint together and one record of metrics; the start-u
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -69,7 +70,9 @@ def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_
 def _run_processes_once(workdir, coordinator, count, devices_each, timeout, stop_all_on_a_failure, workdir_flag,
                         args, args_of, script, with_workdir):
   """One try of `_run_processes` with `coordinator` (host:port)."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
+  # PYTHONFAULTHANDLER: a process stopped at the deadline writes where each of its threads was.
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}',
+         'PYTHONFAULTHANDLER': '1'}
   workdir.parent.mkdir(parents=True, exist_ok=True)
   logs = pathlib.Path(tempfile.mkdtemp(prefix=f'{workdir.name}_{script.removesuffix(".py")}_logs', dir=workdir.parent))
   processes = []
@@ -91,8 +94,13 @@ def _run_processes_once(workdir, coordinator, count, devices_each, timeout, stop
         break
       time.sleep(0.2)
   finally:
-    for p in processes:
-      if p.poll() is None:
+    late = [p for p in processes if p.poll() is None]
+    for p in late:
+      p.send_signal(signal.SIGABRT if time.monotonic() > deadline else signal.SIGKILL)
+    for p in late:
+      try:
+        p.wait(10)
+      except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
   return [(p.returncode, (logs / f'{i}.out').read_text(), (logs / f'{i}.err').read_text())
@@ -101,8 +109,10 @@ def _run_processes_once(workdir, coordinator, count, devices_each, timeout, stop
 
 def _assert_every_process_stops_with(runs, *messages):
   """Each run ended with exit status 2 and the one-line error `messages[i]` (a substring) on stderr."""
+  every = '\n'.join(f'--- process {index}, exit status {returncode}:\n{stdout}\n{stderr}'
+                    for index, (returncode, stdout, stderr) in enumerate(runs))
   for index, ((returncode, stdout, stderr), message) in enumerate(zip(runs, messages)):
-    assert returncode == 2, f'process {index} ended with {returncode}:\n{stdout}\n{stderr}'
+    assert returncode == 2, f'process {index} ended with {returncode}; every process:\n{every}'
     errors = [line for line in stderr.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and message in errors[0], f'process {index}:\n{stderr}'
     assert 'Traceback' not in stderr, f'process {index}:\n{stderr}'

@@ -162,7 +162,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     if differences and jax.process_index() == 0:
       # Warned, not refused: another resolution or preprocessing may be the experiment.
       print(f"warning: evaluating {workdir} with other settings than its run's ({'; '.join(differences)}); "
-            "pass the run's values (--config.<field>=..., its device count) to evaluate it as trained.",
+            "give it the run's values to evaluate it as trained.",
             file=sys.stderr)
   try:
     with distributed.failing_together('to read the checkpoint'):  # each process reads it whole, by itself

@@ -287,7 +287,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
   if last_saved is not None and changes:
     # Allowed (a longer run, another eval cadence), but some (batch size, BN options, the
     # device count with per-device statistics) make the result differ from an uninterrupted run.
-    # Batches are cut from the data order at step x batch size: a new size reads some examples again.
     order = (' (batches are cut from the data order at step x batch size: with another batch size, some examples '
              'come again and others later than an uninterrupted run would see them)'
              if any(change.startswith('batch_size:') for change in changes) else '')

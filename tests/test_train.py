@@ -116,8 +116,8 @@ def test_evaluating_a_run_on_other_inputs_than_it_trained_on_is_warned_of(tmp_pa
   eval_lib.evaluate(config, str(tmp_path))
   warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')]
   assert warning == [f"warning: evaluating {tmp_path} with other settings than its run's (data.image_size: 16 -> "
-                     "None; data.digits_resize: upsample -> pad); pass the run's values (--config.<field>=..., its "
-                     'device count) to evaluate it as trained.']
+                     "None; data.digits_resize: upsample -> pad); give it the run's values to evaluate it as "
+                     'trained.']
   config.eval_split = 'train'  # another split is no other input
   config.data.update(image_size=16, digits_resize='upsample')
   assert eval_lib.input_differences(config, str(tmp_path)) == []

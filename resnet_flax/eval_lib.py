@@ -121,9 +121,8 @@ def input_differences(config: ml_collections.ConfigDict, workdir: str) -> list[s
     return []
   if recorded is None:
     return []
-  current = metrics_writer.as_recorded(config.to_dict())
-  differences = [f'{field}: {recorded.get(field)} -> {current.get(field)}' for field in EVAL_INPUT_FIELDS
-                 if recorded.get(field) != current.get(field)]
+  differences = metrics_writer.field_changes(recorded, metrics_writer.as_recorded(config.to_dict()),
+                                             EVAL_INPUT_FIELDS)
   # Precise BN with per-device statistics groups each device's share of a batch: another
   # device count, other groups, other statistics (33.89% against 34.17%, 4 devices and 1).
   if (config.bn.cross_device == 'per_device' and config.get('bn_recalibration_batches', 0) > 0
@@ -206,12 +205,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoi
   With `config.bn_recalibration_batches` > 0, BatchNorm statistics are first recomputed on
   that many training batches (precise BN); the metrics before are under 'before_recalibration'.
   """
-  if config.get('bn_recalibration_batches', 0) > 0:
+  recalibrating = config.get('bn_recalibration_batches', 0) > 0
+  if recalibrating:
     precise_bn.check_recalibration_possible(config)
   loaded = load_checkpoint(config, workdir, checkpoint)
   metrics = loaded.evaluate(show_progress=True)
   result = {'step': loaded.step, **metrics}
-  if config.get('bn_recalibration_batches', 0) > 0:
+  if recalibrating:
     variables = precise_bn.recalibrate(config, loaded.model, loaded.variables, config.bn_recalibration_batches,
                                        loaded.mesh, show_progress=True)
     result = {'step': loaded.step, **loaded.evaluate(variables, show_progress=True), 'before_recalibration': metrics}

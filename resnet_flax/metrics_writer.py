@@ -7,7 +7,7 @@ import errno
 import json
 import os
 import time
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from resnet_flax import atomic_files
 
@@ -165,9 +165,15 @@ def config_changes(workdir: str, config: Mapping[str, Any]) -> list[str]:
   if saved is None:
     return []
   current = as_recorded(config)
+  return field_changes(saved, current, sorted(set(saved) | set(current)))
+
+
+def field_changes(saved: Mapping[str, Any], current: Mapping[str, Any], fields: Iterable[str]) -> list[str]:
+  """'field: old -> new' for each of `fields` (dotted names) whose value differs between two
+  configs as `recorded_config` gives them, in the order of `fields`; '(none)' where one lacks it."""
   missing = '(none)'
   return [f'{key}: {saved.get(key, missing)} -> {current.get(key, missing)}'
-          for key in sorted(set(saved) | set(current)) if saved.get(key, missing) != current.get(key, missing)]
+          for key in fields if saved.get(key, missing) != current.get(key, missing)]
 
 
 def as_recorded(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from resnet_flax import cli
+from resnet_flax import cli, config_file
 from test_train import run_script
 
 RAISES = ('import ml_collections\n\n\ndef get_config():\n  config = ml_collections.ConfigDict()\n'
@@ -56,7 +56,7 @@ def test_a_config_file_with_a_dataclass_under_postponed_annotations_loads(tmp_pa
                   '@dataclasses.dataclass\nclass Schedule:\n  steps: int = 4\n\n\n'
                   'def get_config():\n  config = digits.get_config()\n  config.num_train_steps = Schedule().steps\n'
                   '  return config\n')
-  assert cli._ConfigFileParser().parse(str(path)).num_train_steps == 4
+  assert config_file.ConfigFileParser().parse(str(path)).num_train_steps == 4
 
 
 def test_the_closing_json_line_is_strict_json():

@@ -84,9 +84,9 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
   address, source = settings.coordinator_address, 'config.distributed.coordinator_address'
   if address is None:
     address, source = os.environ.get('JAX_COORDINATOR_ADDRESS'), 'JAX_COORDINATOR_ADDRESS'
-  _check_coordinator_address(address, source)
-  if address is not None and settings.process_id == 0 and not os.environ.get('JAX_COORDINATOR_BIND_ADDRESS'):
-    _check_coordinator_port_free(address, source)
+  port = _coordinator_port(address, source)
+  if port is not None and settings.process_id == 0 and not os.environ.get('JAX_COORDINATOR_BIND_ADDRESS'):
+    _check_coordinator_port_free(port, address, source)
   if (settings.mode == 'auto' and not explicit and not settings.cluster_detection_method
       and not os.environ.get('JAX_COORDINATOR_ADDRESS')):
     cluster = detected_cluster()
@@ -108,27 +108,29 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
   return True
 
 
-def _check_coordinator_address(address: Optional[str], source: str) -> None:
-  """Refuses an `address` (from `source`) that is not host:port with a port in 1..65535.
+def _coordinator_port(address: Optional[str], source: str) -> Optional[int]:
+  """The port of `address` (from `source`; None: none given); an address that is not host:port
+  with a port in 1..65535 is refused.
 
   JAX itself fails on a missing port with an IndexError traceback, and with port 0 or past
   65535 process 0 waits for ever for a coordinator that never listened.
   """
   if address is None:
-    return
+    return None
   host, _, port = address.rpartition(':')
   if not host or not port.isdigit() or not 0 < int(port) < 65536:
     raise ValueError(f"{source}={address!r} is not host:port; give process 0's host name or address and a free "
                      "port from 1 to 65535 (e.g. 'node0:29500'), the same on every process.")
+  return int(port)
 
 
-def _check_coordinator_port_free(address: str, source: str) -> None:
-  """Process 0's check that it can listen on the port of `address` on every interface, as JAX will.
+def _check_coordinator_port_free(port: int, address: str, source: str) -> None:
+  """Process 0's check that it can listen on `port` (of `address`, from `source`) on every
+  interface, as JAX will.
 
   When it cannot, jaxlib's coordinator start fails, and more often than not (2 of 3 tries,
   jaxlib 0.10.2) it takes the process down with a segmentation fault instead of raising.
   """
-  port = int(address.rpartition(':')[2])
   # Both families: where IPv6 sockets take no IPv4 (bindv6only), a port taken in IPv4 only binds in IPv6.
   for family, everywhere in ((socket.AF_INET6, '::'), (socket.AF_INET, '')):
     try:

@@ -105,41 +105,6 @@ def test_train_eval_round_trip_and_logs(tmp_path, caplog, capsys):
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
 
 
-def test_evaluating_a_run_on_other_inputs_than_it_trained_on_is_warned_of(tmp_path, capsys):
-  # Digits trained upsampled to 16 px and evaluated padded to 8 (eval.py's default config) had
-  # scored 13.9% against 93.6%, without a word.
-  config = tiny_config(2)
-  config.data.update(image_size=16, digits_resize='upsample')
-  train_lib.train_and_evaluate(config, str(tmp_path))
-  capsys.readouterr()
-  config.data.update(image_size=None, digits_resize='pad')
-  eval_lib.evaluate(config, str(tmp_path))
-  warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')]
-  assert warning == [f"warning: evaluating {tmp_path} with other settings than its run's (data.image_size: 16 -> "
-                     "None; data.digits_resize: upsample -> pad); give it the run's values to evaluate it as "
-                     'trained.']
-  config.eval_split = 'train'  # another split is no other input
-  config.data.update(image_size=16, digits_resize='upsample')
-  assert eval_lib.input_differences(config, str(tmp_path)) == []
-  # Precise BN over per-device groups: the device count decides them.
-  config.bn.cross_device = 'per_device'
-  config.bn_recalibration_batches = 2
-  assert eval_lib.input_differences(config, str(tmp_path)) == []  # trained on this one device
-  recorded = json.loads((tmp_path / 'config.json').read_text())
-  (tmp_path / 'config.json').write_text(json.dumps({**recorded, 'device_count': 4}))
-  assert eval_lib.input_differences(config, str(tmp_path)) == [
-      "device_count: 4 -> 1 (precise BN's per-device statistics)"]
-
-
-def test_precise_bn_of_frozen_batch_norm_is_refused_before_any_pass(tmp_path):
-  # It had evaluated with the moving statistics first, then stopped: "recalibration saw no batch statistics".
-  config = tiny_config()
-  config.bn.frozen = True
-  config.bn_recalibration_batches = 2
-  with pytest.raises(ValueError, match=r'^config.bn_recalibration_batches recomputes .* leave --config.bn.frozen out'):
-    eval_lib.evaluate(config, str(tmp_path))
-
-
 def test_a_failing_evaluation_keeps_the_checkpoint_of_its_step(tmp_path, monkeypatch):
   # The evaluation ran before the save of the same step: a bad validation image stopped the run
   # with nothing saved, and with eval_every_steps == checkpoint_every_steps (the ImageNet
@@ -163,31 +128,6 @@ def test_a_non_finite_step_names_the_likely_cause(step, named):
   history = [{'loss': np.float32(np.nan), 'nonfinite': np.bool_(True)}]
   with pytest.raises(train_lib.NonFiniteLossError, match=named):
     train_lib._summarize(history, step, skip_nonfinite=False, last_saved=None)
-
-
-@pytest.mark.parametrize('eval_batch_size, named', [(0, 'config.eval_batch_size=0, so config.batch_size=3 does'),
-                                                     (5, 'config.eval_batch_size=5 does')])
-def test_an_eval_batch_that_does_not_split_names_the_setting_that_gave_it(monkeypatch, eval_batch_size, named):
-  config = tiny_config()
-  config.update(batch_size=3, eval_batch_size=eval_batch_size)
-  monkeypatch.setattr(jax, 'device_count', lambda: 2)
-  with pytest.raises(ValueError, match=rf'^{named} not split over 2 devices; use a multiple of 2'):
-    eval_lib.build_eval_dataset(config)
-
-
-def test_a_non_finite_evaluation_is_explained():
-  config = tiny_config()
-  assert eval_lib.nonfinite_note({'loss': 0.5, 'top1': 0.9}, config) is None
-  note = eval_lib.nonfinite_note({'loss': float('nan'), 'top1': 0.0}, config)
-  assert 'accuracy means nothing' in note and '--config.bn_recalibration_batches' in note
-  # After recalibration, that advice would be what the user just did.
-  note = eval_lib.nonfinite_note({'loss': float('inf'), 'before_recalibration': {'loss': float('nan')}}, config)
-  assert 'even with BatchNorm statistics recomputed' in note and '--config.bn_recalibration_batches' not in note
-
-
-def test_a_damaged_config_record_does_not_stop_an_evaluation(tmp_path):
-  (tmp_path / 'config.json').write_text('{"bro')
-  assert eval_lib.input_differences(tiny_config(), str(tmp_path)) == []
 
 
 def test_resuming_on_another_data_set_is_refused(tmp_path):

@@ -50,26 +50,24 @@ def _why_unsupported():
   return None
 
 
-def _run_processes(workdir, count=2, devices_each=2, timeout=300, stop_all_on_a_failure=True, workdir_flag=None,
-                   args=ARGS, args_of=lambda index: [], script='train.py', with_workdir=True):
-  """`script` once per process, joined through a coordinator on localhost; (returncode, stdout, stderr) each.
-
-  Without `stop_all_on_a_failure`, each process is left to end by itself (until `timeout`);
-  `workdir_flag` is passed as --workdir in place of `workdir` (whose parent still takes the logs;
-  no --workdir without `with_workdir`); process i gets `args` and then `args_of(i)`.
-  """
+def _run_processes(workdir, **options):
+  """`_run_processes_once` on a free localhost port; another if process 0 finds it taken."""
   for _ in range(3):
-    runs = _run_processes_once(workdir, f'localhost:{_free_port()}', count, devices_each, timeout,
-                               stop_all_on_a_failure, workdir_flag, args, args_of, script, with_workdir)
+    runs = _run_processes_once(workdir, f'localhost:{_free_port()}', **options)
     # The probed port may be taken before the coordinator binds it: process 0 says so; try another.
     if 'process 0 cannot listen on port' not in runs[0][2]:
       break
   return runs
 
 
-def _run_processes_once(workdir, coordinator, count, devices_each, timeout, stop_all_on_a_failure, workdir_flag,
-                        args, args_of, script, with_workdir):
-  """One try of `_run_processes` with `coordinator` (host:port)."""
+def _run_processes_once(workdir, coordinator, count=2, devices_each=2, timeout=300, stop_all_on_a_failure=True,
+                        workdir_flag=None, args=ARGS, args_of=lambda index: [], script='train.py', with_workdir=True):
+  """`script` once per process, joined through `coordinator` (host:port); (returncode, stdout, stderr) each.
+
+  Without `stop_all_on_a_failure`, each process is left to end by itself (until `timeout`);
+  `workdir_flag` is passed as --workdir in place of `workdir` (whose parent still takes the logs;
+  no --workdir without `with_workdir`); process i gets `args` and then `args_of(i)`.
+  """
   # PYTHONFAULTHANDLER: a process stopped at the deadline writes where each of its threads was.
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}',
          'PYTHONFAULTHANDLER': '1'}

@@ -270,6 +270,26 @@ def test_the_table_of_fields_each_source_reads_is_what_building_it_reads(monkeyp
           assert not refused and (calls[0] != calls[1]) == reads, f'{field} with {setting}'
 
 
+def test_effective_fields_are_what_building_reads(monkeypatch):
+  # eval.py compares a run's data fields with its own through effective_fields: a default given
+  # explicitly must build what leaving it out builds, and a dropped field must be one it ignores.
+  from resnet_flax.data import builder, image_folder
+  calls = []
+  for module in (builder.digits, builder.cifar10, builder.synthetic, image_folder):
+    monkeypatch.setattr(module, 'build_source', lambda *args, **kwargs: calls.append((args, kwargs)))
+  for setting in ({'name': 'digits'}, {'name': 'cifar10'}, {'name': 'synthetic'},
+                  {'name': 'imagefolder', 'image_size': 8, 'preprocessing': 'inception'}):
+    effective = data.effective_fields(setting)
+    calls.clear()
+    builder._source(setting, 'train', batch_size=4, seed=0)
+    builder._source(effective, 'train', batch_size=4, seed=0)
+    assert calls[0] == calls[1], setting
+    assert data.effective_fields(effective) == effective
+  assert data.effective_fields({'name': 'digits', 'label_offset': 1}) == data.effective_fields({'name': 'digits'})
+  assert data.effective_fields({'name': 'cifar10'})['image_size'] == 32
+  assert 'color_distortion' not in data.effective_fields({'name': 'imagefolder', 'preprocessing': 'vgg'})
+
+
 # --- prefetch ---------------------------------------------------------------------------
 
 def test_prefetch_preserves_order_and_ends():

@@ -21,7 +21,7 @@ def test_evaluating_a_run_on_other_inputs_than_it_trained_on_is_warned_of(tmp_pa
   eval_lib.evaluate(config, str(tmp_path))
   warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')]
   assert warning == [f"warning: evaluating {tmp_path} with other settings than its run's (data.image_size: 16 -> "
-                     "None; data.digits_resize: upsample -> pad); give it the run's values to evaluate it as "
+                     "8; data.digits_resize: upsample -> pad); give it the run's values to evaluate it as "
                      'trained.']
   config.eval_split = 'train'  # another split is no other input
   config.data.update(image_size=16, digits_resize='upsample')
@@ -34,6 +34,15 @@ def test_evaluating_a_run_on_other_inputs_than_it_trained_on_is_warned_of(tmp_pa
   (tmp_path / 'config.json').write_text(json.dumps({**recorded, 'device_count': 4}))
   assert eval_lib.input_differences(config, str(tmp_path)) == [
       "device_count: 4 -> 1 (precise BN's per-device statistics)"]
+
+
+def test_a_default_given_explicitly_or_a_field_the_data_ignores_is_no_other_input(tmp_path):
+  config = tiny_config()
+  (tmp_path / 'config.json').write_text(json.dumps(config.to_dict()))
+  config.data.update(image_size=8, digits_resize='pad', label_offset=0)  # digits' defaults; label_offset is imagefolder's
+  assert eval_lib.input_differences(config, str(tmp_path)) == []
+  config.data.image_size = 12
+  assert eval_lib.input_differences(config, str(tmp_path)) == ['data.image_size: 8 -> 12']
 
 
 def test_precise_bn_of_frozen_batch_norm_is_refused_before_any_pass(tmp_path):

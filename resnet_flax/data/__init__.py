@@ -14,9 +14,9 @@ The batch at step s depends only on (seed, s, process_index, process_count), so 
 at `start_step` reproduces an uninterrupted run exactly. This package knows nothing of models.
 """
 
-from resnet_flax.data.builder import NAMES, READ_ONLY_WITH, build, check_config
+from resnet_flax.data.builder import NAMES, READ_ONLY_WITH, build, check_config, effective_fields
 from resnet_flax.data.errors import DataError
 from resnet_flax.data.pipeline import Batch, Dataset
 from resnet_flax.data.prefetch import prefetch
 
-__all__ = ['NAMES', 'READ_ONLY_WITH', 'Batch', 'DataError', 'Dataset', 'build', 'check_config', 'prefetch']
+__all__ = ['NAMES', 'READ_ONLY_WITH', 'Batch', 'DataError', 'Dataset', 'build', 'check_config', 'effective_fields', 'prefetch']

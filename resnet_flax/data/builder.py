@@ -100,6 +100,27 @@ def check_config(config: Mapping[str, Any]) -> None:
     image_folder.check_root(config.get('dir'))
 
 
+def _default_fields(name: Any) -> dict[str, Any]:
+  """What `_source` uses for each field left out or None, for the source `name`."""
+  image_size = {'digits': digits.NATIVE_SIZE, 'cifar10': cifar10.NATIVE_SIZE, 'synthetic': 224}.get(name)
+  return {'image_size': image_size, 'digits_resize': 'pad', 'preprocessing': 'none', 'augment': name != 'digits',
+          'color_distortion': False, 'label_offset': 0, 'on_bad_image': 'error', 'num_workers': 0,
+          'worker_processes': False, 'num_examples': 10_000, 'channels': 3}
+
+
+def effective_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+  """`config`'s fields as its source reads them: defaults in place of absent or None fields, and
+  fields its source ignores left out, so two configs that build the same data compare equal."""
+  name = config.get('name')
+  read = {key: _field(config, key, default) for key, default in _default_fields(name).items()}
+  for fields, deciders in READ_ONLY_WITH:
+    if any(_field(config, decider, read.get(decider)) not in values for decider, values in deciders.items()):
+      for key in fields:
+        read.pop(key, None)
+  passed_through = {key: config[key] for key in ('name', 'dir', 'num_classes') if config.get(key) is not None}
+  return {**passed_through, **read}
+
+
 def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -> Source:
   """The source `config` names; `check_config(config)` has passed."""
   name = config['name']

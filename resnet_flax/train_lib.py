@@ -189,8 +189,9 @@ def _log_interval(step: int, history: list[dict[str, jax.Array]], interval_start
                              'the run has diverged. Lower config.learning_rate or raise config.warmup_steps, then '
                              'rerun: it resumes from the newest checkpoint.', step - nonfinite_in_a_row + 1)
   images_per_second = len(history) * config.batch_size / elapsed_s
-  writer.write(step, {**{f'train/{k}': v for k, v in train_metrics.items()}, 'train/learning_rate': learning_rate,
-                      'train/images_per_second': images_per_second})
+  with distributed.failing_together('to write the metrics'):  # the chief's alone
+    writer.write(step, {**{f'train/{k}': v for k, v in train_metrics.items()}, 'train/learning_rate': learning_rate,
+                        'train/images_per_second': images_per_second})
   progress.update(step, {key: train_metrics.get(key, float('nan')) for key in ('loss', 'top1')},
                   images_per_second, elapsed_s / len(history))
   return nonfinite_in_a_row
@@ -316,12 +317,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
         checkpointer.save(step, state)
         last_saved = step
         if not config_recorded:
-          writer.record_config(run_record)
+          with distributed.failing_together('to write config.json'):
+            writer.record_config(run_record)
           config_recorded = True
         interval_start = time.perf_counter()  # The save's device-to-host copy is not training throughput.
       if _is_due(step, config.eval_every_steps, config.num_train_steps):
         eval_metrics = evaluate(state)
-        writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+        with distributed.failing_together('to write the metrics'):
+          writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         progress.message(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items()))
         unusable = eval_lib.nonfinite_note(eval_metrics, config)
         if unusable:

@@ -201,6 +201,20 @@ def test_when_only_the_chief_fails_the_others_stop_with_its_error(tmp_path):
   _assert_every_process_stops_with(runs, chiefs, f'process 0 of 2 failed to open the metrics files: {chiefs}')
 
 
+def test_when_the_chiefs_metrics_write_fails_mid_run_the_others_stop_with_its_error(tmp_path):
+  # Only the chief writes metrics; its failure at a log step had left the others at their next
+  # step's collective. /dev/full opens, then refuses every write, as a full disk does.
+  reason = _why_unsupported()
+  if reason:
+    pytest.skip(reason)
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'metrics.jsonl').symlink_to('/dev/full')
+  runs = _run_processes(workdir, timeout=120, stop_all_on_a_failure=False)
+  chiefs = f'writing metrics to {workdir}/metrics.jsonl failed (No space left on device); free disk space'
+  _assert_every_process_stops_with(runs, chiefs, f'process 0 of 2 failed to write the metrics: {chiefs}')
+
+
 @pytest.mark.parametrize('script, where', [('train.py', 'its config checks'), ('eval.py', 'to build its test data')])
 def test_when_one_host_lacks_the_data_every_process_stops_with_its_error(tmp_path, script, where):
   reason = _why_unsupported()

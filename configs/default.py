@@ -73,6 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
       # None: the data set's recipe (digits off; cifar10 and imagefolder on, as slim's and CIFAR's).
       'augment': config_dict.placeholder(bool),
       'color_distortion': False,  # inception preprocessing only
+      # imagefolder: 'antialiased' (PIL's, fastest) | 'slim' (TF1's resize_bilinear: slim's pixel values)
+      'resize': 'antialiased',
       'num_classes': config_dict.placeholder(int),  # synthetic; elsewhere a check
       'num_examples': config_dict.placeholder(int),  # synthetic
       'channels': config_dict.placeholder(int),  # synthetic

@@ -22,8 +22,8 @@ from resnet_flax.progress import BatchProgress, batch_progress
 
 # What decides the images a model sees at evaluation: a run evaluated with other values scores
 # other numbers (digits trained upsampled to 16 px, evaluated padded to 8: 93.6% -> 13.9%).
-EVAL_INPUT_FIELDS = ('data.name', 'data.image_size', 'data.digits_resize', 'data.preprocessing', 'data.label_offset',
-                     'data.channels', 'model_options.output_stride')
+EVAL_INPUT_FIELDS = ('data.name', 'data.image_size', 'data.digits_resize', 'data.preprocessing', 'data.resize',
+                     'data.label_offset', 'data.channels', 'model_options.output_stride')
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh

@@ -183,7 +183,11 @@ def test_config_errors_are_one_line_data_errors(config, match):
 
 @pytest.mark.parametrize('config', [
     {'name': 'mnist'}, {'name': 'digits', 'colour': 1}, {'name': 'digits', 'preprocessing': 'vgg'},
-    {'name': 'cifar10', 'dir': '/nonexistent', 'image_size': 8}, {'name': 'imagefolder', 'dir': '/nonexistent'}])
+    {'name': 'cifar10', 'dir': '/nonexistent', 'image_size': 8}, {'name': 'imagefolder', 'dir': '/nonexistent'},
+    # An existing directory: the options are refused before it is looked at.
+    {'name': 'imagefolder', 'dir': '/', 'image_size': 8, 'preprocessing': 'vgg', 'resize': 'tf'},
+    {'name': 'imagefolder', 'dir': '/', 'image_size': 8, 'preprocessing': 'resnet'},
+    {'name': 'imagefolder', 'dir': '/', 'image_size': 8, 'preprocessing': 'vgg', 'color_distortion': True}])
 def test_config_errors_that_need_no_data_are_found_without_reading_any(config):
   # What train_lib checks before it builds anything (a sweep, before its first run).
   with pytest.raises(data.DataError):
@@ -232,7 +236,8 @@ def test_works_with_a_config_dict():
 # Two values of each field in data.READ_ONLY_WITH, each a valid setting.
 _TWO_VALUES = {'dir': ('/a', '/b'), 'digits_resize': ('pad', 'upsample'), 'label_offset': (0, 1),
                'on_bad_image': ('error', 'skip'), 'num_workers': (1, 2), 'worker_processes': (False, True),
-               'color_distortion': (False, True), 'num_examples': (5, 6), 'channels': (1, 3), 'augment': (False, True)}
+               'color_distortion': (False, True), 'num_examples': (5, 6), 'channels': (1, 3), 'augment': (False, True),
+               'resize': ('antialiased', 'slim')}
 
 
 def test_the_table_of_fields_each_source_reads_is_what_building_it_reads(monkeypatch):

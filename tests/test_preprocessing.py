@@ -3,6 +3,7 @@ formulas, color distortion against an HSV round trip, JPEG decoding at reduced s
 ImageFolder trees end to end (shapes, ranges, labels, determinism, bad files)."""
 
 import colorsys
+import functools
 import itertools
 import shutil
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from resnet_flax import data
 from resnet_flax.data import image_decode, image_folder, inception_preprocessing, vgg_preprocessing
-from resnet_flax.data.preprocessing import Crop
+from resnet_flax.data.preprocessing import RESIZES, Crop
 
 
 def test_vgg_eval_crop_is_slims_resize_then_central_crop():
@@ -21,8 +22,8 @@ def test_vgg_eval_crop_is_slims_resize_then_central_crop():
   crop = vgg_preprocessing.eval_crop(500, 375, image_size=224)
   left, top = (341 - 224) // 2, (256 - 224) // 2
   sx, sy = 500 / 341, 375 / 256
-  np.testing.assert_allclose(crop.box, (left * sx, top * sy, (left + 224) * sx, (top + 224) * sy))
-  assert not crop.flip
+  assert crop == Crop((0, 0, 500, 375), (341, 256), (left, top))
+  np.testing.assert_allclose(crop.box(224), (left * sx, top * sy, (left + 224) * sx, (top + 224) * sy))
 
 
 def test_vgg_train_crops_stay_inside_and_scale_within_slims_range():
@@ -30,7 +31,7 @@ def test_vgg_train_crops_stay_inside_and_scale_within_slims_range():
   sides, flips = [], []
   for _ in range(500):
     crop = vgg_preprocessing.train_crop(500, 375, rng, image_size=224)
-    left, top, right, bottom = crop.box
+    left, top, right, bottom = crop.box(224)
     assert 0 <= left and 0 <= top and right <= 500 + 1e-9 and bottom <= 375 + 1e-9
     sides.append(round(224 * 375 / (bottom - top)))  # The smaller side the image was resized to.
     flips.append(crop.flip)
@@ -60,7 +61,9 @@ def test_inception_boxes_obey_slims_constraints():
 
 def test_inception_eval_is_tf_central_crop():
   # tf.image.central_crop(0.875): start = int((375 - 328.125) / 2) = 23, size = 375 - 2 * 23.
-  assert inception_preprocessing.eval_crop(500, 375) == Crop((31, 23, 469, 352))
+  crop = inception_preprocessing.eval_crop(500, 375, image_size=299)
+  assert crop == Crop((31, 23, 469, 352), (299, 299))
+  assert crop.box(299) == (31, 23, 469, 352)  # the whole region, exactly
 
 
 @pytest.mark.parametrize('factor', [0.0, 0.5, 1.0, 1.5, 3.0])
@@ -88,23 +91,24 @@ def test_jpeg_decoded_at_reduced_scale_matches_full_decode(tmp_path):
   base = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((800, 600), Image.BILINEAR)
   base.save(tmp_path / 'big.jpg', 'JPEG', quality=95)
   base.save(tmp_path / 'big.png', compress_level=1)  # Lossless, and never drafted.
-  plan = inception_preprocessing.eval_crop
+  plan = functools.partial(inception_preprocessing.eval_crop, image_size=64)
   with Image.open(tmp_path / 'big.jpg') as image:
-    box = image_decode._draft(image, plan(800, 600).box, 64)
+    box = image_decode._draft(image, plan(800, 600).box(64), 64)
     assert image.size == (100, 75)  # Decoded at 1/8 scale: still > 64 pixels across the box.
-    np.testing.assert_allclose(box, np.array(plan(800, 600).box) / 8)
+    np.testing.assert_allclose(box, np.array(plan(800, 600).box(64)) / 8)
   drafted = image_decode.decode_crop(str(tmp_path / 'big.jpg'), plan, 64)
   full = image_decode.decode_crop(str(tmp_path / 'big.png'), plan, 64)
   assert drafted.shape == full.shape == (64, 64, 3) and drafted.dtype == np.uint8
   assert np.abs(drafted.astype(int) - full).mean() < 3
 
 
-def test_flip_mirrors_the_crop(tmp_path):
+@pytest.mark.parametrize('resize', RESIZES)
+def test_flip_mirrors_the_crop(tmp_path, resize):
   image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8))
   image.save(tmp_path / 'x.png')
-  box = (8.0, 0.0, 40.0, 32.0)
-  straight = image_decode.decode_crop(str(tmp_path / 'x.png'), lambda w, h: Crop(box), 32)
-  mirrored = image_decode.decode_crop(str(tmp_path / 'x.png'), lambda w, h: Crop(box, flip=True), 32)
+  crop = Crop((8, 0, 40, 32), (32, 32))
+  straight = image_decode.decode_crop(str(tmp_path / 'x.png'), lambda w, h: crop, 32, resize)
+  mirrored = image_decode.decode_crop(str(tmp_path / 'x.png'), lambda w, h: crop._replace(flip=True), 32, resize)
   np.testing.assert_array_equal(mirrored, straight[:, ::-1])
   np.testing.assert_array_equal(straight, np.asarray(image)[:, 8:40])  # A 1:1 box is an exact crop.
 

@@ -15,6 +15,11 @@ Fields of `config.data` (an ml_collections.ConfigDict or a plain dict):
                  use the eval mode). Default: False for digits (the reference script does
                  not augment), True for cifar10 and imagefolder.
   color_distortion  inception only: slim's fast-mode color distortion (default False)
+  resize         imagefolder: 'antialiased' (default: PIL's bilinear filter, which averages
+                 when it shrinks, on a JPEG decoded at reduced scale where that suffices;
+                 the fastest) | 'slim' (TF1's resize_bilinear on the full decode, as slim's
+                 preprocessing: its pixel values to the JPEG decoder's rounding; use it to
+                 evaluate slim's checkpoints as slim did)
   num_classes    synthetic: the number of classes (default 1000); others: if given, it
                  must equal the data's, so a config cannot silently disagree with its data
   num_examples   synthetic only (default 10000)
@@ -43,14 +48,14 @@ from resnet_flax.data.pipeline import Dataset, Source
 NAMES = ('digits', 'cifar10', 'imagefolder', 'synthetic')
 _FIELDS = frozenset({'name', 'dir', 'image_size', 'digits_resize', 'preprocessing', 'augment', 'color_distortion',
                      'num_classes', 'num_examples', 'channels', 'label_offset', 'on_bad_image', 'num_workers',
-                     'worker_processes'})
+                     'worker_processes', 'resize'})
 
 # Fields only some sources read: (fields, {deciding field: the values that read them}), in the
 # form of `config_checks`' table, which refuses a command-line override that `_source` ignores.
 READ_ONLY_WITH: tuple[tuple[tuple[str, ...], dict[str, tuple[str, ...]]], ...] = (
     (('dir',), {'name': ('cifar10', 'imagefolder')}),
     (('digits_resize',), {'name': ('digits',)}),
-    (('label_offset', 'on_bad_image', 'num_workers', 'worker_processes'), {'name': ('imagefolder',)}),
+    (('label_offset', 'on_bad_image', 'num_workers', 'worker_processes', 'resize'), {'name': ('imagefolder',)}),
     (('color_distortion',), {'name': ('imagefolder',), 'preprocessing': ('inception',)}),
     (('num_examples', 'channels'), {'name': ('synthetic',)}),
     (('augment',), {'name': ('digits', 'cifar10', 'imagefolder')}),
@@ -79,8 +84,8 @@ def _field(config: Mapping[str, Any], key: str, default: Any) -> Any:
 def check_config(config: Mapping[str, Any]) -> None:
   """Raises a one-line DataError for fields no data set of this name can be built with,
   before any file is read: an unknown name or field, preprocessing on a source that has none,
-  CIFAR-10 at another size, an image folder without its size or preprocessing, a data
-  directory that is unset, missing, a file or an archive."""
+  CIFAR-10 at another size, an image folder without its size or preprocessing or with options
+  its preprocessing refuses, a data directory that is unset, missing, a file or an archive."""
   _check_fields(config)
   name = config.get('name')
   if name not in NAMES:
@@ -97,6 +102,9 @@ def check_config(config: Mapping[str, Any]) -> None:
     if not (config.get('image_size') or 0) > 0 or not config.get('preprocessing'):
       raise DataError("imagefolder needs a positive config.data.image_size and config.data.preprocessing ('vgg' or "
                       f"'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
+    image_folder.get_preprocessing(config['preprocessing'], config['image_size'],  # its options, no file read
+                                   color_distortion=bool(config.get('color_distortion')),
+                                   resize=config.get('resize') or 'antialiased')
     image_folder.check_root(config.get('dir'))
 
 
@@ -104,8 +112,8 @@ def _default_fields(name: Any) -> dict[str, Any]:
   """What `_source` uses for each field left out or None, for the source `name`."""
   image_size = {'digits': digits.NATIVE_SIZE, 'cifar10': cifar10.NATIVE_SIZE, 'synthetic': 224}.get(name)
   return {'image_size': image_size, 'digits_resize': 'pad', 'preprocessing': 'none', 'augment': name != 'digits',
-          'color_distortion': False, 'label_offset': 0, 'on_bad_image': 'error', 'num_workers': 0,
-          'worker_processes': False, 'num_examples': 10_000, 'channels': 3}
+          'color_distortion': False, 'resize': 'antialiased', 'label_offset': 0, 'on_bad_image': 'error',
+          'num_workers': 0, 'worker_processes': False, 'num_examples': 10_000, 'channels': 3}
 
 
 def effective_fields(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -135,7 +143,8 @@ def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -
   if name == 'imagefolder':
     return image_folder.build_source(
         config.get('dir'), split, preprocessing=config['preprocessing'], image_size=config['image_size'],
-        color_distortion=bool(config.get('color_distortion')), label_offset=config.get('label_offset') or 0,
+        color_distortion=bool(config.get('color_distortion')), resize=config.get('resize') or 'antialiased',
+        label_offset=config.get('label_offset') or 0,
         on_bad_image=config.get('on_bad_image') or 'error', num_workers=config.get('num_workers') or 0,
         augment_train=augment_train, worker_processes=bool(config.get('worker_processes')))
   return synthetic.build_source(image_size=_field(config, 'image_size', 224), channels=_field(config, 'channels', 3),

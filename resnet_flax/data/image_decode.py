@@ -1,9 +1,10 @@
 """Decoding one image file into the crop a `Preprocessing` asks for, with PIL.
 
-Only the crop box is resampled (PIL's `resize(box=...)`), and a JPEG much larger than the
-output is decoded at 1/2, 1/4 or 1/8 scale (`Image.draft`, done inside the IDCT) when that
-still leaves at least the output's resolution across the box. PIL releases the GIL while
-it decodes and resamples, so threads decode in parallel.
+With the 'antialiased' resize only the crop box is resampled (PIL's `resize(box=...)`), and
+a JPEG much larger than the output is decoded at 1/2, 1/4 or 1/8 scale (`Image.draft`, done
+inside the IDCT) when that still leaves at least the output's resolution across the box.
+PIL releases the GIL while it decodes and resamples, so threads decode in parallel. The
+'slim' resize decodes at full scale, as TF does, and resizes as TF1 (`slim_resize.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
+from resnet_flax.data import slim_resize
 from resnet_flax.data.data_dir import special_file_kind
 from resnet_flax.data.errors import DataError, one_line
 from resnet_flax.data.preprocessing import Crop, Preprocessing
@@ -49,8 +51,28 @@ def _unreadable(path: str, error: Exception) -> UnreadableImage:
                          f'replace or delete the file{_OR_SKIP}.')
 
 
-def decode_crop(path: str, plan: Callable[[int, int], Crop], size: int) -> np.ndarray:
-  """uint8 (size, size, 3): the crop `plan(width, height)` chooses, resized bilinearly, maybe mirrored.
+def _antialiased(image: Image.Image, crop: Crop, size: int) -> np.ndarray:
+  box = _draft(image, crop.box(size), size) if image.format == 'JPEG' else crop.box(size)
+  rgb = image if image.mode == 'RGB' else image.convert('RGB')
+  # After a draft, `box` refers to the reduced image, which is what `rgb` holds.
+  resized = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
+  if crop.flip:  # In PIL: copying numpy's reversed view of 3-byte pixels costs 10x more.
+    resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return np.asarray(resized)
+
+
+def _as_slim(image: Image.Image, crop: Crop, size: int) -> np.ndarray:
+  # TF's order: the whole image decoded, the region cut out and resized, the window kept.
+  rgb = np.asarray(image if image.mode == 'RGB' else image.convert('RGB'))
+  left, upper, right, lower = crop.region
+  pixels = slim_resize.to_pixels(slim_resize.resize_window(rgb[upper:lower, left:right], crop.resized, crop.offset,
+                                                           size))
+  return pixels[:, ::-1] if crop.flip else pixels
+
+
+def decode_crop(path: str, plan: Callable[[int, int], Crop], size: int, resize: str = 'antialiased') -> np.ndarray:
+  """uint8 (size, size, 3): the crop `plan(width, height)` chooses, resized bilinearly as `resize`
+  says (see `Preprocessing`), maybe mirrored.
 
   Raises UnreadableImage naming `path` if the file is not a readable image in an RGB-convertible mode.
   """
@@ -69,13 +91,7 @@ def decode_crop(path: str, plan: Callable[[int, int], Crop], size: int) -> np.nd
     # Planned outside the `try` below, so that a bug in a plan is never blamed on the file.
     crop = plan(*image.size)
     try:
-      box = _draft(image, crop.box, size) if image.format == 'JPEG' else crop.box
-      rgb = image if image.mode == 'RGB' else image.convert('RGB')
-      # After a draft, `box` refers to the reduced image, which is what `rgb` holds.
-      resized = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
-      if crop.flip:  # In PIL: copying numpy's reversed view of 3-byte pixels costs 10x more.
-        resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-      return np.asarray(resized)
+      return (_as_slim if resize == 'slim' else _antialiased)(image, crop, size)
     except _DECODE_ERRORS as error:
       raise _unreadable(path, error) from error
 
@@ -88,9 +104,10 @@ def decode_values(path: str, preprocessing: Preprocessing, ship_pixels: bool,
   """
   size = preprocessing.image_size
   if rng is None:
-    crop = decode_crop(path, preprocessing.eval_crop, size)
+    crop = decode_crop(path, preprocessing.eval_crop, size, preprocessing.resize)
     return crop if ship_pixels else preprocessing.eval_values(crop)
-  crop = decode_crop(path, lambda width, height: preprocessing.train_crop(width, height, rng), size)
+  crop = decode_crop(path, lambda width, height: preprocessing.train_crop(width, height, rng), size,
+                     preprocessing.resize)
   return crop if ship_pixels else preprocessing.train_values(crop, rng)
 
 

@@ -24,7 +24,7 @@ from resnet_flax.data.data_dir import data_directory
 from resnet_flax.data.errors import DataError
 from resnet_flax.data.image_decode import decode_into_slot, values_dtype
 from resnet_flax.data.pipeline import Loaded, Pending, Source
-from resnet_flax.data.preprocessing import Preprocessing
+from resnet_flax.data.preprocessing import RESIZES, Preprocessing
 from resnet_flax.data.worker_processes import ProcessLoader
 
 # torchvision's ImageFolder list: Pillow decodes them all (slim's own pipelines read JPEG and PNG).
@@ -36,15 +36,21 @@ _SPLIT_DIRS = {'validation': ('validation', 'val'), 'val': ('val', 'validation')
 _EXPECTED = 'the ImageFolder root: a directory holding train/ and val/, each with one folder of images per class'
 
 
-def get_preprocessing(name: str, image_size: int, *, color_distortion: bool = False) -> Preprocessing:
-  """TF-Slim's 'vgg' or 'inception' preprocessing producing image_size x image_size images."""
+def get_preprocessing(name: str, image_size: int, *, color_distortion: bool = False,
+                      resize: str = 'antialiased') -> Preprocessing:
+  """TF-Slim's 'vgg' or 'inception' preprocessing producing image_size x image_size images,
+  resized as `resize` (one of preprocessing.RESIZES) says."""
+  if resize not in RESIZES:
+    raise DataError(f"resize {resize!r} is unknown; use one of {RESIZES} ('slim' gives slim's pixel values).")
   if name == 'vgg':
     if color_distortion:
       raise DataError("color_distortion applies to preprocessing='inception' only; set it to False for 'vgg'.")
-    return vgg_preprocessing.preprocessing(image_size)
-  if name == 'inception':
-    return inception_preprocessing.preprocessing(image_size, color_distortion=color_distortion)
-  raise DataError(f'preprocessing {name!r} is unknown for image folders; use one of {PREPROCESSINGS}.')
+    chosen = vgg_preprocessing.preprocessing(image_size)
+  elif name == 'inception':
+    chosen = inception_preprocessing.preprocessing(image_size, color_distortion=color_distortion)
+  else:
+    raise DataError(f'preprocessing {name!r} is unknown for image folders; use one of {PREPROCESSINGS}.')
+  return dataclasses.replace(chosen, resize=resize)
 
 
 def _archive_fix(archive: str, stem: str) -> str:
@@ -185,7 +191,7 @@ class FolderLoader:
 
 
 def build_source(root: str, split: str, *, preprocessing: str, image_size: int, color_distortion: bool = False,
-                 label_offset: int = 0, on_bad_image: str = 'error', num_workers: int = 0,
+                 resize: str = 'antialiased', label_offset: int = 0, on_bad_image: str = 'error', num_workers: int = 0,
                  augment_train: bool = True, worker_processes: bool = False) -> Source:
   """An image folder split; `num_workers` decoding threads (0: one per CPU core), or worker
   processes with `worker_processes` (for many cores: threads share one GIL; see
@@ -197,7 +203,7 @@ def build_source(root: str, split: str, *, preprocessing: str, image_size: int, 
     raise DataError(f'on_bad_image {on_bad_image!r} is unknown; use one of {ON_BAD_IMAGE}.')
   if label_offset < 0:
     raise DataError(f'label_offset must be >= 0, got {label_offset}.')
-  chosen = get_preprocessing(preprocessing, image_size, color_distortion=color_distortion)
+  chosen = get_preprocessing(preprocessing, image_size, color_distortion=color_distortion, resize=resize)
   root = check_root(root)
   # Labels are the training split's class indices, whichever split this is (a tree with
   # only a validation split, to evaluate a converted checkpoint, has its own).

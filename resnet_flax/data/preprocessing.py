@@ -14,10 +14,26 @@ import numpy as np
 
 
 class Crop(NamedTuple):
-  """The region of the source image (left, upper, right, lower), in source pixels, that is
-  resized to the output size; then mirrored left-right if `flip`."""
-  box: tuple[float, float, float, float]
+  """slim's crop and resize, in TF's order: the integer `region` (left, upper, right, lower) of the
+  source image is resized to `resized` (width, height) pixels, of which the output-sized window
+  at `offset` (left, top) is kept; then mirrored left-right if `flip`."""
+  region: tuple[int, int, int, int]
+  resized: tuple[int, int]
+  offset: tuple[int, int] = (0, 0)
   flip: bool = False
+
+  def box(self, size: int) -> tuple[float, float, float, float]:
+    """The kept `size` x `size` window in source pixels (left, upper, right, lower): what a resize
+    of the source that maps pixel areas (PIL's) samples."""
+    left, upper, right, lower = self.region
+    (x, y), (width, height) = self.offset, self.resized
+    # Multiplied before dividing, so a window that is the whole region gives its edges exactly.
+    xs = [left + (right - left) * position / width for position in (x, x + size)]
+    ys = [upper + (lower - upper) * position / height for position in (y, y + size)]
+    return xs[0], ys[0], xs[1], ys[1]
+
+
+RESIZES = ('antialiased', 'slim')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +50,11 @@ class Preprocessing:
   jax arrays. Loaders then ship uint8 crops (a quarter of the bytes, and no float
   conversion on the host) and the values are computed on the device
   (`resnet_flax.device_input`).
+
+  resize, one of RESIZES, is how a crop is resized: 'antialiased' (PIL's bilinear filter,
+  which averages when it shrinks, on a JPEG decoded at reduced scale where that still
+  suffices: the fastest) or 'slim' (TF1's `resize_bilinear` as slim's preprocessing calls it,
+  on the full decode: slim's pixel values, but for the JPEG decoder's rounding).
   """
   name: str
   image_size: int
@@ -42,3 +63,5 @@ class Preprocessing:
   train_values: Callable[[np.ndarray, np.random.Generator], np.ndarray]
   eval_values: Callable[[np.ndarray], np.ndarray]
   pixel_values: Optional[Callable[[np.ndarray], np.ndarray]] = None
+  resize: str = 'antialiased'
+

@@ -23,7 +23,8 @@ def test_vgg_eval_crop_is_slims_resize_then_central_crop():
   left, top = (341 - 224) // 2, (256 - 224) // 2
   sx, sy = 500 / 341, 375 / 256
   assert crop == Crop((0, 0, 500, 375), (341, 256), (left, top))
-  np.testing.assert_allclose(crop.box(224), (left * sx, top * sy, (left + 224) * sx, (top + 224) * sy))
+  # Exactly: an ulp more or less across the box had changed the scale `_draft` decodes at, and with it the pixels.
+  assert crop.box(224) == (left * sx, top * sy, (left + 224) * sx, (top + 224) * sy)
 
 
 def test_vgg_train_crops_stay_inside_and_scale_within_slims_range():
@@ -37,6 +38,12 @@ def test_vgg_train_crops_stay_inside_and_scale_within_slims_range():
     flips.append(crop.flip)
   assert min(sides) >= 256 and max(sides) <= 512 and max(sides) - min(sides) > 200
   assert 0.4 < np.mean(flips) < 0.6
+
+
+def test_vgg_resized_sizes_round_in_float32_as_slims():
+  # TF's _smallest_size_at_least computes in float32; in float64 1295 * 384 / 1280 rounds to 388.
+  assert vgg_preprocessing.aspect_preserving_size(1280, 1295, 384) == (384, 389)
+  assert vgg_preprocessing.aspect_preserving_size(1295, 1280, 384) == (389, 384)
 
 
 def test_vgg_resize_range_scales_with_the_output_size():

@@ -25,12 +25,13 @@ class Crop(NamedTuple):
   def box(self, size: int) -> tuple[float, float, float, float]:
     """The kept `size` x `size` window in source pixels (left, upper, right, lower): what a resize
     of the source that maps pixel areas (PIL's) samples."""
+    if self.offset == (0, 0) and self.resized == (size, size):
+      return tuple(map(float, self.region))  # the whole region, its edges exact
     left, upper, right, lower = self.region
     (x, y), (width, height) = self.offset, self.resized
-    # Multiplied before dividing, so a window that is the whole region gives its edges exactly.
-    xs = [left + (right - left) * position / width for position in (x, x + size)]
-    ys = [upper + (lower - upper) * position / height for position in (y, y + size)]
-    return xs[0], ys[0], xs[1], ys[1]
+    # This order of operations keeps the boxes, and so the reduced-scale decodes `_draft` picks, bit for bit.
+    scale_x, scale_y = (right - left) / width, (lower - upper) / height
+    return left + x * scale_x, upper + y * scale_y, left + (x + size) * scale_x, upper + (y + size) * scale_y
 
 
 RESIZES = ('antialiased', 'slim')
@@ -64,4 +65,3 @@ class Preprocessing:
   eval_values: Callable[[np.ndarray], np.ndarray]
   pixel_values: Optional[Callable[[np.ndarray], np.ndarray]] = None
   resize: str = 'antialiased'
-

@@ -111,14 +111,6 @@ def nonfinite_note(metrics: dict[str, Any], config: ml_collections.ConfigDict) -
           'or with statistics recomputed from training batches: eval.py --config.bn_recalibration_batches=20.')
 
 
-def _as_read(fields: dict[str, Any]) -> dict[str, Any]:
-  """A config by dotted field name with config.data's fields as its source reads them, so a
-  default given explicitly (image_size=8 for digits' None) is no difference."""
-  data_fields = {key.removeprefix('data.'): value for key, value in fields.items() if key.startswith('data.')}
-  return {**{key: value for key, value in fields.items() if not key.startswith('data.')},
-          **{f'data.{key}': value for key, value in data.effective_fields(data_fields).items()}}
-
-
 def input_differences(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """The fields deciding what the model sees at evaluation (and, for precise BN with per-device
   statistics, the device count) that differ from those the run in `workdir` recorded in its
@@ -129,7 +121,7 @@ def input_differences(config: ml_collections.ConfigDict, workdir: str) -> list[s
     return []
   if recorded is None:
     return []
-  differences = metrics_writer.field_changes(_as_read(recorded), _as_read(metrics_writer.as_recorded(config.to_dict())),
+  differences = metrics_writer.field_changes(recorded, metrics_writer.as_recorded(config.to_dict()),
                                              EVAL_INPUT_FIELDS)
   # Precise BN with per-device statistics groups each device's share of a batch: another
   # device count, other groups, other statistics (33.89% against 34.17%, 4 devices and 1).

@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
-from resnet_flax import atomic_files
+from resnet_flax import atomic_files, data
 
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -146,13 +146,14 @@ def _record_step(line: str) -> Optional[int]:
 
 
 def recorded_config(workdir: str) -> Optional[dict[str, Any]]:
-  """The config recorded in `workdir/config.json`, by dotted field name; None without one."""
+  """The config recorded in `workdir/config.json`, by dotted field name (config.data's as its
+  source reads them, see `as_recorded`); None without one."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return None
   try:
     with open(path, encoding='utf-8') as file:
-      return flat_fields(json.load(file))
+      return _data_as_read(flat_fields(json.load(file)))
   except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:  # written whole, so damaged since
     raise ValueError(f'{path} is damaged ({error}); delete it: it only records the config of the last start, '
                      'and the next start writes it again.') from None
@@ -178,8 +179,17 @@ def field_changes(saved: Mapping[str, Any], current: Mapping[str, Any], fields: 
 
 def as_recorded(config: Mapping[str, Any]) -> dict[str, Any]:
   """`config` (nested dicts) by dotted field name, as config.json gives it back: tuples as lists,
-  other values JSON cannot hold as their str."""
-  return flat_fields(json.loads(json.dumps(config, default=str)))
+  other values JSON cannot hold as their str, and config.data's fields as its source reads them
+  (`data.effective_fields`), so a default given explicitly or a field that source ignores is no change."""
+  return _data_as_read(flat_fields(json.loads(json.dumps(config, default=str))))
+
+
+def _data_as_read(fields: dict[str, Any]) -> dict[str, Any]:
+  if not any(key.startswith('data.') for key in fields):
+    return fields
+  data_fields = {key.removeprefix('data.'): value for key, value in fields.items() if key.startswith('data.')}
+  return {**{key: value for key, value in fields.items() if not key.startswith('data.')},
+          **{f'data.{key}': value for key, value in data.effective_fields(data_fields).items()}}
 
 
 def flat_fields(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:

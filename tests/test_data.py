@@ -290,7 +290,9 @@ def test_effective_fields_are_what_building_reads(monkeypatch):
     builder._source(effective, 'train', batch_size=4, seed=0)
     assert calls[0] == calls[1], setting
     assert data.effective_fields(effective) == effective
-  assert data.effective_fields({'name': 'digits', 'label_offset': 1}) == data.effective_fields({'name': 'digits'})
+  for ignored in ({'label_offset': 1}, {'dir': '/x'}, {'resize': 'slim'}):
+    assert data.effective_fields({'name': 'digits', **ignored}) == data.effective_fields({'name': 'digits'})
+  assert data.effective_fields({'name': 'synthetic', 'num_classes': 1000}) == data.effective_fields({'name': 'synthetic'})
   assert data.effective_fields({'name': 'cifar10'})['image_size'] == 32
   assert 'color_distortion' not in data.effective_fields({'name': 'imagefolder', 'preprocessing': 'vgg'})
 

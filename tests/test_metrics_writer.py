@@ -101,6 +101,16 @@ def test_config_record_lists_what_changed_since_the_last_start(tmp_path):
   writer.close()
 
 
+def test_data_fields_compare_as_their_source_reads_them(tmp_path):
+  # A record from before a data field existed (config.data.resize), a default spelt out, a field
+  # the data set ignores: none is a change; a field it reads is.
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.record_config({'data': {'name': 'digits', 'image_size': None}})
+  assert writer.record_config({'data': {'name': 'digits', 'image_size': 8, 'resize': 'antialiased', 'dir': '/x'}}) == []
+  assert writer.record_config({'data': {'name': 'digits', 'image_size': 12}}) == ['data.image_size: 8 -> 12']
+  writer.close()
+
+
 def test_resuming_with_another_batch_size_says_so(tmp_path, capsys):
   train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
   capsys.readouterr()

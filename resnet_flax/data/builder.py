@@ -104,14 +104,14 @@ def check_config(config: Mapping[str, Any]) -> None:
                       f"'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
     image_folder.get_preprocessing(config['preprocessing'], config['image_size'],  # its options, no file read
                                    color_distortion=bool(config.get('color_distortion')),
-                                   resize=config.get('resize') or 'antialiased')
+                                   resize=_field(config, 'resize', 'antialiased'))
     image_folder.check_root(config.get('dir'))
 
 
 def _default_fields(name: Any) -> dict[str, Any]:
   """What `_source` uses for each field left out or None, for the source `name`."""
   image_size = {'digits': digits.NATIVE_SIZE, 'cifar10': cifar10.NATIVE_SIZE, 'synthetic': 224}.get(name)
-  return {'image_size': image_size, 'digits_resize': 'pad', 'preprocessing': 'none', 'augment': name != 'digits',
+  return {'dir': None, 'num_classes': 1000 if name == 'synthetic' else None, 'image_size': image_size, 'digits_resize': 'pad', 'preprocessing': 'none', 'augment': name != 'digits',
           'color_distortion': False, 'resize': 'antialiased', 'label_offset': 0, 'on_bad_image': 'error',
           'num_workers': 0, 'worker_processes': False, 'num_examples': 10_000, 'channels': 3}
 
@@ -125,8 +125,7 @@ def effective_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     if any(_field(config, decider, read.get(decider)) not in values for decider, values in deciders.items()):
       for key in fields:
         read.pop(key, None)
-  passed_through = {key: config[key] for key in ('name', 'dir', 'num_classes') if config.get(key) is not None}
-  return {**passed_through, **read}
+  return {'name': name, **read}
 
 
 def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -> Source:
@@ -143,7 +142,7 @@ def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -
   if name == 'imagefolder':
     return image_folder.build_source(
         config.get('dir'), split, preprocessing=config['preprocessing'], image_size=config['image_size'],
-        color_distortion=bool(config.get('color_distortion')), resize=config.get('resize') or 'antialiased',
+        color_distortion=bool(config.get('color_distortion')), resize=_field(config, 'resize', 'antialiased'),
         label_offset=config.get('label_offset') or 0,
         on_bad_image=config.get('on_bad_image') or 'error', num_workers=config.get('num_workers') or 0,
         augment_train=augment_train, worker_processes=bool(config.get('worker_processes')))

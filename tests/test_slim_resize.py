@@ -44,6 +44,38 @@ def test_slim_resize_gives_slims_eval_pixels_to_rounding(tmp_path, name, preproc
   assert from_tf_decode.mean() < 1.5 and from_tf_decode.max() < 8
 
 
+class _Draws:
+  """A stand-in for np.random.Generator whose draws are given, in order."""
+
+  def __init__(self, *values):
+    self.values = list(values)
+
+  def integers(self, low, high=None):
+    value = self.values.pop(0)
+    assert low <= value < high, (low, value, high)
+    return value
+
+  def random(self):
+    return self.values.pop(0)
+
+
+@pytest.mark.parametrize('name', sorted({key.split('/')[1] for key in FIXTURE.files if key.startswith('vgg_train/')}))
+def test_slim_resize_gives_slims_training_pixels_to_rounding(tmp_path, name, monkeypatch):
+  # The same draws as the fixture's (resize side, crop at the far corner, mirror; a box, mirror).
+  path = tmp_path / f'{name}.jpg'
+  path.write_bytes(FIXTURE[f'jpeg/{name}'].tobytes())
+  top, left = FIXTURE[f'vgg_train/{name}/offset']
+  draws = _Draws(int(FIXTURE[f'vgg_train/{name}/side']), int(left), int(top), 0.0)
+  ours = image_decode.decode_crop(str(path), lambda w, h: vgg_preprocessing.train_crop(w, h, draws, image_size=40),
+                                  40, 'slim')
+  np.testing.assert_allclose(ours, FIXTURE[f'vgg_train/{name}/pil_decoded'], rtol=0, atol=0.5 + 1e-3)
+  box = tuple(int(value) for value in FIXTURE[f'inception_train/{name}/box'])
+  monkeypatch.setattr(inception_preprocessing, 'sample_distorted_bounding_box', lambda width, height, rng: box)
+  ours = image_decode.decode_crop(
+      str(path), lambda w, h: inception_preprocessing.train_crop(w, h, _Draws(0.0), image_size=48), 48, 'slim')
+  np.testing.assert_allclose(ours, FIXTURE[f'inception_train/{name}/pil_decoded'], rtol=0, atol=0.5 + 1e-3)
+
+
 def test_the_default_resize_is_further_from_slims_pixels(tmp_path):
   # Why the option exists: PIL's antialiasing, half-pixel resize is another function of the pixels.
   for preprocessing in PLANS:

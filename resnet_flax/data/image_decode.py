@@ -51,7 +51,7 @@ def _unreadable(path: str, error: Exception) -> UnreadableImage:
                          f'replace or delete the file{_OR_SKIP}.')
 
 
-def _antialiased(image: Image.Image, crop: Crop, size: int) -> np.ndarray:
+def _antialiased_crop(image: Image.Image, crop: Crop, size: int) -> np.ndarray:
   box = _draft(image, crop.box(size), size) if image.format == 'JPEG' else crop.box(size)
   rgb = image if image.mode == 'RGB' else image.convert('RGB')
   # After a draft, `box` refers to the reduced image, which is what `rgb` holds.
@@ -61,13 +61,16 @@ def _antialiased(image: Image.Image, crop: Crop, size: int) -> np.ndarray:
   return np.asarray(resized)
 
 
-def _as_slim(image: Image.Image, crop: Crop, size: int) -> np.ndarray:
+def _slim_crop(image: Image.Image, crop: Crop, size: int) -> np.ndarray:
   # TF's order: the whole image decoded, the region cut out and resized, the window kept.
   rgb = np.asarray(image if image.mode == 'RGB' else image.convert('RGB'))
   left, upper, right, lower = crop.region
   pixels = slim_resize.to_pixels(slim_resize.resize_window(rgb[upper:lower, left:right], crop.resized, crop.offset,
                                                            size))
   return pixels[:, ::-1] if crop.flip else pixels
+
+
+_CROPS = {'antialiased': _antialiased_crop, 'slim': _slim_crop}  # preprocessing.RESIZES
 
 
 def decode_crop(path: str, plan: Callable[[int, int], Crop], size: int, resize: str = 'antialiased') -> np.ndarray:
@@ -91,7 +94,7 @@ def decode_crop(path: str, plan: Callable[[int, int], Crop], size: int, resize: 
     # Planned outside the `try` below, so that a bug in a plan is never blamed on the file.
     crop = plan(*image.size)
     try:
-      return (_as_slim if resize == 'slim' else _antialiased)(image, crop, size)
+      return _CROPS[resize](image, crop, size)
     except _DECODE_ERRORS as error:
       raise _unreadable(path, error) from error
 

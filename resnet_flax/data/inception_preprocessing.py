@@ -9,7 +9,8 @@ S x S. Both map pixels to [-1, 1].
 Slim always distorts colors in training; here it is off unless asked for (`color_distortion`),
 since for BN studies it is one more source of variance. Pixel values are slim's with
 `config.data.resize='slim'`; the default resize (PIL's, which antialiases when it shrinks,
-as TF's `resize_bilinear` does not) gives 0.02 on average from them, up to ~1.
+as TF's `resize_bilinear` does not) gives values 0.02 from them on average, up to ~1 (in the
+[-1, 1] range).
 """
 
 from __future__ import annotations

@@ -118,3 +118,13 @@ def test_global_pool_false_is_refused_for_training_and_eval():
   config.model_options.global_pool = False
   with pytest.raises(ValueError, match='global_pool=False gives logits per spatial position'):
     model_builder.build_model(config, num_classes=10, device_count=1)
+
+
+def test_a_head_one_logit_short_of_the_data_is_refused():
+  # 1000 logits for 1001 labels (slim's v1 head on v2's data) is the case that happens.
+  config = default.get_config()
+  config.num_classes = 9
+  with pytest.raises(ValueError, match=r'config\.num_classes=9 but the data has 10 classes, so labels 9\.\.9'):
+    model_builder.head_size(config, 10)
+  config.num_classes = 10
+  assert model_builder.head_size(config, 10) == 10

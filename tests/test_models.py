@@ -328,3 +328,84 @@ def test_store_non_strided_activations_keeps_block_end_points_full_size_same_log
   ea, eb = models.end_points(sa['intermediates'], plain), models.end_points(sb['intermediates'], stored)
   assert eb[f'{name}/block1'].shape[1] == 2 * ea[f'{name}/block1'].shape[1]
   np.testing.assert_allclose(eb[f'{name}/block1'][:, ::2, ::2], ea[f'{name}/block1'], rtol=1e-5, atol=1e-5)
+
+
+def _init_shapes(model, shape):
+  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                        jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+@pytest.mark.parametrize('channels', [1, 4])
+def test_nchw_gray_and_rgba_batches_are_refused_too(channels):
+  # Gray and RGBA channels-first batches too, not only RGB ones.
+  model = models.get_model('resnet_v1_tiny', num_classes=5)
+  with pytest.raises(ValueError, match=re.escape('look NCHW (channels first)')):
+    _init_shapes(model, (2, channels, 32, 32))
+
+
+def test_store_non_strided_activations_with_output_stride_keeps_the_atrous_plan():
+  # With output_stride as well: the rates stay DeepLab's, and the one real stride moves to block1's end.
+  blocks = [resnet_utils.bottleneck_block(f'block{i + 1}', None, *s)
+            for i, s in enumerate(((64, 3, 2), (128, 4, 2), (256, 6, 2), (512, 3, 1)))]
+  plain = resnet_utils.plan_strides(blocks, output_stride=2)
+  stored = resnet_utils.plan_strides(blocks, output_stride=2, store_non_strided_activations=True)
+  # Same atrous rates per unit (DeepLab's 1, 2, 4); the one real stride moves to block1's end.
+  assert [[u[3] for u in units] for units, _ in stored] == [[u[3] for u in units] for units, _ in plain]
+  assert [block_stride for _, block_stride in stored] == [2, 1, 1, 1]
+  assert all(u[2] == 1 for units, _ in stored for u in units)
+
+
+def test_spatial_squeeze_of_spatial_logits_names_the_fix():
+  # jnp.squeeze's own error would name neither option.
+  model = models.get_model('resnet_v1_tiny', num_classes=5, global_pool=False)
+  with pytest.raises(ValueError, match=r'spatial_squeeze needs 1x1 logits but they are 2x2; use global_pool=True'):
+    _init_shapes(model, (1, 32, 32, 3))
+
+
+@pytest.mark.parametrize('name', ['resnet_v1_tiny', 'resnet_v2_tiny'])
+def test_a_block_of_one_strided_unit_strides_its_projection_shortcut(name):
+  # slim strides the projection shortcut as the residual: a unit that is both strided and
+  # projecting (a block of one unit) must agree on the output size.
+  model = models.get_model(name, num_classes=None, global_pool=False, block_sizes=((4, 1, 2), (8, 1, 1)))
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  variables = _init_shapes(model, x.shape)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+  assert out.shape == (1, 4, 4, 32)  # root 32 -> 8, block1's stride 2 on shortcut and residual alike
+
+
+def test_bounded_activations_relu6_the_projection_shortcut():
+  # slim's use_bounded_activations clips the projection shortcut too, not only identity ones.
+  model = models.get_model('resnet_v1_tiny', num_classes=2, use_bounded_activations=True)
+  x = jnp.asarray(np.random.RandomState(4).randn(2, 32, 32, 3) * 10, jnp.float32)
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
+  _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=['intermediates']))(variables, x)
+  shortcut = np.asarray(state['intermediates']['block1']['unit_1']['bottleneck_v1']['shortcut']['end_point'])
+  assert shortcut.min() == 0.0 and shortcut.max() == 6.0  # relu6: clipped at both ends
+
+
+@pytest.mark.parametrize('name', ['resnet_v1_tiny', 'resnet_v2_tiny'])
+def test_bfloat16_models_return_float32_logits(name):
+  # The loss and metrics read float32 logits whatever the compute dtype.
+  model = models.get_model(name, num_classes=5, dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), _init_shapes(model, x.shape), x)
+  assert out.shape == (2, 5) and out.dtype == jnp.float32
+
+
+def test_v1_min_base_depth_defaults_to_slims_8():
+  # slim's resnet_v1 default min_base_depth is 8, which a depth_multiplier below 1/8 reaches.
+  model = models.get_model('resnet_v1_50', num_classes=None, depth_multiplier=1 / 16)
+  params = _init_shapes(model, (1, 64, 64, 3))['params']
+  # block1: max(int(64 / 16), 8) = 8, not 4; block4 keeps int(512 / 16) = 32 (x4 = 128 outputs).
+  assert params['block1']['unit_1']['bottleneck_v1']['conv1']['weights'].shape[-1] == 8
+  assert params['block4']['unit_3']['bottleneck_v1']['conv3']['weights'].shape[-1] == 128
+
+
+@pytest.mark.parametrize('name', ['resnet_v1_digits', 'resnet_v2_digits'])
+def test_digits_variants_default_to_no_root_block(name):
+  # 8x8 digits leave no room for the 7x7/2 root and its pool: the digits variants drop it by default.
+  model = models.get_model(name, num_classes=10)
+  params = _init_shapes(model, (1, 8, 8, 1))['params']
+  assert model.include_root_block is False and 'conv1' not in params
+  (unit,) = params['block1']['unit_1'].values()  # bottleneck_v1 / bottleneck_v2
+  assert unit['conv1']['weights'].shape[2] == 1  # the first unit reads the 1-channel digits directly

@@ -475,3 +475,63 @@ def test_from_slim_inverts_to_slim_for_renorm_state():
   back = names.from_slim(names.to_slim(variables, 'resnet_v1_tiny'), 'resnet_v1_tiny')
   jax.tree.map(np.testing.assert_array_equal, back,
                {'params': variables['params'], 'batch_stats': variables['batch_stats']})
+
+
+
+
+def test_a_batch_norm_absent_whole_lists_its_gamma_as_missing(tmp_path):
+  # A BatchNorm missing whole is missing its gamma too: only one that has statistics without
+  # a gamma is slim's scale=False, read as gamma = 1.
+  tensors = dict(expected_tensors('v1_tiny_10'))
+  bn = 'resnet_v1_tiny/block2/unit_1/bottleneck_v1/conv1/BatchNorm'
+  for leaf in ('gamma', 'beta', 'moving_mean', 'moving_variance'):
+    del tensors[f'{bn}/{leaf}']
+  prefix = tensor_bundle_writer.write_checkpoint(tmp_path / 'model.ckpt', tensors)
+  with pytest.raises(slim.SlimCheckpointError) as error:
+    slim.load_variables(prefix, models.get_model('resnet_v1_tiny', num_classes=10))
+  assert '4 variable(s) missing' in str(error.value) and f'{bn}/gamma  (model shape (8,))' in str(error.value)
+
+
+def test_half_of_a_zero_debias_pair_is_missing_not_zeroed(tmp_path):
+  # A trained `biased` average paired with a fresh local_step 0 would be debiased wrongly, silently.
+  tensors = dict(expected_tensors('v2_tiny_11_zero_debias'))
+  bn = 'resnet_v2_tiny/block2/unit_1/bottleneck_v2/preact'
+  step = f'{bn}/{bn}/moving_mean/local_step'
+  del tensors[step]  # its `biased` partner stays
+  prefix = tensor_bundle_writer.write_checkpoint(tmp_path / 'model.ckpt', tensors)
+  model = models.get_model('resnet_v2_tiny', num_classes=11, zero_debias_moving_mean=True)
+  with pytest.raises(slim.SlimCheckpointError) as error:
+    slim.load_variables(prefix, model)
+  assert '1 variable(s) missing' in str(error.value) and f'{step}  (model shape ())' in str(error.value)
+
+
+def test_integer_typed_state_is_read_and_cast_to_the_models_dtype(tmp_path):
+  # Step counters saved as int64 load, cast to the model's float32.
+  tensors = dict(expected_tensors('v2_tiny_11_zero_debias'))
+  steps = [key for key in tensors if key.endswith('/local_step')]
+  tensors.update({key: tensors[key].astype(np.int64) for key in steps})
+  prefix = tensor_bundle_writer.write_checkpoint(tmp_path / 'model.ckpt', tensors)
+  model = models.get_model('resnet_v2_tiny', num_classes=11, zero_debias_moving_mean=True)
+  stats = names.flatten(slim.load_variables(prefix, model)['batch_stats'])
+  loaded = [value for path, value in stats.items() if path[-1] == 'moving_mean_local_step']
+  assert len(loaded) == len(steps) == 16 and all(v.dtype == np.float32 and v == 3.0 for v in loaded)
+
+
+def test_from_slim_ignores_a_scope_that_merely_starts_with_the_models():
+  # Another network whose scope extends ours (an EMA or teacher copy) is not ours.
+  ours, other = np.ones((1, 1, 3, 4), np.float32), np.zeros((1, 1, 3, 4), np.float32)
+  tree = names.from_slim({'resnet_v1_50/conv1/weights': ours, 'resnet_v1_50_ema/conv1/weights': other},
+                         'resnet_v1_50')
+  np.testing.assert_array_equal(tree['params']['conv1']['weights'], ours)
+  assert names.flax_path('resnet_v1_50', 'resnet_v1_500/conv1/weights') is None
+
+
+def test_gammas_of_one_the_model_lacks_are_accepted(tmp_path):
+  # A scale=False model exported with its gammas of 1 loads back into scale=False.
+  tensors = dict(expected_tensors('v1_tiny_10'))
+  gammas = [key for key in tensors if key.endswith('/gamma')]
+  tensors.update({key: np.ones_like(tensors[key]) for key in gammas})
+  prefix = tensor_bundle_writer.write_checkpoint(tmp_path / 'model.ckpt', tensors)
+  model = models.get_model('resnet_v1_tiny', num_classes=10, batch_norm_scale=False)
+  params = names.flatten(slim.load_variables(prefix, model)['params'])
+  assert len(gammas) == 19 and not any(path[-1] == 'gamma' for path in params)

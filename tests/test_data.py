@@ -292,7 +292,8 @@ def test_effective_fields_are_what_building_reads(monkeypatch):
     assert data.effective_fields(effective) == effective
   for ignored in ({'label_offset': 1}, {'dir': '/x'}, {'resize': 'slim'}):
     assert data.effective_fields({'name': 'digits', **ignored}) == data.effective_fields({'name': 'digits'})
-  assert data.effective_fields({'name': 'synthetic', 'num_classes': 1000}) == data.effective_fields({'name': 'synthetic'})
+  synthetic = data.effective_fields({'name': 'synthetic'})
+  assert data.effective_fields({'name': 'synthetic', 'num_classes': 1000}) == synthetic
   assert data.effective_fields({'name': 'cifar10'})['image_size'] == 32
   assert 'color_distortion' not in data.effective_fields({'name': 'imagefolder', 'preprocessing': 'vgg'})
 

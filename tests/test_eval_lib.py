@@ -39,7 +39,8 @@ def test_evaluating_a_run_on_other_inputs_than_it_trained_on_is_warned_of(tmp_pa
 def test_a_default_given_explicitly_or_a_field_the_data_ignores_is_no_other_input(tmp_path):
   config = tiny_config()
   (tmp_path / 'config.json').write_text(json.dumps(config.to_dict()))
-  config.data.update(image_size=8, digits_resize='pad', label_offset=0)  # digits' defaults; label_offset is imagefolder's
+  # digits' defaults; label_offset is imagefolder's
+  config.data.update(image_size=8, digits_resize='pad', label_offset=0)
   assert eval_lib.input_differences(config, str(tmp_path)) == []
   config.data.image_size = 12
   assert eval_lib.input_differences(config, str(tmp_path)) == ['data.image_size: 8 -> 12']

@@ -19,4 +19,5 @@ from resnet_flax.data.errors import DataError
 from resnet_flax.data.pipeline import Batch, Dataset
 from resnet_flax.data.prefetch import prefetch
 
-__all__ = ['NAMES', 'READ_ONLY_WITH', 'Batch', 'DataError', 'Dataset', 'build', 'check_config', 'effective_fields', 'prefetch']
+__all__ = ['NAMES', 'READ_ONLY_WITH', 'Batch', 'DataError', 'Dataset', 'build', 'check_config', 'effective_fields',
+           'prefetch']

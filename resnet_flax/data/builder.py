@@ -109,46 +109,50 @@ def check_config(config: Mapping[str, Any]) -> None:
 
 
 def _default_fields(name: Any) -> dict[str, Any]:
-  """What `_source` uses for each field left out or None, for the source `name`."""
+  """What `_source` uses for each field left out or None, for the source `name` (augmentation:
+  off for digits, as the reference script; on for the others, as the CIFAR and slim recipes)."""
   image_size = {'digits': digits.NATIVE_SIZE, 'cifar10': cifar10.NATIVE_SIZE, 'synthetic': 224}.get(name)
-  return {'dir': None, 'num_classes': 1000 if name == 'synthetic' else None, 'image_size': image_size, 'digits_resize': 'pad', 'preprocessing': 'none', 'augment': name != 'digits',
-          'color_distortion': False, 'resize': 'antialiased', 'label_offset': 0, 'on_bad_image': 'error',
-          'num_workers': 0, 'worker_processes': False, 'num_examples': 10_000, 'channels': 3}
+  return {'dir': None, 'num_classes': 1000 if name == 'synthetic' else None, 'image_size': image_size,
+          'digits_resize': 'pad', 'preprocessing': 'none', 'augment': name != 'digits', 'color_distortion': False,
+          'resize': 'antialiased', 'label_offset': 0, 'on_bad_image': 'error', 'num_workers': 0,
+          'worker_processes': False, 'num_examples': 10_000, 'channels': 3}
+
+
+def _with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+  """`config`'s fields with the defaults of the source it names in place of absent or None ones."""
+  name = config.get('name')
+  return {'name': name, **{key: _field(config, key, default) for key, default in _default_fields(name).items()}}
 
 
 def effective_fields(config: Mapping[str, Any]) -> dict[str, Any]:
   """`config`'s fields as its source reads them: defaults in place of absent or None fields, and
   fields its source ignores left out, so two configs that build the same data compare equal."""
-  name = config.get('name')
-  read = {key: _field(config, key, default) for key, default in _default_fields(name).items()}
+  read = _with_defaults(config)
   for fields, deciders in READ_ONLY_WITH:
-    if any(_field(config, decider, read.get(decider)) not in values for decider, values in deciders.items()):
+    if any(read[decider] not in values for decider, values in deciders.items()):
       for key in fields:
         read.pop(key, None)
-  return {'name': name, **read}
+  return read
 
 
 def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -> Source:
   """The source `config` names; `check_config(config)` has passed."""
-  name = config['name']
-  augment = config.get('augment')
-  if name == 'digits':  # Off unless asked: the reference script does not augment.
-    return digits.build_source(split, image_size=_field(config, 'image_size', digits.NATIVE_SIZE),
-                               resize_mode=config.get('digits_resize') or 'pad', augment_train=bool(augment))
-  # On unless asked not to, as in the standard CIFAR and slim recipes.
-  augment_train = augment is None or bool(augment)
+  read = _with_defaults(config)
+  name, augment_train = read['name'], bool(read['augment'])
+  if name == 'digits':
+    return digits.build_source(split, image_size=read['image_size'], resize_mode=read['digits_resize'],
+                               augment_train=augment_train)
   if name == 'cifar10':
-    return cifar10.build_source(config.get('dir'), split, augment_train=augment_train)
+    return cifar10.build_source(read['dir'], split, augment_train=augment_train)
   if name == 'imagefolder':
     return image_folder.build_source(
-        config.get('dir'), split, preprocessing=config['preprocessing'], image_size=config['image_size'],
-        color_distortion=bool(config.get('color_distortion')), resize=_field(config, 'resize', 'antialiased'),
-        label_offset=config.get('label_offset') or 0,
-        on_bad_image=config.get('on_bad_image') or 'error', num_workers=config.get('num_workers') or 0,
-        augment_train=augment_train, worker_processes=bool(config.get('worker_processes')))
-  return synthetic.build_source(image_size=_field(config, 'image_size', 224), channels=_field(config, 'channels', 3),
-                                num_classes=_field(config, 'num_classes', 1000),
-                                num_examples=_field(config, 'num_examples', 10_000), batch_size=batch_size, seed=seed)
+        read['dir'], split, preprocessing=read['preprocessing'], image_size=read['image_size'],
+        color_distortion=bool(read['color_distortion']), resize=read['resize'], label_offset=read['label_offset'],
+        on_bad_image=read['on_bad_image'], num_workers=read['num_workers'], augment_train=augment_train,
+        worker_processes=bool(read['worker_processes']))
+  return synthetic.build_source(image_size=read['image_size'], channels=read['channels'],
+                                num_classes=read['num_classes'], num_examples=read['num_examples'],
+                                batch_size=batch_size, seed=seed)
 
 
 def build(config: Mapping[str, Any], split: str, *, batch_size: int, seed: int, process_index: int = 0,

@@ -30,6 +30,13 @@ def _is_late_completion(unraisable: sys.UnraisableHookArgs) -> bool:
           and bool(frames) and frames[0].name == 'call_soon_threadsafe')
 
 
+def _is_abandoned_orbax_coroutine(unraisable: sys.UnraisableHookArgs) -> bool:
+  # A read or write orbax started and never awaited after another failed: the garbage
+  # collector closes it (at exit, often), and its except clause raises the read error again.
+  code = getattr(unraisable.object, 'cr_code', None)
+  return code is not None and _IN_ORBAX in code.co_filename
+
+
 def keeps_asyncio_record(record: logging.LogRecord) -> bool:
   """False for asyncio's report of an orbax operation that failed with nobody awaiting it.
 
@@ -66,7 +73,7 @@ def quiet_failure_echoes() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable: sys.UnraisableHookArgs) -> None:
-      if not _is_late_completion(unraisable):
+      if not (_is_late_completion(unraisable) or _is_abandoned_orbax_coroutine(unraisable)):
         previous(unraisable)
 
     hook.drops_late_orbax_completions = True

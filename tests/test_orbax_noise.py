@@ -2,6 +2,7 @@
 
 import logging
 import sys
+import types
 import warnings
 
 import numpy as np
@@ -117,3 +118,31 @@ def test_unawaited_orbax_writes_are_not_reported_but_other_coroutines_are(fresh_
     warnings.warn("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited", RuntimeWarning)
     warnings.warn("coroutine 'my_loader.<locals>.fetch' was never awaited", RuntimeWarning)
   assert [str(w.message) for w in caught] == ["coroutine 'my_loader.<locals>.fetch' was never awaited"]
+
+
+def _closed_coroutine_error(filename):
+  """What sys.unraisablehook is given for a coroutine defined in `filename` whose except clause raises on close."""
+  namespace = {}
+  exec(compile('async def read():\n  try:\n    await pause()\n  except BaseException as error:\n'
+               '    raise Exception("Encountered error while reading array index") from error\n', filename, 'exec'),
+       {'pause': types.coroutine(lambda: (yield))}, namespace)
+  coroutine = namespace['read']()
+  coroutine.send(None)  # suspended in the sleep, as a read in flight
+  try:
+    coroutine.throw(GeneratorExit)  # what the garbage collector's close() does
+  except Exception as error:  # pylint: disable=broad-except
+    return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__,
+                                 err_msg=None, object=coroutine)
+  raise AssertionError('the coroutine did not raise')
+
+
+def test_reads_orbax_abandoned_are_not_reported_when_collected_but_other_coroutines_are(fresh_filters):
+  # eval.py on a truncated checkpoint printed its one-line error, then 1,370 lines of these at exit.
+  reported = []
+  sys.unraisablehook = reported.append
+  orbax_noise.quiet_failure_echoes()
+  sys.unraisablehook(_closed_coroutine_error('/venv/site-packages/orbax/checkpoint/serialization.py'))
+  assert reported == []
+  mine = _closed_coroutine_error('/home/me/loader.py')
+  sys.unraisablehook(mine)
+  assert reported == [mine]

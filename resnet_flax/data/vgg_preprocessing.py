@@ -9,8 +9,8 @@ For an output size S other than 224 the resize range is scaled by S / 224 (slim 
 
 The geometry (sizes, crop offsets) is slim's; so are the pixel values with
 `config.data.resize='slim'`. The default resize, PIL's bilinear filter, antialiases when it
-shrinks and samples at half-pixel centres, TF's legacy `resize_bilinear` does neither: 3
-levels from slim's values on average, up to ~170 at sharp edges.
+shrinks and samples at half-pixel centres, TF's legacy `resize_bilinear` does neither: about
+3 levels from slim's values on average over 55 photos, up to ~170 at sharp edges.
 """
 
 from __future__ import annotations

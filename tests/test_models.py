@@ -16,7 +16,7 @@ from resnet_flax.models import resnet_utils
 
 def _shapes(model, image_size=224, batch=1, **kwargs):
   x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+  variables = _init_shapes(model, x.shape)
   out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
   return variables, out
 

@@ -92,8 +92,9 @@ def check_config(config: Mapping[str, Any]) -> None:
     raise DataError(f'config.data.name={name!r} is unknown; use one of {NAMES}.')
   if name != 'imagefolder':
     _check_no_preprocessing(config, name)
+  read = _with_defaults(config)
   if name == 'cifar10':
-    image_size = _field(config, 'image_size', cifar10.NATIVE_SIZE)
+    image_size = read['image_size']
     if image_size != cifar10.NATIVE_SIZE:
       raise DataError(f'cifar10 images are {cifar10.NATIVE_SIZE}x{cifar10.NATIVE_SIZE}; set config.data.image_size '
                       f'to {cifar10.NATIVE_SIZE} (got {image_size}).')
@@ -102,9 +103,8 @@ def check_config(config: Mapping[str, Any]) -> None:
     if not (config.get('image_size') or 0) > 0 or not config.get('preprocessing'):
       raise DataError("imagefolder needs a positive config.data.image_size and config.data.preprocessing ('vgg' or "
                       f"'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
-    image_folder.get_preprocessing(config['preprocessing'], config['image_size'],  # its options, no file read
-                                   color_distortion=bool(config.get('color_distortion')),
-                                   resize=_field(config, 'resize', 'antialiased'))
+    image_folder.get_preprocessing(read['preprocessing'], read['image_size'],  # its options, no file read
+                                   color_distortion=bool(read['color_distortion']), resize=read['resize'])
     image_folder.check_root(config.get('dir'))
 
 

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from etils import epath  # orbax's own path type (a dependency of orbax)
 from jax.experimental import multihost_utils
 
-from resnet_flax import error_lines, orbax_noise
+from resnet_flax import distributed, error_lines, orbax_noise
 
 # What a failed write raises: tensorstore reports a full disk or a quota as ValueError
 # ('RESOURCE_EXHAUSTED: ... [os_error_code='28']'), the file system as OSError.
@@ -151,14 +151,18 @@ class Checkpointer:
       raise StateMismatchError(_mismatch_message(os.path.join(self.directory, str(steps[0])), mismatched[steps[0]]))
     failures, failed_steps = [], []
     for step in steps:
+      failure = None
       try:
         if mismatched[step]:
           raise CheckpointError(_mismatch_message(os.path.join(self.directory, str(step)), mismatched[step]))
         state = self.restore(step, target)
       except CheckpointError as error:
-        failures.append(str(error))
+        failure = error
+      failure = _first_failure(failure)
+      if failure is not None:
+        failures.append(str(failure))
         failed_steps.append(step)
-        report(f'warning: skipping checkpoint step {step}: {error}')
+        report(f'warning: skipping checkpoint step {step}: {failure}')
         continue
       if failed_steps:
         # An older one fits the config, so the newer ones are damaged, not foreign: set them
@@ -175,6 +179,24 @@ class Checkpointer:
       raise CheckpointError(f'no usable checkpoint in {self.directory}, {len(failures)} tried; the newest: '
                             f'{failures[0]} Start a fresh --workdir, or fix or restore the files.')
     return target, None
+
+
+def _first_failure(own: Optional[CheckpointError]) -> Optional[CheckpointError]:
+  """This process's failure to restore a step, else the first other process's, else None.
+
+  A collective: every process must call it after each try. Each reads its own share of a
+  checkpoint (ZeRO-1's optimizer shards, its devices' copies), so damage can show on one host
+  alone; had it gone on to an older step while the others trained from this one, the next
+  collectives would pair up wrongly (a gloo "collective mismatch" abort, the others hung).
+  """
+  texts = distributed.every_process_text('' if own is None else str(own))
+  if own is not None:
+    return own
+  failed = [(index, text) for index, text in enumerate(texts) if text]
+  if not failed:
+    return None
+  index, text = failed[0]
+  return CheckpointError(f'process {index} of {len(texts)} could not restore it: {text}')
 
 
 def _set_aside(directory: str, step: int) -> str:
@@ -330,17 +352,23 @@ def restore_tree(path: str) -> dict[str, Any]:
   path = local_path(path, 'checkpoint')
   item = _item_directory(path)
   orbax_noise.quiet_failure_echoes()
-  # Each process reads the whole tree onto its own device, so the read is this process's
-  # alone: without orbax's closing barrier, one process failing to read cannot strand the others.
-  this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                                     active_processes={jax.process_index()})
   try:
     saved = _saved_metadata(item)
-    with ocp.StandardCheckpointer(multiprocessing_options=this_process) as checkpointer:
+    # Each process reads the whole tree onto its own device.
+    with _read_by_this_process() as checkpointer:
       return checkpointer.restore(item, abstract_like(saved))
   except _READ_FAILURES as error:
     raise CheckpointError(f'checkpoint {path} cannot be read ({_read_failure(error)}); it is damaged '
                           'or not an orbax checkpoint directory: name another.') from error
+
+
+def _read_by_this_process() -> ocp.StandardCheckpointer:
+  """A checkpointer whose reads are this process's alone: each process reads the shards it
+  holds, and orbax's closing barrier (a collective) is left out, so one process failing to
+  read cannot strand the others in it; they learn of the failure where the caller agrees."""
+  this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                     active_processes={jax.process_index()})
+  return ocp.StandardCheckpointer(multiprocessing_options=this_process)
 
 
 def save_tree(path: str, tree: Any) -> None:
@@ -393,7 +421,7 @@ def restore_from(path: str, target: Any) -> Any:
   item = _item_directory(path)
   orbax_noise.quiet_failure_echoes()
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _read_by_this_process() as checkpointer:  # its own shards of `target`
       return checkpointer.restore(item, abstract_like(target))
   except _READ_FAILURES as error:
     why = _read_failure(error)

@@ -62,7 +62,8 @@ def _run_processes(workdir, **options):
 
 def _run_processes_once(workdir, coordinator, count=2, devices_each=2, timeout=300, stop_all_on_a_failure=True,
                         workdir_flag=None, args=ARGS, args_of=lambda index: [], script='train.py', with_workdir=True):
-  """`script` once per process, joined through `coordinator` (host:port); (returncode, stdout, stderr) each.
+  """`script` (in the repository, or a path) once per process, joined through `coordinator` (host:port);
+  (returncode, stdout, stderr) each.
 
   Without `stop_all_on_a_failure`, each process is left to end by itself (until `timeout`);
   `workdir_flag` is passed as --workdir in place of `workdir` (whose parent still takes the logs;
@@ -72,7 +73,8 @@ def _run_processes_once(workdir, coordinator, count=2, devices_each=2, timeout=3
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}',
          'PYTHONFAULTHANDLER': '1'}
   workdir.parent.mkdir(parents=True, exist_ok=True)
-  logs = pathlib.Path(tempfile.mkdtemp(prefix=f'{workdir.name}_{script.removesuffix(".py")}_logs', dir=workdir.parent))
+  name = os.path.basename(script).removesuffix('.py')
+  logs = pathlib.Path(tempfile.mkdtemp(prefix=f'{workdir.name}_{name}_logs', dir=workdir.parent))
   processes = []
   for index in range(count):
     # Files, not pipes: a process blocked on a full pipe would stall the other in a collective.
@@ -166,6 +168,53 @@ def test_two_processes_train_like_one_device(tmp_path):
            reference['batch'][8]), 'recalibrated': (reported[0]['recalibrated'], reference['recalibrated'])}
   for column, (ours, one) in pairs.items():
     assert abs(ours['loss'] - one['loss']) < 1e-5 and ours['top1'] == one['top1'], column
+
+
+# train.py, with orbax's read of checkpoint step 4 failing on process 1 alone, where a damaged
+# file that only it reads (its shards of a ZeRO-1 optimizer state) makes it fail.
+_TRAIN_WITH_A_READ_FAILING_ON_PROCESS_1 = """
+import runpy, sys
+from orbax.checkpoint._src.checkpointers import checkpointer
+
+if '--config.distributed.process_id=1' in sys.argv:
+  read = checkpointer.Checkpointer._restore
+
+  def read_failing_at_step_4(self, directory, *args, **kwargs):
+    if directory.parent.name == '4':  # <step>/default
+      raise ValueError('OUT_OF_RANGE: Error reading "opt_state.0.trace" (process 1 alone)')
+    return read(self, directory, *args, **kwargs)
+
+  checkpointer.Checkpointer._restore = read_failing_at_step_4
+sys.path[0] = {repo!r}  # as running train.py itself: configs/ is imported from there
+sys.argv[0] = {repo!r} + '/train.py'
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_path):
+  # Process 1 had gone on to step 2 while process 0, which had read step 4, waited in orbax's
+  # closing barrier: a gloo "collective mismatch" abort, and process 0 hung until killed.
+  reason = _why_unsupported()
+  if reason:
+    pytest.skip(reason)
+  workdir = tmp_path / 'run'
+  for index, (returncode, stdout, stderr) in enumerate(_run_processes(workdir)):
+    assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
+  script = tmp_path / 'train_failing_read.py'
+  script.write_text(_TRAIN_WITH_A_READ_FAILING_ON_PROCESS_1.format(repo=REPO))
+  runs = _run_processes(workdir, script=str(script), timeout=120, stop_all_on_a_failure=False)
+  for index, (returncode, stdout, stderr) in enumerate(runs):
+    assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
+  directory = workdir / 'checkpoints'
+  assert (f'warning: skipping checkpoint step 4: process 1 of 2 could not restore it: checkpoint {directory}/4 '
+          'cannot be read (OUT_OF_RANGE: Error reading "opt_state.0.trace" (process 1 alone))') in runs[0][1]
+  assert f'Set aside damaged checkpoint(s) [4] as {directory}/4.damaged; resuming from step 2.' in runs[0][1]
+  assert sorted(os.listdir(directory)) == ['2', '4', '4.damaged']
+  # Both trained steps 3 and 4 again from step 2, together: the same state as the first time.
+  config = tiny_config(4)
+  config.update(eval_batch_size=360, lr_schedule='cosine', learning_rate=1e-4)
+  first = checkpoints.restore_from(str(directory / '4.damaged'), _read_params(workdir, config, 2))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, _read_params(workdir, config, 4), first)
 
 
 def test_a_workdir_in_use_stops_every_process_not_only_the_chief(tmp_path):

@@ -161,12 +161,15 @@ def recorded_config(workdir: str) -> Optional[dict[str, Any]]:
 
 def config_changes(workdir: str, config: Mapping[str, Any]) -> list[str]:
   """How `config` (nested dicts) differs from the one recorded in `workdir/config.json`:
-  'field: old -> new' (dotted names) in sorted order; none without a record."""
+  'field: old -> new' (dotted names) in sorted order, config.distributed left out; none without a record."""
   saved = recorded_config(workdir)
   if saved is None:
     return []
   current = as_recorded(config)
-  return field_changes(saved, current, sorted(set(saved) | set(current)))
+  # How the processes meet (a coordinator's port is new at each launch) changes no result;
+  # the device count, recorded beside the config, is compared.
+  fields = sorted(key for key in set(saved) | set(current) if not key.startswith('distributed.'))
+  return field_changes(saved, current, fields)
 
 
 def field_changes(saved: Mapping[str, Any], current: Mapping[str, Any], fields: Iterable[str]) -> list[str]:

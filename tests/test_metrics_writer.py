@@ -101,6 +101,16 @@ def test_config_record_lists_what_changed_since_the_last_start(tmp_path):
   writer.close()
 
 
+def test_how_the_processes_meet_is_no_change(tmp_path):
+  # A multi-host run's coordinator gets a new port at each launch: a resume had warned of it.
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  first = {'distributed': {'coordinator_address': 'host:1234', 'process_id': 0}, 'device_count': 4}
+  writer.record_config(first)
+  assert writer.record_config({'distributed': {'coordinator_address': 'host:4321', 'process_id': 0},
+                               'device_count': 8}) == ['device_count: 4 -> 8']
+  writer.close()
+
+
 def test_data_fields_compare_as_their_source_reads_them(tmp_path):
   # A record from before a data field existed (config.data.resize), a default spelt out, a field
   # the data set ignores: none is a change; a field it reads is.

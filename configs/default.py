@@ -107,7 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.nesterov = True
   config.weight_decay = 1e-4  # slim's L2 on conv weights: 0.5 * wd * sum(w ** 2)
   config.label_smoothing = 0.0
-  config.skip_nonfinite_steps = False  # True: a NaN/Inf step leaves the state as it was
+  config.skip_nonfinite_steps = False  # True: a NaN/Inf step leaves the state as it was (the schedule moves on)
   config.max_skipped_in_a_row = 100  # with skipping: stop once this many steps in a row were non-finite
   # optimizer='lars': layer-wise trust ratio, weight decay added to the gradient; both on
   # conv/dense kernels only (not biases, not BN's gamma/beta), as MLPerf's ResNet runs do.

@@ -21,8 +21,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   """One optimizer step; the new moving statistics come back inside the new state.
 
   `metrics['nonfinite']` is 1 when the loss or gradients were NaN/Inf; with
-  `skip_nonfinite` such a step leaves params, statistics and optimizer state as they were
-  (the step count still advances, so the data order stays that of an unskipped run).
+  `skip_nonfinite` such a step leaves params, statistics and optimizer state as they were,
+  but for the learning-rate schedule's step count: it advances with the state's step, as
+  the data order does, so warm-up and decay steps stay those of an unskipped run.
   """
 
   def loss_fn(params):
@@ -39,8 +40,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
   if skip_nonfinite:
     keep_old = lambda new, old: jnp.where(finite, new, old)
-    params, batch_stats, opt_state = jax.tree_util.tree_map(
+    params, batch_stats, kept_opt_state = jax.tree_util.tree_map(
         keep_old, (params, batch_stats, opt_state), (state.params, state.batch_stats, state.opt_state))
+    opt_state = _with_schedule_counts(kept_opt_state, opt_state)
   count = jnp.maximum(jnp.sum(batch['mask']), 1.0)
   metrics = {
       'loss': data_loss,
@@ -52,6 +54,19 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   }
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   return new_state, metrics
+
+
+def _with_schedule_counts(kept: Any, advanced: Any) -> Any:
+  """`kept` optimizer state with the learning-rate schedules' counts of `advanced`.
+
+  A skipped step keeps the optimizer's moments and Adam's count (its bias correction counts
+  the moment updates), but the rate keeps pace with `state.step`: otherwise each skip moved
+  every later warm-up end and decay boundary a step later, and the logged rate was not the
+  applied one.
+  """
+  is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
+  return jax.tree_util.tree_map(lambda old, new: new if is_schedule(old) else old, kept, advanced,
+                                is_leaf=is_schedule)
 
 
 def classification_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:

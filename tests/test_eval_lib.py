@@ -1,12 +1,17 @@
-"""eval_lib: what an evaluation tells of itself (other settings than its run's, a non-finite
-loss, a batch that does not split) and what it refuses before any pass."""
+"""eval_lib: metrics over padded batches against numpy; what an evaluation tells of itself (other
+settings than its run's, a non-finite loss, a batch that does not split, a damaged checkpoint)
+and what it refuses before any pass."""
 
 import json
+import re
 
 import jax
+import numpy as np
 import pytest
 
-from resnet_flax import eval_lib, train_lib
+from resnet_flax import checkpoints, eval_lib, steps, train_lib
+from test_losses import numpy_correct_top_k, numpy_cross_entropy
+from test_reliability import _truncate_files
 from test_train import tiny_config
 
 
@@ -78,3 +83,49 @@ def test_a_non_finite_evaluation_is_explained():
 def test_a_damaged_config_record_does_not_stop_an_evaluation(tmp_path):
   (tmp_path / 'config.json').write_text('{"bro')
   assert eval_lib.input_differences(tiny_config(), str(tmp_path)) == []
+
+
+# Sums over batches, then divided by the examples: padding counts nowhere, and a loss averaged
+# per batch (or top-5 taken from top-1 hits, or only the last batch kept) would differ.
+def test_metrics_over_batches_with_a_padded_last_one_are_those_of_the_real_examples():
+  rng = np.random.default_rng(0)
+  sizes, batch_size = [8, 8, 3], 8  # 19 examples; the last batch padded with 5 garbage slots
+  logits = rng.normal(size=(19, 10)).astype(np.float32) * 2
+  labels = rng.integers(0, 10, 19).astype(np.int32)
+  labels[:4] = np.argmax(logits[:4], -1)  # some top-1 hits
+  batches, start = [], 0
+  for size in sizes:
+    pad = batch_size - size
+    batches.append({'logits': np.concatenate([logits[start:start + size], np.full((pad, 10), 9.0, np.float32)]),
+                    'label': np.concatenate([labels[start:start + size], np.zeros(pad, np.int32)]),
+                    'mask': np.concatenate([np.ones(size, np.float32), np.zeros(pad, np.float32)])})
+    start += size
+  step_fn = jax.jit(lambda _, batch: steps.classification_sums(batch['logits'], batch))
+  got = eval_lib.metrics_over(step_fn, {}, batches)
+  assert got['num_examples'] == 19
+  assert got['loss'] == pytest.approx(numpy_cross_entropy(logits, labels).mean(), rel=1e-6)
+  assert got['top1'] == pytest.approx(numpy_correct_top_k(logits, labels, 1.0, 1) / 19)
+  assert got['top5'] == pytest.approx(numpy_correct_top_k(logits, labels, 1.0, 5) / 19)
+  assert got['top1'] < got['top5']
+
+
+# A record written before the device count was recorded is no other device count.
+def test_a_config_record_without_a_device_count_is_no_other_device_count(tmp_path):
+  config = tiny_config()
+  (tmp_path / 'config.json').write_text(json.dumps(config.to_dict()))  # no 'device_count'
+  config.bn.cross_device = 'per_device'
+  config.bn_recalibration_batches = 2
+  assert eval_lib.input_differences(config, str(tmp_path)) == []
+
+
+# The fix offered is an older checkpoint, never the damaged one itself.
+def test_a_damaged_newest_checkpoint_names_the_older_ones_only(tmp_path):
+  config = tiny_config(2)
+  config.checkpoint_every_steps = 1
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  _truncate_files(tmp_path / 'checkpoints' / '2')
+  directory = tmp_path / 'checkpoints'
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=re.escape(f'Older checkpoints in {directory}: steps [1]; if this one is damaged, pass '
+                                     f'--checkpoint={directory}/1.')):
+    eval_lib.load_checkpoint(config, str(tmp_path))

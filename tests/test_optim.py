@@ -162,3 +162,53 @@ def test_adamw_decays_kernels_decoupled_from_adams_step():
   np.testing.assert_allclose(new['conv1']['weights'], [2.0 * (1 - 0.1 * 0.5), -4.0 * (1 - 0.1 * 0.5)], rtol=1e-6)
   np.testing.assert_array_equal(new['conv1']['biases'], params['conv1']['biases'])  # kernels only
   np.testing.assert_array_equal(new['BatchNorm']['gamma'], params['BatchNorm']['gamma'])
+
+
+# cifar10.py and imagenet_resnet_v1_50.py set lr_batch_size; the LARS recipe (the one tested) does not.
+def test_learning_rate_scales_linearly_with_the_batch_size():
+  config = _config(learning_rate=0.1, batch_size=1024, lr_batch_size=256, lr_schedule='constant', warmup_steps=0)
+  assert optim.base_learning_rate(config) == pytest.approx(0.4)
+  assert float(optim.learning_rate_schedule(config)(7)) == pytest.approx(0.4)
+  config.lr_batch_size = 0
+  assert optim.base_learning_rate(config) == pytest.approx(0.1)  # 0: unscaled
+
+
+def _trajectory(config, w, grads):
+  tx = optim.build_optimizer(config)
+  params = {'conv1': {'weights': jnp.asarray(w)}}
+  state = tx.init(params)
+  for g in grads:
+    updates, state = tx.update({'conv1': {'weights': jnp.asarray(g)}}, state, params)
+    params = optax.apply_updates(params, updates)
+  return np.asarray(params['conv1']['weights'])
+
+
+_GRADS = [np.float32([0.5, 1.0]), np.float32([-1.0, 0.25]), np.float32([2.0, 2.0])]
+
+
+# The default optimizer's update (no other test runs it).
+@pytest.mark.parametrize('momentum, nesterov', [(0.9, True), (0.9, False), (0.0, False)])
+def test_sgd_momentum_and_nesterov_by_hand(momentum, nesterov):
+  config = _config(optimizer='sgd', lr_schedule='constant', learning_rate=0.5, warmup_steps=0, momentum=momentum,
+                   nesterov=nesterov)
+  # By hand (TF's MomentumOptimizer, use_nesterov as slim's train_image_classifier):
+  # v = m * v + g; w -= lr * (g + m * v) with Nesterov, lr * v without.
+  w, v = np.float32([1.0, -2.0]), np.zeros(2)
+  for g in _GRADS:
+    v = momentum * v + g
+    w = w - 0.5 * (g + momentum * v if nesterov else v)
+  np.testing.assert_allclose(_trajectory(config, [1.0, -2.0], _GRADS), w, rtol=1e-6)
+
+
+# test_lars_decays_and_scales_kernels_only runs nesterov=False only.
+def test_lars_with_nesterov_by_hand():
+  config = _config(optimizer='lars', lr_schedule='constant', learning_rate=0.5, warmup_steps=0, momentum=0.9,
+                   nesterov=True)
+  config.lars.update(weight_decay=0.1, trust_coefficient=0.02, eps=0.0)
+  w, m = np.float64([3.0, -4.0]), np.zeros(2)
+  for g in _GRADS:
+    u = g + 0.1 * w
+    step = -0.5 * 0.02 * np.linalg.norm(w) / np.linalg.norm(u) * u
+    m = step + 0.9 * m
+    w = w + step + 0.9 * m  # Nesterov: the step plus the new momentum
+  np.testing.assert_allclose(_trajectory(config, [3.0, -4.0], _GRADS), w, rtol=1e-5)

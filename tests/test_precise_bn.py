@@ -1,5 +1,6 @@
 """Precise-BN recalibration against numpy population statistics, and eval.py's use of it."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 
 from configs import digits
-from resnet_flax import bn_diagnostics, eval_lib, precise_bn, train_lib
+from resnet_flax import bn_diagnostics, data, eval_lib, precise_bn, train_lib
 from resnet_flax.layers import BatchNorm
-from test_train import block_sizes_flag
+from test_train import block_sizes_flag, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two units, wide enough to learn within 10 steps (top-1 0.12 -> 0.36 once recalibrated,
@@ -133,3 +134,19 @@ def test_a_data_error_during_recalibration_is_the_error_reported(tmp_path):
   variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)), train=False))()
   with pytest.raises(data.DataError, match='broken.jpg'):
     precise_bn.recalibrate(config, model, variables, num_batches=3)
+
+
+# The statistics of exactly the first num_batches training batches (one fewer, or batches from
+# step 1, had passed), read here straight from the data pipeline.
+def test_recalibrate_uses_exactly_the_first_num_batches_training_batches():
+  config = tiny_config()
+  config.batch_size = 8
+  layer = BatchNorm()
+  variables = layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  recalibrated = precise_bn.recalibrate(config, layer, variables, num_batches=3)
+  dataset = data.build(config.data, 'train', batch_size=8, seed=config.seed)
+  images = np.concatenate([np.asarray(dataset.model_input(batch['image']), np.float64)
+                           for batch in itertools.islice(dataset.train_batches(0), 3)])
+  assert images.shape[0] == 24
+  np.testing.assert_allclose(recalibrated['batch_stats']['moving_mean'], images.mean((0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(recalibrated['batch_stats']['moving_variance'], images.var((0, 1, 2)), rtol=1e-5)

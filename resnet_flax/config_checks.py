@@ -84,6 +84,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('bn_report_batch_sizes', lambda v: all(isinstance(size, int) and size >= 1 for size in v),
      'positive whole batch sizes, e.g. (8, 32)'),
     ('data.num_workers', lambda v: v >= 0, '>= 0 (0: one per core)'),
+    ('seed', lambda v: 0 <= v < 2**32, 'an integer in [0, 2**32) (numpy seeds the data order with 32-bit words)'),
 )
 
 

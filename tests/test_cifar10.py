@@ -144,3 +144,74 @@ def test_a_cifar_batch_that_is_not_a_file_is_named_as_what_it_is(tmp_path, make)
   kind = 'a directory' if make is os.mkdir else r'a named pipe \(FIFO\)'
   with pytest.raises(data.DataError, match=f'data_batch_2 is {kind}, not a CIFAR-10 batch file'):
     data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'train', batch_size=4, seed=0)
+
+
+def test_cifar10_normalization_constants_are_the_training_sets():
+  # Mutants: MEAN in BGR order; the often-copied wrong STD (0.2023, 0.1994, 0.2010). Reference:
+  # the published per-channel statistics of the 50,000 CIFAR-10 training images, RGB order.
+  np.testing.assert_allclose(cifar10.MEAN, [0.4914, 0.4822, 0.4465], atol=1e-4)
+  np.testing.assert_allclose(cifar10.STD, [0.2470, 0.2435, 0.2616], atol=1e-4)
+  # And the mapping is (x / 255 - mean) / std per channel, in RGB order, computed by hand for one pixel.
+  pixel = np.array([[[[255, 0, 128]]]], np.uint8)
+  expected = [(1 - 0.4914) / 0.2470, (0 - 0.4822) / 0.2435, (128 / 255 - 0.4465) / 0.2616]
+  np.testing.assert_allclose(cifar10.normalize(pixel)[0, 0, 0], expected, rtol=1e-3)
+
+
+def test_cifar10_validation_is_the_test_batch(tmp_path):
+  # Mutant: SPLITS['validation'] pointing at the training files.
+  expected = _make_cifar(tmp_path)
+  images, labels = cifar10.read_split(str(tmp_path), 'validation')
+  np.testing.assert_array_equal(images, expected['test_batch'][0])
+  np.testing.assert_array_equal(labels, expected['test_batch'][1])
+
+
+def test_a_negative_cifar_label_is_refused_naming_the_file(tmp_path):
+  # Mutant: read_batch's label check without `0 <= label` (Source then refuses it, without naming the file).
+  _make_cifar(tmp_path)
+  _write_cifar_batch(tmp_path / 'test_batch', {b'data': np.zeros((2, 3072), np.uint8), b'labels': [0, -1]})
+  with pytest.raises(data.DataError, match=r"test_batch: b'labels' is not 2 integers in 0..9"):
+    data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'test', batch_size=4, seed=0)
+
+
+class _Calls:
+  """Pickles as a call of `function(*arguments)`."""
+
+  def __init__(self, function, *arguments):
+    self.function, self.arguments = function, arguments
+
+  def __reduce__(self):
+    return self.function, self.arguments
+
+
+@pytest.mark.parametrize('function', ['save', 'load'])
+def test_numpy_functions_other_than_the_array_constructors_are_refused(tmp_path, function):
+  # Mutants: safe_pickle allowing any numpy global, or np.load / np.fromfile besides the array
+  # constructors (np.save writes a file of the pickle's choosing; np.load reads one).
+  marker = tmp_path / 'written.npy'
+  np.save(tmp_path / 'existing.npy', np.zeros(3))
+  evil = (_Calls(np.save, str(marker), [1]) if function == 'save'
+          else _Calls(np.load, str(tmp_path / 'existing.npy')))
+  (tmp_path / 'data_batch_1').write_bytes(pickle.dumps({b'data': evil, b'labels': [0]}, protocol=2))
+  with pytest.raises(data.DataError, match=rf'^refusing to unpickle numpy\.{function} from '):
+    safe_pickle.load(tmp_path / 'data_batch_1')
+  assert not marker.exists()
+
+
+def test_a_refused_global_is_not_reported_as_a_damaged_file(tmp_path):
+  # Mutant: load() without `except DataError: raise`, which re-wraps the refusal as
+  # "cannot unpickle ...: the file is damaged" (the existing test's re.search still matches).
+  (tmp_path / 'data_batch_1').write_bytes(pickle.dumps(_RunsCode(print, 'x'), protocol=2))
+  with pytest.raises(data.DataError, match=r'^refusing to unpickle (__builtin__|builtins)\.print from ') as excinfo:
+    safe_pickle.load(tmp_path / 'data_batch_1')
+  assert 'damaged' not in str(excinfo.value)
+
+
+@pytest.mark.parametrize('keep', [0, 0.5], ids=['empty', 'truncated'])
+def test_an_empty_or_truncated_batch_file_is_a_data_error(tmp_path, keep):
+  # Mutant: load() catching only UnpicklingError: an empty file's EOFError escaped as is.
+  _make_cifar(tmp_path)
+  whole = (tmp_path / 'test_batch').read_bytes()
+  (tmp_path / 'test_batch').write_bytes(whole[:int(len(whole) * keep)])
+  with pytest.raises(data.DataError, match=r'cannot unpickle .*test_batch: .*the file is damaged') as excinfo:
+    data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'test', batch_size=4, seed=0)
+  assert '\n' not in str(excinfo.value)

@@ -110,7 +110,7 @@ def test_a_misspelt_field_in_a_config_file_stops_train_py_before_anything_is_wri
     ('num_classes', 0), ('log_every_steps', -1), ('eval_every_steps', -1), ('checkpoint_every_steps', -3),
     ('keep_checkpoints', 0), ('keep_checkpoints', -1), ('bn_recalibration_batches', -1),
     ('bn_report_batch_sizes', (8, 0)), ('bn_report_batch_sizes', (8.5,)), ('bn_report_batch_sizes', ('8',)),
-    ('data.num_workers', -1),
+    ('data.num_workers', -1), ('seed', -1), ('seed', 2**32),
 ])
 def test_value_out_of_range_is_one_line_naming_the_field(field, value):
   with pytest.raises(ValueError, match=rf'^config\.{field.replace(".", "[.]")}=') as error:
@@ -148,7 +148,7 @@ def test_renorm_options_without_renorm_are_refused_in_the_config():
 
 @pytest.mark.parametrize('field, value', [
     ('bn.decay', 0.0), ('bn.decay', 1.0), ('num_train_steps', 0), ('keep_checkpoints', 1), ('momentum', 0.0),
-    ('eval_batch_size', 0), ('label_smoothing', 0.0), ('bn_report_batch_sizes', (1, 8)),
+    ('eval_batch_size', 0), ('label_smoothing', 0.0), ('bn_report_batch_sizes', (1, 8)), ('seed', 2**32 - 1),
     ('log_every_steps', 10 ** 400),  # whole numbers are finite: math.isfinite would overflow on it
 ])
 def test_boundary_values_that_mean_something_are_allowed(field, value):

@@ -1,19 +1,18 @@
-"""Input pipelines: splits, determinism and exact resume, sharding, padding, synthetic data,
-prefetching and config errors.
+"""Input pipelines: splits, determinism and exact resume, sharding, padding, digits, synthetic
+data, builder defaults and config errors.
 
 CIFAR-10 files are tested in test_cifar10.py, image folder trees in test_image_folder.py
-(their preprocessing in test_preprocessing.py), config.data.dir mistakes in test_data_dir.py."""
+(their preprocessing in test_preprocessing.py), config.data.dir mistakes in test_data_dir.py,
+random streams and a Dataset's contract in test_pipeline.py, augmentation in test_augment.py,
+prefetching in test_prefetch.py."""
 
-import gc
 import itertools
-import threading
-import time
 
 import numpy as np
 import pytest
 
 from resnet_flax import data
-from resnet_flax.data import augment, digits, sampling
+from resnet_flax.data import digits, sampling
 from resnet_flax.data.pipeline import Source
 from resnet_flax.data.synthetic import ConstantLoader
 
@@ -133,14 +132,6 @@ def test_digits_pad_centers_and_upsample_keeps_range():
   np.testing.assert_allclose(digits.bilinear_matrix(8, 32).sum(axis=1), 1, rtol=1e-6)
 
 
-def test_random_crop_with_padding_is_a_shift():
-  images = np.arange(2 * 5 * 5 * 3).reshape(2, 5, 5, 3)
-  out = augment.random_crop_with_padding(images, 2, np.random.default_rng(0))
-  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
-  for image, canvas in zip(out, padded):
-    assert any(np.array_equal(image, canvas[dy:dy + 5, dx:dx + 5]) for dy in range(5) for dx in range(5))
-
-
 # --- synthetic, config errors -------------------------------------------------------------
 
 def test_synthetic_is_fixed_shape_and_reuses_its_images():
@@ -212,10 +203,11 @@ def test_unknown_split_and_bad_sharding():
     data.build(DIGITS, 'train', batch_size=4, seed=0).train_batches(-1)
 
 
-def test_a_negative_seed_names_config_seed():
-  with pytest.raises(data.DataError, match=r'^config.seed must be a non-negative integer, got -1; set config.seed '
-                                           r'to 0 or more\.$'):
-    data.build(DIGITS, 'train', batch_size=4, seed=-1)
+@pytest.mark.parametrize('seed', [-1, 2**32])
+def test_a_seed_out_of_range_names_config_seed(seed):
+  with pytest.raises(data.DataError, match=rf'^config.seed must be an integer in \[0, 2\*\*32\), got {seed}; set '
+                                           r'config.seed to one\.$'):
+    data.build(DIGITS, 'train', batch_size=4, seed=seed)
 
 
 def test_labels_out_of_range_are_refused():
@@ -298,55 +290,60 @@ def test_effective_fields_are_what_building_reads(monkeypatch):
   assert 'color_distortion' not in data.effective_fields({'name': 'imagefolder', 'preprocessing': 'vgg'})
 
 
-# --- prefetch ---------------------------------------------------------------------------
-
-def test_prefetch_preserves_order_and_ends():
-  assert list(data.prefetch(iter(range(10)), buffer_size=3)) == list(range(10))
-
-
-def test_prefetch_propagates_the_producers_exception():
-  def failing():
-    yield 1
-    yield 2
-    raise KeyError('broken source')
-
-  iterator = data.prefetch(failing())
-  assert [next(iterator), next(iterator)] == [1, 2]
-  with pytest.raises(KeyError, match='broken source'):
-    next(iterator)
-  iterator.thread.join(timeout=2)
-  assert not iterator.thread.is_alive()
+def test_digits_upsampling_is_half_pixel_bilinear():
+  # Mutant: align-corners sampling instead of half-pixel centers. Reference: jax.image.resize
+  # (the docstring's "as PIL and jax.image"); upsampling has no antialiasing to differ by.
+  jax = pytest.importorskip('jax')
+  image = np.random.default_rng(0).random((8, 8)).astype(np.float32)
+  ours = digits.resize(image[None], 20, 'upsample')[0]
+  reference = np.asarray(jax.image.resize(image, (20, 20), 'bilinear'))
+  np.testing.assert_allclose(ours, reference, atol=1e-5)
 
 
-def _wait_until_dead(thread, seconds=2.0):
-  deadline = time.monotonic() + seconds
-  while thread.is_alive() and time.monotonic() < deadline:
-    time.sleep(0.01)
-  return not thread.is_alive()
+def test_digits_pad_at_an_odd_size_puts_the_extra_pixel_after():
+  # Mutant: the pad offset rounded up. Convention pinned: (size - 8) // 2 zeros before the digit.
+  native = next(data.build(DIGITS, 'test', batch_size=4, seed=0).eval_batches())['image']
+  padded = next(data.build(dict(DIGITS, image_size=11), 'test', batch_size=4, seed=0).eval_batches())['image']
+  np.testing.assert_array_equal(padded[:, 1:9, 1:9], native)
 
 
-def test_prefetch_leaves_no_thread_when_the_consumer_stops_early():
-  closed = threading.Event()
-
-  def endless():
-    try:
-      yield from itertools.count()
-    finally:
-      closed.set()
-
-  with data.prefetch(endless()) as iterator:
-    assert next(iterator) == 0
-  assert _wait_until_dead(iterator.thread) and closed.is_set()
-
-  dropped = data.prefetch(itertools.count())
-  next(dropped)
-  thread = dropped.thread
-  del dropped
-  gc.collect()
-  assert _wait_until_dead(thread) and thread.daemon
+def test_synthetic_labels_cover_every_class_and_follow_the_seed():
+  # Mutants: labels drawn from num_classes - 1 classes; the seed ignored.
+  config = {'name': 'synthetic', 'image_size': 4, 'num_classes': 3, 'num_examples': 300}
+  ds = data.build(config, 'train', batch_size=4, seed=0)
+  assert set(np.unique(ds.source.labels)) == {0, 1, 2}
+  other = data.build(config, 'train', batch_size=4, seed=1)
+  assert not np.array_equal(ds.source.labels, other.source.labels)
+  assert not np.array_equal(next(ds.train_batches())['image'], next(other.train_batches())['image'])
 
 
-def test_prefetched_training_batches_equal_direct_ones():
-  ds = data.build(DIGITS, 'train', batch_size=32, seed=0)
-  with data.prefetch(ds.train_batches(), buffer_size=2) as iterator:
-    np.testing.assert_equal(_batches(iterator, 4), _batches(ds.train_batches(), 4))
+def test_synthetic_channels_and_read_only_images():
+  # Mutants: `channels` ignored in the image draw; the shared batch left writable (a consumer
+  # that normalizes in place would change every later batch).
+  ds = data.build({'name': 'synthetic', 'image_size': 4, 'channels': 1, 'num_examples': 8}, 'train',
+                  batch_size=2, seed=0)
+  batch = next(ds.train_batches())
+  assert ds.image_shape == (4, 4, 1) and batch['image'].shape == (2, 4, 4, 1)
+  with pytest.raises(ValueError, match='read-only'):
+    batch['image'][0, 0, 0, 0] = 0
+
+
+def test_synthetic_defaults():
+  # Mutants: builder defaults for synthetic (num_examples 10,000, 1000 classes, 224 pixels, 3 channels).
+  fields = data.effective_fields({'name': 'synthetic'})
+  assert (fields['num_examples'], fields['num_classes'], fields['image_size'], fields['channels']) == (10_000, 1000, 224,
+                                                                                                        3)
+
+
+def test_build_passes_the_process_share_through():
+  # Mutant: builder.build dropping process_index or process_count on the way to Dataset.
+  ds = data.build(DIGITS, 'train', batch_size=16, seed=1, process_index=3, process_count=4)
+  assert (ds.process_index, ds.process_count, ds.batch_size) == (3, 4, 16)
+
+
+def test_augmentation_defaults_follow_the_recipes():
+  # Mutant: builder's default `augment` off for imagefolder (only cifar10 on). The module
+  # docstring's contract: False for digits (the reference script), True for cifar10 and imagefolder.
+  assert data.effective_fields({'name': 'digits'})['augment'] is False
+  assert data.effective_fields({'name': 'cifar10'})['augment'] is True
+  assert data.effective_fields({'name': 'imagefolder', 'image_size': 8, 'preprocessing': 'vgg'})['augment'] is True

@@ -2,6 +2,7 @@
 
 import dataclasses
 import threading
+import types
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +103,32 @@ def test_the_split_summary_tells_apart_splits_that_differ_in_any_label():
   assert device_input.split_summary(relabelled) != summary
   assert device_input.split_summary(upsampled) != summary
   assert device_input.split_summary(relabelled).split(', labels')[0] == summary.split(', labels')[0]  # same counts
+
+
+def test_each_process_builds_its_share_of_the_global_batch(monkeypatch):
+  # Mutants: process_dataset giving each process the whole global batch, or process_index 0
+  # on every host (all hosts would train on the same examples).
+  monkeypatch.setattr(device_input.jax, 'process_count', lambda: 4)
+  monkeypatch.setattr(device_input.jax, 'process_index', lambda: 3)
+  config = types.SimpleNamespace(data={'name': 'digits'}, seed=5)
+  dataset = device_input.process_dataset(config, 'train', 32 * jax.device_count())
+  assert (dataset.batch_size, dataset.process_index, dataset.process_count, dataset.seed) == (
+      8 * jax.device_count(), 3, 4, 5)
+
+
+@pytest.mark.parametrize('ahead', [1, 2])
+def test_ahead_batches_are_on_the_devices_before_one_is_handed_out(monkeypatch, ahead):
+  # Mutants: `len(pending) > ahead` off by one either way (one batch fewer or more in flight
+  # than `ahead` promises: a copy no longer overlapping the step, or device memory for one more).
+  copied = []
+  to_global_batch = sharding.to_global_batch
+
+  def counting(batch, mesh):
+    copied.append(int(batch['label'][0]))
+    return to_global_batch(batch, mesh)
+
+  monkeypatch.setattr(device_input.sharding, 'to_global_batch', counting)
+  batches = device_input.device_batches(iter(_host_batches(6, np.float32)), sharding.data_mesh(), ahead=ahead)
+  first = next(batches)
+  assert int(first['label'][0]) == 0 and copied == list(range(ahead + 1))
+  assert [int(b['label'][0]) for b in batches] == [1, 2, 3, 4, 5]

@@ -13,6 +13,7 @@ and no float work on the host.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -137,8 +138,10 @@ class Dataset:
   def __post_init__(self):
     if self.batch_size < 1:
       raise DataError(f'batch_size must be >= 1, got {self.batch_size}.')
-    if self.seed < 0:
-      raise DataError(f'config.seed must be a non-negative integer, got {self.seed}; set config.seed to 0 or more.')
+    # numpy splits an integer seed into 32-bit words, so a larger one would run into the next
+    # word of the seed sequence: seed 5 + 3 * 2**32 shuffled its first epoch as seed 5 its fourth.
+    if not 0 <= self.seed < 2**32:
+      raise DataError(f'config.seed must be an integer in [0, 2**32), got {self.seed}; set config.seed to one.')
     if not 0 <= self.process_index < self.process_count:
       raise DataError(f'process_index {self.process_index} is not in [0, process_count={self.process_count}).')
 
@@ -207,11 +210,19 @@ class Dataset:
   def _batches(self, start: Callable[[int], tuple[np.ndarray, np.ndarray, Pending]],
                steps: Iterator[int]) -> Iterator[Batch]:
     pending = deque(start(step) for step in itertools.islice(steps, 1))
-    while pending:
-      # Start the next batch before waiting on this one, so loader workers never idle.
-      pending.extend(start(step) for step in itertools.islice(steps, 1))
-      indices, mask, wait = pending.popleft()
-      yield self._assemble(indices, mask, wait())
+    try:
+      while pending:
+        # Start the next batch before waiting on this one, so loader workers never idle.
+        pending.extend(start(step) for step in itertools.islice(steps, 1))
+        indices, mask, wait = pending.popleft()
+        yield self._assemble(indices, mask, wait())
+    finally:
+      # A loader gives a batch's buffer back when it is waited on: a pass left early (a
+      # closed iterator, an error) still collects the batch it started, or each one would
+      # keep a batch of shared memory until the loader closed.
+      for _, _, wait in pending:
+        with contextlib.suppress(Exception):  # a failure of a batch nobody will read
+          wait()
 
   def _assemble(self, indices: np.ndarray, mask: np.ndarray, loaded: Loaded) -> Batch:
     expected = (self.batch_size, *self.image_shape)

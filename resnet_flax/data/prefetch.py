@@ -56,11 +56,12 @@ class Prefetcher(Iterator[T]):
   """Iterates over `source` in a background thread, `buffer_size` items ahead."""
 
   def __init__(self, source: Iterable[T], buffer_size: int = 2):
+    # Set before anything can raise: __del__ closes even a Prefetcher whose __init__ failed.
+    self._stop = threading.Event()
+    self._done = False
     if buffer_size < 1:
       raise ValueError(f'buffer_size must be >= 1, got {buffer_size}.')
     self._buffer: queue.Queue = queue.Queue(maxsize=buffer_size)
-    self._stop = threading.Event()
-    self._done = False
     # The thread holds the queue and the event, never `self`, so dropping the Prefetcher
     # lets `__del__` stop it.
     self.thread = threading.Thread(target=_produce, args=(iter(source), self._buffer, self._stop),

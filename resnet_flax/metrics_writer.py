@@ -26,9 +26,10 @@ class MetricsWriter:
   that dies on a full disk, after which training blocked forever on its full queue.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, resumed_step: Optional[int] = None):
-    """`resumed_step`: the checkpoint a resumed run starts from; what a killed run logged after
-    it is dropped from metrics.jsonl and hidden in TensorBoard, so replayed steps appear once."""
+  def __init__(self, workdir: str, enabled: bool = True, resumed_step: int = 0):
+    """`resumed_step`: the checkpoint a resumed run starts from (0: a fresh start); what an
+    earlier start logged after it (a run killed before that step, or before its first save) is
+    dropped from metrics.jsonl and hidden in TensorBoard, so each step appears once, this run's."""
     self.enabled = enabled
     self._failed = False
     if enabled:
@@ -39,18 +40,20 @@ class MetricsWriter:
       jsonl_path = os.path.join(workdir, 'metrics.jsonl')
       with self._reporting_failure(workdir):
         os.makedirs(self._tensorboard_dir, exist_ok=True)
-        if resumed_step is not None and os.path.exists(jsonl_path):
+        earlier_events = os.listdir(self._tensorboard_dir)
+        if os.path.isfile(jsonl_path):  # not a device: /dev/full reads as endless zeros
           _keep_records_up_to(jsonl_path, resumed_step)
         self._jsonl = open(jsonl_path, 'a', encoding='utf-8')
         # tensorboardX names the file by the second and host: a second writer within the same
         # second (a quick restart, tests) would overwrite the first without the suffix.
         self._events = EventsWriter(os.path.join(self._tensorboard_dir, 'events'),
                                     filename_suffix=f'.{os.getpid()}.{time.time_ns()}')
-        if resumed_step is not None:
+        if earlier_events:
           # TensorBoard's convention (tensorboardX's purge_step): a session start at step T hides
           # the earlier files' events from step T on.
-          self._events.write_event(event_pb2.Event(step=resumed_step + 1, wall_time=time.time(),
-                                                   session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+          self._events.write_event(event_pb2.Event(
+              step=resumed_step + 1, wall_time=time.time(),
+              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
           self._events.flush()
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:

@@ -280,7 +280,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
                                      eval_ds, mesh)
 
   with distributed.failing_together('to open the metrics files'):  # the chief's alone
-    writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=last_saved)
+    writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=0 if last_saved is None else last_saved)
     # A resumed run records its config with its first save: config.json describes the newest
     # checkpoint, also when a changed start fails before saving anything.
     changes = writer.record_config(run_record) if last_saved is None else config_changes(workdir, run_record)

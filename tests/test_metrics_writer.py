@@ -173,3 +173,69 @@ def test_read_records_gives_what_was_written_without_a_line_a_kill_cut_short(tmp
     file.write('{"step": 3, "train/lo')  # killed mid-write
   assert metrics_writer.read_records(str(tmp_path)) == [{'step': 1, 'train/loss': 2.5},
                                                          {'step': 2, 'eval/top1': None}]
+
+
+# A kill between a record and its newline: the resumed writer's first record would run into
+# that line, and both become one unreadable line.
+def test_a_resume_ends_a_last_record_without_its_newline_before_appending(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 2, "train/loss": 1.5}', encoding='utf-8')  # no '\n'
+  writer = metrics_writer.MetricsWriter(str(tmp_path), resumed_step=2)
+  writer.write(4, {'train/loss': 1.0})
+  writer.close()
+  assert [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [
+      {'step': 2, 'train/loss': 1.5}, {'step': 4, 'train/loss': 1.0}]
+
+
+# A cut line is skipped, not taken for the end of the records.
+def test_read_records_skips_a_damaged_line_in_the_middle(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 2.5}\n{"step": 2, "train/lo\n'
+                                          '{"step": 1, "train/loss": 2.25}\n', encoding='utf-8')
+  assert metrics_writer.read_records(str(tmp_path)) == [{'step': 1, 'train/loss': 2.5},
+                                                         {'step': 1, 'train/loss': 2.25}]
+
+
+# A field the new config no longer has is a change too.
+def test_a_field_the_new_config_lacks_is_a_change(tmp_path):
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.record_config({'batch_size': 16, 'mixup': {'alpha': 0.2}, 'bn': {'decay': 0.9}})
+  assert writer.record_config({'batch_size': 16, 'bn': {'decay': 0.9}}) == ['mixup.alpha: 0.2 -> (none)']
+  writer.close()
+
+
+# With twelve changed fields, set order is almost never the sorted one.
+def test_changes_are_listed_in_sorted_order(tmp_path):
+  names = [f'field_{letter}' for letter in 'qwertyuiopas']
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.record_config({name: 1 for name in names})
+  assert writer.record_config({name: 2 for name in names}) == [f'{name}: 1 -> 2' for name in sorted(names)]
+  writer.close()
+
+
+def test_fields_are_named_by_their_full_dotted_path():
+  assert metrics_writer.flat_fields({'a': {'b': {'c': 1, 'd': [2]}}, 'e': 3}) == {'a.b.c': 1, 'a.b.d': [2], 'e': 3}
+
+
+def test_a_fresh_start_after_a_kill_keeps_only_its_own_records(tmp_path):
+  # A run killed before its first checkpoint starts again from step 0. Its writer had appended to
+  # the killed run's file: the new step 2 ran into the line the kill cut short and was lost, and
+  # the killed run's step 2 (loss 99) read as this run's.
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 2, "train/loss": 99.0}\n{"step": 4, "train/lo', encoding='utf-8')
+  killed = metrics_writer.MetricsWriter(str(tmp_path))  # as the killed run's TensorBoard file
+  killed.close()
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.write(2, {'train/loss': 2.5})
+  writer.close()
+  assert metrics_writer.read_records(str(tmp_path)) == [{'step': 2, 'train/loss': 2.5}]
+  # TensorBoard: the new file starts a session at step 1, hiding every event of the earlier one.
+  files = [_read_records(path) for path in (tmp_path / 'tensorboard').iterdir()]
+  (fresh,) = [events for events in files if len(events) > 1]
+  assert fresh[1].step == 1 and fresh[1].session_log.status == event_pb2.SessionLog.START
+
+
+def test_training_again_in_a_workdir_without_checkpoints_drops_the_earlier_records(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 2, "train/loss": 99.0}\n{"step": 4, "train/lo', encoding='utf-8')
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  records = metrics_writer.read_records(str(tmp_path))
+  assert [record['step'] for record in records if 'train/loss' in record] == [2]
+  assert all(record.get('train/loss') != 99.0 for record in records)
+

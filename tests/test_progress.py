@@ -82,3 +82,37 @@ def test_the_bn_discrepancy_report_says_how_far_each_pass_has_come(tmp_path, mon
   passes = [label for i, label in enumerate(labels) if i == 0 or labels[i - 1] != label]
   assert passes == ['eval', 'eval with the statistics of batches of 120', 'recalibrating BN', 'eval']
   assert 'eval with the statistics of batches of 120: 3/3 batches' in stream.getvalue()  # 360 images, full batches
+
+
+# A step past the total (a run resumed with fewer steps) fills the bar, no more; the ETA reads zero.
+def test_the_bar_is_full_past_its_total():
+  stream = io.StringIO()
+  ProgressBar(10, stream=stream, width=10).update(12, {}, 100.0, 1.0)
+  assert stream.getvalue() == '[##########] 12/10  | 100 img/s | ETA 00:00\n'
+
+
+# A run with nothing to do still draws (no division by its total of 0).
+def test_a_bar_with_no_steps_draws_empty():
+  stream = io.StringIO()
+  ProgressBar(0, stream=stream, width=4).update(0, {}, 0.0, 1.0)
+  assert stream.getvalue() == '[....] 0/0  | 0 img/s | ETA 00:00\n'
+
+
+# A line is due exactly `every_s` after the last (whole-number times: no rounding decides it).
+def test_a_line_is_due_exactly_at_the_interval():
+  clock = _Clock()
+  shown = BatchProgress('eval', total_batches=10, batch_size=1, stream=io.StringIO(), every_s=8, clock=clock)
+  clock.now = 108.0
+  assert shown.due()
+
+
+# The second line's rate and ETA are over the whole 40 s, not since the last line, by hand.
+def test_the_second_line_times_the_whole_pass_so_far():
+  clock, stream = _Clock(), io.StringIO()
+  shown = BatchProgress('eval', total_batches=100, batch_size=8, stream=stream, every_s=10, clock=clock)
+  clock.now = 110.0
+  shown.show(10)  # 80 images in 10 s; 90 batches left at 1 s each
+  clock.now = 140.0
+  shown.show(40)  # 320 images in 40 s; 60 batches left at 1 s each
+  assert stream.getvalue().splitlines() == ['eval: 10/100 batches | 8 img/s | ETA 01:30',
+                                            'eval: 40/100 batches | 8 img/s | ETA 01:00']

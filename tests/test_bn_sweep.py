@@ -381,3 +381,17 @@ def test_a_signal_at_a_runs_last_step_records_the_run_and_stops_the_sweep(tmp_pa
   assert _sweep_signalled_at(20, config, tmp_path, monkeypatch) == (
       [], f'Preempted: {FIRST} finished, then a signal stopped the sweep; rerun the same command to go on.')
   assert (tmp_path / 'runs' / FIRST / 'result.json').exists() and not (tmp_path / 'runs' / SECOND).exists()
+
+
+# As on the command line: the overrides are checked as absl read them, flag files included.
+def test_a_swept_field_in_a_flag_file_is_refused_in_one_line(tmp_path):
+  (tmp_path / 'flags').write_text('--config.batch_size=16\n')
+  completed = subprocess.run([sys.executable, '-m', 'resnet_flax.bn_sweep', '--config=configs/bn_sweep.py',
+                              f'--workdir={tmp_path / "sweep"}', f'--flagfile={tmp_path / "flags"}',
+                              '--config.sweep.decay=(0.9,)', '--config.sweep.zero_debias_moving_mean=(False,)',
+                              '--config.sweep.num_train_steps=(2,)'], cwd=REPO, capture_output=True, text=True)
+  assert completed.returncode == 2, completed.stderr[-2000:]
+  assert completed.stderr.strip().splitlines() == [
+      'error: config.batch_size is set by the sweep (config.sweep.batch_size); drop --config.batch_size or put the '
+      'value(s) in --config.sweep.batch_size.']
+  assert not (tmp_path / 'sweep' / 'runs').exists()

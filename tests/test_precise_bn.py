@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from resnet_flax import bn_diagnostics, data, eval_lib, precise_bn, train_lib
+from resnet_flax import bn_diagnostics, data, eval_lib, model_builder, precise_bn, train_lib
 from resnet_flax.layers import BatchNorm
 from test_train import block_sizes_flag, tiny_config
 
@@ -150,3 +150,73 @@ def test_recalibrate_uses_exactly_the_first_num_batches_training_batches():
   assert images.shape[0] == 24
   np.testing.assert_allclose(recalibrated['batch_stats']['moving_mean'], images.mean((0, 1, 2)), rtol=1e-5)
   np.testing.assert_allclose(recalibrated['batch_stats']['moving_variance'], images.var((0, 1, 2)), rtol=1e-5)
+
+
+def _reference_batch_statistics(config, variables, batch_size):
+  """Loss and top-1 of the eval split's full batches with train-mode BN over each whole batch:
+  the model built without ghost batches or frozen statistics, applied batch by batch, and the
+  metrics in numpy."""
+  plain = config.copy_and_resolve_references()
+  plain.batch_size = batch_size
+  plain.bn.update(ghost_batch_size=None, frozen=False)
+  model = model_builder.build_model(plain, 10)
+  dataset = data.build(config.data, config.eval_split, batch_size=batch_size, seed=config.seed)
+  apply = jax.jit(lambda images: model.apply(variables, images, train=True, mutable=['batch_stats'])[0])
+  losses, hits, count = [], 0, 0
+  for batch in list(dataset.eval_batches())[:dataset.num_examples // batch_size]:
+    logits = np.asarray(apply(dataset.model_input(batch['image'])), np.float64)
+    labels = np.asarray(batch['label'])
+    log_softmax = logits - logits.max(1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(1, keepdims=True))
+    losses.append(-log_softmax[np.arange(len(labels)), labels])
+    hits += int((logits.argmax(1) == labels).sum())
+    count += len(labels)
+  return {'loss': float(np.concatenate(losses).mean()), 'top1': hits / count, 'num_examples': count}
+
+
+# "Statistics are over each whole batch (no ghost or per-device groups, not frozen)", whatever the
+# run trained with (frozen, train mode would normalize with the moving statistics).
+@pytest.mark.parametrize('bn', [{'ghost_batch_size': 4}, {'frozen': True}])
+def test_batch_statistics_are_over_each_whole_batch_whatever_the_bn_config(bn):
+  config = tiny_config()
+  config.bn.update(bn)
+  model = model_builder.build_model(config, 10)
+  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False))()
+  measured = bn_diagnostics.evaluate_with_batch_statistics(config, variables, 40, 10)
+  expected = _reference_batch_statistics(config, variables, 40)
+  assert measured['num_examples'] == expected['num_examples'] == 360
+  assert measured['loss'] == pytest.approx(expected['loss'], rel=1e-5)
+  assert measured['top1'] == pytest.approx(expected['top1'])
+
+
+def report_row(top1, loss, examples):
+  """One row of a discrepancy report, as `evaluate_with_batch_statistics` gives it."""
+  return {'top1': top1, 'top5': 1.0, 'loss': loss, 'num_examples': examples}
+
+
+# Batch rows by size, each number in its column, the recalibrated row also without batch rows.
+def test_format_report_rows_by_batch_size_with_each_number_in_its_column():
+  report = {'step': 7, 'moving': report_row(0.5, 1.25, 360),
+            'batch': {64: report_row(0.75, 0.5, 320), 8: report_row(0.875, 0.375, 360)},
+            'recalibrated': report_row(0.625, 0.75, 360)}
+  assert bn_diagnostics.format_report(report).splitlines() == [
+      'BatchNorm statistics at step 7:', '', '| statistics | top-1 | loss | examples |', '|---|---|---|---|',
+      '| moving averages (eval mode) | 50.00% | 1.2500 | 360 |',
+      '| batch statistics, batch 8 | 87.50% | 0.3750 | 360 |',
+      '| batch statistics, batch 64 | 75.00% | 0.5000 | 320 |',
+      '| recalibrated (precise BN) | 62.50% | 0.7500 | 360 |']
+  only_recalibrated = dict(report, batch={})
+  assert bn_diagnostics.format_report(only_recalibrated).splitlines()[-1] == (
+      '| recalibrated (precise BN) | 62.50% | 0.7500 | 360 |')
+  assert bn_diagnostics.format_report(dict(report, recalibrated=None)).splitlines()[-1].startswith(
+      '| batch statistics, batch 64 |')
+
+
+# Without recalibration, a frozen-BN config (which cannot recalibrate) still gets its moving- and
+# batch-statistics report.
+def test_a_report_without_recalibration_does_not_need_recalibratable_statistics(tmp_path):
+  config = tiny_config(2)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  config.bn.frozen = True
+  report = bn_diagnostics.discrepancy_report(config, str(tmp_path), batch_sizes=(120,), recalibration_batches=0)
+  assert report['step'] == 2 and report['recalibrated'] is None and report['batch'][120]['num_examples'] == 360

@@ -206,7 +206,7 @@ def test_unknown_split_and_bad_sharding():
 @pytest.mark.parametrize('seed', [-1, 2**32])
 def test_a_seed_out_of_range_names_config_seed(seed):
   with pytest.raises(data.DataError, match=rf'^config.seed must be an integer in \[0, 2\*\*32\), got {seed}; set '
-                                           r'config.seed to one\.$'):
+                                           r'config.seed to one in that range, e\.g\. 0\.$'):
     data.build(DIGITS, 'train', batch_size=4, seed=seed)
 
 

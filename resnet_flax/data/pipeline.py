@@ -13,7 +13,6 @@ and no float work on the host.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -55,7 +54,8 @@ class Loaded(NamedTuple):
     return cls(images, np.array([problem is None for problem in problems]), found)
 
 
-# A pending load: calling it waits for (or computes) the images.
+# A pending load: calling it waits for (or computes) the images. A pass left early (a closed
+# iterator) drops the one it started uncalled: a loader holding resources for it frees them then.
 Pending = Callable[[], Loaded]
 
 
@@ -141,7 +141,8 @@ class Dataset:
     # numpy splits an integer seed into 32-bit words, so a larger one would run into the next
     # word of the seed sequence: seed 5 + 3 * 2**32 shuffled its first epoch as seed 5 its fourth.
     if not 0 <= self.seed < 2**32:
-      raise DataError(f'config.seed must be an integer in [0, 2**32), got {self.seed}; set config.seed to one.')
+      raise DataError(f'config.seed must be an integer in [0, 2**32), got {self.seed}; set config.seed to one '
+                      'in that range, e.g. 0.')
     if not 0 <= self.process_index < self.process_count:
       raise DataError(f'process_index {self.process_index} is not in [0, process_count={self.process_count}).')
 
@@ -210,19 +211,11 @@ class Dataset:
   def _batches(self, start: Callable[[int], tuple[np.ndarray, np.ndarray, Pending]],
                steps: Iterator[int]) -> Iterator[Batch]:
     pending = deque(start(step) for step in itertools.islice(steps, 1))
-    try:
-      while pending:
-        # Start the next batch before waiting on this one, so loader workers never idle.
-        pending.extend(start(step) for step in itertools.islice(steps, 1))
-        indices, mask, wait = pending.popleft()
-        yield self._assemble(indices, mask, wait())
-    finally:
-      # A loader gives a batch's buffer back when it is waited on: a pass left early (a
-      # closed iterator, an error) still collects the batch it started, or each one would
-      # keep a batch of shared memory until the loader closed.
-      for _, _, wait in pending:
-        with contextlib.suppress(Exception):  # a failure of a batch nobody will read
-          wait()
+    while pending:
+      # Start the next batch before waiting on this one, so loader workers never idle.
+      pending.extend(start(step) for step in itertools.islice(steps, 1))
+      indices, mask, wait = pending.popleft()
+      yield self._assemble(indices, mask, wait())
 
   def _assemble(self, indices: np.ndarray, mask: np.ndarray, loaded: Loaded) -> Batch:
     expected = (self.batch_size, *self.image_shape)

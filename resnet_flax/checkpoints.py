@@ -13,7 +13,6 @@ from typing import Any, Callable, Optional
 import jax
 import orbax.checkpoint as ocp
 from etils import epath  # orbax's own path type (a dependency of orbax)
-from jax.experimental import multihost_utils
 
 from resnet_flax import distributed, error_lines, orbax_noise
 
@@ -147,19 +146,20 @@ class Checkpointer:
     # Compared from the metadata first: orbax's restore of a misshapen array fails in
     # asynchronous reads that print a traceback each (thousands of lines).
     mismatched = {step: state_differences(os.path.join(self.directory, str(step)), target) for step in steps}
+    _check_every_process_sees(self.directory, steps, mismatched)
     if steps and all(mismatched.values()):
       raise StateMismatchError(_mismatch_message(os.path.join(self.directory, str(steps[0])), mismatched[steps[0]]))
     failures, failed_steps = [], []
     for step in steps:
-      failure = None
       try:
-        if mismatched[step]:
-          raise CheckpointError(_mismatch_message(os.path.join(self.directory, str(step)), mismatched[step]))
-        state = self.restore(step, target)
-      except CheckpointError as error:
-        failure = error
-      failure = _first_failure(failure)
-      if failure is not None:
+        # Each process reads its own share (ZeRO-1's optimizer shards, its devices' copies), so
+        # damage can show on one host alone: all skip the step together, or that host would go
+        # on to an older step while the others trained from this one.
+        with distributed.failing_together('to restore it'):
+          if mismatched[step]:
+            raise CheckpointError(_mismatch_message(os.path.join(self.directory, str(step)), mismatched[step]))
+          state = self.restore(step, target)
+      except (CheckpointError, distributed.FailedOnAnotherProcess) as failure:
         failures.append(str(failure))
         failed_steps.append(step)
         report(f'warning: skipping checkpoint step {step}: {failure}')
@@ -167,11 +167,10 @@ class Checkpointer:
       if failed_steps:
         # An older one fits the config, so the newer ones are damaged, not foreign: set them
         # aside (kept for inspection) so this run can save those steps again. One process
-        # renames; the others wait for it before they look at the directory again.
-        set_aside = ([_set_aside(self.directory, bad) for bad in failed_steps] if jax.process_index() == 0
-                     else ['<step>.damaged'])
-        if jax.process_count() > 1:
-          multihost_utils.sync_global_devices('resnet_flax: damaged checkpoints set aside')
+        # renames; the others wait for it (the block's all-gather) before they look again.
+        with distributed.failing_together('to set aside damaged checkpoints'):
+          set_aside = ([_set_aside(self.directory, bad) for bad in failed_steps] if jax.process_index() == 0
+                       else ['<step>.damaged'])
         self._manager.reload()
         report(f'Set aside damaged checkpoint(s) {failed_steps} as {", ".join(set_aside)}; resuming from step {step}.')
       return state, step
@@ -181,22 +180,16 @@ class Checkpointer:
     return target, None
 
 
-def _first_failure(own: Optional[CheckpointError]) -> Optional[CheckpointError]:
-  """This process's failure to restore a step, else the first other process's, else None.
-
-  A collective: every process must call it after each try. Each reads its own share of a
-  checkpoint (ZeRO-1's optimizer shards, its devices' copies), so damage can show on one host
-  alone; had it gone on to an older step while the others trained from this one, the next
-  collectives would pair up wrongly (a gloo "collective mismatch" abort, the others hung).
-  """
-  texts = distributed.every_process_text('' if own is None else str(own))
-  if own is not None:
-    return own
-  failed = [(index, text) for index, text in enumerate(texts) if text]
-  if not failed:
-    return None
-  index, text = failed[0]
-  return CheckpointError(f'process {index} of {len(texts)} could not restore it: {text}')
+def _check_every_process_sees(directory: str, steps: list[int], mismatched: dict[int, list[str]]) -> None:
+  """Raises CheckpointError on every process unless all see the same steps in `directory`, and
+  the same ones saved by another config: each then tries the same steps, one collective each."""
+  view = f'steps {steps}, of another config {[step for step in steps if mismatched[step]]}'
+  views = distributed.every_process_text(view)
+  differing = next((index for index, seen in enumerate(views) if seen != views[0]), None)
+  if differing is not None:
+    raise CheckpointError(f'the processes see different checkpoints in {directory}: process 0 {views[0]}, process '
+                          f'{differing} {views[differing]}; every host must see the same, complete directory (a '
+                          'shared file system that had not caught up?): rerun once it has.')
 
 
 def _set_aside(directory: str, step: int) -> str:

@@ -169,9 +169,9 @@ def failing_together(what: str) -> Iterator[None]:
   each other one raises FailedOnAnotherProcess with the first failing process's message.
 
   Every process must enter the same blocks in the same order (one all-gather each), and a
-  block must hold no collective of its own (an orbax restore of sharded arrays, a jitted
-  computation over all devices): a process that failed before it would pair its all-gather
-  with the others' collective. Ctrl-C (a BaseException) is not shared: it stops one process.
+  block must hold no collective of its own (orbax's save or its default restore, whose closing
+  barrier is one; a jitted computation over all devices): a process that failed before it
+  would pair its all-gather with the others' collective. Ctrl-C (a BaseException) is not shared: it stops one process.
   """
   failure: Optional[Exception] = None
   try:

@@ -26,12 +26,14 @@ class MetricsWriter:
   that dies on a full disk, after which training blocked forever on its full queue.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, resumed_step: int = 0):
-    """`resumed_step`: the checkpoint a resumed run starts from (0: a fresh start); what an
-    earlier start logged after it (a run killed before that step, or before its first save) is
-    dropped from metrics.jsonl and hidden in TensorBoard, so each step appears once, this run's."""
+  def __init__(self, workdir: str, enabled: bool = True, resumed_step: Optional[int] = None):
+    """`resumed_step`: the step a run starts from (a resumed run's checkpoint, 0 for a fresh
+    start); what an earlier start logged after it (a run killed before that step, or before its
+    first save) is dropped from metrics.jsonl and hidden in TensorBoard, so each step appears
+    once, this run's; `dropped_steps` lists the steps dropped. None: append to what is there."""
     self.enabled = enabled
     self._failed = False
+    self.dropped_steps: list[int] = []
     if enabled:
       from tensorboardX.event_file_writer import EventsWriter  # Here: only process 0 needs it.
       from tensorboardX.proto import event_pb2
@@ -41,14 +43,14 @@ class MetricsWriter:
       with self._reporting_failure(workdir):
         os.makedirs(self._tensorboard_dir, exist_ok=True)
         earlier_events = os.listdir(self._tensorboard_dir)
-        if os.path.isfile(jsonl_path):  # not a device: /dev/full reads as endless zeros
-          _keep_records_up_to(jsonl_path, resumed_step)
+        if resumed_step is not None and os.path.isfile(jsonl_path):  # not a device: /dev/full reads endless zeros
+          self.dropped_steps = _keep_records_up_to(jsonl_path, resumed_step)
         self._jsonl = open(jsonl_path, 'a', encoding='utf-8')
         # tensorboardX names the file by the second and host: a second writer within the same
         # second (a quick restart, tests) would overwrite the first without the suffix.
         self._events = EventsWriter(os.path.join(self._tensorboard_dir, 'events'),
                                     filename_suffix=f'.{os.getpid()}.{time.time_ns()}')
-        if earlier_events:
+        if resumed_step is not None and earlier_events:
           # TensorBoard's convention (tensorboardX's purge_step): a session start at step T hides
           # the earlier files' events from step T on.
           self._events.write_event(event_pb2.Event(
@@ -113,22 +115,25 @@ class MetricsWriter:
                               ) from error
 
 
-def _keep_records_up_to(path: str, step: int) -> None:
-  """Rewrites metrics.jsonl (atomically) without records past `step` or lines a kill cut short;
-  leaves it untouched when there are none (a finished run started again writes nothing)."""
+def _keep_records_up_to(path: str, step: int) -> list[int]:
+  """Rewrites metrics.jsonl (atomically) without records past `step` or lines a kill cut short,
+  and returns the steps of the records dropped; leaves it untouched when there are none (a
+  finished run started again writes nothing)."""
   with open(path, encoding='utf-8') as file:
     lines = file.readlines()
-  kept = [line for line, logged in zip(lines, map(_record_step, lines)) if logged is not None and logged <= step]
+  logged = list(map(_record_step, lines))
+  kept = [line for line, line_step in zip(lines, logged) if line_step is not None and line_step <= step]
   if len(kept) == len(lines) and all(line.endswith('\n') for line in lines):
-    return
+    return []
   atomic_files.write_text(path, ''.join(line if line.endswith('\n') else line + '\n' for line in kept))
+  return sorted({line_step for line_step in logged if line_step is not None and line_step > step})
 
 
 def read_records(workdir: str) -> list[dict[str, Any]]:
   """The records of `workdir`'s metrics.jsonl in the order written, without a line a kill cut
   short; none when there is no file (a run that diverged before its first log line)."""
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  if not os.path.isfile(path):  # not a device: /dev/full reads as endless zeros
     return []
   records = []
   with open(path, encoding='utf-8') as file:

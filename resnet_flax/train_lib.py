@@ -281,6 +281,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
 
   with distributed.failing_together('to open the metrics files'):  # the chief's alone
     writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=0 if last_saved is None else last_saved)
+    if last_saved is None and writer.dropped_steps:
+      steps = writer.dropped_steps
+      progress.message(f'note: dropped {len(steps)} step(s) ({steps[0]} to {steps[-1]}) an earlier start without a '
+                       'checkpoint had logged to metrics.jsonl: this run starts at step 0.')
     # A resumed run records its config with its first save: config.json describes the newest
     # checkpoint, also when a changed start fails before saving anything.
     changes = writer.record_config(run_record) if last_saved is None else config_changes(workdir, run_record)

@@ -4,6 +4,7 @@ one device, write one checkpoint together and one record of metrics; the start-u
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -206,7 +207,7 @@ def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_pa
   for index, (returncode, stdout, stderr) in enumerate(runs):
     assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
   directory = workdir / 'checkpoints'
-  assert (f'warning: skipping checkpoint step 4: process 1 of 2 could not restore it: checkpoint {directory}/4 '
+  assert (f'warning: skipping checkpoint step 4: process 1 of 2 failed to restore it: checkpoint {directory}/4 '
           'cannot be read (OUT_OF_RANGE: Error reading "opt_state.0.trace" (process 1 alone))') in runs[0][1]
   assert f'Set aside damaged checkpoint(s) [4] as {directory}/4.damaged; resuming from step 2.' in runs[0][1]
   assert sorted(os.listdir(directory)) == ['2', '4', '4.damaged']
@@ -215,6 +216,23 @@ def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_pa
   config.update(eval_batch_size=360, lr_schedule='cosine', learning_rate=1e-4)
   first = checkpoints.restore_from(str(directory / '4.damaged'), _read_params(workdir, config, 2))
   jax.tree_util.tree_map(np.testing.assert_array_equal, _read_params(workdir, config, 4), first)
+
+
+def test_processes_that_see_other_checkpoints_stop_together_before_trying_any(tmp_path, monkeypatch):
+  # Each tries the steps it lists, one all-gather each: a host whose listing lags (a shared file
+  # system not caught up) would make one fewer and hang the others.
+  directory = str(tmp_path / 'checkpoints')
+  state = {'w': jnp.arange(3.0)}
+  checkpointer = checkpoints.Checkpointer(directory, async_save=False)
+  for step in (2, 4):
+    checkpointer.save(step, state)
+  checkpointer.close()
+  monkeypatch.setattr(checkpoints.distributed, 'every_process_text',
+                      lambda text: [text, 'steps [2], of another config []'])
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=re.escape(f'the processes see different checkpoints in {directory}: process 0 steps [4, 2], '
+                                     'of another config [], process 1 steps [2], of another config []; every host')):
+    checkpoints.Checkpointer(directory).restore_newest_intact(state, print)
 
 
 def test_a_workdir_in_use_stops_every_process_not_only_the_chief(tmp_path):

@@ -222,7 +222,8 @@ def test_a_fresh_start_after_a_kill_keeps_only_its_own_records(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('{"step": 2, "train/loss": 99.0}\n{"step": 4, "train/lo', encoding='utf-8')
   killed = metrics_writer.MetricsWriter(str(tmp_path))  # as the killed run's TensorBoard file
   killed.close()
-  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer = metrics_writer.MetricsWriter(str(tmp_path), resumed_step=0)
+  assert writer.dropped_steps == [2]  # the cut line is no step
   writer.write(2, {'train/loss': 2.5})
   writer.close()
   assert metrics_writer.read_records(str(tmp_path)) == [{'step': 2, 'train/loss': 2.5}]
@@ -232,9 +233,11 @@ def test_a_fresh_start_after_a_kill_keeps_only_its_own_records(tmp_path):
   assert fresh[1].step == 1 and fresh[1].session_log.status == event_pb2.SessionLog.START
 
 
-def test_training_again_in_a_workdir_without_checkpoints_drops_the_earlier_records(tmp_path):
+def test_training_again_in_a_workdir_without_checkpoints_drops_the_earlier_records(tmp_path, capsys):
   (tmp_path / 'metrics.jsonl').write_text('{"step": 2, "train/loss": 99.0}\n{"step": 4, "train/lo', encoding='utf-8')
   train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  assert ('note: dropped 1 step(s) (2 to 2) an earlier start without a checkpoint had logged to metrics.jsonl: this '
+          'run starts at step 0.') in capsys.readouterr().out
   records = metrics_writer.read_records(str(tmp_path))
   assert [record['step'] for record in records if 'train/loss' in record] == [2]
   assert all(record.get('train/loss') != 99.0 for record in records)

@@ -1,7 +1,6 @@
 """BN sweeps: grid expansion and run names, a 2x2 grid end to end (tables, plots), resume."""
 
 import csv
-import json
 import os
 import shutil
 import subprocess
@@ -51,32 +50,6 @@ def _config(overrides=None, **sweep):
 
 def _flag(value):
   return '(' + ''.join(f'{item},' for item in value) + ')' if isinstance(value, tuple) else str(value)
-
-
-def test_result_files_hold_null_for_nan_and_infinity_as_strict_json(tmp_path):
-  path = str(tmp_path / 'result.json')
-  atomic_files.write_json(path, {'moving': {'loss': float('nan'), 'top1': 0.0}, 'curve': [float('inf'), 1.5],
-                                 'pair': (float('-inf'), 2)})
-
-  def refuse(constant):
-    raise ValueError(f'{constant} is not JSON')
-
-  with open(path, encoding='utf-8') as file:
-    assert json.load(file, parse_constant=refuse) == {'moving': {'loss': None, 'top1': 0.0}, 'curve': [None, 1.5],
-                                                      'pair': [None, 2]}
-
-
-def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):
-  path = tmp_path / 'table.csv'
-  atomic_files.write_text(str(path), 'old\n')
-
-  def fail_halfway(file):
-    file.write('half')
-    raise OSError(28, 'No space left on device')
-
-  with pytest.raises(OSError, match='No space left'):
-    atomic_files.write_atomically(str(path), fail_halfway)
-  assert path.read_text() == 'old\n' and sorted(p.name for p in tmp_path.iterdir()) == ['table.csv']
 
 
 def test_grid_is_the_product_with_every_axis_in_the_name():

@@ -31,7 +31,8 @@ def test_grid_keeps_the_given_order_and_refuses_a_repeat_in_any_axis():
   runs = grid.expand(_config(decay=(0.99, 0.9), zero_debias_moving_mean=(True, False), batch_size=(32, 8),
                              num_train_steps=(10,)))
   expected = [(decay, debias, size) for decay in (0.99, 0.9) for debias in (True, False) for size in (32, 8)]
-  assert [(r.settings['decay'], r.settings['zero_debias_moving_mean'], r.settings['batch_size']) for r in runs] == expected
+  assert [(run.settings['decay'], run.settings['zero_debias_moving_mean'], run.settings['batch_size'])
+          for run in runs] == expected
   with pytest.raises(ValueError, match='would run twice'):
     grid.expand(_config(batch_size=(16, 16)))
 

@@ -180,7 +180,8 @@ def test_markdown_table_says_how_many_batches_recalibrated(batches, says):
 # Batch statistics worse than the moving ones: a negative gap.
 def test_markdown_table_keeps_the_sign_of_a_negative_gap():
   result = dict(_result(), batch={'top1': 0.375, 'loss': 2.0, 'num_examples': 352}, gap=-0.125)
-  assert tables.markdown_table([result]).splitlines()[-1] == '| 0.9 | no | 32 | 150 | 50.00% | 37.50% | 75.00% | -12.50 |'
+  assert tables.markdown_table([result]).splitlines()[-1] == (
+      '| 0.9 | no | 32 | 150 | 50.00% | 37.50% | 75.00% | -12.50 |')
 
 
 def _plotted(monkeypatch, plot, results):

@@ -331,8 +331,8 @@ def test_synthetic_channels_and_read_only_images():
 def test_synthetic_defaults():
   # Mutants: builder defaults for synthetic (num_examples 10,000, 1000 classes, 224 pixels, 3 channels).
   fields = data.effective_fields({'name': 'synthetic'})
-  assert (fields['num_examples'], fields['num_classes'], fields['image_size'], fields['channels']) == (10_000, 1000, 224,
-                                                                                                        3)
+  assert (fields['num_examples'], fields['num_classes'], fields['image_size'], fields['channels']) == (
+      10_000, 1000, 224, 3)
 
 
 def test_build_passes_the_process_share_through():

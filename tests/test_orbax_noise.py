@@ -120,6 +120,12 @@ def test_unawaited_orbax_writes_are_not_reported_but_other_coroutines_are(fresh_
   assert [str(w.message) for w in caught] == ["coroutine 'my_loader.<locals>.fetch' was never awaited"]
 
 
+def _unraisable(error, traceback, source=None):
+  """What sys.unraisablehook is given for `error` raised with `traceback` (in `source`)."""
+  return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=traceback, err_msg=None,
+                               object=source)
+
+
 def _closed_coroutine_error(filename):
   """What sys.unraisablehook is given for a coroutine defined in `filename` whose except clause raises on close."""
   namespace = {}
@@ -131,8 +137,7 @@ def _closed_coroutine_error(filename):
   try:
     coroutine.throw(GeneratorExit)  # what the garbage collector's close() does
   except Exception as error:  # pylint: disable=broad-except
-    return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__,
-                                 err_msg=None, object=coroutine)
+    return _unraisable(error, error.__traceback__, coroutine)
   raise AssertionError('the coroutine did not raise')
 
 
@@ -146,3 +151,41 @@ def test_reads_orbax_abandoned_are_not_reported_when_collected_but_other_corouti
   mine = _closed_coroutine_error('/home/me/loader.py')
   sys.unraisablehook(mine)
   assert reported == [mine]
+
+
+def _unraisable_from(function_name, error):
+  """What sys.unraisablehook gets for `error` raised in a function named `function_name`."""
+  namespace = {}
+  exec(compile(f'def {function_name}(error):\n  raise error\n', '/x/asyncio/base_events.py', 'exec'), namespace)
+  try:
+    namespace[function_name](error)
+  except BaseException as raised:  # pylint: disable=broad-except
+    # As tensorstore's thread reports it: the traceback starts in the function that raised.
+    return _unraisable(raised, raised.__traceback__.tb_next)
+  raise AssertionError('did not raise')
+
+
+# Without the frame check or the message check, any 'Event loop is closed', or any
+# RuntimeError of call_soon_threadsafe, had been swallowed: real errors of the user's own loops.
+def test_only_late_completions_on_a_closed_loop_are_dropped(fresh_filters):
+  reported = []
+  sys.unraisablehook = reported.append
+  orbax_noise.quiet_failure_echoes()
+  echo = _unraisable_from('call_soon_threadsafe', RuntimeError('Event loop is closed'))
+  sys.unraisablehook(echo)
+  assert reported == []
+  elsewhere = _unraisable_from('my_callback', RuntimeError('Event loop is closed'))
+  other_error = _unraisable_from('call_soon_threadsafe', RuntimeError('Non-thread-safe operation'))
+  other_type = _unraisable_from('call_soon_threadsafe', ValueError('Event loop is closed'))
+  for kept in (elsewhere, other_error, other_type):
+    sys.unraisablehook(kept)
+  assert reported == [elsewhere, other_error, other_type]
+
+
+# 'exception was never retrieved' is looked for in the first line only: another asyncio error
+# about orbax code, whose details merely quote that phrase further down, had been dropped.
+def test_asyncio_filter_looks_for_the_unretrieved_exception_in_the_first_line_only():
+  message = ('Exception in callback Store.flush()\nhandle: <Handle Store.flush() at /x/orbax/store.py:9>\n'
+             'note: exception was never retrieved by the writer')
+  record = logging.LogRecord('asyncio', logging.ERROR, 'base_events.py', 1771, message, None, None)
+  assert orbax_noise.keeps_asyncio_record(record) is True

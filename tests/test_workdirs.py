@@ -3,6 +3,7 @@
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from resnet_flax import checkpoints, workdirs
@@ -51,3 +52,23 @@ def test_a_workdir_without_room_names_what_it_has_and_needs(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match=r'free but the checkpoints need about .* more; free disk'):
     workdirs.check_workdir(str(tmp_path / 'run'), needed_bytes=free * 2)
   assert os.listdir(tmp_path / 'run') == []  # the write probe is gone
+
+
+# A workdir
+# that merely holds a folder named with digits (per-epoch exports, a data split '0') was refused
+# as "a workdir's checkpoints/ folder".
+def test_a_folder_of_digit_named_directories_that_are_no_checkpoints_is_a_workdir(tmp_path):
+  (tmp_path / '0').mkdir()
+  (tmp_path / '1' / 'default').mkdir(parents=True)  # no orbax metadata in it
+  workdirs.check_not_a_checkpoint(str(tmp_path))  # no error
+  checkpoints.save_tree(str(tmp_path / '2'), {'w': np.zeros(2, np.float32)})  # a real one, now the newest
+  with pytest.raises(checkpoints.CheckpointError, match=f"--workdir {tmp_path} is a workdir's checkpoints/ folder"):
+    workdirs.check_not_a_checkpoint(str(tmp_path))
+
+
+# Any URL scheme, not only gs://, as check_workdir sees it.
+def test_a_workdir_url_of_any_scheme_is_refused_and_nothing_made(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(checkpoints.CheckpointError, match='s3://b/run is a URL'):
+    workdirs.check_workdir('s3://b/run', needed_bytes=0)
+  assert os.listdir(tmp_path) == []

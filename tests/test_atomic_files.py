@@ -1,0 +1,60 @@
+"""atomic_files: strict JSON with null for NaN, writes that appear whole or not at all."""
+
+import json
+
+import pytest
+
+from resnet_flax import atomic_files
+
+
+def test_result_files_hold_null_for_nan_and_infinity_as_strict_json(tmp_path):
+  path = str(tmp_path / 'result.json')
+  atomic_files.write_json(path, {'moving': {'loss': float('nan'), 'top1': 0.0}, 'curve': [float('inf'), 1.5],
+                                 'pair': (float('-inf'), 2)})
+
+  def refuse(constant):
+    raise ValueError(f'{constant} is not JSON')
+
+  with open(path, encoding='utf-8') as file:
+    assert json.load(file, parse_constant=refuse) == {'moving': {'loss': None, 'top1': 0.0}, 'curve': [None, 1.5],
+                                                      'pair': [None, 2]}
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):
+  path = tmp_path / 'table.csv'
+  atomic_files.write_text(str(path), 'old\n')
+
+  def fail_halfway(file):
+    file.write('half')
+    raise OSError(28, 'No space left on device')
+
+  with pytest.raises(OSError, match='No space left'):
+    atomic_files.write_atomically(str(path), fail_halfway)
+  assert path.read_text() == 'old\n' and sorted(p.name for p in tmp_path.iterdir()) == ['table.csv']
+
+
+# A damaged
+# result file read as "none yet" would have its run silently redone or dropped.
+def test_read_json_is_none_only_for_a_missing_file(tmp_path):
+  assert atomic_files.read_json(str(tmp_path / 'missing.json')) is None
+  (tmp_path / 'result.json').write_text('{"top1": 0.5')
+  with pytest.raises(json.JSONDecodeError):
+    atomic_files.read_json(str(tmp_path / 'result.json'))
+
+
+# While the write runs, readers see the old
+# file whole, and the new text only appears by the final rename.
+def test_an_atomic_write_is_invisible_until_it_is_whole(tmp_path):
+  path = tmp_path / 'table.csv'
+  path.write_text('old\n')
+  seen = []
+
+  def write(file):
+    file.write('new, half')
+    file.flush()
+    seen.append(path.read_text())
+    file.write(' and the rest\n')
+
+  atomic_files.write_atomically(str(path), write)
+  assert seen == ['old\n'] and path.read_text() == 'new, half and the rest\n'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['table.csv']

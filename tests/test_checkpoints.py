@@ -1,0 +1,193 @@
+"""checkpoints.py's run-safety paths without training: damaged steps set aside past any name
+taken, committed steps, a failed save's leftovers, URLs, failed or uncommitted async saves
+reported once, a newest step of another tree, mismatch and read-failure messages."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+from resnet_flax import checkpoints
+from test_reliability import _truncate_files
+
+
+# A *file* named 4.damaged is not free; the
+# rename of the step directory onto it fails with NotADirectoryError, every start after.
+def test_a_damaged_step_is_set_aside_past_any_entry_of_its_name(tmp_path):
+  (tmp_path / '4' / 'default').mkdir(parents=True)
+  (tmp_path / '4.damaged').write_text('a note someone left')
+  (tmp_path / '4.damaged.2').symlink_to(tmp_path / 'nowhere')  # dangling: still taken
+  assert checkpoints._set_aside(str(tmp_path), 4) == str(tmp_path / '4.damaged.3')
+  assert sorted(os.listdir(tmp_path)) == ['4.damaged', '4.damaged.2', '4.damaged.3']
+  assert (tmp_path / '4.damaged').read_text() == 'a note someone left'
+  assert (tmp_path / '4.damaged.3' / 'default').is_dir()
+
+
+# A file named with digits is no step;
+# counted, it lowers the room asked for and is offered to orbax as a checkpoint.
+def test_only_directories_with_digit_names_are_committed_steps(tmp_path):
+  for step in (2, 10):
+    (tmp_path / str(step)).mkdir()
+  (tmp_path / '7').write_text('not a checkpoint')
+  (tmp_path / '12.orbax-checkpoint-tmp-99').mkdir()
+  (tmp_path / '3.damaged').mkdir()
+  assert checkpoints.committed_steps(str(tmp_path)) == [2, 10]  # numerically, not as text
+  assert checkpoints.latest_step_in(str(tmp_path)) == 10
+  assert checkpoints.committed_steps(str(tmp_path / 'missing')) == []
+
+
+# 
+# a failed save of step 4 deleted the committed step 40 (and 40's own unfinished save).
+def test_removing_a_failed_save_leaves_every_other_step_alone(tmp_path):
+  for name in ('4.orbax-checkpoint-tmp-1', '4.orbax-checkpoint-tmp-2', '40', '40.orbax-checkpoint-tmp-3', '2'):
+    (tmp_path / name).mkdir()
+  (tmp_path / '4.orbax-checkpoint-tmp-1' / 'data').write_bytes(b'\0' * 10)
+  checkpoints._remove_partial_writes(str(tmp_path), '4')
+  assert sorted(os.listdir(tmp_path)) == ['2', '40', '40.orbax-checkpoint-tmp-3']
+
+
+# Any scheme is a URL.
+@pytest.mark.parametrize('url', ['s3://bucket/run', 'hdfs://namenode/run', 'file:///tmp/run'])
+def test_every_url_scheme_is_refused(url):
+  with pytest.raises(checkpoints.CheckpointError, match=re.escape(f'workdir {url} is a URL')):
+    checkpoints.local_path(url, 'workdir')
+
+
+class _FakeManager:
+  """orbax's CheckpointManager as Checkpointer uses it, with a save that fails or is not committed."""
+
+  def __init__(self, wait_raises=None, in_progress=False):
+    self.wait_raises, self.in_progress, self.waits = wait_raises, in_progress, 0
+
+  def save(self, step, args, force):
+    pass
+
+  def is_saving_in_progress(self):
+    return self.in_progress
+
+  def wait_until_finished(self):
+    self.waits += 1
+    if self.wait_raises is not None:
+      raise self.wait_raises
+
+  def close(self):
+    pass
+
+
+def _checkpointer(tmp_path, manager):
+  checkpointer = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'))
+  checkpointer._manager.close()
+  checkpointer._manager = manager
+  return checkpointer
+
+
+# An async save that
+# failed (a full disk) went unreported until the next save, a whole checkpoint interval later.
+def test_check_reports_a_finished_failed_async_save_and_returns_while_one_is_writing(tmp_path):
+  manager = _FakeManager(wait_raises=OSError(28, 'No space left on device'), in_progress=True)
+  checkpointer = _checkpointer(tmp_path, manager)
+  checkpointer.save(4, {'w': np.zeros(2)})
+  checkpointer.check()  # still writing: returns at once, without waiting
+  assert manager.waits == 0
+  manager.in_progress = False
+  with pytest.raises(checkpoints.CheckpointError, match=r'saving checkpoint step 4 in .* failed \(No space left on '
+                                                        r'device\); no checkpoint was completed\.'):
+    checkpointer.check()
+  checkpointer.check()  # reported once
+  assert manager.waits == 1
+
+
+# Orbax only logs a step whose
+# finalization it skipped; the run must stop, not go on believing the step is saved.
+def test_a_save_orbax_did_not_commit_is_an_error(tmp_path):
+  checkpointer = _checkpointer(tmp_path, _FakeManager())
+  checkpointer.save(6, {'w': np.zeros(2)})
+  (tmp_path / 'checkpoints' / '4').mkdir(parents=True, exist_ok=True)
+  with pytest.raises(checkpoints.CheckpointError, match=r'step 6 .* failed \(orbax did not commit it\); the newest '
+                                                        r'complete checkpoint, step 4, is intact'):
+    checkpointer.wait()
+  (tmp_path / 'checkpoints' / '8').mkdir()
+  checkpointer.save(8, {'w': np.zeros(2)})
+  checkpointer.wait()  # committed: no error
+
+
+# Orbax's close raises a
+# failed save again (see Checkpointer.close); reported once already, close() must not
+# replace the one-line CheckpointError with orbax's raw error from the run's `finally`.
+def test_close_after_a_reported_failed_save_does_not_raise_it_again(tmp_path):
+  error = OSError(28, 'No space left on device')
+  manager = _FakeManager(wait_raises=error)
+  manager.close = lambda: (_ for _ in ()).throw(error)  # as orbax's close does
+  checkpointer = _checkpointer(tmp_path, manager)
+  checkpointer.save(4, {'w': np.zeros(2)})
+  with pytest.raises(checkpoints.CheckpointError, match='No space left on device'):
+    checkpointer.wait()
+  checkpointer.close()  # no second error
+
+
+def _saved(directory, trees):
+  checkpointer = checkpoints.Checkpointer(str(directory), max_to_keep=5, async_save=False)
+  for step, tree in trees.items():
+    checkpointer.save(step, tree)
+  checkpointer.wait()
+  return checkpointer
+
+
+# Only a newest step of another tree
+# (a partial write, or files copied in) must not stop a run whose older step fits: it is skipped.
+def test_a_newest_step_of_another_tree_is_skipped_when_an_older_one_fits(tmp_path):
+  target = {'w': np.zeros((3,), np.float32)}
+  checkpointer = _saved(tmp_path, {2: {'w': np.ones((3,), np.float32)}, 4: {'w': np.ones((5,), np.float32)}})
+  reports = []
+  state, step = checkpointer.restore_newest_intact(target, reports.append)
+  checkpointer.close()
+  assert step == 2 and np.array_equal(state['w'], np.ones(3))
+  assert reports[0].startswith('warning: skipping checkpoint step 4: checkpoint ')
+  assert 'w: saved (5,), this run (3,)' in reports[0]
+  assert sorted(os.listdir(tmp_path)) == ['2', '4.damaged']
+
+
+# The message shows two differences
+# and counts the rest; here 5 differ, so '3 more'.
+def test_a_mismatch_message_names_two_differences_and_counts_the_rest(tmp_path):
+  checkpointer = _saved(tmp_path, {2: {name: np.zeros(1, np.float32) for name in 'abcd'}})
+  target = {'a': np.zeros(2, np.float32), 'b': np.zeros(2, np.float32), 'c': np.zeros(1, np.float32),
+            'e': np.zeros(1, np.float32), 'f': np.zeros(1, np.float32)}
+  with pytest.raises(checkpoints.StateMismatchError) as error:
+    checkpointer.restore_newest_intact(target, print)
+  checkpointer.close()
+  # a, b differ in shape; e, f are new; d is gone; c agrees: 5 differences.
+  assert (f'checkpoint {tmp_path}/2 was saved by a run of another config: a: saved (1,), this run (2,); '
+          'b: saved (1,), this run (2,) and 3 more. Resume with') in str(error.value)
+
+
+# Every step damaged, the error
+# quotes the newest one's failure, as it says.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_when_every_checkpoint_is_damaged_the_error_names_the_newest(tmp_path):
+  tree = {'w': np.arange(4096, dtype=np.float32)}
+  checkpointer = _saved(tmp_path, {2: tree, 4: tree})
+  for step in (2, 4):
+    _truncate_files(tmp_path / str(step))
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    checkpointer.restore_newest_intact(tree, lambda line: None)
+  checkpointer.close()
+  assert str(error.value).startswith(f'no usable checkpoint in {tmp_path}, 2 tried; the newest: checkpoint '
+                                     f'{tmp_path}/4 cannot be read (')
+  assert sorted(os.listdir(tmp_path)) == ['2', '4']  # none set aside: nothing restored
+
+
+# Orbax wraps tensorstore's
+# error in a bare Exception naming only an array index.
+def test_a_read_failure_is_named_by_its_innermost_cause():
+  try:
+    try:
+      try:
+        raise ValueError('OUT_OF_RANGE: Error reading "params/w"\nmore detail')
+      except ValueError as inner:
+        raise RuntimeError('while reading') from inner
+    except RuntimeError as middle:
+      raise Exception('Encountered error while reading array index 3') from middle
+  except Exception as outer:  # pylint: disable=broad-except
+    assert checkpoints._read_failure(outer) == 'OUT_OF_RANGE: Error reading "params/w"'

@@ -263,3 +263,26 @@ def test_a_checkpoint_of_another_config_names_its_runs_model_fields_as_flags(tmp
           '--config.data.name=digits --config.bn.center=True --config.bn.scale=True '
           '--config.bn.zero_debias_moving_mean=False --config.bn.renorm=False.') in str(error.value)
   assert 'num_classes=None' not in str(error.value)
+
+
+def _fit(loaded, reference, allow_new_head=False):
+  return pretrained.fit_variables(loaded, reference, allow_new_head=allow_new_head, source='src',
+                                  epsilon=1e-3)
+
+
+# Guards against leaves not cast to the model's dtype.
+def test_fitted_leaves_take_the_models_dtype():
+  reference = {'params': {'conv1': {'weights': np.zeros(2, np.float32)}}}
+  fitted, fresh = _fit({'params': {'conv1': {'weights': np.array([1.5, 2.0], np.float64)}}}, reference)
+  assert fitted['params']['conv1']['weights'].dtype == np.float32 and fresh == []
+
+
+# Guards against (`np.all(value == identity)` -> `np.any`, and the `params` check
+# dropped): a gamma that is not all ones changes the outputs, so dropping it must be refused.
+def test_a_gamma_not_all_ones_is_refused_for_a_model_without_scale():
+  reference = {'params': {'conv1': {'BatchNorm': {'beta': np.zeros(2, np.float32)}}}}
+  ok = {'params': {'conv1': {'BatchNorm': {'beta': np.zeros(2), 'gamma': np.ones(2)}}}}
+  _fit(ok, reference)
+  bad = {'params': {'conv1': {'BatchNorm': {'beta': np.zeros(2), 'gamma': np.array([1.0, 2.0])}}}}
+  with pytest.raises(checkpoints.StateMismatchError, match='gamma: in the checkpoint, not in the model'):
+    _fit(bad, reference)

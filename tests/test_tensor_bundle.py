@@ -18,6 +18,7 @@ import pytest
 from resnet_flax.slim import sstable
 from resnet_flax.slim import tensor_bundle
 from resnet_flax.slim import tensor_bundle_writer
+from resnet_flax.slim import tf_types
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tensor_bundle')
 FIXTURE_PREFIXES = {
@@ -475,3 +476,67 @@ def test_a_wrong_prefix_lists_the_prefixes_there(tmp_path):
     tensor_bundle.resolve_prefix(str(tmp_path / 'model'))
   with pytest.raises(FileNotFoundError, match=rf'prefix instead \(prefixes there: {tmp_path}/model.ckpt-10\)$'):
     tensor_bundle.resolve_prefix(str(tmp_path))
+
+
+# Guards against header fields reordered, (VersionDef field 3, not
+# producer), (zero offset written), (zero dimension written as dim {size: 0}),
+# (crc32c omitted for empty tensors). Without TF only TF's own index entries pin the bytes.
+def test_writer_header_and_entries_are_byte_identical_to_tfs():
+  prefix = os.path.join(FIXTURES, 'dtypes', 'model.ckpt')
+  with open(prefix + '.index', 'rb') as f:
+    tf_entries = sstable.read_table(f.read(), 'tf')
+  assert list(tensor_bundle_writer._index_entries([])) == [tf_entries[0]]
+  reader = tensor_bundle.CheckpointReader(prefix)
+  for key, tf_value in tf_entries[1:]:
+    array = reader.read(key.decode())
+    data = array.astype(array.dtype.newbyteorder('<')).tobytes()
+    assert tensor_bundle_writer._entry_proto(array, reader._entries[key.decode()].offset, data) == tf_value, key
+
+
+# Guards against index without the header entry accepted.
+def test_index_without_header_entry_is_refused(tmp_path):
+  prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), {'w': np.ones(2)})
+  _rewrite_index(prefix, lambda entries: entries[1:])
+  with pytest.raises(ValueError, match=f'^{prefix}.index: no bundle header entry'):
+    tensor_bundle.CheckpointReader(prefix)
+
+
+# Guards against VersionDef.bad_consumers ignored.
+def test_header_listing_this_reader_as_bad_consumer_is_refused(tmp_path):
+  prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), {'w': np.ones(2)})
+  version = sstable.varint_field(1, 2) + sstable.varint_field(2, 1)  # producer 2, bad_consumers [1]
+  header = sstable.varint_field(1, 1) + sstable.bytes_field(3, version)
+  _rewrite_index(prefix, lambda entries: [(b'', header)] + entries[1:])
+  with pytest.raises(ValueError, match=f'^{prefix}.index: written by TensorBundle version 2'):
+    tensor_bundle.CheckpointReader(prefix)
+
+
+# Guards against shard == num_shards accepted and (parse errors no longer
+# naming the index file and the variable).
+@pytest.mark.parametrize('suffix,match', [
+    (sstable.varint_field(3, 1), r"corrupted entry for variable 'w' \(shard 1,"),
+    (b'\x0a\x02ab', r"corrupted entry for variable 'w' \(protobuf field 1 has wire type 2"),
+])
+def test_bad_entries_name_file_and_variable(tmp_path, suffix, match):
+  prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), {'w': np.ones(2)})
+  _rewrite_index(prefix, lambda entries: [entries[0], (b'w', entries[1][1] + suffix)])
+  with pytest.raises(ValueError, match=f'^{prefix}.index: {match}'):
+    tensor_bundle.CheckpointReader(prefix)
+
+
+# Guards against (slices not counted: the existing test's match 'partitioned'
+# also matches the fixture's directory name, so any error passed).
+def test_partitioned_variable_is_refused_by_its_slice_count():
+  reader = tensor_bundle.CheckpointReader(os.path.join(FIXTURES, 'partitioned', 'model.ckpt'))
+  with pytest.raises(ValueError, match="variable 'part' is partitioned into 2 slices"):
+    reader.read('part')
+
+
+# Guards against dim size not sign-extended and unknown_rank check inverted.
+# TensorShapeProto by hand: dim {size: -1} is field 2 holding field 1 = 10-byte varint of -1.
+def test_parse_shape_signs_dims_and_refuses_unknown_rank():
+  minus_one = sstable.bytes_field(2, sstable.varint_field(1, -1))
+  assert tf_types.parse_shape(minus_one + sstable.bytes_field(2, sstable.varint_field(1, 3))) == (-1, 3)
+  assert tf_types.parse_shape(b'\x18\x00') == ()  # unknown_rank: false
+  with pytest.raises(ValueError, match='unknown rank'):
+    tf_types.parse_shape(b'\x18\x01')

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 
+import ml_dtypes
 import numpy as np
 import pytest
 
+from resnet_flax.slim import sstable
 from resnet_flax.slim import tensor_bundle
 from resnet_flax.slim import tensor_slice
 
@@ -138,7 +140,6 @@ def test_v2_index_renamed_is_rejected_as_corrupted_v1(tmp_path):
 
 def test_decode_values_accepts_unpacked_and_tensor_content():
   # TF writes packed fields; protobuf parsers must accept unpacked ones and tensor_content too.
-  from resnet_flax.slim import sstable
   unpacked = sstable.fixed32_field(5, 0x3f800000) + sstable.fixed32_field(5, 0x40000000)
   np.testing.assert_array_equal(tensor_slice.decode_values(unpacked, np.dtype('float32'), 2),
                                 [1.0, 2.0])
@@ -177,3 +178,24 @@ def test_live_matches_tf_load_checkpoint(tf, tmp_path):
       if dtype == tf.string:
         continue
       _assert_same(ours.read(name), theirs.get_tensor(name), name)
+
+
+# Guards against bfloat16 read from a field other than half_val, 13. 0x3f80 is
+# bfloat16 1.0, 0xc000 is -2.0.
+def test_bfloat16_values_come_from_half_val():
+  proto = sstable.bytes_field(13, sstable.encode_varint(0x3f80) + sstable.encode_varint(0xc000))
+  values = tensor_slice.decode_values(proto, np.dtype(ml_dtypes.bfloat16), 2)
+  assert values.tolist() == [1.0, -2.0]
+
+
+# Guards against bool_val decoded as `== 1` instead of non-zero.
+def test_bool_values_are_true_when_non_zero():
+  proto = sstable.bytes_field(11, sstable.encode_varint(0) + sstable.encode_varint(2))
+  assert tensor_slice.decode_values(proto, np.dtype(bool), 2).tolist() == [False, True]
+
+
+# Guards against a slice reaching past its dimension accepted.
+def test_slice_past_the_dimension_is_refused():
+  assert tensor_slice.slice_index(((1, 2), (0, -1)), (3, 4)) == (slice(1, 3), slice(0, 4))
+  with pytest.raises(ValueError, match='lies outside shape'):
+    tensor_slice.slice_index(((2, 2),), (3,))

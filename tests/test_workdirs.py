@@ -72,3 +72,11 @@ def test_a_workdir_url_of_any_scheme_is_refused_and_nothing_made(tmp_path, monke
   with pytest.raises(checkpoints.CheckpointError, match='s3://b/run is a URL'):
     workdirs.check_workdir('s3://b/run', needed_bytes=0)
   assert os.listdir(tmp_path) == []
+
+
+# Guards against (the `^\s*` anchor dropped: a commented-out or prefixed
+# field then wins). Text-format: `#` starts a comment.
+def test_state_file_reads_the_model_checkpoint_path_field_only(tmp_path):
+  (tmp_path / 'checkpoint').write_text('# model_checkpoint_path: "old"\n'
+                                       'model_checkpoint_path: "model.ckpt-7"\n')
+  assert checkpoint_state.newest_in(str(tmp_path / 'checkpoint')) == 'model.ckpt-7'

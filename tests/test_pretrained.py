@@ -286,3 +286,15 @@ def test_a_gamma_not_all_ones_is_refused_for_a_model_without_scale():
   bad = {'params': {'conv1': {'BatchNorm': {'beta': np.zeros(2), 'gamma': np.array([1.0, 2.0])}}}}
   with pytest.raises(checkpoints.StateMismatchError, match='gamma: in the checkpoint, not in the model'):
     _fit(bad, reference)
+
+
+# Guards against the orbax checkpoint's step dropped by the loader (reported as 0), which
+# would restart a resumed run's step count and schedules.
+def test_orbax_checkpoint_step_is_returned(tmp_path):
+  checkpoints.save_tree(str(tmp_path / 'ckpt'), {'params': {'w': np.array([1.0, 2.0], np.float32)},
+                                                 'step': np.int64(37)})
+  model = models.get_model('resnet_v1_tiny', num_classes=10)  # only its BN epsilon is used
+  reference = {'params': {'w': np.zeros(2, np.float32)}}
+  fitted, step, fresh = pretrained.load_for_model(str(tmp_path / 'ckpt'), model, reference, IMAGE_SHAPE)
+  assert step == 37 and fresh == []
+  np.testing.assert_array_equal(fitted['params']['w'], [1.0, 2.0])

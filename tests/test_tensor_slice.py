@@ -199,3 +199,67 @@ def test_slice_past_the_dimension_is_refused():
   assert tensor_slice.slice_index(((1, 2), (0, -1)), (3, 4)) == (slice(1, 3), slice(0, 4))
   with pytest.raises(ValueError, match='lies outside shape'):
     tensor_slice.slice_index(((2, 2),), (3,))
+
+
+# --- V1 checkpoints built field by field: what TF's writer would emit for one float tensor. ---
+
+_DT_FLOAT = 1  # DataType DT_FLOAT
+
+
+def _slice_proto(slc):
+  # TensorSliceProto: one Extent (start, length) per dimension; proto3 omits a zero start.
+  return b''.join(sstable.bytes_field(1, (sstable.varint_field(1, start) if start else b'')
+                                      + sstable.varint_field(2, length)) for start, length in slc)
+
+
+def _write_v1(path, name, shape, slices, versions=b''):
+  """A V1 checkpoint file holding float32 `name` of `shape` as `slices` ({slice: values}).
+
+  Its meta lists only the slices this file holds, as each of TF's shards does.
+  """
+  dims = b''.join(sstable.bytes_field(2, sstable.varint_field(1, d)) for d in shape)
+  slice_meta = (sstable.bytes_field(1, name.encode()) + sstable.bytes_field(2, dims)
+                + sstable.varint_field(3, _DT_FLOAT)
+                + b''.join(sstable.bytes_field(4, _slice_proto(slc)) for slc in slices))
+  meta = sstable.bytes_field(1, slice_meta) + (sstable.bytes_field(2, versions) if versions else b'')
+  entries = [(b'', sstable.bytes_field(1, meta))]
+  for i, (slc, values) in enumerate(slices.items()):
+    data = sstable.bytes_field(5, np.asarray(values, '<f4').tobytes())  # packed float_val
+    saved = (sstable.bytes_field(1, name.encode()) + sstable.bytes_field(2, _slice_proto(slc))
+             + sstable.bytes_field(3, data))
+    entries.append((b'slice%d' % i, sstable.bytes_field(2, saved)))  # keys only need to sort
+  with open(path, 'wb') as f:
+    f.write(sstable.build_table(entries))
+
+
+# Guards against overlapping slices accepted: the later one would silently overwrite
+# the shared elements, so which value is read would depend on the slice order.
+def test_overlapping_slices_are_refused(tmp_path):
+  path = str(tmp_path / 'model.ckpt')
+  # Together they cover all 4 elements (no gap), and both hold element 2.
+  _write_v1(path, 'x', (4,), {((0, 3),): [1, 2, 3], ((2, 2),): [30, 4]})
+  with pytest.raises(ValueError, match="slices of 'x' overlap"):
+    tensor_bundle.CheckpointReader(path).read('x')
+
+
+# Guards against VersionDef.bad_consumers ignored: a checkpoint whose writer lists this
+# reader's version (TF_CHECKPOINT_VERSION 1) as bad must not be read.
+def test_checkpoint_naming_this_reader_a_bad_consumer_is_refused(tmp_path):
+  producer = sstable.varint_field(1, 1)
+  ok = str(tmp_path / 'ok.ckpt')
+  _write_v1(ok, 'x', (2,), {((0, 2),): [1, 2]}, versions=producer + sstable.varint_field(2, 7))
+  assert tensor_bundle.CheckpointReader(ok).read('x').tolist() == [1.0, 2.0]  # another version: fine
+  bad = str(tmp_path / 'bad.ckpt')
+  _write_v1(bad, 'x', (2,), {((0, 2),): [1, 2]}, versions=producer + sstable.varint_field(2, 1))
+  with pytest.raises(ValueError, match='needs a checkpoint reader of version'):
+    tensor_bundle.CheckpointReader(bad)
+
+
+# Guards against the slices a second shard lists for an already-seen tensor dropped:
+# test_sharded_v1_files never splits one tensor across shards.
+def test_tensor_split_across_shards_is_read_whole(tmp_path):
+  _write_v1(str(tmp_path / 'model.ckpt-00000-of-00002'), 'x', (2, 3), {((0, 1), (0, -1)): [1, 2, 3]})
+  _write_v1(str(tmp_path / 'model.ckpt-00001-of-00002'), 'x', (2, 3), {((1, 1), (0, -1)): [4, 5, 6]})
+  reader = tensor_bundle.CheckpointReader(str(tmp_path / 'model.ckpt'))
+  assert len(reader.files) == 2
+  _assert_same(reader.read('x'), np.array([[1, 2, 3], [4, 5, 6]], np.float32), 'x')

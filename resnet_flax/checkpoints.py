@@ -183,13 +183,12 @@ class Checkpointer:
 def _check_every_process_sees(directory: str, steps: list[int], mismatched: dict[int, list[str]]) -> None:
   """Raises CheckpointError on every process unless all see the same steps in `directory`, and
   the same ones saved by another config: each then tries the same steps, one collective each."""
-  view = f'steps {steps}, of another config {[step for step in steps if mismatched[step]]}'
-  views = distributed.every_process_text(view)
-  differing = next((index for index, seen in enumerate(views) if seen != views[0]), None)
-  if differing is not None:
-    raise CheckpointError(f'the processes see different checkpoints in {directory}: process 0 {views[0]}, process '
-                          f'{differing} {views[differing]}; every host must see the same, complete directory (a '
-                          'shared file system that had not caught up?): rerun once it has.')
+  differs = distributed.disagreement(f'steps {steps}, of another config {[step for step in steps if mismatched[step]]}')
+  if differs is not None:
+    first, index, other = differs
+    raise CheckpointError(f'the processes see different checkpoints in {directory}: process 0 {first}, process '
+                          f'{index} {other}; every host must see the same, complete directory (a shared file system '
+                          'that had not caught up?): rerun once it has.')
 
 
 def _set_aside(directory: str, step: int) -> str:

@@ -43,11 +43,11 @@ def agreed_dataset(config: Any, split: str, global_batch_size: int, setting: str
   with distributed.failing_together(f'to build its {split} data'):  # each process reads its own mount
     dataset = process_dataset(config, split, global_batch_size, setting)
     summary = split_summary(dataset)
-  seen = distributed.every_process_text(summary)
-  differing = next((index for index, text in enumerate(seen) if text != seen[0]), None)
-  if differing is not None:
-    raise data.DataError(f'the {split} split differs between processes: process 0 has {seen[0]}, process {differing} '
-                         f'has {seen[differing]}; every host must read the same copy of config.data.dir, with the '
+  differs = distributed.disagreement(summary)
+  if differs is not None:
+    first, index, other = differs
+    raise data.DataError(f'the {split} split differs between processes: process 0 has {first}, process {index} '
+                         f'has {other}; every host must read the same copy of config.data.dir, with the '
                          'same config.data settings.')
   return dataset
 

@@ -218,6 +218,14 @@ def every_process_text(text: str) -> list[str]:
   return [gathered or '' for gathered in _gathered(text)]
 
 
+def disagreement(text: str) -> Optional[tuple[str, int, str]]:
+  """(process 0's `text`, the first process whose text differs, its text), or None when every
+  process has the same `text`. A collective, as `every_process_text`."""
+  texts = every_process_text(text)
+  differing = next((index for index, other in enumerate(texts) if other != texts[0]), None)
+  return None if differing is None else (texts[0], differing, texts[differing])
+
+
 def _several_processes() -> bool:
   # Through jax.distributed, as `initialize` joins them; a runtime joined otherwise shares nothing here.
   return jax.distributed.is_initialized() and jax.process_count() > 1

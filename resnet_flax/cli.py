@@ -35,8 +35,26 @@ def _exit(message: str) -> NoReturn:
 
 
 def _exit_unknown_field(error: BaseException, argv: list[str]) -> NoReturn:
-  overrides = ' '.join(arg for arg in argv if arg.startswith('--config.'))
-  _exit(f'unknown config field {_innermost_message(error)} (in: {overrides}); configs/default.py lists every field.')
+  """Names the override that names no field and why; ml_collections' own message (a TypeError
+  from indexing a string, for --config.model.name) says neither."""
+  overrides = [arg for arg in argv if arg.startswith('--config.')]
+  config = _config_of(argv)
+  for override in overrides if config is not None else []:
+    problem = config_checks.override_problem(config, override[len('--config.'):].partition('=')[0])
+    if problem:
+      _exit(f'{problem} (in: {override}); configs/default.py lists every field.')
+  unknown = 'unknown config field ' if isinstance(error, (AttributeError, KeyError)) else ''
+  _exit(f'{unknown}{_innermost_message(error)} (in: {" ".join(overrides)}); configs/default.py lists every field.')
+
+
+def _config_of(argv: list[str]):
+  """The config file `argv` names (its last --config=FILE, else the default) loaded without its
+  overrides, or None where it does not load (that error is then the one to report)."""
+  files = [arg[len('--config='):] for arg in argv if arg.startswith('--config=')]
+  try:
+    return config_file.ConfigFileParser().parse(files[-1] if files else DEFAULT_CONFIG)
+  except Exception:  # pylint: disable=broad-except  # only used to explain an error already found
+    return None
 
 
 def define_flags() -> None:
@@ -48,7 +66,7 @@ def define_flags() -> None:
   try:
     config_flags.DEFINE_config_file('config', DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None,
                                     'Experiment config file (configs/*.py).', lock_config=True)
-  except (AttributeError, KeyError) as error:
+  except (AttributeError, KeyError, TypeError) as error:
     _exit_unknown_field(error, sys.argv[1:])
   # DEFINE_config_file takes no parser: ours replaces ml_collections' before the command line's
   # --config=FILE is loaded (the default file, this repository's, is loaded by then).
@@ -87,7 +105,7 @@ def parse_flags(argv: list[str], program: Optional[str] = None) -> list[str]:
       _exit(f'{given_none[0]}: None cannot be given on the command line; leave the flag out for the config '
             "file's value, or set the field to None in a config file (configs/default.py shows which may be).")
     _exit(f'{error}; configs/default.py shows every field with its type.')
-  except (AttributeError, KeyError) as error:
+  except (AttributeError, KeyError, TypeError, ValueError) as error:  # ml_collections' for a field it cannot reach
     _exit_unknown_field(error, argv[1:])
   if len(remaining) > 1:
     # absl leaves words that are not flags to main(); dropped there, `--config.bn.scale False`

@@ -128,6 +128,26 @@ def _allowed(allowed: Callable[[Any], bool], value: Any) -> bool:
     return False
 
 
+def override_problem(config: ml_collections.ConfigDict, path: str) -> Optional[str]:
+  """Why `--config.<path>=...` names no field of `config` (an unknown one, with the closest, or a
+  field below one that holds a value, not fields), or None where it names one."""
+  node, walked = config, []
+  for key in path.split('.'):
+    where = ''.join(f'{name}.' for name in walked)
+    if isinstance(node, ml_collections.ConfigDict):
+      if key not in node:
+        close = difflib.get_close_matches(key, list(node.keys()), n=1)
+        return f'unknown config field config.{where}{key}' + (f' (did you mean config.{where}{close[0]}?)' if close else '')
+      node = node[key]
+    elif isinstance(node, (tuple, list)) and key.isdigit() and int(key) < len(node):
+      node = node[int(key)]
+    else:
+      return (f'config.{where[:-1]} holds a value ({node!r}), not fields, so config.{path} names none; set '
+              f'config.{where[:-1]} itself (--config.{where[:-1]}=<value>)')
+    walked.append(key)
+  return None
+
+
 def _unknown_fields(group: ml_collections.ConfigDict, known: frozenset, prefix: str) -> list[str]:
   """'config.<prefix><field>' for each field of `group` not in `known`, with the known one closest to it.
 

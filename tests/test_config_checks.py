@@ -69,6 +69,21 @@ def test_an_unknown_field_of_a_group_is_one_line_naming_the_closest(group, field
     config_checks.check_config(config)
 
 
+@pytest.mark.parametrize('path, problem', [
+    ('bn.decay', None), ('data.name', None), ('lr_boundaries.1', None),
+    ('bn.decya', 'unknown config field config.bn.decya (did you mean config.bn.decay?)'),
+    ('zzz', 'unknown config field config.zzz'),
+    ('batch_size.x', 'config.batch_size holds a value (64), not fields, so config.batch_size.x names none; set '
+                     'config.batch_size itself (--config.batch_size=<value>)'),
+    ('lr_boundaries.5', 'config.lr_boundaries holds a value ((0.5, 0.75)), not fields, so config.lr_boundaries.5 '
+                        'names none; set config.lr_boundaries itself (--config.lr_boundaries=<value>)'),
+])
+def test_an_override_naming_no_field_says_why(path, problem):
+  config = digits.get_config()
+  config.lr_boundaries = (0.5, 0.75)
+  assert config_checks.override_problem(config, path) == problem
+
+
 def _with_new_field(field, value):
   config = digits.get_config()
   setattr(config, field, value)  # as a config file's `config.<field> = value` adds it

@@ -220,6 +220,12 @@ def _override(config, decay, zero_debias):
     # With --config=FILE the overrides are applied while parsing, not while defining flags.
     (['--config=configs/digits.py'], '--config.bn.decya=0.9', ('decya', 'decay')),
     (['--config=configs/digits.py'], '--config.batch_norm.decay=0.9', ('batch_norm',)),
+    # A field below a value: ml_collections' TypeError (indexing a string) had been a traceback,
+    # and its ValueError for a None field one too.
+    ([], '--config.model.name=x', ("config.model holds a value ('resnet_v1_digits'), not fields, so "
+                                   'config.model.name names none; set config.model itself (--config.model=<value>) '
+                                   '(in: --config.model.name=x)',)),
+    (['--config=configs/cifar10.py'], '--config.data.dir.x=/data', ('config.data.dir holds a value (None)',)),
 ])
 def test_bad_config_key_is_one_line_naming_it(tmp_path, config_file, override, named):
   result = run_script('train.py', f'--workdir={tmp_path}', *config_file, override)

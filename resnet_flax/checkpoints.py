@@ -21,6 +21,7 @@ from resnet_flax import distributed, error_lines, orbax_noise
 _WRITE_FAILURES = (OSError, ValueError, RuntimeError)
 # What a failed read raises: tensorstore's errors as ValueError, which orbax re-raises as a
 # bare Exception for a damaged data file; a tree that does not fit as ValueError/KeyError/TypeError.
+# Out of memory is no failure of the files: it is raised as it is.
 _READ_FAILURES = (Exception,)
 # At most this many passes of 50 ms while late writes of a failed save land (2 s).
 _REMOVAL_PASSES = 40
@@ -155,11 +156,14 @@ class Checkpointer:
         # Each process reads its own share (ZeRO-1's optimizer shards, its devices' copies), so
         # damage can show on one host alone: all skip the step together, or that host would go
         # on to an older step while the others trained from this one.
-        with distributed.failing_together('to restore it'):
+        # Only damage is skipped: an error of another kind on any host (out of memory) stops all.
+        with distributed.failing_together('to restore it', expected=(CheckpointError,)):
           if mismatched[step]:
             raise CheckpointError(_mismatch_message(os.path.join(self.directory, str(step)), mismatched[step]))
           state = self.restore(step, target)
       except (CheckpointError, distributed.FailedOnAnotherProcess) as failure:
+        if isinstance(failure, distributed.FailedOnAnotherProcess) and not failure.expected:
+          raise
         failures.append(str(failure))
         failed_steps.append(step)
         report(f'warning: skipping checkpoint step {step}: {failure}')
@@ -350,6 +354,8 @@ def restore_tree(path: str) -> dict[str, Any]:
     with _read_by_this_process() as checkpointer:
       return checkpointer.restore(item, abstract_like(saved))
   except _READ_FAILURES as error:
+    if error_lines.out_of_memory(error):  # the files may be whole: never skipped or set aside as damaged
+      raise
     raise CheckpointError(f'checkpoint {path} cannot be read ({_read_failure(error)}); it is damaged '
                           'or not an orbax checkpoint directory: name another.') from error
 
@@ -416,6 +422,8 @@ def restore_from(path: str, target: Any) -> Any:
     with _read_by_this_process() as checkpointer:  # its own shards of `target`
       return checkpointer.restore(item, abstract_like(target))
   except _READ_FAILURES as error:
+    if error_lines.out_of_memory(error):  # the files may be whole: never skipped or set aside as damaged
+      raise
     why = _read_failure(error)
     if 'tree structures do not match' in why:
       raise CheckpointError(f'checkpoint {path} does not match this model/config ({why}); resume with the config '

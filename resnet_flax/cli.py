@@ -174,13 +174,10 @@ def run_reporting_user_errors(main: Callable[[], None]) -> None:
   try:
     main()
   except USER_ERRORS + (data.DataError, checkpoints.CheckpointError, metrics_writer.MetricsWriteError,
-                        distributed.FailedOnAnotherProcess, MemoryError) as error:
+                        distributed.FailedOnAnotherProcess) as error:
     if _wants_traceback():
       raise
-    message = error_lines.first_line(error)
-    if isinstance(error, MemoryError):  # the host's: a batch or image size the machine cannot hold
-      message = f'out of host memory ({message}); lower config.batch_size or config.data.image_size.'
-    print(f'error: {message}', file=sys.stderr)
+    print(f'error: {error_lines.first_line(error)}', file=sys.stderr)
     sys.exit(2)
   except train_lib.StoppedBySignal as error:
     print(f'error: {error}', file=sys.stderr, flush=True)
@@ -191,3 +188,18 @@ def run_reporting_user_errors(main: Callable[[], None]) -> None:
     # Training turns Ctrl-C into a save and a clean stop; this is a Ctrl-C before (or after) that.
     print('interrupted (Ctrl-C); rerun the same command to resume from the newest checkpoint.', file=sys.stderr)
     sys.exit(130)
+  except Exception as error:  # pylint: disable=broad-except  # out of memory is a size to lower; the rest, bugs
+    memory = error_lines.out_of_memory(error)
+    if memory is None or _wants_traceback():
+      raise
+    print(f'error: {_out_of_memory_message(memory, error)}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _out_of_memory_message(memory: str, error: BaseException) -> str:
+  """One line for running out of `memory` ('host' or 'device') with what to lower."""
+  fix = 'config.batch_size or config.data.image_size'
+  if memory == 'device':  # the step's activations, or evaluation's batch, or another program holding the device
+    fix = ('config.batch_size (config.eval_batch_size when it is evaluation that fails) or config.data.image_size, '
+           'or free the device of other programs')
+  return f'out of {memory} memory ({error_lines.first_line(error)}); lower {fix}.'

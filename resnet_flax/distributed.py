@@ -27,6 +27,9 @@ _EXPLICIT_FIELDS = ('coordinator_address', 'num_processes', 'process_id')
 # The fixed row one process sends the others (a failure's message, a split's summary): room
 # for a one-line error naming a long path, and all-gathered in microseconds.
 _MESSAGE_BYTES = 2048
+# A row's first byte: 0 for no text, else 1; failing_together marks with 2 a failure of a kind
+# its caller goes on from.
+_FAILURE, _EXPECTED_FAILURE = 1, 2
 
 
 def _cluster_types() -> tuple:
@@ -156,17 +159,29 @@ def cached_programs_hang(process_count: int, backend: str, jax_version: tuple[in
 
 
 class FailedOnAnotherProcess(RuntimeError):
-  """Another process of this run failed where this one did not; the message is that process's error."""
+  """Another process of this run failed where this one did not; the message is that process's error.
+
+  `expected`: whether that error was of a kind the block's caller named as one to go on from.
+  """
+
+  def __init__(self, message: str, expected: bool = False):
+    super().__init__(message)
+    self.expected = expected
 
 
 @contextlib.contextmanager
-def failing_together(what: str) -> Iterator[None]:
+def failing_together(what: str, expected: tuple[type[Exception], ...] = ()) -> Iterator[None]:
   """Runs the block on every process; if it raises on any, it raises on all, where they are.
 
   Work that can fail on one process alone (its data, a file only it writes, the chief's
   lock) would otherwise leave the others waiting for it at their next collective until that
   timed out with a traceback that does not say why. A failing process raises its own error;
   each other one raises FailedOnAnotherProcess with the first failing process's message.
+
+  `expected` names the errors a caller goes on from (a damaged checkpoint: try an older one).
+  Every process may go on only if every failure was one of them, so an error of another kind
+  (out of memory, a bug) on one process wins: the others raise FailedOnAnotherProcess with
+  `expected` False and its message, even those whose own failure was expected.
 
   Every process must enter the same blocks in the same order (one all-gather each), and a
   block must hold no collective of its own (orbax's save or its default restore, whose closing
@@ -180,19 +195,35 @@ def failing_together(what: str) -> Iterator[None]:
     failure = error
   # One process: nothing to tell, and no backend to start (a config error is found before one is).
   if _several_processes():
+    own_expected = isinstance(failure, expected)
     try:
-      messages = _gathered(None if failure is None else _message(failure))
+      rows = _gathered_rows(None if failure is None else _message(failure),
+                            _EXPECTED_FAILURE if own_expected else _FAILURE)
     except Exception as gather_error:  # pylint: disable=broad-except
       if failure is None:
         raise
       failure.add_note(f'(telling the other processes of it failed too: {error_lines.first_line(gather_error)})')
       raise failure from None
-    failed = [(index, message) for index, message in enumerate(messages) if message is not None]
-    if failure is None and failed:
-      index, message = failed[0]
-      failure = FailedOnAnotherProcess(f'process {index} of {len(messages)} failed {what}: {message}')
+    failure = _failure_to_raise(failure, own_expected, rows, what)
   if failure is not None:
     raise failure
+
+
+def _failure_to_raise(own: Optional[Exception], own_expected: bool, rows: np.ndarray,
+                      what: str) -> Optional[Exception]:
+  """What this process raises, given every process's row: its own error, unless that was
+  expected and another's was not; else the first unexpected failure, else the first one."""
+  failed = [(index, int(row[0]) == _EXPECTED_FAILURE, _decoded(row)) for index, row in enumerate(rows) if row[0]]
+  unexpected = [(index, message) for index, was_expected, message in failed if not was_expected]
+  if unexpected and (own is None or own_expected):
+    index, message = unexpected[0]
+    failure = FailedOnAnotherProcess(f'process {index} of {len(rows)} failed {what}: {message}')
+    failure.__cause__ = own  # this process's expected failure (if any), still in its traceback
+    return failure
+  if own is None and failed:
+    index, _, message = failed[0]
+    return FailedOnAnotherProcess(f'process {index} of {len(rows)} failed {what}: {message}', expected=True)
+  return own
 
 
 def from_process_zero(value: int) -> int:
@@ -241,15 +272,20 @@ def _message(failure: Exception) -> str:
 
 def _gathered(text: Optional[str]) -> list[Optional[str]]:
   """Every process's `text` (None: it had none), through one all-gather of fixed-size rows."""
-  rows = np.asarray(multihost_utils.process_allgather(_encoded(text)))
-  return [_decoded(row) for row in rows]
+  return [_decoded(row) for row in _gathered_rows(text)]
 
 
-def _encoded(text: Optional[str]) -> np.ndarray:
-  """A fixed-size row of bytes: 1 and `text` (UTF-8, cut to fit, zero-padded), or all zeros for None."""
+def _gathered_rows(text: Optional[str], marker: int = _FAILURE) -> np.ndarray:
+  """Every process's `_encoded(text, marker)` row, one per process, through one all-gather."""
+  return np.asarray(multihost_utils.process_allgather(_encoded(text, marker)))
+
+
+def _encoded(text: Optional[str], marker: int = _FAILURE) -> np.ndarray:
+  """A fixed-size row of bytes: `marker` (not 0) and `text` (UTF-8, cut to fit, zero-padded), or
+  all zeros for None."""
   row = np.zeros(_MESSAGE_BYTES, np.uint8)
   if text is not None:
-    row[0] = 1
+    row[0] = marker
     # backslashreplace: a file name that is not UTF-8 comes as lone surrogates, which strict UTF-8 refuses.
     encoded = text.encode('utf-8', 'backslashreplace')[:_MESSAGE_BYTES - 1]
     row[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)

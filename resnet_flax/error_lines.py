@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
+# How XLA says a device allocation failed: GPU ('Out of memory while trying to allocate 25.00GiB.',
+# 'Failed to allocate request for ...'), CPU ('Out of memory allocating 17592186044416 bytes.'),
+# TPU (a buffer, and a compile's 'Ran out of memory in memory space hbm').
+_OUT_OF_DEVICE_MEMORY = ('RESOURCE_EXHAUSTED: Out of memory', 'RESOURCE_EXHAUSTED: Failed to allocate request',
+                         'RESOURCE_EXHAUSTED: Error allocating device buffer', 'Ran out of memory in memory space')
+
 
 def first_line(error: BaseException) -> str:
   """The error's own one-line `summary` if it has one (a listing's counts and hints), else the
@@ -11,3 +19,24 @@ def first_line(error: BaseException) -> str:
     return summary
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__
+
+
+def out_of_memory(error: BaseException) -> Optional[str]:
+  """'host' or 'device' when `error`, or an error it was raised from, is running out of that
+  memory (numpy's MemoryError; XLA's RESOURCE_EXHAUSTED 'Out of memory ...'), else None."""
+  seen: set[int] = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, MemoryError):
+      return 'host'
+    if any(words in _text(error) for words in _OUT_OF_DEVICE_MEMORY):
+      return 'device'
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _text(error: BaseException) -> str:
+  try:
+    return str(error)
+  except Exception:  # pylint: disable=broad-except  # a __str__ that raises says nothing of memory
+    return ''

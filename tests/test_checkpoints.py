@@ -1,14 +1,17 @@
 """checkpoints.py's run-safety paths without training: damaged steps set aside past any name
 taken, committed steps, a failed save's leftovers, URLs, failed or uncommitted async saves
-reported once, a newest step of another tree, mismatch and read-failure messages."""
+reported once, a newest step of another tree, mismatch and read-failure messages, a read out
+of memory never taken for damage."""
 
 import os
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_flax import checkpoints
+from resnet_flax import checkpoints, distributed, error_lines
 from test_reliability import _truncate_files
 
 
@@ -191,3 +194,81 @@ def test_a_read_failure_is_named_by_its_innermost_cause():
       raise Exception('Encountered error while reading array index 3') from middle
   except Exception as outer:  # pylint: disable=broad-except
     assert checkpoints._read_failure(outer) == 'OUT_OF_RANGE: Error reading "params/w"'
+
+
+def out_of_device_memory() -> Exception:
+  """A real XLA allocation failure: 2 EiB, past any address space, so no machine has it."""
+  try:
+    jnp.ones((2**61,), jnp.uint8).block_until_ready()
+  except jax.errors.JaxRuntimeError as error:
+    return error
+  raise AssertionError('2 EiB allocated')
+
+
+@pytest.mark.parametrize('wrapped', [False, True])
+def test_a_read_out_of_memory_is_raised_not_skipped_as_damage(tmp_path, monkeypatch, wrapped):
+  # It had been "cannot be read ...: a crash or a disk error damaged its files": the newest
+  # step skipped, and set aside once an older one (smaller, or read with more memory free) fit.
+  tree = {'w': np.arange(4, dtype=np.float32)}
+  checkpointer = _saved(tmp_path, {2: tree, 4: tree})
+
+  class ReadOutOfMemory:
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exception):
+      return False
+
+    def restore(self, *args):
+      error = out_of_device_memory()
+      if wrapped:  # as orbax re-raises a failed array read
+        raise Exception('Encountered error while reading array index 0') from error
+      raise error
+
+  monkeypatch.setattr(checkpoints, '_read_by_this_process', ReadOutOfMemory)
+  reports = []
+  with pytest.raises(Exception) as raised:
+    checkpointer.restore_newest_intact(tree, reports.append)
+  assert error_lines.out_of_memory(raised.value) == 'device'
+  assert not isinstance(raised.value, checkpoints.CheckpointError)
+  assert reports == [] and sorted(os.listdir(tmp_path)) == ['2', '4']
+  monkeypatch.undo()
+  assert checkpointer.restore_newest_intact(tree, reports.append)[1] == 4
+  checkpointer.close()
+
+
+def _as_process_0_of_2(monkeypatch, process_1_rows):
+  """This process as process 0 of two, whose partner sends `process_1_rows` in turn (None: no failure)."""
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(checkpoints, '_check_every_process_sees', lambda *args: None)  # both list steps 2 and 4
+  rows = iter(process_1_rows)
+  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather',
+                      lambda own: np.stack([own, distributed._encoded(*next(rows) or (None,))]))
+
+
+def test_every_process_skips_a_step_damaged_on_one_but_stops_when_one_ran_out_of_memory(tmp_path, monkeypatch):
+  tree = {'w': np.arange(4, dtype=np.float32)}
+  checkpointer = _saved(tmp_path, {2: tree, 4: tree})
+  # Step 4 damaged on process 1 alone: both go on to step 2; process 0 sets step 4 aside.
+  _as_process_0_of_2(monkeypatch, [('checkpoint 4 cannot be read (OUT_OF_RANGE)', distributed._EXPECTED_FAILURE),
+                                   None, None])
+  reports = []
+  assert checkpointer.restore_newest_intact(tree, reports.append)[1] == 2
+  assert reports[0] == ('warning: skipping checkpoint step 4: process 1 of 2 failed to restore it: checkpoint 4 '
+                        'cannot be read (OUT_OF_RANGE)')
+  assert sorted(os.listdir(tmp_path)) == ['2', '4.damaged']
+  # Out of memory on process 1: process 0 stops too, rather than going on to an older step
+  # that process 1, stopped, will never read with it.
+  monkeypatch.undo()
+  checkpointer.close()
+  os.rename(tmp_path / '4.damaged', tmp_path / '4')
+  checkpointer = _saved(tmp_path, {})
+  _as_process_0_of_2(monkeypatch, [('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB.',
+                                    distributed._FAILURE)])
+  with pytest.raises(distributed.FailedOnAnotherProcess,
+                     match=r'^process 1 of 2 failed to restore it: RESOURCE_EXHAUSTED: Out of memory while trying'):
+    checkpointer.restore_newest_intact(tree, reports.append)
+  assert len(reports) == 2 and sorted(os.listdir(tmp_path)) == ['2', '4']
+  monkeypatch.undo()
+  checkpointer.close()

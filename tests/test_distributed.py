@@ -406,12 +406,16 @@ def test_failing_together_in_one_process_is_the_block_itself(monkeypatch):
   assert distributed.from_process_zero(7) == 7
 
 
-def _as_processes(monkeypatch, *others):
-  """This process as the last of a run whose other processes failed with `others` (None: did not)."""
+def _as_processes(monkeypatch, *others, expected=()):
+  """This process as the last of a run whose other processes failed with `others` (None: did
+  not), in blocks whose caller goes on from `expected` errors."""
   monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
   monkeypatch.setattr(jax, 'process_count', lambda: len(others) + 1)
-  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather', lambda row: np.stack(
-      [*(distributed._encoded(None if other is None else distributed._message(other)) for other in others), row]))
+  def row(other):
+    marker = distributed._EXPECTED_FAILURE if isinstance(other, expected) else distributed._FAILURE
+    return distributed._encoded(None if other is None else distributed._message(other), marker)
+  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather',
+                      lambda own: np.stack([*(row(other) for other in others), own]))
 
 
 def test_failing_together_tells_every_process_of_the_first_failure(monkeypatch):
@@ -432,6 +436,49 @@ def test_failing_together_tells_every_process_of_the_first_failure(monkeypatch):
   _as_processes(monkeypatch, None, None)
   with distributed.failing_together('to build its data'):
     pass
+
+
+class _Damaged(ValueError):
+  """An error a caller goes on from, as a damaged checkpoint."""
+
+
+def test_processes_go_on_from_expected_failures_only_when_every_failure_was_expected(monkeypatch):
+  # An expected failure elsewhere: this process hears of it as one to go on from.
+  _as_processes(monkeypatch, None, _Damaged('checkpoint 4 cannot be read'), expected=(_Damaged,))
+  with pytest.raises(distributed.FailedOnAnotherProcess, match='^process 1 of 3 failed to restore it: checkpoint 4 '
+                                                               'cannot be read$') as raised:
+    with distributed.failing_together('to restore it', expected=(_Damaged,)):
+      pass
+  assert raised.value.expected
+  own = _Damaged('its own')
+  with pytest.raises(_Damaged) as raised:
+    with distributed.failing_together('to restore it', expected=(_Damaged,)):
+      raise own
+  assert raised.value is own
+  # Out of memory on one process, damage on another: every process stops, and with the error
+  # that is not damage, even where the first failure or its own was; going on to an older
+  # checkpoint there would leave the process that stopped behind.
+  _as_processes(monkeypatch, _Damaged('checkpoint 4 cannot be read'), MemoryError('out of host memory'),
+                expected=(_Damaged,))
+  for raise_own in (False, True):
+    with pytest.raises(distributed.FailedOnAnotherProcess,
+                       match='^process 1 of 3 failed to restore it: out of host memory$') as raised:
+      with distributed.failing_together('to restore it', expected=(_Damaged,)):
+        if raise_own:
+          raise own
+    assert not raised.value.expected and raised.value.__cause__ is (own if raise_own else None)
+  # This process's own unexpected error is its own, whatever the others had.
+  surprise = KeyError('a bug')
+  with pytest.raises(KeyError) as raised:
+    with distributed.failing_together('to restore it', expected=(_Damaged,)):
+      raise surprise
+  assert raised.value is surprise
+  # Without `expected`, no failure is one to go on from.
+  _as_processes(monkeypatch, _Damaged('checkpoint 4 cannot be read'))
+  with pytest.raises(distributed.FailedOnAnotherProcess) as raised:
+    with distributed.failing_together('to restore it'):
+      pass
+  assert not raised.value.expected
 
 
 def test_a_failure_whose_message_is_odd_is_still_a_failure(monkeypatch):

@@ -402,6 +402,27 @@ def test_running_out_of_host_memory_is_one_line(capsys):
                                      '(4, 100000, 100000, 3)); lower config.batch_size or config.data.image_size.\n')
 
 
+def test_running_out_of_device_memory_is_one_line(capsys):
+  def too_big():  # XLA's own failure: what a batch too large for the GPU raises there
+    jax.numpy.ones((2**61,), np.uint8).block_until_ready()
+
+  with pytest.raises(SystemExit) as exit_status:
+    cli.run_reporting_user_errors(too_big)
+  assert exit_status.value.code == 2
+  assert capsys.readouterr().err == (
+      'error: out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating 2305843009213693952 bytes.); lower '
+      'config.batch_size (config.eval_batch_size when it is evaluation that fails) or config.data.image_size, or free '
+      'the device of other programs.\n')
+
+
+def test_errors_that_are_bugs_keep_their_traceback():
+  def bug():
+    raise RuntimeError('an invariant broke')
+
+  with pytest.raises(RuntimeError, match='an invariant broke'):
+    cli.run_reporting_user_errors(bug)
+
+
 @pytest.mark.parametrize('script, default', [('train.py', ' or leave the flag out (/tmp/resnet_flax)'),
                                              ('eval.py', '')])
 def test_empty_workdir_is_one_line_not_the_default(script, default):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from typing import Any, Callable, IO
 
 
@@ -22,11 +23,13 @@ def finite_or_null(value: Any) -> Any:
 
 
 def write_atomically(path: str, write: Callable[[IO], None], mode: str = 'w') -> None:
-  """Calls `write(file)` on a temporary file next to `path`, then renames it into place; a
-  failed write (a full disk) leaves neither half a file nor the temporary one."""
-  temporary = f'{path}.tmp'
+  """Calls `write(file)` on a new temporary file next to `path`, then renames it into place and
+  makes the rename durable; a failed write (a full disk) leaves neither half a file nor the
+  temporary one. `mode` is 'w' or 'wb'."""
+  temporary = temporary_beside(path)
   try:
-    with open(temporary, mode, **({} if 'b' in mode else {'encoding': 'utf-8', 'newline': ''})) as file:
+    with open(temporary, mode.replace('w', 'x'),
+              **({} if 'b' in mode else {'encoding': 'utf-8', 'newline': ''})) as file:
       write(file)
       file.flush()
       os.fsync(file.fileno())
@@ -34,6 +37,26 @@ def write_atomically(path: str, write: Callable[[IO], None], mode: str = 'w') ->
   finally:
     if os.path.exists(temporary):
       os.remove(temporary)
+  fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def temporary_beside(path: str) -> str:
+  """A new name in `path`'s directory for a file to rename onto `path`: hidden, so listings and
+  globs of the final names never see it, and unique, so no two writers share one."""
+  directory, name = os.path.split(path)
+  return os.path.join(directory, f'.{name}.{uuid.uuid4().hex[:12]}.tmp')
+
+
+def fsync_directory(directory: str) -> None:
+  """Makes the renames into `directory` durable: without it, a power loss can undo a rename whose
+  file was synced."""
+  if not hasattr(os, 'O_DIRECTORY'):  # directories cannot be opened this way on Windows
+    return
+  descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    os.fsync(descriptor)
+  finally:
+    os.close(descriptor)
 
 
 def write_text(path: str, text: str) -> None:

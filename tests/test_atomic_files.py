@@ -52,9 +52,37 @@ def test_an_atomic_write_is_invisible_until_it_is_whole(tmp_path):
   def write(file):
     file.write('new, half')
     file.flush()
-    seen.append(path.read_text())
+    seen.append((path.read_text(), sorted(p.name for p in tmp_path.iterdir())))
     file.write(' and the rest\n')
 
   atomic_files.write_atomically(str(path), write)
-  assert seen == ['old\n'] and path.read_text() == 'new, half and the rest\n'
+  (text, names), = seen
+  assert text == 'old\n' and path.read_text() == 'new, half and the rest\n'
+  # The temporary file is hidden from listings and globs of the final names (*.csv).
+  assert len(names) == 2 and names[0].startswith('.table.csv.') and names[0].endswith('.tmp')
   assert sorted(p.name for p in tmp_path.iterdir()) == ['table.csv']
+
+
+# Two writers of one file (a sweep's table
+# rewritten by two processes) each write their own temporary file: the last rename wins, whole.
+def test_two_writers_of_one_file_do_not_share_a_temporary_file(tmp_path):
+  path = str(tmp_path / 'table.csv')
+
+  def first(file):
+    file.write('first, half')
+    atomic_files.write_text(path, 'second, whole\n')  # the other writer starts and finishes meanwhile
+    file.write(' and the rest\n')
+
+  atomic_files.write_atomically(path, first)
+  assert open(path).read() == 'first, half and the rest\n'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['table.csv']
+
+
+# A rename is durable only once its directory
+# is synced: a power loss could otherwise bring back the old file (or none).
+def test_the_directory_is_synced_after_the_rename(tmp_path, monkeypatch):
+  path = tmp_path / 'result.json'
+  synced = []
+  monkeypatch.setattr(atomic_files, 'fsync_directory', lambda directory: synced.append((directory, path.exists())))
+  atomic_files.write_json(str(path), {'top1': 0.5})
+  assert synced == [(str(tmp_path), True)]

@@ -9,11 +9,11 @@ format and the reader.
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from resnet_flax import atomic_files
 from resnet_flax.slim import checkpoint_state, sstable, tensor_bundle, tf_types
 
 GLOBAL_STEP = 'global_step'
@@ -62,7 +62,7 @@ def write_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, Any],
       os.unlink(index_final)
     for temp, final in zip(temps, (data_final, index_final, state_final)):
       os.replace(temp, final)
-      _fsync_directory(directory)
+      atomic_files.fsync_directory(directory)
     temps.clear()
   finally:
     for temp in temps:
@@ -120,8 +120,7 @@ def _index_entries(entries: list[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, 
 def _write_temp(final: str, chunks) -> str:
   """Writes `chunks` to a new hidden file beside `final` (so the rename stays on one file
   system and globs of the prefix never match it), fsynced; returns its path."""
-  directory, basename = os.path.split(final)
-  temp = os.path.join(directory, f'.{basename}.{uuid.uuid4().hex[:12]}.tmp')
+  temp = atomic_files.temporary_beside(final)
   try:
     with open(temp, 'xb') as f:
       for chunk in chunks:
@@ -133,14 +132,3 @@ def _write_temp(final: str, chunks) -> str:
       os.unlink(temp)
     raise
   return temp
-
-
-def _fsync_directory(directory: str) -> None:
-  # Makes the renames durable; directories cannot be opened this way on Windows.
-  if not hasattr(os, 'O_DIRECTORY'):
-    return
-  fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)

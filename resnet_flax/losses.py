@@ -27,15 +27,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_s
   return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def slim_l2_regularization(params: Any, weight_decay: float) -> jax.Array:
-  """`sum(0.5 * weight_decay * sum(w ** 2))` over conv `weights`, as slim.l2_regularizer.
+def slim_l2_regularization(params: Any, weight_decay: float, bn_weight_decay: float = 0.0) -> jax.Array:
+  """`sum(0.5 * weight_decay * sum(w ** 2))` over conv `weights`, as slim.l2_regularizer, plus
+  the same with `bn_weight_decay` over BatchNorm's `gamma` and `beta`, as slim's
+  `batch_norm(param_regularizers={'gamma': l2_regularizer(d), 'beta': l2_regularizer(d)})`.
 
-  Biases, gamma and beta are not regularized: resnet_arg_scope puts the
-  regularizer on conv2d weights only.
+  resnet_arg_scope regularizes conv2d weights only (bn_weight_decay 0); biases never are.
   """
   leaves = jax.tree_util.tree_leaves_with_path(params)
-  squares = [jnp.sum(jnp.square(leaf)) for path, leaf in leaves if path[-1].key == 'weights']
-  return 0.5 * weight_decay * sum(squares) if squares else jnp.zeros(())
+  total = jnp.zeros(())
+  for decay, keys in ((weight_decay, ('weights',)), (bn_weight_decay, ('gamma', 'beta'))):
+    squares = [jnp.sum(jnp.square(leaf)) for path, leaf in leaves if path[-1].key in keys]
+    if decay and squares:
+      total = total + 0.5 * decay * sum(squares)
+  return total
 
 
 def correct_top_k(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int) -> jax.Array:

@@ -16,9 +16,12 @@ Batch = dict[str, jax.Array]
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               weight_decay: float, label_smoothing: float, skip_nonfinite: bool = False
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               weight_decay: float, label_smoothing: float, skip_nonfinite: bool = False,
+               bn_weight_decay: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step; the new moving statistics come back inside the new state.
+
+  The loss adds slim's L2 terms (`losses.slim_l2_regularization`): `weight_decay` on conv
+  weights, `bn_weight_decay` on BatchNorm's gamma and beta.
 
   `metrics['nonfinite']` is 1 when the loss or gradients were NaN/Inf; with
   `skip_nonfinite` such a step leaves params, statistics and optimizer state as they were,
@@ -30,7 +33,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
                                   train=True, mutable=['batch_stats'])
     data_loss = losses.cross_entropy(logits, batch['label'], batch['mask'], label_smoothing)
-    total = data_loss + losses.slim_l2_regularization(params, weight_decay)
+    total = data_loss + losses.slim_l2_regularization(params, weight_decay, bn_weight_decay)
     return total, (data_loss, logits, updates['batch_stats'])
 
   (total, (data_loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

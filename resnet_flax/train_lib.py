@@ -220,7 +220,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, tx: opt
   """
   return jax.jit(
       functools.partial(steps.train_step, model=model, tx=tx, weight_decay=config.weight_decay,
-                        label_smoothing=config.label_smoothing, skip_nonfinite=config.skip_nonfinite_steps),
+                        bn_weight_decay=config.bn_weight_decay, label_smoothing=config.label_smoothing,
+                        skip_nonfinite=config.skip_nonfinite_steps),
       in_shardings=(state_shardings, sharding.batch_sharded(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0)

@@ -120,7 +120,7 @@ def test_a_misspelt_field_in_a_config_file_stops_train_py_before_anything_is_wri
     ('learning_rate', -0.1), ('learning_rate', float('nan')), ('lr_batch_size', -1), ('warmup_steps', -1),
     ('lr_boundaries', (1.5,)), ('lr_boundaries', (0.6, 0.3)), ('lr_boundaries', (0.5, 0.5)),
     ('lr_decay_factor', 0.0), ('lr_end', -1.0),
-    ('lr_power', -1.0), ('momentum', 1.5), ('momentum', 1.0), ('weight_decay', -1.0), ('label_smoothing', 1.5),
+    ('lr_power', -1.0), ('momentum', 1.5), ('momentum', 1.0), ('weight_decay', -1.0), ('bn_weight_decay', -1e-4), ('label_smoothing', 1.5),
     ('lars.weight_decay', -1.0), ('lars.trust_coefficient', -1.0), ('lars.eps', -1.0), ('bn.ghost_batch_size', 0),
     ('num_classes', 0), ('log_every_steps', -1), ('eval_every_steps', -1), ('checkpoint_every_steps', -3),
     ('keep_checkpoints', 0), ('keep_checkpoints', -1), ('bn_recalibration_batches', -1),
@@ -134,7 +134,7 @@ def test_value_out_of_range_is_one_line_naming_the_field(field, value):
 
 
 @pytest.mark.parametrize('field, value', [
-    ('learning_rate', float('inf')), ('weight_decay', float('inf')), ('momentum', float('-inf')),
+    ('learning_rate', float('inf')), ('weight_decay', float('inf')), ('bn_weight_decay', float('nan')), ('momentum', float('-inf')),
     ('label_smoothing', float('nan')), ('lr_decay_factor', float('inf')), ('lr_end', float('inf')),
     ('lr_power', float('inf')), ('lars.weight_decay', float('inf')), ('lars.trust_coefficient', float('inf')),
     ('lars.eps', float('inf')), ('adamw.weight_decay', float('inf')), ('lr_boundaries', (0.3, float('inf'))),

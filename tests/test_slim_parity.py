@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_flax import models
+from resnet_flax import losses, models
 from resnet_flax.layers import BatchNorm
 from resnet_flax.slim import names
 
@@ -437,3 +437,31 @@ class TestLiveTfSlim:
     after = names.to_slim(run_updates(model, variables, update_images), scope)
     for key, value in slim_after.items():
       assert_close(after[key], value, f'{case} {key} after updates')
+
+  @pytest.mark.parametrize('version', [1, 2])
+  def test_bn_weight_decay_is_slims_batch_norm_param_regularizers(self, tf_slim_env, version):
+    """slim's regularization losses with `param_regularizers` on every batch_norm's gamma and
+    beta (beside resnet_arg_scope's conv L2) against ours with `bn_weight_decay`."""
+    from slim_shim import build_tiny_resnet
+    tf, slim = tf_slim_env[0], tf_slim_env[1]
+    scope, wd, bn_wd = f'resnet_v{version}_tiny', 1e-4, 3e-3
+    model = models.get_model(scope, num_classes=10, spatial_squeeze=False)
+    values = _randomized_slim_values(model.init(jax.random.PRNGKey(1), np.zeros((1, 32, 32, 3), np.float32),
+                                                train=False), scope, seed=7)
+    graph = tf.Graph()
+    with graph.as_default():
+      regularizer = slim.l2_regularizer(bn_wd)
+      with slim.arg_scope([slim.batch_norm], param_regularizers={'gamma': regularizer, 'beta': regularizer}):
+        build_tiny_resnet(tf.placeholder(tf.float32, (1, 32, 32, 3)), version=version, num_classes=10,
+                          is_training=True, weight_decay=wd)
+      regularization = tf.add_n(tf.losses.get_regularization_losses())
+      with tf.Session(graph=graph) as sess:
+        for var in tf.global_variables():
+          var.load(values[var.op.name], sess)
+        theirs = sess.run(regularization)
+        bn_terms = len([loss for loss in tf.losses.get_regularization_losses() if 'BatchNorm' in loss.name])
+    assert bn_terms > 0, 'param_regularizers reached no batch_norm'
+    params = names.from_slim(values, scope)['params']
+    np.testing.assert_allclose(float(losses.slim_l2_regularization(params, wd, bn_wd)), theirs, rtol=1e-5)
+    # Without them, slim's sum is the conv weights' alone, which bn_weight_decay must change.
+    assert abs(float(losses.slim_l2_regularization(params, wd)) - theirs) > 1e-3 * theirs

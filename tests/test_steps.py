@@ -56,8 +56,9 @@ def test_train_step_matches_a_hand_computation():
                           mutable=['batch_stats'])
   order = np.argsort(-np.asarray(logits), axis=-1)
   batch['label'] = order[np.arange(8), [0, 2, 0, 7, 4, 0, 5, 1]].astype(np.int32)
-  wd, smoothing = 0.05, 0.2
+  wd, bn_wd, smoothing = 0.05, 0.3, 0.2
   new_state, metrics = jax.jit(lambda s, b: steps.train_step(s, b, model=model, tx=tx, weight_decay=wd,
+                                                             bn_weight_decay=bn_wd,
                                                              label_smoothing=smoothing))(state, batch)
   mask = batch['mask'].astype(bool)
 
@@ -67,11 +68,14 @@ def test_train_step_matches_a_hand_computation():
     targets = jax.nn.one_hot(batch['label'], CLASSES) * (1 - smoothing) + smoothing / CLASSES
     per_example = -jnp.sum(targets * jax.nn.log_softmax(logits), -1)
     data = jnp.sum(per_example * batch['mask']) / jnp.sum(batch['mask'])
-    return data + 0.5 * wd * jnp.sum(params['weights'] ** 2), (logits, updates['batch_stats'])
+    bn = params['BatchNorm_0']
+    l2 = 0.5 * wd * jnp.sum(params['weights'] ** 2) + 0.5 * bn_wd * (jnp.sum(bn['gamma'] ** 2) + jnp.sum(bn['beta'] ** 2))
+    return data + l2, (logits, updates['batch_stats'])
 
   (_, (logits, new_stats)), grads = jax.value_and_grad(reference_loss, has_aux=True)(state.params)
   data_loss = numpy_cross_entropy(logits, batch['label'], smoothing)[mask].mean()
-  l2 = 0.5 * wd * np.sum(np.asarray(state.params['weights'], np.float64) ** 2)  # the kernel only, not biases
+  # The kernel (not biases) with weight_decay; BatchNorm's gamma (1) and beta (0) with bn_weight_decay.
+  l2 = 0.5 * wd * np.sum(np.asarray(state.params['weights'], np.float64) ** 2) + 0.5 * bn_wd * FEATURES
   assert float(metrics['loss']) == pytest.approx(data_loss, rel=1e-5)
   assert float(metrics['total_loss']) == pytest.approx(data_loss + l2, rel=1e-5)
   for k in (1, 5):
@@ -85,6 +89,9 @@ def test_train_step_matches_a_hand_computation():
   # SGD's first momentum step: trace = g, w -= lr * g.
   for name in ('weights', 'biases'):
     np.testing.assert_allclose(new_state.params[name], state.params[name] - 0.1 * grads[name], rtol=1e-5, atol=1e-6)
+  for name in ('gamma', 'beta'):
+    bn_before, bn_grad = state.params['BatchNorm_0'][name], grads['BatchNorm_0'][name]
+    np.testing.assert_allclose(new_state.params['BatchNorm_0'][name], bn_before - 0.1 * bn_grad, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(new_state.opt_state[0].trace['weights'], grads['weights'], rtol=1e-5, atol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new_state.batch_stats, new_stats)
   # The moving mean moved half way (decay 0.5) to the mean of the whole batch (BN counts padding).

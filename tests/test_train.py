@@ -179,10 +179,15 @@ def test_train_step_updates_moving_statistics(tmp_path):
   assert moving_means and all(not np.allclose(v, 0.0) for v in moving_means), 'moving statistics never updated'
 
 
-def test_slim_l2_counts_conv_weights_only():
-  params = {'conv1': {'weights': np.full((1, 1, 1, 2), 2.0), 'biases': np.ones(2)},
-            'preact': {'gamma': np.full(3, 5.0), 'beta': np.ones(3)}}
-  assert float(losses.slim_l2_regularization(params, 1e-2)) == pytest.approx(0.5 * 1e-2 * 8.0)
+def test_slim_l2_counts_conv_weights_and_with_bn_weight_decay_gamma_and_beta():
+  params = {'conv1': {'weights': np.full((1, 1, 1, 2), 2.0), 'biases': np.ones(2),
+                      'BatchNorm': {'gamma': np.full(3, 5.0), 'beta': np.full(3, -2.0)}},
+            'preact': {'beta': np.ones(3)}, 'logits': {'weights': np.full((1, 1, 2, 1), 3.0), 'biases': np.ones(1)}}
+  assert float(losses.slim_l2_regularization(params, 1e-2)) == pytest.approx(0.5 * 1e-2 * (8.0 + 18.0))
+  # gamma: 3 * 25, beta: 3 * 4 + 3 * 1; biases never.
+  assert float(losses.slim_l2_regularization(params, 1e-2, 1e-3)) == pytest.approx(
+      0.5 * 1e-2 * 26.0 + 0.5 * 1e-3 * (75.0 + 12.0 + 3.0))
+  assert float(losses.slim_l2_regularization(params, 0.0, 1e-3)) == pytest.approx(0.5 * 1e-3 * 90.0)
 
 
 def run_script(script, *args):

@@ -1,4 +1,4 @@
-"""CIFAR-10 (python-pickle directory) with slim's ResNet v2 tiny-root variant.
+"""CIFAR-10 (python-pickle directory) with slim's ResNet v2 50 without its root block.
 
     python train.py --config=configs/cifar10.py --config.data.dir=/path/cifar-10-batches-py
 """

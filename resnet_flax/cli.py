@@ -114,6 +114,7 @@ def parse_flags(argv: list[str], program: Optional[str] = None) -> list[str]:
     _exit(f'unexpected argument(s) {stray}: every setting is a flag with its value after "=", e.g. '
           '--config.bn.scale=False (a boolean flag alone means True) and --config=configs/<name>.py.')
   try:
+    config_checks.check_present(flags.FLAGS.config)
     config_checks.check_overrides_read(flags.FLAGS.config, config_flags.get_override_values(flags.FLAGS['config']),
                                        program)
   except ValueError as error:

@@ -39,6 +39,22 @@ _GROUP_FIELDS = {
     'distributed': frozenset({'mode', 'coordinator_address', 'num_processes', 'process_id',
                               'cluster_detection_method'}),
 }
+# configs/default.py's config.bn fields (a test keeps the two equal): each is read by name.
+_BN_FIELDS = frozenset({
+    'center', 'cross_device', 'decay', 'epsilon', 'fold_in_eval', 'frozen', 'frozen_gamma_beta', 'fused',
+    'ghost_batch_size', 'renorm', 'renorm_clipping_ramp_steps', 'renorm_clipping_start_step', 'renorm_d_max',
+    'renorm_decay', 'renorm_r_max', 'renorm_r_min', 'scale', 'zero_debias_moving_mean', 'zero_debias_moving_variance',
+    'zero_init_last_gamma',
+})
+# Groups of fields; data.* and model_options.* are checked where they are read.
+_GROUPS = ('bn', 'data', 'model_options', 'lars', 'adamw', 'distributed')
+# The fields of _FIELDS, _GROUP_FIELDS and _BN_FIELDS that may be None (configs/default.py's
+# placeholders: "None: the data set's", "None: unclipped", ...); every other one needs a value.
+_MAY_BE_NONE = frozenset({
+    'num_classes', 'bn.ghost_batch_size', 'bn.renorm_r_min', 'bn.renorm_r_max', 'bn.renorm_d_max',
+    'distributed.cluster_detection_method', 'distributed.coordinator_address', 'distributed.num_processes',
+    'distributed.process_id',
+})
 # The programs, as their users start them.
 TRAIN, EVAL, BN_SWEEP = 'train.py', 'eval.py', 'python -m resnet_flax.bn_sweep'
 # Fields only one program reads -> that program. A config file may set them (train.py trains
@@ -179,10 +195,32 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
                    f'{"them" if several else "it"} in the config file (configs/default.py lists every field).')
 
 
+def check_present(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError for a field a config file deleted, a group that is not a
+  group, or None where a field needs a value: each had been an AttributeError or a TypeError
+  from deep inside. The programs run it on the parsed config, before anything reads it."""
+  wanted = [*sorted(_FIELDS), *(f'{group}.{field}' for group, known in sorted(_GROUP_FIELDS.items())
+                                for field in sorted(known)), *(f'bn.{field}' for field in sorted(_BN_FIELDS))]
+  for name in wanted:
+    group, _, field = name.rpartition('.')
+    node = config[group] if group else config
+    if field not in node:
+      raise ValueError(f"config.{name} is missing: a config file changes the fields of configs/default.py's "
+                       'get_config() and must keep every one; put it back (configs/default.py shows its default).')
+    value = node[field]
+    if name in _GROUPS and not isinstance(value, ml_collections.ConfigDict):
+      raise ValueError(f'config.{name}={value!r} is not allowed: it is a group of fields (a ConfigDict, as in '
+                       'configs/default.py); set its fields instead.')
+    if value is None and name not in _MAY_BE_NONE:
+      raise ValueError(f'config.{name}=None is not allowed: it needs a value (configs/default.py shows its '
+                       'default).')
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a one-line ValueError for a field no program reads, or the first field of `config`
-  out of its range, or at odds with others."""
+  """Raises a one-line ValueError for a field no program reads, or one missing, or the first
+  field of `config` out of its range, or at odds with others."""
   _check_fields(config)
+  check_present(config)
   for field, allowed, expected in _RULES:
     value = _lookup(config, field)
     if value is None:

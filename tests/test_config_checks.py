@@ -40,6 +40,52 @@ def test_the_known_fields_are_default_py_s():
   assert config_checks._FIELDS == set(config.keys())
   for group, known in config_checks._GROUP_FIELDS.items():
     assert known == set(config[group].keys()), group
+  assert config_checks._BN_FIELDS == set(config.bn.keys())
+  # The fields that may be None are default.py's placeholders (its None values, data.* and
+  # model_options.* aside: those are checked where they are read).
+  nones = {name for name, value in _flattened(config.to_dict()) if value is None}
+  assert config_checks._MAY_BE_NONE == {name for name in nones if not name.startswith(('data.', 'model_options.'))}
+
+
+def _flattened(tree, prefix=''):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flattened(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+# A config file that deleted a field, set a group to a value or a field to None had failed deep
+# inside: AttributeError tracebacks (40 lines) or "'<=' not supported between 'float' and 'NoneType'".
+@pytest.mark.parametrize('change, message', [
+    (lambda c: c.__delitem__('keep_checkpoints'), "config.keep_checkpoints is missing: a config file changes the "
+                                                  "fields of configs/default.py's get_config() and must keep every "
+                                                  'one; put it back (configs/default.py shows its default).'),
+    (lambda c: c.__delitem__('bn'), 'config.bn is missing'),
+    (lambda c: c.bn.__delitem__('frozen'), 'config.bn.frozen is missing'),
+    (lambda c: c.lars.__delitem__('eps'), 'config.lars.eps is missing'),
+    (lambda c: setattr(c, 'data', None), 'config.data=None is not allowed: it is a group of fields (a ConfigDict, as '
+                                         'in configs/default.py); set its fields instead.'),
+    (lambda c: setattr(c.bn, 'decay', None), 'config.bn.decay=None is not allowed: it needs a value '
+                                             '(configs/default.py shows its default).'),
+    (lambda c: setattr(c, 'batch_size', None), 'config.batch_size=None is not allowed'),
+    (lambda c: setattr(c, 'log_every_steps', None), 'config.log_every_steps=None is not allowed'),
+    (lambda c: setattr(c.distributed, 'mode', None), 'config.distributed.mode=None is not allowed'),
+])
+def test_a_deleted_field_a_group_set_to_a_value_or_none_for_a_value_is_one_line(change, message):
+  config = digits.get_config()
+  config.unlock()
+  change(config)
+  with pytest.raises(ValueError) as error:
+    config_checks.check_config(config)
+  assert str(error.value).startswith(message)
+
+
+def test_none_stays_allowed_where_a_field_means_the_default():
+  config = digits.get_config()
+  config.update_from_flattened_dict({'num_classes': None, 'bn.ghost_batch_size': None, 'bn.renorm_r_min': None,
+                                     'distributed.num_processes': None, 'model_options.output_stride': None})
+  config_checks.check_config(config)
 
 
 def test_helper_fields_and_model_options_get_model_takes_are_not_unknown():
@@ -113,6 +159,18 @@ def test_a_misspelt_field_in_a_config_file_stops_train_py_before_anything_is_wri
       'error: unknown config field config.lerning_rate (did you mean config.learning_rate?): no program reads it, so '
       'the value would be ignored; fix or remove it in the config file (configs/default.py lists every field).']
   assert not workdir.exists()
+
+
+# train.py read config.distributed before any check: an AttributeError traceback.
+def test_a_field_deleted_in_a_config_file_stops_train_py_in_one_line(tmp_path):
+  config_file = tmp_path / 'without.py'
+  config_file.write_text("from configs import digits\n\n\ndef get_config():\n  config = digits.get_config()\n"
+                         "  del config['distributed']\n  return config\n")
+  result = _run('train.py', f'--config={config_file}', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2 and result.stderr.splitlines() == [
+      "error: config.distributed is missing: a config file changes the fields of configs/default.py's get_config() "
+      'and must keep every one; put it back (configs/default.py shows its default).'], result.stderr
+  assert not (tmp_path / 'run').exists()
 
 
 @pytest.mark.parametrize('field, value', [

@@ -51,6 +51,18 @@ def test_a_default_given_explicitly_or_a_field_the_data_ignores_is_no_other_inpu
   assert eval_lib.input_differences(config, str(tmp_path)) == ['data.image_size: 8 -> 12']
 
 
+# The checkpoint holds no epsilon: one trained with bn.epsilon=1 and evaluated with
+# the config's 1e-5 had scored 9.7% (79.2% as trained), without a word.
+def test_another_batch_norm_epsilon_is_another_function(tmp_path):
+  config = tiny_config()
+  (tmp_path / 'config.json').write_text(json.dumps(config.to_dict()))
+  config.bn.decay = 0.5  # training only
+  config.bn.fold_in_eval = True  # the same function, rounded otherwise
+  assert eval_lib.input_differences(config, str(tmp_path)) == []
+  config.bn.epsilon = 1.0
+  assert eval_lib.input_differences(config, str(tmp_path)) == [f'bn.epsilon: {tiny_config().bn.epsilon} -> 1.0']
+
+
 def test_precise_bn_of_frozen_batch_norm_is_refused_before_any_pass(tmp_path):
   # It had evaluated with the moving statistics first, then stopped: "recalibration saw no batch statistics".
   config = tiny_config()

@@ -104,6 +104,9 @@ def parse_flags(argv: list[str], program: Optional[str] = None) -> list[str]:
     if given_none:  # ml_collections parses a placeholder's value as its type: 'None' is no int
       _exit(f'{given_none[0]}: None cannot be given on the command line; leave the flag out for the config '
             "file's value, or set the field to None in a config file (configs/default.py shows which may be).")
+    early = _override_before_config_file(argv[1:])
+    if early:  # ml_collections applies an override to the file given before it
+      _exit(f'{early} comes before --config=FILE; put --config=FILE first, then the --config.<field> overrides.')
     _exit(f'{error}; configs/default.py shows every field with its type.')
   except (AttributeError, KeyError, TypeError, ValueError) as error:  # ml_collections' for a field it cannot reach
     _exit_unknown_field(error, argv[1:])
@@ -120,6 +123,13 @@ def parse_flags(argv: list[str], program: Optional[str] = None) -> list[str]:
   except ValueError as error:
     _exit(str(error))
   return remaining
+
+
+def _override_before_config_file(args: list[str]) -> Optional[str]:
+  """The first `--config.<field>=...` in `args` that comes before a `--config=FILE`, or None."""
+  files = [index for index, arg in enumerate(args) if arg.startswith('--config=')]
+  early = [arg for arg in args[:files[-1]] if arg.startswith('--config.')] if files else []
+  return early[0] if early else None
 
 
 def _traceback_in(argv: list[str]) -> bool:

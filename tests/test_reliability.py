@@ -428,6 +428,9 @@ def test_disk_filling_during_a_save_stops_in_one_line_and_keeps_the_last_checkpo
     (['--config=configs/cifar10.py', '--config.data.dir=/nonexistent/cifar'], '/nonexistent/cifar'),
     (['--config.data.name=imagenet'], 'imagenet'),
     (['--config.model=resnet_v3_50'], 'resnet_v3_50'),
+    # ml_collections' "Found ... before a value for --config was specified", pointed at configs/default.py.
+    (['--config.num_train_steps=1', '--config=configs/digits.py'], 'error: --config.num_train_steps=1 comes before '
+                                                                   '--config=FILE; put --config=FILE first'),
     # int('None') had been the message: None is a config file's value only.
     (['--config.num_classes=None'], '--config.num_classes=None: None cannot be given on the command line; leave the '
                                     "flag out for the config file's value"),

@@ -233,10 +233,18 @@ def _write_failure_reason(error: BaseException) -> str:
 
 
 def local_path(path: str, what: str) -> str:
-  """`path` made absolute; a URL is refused: os.makedirs('gs://b/run') makes a local directory 'gs:'."""
+  """`path` made absolute; a URL is refused: os.makedirs('gs://b/run') makes a local directory 'gs:'.
+  So is a path that is not UTF-8: orbax (tensorstore) takes only UTF-8 paths, and a run there
+  trained to its first save, which then failed with hundreds of lines of tracebacks."""
   if '://' in path:
     raise CheckpointError(f'{what} {path} is a URL; only file system paths are supported: mount the bucket (e.g. '
                           'gcsfuse) and pass the mounted path.')
+  try:
+    path.encode('utf-8')
+  except UnicodeEncodeError:
+    shown = path.encode('utf-8', 'surrogateescape').decode('ascii', 'backslashreplace')
+    raise CheckpointError(f'{what} {shown} is not a UTF-8 name, which orbax\'s checkpoint files need; pass a path '
+                          'whose names are UTF-8.') from None
   return os.path.abspath(path)
 
 

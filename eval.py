@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
           f"loss {result['loss']:.4f} over {result['num_examples']} examples (step {result['step']})")
     print(cli.json_line(result))
 
-  cli.run_reporting_user_errors(run)
+  cli.run_reporting_user_errors(run, resumes=False)
 
 
 if __name__ == '__main__':

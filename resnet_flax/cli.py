@@ -177,8 +177,10 @@ def _wants_traceback() -> bool:
   return 'traceback' in flags.FLAGS and bool(flags.FLAGS['traceback'].value)
 
 
-def run_reporting_user_errors(main: Callable[[], None]) -> None:
-  """Runs `main`; a user error prints `error: <message>` on stderr and exits with status 2."""
+def run_reporting_user_errors(main: Callable[[], None], resumes: bool = True) -> None:
+  """Runs `main`; a user error prints `error: <message>` on stderr and exits with status 2.
+  `resumes`: whether the same command again resumes the work (training, a sweep), which a
+  Ctrl-C's message then says."""
   if not flags.FLAGS['verbosity'].present:
     # orbax logs every save step at INFO; the progress bar already says what matters.
     logging.set_verbosity(logging.WARNING)
@@ -197,7 +199,8 @@ def run_reporting_user_errors(main: Callable[[], None]) -> None:
     os._exit(128 + error.signum)
   except KeyboardInterrupt:
     # Training turns Ctrl-C into a save and a clean stop; this is a Ctrl-C before (or after) that.
-    print('interrupted (Ctrl-C); rerun the same command to resume from the newest checkpoint.', file=sys.stderr)
+    resume = '; rerun the same command to resume from the newest checkpoint' if resumes else ''
+    print(f'interrupted (Ctrl-C){resume}.', file=sys.stderr)
     sys.exit(130)
   except Exception as error:  # pylint: disable=broad-except  # out of memory is a size to lower; the rest, bugs
     memory = error_lines.out_of_memory(error)

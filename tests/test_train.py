@@ -394,6 +394,9 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
   assert exit_status.value.code == 130
   assert capsys.readouterr().err == ('interrupted (Ctrl-C); rerun the same command to resume from the newest '
                                      'checkpoint.\n')
+  with pytest.raises(SystemExit) as exit_status:  # eval.py: nothing to resume
+    cli.run_reporting_user_errors(interrupted, resumes=False)
+  assert exit_status.value.code == 130 and capsys.readouterr().err == 'interrupted (Ctrl-C).\n'
 
 
 def test_running_out_of_host_memory_is_one_line(capsys):

@@ -112,6 +112,9 @@ def _fix(loaded: dict[str, Any], reference: dict[str, Any], source: str, allow_n
   model's options."""
   have, want = (names.flatten(tree.get('params', {})) for tree in (loaded, reference))
   fixes = []
+  if {path for path in have if path[0] != HEAD} != {path for path in want if path[0] != HEAD}:
+    fixes.append('Its layers are not this model\'s: it was saved from another model or other model options; check '
+                 '--config.model and its options (config.model_options, config.bn).')
   have_classes, want_classes = (np.shape(tree.get((HEAD, 'biases'), ())) for tree in (have, want))
   if have_classes and want_classes and have_classes != want_classes and not allow_new_head:
     fixes.append(f'The checkpoint has {have_classes[0]} classes, the model {want_classes[0]}: set '
@@ -120,11 +123,11 @@ def _fix(loaded: dict[str, Any], reference: dict[str, Any], source: str, allow_n
   have_channels, want_channels = (checkpoint_import.input_channels(tree) for tree in (have, want))
   if have_channels and want_channels and have_channels != want_channels:
     fixes.append(f'The checkpoint takes {have_channels}-channel images, the data set gives {want_channels}: '
-                 'evaluate it on the data set it was trained on (config.data).')
+                 'use it with data like those it was trained on (config.data).')
   recorded = _recorded_config(source)
   if recorded:
     fixes.append(f'Its run was trained with {recorded}.')
-  return ' '.join(fixes) or 'Check --config.model and its options (config.bn, config.model_options).'
+  return ' '.join(fixes) or 'Check --config.model and its options (config.model_options, config.bn).'
 
 
 def _recorded_config(source: str) -> str:

@@ -1,6 +1,7 @@
 """Slim checkpoints in the training system: convert, evaluate directly, fine-tune with a new head."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -105,8 +106,12 @@ def test_train_from_init_checkpoint(tmp_path):
 def test_mismatched_model_lists_offenders(tmp_path):
   model = models.get_model('resnet_v2_tiny', num_classes=10)
   target = slim_cli.convert(V1_CKPT, 'resnet_v1_tiny', str(tmp_path), num_classes=10, image_shape=IMAGE_SHAPE)
-  with pytest.raises(checkpoints.CheckpointError, match='does not fit the model'):
+  with pytest.raises(checkpoints.CheckpointError, match='does not fit the model') as error:
     pretrained.load_for_model(target, model, _reference(model), IMAGE_SHAPE)
+  # Another model first: its layers' names differ (resnet_v1_tiny's, resnet_v2_tiny's).
+  assert re.search(r"does not fit the model \(\d+ variables\)\. Its layers are not this model's: it was saved from "
+                   r'another model or other model options; check --config\.model and its options '
+                   r'\(config\.model_options, config\.bn\)\. What differs', str(error.value))
 
 
 @pytest.mark.parametrize('workdir_is_a_file, arguments, named', [
@@ -216,7 +221,9 @@ def test_fine_tuning_names_the_input_channels_not_the_class_count_a_new_head_rep
                   params__logits__biases=np.ones(10))
   with pytest.raises(checkpoints.CheckpointError) as error:
     pretrained.fit_variables(saved, model, allow_new_head=True, source='ckpt', epsilon=1e-5)
-  assert 'The checkpoint takes 3-channel images, the data set gives 1' in str(error.value)
+  # Not "evaluate it on ...": fine-tuning in train.py meets this hint too; the same layers, so no other model.
+  assert ('ckpt does not fit the model (1 variables). The checkpoint takes 3-channel images, the data set gives 1: '
+          'use it with data like those it was trained on (config.data). What differs') in str(error.value)
   assert 'num_classes' not in str(error.value)
 
 

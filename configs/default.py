@@ -112,7 +112,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.bn_weight_decay = 0.0
   config.label_smoothing = 0.0
   config.skip_nonfinite_steps = False  # True: a NaN/Inf step leaves the state as it was (the schedule moves on)
-  config.max_skipped_in_a_row = 100  # with skipping: stop once this many steps in a row were non-finite
+  # With skipping: stop once this many steps in a row were non-finite. Checked where the loop reads
+  # its metrics (every log_every_steps, at each save and at the end: no host sync per step), so
+  # the steps up to there run first.
+  config.max_skipped_in_a_row = 100
   # optimizer='lars': layer-wise trust ratio, weight decay added to the gradient; both on
   # conv/dense kernels only (not biases, not BN's gamma/beta), as MLPerf's ResNet runs do.
   config.lars = ml_collections.ConfigDict({

@@ -108,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 1e-4  # slim's L2 on conv weights: 0.5 * wd * sum(w ** 2)
   # The same L2 on BatchNorm's gamma and beta (slim's batch_norm param_regularizers), for any
   # optimizer; resnet_arg_scope has none. PyTorch's SGD weight_decay decays them as it does
-  # every parameter: set it to weight_decay to match such a recipe.
+  # every parameter: set it to weight_decay to come close to such a recipe (which also decays
+  # the logits' biases, never decayed here).
   config.bn_weight_decay = 0.0
   config.label_smoothing = 0.0
   config.skip_nonfinite_steps = False  # True: a NaN/Inf step leaves the state as it was (the schedule moves on)

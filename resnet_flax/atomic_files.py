@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import errno
 import os
 import uuid
 from typing import Any, Callable, IO
+
+# What opening or syncing a directory fails with where that is not possible, as PostgreSQL's
+# fsync_fname ignores for directories.
+_UNSYNCABLE = (errno.EINVAL, errno.EBADF, errno.EACCES, errno.EPERM, errno.ENOTSUP, errno.EISDIR)
 
 
 def finite_or_null(value: Any) -> Any:
@@ -49,12 +54,21 @@ def temporary_beside(path: str) -> str:
 
 def fsync_directory(directory: str) -> None:
   """Makes the renames into `directory` durable: without it, a power loss can undo a rename whose
-  file was synced."""
+  file was synced. Best effort: a file system that cannot sync a directory (EINVAL), or one this
+  user may write but not read (EACCES), leaves the rename done, so that is no failed write."""
   if not hasattr(os, 'O_DIRECTORY'):  # directories cannot be opened this way on Windows
     return
-  descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+  except OSError as error:
+    if error.errno in _UNSYNCABLE:
+      return
+    raise
   try:
     os.fsync(descriptor)
+  except OSError as error:
+    if error.errno not in _UNSYNCABLE:
+      raise
   finally:
     os.close(descriptor)
 

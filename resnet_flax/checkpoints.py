@@ -239,13 +239,14 @@ def local_path(path: str, what: str) -> str:
   if '://' in path:
     raise CheckpointError(f'{what} {path} is a URL; only file system paths are supported: mount the bucket (e.g. '
                           'gcsfuse) and pass the mounted path.')
+  absolute = os.path.abspath(path)  # a relative path under a directory whose name is not UTF-8 is not either
   try:
-    path.encode('utf-8')
+    absolute.encode('utf-8')
   except UnicodeEncodeError:
-    shown = path.encode('utf-8', 'surrogateescape').decode('ascii', 'backslashreplace')
+    shown = absolute.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
     raise CheckpointError(f'{what} {shown} is not a UTF-8 name, which orbax\'s checkpoint files need; pass a path '
                           'whose names are UTF-8.') from None
-  return os.path.abspath(path)
+  return absolute
 
 
 def is_checkpoint(path: str) -> bool:
@@ -362,7 +363,7 @@ def restore_tree(path: str) -> dict[str, Any]:
     with _read_by_this_process() as checkpointer:
       return checkpointer.restore(item, abstract_like(saved))
   except _READ_FAILURES as error:
-    if error_lines.out_of_memory(error):  # the files may be whole: never skipped or set aside as damaged
+    if error_lines.out_of_memory(error) is not None:  # the files may be whole: never skipped or set aside
       raise
     raise CheckpointError(f'checkpoint {path} cannot be read ({_read_failure(error)}); it is damaged '
                           'or not an orbax checkpoint directory: name another.') from error
@@ -430,7 +431,7 @@ def restore_from(path: str, target: Any) -> Any:
     with _read_by_this_process() as checkpointer:  # its own shards of `target`
       return checkpointer.restore(item, abstract_like(target))
   except _READ_FAILURES as error:
-    if error_lines.out_of_memory(error):  # the files may be whole: never skipped or set aside as damaged
+    if error_lines.out_of_memory(error) is not None:  # the files may be whole: never skipped or set aside
       raise
     why = _read_failure(error)
     if 'tree structures do not match' in why:

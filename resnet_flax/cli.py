@@ -48,13 +48,20 @@ def _exit_unknown_field(error: BaseException, argv: list[str]) -> NoReturn:
 
 
 def _config_of(argv: list[str]):
-  """The config file `argv` names (its last --config=FILE, else the default) loaded without its
+  """The config file `argv` names (its last --config, else the default) loaded without its
   overrides, or None where it does not load (that error is then the one to report)."""
-  files = [arg[len('--config='):] for arg in argv if arg.startswith('--config=')]
+  files = _config_files(argv)
   try:
-    return config_file.ConfigFileParser().parse(files[-1] if files else DEFAULT_CONFIG)
+    return config_file.ConfigFileParser().parse(files[-1][1] if files else DEFAULT_CONFIG)
   except Exception:  # pylint: disable=broad-except  # only used to explain an error already found
     return None
+
+
+def _config_files(args: list[str]) -> list[tuple[int, str]]:
+  """(position, FILE) of each `--config=FILE` or `--config FILE` in `args`."""
+  return [(index, arg[len('--config='):] if arg.startswith('--config=') else args[index + 1])
+          for index, arg in enumerate(args)
+          if arg.startswith('--config=') or (arg == '--config' and index + 1 < len(args))]
 
 
 def define_flags() -> None:
@@ -66,7 +73,7 @@ def define_flags() -> None:
   try:
     config_flags.DEFINE_config_file('config', DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None,
                                     'Experiment config file (configs/*.py).', lock_config=True)
-  except (AttributeError, KeyError, TypeError) as error:
+  except (AttributeError, KeyError, TypeError, ValueError) as error:  # as in parse_flags
     _exit_unknown_field(error, sys.argv[1:])
   # DEFINE_config_file takes no parser: ours replaces ml_collections' before the command line's
   # --config=FILE is loaded (the default file, this repository's, is loaded by then).
@@ -126,9 +133,9 @@ def parse_flags(argv: list[str], program: Optional[str] = None) -> list[str]:
 
 
 def _override_before_config_file(args: list[str]) -> Optional[str]:
-  """The first `--config.<field>=...` in `args` that comes before a `--config=FILE`, or None."""
-  files = [index for index, arg in enumerate(args) if arg.startswith('--config=')]
-  early = [arg for arg in args[:files[-1]] if arg.startswith('--config.')] if files else []
+  """The first `--config.<field>=...` in `args` that comes before the first `--config FILE`, or None."""
+  files = _config_files(args)
+  early = [arg for arg in args[:files[0][0]] if arg.startswith('--config.')] if files else []
   return early[0] if early else None
 
 
@@ -186,12 +193,6 @@ def run_reporting_user_errors(main: Callable[[], None], resumes: bool = True) ->
     logging.set_verbosity(logging.WARNING)
   try:
     main()
-  except USER_ERRORS + (data.DataError, checkpoints.CheckpointError, metrics_writer.MetricsWriteError,
-                        distributed.FailedOnAnotherProcess) as error:
-    if _wants_traceback():
-      raise
-    print(f'error: {error_lines.first_line(error)}', file=sys.stderr)
-    sys.exit(2)
   except train_lib.StoppedBySignal as error:
     print(f'error: {error}', file=sys.stderr, flush=True)
     sys.stdout.flush()
@@ -202,18 +203,31 @@ def run_reporting_user_errors(main: Callable[[], None], resumes: bool = True) ->
     resume = '; rerun the same command to resume from the newest checkpoint' if resumes else ''
     print(f'interrupted (Ctrl-C){resume}.', file=sys.stderr)
     sys.exit(130)
-  except Exception as error:  # pylint: disable=broad-except  # out of memory is a size to lower; the rest, bugs
-    memory = error_lines.out_of_memory(error)
-    if memory is None or _wants_traceback():
+  except Exception as error:  # pylint: disable=broad-except  # a user's mistake is one line; anything else, a bug
+    line = _user_error_line(error)
+    if line is None or _wants_traceback():
       raise
-    print(f'error: {_out_of_memory_message(memory, error)}', file=sys.stderr)
+    print(f'error: {line}', file=sys.stderr)
     sys.exit(2)
 
 
-def _out_of_memory_message(memory: str, error: BaseException) -> str:
-  """One line for running out of `memory` ('host' or 'device') with what to lower."""
-  fix = 'config.batch_size or config.data.image_size'
-  if memory == 'device':  # the step's activations, or evaluation's batch, or another program holding the device
-    fix = ('config.batch_size (config.eval_batch_size when it is evaluation that fails) or config.data.image_size, '
-           'or free the device of other programs')
-  return f'out of {memory} memory ({error_lines.first_line(error)}); lower {fix}.'
+def _user_error_line(error: Exception) -> Optional[str]:
+  """The line a user error is shown as (running out of memory, however wrapped, with what to
+  lower), or None for an error that is a bug."""
+  memory = error_lines.out_of_memory(error)
+  if memory is not None:
+    return _out_of_memory_message(memory)
+  if isinstance(error, USER_ERRORS + (data.DataError, checkpoints.CheckpointError, metrics_writer.MetricsWriteError,
+                                      distributed.FailedOnAnotherProcess)):
+    return error_lines.first_line(error)
+  return None
+
+
+def _out_of_memory_message(error: BaseException) -> str:
+  """One line for `error`, a host's MemoryError or a device's out-of-memory error, with what to lower."""
+  if isinstance(error, MemoryError):
+    return (f'out of host memory ({error_lines.first_line(error)}); lower config.batch_size or '
+            'config.data.image_size.')
+  # The step's activations, evaluation's batch, or another program holding the device.
+  return (f'out of device memory ({error_lines.first_line(error)}); lower config.batch_size (config.eval_batch_size '
+          'when it is evaluation that fails) or config.data.image_size, or free the device of other programs.')

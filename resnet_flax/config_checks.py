@@ -28,7 +28,8 @@ _FIELDS = frozenset({
     'bn_recalibration_batches', 'bn_report_batch_sizes', 'batch_size', 'eval_batch_size', 'num_train_steps',
     'optimizer', 'learning_rate', 'lr_batch_size', 'lr_schedule', 'warmup_steps', 'lr_boundaries', 'lr_decay_factor',
     'lr_end', 'lr_power', 'momentum', 'nesterov', 'weight_decay', 'label_smoothing', 'skip_nonfinite_steps',
-    'max_skipped_in_a_row', 'bn_weight_decay', 'lars', 'adamw', 'shard_optimizer_state', 'distributed', 'seed', 'log_every_steps',
+    'max_skipped_in_a_row', 'bn_weight_decay', 'lars', 'adamw', 'shard_optimizer_state', 'distributed', 'seed',
+    'log_every_steps',
     'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
 })
 # The fields of the groups no other check lists (data.*, bn.* and model_options.*, which a config
@@ -154,10 +155,9 @@ def override_problem(config: ml_collections.ConfigDict, path: str) -> Optional[s
     if isinstance(node, ml_collections.ConfigDict):
       if key not in node:
         close = difflib.get_close_matches(key, list(node.keys()), n=1)
-        return f'unknown config field config.{where}{key}' + (f' (did you mean config.{where}{close[0]}?)' if close else '')
+        closest = f' (did you mean config.{where}{close[0]}?)' if close else ''
+        return f'unknown config field config.{where}{key}{closest}'
       node = node[key]
-    elif isinstance(node, (tuple, list)) and key.isdigit() and int(key) < len(node):
-      node = node[int(key)]
     else:
       return (f'config.{where[:-1]} holds a value ({node!r}), not fields, so config.{path} names none; set '
               f'config.{where[:-1]} itself (--config.{where[:-1]}=<value>)')
@@ -217,24 +217,36 @@ def check_present(config: ml_collections.ConfigDict) -> None:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a one-line ValueError for a field no program reads, or one missing, or the first
-  field of `config` out of its range, or at odds with others."""
+  """Raises a one-line ValueError for a field no program reads, or one missing (a config holds
+  every field of configs/default.py), or the first field of `config` out of its range, or at
+  odds with others."""
   _check_fields(config)
   check_present(config)
   for field, allowed, expected in _RULES:
     value = _lookup(config, field)
-    if value is None:
+    if value is None:  # a field that may be None (check_present refused the others)
       continue
     if not _finite(value):
       raise ValueError(f'config.{field}={value!r} is not allowed: it must be finite and {expected}.')
     if not _allowed(allowed, value):
       raise ValueError(f'config.{field}={value!r} is not allowed: it must be {expected}.')
-  if all(field in config for field in ('lr_schedule', 'lr_boundaries', 'num_train_steps', 'warmup_steps')):
-    optim.check_lr_boundaries(config)
-  if 'bn' in config:
-    batch_norm.check_options('config.bn.', config.bn)
-  if 'model_options' in config:  # the model's shape, before a step is traced with it
-    model_builder.check_classification_options(config.model_options)
+  optim.check_lr_boundaries(config)
+  batch_norm.check_options('config.bn.', config.bn)
+  _check_bn_weight_decay(config)
+  model_builder.check_classification_options(config.model_options)  # the model's shape, before a step is traced
+
+
+def _check_bn_weight_decay(config: ml_collections.ConfigDict) -> None:
+  """Refuses a BatchNorm L2 term that would decay gamma and beta that are meant to stay, or that
+  has none to decay."""
+  if not config.bn_weight_decay:
+    return
+  if config.bn.frozen_gamma_beta:  # the term is the loss's, outside the layer's stop_gradient
+    raise ValueError(f'config.bn_weight_decay={config.bn_weight_decay} would decay gamma and beta, which '
+                     'config.bn.frozen_gamma_beta=True keeps fixed; set one of them.')
+  if not (config.bn.center or config.bn.scale):
+    raise ValueError(f'config.bn_weight_decay={config.bn_weight_decay} does nothing with config.bn.center=False and '
+                     'config.bn.scale=False (no beta, no gamma); set one of them True, or drop it.')
 
 
 def _within(field: str, group: str) -> bool:

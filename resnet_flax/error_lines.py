@@ -21,17 +21,16 @@ def first_line(error: BaseException) -> str:
   return text.splitlines()[0] if text else type(error).__name__
 
 
-def out_of_memory(error: BaseException) -> Optional[str]:
-  """'host' or 'device' when `error`, or an error it was raised from, is running out of that
-  memory (numpy's MemoryError; XLA's RESOURCE_EXHAUSTED 'Out of memory ...'), else None."""
+def out_of_memory(error: BaseException) -> Optional[BaseException]:
+  """The error, of `error` and those it was raised from (or while handling), that says a host
+  (MemoryError) or device (XLA's RESOURCE_EXHAUSTED ...) ran out of memory; None if none does."""
   seen: set[int] = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, MemoryError):
-      return 'host'
-    if any(words in _text(error) for words in _OUT_OF_DEVICE_MEMORY):
-      return 'device'
-    error = error.__cause__ or error.__context__
+  current: Optional[BaseException] = error
+  while current is not None and id(current) not in seen:
+    seen.add(id(current))
+    if isinstance(current, MemoryError) or any(words in _text(current) for words in _OUT_OF_DEVICE_MEMORY):
+      return current
+    current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
   return None
 
 

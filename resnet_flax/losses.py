@@ -38,7 +38,8 @@ def slim_l2_regularization(params: Any, weight_decay: float, bn_weight_decay: fl
   total = jnp.zeros(())
   for decay, keys in ((weight_decay, ('weights',)), (bn_weight_decay, ('gamma', 'beta'))):
     squares = [jnp.sum(jnp.square(leaf)) for path, leaf in leaves if path[-1].key in keys]
-    if decay and squares:
+    # A decay of 0 adds no term (and no reduction to the step); a traced decay always adds one.
+    if squares and not (isinstance(decay, (int, float)) and decay == 0):
       total = total + 0.5 * decay * sum(squares)
   return total
 

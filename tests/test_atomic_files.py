@@ -1,6 +1,8 @@
 """atomic_files: strict JSON with null for NaN, writes that appear whole or not at all."""
 
+import errno
 import json
+import os
 
 import pytest
 
@@ -86,3 +88,25 @@ def test_the_directory_is_synced_after_the_rename(tmp_path, monkeypatch):
   monkeypatch.setattr(atomic_files, 'fsync_directory', lambda directory: synced.append((directory, path.exists())))
   atomic_files.write_json(str(path), {'top1': 0.5})
   assert synced == [(str(tmp_path), True)]
+
+
+@pytest.mark.parametrize('failing', ['open', 'fsync'])
+def test_a_directory_that_cannot_be_synced_fails_no_write_whose_rename_is_done(tmp_path, monkeypatch, failing):
+  # A file system without directory fsync (EINVAL) had turned a write already in place into an error.
+  path = tmp_path / 'result.json'
+  real = getattr(atomic_files.os, failing)
+
+  def refusing(target, *args):
+    if failing == 'open' and target != str(tmp_path):
+      return real(target, *args)
+    if failing == 'fsync' and not os.path.isdir(f'/proc/self/fd/{target}'):
+      return real(target, *args)
+    raise OSError(errno.EINVAL, 'Invalid argument')
+
+  monkeypatch.setattr(atomic_files.os, failing, refusing)
+  atomic_files.write_json(str(path), {'top1': 0.5})
+  assert json.loads(path.read_text()) == {'top1': 0.5}
+  # Another failure (an I/O error) is no such case: it is raised.
+  monkeypatch.setattr(atomic_files.os, failing, lambda *args: (_ for _ in ()).throw(OSError(errno.EIO, 'I/O error')))
+  with pytest.raises(OSError, match='I/O error'):
+    atomic_files.fsync_directory(str(tmp_path))

@@ -229,7 +229,7 @@ def test_a_read_out_of_memory_is_raised_not_skipped_as_damage(tmp_path, monkeypa
   reports = []
   with pytest.raises(Exception) as raised:
     checkpointer.restore_newest_intact(tree, reports.append)
-  assert error_lines.out_of_memory(raised.value) == 'device'
+  assert isinstance(error_lines.out_of_memory(raised.value), jax.errors.JaxRuntimeError)
   assert not isinstance(raised.value, checkpoints.CheckpointError)
   assert reports == [] and sorted(os.listdir(tmp_path)) == ['2', '4']
   monkeypatch.undo()
@@ -272,3 +272,13 @@ def test_every_process_skips_a_step_damaged_on_one_but_stops_when_one_ran_out_of
   assert len(reports) == 2 and sorted(os.listdir(tmp_path)) == ['2', '4']
   monkeypatch.undo()
   checkpointer.close()
+
+
+def test_a_relative_path_under_a_directory_whose_name_is_not_utf8_is_refused(tmp_path, monkeypatch):
+  # The name as given is UTF-8; the directory it is relative to is not, and orbax takes the whole path.
+  parent = tmp_path / 'caf\udce9'
+  parent.mkdir()
+  monkeypatch.chdir(parent)
+  with pytest.raises(checkpoints.CheckpointError, match=r'^workdir .*/caf\\xe9/run is not a UTF-8 name'):
+    checkpoints.local_path('run', 'workdir')
+  assert checkpoints.local_path(str(tmp_path / 'café'), 'workdir') == str(tmp_path / 'café')

@@ -81,6 +81,23 @@ def test_a_deleted_field_a_group_set_to_a_value_or_none_for_a_value_is_one_line(
   assert str(error.value).startswith(message)
 
 
+# frozen_gamma_beta's stop_gradient is the layer's; the L2 term, the loss's, had moved gamma and beta anyway.
+@pytest.mark.parametrize('settings, message', [
+    ({'bn.frozen_gamma_beta': True}, 'config.bn_weight_decay=0.001 would decay gamma and beta, which '
+                                     'config.bn.frozen_gamma_beta=True keeps fixed; set one of them.'),
+    ({'bn.center': False, 'bn.scale': False}, 'config.bn_weight_decay=0.001 does nothing with config.bn.center=False '
+                                              'and config.bn.scale=False'),
+])
+def test_bn_weight_decay_that_would_move_frozen_gamma_and_beta_or_decay_nothing_is_refused(settings, message):
+  config = digits.get_config()
+  config.update_from_flattened_dict(settings)
+  config_checks.check_config(config)  # without bn_weight_decay: fine
+  config.bn_weight_decay = 1e-3
+  with pytest.raises(ValueError) as error:
+    config_checks.check_config(config)
+  assert str(error.value).startswith(message)
+
+
 def test_none_stays_allowed_where_a_field_means_the_default():
   config = digits.get_config()
   config.update_from_flattened_dict({'num_classes': None, 'bn.ghost_batch_size': None, 'bn.renorm_r_min': None,
@@ -116,12 +133,13 @@ def test_an_unknown_field_of_a_group_is_one_line_naming_the_closest(group, field
 
 
 @pytest.mark.parametrize('path, problem', [
-    ('bn.decay', None), ('data.name', None), ('lr_boundaries.1', None),
+    ('bn.decay', None), ('data.name', None),
     ('bn.decya', 'unknown config field config.bn.decya (did you mean config.bn.decay?)'),
     ('zzz', 'unknown config field config.zzz'),
     ('batch_size.x', 'config.batch_size holds a value (64), not fields, so config.batch_size.x names none; set '
                      'config.batch_size itself (--config.batch_size=<value>)'),
-    ('lr_boundaries.5', 'config.lr_boundaries holds a value ((0.5, 0.75)), not fields, so config.lr_boundaries.5 '
+    # ml_collections takes no index into a tuple: the whole tuple is set.
+    ('lr_boundaries.1', 'config.lr_boundaries holds a value ((0.5, 0.75)), not fields, so config.lr_boundaries.1 '
                         'names none; set config.lr_boundaries itself (--config.lr_boundaries=<value>)'),
 ])
 def test_an_override_naming_no_field_says_why(path, problem):
@@ -178,7 +196,8 @@ def test_a_field_deleted_in_a_config_file_stops_train_py_in_one_line(tmp_path):
     ('learning_rate', -0.1), ('learning_rate', float('nan')), ('lr_batch_size', -1), ('warmup_steps', -1),
     ('lr_boundaries', (1.5,)), ('lr_boundaries', (0.6, 0.3)), ('lr_boundaries', (0.5, 0.5)),
     ('lr_decay_factor', 0.0), ('lr_end', -1.0),
-    ('lr_power', -1.0), ('momentum', 1.5), ('momentum', 1.0), ('weight_decay', -1.0), ('bn_weight_decay', -1e-4), ('label_smoothing', 1.5),
+    ('lr_power', -1.0), ('momentum', 1.5), ('momentum', 1.0), ('weight_decay', -1.0), ('bn_weight_decay', -1e-4),
+    ('label_smoothing', 1.5),
     ('lars.weight_decay', -1.0), ('lars.trust_coefficient', -1.0), ('lars.eps', -1.0), ('bn.ghost_batch_size', 0),
     ('num_classes', 0), ('log_every_steps', -1), ('eval_every_steps', -1), ('checkpoint_every_steps', -3),
     ('keep_checkpoints', 0), ('keep_checkpoints', -1), ('bn_recalibration_batches', -1),
@@ -192,7 +211,8 @@ def test_value_out_of_range_is_one_line_naming_the_field(field, value):
 
 
 @pytest.mark.parametrize('field, value', [
-    ('learning_rate', float('inf')), ('weight_decay', float('inf')), ('bn_weight_decay', float('nan')), ('momentum', float('-inf')),
+    ('learning_rate', float('inf')), ('weight_decay', float('inf')), ('bn_weight_decay', float('nan')),
+    ('momentum', float('-inf')),
     ('label_smoothing', float('nan')), ('lr_decay_factor', float('inf')), ('lr_end', float('inf')),
     ('lr_power', float('inf')), ('lars.weight_decay', float('inf')), ('lars.trust_coefficient', float('inf')),
     ('lars.eps', float('inf')), ('adamw.weight_decay', float('inf')), ('lr_boundaries', (0.3, float('inf'))),

@@ -10,7 +10,8 @@ class _Listing(ValueError):
 
 
 def test_the_first_line_is_a_summary_else_the_message_else_the_type():
-  assert error_lines.first_line(_Listing('a.jpg: truncated\nb.jpg: empty')) == '3 of 10 images could not be read; see the log'
+  listing = _Listing('a.jpg: truncated\nb.jpg: empty')
+  assert error_lines.first_line(listing) == '3 of 10 images could not be read; see the log'
   assert error_lines.first_line(ValueError('\n  first\nsecond')) == 'first'
   assert error_lines.first_line(KeyError()) == 'KeyError'
 
@@ -45,7 +46,23 @@ def _raised_from(cause: BaseException) -> Exception:
     (_raised_from(ValueError('DATA_LOSS: checksum mismatch')), None),
 ])
 def test_out_of_memory_is_told_apart_from_other_errors(error, memory):
-  assert error_lines.out_of_memory(error) == memory
+  found = error_lines.out_of_memory(error)
+  if memory is None:
+    assert found is None
+    return
+  # The error that says so, not a wrapper naming an array index.
+  assert found is (error.__cause__ if error.__cause__ is not None else error)
+  assert isinstance(found, MemoryError) == (memory == 'host')
+
+
+def test_an_error_raised_from_none_while_handling_one_out_of_memory_is_not_out_of_memory():
+  try:
+    try:
+      raise MemoryError('Unable to allocate 1 GiB')
+    except MemoryError:
+      raise KeyError('a bug in the handler') from None
+  except KeyError as error:
+    assert error_lines.out_of_memory(error) is None
 
 
 def test_an_error_whose_message_cannot_be_shown_is_no_memory_error():

@@ -121,6 +121,21 @@ def test_data_fields_compare_as_their_source_reads_them(tmp_path):
   writer.close()
 
 
+# Every resume of a run from before config.bn_weight_decay existed had warned
+# "bn_weight_decay: (none) -> 0.0".
+def test_a_field_added_since_the_run_is_a_change_only_when_it_is_switched_on(tmp_path):
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.record_config({'weight_decay': 1e-4, 'bn': {'decay': 0.9}})
+  assert metrics_writer.config_changes(str(tmp_path), {'weight_decay': 1e-4, 'bn_weight_decay': 0.0,
+                                                       'bn': {'decay': 0.9, 'renorm': False}}) == []
+  assert metrics_writer.config_changes(str(tmp_path), {'weight_decay': 1e-4, 'bn_weight_decay': 1e-4,
+                                                       'bn': {'decay': 0.9}}) == ['bn_weight_decay: (none) -> 0.0001']
+  # A field the run had, gone now, is a change whatever its value was.
+  writer.record_config({'weight_decay': 1e-4, 'label_smoothing': 0.0})
+  assert metrics_writer.config_changes(str(tmp_path), {'weight_decay': 1e-4}) == ['label_smoothing: 0.0 -> (none)']
+  writer.close()
+
+
 def test_resuming_with_another_batch_size_says_so(tmp_path, capsys):
   train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
   capsys.readouterr()

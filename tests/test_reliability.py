@@ -429,11 +429,13 @@ def test_disk_filling_during_a_save_stops_in_one_line_and_keeps_the_last_checkpo
     (['--config.data.name=imagenet'], 'imagenet'),
     (['--config.model=resnet_v3_50'], 'resnet_v3_50'),
     # Trained to its first save, which failed with 1,045 lines of orbax and tensorstore tracebacks.
-    (['--workdir=/tmp/resnet_flax_test_caf\udce9'], 'error: workdir /tmp/resnet_flax_test_caf\\xe9 is not a UTF-8 '
-                                                    "name, which orbax's checkpoint files need"),
+    (['--workdir=/tmp/resnet_flax_test_café/caf\udce9'], 'error: workdir /tmp/resnet_flax_test_café/caf\\xe9 is not '
+                                                         "a UTF-8 name, which orbax's checkpoint files need"),
     # ml_collections' "Found ... before a value for --config was specified", pointed at configs/default.py.
     (['--config.num_train_steps=1', '--config=configs/digits.py'], 'error: --config.num_train_steps=1 comes before '
                                                                    '--config=FILE; put --config=FILE first'),
+    (['--config.num_train_steps=1', '--config', 'configs/digits.py'], 'error: --config.num_train_steps=1 comes '
+                                                                      'before --config=FILE; put --config=FILE first'),
     # int('None') had been the message: None is a config file's value only.
     (['--config.num_classes=None'], '--config.num_classes=None: None cannot be given on the command line; leave the '
                                     "flag out for the config file's value"),

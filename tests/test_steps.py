@@ -69,7 +69,8 @@ def test_train_step_matches_a_hand_computation():
     per_example = -jnp.sum(targets * jax.nn.log_softmax(logits), -1)
     data = jnp.sum(per_example * batch['mask']) / jnp.sum(batch['mask'])
     bn = params['BatchNorm_0']
-    l2 = 0.5 * wd * jnp.sum(params['weights'] ** 2) + 0.5 * bn_wd * (jnp.sum(bn['gamma'] ** 2) + jnp.sum(bn['beta'] ** 2))
+    l2 = (0.5 * wd * jnp.sum(params['weights'] ** 2)
+          + 0.5 * bn_wd * (jnp.sum(bn['gamma'] ** 2) + jnp.sum(bn['beta'] ** 2)))
     return data + l2, (logits, updates['batch_stats'])
 
   (_, (logits, new_stats)), grads = jax.value_and_grad(reference_loss, has_aux=True)(state.params)

@@ -188,6 +188,9 @@ def test_slim_l2_counts_conv_weights_and_with_bn_weight_decay_gamma_and_beta():
   assert float(losses.slim_l2_regularization(params, 1e-2, 1e-3)) == pytest.approx(
       0.5 * 1e-2 * 26.0 + 0.5 * 1e-3 * (75.0 + 12.0 + 3.0))
   assert float(losses.slim_l2_regularization(params, 0.0, 1e-3)) == pytest.approx(0.5 * 1e-3 * 90.0)
+  # Decays may be traced (a sweep vmapped over them): no Python test of their value.
+  swept = jax.vmap(lambda decay: losses.slim_l2_regularization(params, decay, decay))(np.array([0.0, 1e-2]))
+  np.testing.assert_allclose(swept, [0.0, 0.5 * 1e-2 * (26.0 + 90.0)], rtol=1e-6)
 
 
 def run_script(script, *args):
@@ -231,6 +234,7 @@ def _override(config, decay, zero_debias):
                                    'config.model.name names none; set config.model itself (--config.model=<value>) '
                                    '(in: --config.model.name=x)',)),
     (['--config=configs/cifar10.py'], '--config.data.dir.x=/data', ('config.data.dir holds a value (None)',)),
+    ([], '--config.data.dir.x=/data', ('config.data.dir holds a value (None)',)),  # applied while defining flags
 ])
 def test_bad_config_key_is_one_line_naming_it(tmp_path, config_file, override, named):
   result = run_script('train.py', f'--workdir={tmp_path}', *config_file, override)
@@ -410,9 +414,15 @@ def test_running_out_of_host_memory_is_one_line(capsys):
                                      '(4, 100000, 100000, 3)); lower config.batch_size or config.data.image_size.\n')
 
 
-def test_running_out_of_device_memory_is_one_line(capsys):
+@pytest.mark.parametrize('wrapped', [False, True])
+def test_running_out_of_device_memory_is_one_line(capsys, wrapped):
   def too_big():  # XLA's own failure: what a batch too large for the GPU raises there
-    jax.numpy.ones((2**61,), np.uint8).block_until_ready()
+    try:
+      jax.numpy.ones((2**61,), np.uint8).block_until_ready()
+    except jax.errors.JaxRuntimeError as error:
+      if wrapped:  # as orbax's read of an array re-raises it: a ValueError, a user error's type, naming an index
+        raise ValueError('Encountered error while reading array index 0') from error
+      raise
 
   with pytest.raises(SystemExit) as exit_status:
     cli.run_reporting_user_errors(too_big)

@@ -96,6 +96,10 @@ def parse_flags(argv: list[str], program: Optional[str] = None) -> list[str]:
 
   With `--config=FILE` given, the overrides are applied here rather than in `define_flags`.
   """
+  files = _config_files(argv[1:])
+  if len(files) > 1:  # absl would keep the last silently (with overrides: a flag "defined twice")
+    _exit(f'--config is given {len(files)} times ({", ".join(name for _, name in files)}); give one config file '
+          'and change its fields with --config.<field>=value.')
   try:
     remaining = flags.FLAGS(argv)
     if flags.FLAGS.config is None:  # no --config, and no configs/digits.py beside the package

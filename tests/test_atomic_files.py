@@ -110,3 +110,36 @@ def test_a_directory_that_cannot_be_synced_fails_no_write_whose_rename_is_done(t
   monkeypatch.setattr(atomic_files.os, failing, lambda *args: (_ for _ in ()).throw(OSError(errno.EIO, 'I/O error')))
   with pytest.raises(OSError, match='I/O error'):
     atomic_files.fsync_directory(str(tmp_path))
+
+
+def test_a_file_named_relative_to_the_working_directory_is_written(tmp_path, monkeypatch):
+  # Its directory is '': the directory to sync is the working one, not os.open('').
+  monkeypatch.chdir(tmp_path)
+  atomic_files.write_text('table.csv', 'new\n')
+  assert (tmp_path / 'table.csv').read_text() == 'new\n'
+
+
+@pytest.mark.skipif(not hasattr(os, 'O_DIRECTORY'), reason='directories cannot be opened to sync on Windows')
+def test_the_file_and_then_its_directory_are_synced_and_nothing_is_left_open(tmp_path, monkeypatch):
+  synced, opened, closed = [], [], []
+  real_fsync, real_open, real_close = os.fsync, os.open, os.close
+
+  def fsync(descriptor):
+    synced.append(os.fstat(descriptor).st_ino)
+    real_fsync(descriptor)
+
+  def open_(*args, **kwargs):
+    opened.append(real_open(*args, **kwargs))
+    return opened[-1]
+
+  def close(descriptor):
+    closed.append(descriptor)
+    real_close(descriptor)
+
+  monkeypatch.setattr(os, 'fsync', fsync)
+  monkeypatch.setattr(os, 'open', open_)
+  monkeypatch.setattr(os, 'close', close)
+  atomic_files.write_text(str(tmp_path / 'table.csv'), 'new\n')
+  monkeypatch.undo()
+  assert synced == [os.stat(tmp_path / 'table.csv').st_ino, os.stat(tmp_path).st_ino]
+  assert opened and sorted(opened) == sorted(closed)

@@ -282,3 +282,76 @@ def test_a_relative_path_under_a_directory_whose_name_is_not_utf8_is_refused(tmp
   with pytest.raises(checkpoints.CheckpointError, match=r'^workdir .*/caf\\xe9/run is not a UTF-8 name'):
     checkpoints.local_path('run', 'workdir')
   assert checkpoints.local_path(str(tmp_path / 'café'), 'workdir') == str(tmp_path / 'café')
+
+
+def _as_process_0_of_2_sending(monkeypatch):
+  """This process as process 0 of two whose partner never fails; the row markers this process
+  sends, in order (0: no failure), are appended to the list returned."""
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(checkpoints, '_check_every_process_sees', lambda *args: None)
+  sent = []
+
+  def allgather(own):
+    sent.append(int(own[0]))
+    return np.stack([own, distributed._encoded(None)])
+
+  monkeypatch.setattr(distributed.multihost_utils, 'process_allgather', allgather)
+  return sent
+
+
+# The others learn from this process's row whether they may go on: damage it meets is one to go
+# on from (all skip the step), running out of memory is not (all stop, none reads an older step).
+def test_the_row_a_process_sends_marks_damage_only_as_one_to_go_on_from(tmp_path, monkeypatch):
+  tree = {'w': np.arange(4, dtype=np.float32)}
+  damaged, too_big = (_saved(tmp_path / name, {2: tree, 4: tree}) for name in ('damaged', 'too_big'))
+  sent = _as_process_0_of_2_sending(monkeypatch)
+  read = damaged.restore
+
+  def step_4_damaged(step, target):
+    if step == 4:
+      raise checkpoints.CheckpointError('checkpoint 4 cannot be read (OUT_OF_RANGE)')
+    return read(step, target)
+
+  monkeypatch.setattr(damaged, 'restore', step_4_damaged)
+  assert damaged.restore_newest_intact(tree, lambda line: None)[1] == 2
+  # Step 4 (damage: go on), step 2 (read), setting step 4 aside.
+  assert sent == [distributed._EXPECTED_FAILURE, 0, 0]
+  sent.clear()
+
+  def out_of_memory(step, target):
+    raise MemoryError('Unable to allocate 4.00 GiB')
+
+  monkeypatch.setattr(too_big, 'restore', out_of_memory)
+  with pytest.raises(MemoryError):
+    too_big.restore_newest_intact(tree, lambda line: None)
+  assert sent == [distributed._FAILURE]  # not one to go on from: process 1 must stop too, not try step 2
+  assert sorted(os.listdir(tmp_path / 'too_big')) == ['2', '4']
+  monkeypatch.undo()
+  damaged.close()
+  too_big.close()
+
+
+def test_restore_tree_raises_running_out_of_memory_as_it_is_not_as_damage(tmp_path, monkeypatch):
+  # pretrained's init_checkpoint read goes through restore_tree: "cannot be read ...; it is
+  # damaged" would send the user after whole files.
+  checkpoints.save_tree(str(tmp_path / 'tree'), {'w': np.arange(4, dtype=np.float32)})
+
+  class ReadOutOfMemory:
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exception):
+      return False
+
+    def restore(self, *args):
+      try:
+        raise MemoryError('Unable to allocate 4.00 GiB')
+      except MemoryError as error:  # as orbax re-raises a failed array read
+        raise Exception('Encountered error while reading array index 0') from error
+
+  monkeypatch.setattr(checkpoints, '_read_by_this_process', ReadOutOfMemory)
+  with pytest.raises(Exception) as raised:
+    checkpoints.restore_tree(str(tmp_path / 'tree'))
+  assert not isinstance(raised.value, checkpoints.CheckpointError)
+  assert isinstance(error_lines.out_of_memory(raised.value), MemoryError)

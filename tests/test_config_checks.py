@@ -98,6 +98,15 @@ def test_bn_weight_decay_that_would_move_frozen_gamma_and_beta_or_decay_nothing_
   assert str(error.value).startswith(message)
 
 
+@pytest.mark.parametrize('group', ['bn', 'data', 'model_options', 'lars', 'adamw', 'distributed'])
+def test_every_group_set_to_none_is_named_as_a_group(group):
+  config = digits.get_config()
+  config.unlock()
+  setattr(config, group, None)
+  with pytest.raises(ValueError, match=rf'^config\.{group}=None is not allowed: it is a group of fields'):
+    config_checks.check_present(config)
+
+
 def test_none_stays_allowed_where_a_field_means_the_default():
   config = digits.get_config()
   config.update_from_flattened_dict({'num_classes': None, 'bn.ghost_batch_size': None, 'bn.renorm_r_min': None,

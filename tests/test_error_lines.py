@@ -43,6 +43,7 @@ def _raised_from(cause: BaseException) -> Exception:
     (ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/ckpt/4/d/0\": [OS error 28: No space left on "
                 "device] [os_error_code='28']"), None),
     (ValueError('OUT_OF_RANGE: Error reading "params/w"'), None),
+    (ValueError('DATA_LOSS: "Out of memory.jpg" is truncated'), None),  # the words alone are no XLA error
     (_raised_from(ValueError('DATA_LOSS: checksum mismatch')), None),
 ])
 def test_out_of_memory_is_told_apart_from_other_errors(error, memory):
@@ -75,3 +76,16 @@ def test_an_error_whose_message_cannot_be_shown_is_no_memory_error():
   cycle.__context__ = ValueError('b')
   cycle.__context__.__context__ = cycle
   assert error_lines.out_of_memory(cycle) is None
+
+
+def test_running_out_of_memory_while_another_error_is_handled_is_found_too():
+  # An error raised in an `except` block without `from` (a cleanup that failed after the OOM)
+  # keeps the OOM only as its __context__.
+  try:
+    try:
+      raise MemoryError('Unable to allocate 112. GiB')
+    except MemoryError:
+      raise RuntimeError('cleanup after the failed allocation failed too')  # pylint: disable=raise-missing-from
+  except RuntimeError as error:
+    assert error.__cause__ is None
+    assert isinstance(error_lines.out_of_memory(error), MemoryError)

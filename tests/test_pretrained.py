@@ -305,3 +305,21 @@ def test_orbax_checkpoint_step_is_returned(tmp_path):
   fitted, step, fresh = pretrained.load_for_model(str(tmp_path / 'ckpt'), model, reference, IMAGE_SHAPE)
   assert step == 37 and fresh == []
   np.testing.assert_array_equal(fitted['params']['w'], [1.0, 2.0])
+
+
+def _variables(*layers, classes=None):
+  params = {layer: {'weights': np.zeros((3, 3, 3, 8), np.float32)} for layer in layers}
+  if classes:
+    params['logits'] = {'weights': np.zeros((1, 1, 8, classes), np.float32), 'biases': np.zeros(classes, np.float32)}
+  return {'params': params}
+
+
+def test_the_layers_hint_comes_first_and_leaves_the_head_out(tmp_path):
+  source = str(tmp_path / 'model')
+  # Another model's layers and another class count: the layers are named first.
+  fix = pretrained._fix(_variables('conv1', 'block1', classes=10), _variables('conv1', 'block2', classes=5), source,
+                        False)
+  assert fix.startswith("Its layers are not this model's") and 'The checkpoint has 10 classes, the model 5' in fix
+  # The model's own layers, saved without a head: not another model's.
+  fix = pretrained._fix(_variables('conv1', 'block1'), _variables('conv1', 'block1', classes=5), source, False)
+  assert "Its layers are not this model's" not in fix

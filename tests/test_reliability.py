@@ -436,6 +436,9 @@ def test_disk_filling_during_a_save_stops_in_one_line_and_keeps_the_last_checkpo
                                                                    '--config=FILE; put --config=FILE first'),
     (['--config.num_train_steps=1', '--config', 'configs/digits.py'], 'error: --config.num_train_steps=1 comes '
                                                                       'before --config=FILE; put --config=FILE first'),
+    # absl had kept the last silently; with an override between them, a flag "defined twice".
+    (['--config=configs/digits.py', '--config.num_train_steps=1', '--config=configs/cifar10.py'],
+     'error: --config is given 2 times (configs/digits.py, configs/cifar10.py); give one config file'),
     # int('None') had been the message: None is a config file's value only.
     (['--config.num_classes=None'], '--config.num_classes=None: None cannot be given on the command line; leave the '
                                     "flag out for the config file's value"),

@@ -155,3 +155,14 @@ def test_a_skipped_step_advances_the_learning_rate_schedule_with_the_step():
 
   grads = jax.grad(loss)(before.params)
   np.testing.assert_allclose(after.params['biases'], before.params['biases'] - 0.1 * grads['biases'], rtol=1e-5)
+
+
+def test_without_bn_weight_decay_only_the_kernel_is_decayed():
+  # resnet_arg_scope's L2: conv weights alone, BatchNorm's gamma (1) and beta untouched.
+  model, tx = _Toy(), optax.sgd(0.1)
+  state = _state(model, tx)
+  weights = np.asarray(state.params['weights'], np.float64)
+  _, metrics = jax.jit(lambda s, b: steps.train_step(s, b, model=model, tx=tx, weight_decay=0.05,
+                                                     label_smoothing=0.0))(state, _batch())
+  assert float(metrics['total_loss']) - float(metrics['loss']) == pytest.approx(0.5 * 0.05 * np.sum(weights ** 2),
+                                                                                rel=1e-4)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import digits
-from resnet_flax import checkpoints, cli, eval_lib, losses, metrics_writer, model_builder, optim, slim, train_lib
+from resnet_flax import (checkpoints, cli, data, eval_lib, losses, metrics_writer, model_builder, optim, sharding, slim,
+                         train_lib)
 from resnet_flax.slim import names
 from resnet_flax.train_state import abstract_train_state
 
@@ -522,3 +523,52 @@ def test_a_signal_delivered_twice_at_once_is_one_request():
     assert stop_after(1)
   finally:
     restore()
+
+
+def test_traceback_shows_running_out_of_memory_whole(monkeypatch):
+  monkeypatch.setattr(cli, '_wants_traceback', lambda: True)
+
+  def too_big():
+    raise MemoryError('Unable to allocate 112. GiB for an array with shape (4, 100000, 100000, 3)')
+
+  with pytest.raises(MemoryError, match='112. GiB'):
+    cli.run_reporting_user_errors(too_big)
+
+
+def test_an_unknown_field_is_looked_up_in_the_config_file_given():
+  assert cli._config_of(['--config.bn.decay=0.9', '--config', 'configs/cifar10.py']).data.name == 'cifar10'
+  assert cli._config_of(['--config.bn.decay=0.9']).model == cli.config_file.ConfigFileParser().parse(
+      cli.DEFAULT_CONFIG).model
+
+
+def test_an_error_no_override_explains_says_unknown_field_only_for_a_missing_key(capsys):
+  # No override names a missing field (the config file does not load): ml_collections' own
+  # message, called an unknown field where it is one (AttributeError, KeyError).
+  argv = ['--config=/nonexistent/config.py', '--config.bn.decya=0.9']
+  with pytest.raises(SystemExit) as exit_status:
+    cli._exit_unknown_field(AttributeError("'ConfigDict' has no attribute 'decya'"), argv)
+  assert exit_status.value.code == 2
+  assert capsys.readouterr().err.startswith("error: unknown config field 'ConfigDict' has no attribute 'decya'")
+  with pytest.raises(SystemExit):
+    cli._exit_unknown_field(TypeError('string indices must be integers'), argv)
+  assert capsys.readouterr().err.startswith('error: string indices must be integers (in: --config.bn.decya=0.9)')
+
+
+def test_the_train_step_takes_both_weight_decays_from_the_config():
+  config = tiny_config()
+  config.weight_decay, config.bn_weight_decay = 1e-2, 0.5
+  mesh = sharding.data_mesh()
+  model, tx = model_builder.build_model(config, 10), optim.build_optimizer(config)
+  state, shardings = train_lib.initial_state(config, model, tx, (8, 8, 1), mesh)
+  params = names.flatten(jax.device_get(state.params))  # before the step, which donates the state
+  batch = next(data.build(config.data, 'train', batch_size=config.batch_size, seed=0).train_batches())
+  _, metrics = train_lib.make_train_step(config, model, tx, mesh, shardings)(state,
+                                                                             sharding.to_global_batch(batch, mesh))
+
+  def squares(keys):
+    return sum(float(np.sum(np.square(value, dtype=np.float64))) for path, value in params.items()
+               if path[-1] in keys)
+
+  assert squares(('gamma', 'beta')) > 0
+  expected = 0.5 * 1e-2 * squares(('weights',)) + 0.5 * 0.5 * squares(('gamma', 'beta'))
+  assert float(metrics['total_loss']) - float(metrics['loss']) == pytest.approx(expected, rel=1e-4)

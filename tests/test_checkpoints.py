@@ -205,12 +205,9 @@ def out_of_device_memory() -> Exception:
   raise AssertionError('2 EiB allocated')
 
 
-@pytest.mark.parametrize('wrapped', [False, True])
-def test_a_read_out_of_memory_is_raised_not_skipped_as_damage(tmp_path, monkeypatch, wrapped):
-  # It had been "cannot be read ...: a crash or a disk error damaged its files": the newest
-  # step skipped, and set aside once an older one (smaller, or read with more memory free) fit.
-  tree = {'w': np.arange(4, dtype=np.float32)}
-  checkpointer = _saved(tmp_path, {2: tree, 4: tree})
+def _reader_running_out_of_memory(error_of, wrapped: bool):
+  """A stand-in for `_read_by_this_process` whose reads raise `error_of()`, or, `wrapped`, a bare
+  Exception from it as orbax re-raises a failed array read."""
 
   class ReadOutOfMemory:
     def __enter__(self):
@@ -220,12 +217,22 @@ def test_a_read_out_of_memory_is_raised_not_skipped_as_damage(tmp_path, monkeypa
       return False
 
     def restore(self, *args):
-      error = out_of_device_memory()
-      if wrapped:  # as orbax re-raises a failed array read
+      error = error_of()
+      if wrapped:
         raise Exception('Encountered error while reading array index 0') from error
       raise error
 
-  monkeypatch.setattr(checkpoints, '_read_by_this_process', ReadOutOfMemory)
+  return ReadOutOfMemory
+
+
+@pytest.mark.parametrize('wrapped', [False, True])
+def test_a_read_out_of_memory_is_raised_not_skipped_as_damage(tmp_path, monkeypatch, wrapped):
+  # It had been "cannot be read ...: a crash or a disk error damaged its files": the newest
+  # step skipped, and set aside once an older one (smaller, or read with more memory free) fit.
+  tree = {'w': np.arange(4, dtype=np.float32)}
+  checkpointer = _saved(tmp_path, {2: tree, 4: tree})
+  monkeypatch.setattr(checkpoints, '_read_by_this_process', _reader_running_out_of_memory(out_of_device_memory,
+                                                                                          wrapped))
   reports = []
   with pytest.raises(Exception) as raised:
     checkpointer.restore_newest_intact(tree, reports.append)
@@ -336,21 +343,8 @@ def test_restore_tree_raises_running_out_of_memory_as_it_is_not_as_damage(tmp_pa
   # pretrained's init_checkpoint read goes through restore_tree: "cannot be read ...; it is
   # damaged" would send the user after whole files.
   checkpoints.save_tree(str(tmp_path / 'tree'), {'w': np.arange(4, dtype=np.float32)})
-
-  class ReadOutOfMemory:
-    def __enter__(self):
-      return self
-
-    def __exit__(self, *exception):
-      return False
-
-    def restore(self, *args):
-      try:
-        raise MemoryError('Unable to allocate 4.00 GiB')
-      except MemoryError as error:  # as orbax re-raises a failed array read
-        raise Exception('Encountered error while reading array index 0') from error
-
-  monkeypatch.setattr(checkpoints, '_read_by_this_process', ReadOutOfMemory)
+  monkeypatch.setattr(checkpoints, '_read_by_this_process',
+                      _reader_running_out_of_memory(lambda: MemoryError('Unable to allocate 4.00 GiB'), True))
   with pytest.raises(Exception) as raised:
     checkpoints.restore_tree(str(tmp_path / 'tree'))
   assert not isinstance(raised.value, checkpoints.CheckpointError)

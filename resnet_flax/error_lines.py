@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Optional
 
 # How XLA says a device allocation failed: GPU ('Out of memory while trying to allocate 25.00GiB.',
-# 'Failed to allocate request for ...'), CPU ('Out of memory allocating 17592186044416 bytes.'),
+# 'Failed to allocate request for ...'), CPU ('Out of memory allocating 17592186044416 bytes.', also
+# inside an 'INTERNAL: Error dispatching computation: ...' when a jitted step's buffers do not fit),
 # TPU (a buffer, and a compile's 'Ran out of memory in memory space hbm').
 _OUT_OF_DEVICE_MEMORY = ('RESOURCE_EXHAUSTED: Out of memory', 'RESOURCE_EXHAUSTED: Failed to allocate request',
-                         'RESOURCE_EXHAUSTED: Error allocating device buffer', 'Ran out of memory in memory space')
+                         'RESOURCE_EXHAUSTED: Error allocating device buffer', 'Ran out of memory in memory space',
+                         'Out of memory allocating', 'Out of memory while trying to allocate')
 
 
 def first_line(error: BaseException) -> str:

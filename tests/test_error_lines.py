@@ -31,6 +31,9 @@ def _raised_from(cause: BaseException) -> Exception:
     (RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 7406166528 bytes.\nBufferAssignment '
                   'OOM Debugging.'), 'device'),  # GPU
     (RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 2305843009213693952 bytes.'), 'device'),  # CPU
+    # XLA:CPU running a jitted evaluation step whose buffers do not fit (it had been a traceback).
+    (RuntimeError('INTERNAL: Error dispatching computation: Error dispatching computation: %s: Out of memory '
+                  'allocating 111151110784 bytes.'), 'device'),
     (RuntimeError('RESOURCE_EXHAUSTED: Failed to allocate request for 1.50GiB (1610612736B) on device ordinal 0'),
      'device'),
     (RuntimeError('RESOURCE_EXHAUSTED: Error allocating device buffer: Attempting to allocate 8.00G. That was not '

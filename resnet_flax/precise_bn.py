@@ -61,10 +61,13 @@ class _PopulationMoments:
   def statistics(self) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
     """{BatchNorm module path: (population mean, population variance)}."""
     out = {}
-    for path, (mean_sum, variance_sum, mean_square_sum) in self.sums.items():
-      mean = mean_sum / self.weight
-      variance = variance_sum / self.weight + np.maximum(mean_square_sum / self.weight - np.square(mean), 0.0)
-      out[path] = (mean, variance)
+    # A diverged run's moments are infinite, and inf - inf is NaN: the evaluation's non-finite
+    # note says what that means, where numpy's RuntimeWarning named a line of this file.
+    with np.errstate(invalid='ignore', over='ignore'):
+      for path, (mean_sum, variance_sum, mean_square_sum) in self.sums.items():
+        mean = mean_sum / self.weight
+        variance = variance_sum / self.weight + np.maximum(mean_square_sum / self.weight - np.square(mean), 0.0)
+        out[path] = (mean, variance)
     return out
 
 

@@ -58,6 +58,16 @@ def test_batches_of_unequal_size_give_the_population_statistics():
   np.testing.assert_allclose(variance, images.astype(np.float64).var((0, 1, 2)), rtol=1e-5)
 
 
+# A diverged run's infinite moments: NaN statistics, which the evaluation's non-finite note
+# explains, not a numpy RuntimeWarning naming a line of precise_bn.py.
+def test_infinite_moments_give_nan_statistics_without_a_numpy_warning(recwarn):
+  moments = precise_bn._PopulationMoments()
+  moments.add({'BatchNorm_0': {'mean': np.array([[np.inf, 1.0]]), 'variance': np.array([[1.0, 2.0]])}}, 4)
+  (mean, variance), = moments.statistics().values()
+  assert np.isinf(mean[0]) and np.isnan(variance[0]) and (mean[1], variance[1]) == (1.0, 2.0)
+  assert [str(warning.message) for warning in recwarn] == []
+
+
 @pytest.mark.parametrize('num_batches', [None, -1, 0, 2.5, True])
 def test_a_number_of_batches_that_is_not_a_positive_int_is_refused_not_a_hang(num_batches):
   with pytest.raises(ValueError, match=r'num_batches=.*: give a positive number of training batches'):

@@ -266,6 +266,23 @@ def test_wrong_num_classes_hints_at_the_class_count():
   assert 'logits' not in features['params']
 
 
+# `slim convert` of a 1-channel run's export without --channels 1 (its default is 3) had
+# said only "model (1, 1, 3, 16), checkpoint (1, 1, 1, 16)".
+@pytest.mark.parametrize('model_name, image_shape, read_as', [
+    ('resnet_v1_digits', (8, 8, 1), (8, 8, 3)),  # no root block: the first unit's conv1 and shortcut read the images
+    ('resnet_v2_tiny', (32, 32, 3), (32, 32, 1)),  # the root conv1
+])
+def test_a_checkpoint_of_other_image_channels_hints_at_them(tmp_path, model_name, image_shape, read_as):
+  model = model_for(model_name, num_classes=10)
+  variables = model.init(jax.random.PRNGKey(0), np.zeros((1, *image_shape)), train=False)
+  prefix = slim.save_slim_checkpoint(str(tmp_path / 'model.ckpt'), variables, model)
+  with pytest.raises(slim.SlimCheckpointError) as error:
+    slim.load_variables(prefix, model, image_shape=read_as)
+  assert error.value.summary.endswith(
+      f'hint: the checkpoint takes {image_shape[2]}-channel images, the model was built for {read_as[2]}: convert with '
+      f'--channels {image_shape[2]} (train.py / eval.py: a data set of {image_shape[2]}-channel images)')
+
+
 def test_wrong_scope_hints_at_the_checkpoint_scope():
   with pytest.raises(slim.SlimCheckpointError, match="its variables are under 'resnet_v1_tiny'"):
     slim.load_variables(ckpt_prefix('v1_tiny_10'), model_for('resnet_v2_tiny', num_classes=10))

@@ -272,12 +272,29 @@ def _hints(model: Any, found, missing, misshaped, unexpected) -> list[str]:
       elif classes + 1 == ours[-1]:
         hint += ": slim's ResNet v1 checkpoints have no background class"
       hints.append(f'{hint}; use num_classes={classes} (--config.num_classes={classes} for train.py / eval.py)')
+  channels = _image_channels_hint(scope, misshaped)
+  if channels:
+    hints.append(channels)
   if any(name == logits for name, _ in missing):
     hints.append('the checkpoint has no logits layer; load it into a num_classes=None model and '
                  "add a new logits layer's variables from model.init")
   for fix in sorted({fix for _, fix in unexpected}):
     hints.append(f'build the model with {fix} to use those params')
   return hints
+
+
+def _image_channels_hint(scope: str, misshaped) -> Optional[str]:
+  """The hint for a checkpoint of images with other channels: a layer that reads the images (the
+  root conv1, or the first unit's conv1 and shortcut without a root block) differing in its
+  in-channels alone; None otherwise."""
+  readers = (f'{scope}/conv1/weights', *(f'/block1/unit_1/bottleneck_v{version}/{layer}/weights'
+                                          for version in (1, 2) for layer in ('conv1', 'shortcut')))
+  for name, ours, theirs in misshaped:
+    if (len(ours) == len(theirs) == 4 and ours[2] != theirs[2] and ours[:2] == theirs[:2] and ours[3] == theirs[3]
+        and (name == readers[0] or name.endswith(readers[1:]))):
+      return (f'the checkpoint takes {theirs[2]}-channel images, the model was built for {ours[2]}: convert with '
+              f'--channels {theirs[2]} (train.py / eval.py: a data set of {theirs[2]}-channel images)')
+  return None
 
 
 def _shape(shape) -> str:

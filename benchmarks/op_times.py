@@ -228,7 +228,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     chosen = cases_lib.select(args.profile, args.cases)  # an unknown name fails before --out is made
   except cases_lib.UnknownCaseError as error:
     parser.error(str(error))
-  os.makedirs(args.out, exist_ok=True)
+  try:
+    os.makedirs(args.out, exist_ok=True)
+  except OSError as error:
+    parser.error(f'--out {args.out} cannot be made ({error.strerror}); give a folder this user may write')
   status = 0
   for case in chosen:
     try:

@@ -106,6 +106,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   profile = 'smoke' if args.smoke else args.profile
   if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
     parser.error(f'--out {args.out}: give a file in an existing directory (checked before hours of measuring)')
+  if args.out:
+    try:  # opened for appending (made if absent) now: a place not writable fails before the measuring, not after
+      with open(args.out, 'a'):
+        pass
+    except OSError as error:
+      parser.error(f'--out {args.out} cannot be written ({error.strerror}); give a file this user may write')
   try:
     chosen = cases_lib.select(profile, args.cases)
   except cases_lib.UnknownCaseError as error:

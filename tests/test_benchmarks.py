@@ -280,7 +280,9 @@ def test_the_forced_moments_cases_trace_one_algorithm_and_no_platform_choice(var
   assert 'platform_index' in jaxpr()  # and the patch is undone
 
 
-@pytest.mark.parametrize('out', ['missing/x.jsonl', '.'])
+# '/proc/x.jsonl': a directory that exists but takes no new file (even for root) had failed after
+# the measuring, with a traceback.
+@pytest.mark.parametrize('out', ['missing/x.jsonl', '.', '/proc/x.jsonl'])
 def test_an_out_file_that_cannot_be_written_is_refused_before_measuring(tmp_path, out, monkeypatch):
   monkeypatch.setattr(run, 'run', lambda *args, **kwargs: pytest.fail('measured before checking --out'))
   with pytest.raises(SystemExit) as exit_status:

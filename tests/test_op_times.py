@@ -147,3 +147,11 @@ def test_cases_without_a_compiled_step_and_bad_arguments_are_refused(tmp_path, c
     op_times.main(['--profile', 'smoke', '--cases', 'nosuch', '--out', str(tmp_path / 'new')])
   assert exit_status.value.code == 2 and not (tmp_path / 'new').exists()
   assert "unknown case(s) ['nosuch']" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_profiling(monkeypatch):
+  # /proc takes no new folder (even for root): os.makedirs had raised a traceback.
+  monkeypatch.setattr(op_times, 'profile_case', lambda *args: pytest.fail('profiled before making --out'))
+  with pytest.raises(SystemExit) as exit_status:
+    op_times.main(['--profile', 'smoke', '--cases', 'bn_layer/plain', '--out', '/proc/op_times_out'])
+  assert exit_status.value.code == 2

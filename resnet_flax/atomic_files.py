@@ -3,9 +3,9 @@ strict JSON for them: NaN and infinities as null."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
-import errno
 import os
 import uuid
 from typing import Any, Callable, IO

@@ -29,8 +29,7 @@ _FIELDS = frozenset({
     'optimizer', 'learning_rate', 'lr_batch_size', 'lr_schedule', 'warmup_steps', 'lr_boundaries', 'lr_decay_factor',
     'lr_end', 'lr_power', 'momentum', 'nesterov', 'weight_decay', 'label_smoothing', 'skip_nonfinite_steps',
     'max_skipped_in_a_row', 'bn_weight_decay', 'lars', 'adamw', 'shard_optimizer_state', 'distributed', 'seed',
-    'log_every_steps',
-    'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
+    'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
 })
 # The fields of the groups no other check lists (data.*, bn.* and model_options.*, which a config
 # file may extend with any option get_model takes, are refused where they are read).

@@ -21,8 +21,8 @@ from resnet_flax import (checkpoints, config_checks, data, device_input, distrib
 from resnet_flax.progress import BatchProgress, batch_progress
 
 # What decides the images a model sees at evaluation, and BatchNorm's epsilon, which the
-# checkpoint's arrays leave open (bfloat16 or float32 is rounding): a run evaluated with other values
-# scores other numbers (digits trained upsampled to 16 px, evaluated padded to 8: 93.6% -> 13.9%;
+# checkpoint's arrays leave open (bfloat16 or float32 is rounding): a run evaluated with other
+# values scores other numbers (digits trained upsampled to 16 px, evaluated padded to 8: 93.6% -> 13.9%;
 # trained with bn.epsilon 1, evaluated with 1e-5: 79.2% -> 9.7%).
 EVAL_INPUT_FIELDS = ('data.name', 'data.image_size', 'data.digits_resize', 'data.preprocessing', 'data.resize',
                      'data.label_offset', 'data.channels', 'model_options.output_stride', 'bn.epsilon')

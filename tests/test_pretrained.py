@@ -10,6 +10,7 @@ import pytest
 from configs import default
 from resnet_flax import checkpoints, eval_lib, models, pretrained, slim, train_lib
 from resnet_flax.slim import __main__ as slim_cli
+from resnet_flax.slim import tensor_bundle_writer
 from test_train import SMALL_BLOCKS, tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'slim_ckpt')
@@ -77,6 +78,29 @@ def test_eval_of_slim_checkpoint_directly_and_converted_agree(tmp_path):
   converted = eval_lib.evaluate(config, None, target)
   assert direct['num_examples'] == converted['num_examples'] == 32
   assert direct['loss'] == pytest.approx(converted['loss'], rel=1e-6)
+
+
+def test_eval_reports_the_step_a_tf_checkpoint_was_saved_at(tmp_path):
+  # TF's trainer saved this one with global_step 2; V1_CKPT has no global_step (step 0).
+  momentum = os.path.join(FIXTURES, 'v1_tiny_10_momentum', 'model.ckpt')
+  config = synthetic_config()
+  assert eval_lib.evaluate(config, None, 'slim:' + momentum)['step'] == 2
+  target = slim_cli.convert(momentum, 'resnet_v1_tiny', str(tmp_path), num_classes=10, image_shape=IMAGE_SHAPE)
+  assert eval_lib.evaluate(config, None, target)['step'] == 2
+  assert eval_lib.evaluate(config, None, 'slim:' + V1_CKPT)['step'] == 0
+
+
+def test_a_global_step_tf_did_not_write_is_not_taken_for_the_step(tmp_path):
+  model = models.get_model('resnet_v1_tiny', num_classes=10)
+  variables = slim.load_variables(V1_CKPT, model, image_shape=IMAGE_SHAPE)
+  tensors = slim.variables_to_slim(variables, model, image_shape=IMAGE_SHAPE)
+  as_float = tensor_bundle_writer.write_checkpoint(tmp_path / 'float.ckpt', {**tensors, 'global_step': np.float32(5)})
+  as_vector = tensor_bundle_writer.write_checkpoint(tmp_path / 'vector.ckpt',
+                                                    {**tensors, 'global_step': np.arange(3, dtype=np.int64)})
+  assert slim.global_step(as_float) == slim.global_step(as_vector) == 0
+  assert slim.global_step(tensor_bundle_writer.write_checkpoint(tmp_path / 'model.ckpt', tensors, 9)) == 9
+  config = synthetic_config()
+  assert eval_lib.evaluate(config, None, 'slim:' + as_float)['step'] == 0
 
 
 def test_fine_tuning_keeps_backbone_and_replaces_head():

@@ -64,7 +64,8 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
   variables = slim.load_variables(checkpoint, model, image_shape=image_shape)
   # Before orbax's writer threads meet an unwritable or full workdir (they hung there).
   workdirs.check_workdir(workdir, checkpoints.checkpoint_bytes(variables))
-  checkpoints.save_tree(target, {**variables, 'step': 0})
+  # The TF run's step, so eval.py reports the step the weights were trained to.
+  checkpoints.save_tree(target, {**variables, 'step': slim.global_step(checkpoint)})
   return target
 
 

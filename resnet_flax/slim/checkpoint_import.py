@@ -23,7 +23,7 @@ from absl import logging
 from resnet_flax.slim import names
 from resnet_flax.slim import tensor_bundle
 
-PARAMS, BATCH_STATS = names.PARAMS, names.BATCH_STATS
+PARAMS, BATCH_STATS, GLOBAL_STEP = names.PARAMS, names.BATCH_STATS, names.GLOBAL_STEP
 DEFAULT_IMAGE_SHAPE = (224, 224, 3)
 # State TF creates next to a restored checkpoint when it is absent, all of a group at zero:
 # zero-debias state (ours for the variance too) and our renorm clipping-schedule counter.
@@ -34,6 +34,17 @@ _ZERO_START_GROUPS = (('moving_mean_biased', 'moving_mean_local_step'),
 # statistics, as if they had always tracked them (stddev = sqrt(variance + epsilon)).
 _RENORM_FROM_MOVING = {'renorm_mean': 'moving_mean', 'renorm_stddev': 'moving_variance',
                        'moving_stddev': 'moving_variance'}
+
+
+def global_step(path: str | os.PathLike) -> int:
+  """The `global_step` a TF checkpoint was saved at (`Saver.save(global_step=...)`, slim's
+  training loop), 0 for a checkpoint without one, as a training checkpoint's step counts."""
+  reader = tensor_bundle.CheckpointReader(path)
+  dtype, shape = reader.variables().get(GLOBAL_STEP, (None, None))
+  # Only the variable TF itself creates: a scalar integer (int64). Anything else is not a step.
+  if shape not in ((), (1,)) or dtype is None or not np.issubdtype(dtype, np.integer):
+    return 0
+  return int(reader.read(GLOBAL_STEP).reshape(()))
 
 
 def batch_norm_epsilon(model: Any) -> float:

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import numpy as np
 
 PARAMS, BATCH_STATS = 'params', 'batch_stats'
+# TF's name for the training step a checkpoint was saved at (`tf.train.Saver.save(global_step=)`).
+GLOBAL_STEP = 'global_step'
 _PARAM_LEAVES = {'weights', 'biases', 'gamma', 'beta'}
 # TF's renorm adds the last three (tf_keras BatchNormalization); `renorm_clipping_step` is ours.
 _STAT_LEAVES = {'moving_mean', 'moving_variance', 'moving_stddev', 'renorm_mean', 'renorm_stddev',

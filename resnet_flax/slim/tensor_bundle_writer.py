@@ -14,9 +14,9 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from resnet_flax import atomic_files
-from resnet_flax.slim import checkpoint_state, sstable, tensor_bundle, tf_types
+from resnet_flax.slim import checkpoint_state, names, sstable, tensor_bundle, tf_types
 
-GLOBAL_STEP = 'global_step'
+GLOBAL_STEP = names.GLOBAL_STEP
 _DTYPE_ENUMS = {name: enum for enum, name in tf_types.NUMPY_DTYPES.items()}
 
 

@@ -202,6 +202,19 @@ def test_markdown_table_rows():
   assert (row['recalibrated_top1'], row['num_examples'], row['batch_num_examples']) == ('', 360, 352)
 
 
+def test_an_accuracy_whose_evaluation_loss_is_not_finite_is_marked(tmp_path):
+  # Moving statistics that do not fit the weights yet: a loss of inf and an accuracy of chance.
+  result = _fake_result(0.9, None)
+  result['moving'] = {'top1': 0.098, 'loss': float('inf'), 'num_examples': 360}
+  atomic_files.write_json(str(tmp_path / 'result.json'), result)  # as the runner stores it
+  read_back = atomic_files.read_json(str(tmp_path / 'result.json'))
+  table = tables.markdown_table([read_back, _fake_result(0.999, 0.96)]).splitlines()
+  assert 'an accuracy marked "loss not finite" means nothing' in table[0]
+  assert table[4] == '| 0.9 | yes | 32 | 150 | 9.80% (loss not finite) | 87.50% | — | +37.50 |'
+  assert tables.markdown_table([result]).splitlines()[4] == table[4]  # before it is stored: inf
+  assert table[5] == '| 0.999 | yes | 32 | 150 | 50.00% | 87.50% | 96.00% | +37.50 |'
+
+
 def test_a_diverged_run_has_a_row_without_numbers():
   diverged = dict(_fake_result(0.99, None), step=None, moving=None, batch=None, gap=None, diverged_at_step=3)
   table = tables.markdown_table([diverged, _fake_result(0.9, 0.96)]).splitlines()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from typing import Any, Sequence
 
@@ -52,7 +53,12 @@ def csv_text(columns: Sequence[str], rows: list[dict[str, Any]]) -> str:
 
 
 def _percent(metrics: dict[str, Any] | None) -> str:
-  return '—' if metrics is None else f"{100 * metrics['top1']:.2f}%"
+  if metrics is None:
+    return '—'
+  # Such an accuracy means nothing (eval_lib.nonfinite_note); the table must not pass it as a result.
+  # result.json stores NaN and infinities as null.
+  finite = metrics['loss'] is not None and math.isfinite(metrics['loss'])
+  return f"{100 * metrics['top1']:.2f}%{'' if finite else ' (loss not finite)'}"
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
@@ -64,7 +70,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
   lines = [
       f"Final {first['eval_split']} top-1{evaluated} with moving statistics "
       f"(eval mode), with batch statistics (train-mode BN over batches of the run's batch size), {recalibration}; "
-      'gap = batch − moving, in percentage points. A diverged run (non-finite loss) has no final numbers.',
+      'gap = batch − moving, in percentage points. A diverged run (non-finite loss) has no final numbers; '
+      'an accuracy marked "loss not finite" means nothing.',
       '',
       '| decay | zero-debias | batch size | steps | moving stats | batch stats | recalibrated | gap |',
       '|---:|:---:|---:|---:|---:|---:|---:|---:|',

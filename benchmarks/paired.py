@@ -113,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """Times the chosen cases in turn with the Flax anchor's, printing a JSON line per figure; returns 0."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--profile', choices=cases_lib.PROFILES, default='cpu')
-  parser.add_argument('--cases', nargs='*', default=['train', 'eval'], help='train/eval case names or kinds')
+  parser.add_argument('--cases', nargs='+', default=['train', 'eval'], help='train/eval case names or kinds')
   parser.add_argument('--anchors-dir', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'anchors'))
   parser.add_argument('--device')
   parser.add_argument('--date')
@@ -122,6 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     chosen = [case for case in cases_lib.select(args.profile, args.cases) if case.prepare is not None]
   except cases_lib.UnknownCaseError as error:
     parser.error(str(error))
+  if not chosen:  # e.g. bn_layer: only whole-model steps have a Flax anchor step to take turns with
+    parser.error(f'--cases {" ".join(args.cases)}: none is a train or eval case; give train or eval case names or kinds')
   anchor = load_anchor(os.path.join(args.anchors_dir, compare.FLAX))
   common = {'device': args.device or run.device_description(), 'jax': jax.__version__, 'profile': args.profile,
             **({'date': args.date} if args.date else {})}

@@ -112,6 +112,9 @@ def last_runs(lines: Sequence[str], count: int = 1) -> tuple[list[dict[str, Any]
   runs = [record for record in records if record.get('record') == 'run']
   if count < 1:
     raise ValueError(f'--runs {count}: combine at least one run')
+  if not runs:
+    raise ValueError('it holds no run record: give a file side_by_side.py wrote (benchmarks/results/*.jsonl); '
+                     "benchmarks.run's --out lines are figures only")
   if len(runs) < count:
     raise ValueError(f'the results file holds {len(runs)} run(s), not the {count} asked for')
   runs = runs[-count:]

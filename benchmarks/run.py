@@ -97,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--profile', choices=cases_lib.PROFILES, default='gpu')
   parser.add_argument('--smoke', action='store_true', help='same as --profile smoke')
-  parser.add_argument('--cases', nargs='*', help='case names or kinds (default: all of the profile)')
+  parser.add_argument('--cases', nargs='+', help='case names or kinds (default: all of the profile)')
   parser.add_argument('--device', help="device name to record (default: jax's)")
   parser.add_argument('--date', help='date to record (default: today)')
   parser.add_argument('--out', help='also append the JSON lines to this file')

@@ -307,6 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--raw-log', help="append each job's output here as it ends (JSON lines)")
   parser.add_argument('--results-md', default=os.path.join(REPO, 'benchmarks', 'RESULTS.md'))
   args = parser.parse_args(argv)
+  if args.rounds < 1 or (args.budget_s is not None and args.budget_s <= 0):
+    parser.error(f'--rounds {args.rounds} --budget-s {args.budget_s}: run at least one round, with a positive budget')
 
   missing = [s for s in (compare.FLAX, compare.TORCH, compare.JPEG)
              if not os.path.exists(os.path.join(args.anchors_dir, s))]

@@ -290,6 +290,18 @@ def test_an_out_file_that_cannot_be_written_is_refused_before_measuring(tmp_path
   assert exit_status.value.code == 2
 
 
+@pytest.mark.parametrize('main, arguments', [
+    (run.main, ['--profile', 'cpu', '--cases']),  # no names had run the whole profile
+    (paired.main, ['--cases']),
+    (paired.main, ['--cases', 'pipeline'])])  # nothing to take turns with the Flax anchor's step
+def test_cases_that_name_nothing_to_run_are_a_usage_error(main, arguments, capsys, monkeypatch):
+  monkeypatch.setattr(run, 'run', lambda *args, **kwargs: pytest.fail('measured'))
+  monkeypatch.setattr(paired, 'paired_records', lambda *args, **kwargs: pytest.fail('measured'))
+  with pytest.raises(SystemExit) as exit_status:
+    main(arguments)
+  assert exit_status.value.code == 2 and '--cases' in capsys.readouterr().err
+
+
 def test_an_unknown_case_is_a_usage_error_with_exit_status_2(capsys):
   with pytest.raises(cases_lib.UnknownCaseError, match=r"unknown case\(s\) \['nosuch'\]"):
     cases_lib.select('cpu', ['train', 'nosuch'])  # the library raises; the command lines print it

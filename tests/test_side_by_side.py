@@ -318,6 +318,23 @@ def test_a_malformed_group_rounds_item_is_a_usage_error(item, capsys):
   assert exit_status.value.code == 2 and 'give GROUP=N with GROUP one of' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('arguments', [['--rounds', '0'], ['--rounds', '-1'], ['--budget-s', '0']])
+def test_no_rounds_or_no_budget_is_a_usage_error_before_any_job(arguments, capsys, monkeypatch):
+  monkeypatch.setattr(side_by_side, 'run_rounds', lambda *args, **kwargs: pytest.fail('jobs ran'))
+  with pytest.raises(SystemExit) as exit_status:
+    side_by_side.main(arguments)
+  err = capsys.readouterr().err
+  assert exit_status.value.code == 2 and 'run at least one round, with a positive budget' in err
+
+
+def test_report_of_a_file_without_run_records_says_which_files_it_reports(tmp_path, capsys):
+  path = tmp_path / 'figures.jsonl'  # what benchmarks.run --out appends: figures, no run record
+  path.write_text('{"case": "bn_layer/plain/8x8x8x8", "value": 1.0, "unit": "ms"}\n')
+  assert report.main([str(path), '--results-md', str(tmp_path / 'RESULTS.md')]) == 2
+  assert capsys.readouterr().err == (f'report: {path}: it holds no run record: give a file side_by_side.py wrote '
+                                     "(benchmarks/results/*.jsonl); benchmarks.run's --out lines are figures only\n")
+
+
 @pytest.mark.parametrize('lines', [['[1, 2]'], ['{"record": "run", "run_id": "a"}']])
 def test_report_of_json_that_side_by_side_did_not_write_is_one_line(tmp_path, capsys, lines):
   path = tmp_path / 'other.jsonl'

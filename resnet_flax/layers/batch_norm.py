@@ -363,15 +363,18 @@ def eval_affine(mean: Array, variance: Array, gamma: Optional[Array], beta: Opti
 
 def normalize(x: Array, mean: Array, variance: Array, gamma: Optional[Array], beta: Optional[Array],
               epsilon: float, r: Optional[Array] = None, d: Optional[Array] = None) -> Array:
-  """`(x - mean) / sqrt(variance + epsilon) [* r + d] * gamma + beta`, computed in float32."""
+  """`(x - mean) / sqrt(variance + epsilon) [* r + d] * gamma + beta`, computed in float32.
+
+  r and d fold into the per-channel scale and offset (`d * gamma + beta`), as TF's renorm
+  composes them: one multiply and one add per element, as without renorm.
+  """
   inv = jax.lax.rsqrt(variance + epsilon)
   if r is not None:
     inv = inv * r
   if gamma is not None:
     inv = inv * gamma
-  y = (x.astype(jnp.float32) - mean) * inv
-  if d is not None:
-    y = y + (d if gamma is None else d * gamma)
+  offset = None if d is None else (d if gamma is None else d * gamma)
   if beta is not None:
-    y = y + beta
-  return y
+    offset = beta if offset is None else offset + beta
+  y = (x.astype(jnp.float32) - mean) * inv
+  return y if offset is None else y + offset

@@ -3,6 +3,7 @@
 import itertools
 import os
 import shutil
+import signal
 import time
 
 import numpy as np
@@ -59,6 +60,23 @@ def test_an_unreadable_file_is_named_from_the_worker(tmp_path):
   with pytest.raises(DataError, match='broken.jpg') as excinfo:
     next(ds.eval_batches())
   assert '\n' not in str(excinfo.value)
+
+
+def test_ctrl_c_sent_to_the_workers_leaves_them_decoding(tmp_path):
+  # A terminal's Ctrl-C reaches the workers too; the parent alone decides to save and stop.
+  ds = data.build(_config(_make_folder(tmp_path), preprocessing='vgg', worker_processes=True), 'train',
+                  batch_size=4, seed=0)
+  batches = ds.eval_batches()
+  first = next(batches)
+  workers = list(ds.source.loader._executor._processes.values())  # pylint: disable=protected-access
+  assert workers
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGINT)
+  time.sleep(0.5)  # an idle worker interrupted in its queue read would be gone by now
+  assert all(worker.is_alive() for worker in workers)
+  rest = list(batches)
+  assert len(rest) >= 1 and first['image'].shape == rest[0]['image'].shape
+  ds.source.loader.close()
 
 
 def test_closing_stops_the_workers_and_frees_the_shared_memory(tmp_path):

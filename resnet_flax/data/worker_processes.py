@@ -20,6 +20,7 @@ import functools
 import multiprocessing
 import os
 import shutil
+import signal
 import threading
 import weakref
 from multiprocessing import shared_memory
@@ -48,6 +49,13 @@ def _attached(name: str) -> shared_memory.SharedMemory:
   # Workers share the parent's resource tracker, so attaching registers nothing new and
   # the parent's unlink is the only one.
   return shared_memory.SharedMemory(name=name)
+
+
+def _ignore_interrupts() -> None:
+  """Worker start-up: Ctrl-C reaches the terminal's whole process group. The parent turns it into
+  a save and closes the loader, which stops the workers; a worker's own KeyboardInterrupt came
+  back as its task's result, raised past the parent's handler, and the run stopped unsaved."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def load_slots(buffer_name: str, shape: tuple[int, ...], dtype: str, slots: Sequence[int], paths: Sequence[str],
@@ -134,7 +142,7 @@ class ProcessLoader:
     self.augment_train = augment_train
     self.ship_pixels = ship_pixels
     self._executor = concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context(START_METHOD))
+        num_workers, mp_context=multiprocessing.get_context(START_METHOD), initializer=_ignore_interrupts)
     self._buffers = _Buffers()
     # Workers stop and buffers are unlinked when the loader goes away or at exit.
     self.close = weakref.finalize(self, _shut_down, self._executor, self._buffers)

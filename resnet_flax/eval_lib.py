@@ -52,9 +52,13 @@ def metrics_over(step_fn: Callable[[dict[str, Any], device_input.DeviceBatch], d
   if sums is None:
     raise ValueError('no batch to evaluate: the eval split is smaller than one batch; use a smaller batch size.')
   sums = jax.tree_util.tree_map(lambda x: float(np.asarray(x)), sums)
-  count = max(sums['num_examples'], 1.0)
+  count = sums['num_examples']
+  if count == 0:  # every example masked out: skipped unreadable files
+    raise data.DataError('no example of the eval split could be read: every one was skipped as unreadable '
+                         '(config.data.on_bad_image="skip" is for a few bad files); check its images under '
+                         'config.data.dir.')
   return {'loss': sums['loss_sum'] / count, 'top1': sums['top1_hits'] / count, 'top5': sums['top5_hits'] / count,
-          'num_examples': int(sums['num_examples'])}
+          'num_examples': int(count)}
 
 
 def evaluate_dataset(eval_step: Callable[[dict[str, Any], device_input.DeviceBatch], dict[str, jax.Array]],

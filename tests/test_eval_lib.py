@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_flax import checkpoints, eval_lib, steps, train_lib
+from resnet_flax import checkpoints, data, eval_lib, steps, train_lib
 from test_losses import numpy_correct_top_k, numpy_cross_entropy
 from test_reliability import _truncate_files
 from test_train import tiny_config
@@ -119,6 +119,15 @@ def test_metrics_over_batches_with_a_padded_last_one_are_those_of_the_real_examp
   assert got['top1'] == pytest.approx(numpy_correct_top_k(logits, labels, 1.0, 1) / 19)
   assert got['top5'] == pytest.approx(numpy_correct_top_k(logits, labels, 1.0, 5) / 19)
   assert got['top1'] < got['top5']
+
+
+def test_an_evaluation_whose_every_example_was_skipped_is_refused_not_scored_zero():
+  # on_bad_image='skip' on an eval split of unreadable files: every slot masked out. It had
+  # reported loss 0.0 and top-1 0.00% over 0 examples, with exit status 0.
+  batch = {'logits': np.zeros((4, 10), np.float32), 'label': np.zeros(4, np.int32), 'mask': np.zeros(4, np.float32)}
+  step_fn = jax.jit(lambda _, batch: steps.classification_sums(batch['logits'], batch))
+  with pytest.raises(data.DataError, match=r'^no example of the eval split could be read: every one was skipped'):
+    eval_lib.metrics_over(step_fn, {}, [batch, batch])
 
 
 # A record written before the device count was recorded is no other device count.

@@ -169,3 +169,15 @@ def test_a_training_batch_with_no_readable_image_is_refused(tmp_path):
                             r'files were skipped \(the first: cannot decode image .*train/[ab]/[01]\.jpg') as excinfo:
     next(ds.train_batches())  # Had trained on an all-zero, all-masked batch.
   assert '\n' not in str(excinfo.value)
+
+
+def test_hidden_folders_inside_a_class_are_skipped_as_hidden_files_and_class_folders_are(tmp_path):
+  # A thumbnail cache (.thumbnails/) or a notebook checkpoint had added its images to the class.
+  root = _image_tree(tmp_path)
+  for hidden in ('train/a/.thumbnails', 'train/.cache', 'train/a/sub/.ipynb_checkpoints'):
+    (root / hidden).mkdir(parents=True)
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(root / hidden / 'x.jpg')
+  Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(root / 'train' / 'a' / 'sub' / 'y.jpg')  # not hidden: counts
+  (root / 'train' / 'a' / '.z.jpg').write_bytes(b'')
+  ds = data.build(_folder(root), 'train', batch_size=4, seed=0)
+  assert ds.num_examples == 9 and ds.num_classes == 2

@@ -123,7 +123,7 @@ def image_files(directory: str, walked: tuple[str, ...] = ()) -> list[str]:
   # Anything that is not a directory (a broken link too) counts, so a bad file is named when read, not dropped.
   found = [entry.path for entry in entries if not entry.is_dir() and _is_image(entry.name)]
   for entry in entries:
-    if not entry.is_dir():
+    if not entry.is_dir() or entry.name.startswith('.'):  # hidden, as hidden files and class folders are
       continue
     loop = _loop_target(entry.path, walked) if entry.is_symlink() else None
     if loop is not None:  # Named where it is, not as reached through other links: that is the file to remove.

@@ -152,6 +152,14 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   config_checks.check_config(config)
   dataset = build_eval_dataset(config)
   num_classes = model_builder.head_size(config, dataset.num_classes)
+  if num_classes > dataset.num_classes and jax.process_index() == 0:
+    # Labels index the data's classes: where the data lacks one of the model's, every later
+    # label names another class of the model's (an image folder without train/ takes its
+    # labels from the evaluated split's own folders).
+    print(f"warning: the model has {num_classes} classes but {dataset.source.name}'s labels index "
+          f"{dataset.num_classes}; unless the classes it lacks are the model's last ones, its labels name other "
+          "classes than the model's: give the image folder its train/ split (whose class folders fix the labels) or "
+          'every class.', file=sys.stderr)
   model = model_builder.build_model(config, num_classes)
   mesh = sharding.data_mesh()
   older: list[int] = []

@@ -103,6 +103,18 @@ def test_a_global_step_tf_did_not_write_is_not_taken_for_the_step(tmp_path):
   assert eval_lib.evaluate(config, None, 'slim:' + as_float)['step'] == 0
 
 
+def test_evaluating_data_with_fewer_classes_than_the_model_warns_that_labels_may_not_match(capsys):
+  # An image folder with only val/, lacking a class: its labels shift past the missing one.
+  config = synthetic_config(num_classes=9)
+  config.num_classes = 10  # the checkpoint's, as the class-count error says to set
+  eval_lib.evaluate(config, None, 'slim:' + V1_CKPT)
+  err = capsys.readouterr().err
+  assert ("warning: the model has 10 classes but synthetic's labels index 9; unless the classes it lacks are "
+          "the model's last ones") in err
+  eval_lib.evaluate(synthetic_config(num_classes=10), None, 'slim:' + V1_CKPT)
+  assert 'warning' not in capsys.readouterr().err
+
+
 def test_fine_tuning_keeps_backbone_and_replaces_head():
   model = models.get_model('resnet_v1_tiny', num_classes=5)
   reference = jax.tree_util.tree_map(np.zeros_like, jax.jit(

@@ -120,6 +120,21 @@ def test_flip_mirrors_the_crop(tmp_path, resize):
   np.testing.assert_array_equal(straight, np.asarray(image)[:, 8:40])  # A 1:1 box is an exact crop.
 
 
+@pytest.mark.parametrize('resize', RESIZES)
+def test_a_palette_png_with_transparency_bytes_decodes_to_its_colors_without_a_warning(tmp_path, resize, recwarn):
+  # PIL warns, in two lines naming no file, when such an image goes straight to RGB.
+  colors = np.random.default_rng(0).integers(0, 256, (16, 3), dtype=np.uint8)
+  indices = np.random.default_rng(1).integers(0, 16, (32, 32), dtype=np.uint8)
+  image = Image.fromarray(indices, 'P')
+  image.putpalette(colors.ravel().tolist())
+  image.save(tmp_path / 'p.png', transparency=bytes(range(0, 256, 16)))
+  with Image.open(tmp_path / 'p.png') as saved:
+    assert isinstance(saved.info['transparency'], bytes)
+  got = image_decode.decode_crop(str(tmp_path / 'p.png'), lambda w, h: Crop((0, 0, 32, 32), (32, 32)), 32, resize)
+  np.testing.assert_array_equal(got, colors[indices])
+  assert not [str(warning.message) for warning in recwarn]
+
+
 # --- image folders: decoding, labels, errors -------------------------------------------
 
 def _photo(rng, width, height):

@@ -53,7 +53,7 @@ def _unreadable(path: str, error: Exception) -> UnreadableImage:
 
 def _antialiased_crop(image: Image.Image, crop: Crop, size: int) -> np.ndarray:
   box = _draft(image, crop.box(size), size) if image.format == 'JPEG' else crop.box(size)
-  rgb = image if image.mode == 'RGB' else image.convert('RGB')
+  rgb = _rgb(image)
   # After a draft, `box` refers to the reduced image, which is what `rgb` holds.
   resized = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
   if crop.flip:  # In PIL: copying numpy's reversed view of 3-byte pixels costs 10x more.
@@ -61,9 +61,19 @@ def _antialiased_crop(image: Image.Image, crop: Crop, size: int) -> np.ndarray:
   return np.asarray(resized)
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+  """`image` in RGB. A palette image whose transparency is per-entry bytes goes through RGBA:
+  the same pixels, without the two-line PIL warning that names no file."""
+  if image.mode == 'RGB':
+    return image
+  if image.mode == 'P' and isinstance(image.info.get('transparency'), bytes):
+    image = image.convert('RGBA')
+  return image.convert('RGB')
+
+
 def _slim_crop(image: Image.Image, crop: Crop, size: int) -> np.ndarray:
   # TF's order: the whole image decoded, the region cut out and resized, the window kept.
-  rgb = np.asarray(image if image.mode == 'RGB' else image.convert('RGB'))
+  rgb = np.asarray(_rgb(image))
   left, upper, right, lower = crop.region
   pixels = slim_resize.to_pixels(slim_resize.resize_window(rgb[upper:lower, left:right], crop.resized, crop.offset,
                                                            size))

@@ -33,7 +33,8 @@ def _write_cifar_batch(path, batch, written_by='python2'):
     _Python2Pickler(buffer, protocol=2).dump(batch)
     path.write_bytes(buffer.getvalue().replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n'))
   else:  # Re-pickled by Python 3 and numpy 2; at protocol 2 its bytes are _codecs.encode(str, 'latin1').
-    path.write_bytes(pickle.dumps(batch, protocol={'python3': 4, 'python3_protocol_2': 2}[written_by]))
+    protocol = {'python3': 4, 'python3_protocol_2': 2, 'python3_protocol_5': 5}[written_by]
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
 
 
 def _make_cifar(directory, sizes=(3, 3, 3, 3, 2), test_size=5, written_by='python2'):
@@ -49,9 +50,11 @@ def _make_cifar(directory, sizes=(3, 3, 3, 3, 2), test_size=5, written_by='pytho
   return expected
 
 
-@pytest.mark.parametrize('written_by', ['python2', 'python3', 'python3_protocol_2'])
+# Protocol 5 (numpy's _frombuffer) and an empty batch (bytes() at protocol 2) had been refused
+# as files that "may run code".
+@pytest.mark.parametrize('written_by', ['python2', 'python3', 'python3_protocol_2', 'python3_protocol_5'])
 def test_cifar10_fixture_loads_with_correct_values(tmp_path, written_by):
-  expected = _make_cifar(tmp_path, written_by=written_by)
+  expected = _make_cifar(tmp_path, sizes=(3, 3, 0, 3, 2), written_by=written_by)
   train_images = np.concatenate([expected[f'data_batch_{i}'][0] for i in range(1, 6)])
   train_labels = sum((expected[f'data_batch_{i}'][1] for i in range(1, 6)), [])
   images, labels = cifar10.read_split(str(tmp_path), 'train')
@@ -116,14 +119,33 @@ def test_codecs_encode_is_let_through_for_latin1_bytes_only(tmp_path):
     safe_pickle.load(tmp_path / 'data_batch_1')
 
 
+class _Calls:
+  def __init__(self, function, *arguments):
+    self.function, self.arguments = function, arguments
+
+  def __reduce__(self):
+    return self.function, self.arguments
+
+
+@pytest.mark.parametrize('call, refusal', [
+    (_Calls(bytes, 10**6), r'bytes\(1000000,\) is not an empty byte string'),
+    (_Calls(np._core.numeric._frombuffer, b'\0' * 8, np.dtype(object), (1,), 'C'),
+     'an array at protocol 5 must be plain bytes of a numeric dtype')])
+def test_the_byte_and_protocol_5_constructors_build_nothing_else(tmp_path, call, refusal):
+  (tmp_path / 'data_batch_1').write_bytes(pickle.dumps({b'labels': call}, protocol=2))
+  with pytest.raises(data.DataError, match=refusal):
+    safe_pickle.load(tmp_path / 'data_batch_1')
+
+
 def test_cifar10_rejects_wrong_shapes_and_labels(tmp_path):
   _make_cifar(tmp_path)
   _write_cifar_batch(tmp_path / 'test_batch', {b'data': np.zeros((2, 100), np.uint8), b'labels': [0, 1]})
   with pytest.raises(data.DataError, match=r'uint8 \(N, 3072\)'):
     data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'test', batch_size=4, seed=0)
-  _write_cifar_batch(tmp_path / 'test_batch', {b'data': np.zeros((2, 3072), np.uint8), b'labels': [0, 10]})
-  with pytest.raises(data.DataError, match='labels'):
-    data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'test', batch_size=4, seed=0)
+  for labels in ([0, 10], [True, False]):  # a bool is an int to Python, not a CIFAR label
+    _write_cifar_batch(tmp_path / 'test_batch', {b'data': np.zeros((2, 3072), np.uint8), b'labels': labels})
+    with pytest.raises(data.DataError, match='labels'):
+      data.build({'name': 'cifar10', 'dir': str(tmp_path)}, 'test', batch_size=4, seed=0)
 
 
 def test_cifar10_missing_files_name_what_is_expected(tmp_path):

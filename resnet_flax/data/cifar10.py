@@ -55,7 +55,8 @@ def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     raise DataError(f"{path}: b'data' is {found}, expected uint8 (N, 3072); the file is not CIFAR-10, "
                     f"download it again.")
   if not (isinstance(labels, (list, np.ndarray)) and len(labels) == data.shape[0]
-          and all(isinstance(label, (int, np.integer)) and 0 <= label < NUM_CLASSES for label in labels)):
+          and all(isinstance(label, (int, np.integer)) and not isinstance(label, bool)
+                  and 0 <= label < NUM_CLASSES for label in labels)):
     raise DataError(f"{path}: b'labels' is not {data.shape[0]} integers in 0..{NUM_CLASSES - 1}; "
                     f'the file is not CIFAR-10, download it again.')
   images = data.reshape(-1, 3, NATIVE_SIZE, NATIVE_SIZE).transpose(0, 2, 3, 1)

@@ -3,8 +3,8 @@
 `pickle.load` on a downloaded file runs whatever callables the file names (`os.system`,
 `subprocess.Popen`, ...). The CIFAR-10 python files only need dicts, lists, ints, byte
 strings and uint8 arrays, so every global the file asks for is refused except the numpy
-names an array is rebuilt from and the latin-1 encoding Python 3 writes bytes with at
-protocols 0-2.
+names an array is rebuilt from (protocols 2 to 5) and the ways Python 3 writes bytes at
+protocols 0-2 (latin-1 text, `bytes()` for empty ones).
 """
 
 from __future__ import annotations
@@ -29,8 +29,26 @@ def _latin1_bytes(text: str, encoding: str = 'latin1') -> bytes:
   return text.encode('latin1')
 
 
+def _empty_bytes(*args: Any) -> bytes:
+  """How Python 3 pickles b'' at protocols 0-2 (an empty array's data), `bytes()`, and nothing else."""
+  if args:
+    raise pickle.UnpicklingError(f'bytes{args!r} is not an empty byte string')
+  return b''
+
+
+def _from_buffer(buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+  """How numpy rebuilds an array pickled at protocol 5 (`numpy._core.numeric._frombuffer`): a
+  copy of plain bytes, never of objects (which frombuffer refuses anyway)."""
+  if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.hasobject:
+    raise pickle.UnpicklingError('an array at protocol 5 must be plain bytes of a numeric dtype')
+  return np.frombuffer(buffer, dtype).reshape(shape, order=order).copy()
+
+
 _ALLOWED_GLOBALS = {
     ('_codecs', 'encode'): _latin1_bytes,  # a CIFAR batch pickled again by Python 3 at protocol 2
+    ('__builtin__', 'bytes'): _empty_bytes,
+    ('numpy.core.numeric', '_frombuffer'): _from_buffer,
+    ('numpy._core.numeric', '_frombuffer'): _from_buffer,
     ('numpy.core.multiarray', '_reconstruct'): _RECONSTRUCT,
     ('numpy._core.multiarray', '_reconstruct'): _RECONSTRUCT,
     ('numpy', 'ndarray'): np.ndarray,
@@ -50,9 +68,9 @@ class _ArrayUnpickler(pickle.Unpickler):
     try:
       return _ALLOWED_GLOBALS[(module, name)]
     except KeyError:
-      raise DataError(f'refusing to unpickle {module}.{name} from {self._path}: this file may run code '
-                      f'when loaded; a genuine data file only contains numpy arrays, so delete it and '
-                      f'download it again.') from None
+      raise DataError(f'refusing to unpickle {module}.{name} from {self._path}: it is not how numpy arrays, '
+                      'dicts, lists, ints or byte strings are pickled, and loading it could run code; delete the '
+                      'file and download it again.') from None
 
 
 def load(path: str | os.PathLike) -> Any:

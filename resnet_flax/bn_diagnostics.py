@@ -70,8 +70,7 @@ def discrepancy_report(config: ml_collections.ConfigDict, workdir: Optional[str]
                                                                 loaded.num_classes, show_progress)
                       for size in batch_sizes}}
   if recalibration_batches > 0:
-    recalibrated = precise_bn.recalibrate(config, loaded.model, loaded.variables, recalibration_batches,
-                                          loaded.mesh, show_progress)
+    recalibrated = loaded.recalibrated(config, recalibration_batches, show_progress=show_progress)
     report['recalibrated'] = loaded.evaluate(recalibrated, show_progress=show_progress)
   return report
 

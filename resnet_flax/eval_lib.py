@@ -26,6 +26,8 @@ from resnet_flax.progress import BatchProgress, batch_progress
 # trained with bn.epsilon 1, evaluated with 1e-5: 79.2% -> 9.7%).
 EVAL_INPUT_FIELDS = ('data.name', 'data.image_size', 'data.digits_resize', 'data.preprocessing', 'data.resize',
                      'data.label_offset', 'data.channels', 'model_options.output_stride', 'bn.epsilon')
+# What decides precise BN's statistics groups, as training's: the batch, and how it is split.
+RECALIBRATION_GROUP_FIELDS = ('batch_size', 'bn.cross_device', 'bn.ghost_batch_size', 'device_count')
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh
@@ -99,6 +101,14 @@ class LoadedCheckpoint:
                               self.dataset.batch_size * jax.process_count())
     return evaluate_dataset(make_eval_step(self.model, self.mesh), variables, self.dataset, self.mesh, progress)
 
+  def recalibrated(self, config: ml_collections.ConfigDict, num_batches: int, *, show_progress: bool = False
+                   ) -> dict[str, Any]:
+    """The loaded variables with precise-BN statistics from `num_batches` training batches, taken
+    in the statistics groups `config` trains with on these devices (ghost batches, per device)."""
+    model_builder.check_statistics_groups(config, jax.device_count())
+    model = model_builder.build_model(config, self.num_classes)  # grouped: the loaded model is not
+    return precise_bn.recalibrate(config, model, self.variables, num_batches, self.mesh, show_progress)
+
 
 def nonfinite_note(metrics: dict[str, Any], config: ml_collections.ConfigDict) -> Optional[str]:
   """Why an evaluation whose loss is NaN or Inf means nothing, and what to do; None if it is finite.
@@ -118,24 +128,38 @@ def nonfinite_note(metrics: dict[str, Any], config: ml_collections.ConfigDict) -
 
 
 def input_differences(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """The fields deciding what the model sees at evaluation (and, for precise BN with per-device
-  statistics, the device count) that differ from those the run in `workdir` recorded in its
-  config.json, as 'field: run's -> now'; none without a record."""
+  """The fields deciding what the model sees at evaluation that differ from those the run in
+  `workdir` recorded in its config.json, as 'field: run's -> now', and for precise BN its
+  statistics groups where they differ from training's; none without a record."""
   try:
     recorded = metrics_writer.recorded_config(workdir)
   except (OSError, ValueError):  # a damaged record is no reason not to evaluate its checkpoints
     return []
   if recorded is None:
     return []
-  differences = metrics_writer.field_changes(recorded, metrics_writer.as_recorded(config.to_dict()),
-                                             EVAL_INPUT_FIELDS)
-  # Precise BN with per-device statistics groups each device's share of a batch: another
-  # device count, other groups, other statistics (33.89% against 34.17%, 4 devices and 1).
-  if (config.bn.cross_device == 'per_device' and config.get('bn_recalibration_batches', 0) > 0
-      and recorded.get('device_count') not in (None, jax.device_count())):
-    differences.append(f"device_count: {recorded['device_count']} -> {jax.device_count()} (precise BN's per-device "
-                       'statistics)')
+  now = metrics_writer.as_recorded(config.to_dict())
+  differences = metrics_writer.field_changes(recorded, now, EVAL_INPUT_FIELDS)
+  if config.get('bn_recalibration_batches', 0) > 0:
+    # Other groups, other statistics: per-device groups on 4 devices and on 1 gave 34.17% and 33.89%.
+    now['device_count'] = jax.device_count()
+    run = {'device_count': now['device_count'], **recorded}  # a record without it: this count
+    groups = [_statistics_group(fields) for fields in (run, now)]
+    if groups[0] != groups[1]:
+      changes = metrics_writer.field_changes(run, now, RECALIBRATION_GROUP_FIELDS)
+      differences.append(f"precise BN's statistics groups: {groups[0]} -> {groups[1]} examples "
+                         f"({', '.join(changes)})")
   return differences
+
+
+def _statistics_group(fields: dict[str, Any]) -> Optional[int]:
+  """Examples per train-mode statistics group of a config as `recorded_config` gives it; None
+  for a batch its groups do not divide (refused when recalibrating)."""
+  bn = ml_collections.ConfigDict({'cross_device': fields.get('bn.cross_device', 'global'),
+                                  'ghost_batch_size': fields.get('bn.ghost_batch_size')})
+  try:
+    return model_builder.statistics_group_size(bn, fields['batch_size'], fields['device_count']) or fields['batch_size']
+  except ValueError:
+    return None
 
 
 def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoint: Optional[str] = None
@@ -160,7 +184,8 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
           f"{dataset.num_classes}; unless the classes it lacks are the model's last ones, its labels name other "
           "classes than the model's: give the image folder its train/ split (whose class folders fix the labels) or "
           'every class.', file=sys.stderr)
-  model = model_builder.build_model(config, num_classes)
+  # Eval mode groups no statistics: a run's ghost batches need not divide this batch on these devices.
+  model = model_builder.build_model(config, num_classes, statistics_groups=False)
   mesh = sharding.data_mesh()
   older: list[int] = []
   if checkpoint is None:
@@ -226,8 +251,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoi
   metrics = loaded.evaluate(show_progress=True)
   result = {'step': loaded.step, **metrics}
   if recalibrating:
-    variables = precise_bn.recalibrate(config, loaded.model, loaded.variables, config.bn_recalibration_batches,
-                                       loaded.mesh, show_progress=True)
+    variables = loaded.recalibrated(config, config.bn_recalibration_batches, show_progress=True)
     result = {'step': loaded.step, **loaded.evaluate(variables, show_progress=True), 'before_recalibration': metrics}
   unusable = nonfinite_note(result, config)
   if unusable and jax.process_index() == 0:

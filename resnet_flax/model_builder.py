@@ -80,21 +80,25 @@ def check_statistics_groups(config: ml_collections.ConfigDict, device_count: int
                    'examples per group, or config.bn.frozen=True to train with the moving statistics.')
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, device_count: Optional[int] = None
-                ) -> nn.Module:
+def build_model(config: ml_collections.ConfigDict, num_classes: int, device_count: Optional[int] = None, *,
+                statistics_groups: bool = True) -> nn.Module:
   """`models.get_model(config.model, ...)` with `config.bn`, dtype and model options (slim's weight
   decay is the loss's, `config.weight_decay`).
 
   `device_count` (default: all devices) matters only for `config.bn.cross_device='per_device'`.
+  Without `statistics_groups` the model's train-mode statistics are not grouped (ghost batches,
+  per-device shares): a model for eval mode, which reads no batch statistics, so any batch size
+  and device count evaluate it.
   """
   if config.dtype not in DTYPES:
     raise ValueError(f'config.dtype={config.dtype!r} is unknown; use one of {sorted(DTYPES)}.')
   if config.bn.zero_init_last_gamma and not config.bn.scale:
     raise ValueError('config.bn.zero_init_last_gamma=True needs config.bn.scale=True: without scale there is no '
                      'gamma to start at zero.')
-  device_count = device_count or jax.device_count()
   overrides = {f'batch_norm_{field}': value for field, value in config.bn.items() if field not in _NOT_LAYER_FIELDS}
-  overrides['batch_norm_ghost_batch_size'] = statistics_group_size(config.bn, config.batch_size, device_count)
+  if statistics_groups:
+    overrides['batch_norm_ghost_batch_size'] = statistics_group_size(config.bn, config.batch_size,
+                                                                     device_count or jax.device_count())
   overrides['zero_init_last_gamma'] = config.bn.zero_init_last_gamma
   overrides['fold_batch_norm_in_eval'] = config.bn.fold_in_eval
   # None means "the model's own default" (e.g. no root block for the digits variants).

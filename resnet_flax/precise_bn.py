@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from resnet_flax import data, device_input, sharding
+from resnet_flax import data, device_input, model_builder, sharding
 from resnet_flax.layers.batch_norm import BATCH_MOMENTS, BATCH_STATS
 from resnet_flax.progress import BatchProgress, batch_progress
 
@@ -111,11 +111,13 @@ def with_statistics(variables: Variables, statistics: Mapping[tuple[str, ...], t
 
 def check_recalibration_possible(config: ml_collections.ConfigDict) -> None:
   """Refuses, before any pass over the data, a recalibration that frozen BatchNorm layers would
-  give no batch statistics to."""
+  give no batch statistics to, or whose statistics groups (as training's) would hold one example."""
   if config.bn.frozen:
     raise ValueError('config.bn_recalibration_batches recomputes the BatchNorm statistics from batch statistics, '
                      'which config.bn.frozen=True turns off; leave --config.bn.frozen out for eval.py (it changes '
                      'training only: a frozen run evaluates the same without it).')
+  # A group of one normalizes each example by itself: its statistics are no batch's.
+  model_builder.check_statistics_groups(config, jax.device_count())
 
 
 def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: Variables, num_batches: int,

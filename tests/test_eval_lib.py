@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_flax import checkpoints, data, eval_lib, steps, train_lib
+from resnet_flax import checkpoints, data, eval_lib, model_builder, precise_bn, steps, train_lib
 from test_losses import numpy_correct_top_k, numpy_cross_entropy
 from test_reliability import _truncate_files
 from test_train import tiny_config
@@ -34,11 +34,26 @@ def test_evaluating_a_run_on_other_inputs_than_it_trained_on_is_warned_of(tmp_pa
   # Precise BN over per-device groups: the device count decides them.
   config.bn.cross_device = 'per_device'
   config.bn_recalibration_batches = 2
-  assert eval_lib.input_differences(config, str(tmp_path)) == []  # trained on this one device
+  assert eval_lib.input_differences(config, str(tmp_path)) == []  # on one device, the run's global groups
   recorded = json.loads((tmp_path / 'config.json').read_text())
+  recorded['bn']['cross_device'] = 'per_device'
   (tmp_path / 'config.json').write_text(json.dumps({**recorded, 'device_count': 4}))
   assert eval_lib.input_differences(config, str(tmp_path)) == [
-      "device_count: 4 -> 1 (precise BN's per-device statistics)"]
+      "precise BN's statistics groups: 4 -> 16 examples (device_count: 4 -> 1)"]
+
+
+def test_precise_bn_warns_of_other_statistics_groups_than_the_runs(tmp_path):
+  config = tiny_config()
+  (tmp_path / 'config.json').write_text(json.dumps(config.to_dict()))
+  config.update(batch_size=64)  # eval.py's default config against a run at 16
+  config.bn.ghost_batch_size = 8
+  assert eval_lib.input_differences(config, str(tmp_path)) == []  # eval mode groups nothing
+  config.bn_recalibration_batches = 2
+  assert eval_lib.input_differences(config, str(tmp_path)) == [
+      "precise BN's statistics groups: 16 -> 8 examples (batch_size: 16 -> 64, bn.ghost_batch_size: None -> 8)"]
+  config.update(batch_size=16)
+  config.bn.update(ghost_batch_size=None, cross_device='per_device')  # one device: the same groups
+  assert eval_lib.input_differences(config, str(tmp_path)) == []
 
 
 def test_a_default_given_explicitly_or_a_field_the_data_ignores_is_no_other_input(tmp_path):
@@ -70,6 +85,46 @@ def test_precise_bn_of_frozen_batch_norm_is_refused_before_any_pass(tmp_path):
   config.bn_recalibration_batches = 2
   with pytest.raises(ValueError, match=r'^config.bn_recalibration_batches recomputes .* leave --config.bn.frozen out'):
     eval_lib.evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize('settings, devices, named', [
+    ({'batch_size': 1}, 1, 'config.batch_size=1'),
+    ({'batch_size': 4, 'bn.ghost_batch_size': 1}, 1, 'config.bn.ghost_batch_size=1'),
+    ({'batch_size': 4, 'bn.cross_device': 'per_device'}, 4,
+     "config.batch_size=4 over 4 devices with cross_device='per_device'")])
+def test_precise_bn_from_groups_of_one_example_is_refused_before_any_pass(tmp_path, monkeypatch, settings, devices,
+                                                                         named):
+  # A group of one normalizes each example by itself; recalibration had gone ahead (loss 3.9 -> 9.3).
+  config = tiny_config()
+  config.update_from_flattened_dict(settings)
+  config.bn_recalibration_batches = 2
+  monkeypatch.setattr(jax, 'device_count', lambda: devices)
+  with pytest.raises(ValueError, match=rf'^{re.escape(named)} leaves one example per BatchNorm statistics group'):
+    eval_lib.evaluate(config, str(tmp_path))  # no checkpoint there: refused before looking
+
+
+def test_eval_mode_ignores_statistics_groups_and_precise_bn_takes_training_s(tmp_path):
+  # A run's ghost batches need not divide another evaluation batch or device count: eval mode
+  # reads no batch statistics (it had been refused). Precise BN groups as training does.
+  config = tiny_config(2)
+  config.bn.ghost_batch_size = 4
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  config.batch_size = 6  # ghost batches of 4 do not divide it
+  assert eval_lib.evaluate(config, str(tmp_path))['step'] == 2
+  loaded = eval_lib.load_checkpoint(config, str(tmp_path))
+  assert loaded.model.arg_scope.batch_norm.get('ghost_batch_size') is None
+  with pytest.raises(ValueError, match=r'^config.bn.ghost_batch_size=4 does not divide config.batch_size=6'):
+    loaded.recalibrated(config, 1)
+  config.batch_size = 16
+  grouped = precise_bn.recalibrate(config, model_builder.build_model(config, 10), loaded.variables, 2)
+  ungrouped = precise_bn.recalibrate(config, loaded.model, loaded.variables, 2)
+  ours = loaded.recalibrated(config, 2)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(ours), jax.device_get(grouped))
+  # Pooled statistics of a layer do not depend on its groups, but each group normalized by its
+  # own moments feeds the next layers other activations: groups of 4 are not groups of 16.
+  same = jax.tree_util.tree_map(np.allclose, jax.device_get(ours['batch_stats']),
+                                jax.device_get(ungrouped['batch_stats']))
+  assert not all(jax.tree_util.tree_leaves(same))
 
 
 @pytest.mark.parametrize('eval_batch_size, named', [(0, 'config.eval_batch_size=0, so config.batch_size=3 does'),

@@ -116,6 +116,7 @@ def check_recalibration_possible(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.bn_recalibration_batches recomputes the BatchNorm statistics from batch statistics, '
                      'which config.bn.frozen=True turns off; leave --config.bn.frozen out for eval.py (it changes '
                      'training only: a frozen run evaluates the same without it).')
+  sharding.check_batch_size(config.batch_size)  # before the groups: a batch that does not split has none
   # A group of one normalizes each example by itself: its statistics are no batch's.
   model_builder.check_statistics_groups(config, jax.device_count())
 

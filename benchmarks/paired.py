@@ -122,8 +122,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     chosen = [case for case in cases_lib.select(args.profile, args.cases) if case.prepare is not None]
   except cases_lib.UnknownCaseError as error:
     parser.error(str(error))
-  if not chosen:  # e.g. bn_layer: only whole-model steps have a Flax anchor step to take turns with
-    parser.error(f'--cases {" ".join(args.cases)}: none is a train or eval case; give train or eval case names or kinds')
+  if not chosen:  # pipeline or train_loop: nothing of ours steps in turn with the Flax anchor's step
+    parser.error(f'--cases {" ".join(args.cases)}: none is a train or eval case; give train or eval case names '
+                 'or kinds')
   anchor = load_anchor(os.path.join(args.anchors_dir, compare.FLAX))
   common = {'device': args.device or run.device_description(), 'jax': jax.__version__, 'profile': args.profile,
             **({'date': args.date} if args.date else {})}

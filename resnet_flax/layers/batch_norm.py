@@ -11,7 +11,7 @@ import numpy as np
 
 from resnet_flax.layers import moving_averages, renorm
 from resnet_flax.layers.end_points import keep_latest
-from resnet_flax.layers.moments import batch_moments, values_per_channel
+from resnet_flax.layers.moments import batch_moments, values_per_channel, weighted_moments
 
 Array = jnp.ndarray
 
@@ -59,7 +59,8 @@ def slim_fuses(rank: int, fused: bool, zero_debias_moving_mean: bool) -> bool:
 
 _CHECKED_OPTIONS = ('decay', 'epsilon', 'zero_debias_moving_mean', 'zero_debias_moving_variance', 'renorm',
                     'renorm_decay', 'renorm_r_min', 'renorm_r_max', 'renorm_d_max', 'renorm_clipping_start_step',
-                    'renorm_clipping_ramp_steps')
+                    'renorm_clipping_ramp_steps', 'data_format')
+DATA_FORMATS = ('NHWC', 'NCHW')
 
 
 # Fields that only batch renormalization reads.
@@ -102,6 +103,9 @@ def check_options(prefix: str, options: Mapping[str, Any]) -> None:
   for field, allowed, expected in bounds:
     if get(field) is not None and not allowed(get(field)):
       raise ValueError(f'{prefix}{field}={get(field)} must be {expected}.')
+  if get('data_format') not in DATA_FORMATS:
+    raise ValueError(f"{prefix}data_format={get('data_format')!r} is unknown; use 'NHWC' (channels last) or 'NCHW' "
+                     '(channels on axis 1).')
   if not get('renorm'):
     unused = [f'{field}={get(field)}' for field in _RENORM_ONLY if get(field) != getattr(BatchNorm, field)]
     if unused:
@@ -146,6 +150,10 @@ class BatchNorm(nn.Module):
       per group with `fused`). None: the whole batch.
     gamma_init: initializer of gamma (zeros for the last BN of a residual unit makes
       each unit start as the identity, Goyal et al. 2017).
+    beta_init, moving_mean_init, moving_variance_init: the other initializers of TF-Slim's
+      `param_initializers` (flax initializers: `init(key, shape, dtype)`). With renorm, as
+      TF, the renorm mean starts at `moving_mean_init` and the moving and renorm stddevs at
+      the square root of `moving_variance_init`; zero-debias state starts at 0.
     renorm: batch renormalization as TF's `renorm=True` (see `layers/renorm.py`); as
       in TF it takes the non-fused path (biased variance) and tracks the moving
       variance through a moving stddev, `moving_variance = max(moving_stddev ** 2 - epsilon, 0)`.
@@ -157,6 +165,12 @@ class BatchNorm(nn.Module):
       counted by this layer's own train-mode updates (`renorm_clipping_step`).
     activation: applied to the output, as slim's `activation_fn`.
     dtype: output dtype; None keeps the input's. Statistics are float32 regardless.
+    data_format: 'NHWC' (channels last, any rank) or TF-Slim's 'NCHW' (channels on axis 1).
+
+  `__call__(x, train=..., batch_weights=w)` takes TF-Slim's `batch_weights`: a frequency weight
+  per example, shape (batch,), for weighted batch moments in train mode (ignored in eval mode,
+  as slim ignores it). As in TF-Slim they take the non-fused path (the biased weighted variance
+  feeds the moving variance) and exclude renorm; a batch whose weights sum to 0 gives moments 0.
   """
   decay: float = 0.999
   epsilon: float = 0.001
@@ -169,6 +183,9 @@ class BatchNorm(nn.Module):
   frozen_gamma_beta: bool = False
   ghost_batch_size: Optional[int] = None
   gamma_init: Callable[..., Array] = nn.initializers.ones
+  beta_init: Callable[..., Array] = nn.initializers.zeros
+  moving_mean_init: Callable[..., Array] = nn.initializers.zeros
+  moving_variance_init: Callable[..., Array] = nn.initializers.ones
   renorm: bool = False
   renorm_decay: float = 0.99
   renorm_r_min: Optional[float] = None
@@ -178,13 +195,21 @@ class BatchNorm(nn.Module):
   renorm_clipping_ramp_steps: int = 0
   activation: Optional[Callable[[Array], Array]] = None
   dtype: Any = None
+  data_format: str = 'NHWC'
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
+  def __call__(self, x: Array, *, train: bool, batch_weights: Optional[Array] = None) -> Array:
     self._check_options()
     self._check_call(x, train)
+    if batch_weights is not None:
+      batch_weights = self._checked_batch_weights(batch_weights, x)
+    if self.data_format == 'NCHW':  # the channels-last computation, on a view XLA lays out as it likes
+      return jnp.moveaxis(self._channels_last(jnp.moveaxis(x, 1, -1), train, batch_weights), -1, 1)
+    return self._channels_last(x, train, batch_weights)
+
+  def _channels_last(self, x: Array, train: bool, batch_weights: Optional[Array]) -> Array:
     channels = x.shape[-1]
-    beta = self.param('beta', nn.initializers.zeros, (channels,), jnp.float32) if self.center else None
+    beta = self.param('beta', self.beta_init, (channels,), jnp.float32) if self.center else None
     gamma = self.param('gamma', self.gamma_init, (channels,), jnp.float32) if self.scale else None
     if self.frozen_gamma_beta:
       beta, gamma = (None if v is None else jax.lax.stop_gradient(v) for v in (beta, gamma))
@@ -200,7 +225,11 @@ class BatchNorm(nn.Module):
       group_axes = tuple(axis + group_axis_count for axis in within_group)
       check_batch_statistics_possible(group_shape, within_group, module_path(self))
       # One (mean, variance) per ghost batch: shape (C,), or (groups, C) for ghost batches.
-      mean, variance = batch_moments(groups, group_axes)
+      if batch_weights is None:
+        mean, variance = batch_moments(groups, group_axes)
+      else:  # one weight per example, broadcast over its values like groups' batch axis
+        weights = batch_weights.reshape(groups.shape[:group_axis_count + 1] + (1,) * (x.ndim - 1))
+        mean, variance = weighted_moments(groups, weights, group_axes)
       if not self.is_initializing():  # init makes every collection mutable; keep it out of variables
         # For precise-BN recalibration (`resnet_flax.precise_bn`), always (groups, C); a no-op unless asked for.
         self.sow(BATCH_MOMENTS, 'mean', mean.reshape(-1, channels), reduce_fn=keep_latest, init_fn=lambda: None)
@@ -213,7 +242,8 @@ class BatchNorm(nn.Module):
       if not self.is_initializing():
         self._require_mutable_stats()
         n = values_per_channel(group_shape, within_group)
-        unbiased = slim_fuses(x.ndim, self.fused, self.zero_debias_moving_mean)
+        # TF-Slim runs weighted moments in its non-fused code only.
+        unbiased = batch_weights is None and slim_fuses(x.ndim, self.fused, self.zero_debias_moving_mean)
         self._update_statistics(stats, mean, variance, n / (n - 1) if unbiased else 1.0)
       y = normalize(groups, mean, variance, gamma, beta, self.epsilon, r, d).reshape(x.shape)
     else:
@@ -265,16 +295,37 @@ class BatchNorm(nn.Module):
                          f'model with batch_norm_{field}=True (config.bn.{field}=True) to use it, or leave it out of '
                          'the params.')
 
+  def _checked_batch_weights(self, batch_weights: Any, x: Array) -> Array:
+    """`batch_weights` as float32 (batch,), or a one-line error naming what is wrong."""
+    batch_weights = jnp.asarray(batch_weights)
+    if batch_weights.shape != (x.shape[0],) or not jnp.issubdtype(batch_weights.dtype, jnp.floating):
+      raise ValueError(f'BatchNorm {module_path(self)!r}: batch_weights must be one float weight per example, '
+                       f'shape ({x.shape[0]},); got {batch_weights.dtype} {batch_weights.shape}.')
+    if self.renorm:  # as TF-Slim, whose weighted code path has no renorm
+      raise ValueError(f'BatchNorm {module_path(self)!r}: renorm is not supported with batch_weights (neither in '
+                       'TF-Slim); leave one of them out.')
+    return batch_weights.astype(jnp.float32)
+
   def _statistics(self, channels: int) -> dict[str, Any]:
     """The `batch_stats` variables this configuration keeps, by name."""
-    zeros, ones, step = (jnp.zeros, (channels,)), (jnp.ones, (channels,)), (jnp.zeros, ())
-    wanted = {'moving_mean': zeros, 'moving_variance': ones}
+    def initialized(init: Callable[..., Array], root: bool = False) -> tuple[Callable[..., Array], tuple]:
+      # Only init creates these (a missing one is refused below), so the params rng is there.
+      def value(shape: tuple[int, ...], dtype: Any) -> Array:
+        initial = init(self.make_rng('params'), shape, dtype)
+        return jnp.sqrt(initial) if root else initial
+      return value, (channels,)
+    zeros, step = (jnp.zeros, (channels,)), (jnp.zeros, ())
+    wanted = {'moving_mean': initialized(self.moving_mean_init),
+              'moving_variance': initialized(self.moving_variance_init)}
     if self.zero_debias_moving_mean:
       wanted.update(moving_mean_biased=zeros, moving_mean_local_step=step)
     if self.zero_debias_moving_variance:
       wanted.update(moving_variance_biased=zeros, moving_variance_local_step=step)
     if self.renorm:
-      wanted.update(moving_stddev=ones, renorm_mean=zeros, renorm_stddev=ones)
+      # As TF: the stddevs start at the root of the variance's initial value, the renorm mean at the mean's.
+      wanted.update(moving_stddev=initialized(self.moving_variance_init, root=True),
+                    renorm_mean=initialized(self.moving_mean_init),
+                    renorm_stddev=initialized(self.moving_variance_init, root=True))
       if self.renorm_clipping_start_step or self.renorm_clipping_ramp_steps:
         wanted.update(renorm_clipping_step=step)
     if not self.is_initializing():

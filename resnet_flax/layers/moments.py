@@ -88,3 +88,16 @@ def shifted_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, A
   between = jnp.mean(jnp.square(centred), axis=batch_axis, keepdims=True) - jnp.square(centred_mean)
   variance = jnp.mean(example_deviations, axis=batch_axis, keepdims=True) / per_example + jnp.maximum(between, 0.0)
   return jnp.squeeze(mean_shift + centred_mean, reduction_axes), jnp.squeeze(variance, reduction_axes)
+
+
+def weighted_moments(x: Array, weights: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Array]:
+  """Frequency-weighted mean and biased variance over `reduction_axes`, as TF's
+  `tf.nn.weighted_moments` (`weights` broadcast against `x`), in float32; a total weight of 0
+  gives 0 for both, as TF's `div_no_nan`."""
+  x32 = x.astype(jnp.float32)
+  weights = jnp.broadcast_to(weights.astype(jnp.float32), x32.shape)
+  total = jnp.sum(weights, axis=reduction_axes, keepdims=True)
+  divide = lambda sums: jnp.where(total > 0, sums / jnp.where(total > 0, total, 1.0), 0.0)
+  mean = divide(jnp.sum(weights * x32, axis=reduction_axes, keepdims=True))
+  variance = divide(jnp.sum(weights * jnp.square(x32 - mean), axis=reduction_axes, keepdims=True))
+  return jnp.squeeze(mean, reduction_axes), jnp.squeeze(variance, reduction_axes)

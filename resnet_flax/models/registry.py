@@ -75,7 +75,8 @@ def list_models() -> list[str]:
 
 
 def _batch_norm_fields() -> set[str]:
-  return {f.name for f in dataclasses.fields(BatchNorm)} - {'parent', 'name', 'dtype', 'activation'}
+  # The ResNets are channels last throughout: their BatchNorm has no data_format to choose.
+  return {f.name for f in dataclasses.fields(BatchNorm)} - {'parent', 'name', 'dtype', 'activation', 'data_format'}
 
 
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict, dict, dict]:

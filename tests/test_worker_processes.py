@@ -70,6 +70,10 @@ def test_ctrl_c_sent_to_the_workers_leaves_them_decoding(tmp_path):
   first = next(batches)
   workers = list(ds.source.loader._executor._processes.values())  # pylint: disable=protected-access
   assert workers
+  deadline = time.monotonic() + 30
+  while not all(_ignores_sigint(worker.pid) for worker in workers):  # a busy machine: one may still be starting
+    assert time.monotonic() < deadline, 'a worker never ignored SIGINT'
+    time.sleep(0.05)
   for worker in workers:
     os.kill(worker.pid, signal.SIGINT)
   time.sleep(0.5)  # an idle worker interrupted in its queue read would be gone by now
@@ -77,6 +81,12 @@ def test_ctrl_c_sent_to_the_workers_leaves_them_decoding(tmp_path):
   rest = list(batches)
   assert len(rest) >= 1 and first['image'].shape == rest[0]['image'].shape
   ds.source.loader.close()
+
+
+def _ignores_sigint(pid):
+  with open(f'/proc/{pid}/status') as status:
+    ignored = int(next(line for line in status if line.startswith('SigIgn:')).split()[1], 16)
+  return bool(ignored >> (signal.SIGINT - 1) & 1)
 
 
 def test_closing_stops_the_workers_and_frees_the_shared_memory(tmp_path):

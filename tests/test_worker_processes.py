@@ -83,6 +83,22 @@ def test_ctrl_c_sent_to_the_workers_leaves_them_decoding(tmp_path):
   ds.source.loader.close()
 
 
+def test_closing_terminates_a_worker_stuck_on_a_task(tmp_path, monkeypatch):
+  # Workers ignore Ctrl-C: one stuck on a hung read had held a stopping run (its second signal too).
+  monkeypatch.setattr(worker_processes, 'STUCK_WORKER_GRACE_S', 0.5)
+  ds = data.build(_config(_make_folder(tmp_path), preprocessing='vgg', worker_processes=True), 'train',
+                  batch_size=4, seed=0)
+  next(ds.eval_batches())
+  loader = ds.source.loader
+  stuck = loader._executor.submit(time.sleep, 3600)  # pylint: disable=protected-access
+  workers = list(loader._executor._processes.values())  # pylint: disable=protected-access
+  started = time.monotonic()
+  while not stuck.running():
+    time.sleep(0.01)
+  loader.close()
+  assert time.monotonic() - started < 30 and not any(worker.is_alive() for worker in workers)
+
+
 def _ignores_sigint(pid):
   with open(f'/proc/{pid}/status') as status:
     ignored = int(next(line for line in status if line.startswith('SigIgn:')).split()[1], 16)

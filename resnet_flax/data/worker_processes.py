@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 import weakref
 from multiprocessing import shared_memory
 from typing import Optional, Sequence
@@ -38,6 +39,8 @@ _SHARED_MEMORY_DIR = '/dev/shm'
 _BROKEN_POOL = ('image decoding worker processes died (at start, this is usually a script whose top-level code '
                 "is not under `if __name__ == '__main__':`, which workers re-import; later, often a full /dev/shm); "
                 'fix that, or set config.data.worker_processes=False.')
+# How long a closing loader waits for a busy worker before terminating it (tasks take milliseconds).
+STUCK_WORKER_GRACE_S = 5.0
 # Tasks per worker and batch: small enough to even out slow images, few enough that
 # submitting them costs nothing next to decoding.
 _CHUNKS_PER_WORKER = 4
@@ -125,8 +128,18 @@ def _release_unclaimed(futures: list[concurrent.futures.Future], buffers: _Buffe
     future.add_done_callback(one_done)
 
 
-def _shut_down(executor: concurrent.futures.Executor, buffers: _Buffers) -> None:
-  executor.shutdown(wait=True, cancel_futures=True)
+def _shut_down(executor: concurrent.futures.ProcessPoolExecutor, buffers: _Buffers) -> None:
+  """Stops the workers, then unlinks the buffers. A worker still busy `STUCK_WORKER_GRACE_S`
+  later is terminated: workers ignore Ctrl-C, so one stuck on a hung read (a dead network
+  mount) would otherwise hold a stopping run for ever, the second signal's "at once" included."""
+  workers = list((executor._processes or {}).values())  # pylint: disable=protected-access
+  executor.shutdown(wait=False, cancel_futures=True)
+  deadline = time.monotonic() + STUCK_WORKER_GRACE_S
+  for worker in workers:
+    worker.join(max(0.0, deadline - time.monotonic()))
+    if worker.is_alive():
+      worker.terminate()
+      worker.join()
   buffers.close()
 
 

@@ -127,6 +127,13 @@ class _Calls:
     return self.function, self.arguments
 
 
+def test_a_non_contiguous_array_at_protocol_5_loads_as_it_was(tmp_path):
+  for data in (np.arange(2 * 3072, dtype=np.uint8).reshape(3072, 2).T,  # Fortran order
+               np.arange(24, dtype=np.uint8).reshape(2, 3, 4).transpose(1, 0, 2)):  # numpy adds its axis order
+    (tmp_path / 'data_batch_1').write_bytes(pickle.dumps({b'data': data, b'labels': [0, 1]}, protocol=5))
+    np.testing.assert_array_equal(safe_pickle.load(tmp_path / 'data_batch_1')[b'data'], data)
+
+
 @pytest.mark.parametrize('call, refusal', [
     (_Calls(bytes, 10**6), r'bytes\(1000000,\) is not an empty byte string'),
     (_Calls(np._core.numeric._frombuffer, b'\0' * 8, np.dtype(object), (1,), 'C'),

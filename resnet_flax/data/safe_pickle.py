@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -36,12 +36,16 @@ def _empty_bytes(*args: Any) -> bytes:
   return b''
 
 
-def _from_buffer(buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
-  """How numpy rebuilds an array pickled at protocol 5 (`numpy._core.numeric._frombuffer`): a
-  copy of plain bytes, never of objects (which frombuffer refuses anyway)."""
+def _from_buffer(buffer: Any, dtype: np.dtype, shape: tuple[int, ...], order: str,
+                 axis_order: Optional[tuple[int, ...]] = None) -> np.ndarray:
+  """How numpy rebuilds an array pickled at protocol 5 (`numpy._core.numeric._frombuffer`; a
+  non-contiguous one with its `axis_order`): a copy of plain bytes, never of objects."""
   if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.hasobject:
     raise pickle.UnpicklingError('an array at protocol 5 must be plain bytes of a numeric dtype')
-  return np.frombuffer(buffer, dtype).reshape(shape, order=order).copy()
+  array = np.frombuffer(buffer, dtype)
+  if order == 'K' and axis_order is not None:
+    return array.reshape(shape, order='C').transpose(axis_order).copy()
+  return array.reshape(shape, order=order).copy()
 
 
 _ALLOWED_GLOBALS = {

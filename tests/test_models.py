@@ -212,6 +212,16 @@ def test_registry_errors_are_clear():
     models.get_model('resnet_v1_51')
   with pytest.raises(TypeError, match='outptu_stride'):
     models.get_model('resnet_v1_50', outptu_stride=8)
+  with pytest.raises(TypeError, match=r'the ResNets are channels last throughout \(NHWC\); .* leave '
+                                      'batch_norm_data_format out'):
+    models.get_model('resnet_v1_50', batch_norm_data_format='NCHW')
+  # TF-Slim's param_initializers reach every BatchNorm of a ResNet.
+  model = models.get_model('resnet_v1_tiny', num_classes=3,
+                           batch_norm_moving_variance_init=jax.nn.initializers.constant(2.0))
+  stats = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)['batch_stats']
+  variances = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(stats)
+               if 'moving_variance' in jax.tree_util.keystr(path)]
+  assert variances and all(np.all(np.asarray(leaf) == 2.0) for leaf in variances)
 
 
 def test_v1_depth_multiplier_and_min_base_depth():

@@ -14,6 +14,7 @@ from resnet_flax.layers.end_points import keep_latest
 from resnet_flax.layers.moments import batch_moments, values_per_channel, weighted_moments
 
 Array = jnp.ndarray
+Correction = tuple[Array, Array]  # (scale, offset): `x_hat * scale + offset` before gamma and beta
 
 # The collection that holds moving statistics; callers update it only by asking for it
 # with `mutable=[BATCH_STATS]` and storing what comes back.
@@ -127,7 +128,7 @@ class BatchNorm(nn.Module):
     zero_debias_moving_mean: keep TF's `biased` and `local_step` state and store
       `biased / (1 - decay ** step)` as the moving mean.
     zero_debias_moving_variance: the same for the moving variance (as Haiku debiases
-      both); before the first update the moving variance keeps its initial 1.
+      both); before the first update the moving variance keeps its initial value.
     fused: match TF-Slim's fused code path, which feeds the unbiased batch variance
       (times n / (n - 1)) to the moving variance; False matches the non-fused path,
       which feeds the biased one. Both normalize with the biased variance. As in
@@ -166,6 +167,11 @@ class BatchNorm(nn.Module):
     activation: applied to the output, as slim's `activation_fn`.
     dtype: output dtype; None keeps the input's. Statistics are float32 regardless.
     data_format: 'NHWC' (channels last, any rank) or TF-Slim's 'NCHW' (channels on axis 1).
+    adjustment: TF-Slim's `adjustment`, with a key for its random draws: `adjustment(shape,
+      key) -> (scale, offset)`, both broadcasting to the input's shape, turns `x_hat` into
+      `x_hat * scale + offset` before gamma and beta (after renorm's r and d), in train mode
+      with batch statistics only; `key` comes from the 'adjustment' rng stream
+      (`apply(..., rngs={'adjustment': key})`), folded in per layer.
 
   `__call__(x, train=..., batch_weights=w)` takes TF-Slim's `batch_weights`: a frequency weight
   per example, shape (batch,), for weighted batch moments in train mode (ignored in eval mode,
@@ -196,18 +202,39 @@ class BatchNorm(nn.Module):
   activation: Optional[Callable[[Array], Array]] = None
   dtype: Any = None
   data_format: str = 'NHWC'
+  adjustment: Optional[Callable[[tuple[int, ...], jax.Array], Correction]] = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool, batch_weights: Optional[Array] = None) -> Array:
     self._check_options()
     self._check_call(x, train)
+    if self.data_format == 'NCHW' and x.ndim < 2:
+      raise ValueError(f"BatchNorm {module_path(self)!r}: data_format='NCHW' needs channels on axis 1, but the "
+                       f'input has shape {x.shape}; pass (batch, channels, ...).')
     if batch_weights is not None:
       batch_weights = self._checked_batch_weights(batch_weights, x)
+    # TF adjusts in training only; frozen statistics are the eval path's.
+    adjustment = self._adjustment(x.shape) if self.adjustment is not None and train and not self.frozen else None
     if self.data_format == 'NCHW':  # the channels-last computation, on a view XLA lays out as it likes
-      return jnp.moveaxis(self._channels_last(jnp.moveaxis(x, 1, -1), train, batch_weights), -1, 1)
-    return self._channels_last(x, train, batch_weights)
+      if adjustment is not None:
+        adjustment = tuple(jnp.moveaxis(jnp.broadcast_to(v, x.shape), 1, -1) for v in adjustment)
+      return jnp.moveaxis(self._channels_last(jnp.moveaxis(x, 1, -1), train, batch_weights, adjustment), -1, 1)
+    return self._channels_last(x, train, batch_weights, adjustment)
 
-  def _channels_last(self, x: Array, train: bool, batch_weights: Optional[Array]) -> Array:
+  def _adjustment(self, shape: tuple[int, ...]) -> Correction:
+    """TF's `adjustment(shape)`, given this layer's own key from the 'adjustment' rng stream."""
+    if not self.has_rng('adjustment'):
+      raise ValueError(f"BatchNorm {module_path(self)!r} has an adjustment, whose random draws need a key: apply "
+                       "in train mode with rngs={'adjustment': key} (a new key each step).")
+    scale, offset = self.adjustment(shape, self.make_rng('adjustment'))
+    for name, value in (('scale', scale), ('offset', offset)):
+      if not _broadcasts_to(np.shape(value), shape):
+        raise ValueError(f'BatchNorm {module_path(self)!r}: the adjustment\'s {name} has shape {jnp.shape(value)}, '
+                         f'which does not broadcast to the input\'s {tuple(shape)}.')
+    return jnp.asarray(scale, jnp.float32), jnp.asarray(offset, jnp.float32)
+
+  def _channels_last(self, x: Array, train: bool, batch_weights: Optional[Array],
+                     adjustment: Optional[Correction]) -> Array:
     channels = x.shape[-1]
     beta = self.param('beta', self.beta_init, (channels,), jnp.float32) if self.center else None
     gamma = self.param('gamma', self.gamma_init, (channels,), jnp.float32) if self.scale else None
@@ -236,16 +263,19 @@ class BatchNorm(nn.Module):
         self.sow(BATCH_MOMENTS, 'variance', variance.reshape(-1, channels), reduce_fn=keep_latest,
                  init_fn=lambda: None)
       mean, variance = (jnp.expand_dims(v, group_axes) for v in (mean, variance))  # broadcast against groups
-      r = d = None
-      if self.renorm:
-        r, d = self._renorm_corrections(stats, mean, variance)
+      if adjustment is not None and groups.ndim != x.ndim:  # per example: laid out as the groups
+        adjustment = tuple(jnp.broadcast_to(v, x.shape).reshape(groups.shape) for v in adjustment)
+      correction = self._renorm_corrections(stats, mean, variance) if self.renorm else None
+      # As TF: renorm's r and d act on x_hat first, the adjustment after them.
+      correction = compose(correction, adjustment)
       if not self.is_initializing():
         self._require_mutable_stats()
         n = values_per_channel(group_shape, within_group)
-        # TF-Slim runs weighted moments in its non-fused code only.
-        unbiased = batch_weights is None and slim_fuses(x.ndim, self.fused, self.zero_debias_moving_mean)
+        # TF-Slim runs weighted moments and adjustments in non-fused code only.
+        unbiased = (batch_weights is None and adjustment is None
+                    and slim_fuses(x.ndim, self.fused, self.zero_debias_moving_mean))
         self._update_statistics(stats, mean, variance, n / (n - 1) if unbiased else 1.0)
-      y = normalize(groups, mean, variance, gamma, beta, self.epsilon, r, d).reshape(x.shape)
+      y = normalize(groups, mean, variance, gamma, beta, self.epsilon, correction).reshape(x.shape)
     else:
       y = normalize(x, stats['moving_mean'].value, stats['moving_variance'].value, gamma, beta, self.epsilon)
     if self.activation is not None:
@@ -296,10 +326,11 @@ class BatchNorm(nn.Module):
                          'the params.')
 
   def _checked_batch_weights(self, batch_weights: Any, x: Array) -> Array:
-    """`batch_weights` as float32 (batch,), or a one-line error naming what is wrong."""
+    """`batch_weights` as float32 (batch,) (counts and masks too, as TF casts them), or a
+    one-line error naming what is wrong."""
     batch_weights = jnp.asarray(batch_weights)
-    if batch_weights.shape != (x.shape[0],) or not jnp.issubdtype(batch_weights.dtype, jnp.floating):
-      raise ValueError(f'BatchNorm {module_path(self)!r}: batch_weights must be one float weight per example, '
+    if batch_weights.shape != (x.shape[0],) or jnp.issubdtype(batch_weights.dtype, jnp.complexfloating):
+      raise ValueError(f'BatchNorm {module_path(self)!r}: batch_weights must be one real weight per example, '
                        f'shape ({x.shape[0]},); got {batch_weights.dtype} {batch_weights.shape}.')
     if self.renorm:  # as TF-Slim, whose weighted code path has no renorm
       raise ValueError(f'BatchNorm {module_path(self)!r}: renorm is not supported with batch_weights (neither in '
@@ -309,9 +340,11 @@ class BatchNorm(nn.Module):
   def _statistics(self, channels: int) -> dict[str, Any]:
     """The `batch_stats` variables this configuration keeps, by name."""
     def initialized(init: Callable[..., Array], root: bool = False) -> tuple[Callable[..., Array], tuple]:
-      # Only init creates these (a missing one is refused below), so the params rng is there.
+      # zeros and ones draw nothing: a key is asked for only where an initializer may use it
+      # (init alone creates these, a missing one is refused below), as `init({}, ...)` worked.
       def value(shape: tuple[int, ...], dtype: Any) -> Array:
-        initial = init(self.make_rng('params'), shape, dtype)
+        key = None if init in (nn.initializers.zeros, nn.initializers.ones) else self.make_rng('params')
+        initial = init(key, shape, dtype)
         return jnp.sqrt(initial) if root else initial
       return value, (channels,)
     zeros, step = (jnp.zeros, (channels,)), (jnp.zeros, ())
@@ -332,7 +365,7 @@ class BatchNorm(nn.Module):
       missing = [name for name in wanted if not self.has_variable(BATCH_STATS, name)]
       if missing:  # with the collection mutable, flax would create them afresh at 0 and 1
         raise ValueError(f'BatchNorm {module_path(self)!r} has no {", ".join(missing)} in the {BATCH_STATS!r} '
-                         f'collection (a fresh start at 0 and 1 would be silent): apply with all the variables init or '
+                         f'collection (a fresh start at their initial values would be silent): apply with all the variables init or '
                          f'a checkpoint gave, {{"params": ..., "{BATCH_STATS}": ...}}; for variables of a model with '
                          'other BatchNorm options (zero-debias, renorm), build the model as they were, or load them '
                          'with pretrained.load_for_model (config.init_checkpoint), which fills the state they lack.')
@@ -394,6 +427,13 @@ class BatchNorm(nn.Module):
           'and keep the returned statistics, or use train=False.')
 
 
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+  try:
+    return np.broadcast_shapes(shape, target) == tuple(target)
+  except ValueError:
+    return False
+
+
 def module_path(module: nn.Module) -> str:
   """The module's slash-separated path in the variable tree (its slim scope)."""
   return '/'.join(module.scope.path) if module.scope is not None else str(module.name)
@@ -412,19 +452,28 @@ def eval_affine(mean: Array, variance: Array, gamma: Optional[Array], beta: Opti
   return scale, shift
 
 
-def normalize(x: Array, mean: Array, variance: Array, gamma: Optional[Array], beta: Optional[Array],
-              epsilon: float, r: Optional[Array] = None, d: Optional[Array] = None) -> Array:
-  """`(x - mean) / sqrt(variance + epsilon) [* r + d] * gamma + beta`, computed in float32.
+def compose(first: Optional[Correction], then: Optional[Correction]) -> Optional[Correction]:
+  """The correction applying `first`, then `then` (TF's `_compose_transforms`); None is none."""
+  if first is None or then is None:
+    return then if first is None else first
+  return first[0] * then[0], first[1] * then[0] + then[1]
 
-  r and d fold into the per-channel scale and offset (`d * gamma + beta`), as TF's renorm
-  composes them: one multiply and one add per element, as without renorm.
+
+def normalize(x: Array, mean: Array, variance: Array, gamma: Optional[Array], beta: Optional[Array],
+              epsilon: float, correction: Optional[Correction] = None) -> Array:
+  """`x_hat = (x - mean) / sqrt(variance + epsilon)`, then `[x_hat * scale + offset]` (a
+  `correction`: renorm's r and d, an adjustment), then `* gamma + beta`, in float32.
+
+  Everything folds into one scale and one offset per channel (`offset * gamma + beta`), as TF
+  composes them: one multiply and one add per element, as without a correction.
   """
   inv = jax.lax.rsqrt(variance + epsilon)
-  if r is not None:
-    inv = inv * r
+  offset = None
+  if correction is not None:
+    inv, offset = inv * correction[0], correction[1]
   if gamma is not None:
     inv = inv * gamma
-  offset = None if d is None else (d if gamma is None else d * gamma)
+    offset = None if offset is None else offset * gamma
   if beta is not None:
     offset = beta if offset is None else offset + beta
   y = (x.astype(jnp.float32) - mean) * inv

@@ -153,6 +153,9 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
                      'zero_init_last_gamma applies to resnet_v1 models.')
   valid = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'block_sizes', 'slim_scope', 'arg_scope',
                                                          'num_classes'}
+  if 'batch_norm_data_format' in model_kwargs:
+    raise TypeError(f"get_model({name!r}): the ResNets are channels last throughout (NHWC); BatchNorm's data_format "
+                    'is for the layer used alone: leave batch_norm_data_format out.')
   unknown = sorted(set(model_kwargs) - valid)
   if unknown:
     raise TypeError(f'get_model({name!r}): unknown argument(s) {unknown}; valid: '

@@ -84,7 +84,8 @@ def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> d
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
-  """A checkpoint ready to evaluate: the model, its variables (replicated) and the eval split."""
+  """A checkpoint ready to evaluate: the model, its variables (replicated) and the eval split.
+  The model is for eval mode (no train-mode statistics groups); `recalibrated` is precise BN."""
   model: Any
   variables: dict[str, Any]
   step: int
@@ -181,9 +182,9 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     # label names another class of the model's (an image folder without train/ takes its
     # labels from the evaluated split's own folders).
     print(f"warning: the model has {num_classes} classes but {dataset.source.name}'s labels index "
-          f"{dataset.num_classes}; unless the classes it lacks are the model's last ones, its labels name other "
-          "classes than the model's: give the image folder its train/ split (whose class folders fix the labels) or "
-          'every class.', file=sys.stderr)
+          f"{dataset.num_classes}; unless the classes the data lacks are the model's last ones, its labels name other "
+          "classes than the model's (an image folder without train/ takes them from the evaluated split's own class "
+          'folders: put the train/ split beside it).', file=sys.stderr)
   # Eval mode groups no statistics: a run's ghost batches need not divide this batch on these devices.
   model = model_builder.build_model(config, num_classes, statistics_groups=False)
   mesh = sharding.data_mesh()

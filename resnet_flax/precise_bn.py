@@ -111,7 +111,8 @@ def with_statistics(variables: Variables, statistics: Mapping[tuple[str, ...], t
 
 def check_recalibration_possible(config: ml_collections.ConfigDict) -> None:
   """Refuses, before any pass over the data, a recalibration that frozen BatchNorm layers would
-  give no batch statistics to, or whose statistics groups (as training's) would hold one example."""
+  give no batch statistics to, whose batch does not split over the devices, or whose statistics
+  groups (as training's) would hold one example."""
   if config.bn.frozen:
     raise ValueError('config.bn_recalibration_batches recomputes the BatchNorm statistics from batch statistics, '
                      'which config.bn.frozen=True turns off; leave --config.bn.frozen out for eval.py (it changes '
@@ -123,8 +124,10 @@ def check_recalibration_possible(config: ml_collections.ConfigDict) -> None:
 
 def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: Variables, num_batches: int,
                 mesh: Optional[Mesh] = None, show_progress: bool = False) -> Variables:
-  """Precise BN: population statistics of `num_batches` training batches of `config.batch_size`;
-  with `show_progress`, process 0 prints how far it has come every 10 s."""
+  """Precise BN: population statistics of `num_batches` training batches of `config.batch_size`,
+  taken in `model`'s train-mode statistics groups (build it as training does:
+  `model_builder.build_model(config, ...)`); with `show_progress`, process 0 prints how far it
+  has come every 10 s."""
   if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) or num_batches < 1:
     # None or -1 would take every batch of an endless stream: a hang.
     raise ValueError(f'num_batches={num_batches!r}: give a positive number of training batches to recalibrate on '

@@ -128,10 +128,10 @@ class _Calls:
 
 
 def test_a_non_contiguous_array_at_protocol_5_loads_as_it_was(tmp_path):
-  for data in (np.arange(2 * 3072, dtype=np.uint8).reshape(3072, 2).T,  # Fortran order
+  for rows in (np.arange(2 * 3072, dtype=np.uint8).reshape(3072, 2).T,  # Fortran order
                np.arange(24, dtype=np.uint8).reshape(2, 3, 4).transpose(1, 0, 2)):  # numpy adds its axis order
-    (tmp_path / 'data_batch_1').write_bytes(pickle.dumps({b'data': data, b'labels': [0, 1]}, protocol=5))
-    np.testing.assert_array_equal(safe_pickle.load(tmp_path / 'data_batch_1')[b'data'], data)
+    (tmp_path / 'data_batch_1').write_bytes(pickle.dumps({b'data': rows, b'labels': [0, 1]}, protocol=5))
+    np.testing.assert_array_equal(safe_pickle.load(tmp_path / 'data_batch_1')[b'data'], rows)
 
 
 @pytest.mark.parametrize('call, refusal', [

@@ -109,8 +109,8 @@ def test_evaluating_data_with_fewer_classes_than_the_model_warns_that_labels_may
   config.num_classes = 10  # the checkpoint's, as the class-count error says to set
   eval_lib.evaluate(config, None, 'slim:' + V1_CKPT)
   err = capsys.readouterr().err
-  assert ("warning: the model has 10 classes but synthetic's labels index 9; unless the classes it lacks are "
-          "the model's last ones") in err
+  assert ("warning: the model has 10 classes but synthetic's labels index 9; unless the classes the data lacks "
+          "are the model's last ones") in err
   eval_lib.evaluate(synthetic_config(num_classes=10), None, 'slim:' + V1_CKPT)
   assert 'warning' not in capsys.readouterr().err
 

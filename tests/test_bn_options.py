@@ -1,5 +1,5 @@
-"""BatchNorm's `batch_weights`, `data_format='NCHW'` and initializers against tf_slim's numbers
-(`fixtures/slim_bn_options.npz`, written by `fixtures/make_bn_options_fixtures.py`)."""
+"""BatchNorm's `batch_weights`, `data_format='NCHW'`, initializers and `adjustment` against
+tf_slim's numbers (`fixtures/slim_bn_options.npz`, written by `fixtures/make_bn_options_fixtures.py`)."""
 
 import json
 import os
@@ -12,20 +12,10 @@ import pytest
 from resnet_flax.layers import BatchNorm
 from resnet_flax.layers.moments import weighted_moments
 from resnet_flax.slim import names
+from test_bn_ranks import npz_cases
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'slim_bn_options.npz')
-
-
-def _cases() -> dict[str, dict[str, np.ndarray]]:
-  with np.load(FIXTURE) as data:
-    cases: dict[str, dict[str, np.ndarray]] = {}
-    for key in data.files:
-      case, leaf = key.split('/', 1)
-      cases.setdefault(case, {})[leaf] = data[key]
-  return cases
-
-
-CASES = _cases()
+CASES = npz_cases(FIXTURE)
 
 
 def _layer(config: dict, case: dict) -> BatchNorm:

@@ -18,8 +18,9 @@ from resnet_flax.slim import names
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'slim_bn_ranks.npz')
 
 
-def _cases() -> dict[str, dict[str, np.ndarray]]:
-  with np.load(FIXTURE) as data:
+def npz_cases(path: str) -> dict[str, dict[str, np.ndarray]]:
+  """A fixture's arrays by case: `<case>/<leaf>` keys as {case: {leaf: array}}."""
+  with np.load(path) as data:
     cases: dict[str, dict[str, np.ndarray]] = {}
     for key in data.files:
       case, leaf = key.split('/', 1)
@@ -27,7 +28,7 @@ def _cases() -> dict[str, dict[str, np.ndarray]]:
   return cases
 
 
-CASES = _cases()
+CASES = npz_cases(FIXTURE)
 
 
 def test_the_fixture_holds_every_rank_and_code_path():

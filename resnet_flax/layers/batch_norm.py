@@ -363,12 +363,13 @@ class BatchNorm(nn.Module):
         wanted.update(renorm_clipping_step=step)
     if not self.is_initializing():
       missing = [name for name in wanted if not self.has_variable(BATCH_STATS, name)]
-      if missing:  # with the collection mutable, flax would create them afresh at 0 and 1
+      if missing:  # with the collection mutable, flax would create them afresh at their initial values
         raise ValueError(f'BatchNorm {module_path(self)!r} has no {", ".join(missing)} in the {BATCH_STATS!r} '
-                         f'collection (a fresh start at their initial values would be silent): apply with all the variables init or '
-                         f'a checkpoint gave, {{"params": ..., "{BATCH_STATS}": ...}}; for variables of a model with '
-                         'other BatchNorm options (zero-debias, renorm), build the model as they were, or load them '
-                         'with pretrained.load_for_model (config.init_checkpoint), which fills the state they lack.')
+                         f'collection (a fresh start at their initial values would be silent): apply with all the '
+                         f'variables init or a checkpoint gave, {{"params": ..., "{BATCH_STATS}": ...}}; for variables '
+                         'of a model with other BatchNorm options (zero-debias, renorm), build the model as they were, '
+                         'or load them with pretrained.load_for_model (config.init_checkpoint), which fills the state '
+                         'they lack.')
     return {name: self.variable(BATCH_STATS, name, init, shape, jnp.float32)
             for name, (init, shape) in wanted.items()}
 

@@ -145,7 +145,7 @@ def input_differences(config: ml_collections.ConfigDict, workdir: str) -> list[s
     now['device_count'] = jax.device_count()
     run = {'device_count': now['device_count'], **recorded}  # a record without it: this count
     groups = [_statistics_group(fields) for fields in (run, now)]
-    if groups[0] != groups[1]:
+    if None not in groups and groups[0] != groups[1]:  # None: unknown, or refused when recalibrating
       changes = metrics_writer.field_changes(run, now, RECALIBRATION_GROUP_FIELDS)
       differences.append(f"precise BN's statistics groups: {groups[0]} -> {groups[1]} examples "
                          f"({', '.join(changes)})")
@@ -154,12 +154,15 @@ def input_differences(config: ml_collections.ConfigDict, workdir: str) -> list[s
 
 def _statistics_group(fields: dict[str, Any]) -> Optional[int]:
   """Examples per train-mode statistics group of a config as `recorded_config` gives it; None
-  for a batch its groups do not divide (refused when recalibrating)."""
+  for a batch its groups do not divide (refused when recalibrating) or a record without one."""
   bn = ml_collections.ConfigDict({'cross_device': fields.get('bn.cross_device', 'global'),
                                   'ghost_batch_size': fields.get('bn.ghost_batch_size')})
+  batch_size = fields.get('batch_size')
+  if not isinstance(batch_size, int) or isinstance(batch_size, bool):  # a record edited by hand
+    return None
   try:
-    return model_builder.statistics_group_size(bn, fields['batch_size'], fields['device_count']) or fields['batch_size']
-  except ValueError:
+    return model_builder.statistics_group_size(bn, batch_size, fields['device_count']) or batch_size
+  except (ValueError, TypeError):  # groups that do not divide; TypeError: an edited ghost_batch_size
     return None
 
 

@@ -54,6 +54,9 @@ def test_precise_bn_warns_of_other_statistics_groups_than_the_runs(tmp_path):
   config.update(batch_size=16)
   config.bn.update(ghost_batch_size=None, cross_device='per_device')  # one device: the same groups
   assert eval_lib.input_differences(config, str(tmp_path)) == []
+  recorded = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps({**recorded, 'batch_size': 'sixteen'}))  # edited by hand
+  assert eval_lib.input_differences(config, str(tmp_path)) == []
 
 
 def test_a_default_given_explicitly_or_a_field_the_data_ignores_is_no_other_input(tmp_path):

@@ -30,13 +30,13 @@ def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_he
       raise checkpoints.CheckpointError(f'{path} is an orbax checkpoint (this package\'s own), not a TF one: pass it '
                                         f'without the {SLIM_PREFIX} prefix.')
     try:
-      variables = slim.load_variables(path, model, image_shape=image_shape)
+      variables, step = slim.load_variables_and_step(path, model, image_shape=image_shape)
     except slim.SlimCheckpointError:
       if not (model.num_classes and allow_new_head):
         raise
       # Perhaps only the class count differs: load the backbone; a real mismatch raises again.
-      variables = slim.load_variables(path, model.clone(num_classes=None), image_shape=image_shape)
-    return {**variables, 'step': slim.global_step(path)}
+      variables, step = slim.load_variables_and_step(path, model.clone(num_classes=None), image_shape=image_shape)
+    return {**variables, 'step': step}
   tree = checkpoints.restore_tree(spec)
   if 'params' not in tree:
     raise checkpoints.CheckpointError(f'checkpoint {spec} holds no params (keys: {sorted(tree)}).')

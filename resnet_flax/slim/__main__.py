@@ -61,11 +61,11 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
   if os.path.lexists(target):  # orbax refuses to overwrite; say so before the slow read, not after
     raise ValueError(f'{target} already exists; delete it or pass another --workdir.')
   model = models.get_model(model_name, num_classes=num_classes or None)
-  variables = slim.load_variables(checkpoint, model, image_shape=image_shape)
+  variables, step = slim.load_variables_and_step(checkpoint, model, image_shape=image_shape)
   # Before orbax's writer threads meet an unwritable or full workdir (they hung there).
   workdirs.check_workdir(workdir, checkpoints.checkpoint_bytes(variables))
   # The TF run's step, so eval.py reports the step the weights were trained to.
-  checkpoints.save_tree(target, {**variables, 'step': slim.global_step(checkpoint)})
+  checkpoints.save_tree(target, {**variables, 'step': step})
   return target
 
 

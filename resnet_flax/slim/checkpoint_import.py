@@ -36,10 +36,9 @@ _RENORM_FROM_MOVING = {'renorm_mean': 'moving_mean', 'renorm_stddev': 'moving_va
                        'moving_stddev': 'moving_variance'}
 
 
-def global_step(path: str | os.PathLike) -> int:
+def _global_step(reader: Any) -> int:
   """The `global_step` a TF checkpoint was saved at (`Saver.save(global_step=...)`, slim's
   training loop), 0 for a checkpoint without one, as a training checkpoint's step counts."""
-  reader = tensor_bundle.CheckpointReader(path)
   dtype, shape = reader.variables().get(GLOBAL_STEP, (None, None))
   # Only the variable TF itself creates: a scalar integer (int64). Anything else is not a step.
   if shape not in ((), (1,)) or dtype is None or not np.issubdtype(dtype, np.integer):
@@ -150,7 +149,20 @@ def load_variables(path: str | os.PathLike, model: Any, *,
     ValueError, FileNotFoundError: from the reader, for a damaged, truncated or absent
       checkpoint; the message names the file.
   """
+  return _read_variables(tensor_bundle.CheckpointReader(path, verify=verify), model, image_shape)
+
+
+def load_variables_and_step(path: str | os.PathLike, model: Any, *,
+                            image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE,
+                            verify: bool = True) -> tuple[dict[str, dict], int]:
+  """`load_variables` and the step the checkpoint was saved at (its `global_step`, 0 without
+  one), from one opening of the checkpoint (a V1 file is read whole when opened)."""
   reader = tensor_bundle.CheckpointReader(path, verify=verify)
+  return _read_variables(reader, model, image_shape), _global_step(reader)
+
+
+def _read_variables(reader: Any, model: Any, image_shape: tuple[int, ...]) -> dict[str, dict]:
+  """`load_variables` from an open reader."""
   scope = model.slim_scope
   expected = expected_variables(model, image_shape)
   found = reader.variables()

@@ -106,7 +106,7 @@ class LoadedCheckpoint:
                    ) -> dict[str, Any]:
     """The loaded variables with precise-BN statistics from `num_batches` training batches, taken
     in the statistics groups `config` trains with on these devices (ghost batches, per device)."""
-    model_builder.check_statistics_groups(config, jax.device_count())
+    precise_bn.check_recalibration_possible(config)  # callers check first too, to refuse before evaluating
     model = model_builder.build_model(config, self.num_classes)  # grouped: the loaded model is not
     return precise_bn.recalibrate(config, model, self.variables, num_batches, self.mesh, show_progress)
 
@@ -161,7 +161,7 @@ def _statistics_group(fields: dict[str, Any]) -> Optional[int]:
   if not isinstance(batch_size, int) or isinstance(batch_size, bool):  # a record edited by hand
     return None
   try:
-    return model_builder.statistics_group_size(bn, batch_size, fields['device_count']) or batch_size
+    return model_builder.examples_per_group(bn, batch_size, fields['device_count'])
   except (ValueError, TypeError):  # groups that do not divide; TypeError: an edited ghost_batch_size
     return None
 

@@ -43,6 +43,11 @@ def statistics_group_size(bn: ml_collections.ConfigDict, batch_size: int, device
   return bn.ghost_batch_size
 
 
+def examples_per_group(bn: ml_collections.ConfigDict, batch_size: int, device_count: int) -> int:
+  """Examples per train-mode statistics group: `statistics_group_size`'s, or the whole batch."""
+  return statistics_group_size(bn, batch_size, device_count) or batch_size
+
+
 def head_size(config: ml_collections.ConfigDict, data_num_classes: int) -> int:
   """The number of logits: `config.num_classes`, or the data set's when unset.
 
@@ -67,8 +72,7 @@ def check_statistics_groups(config: ml_collections.ConfigDict, device_count: int
   """
   if config.bn.frozen:
     return
-  group = statistics_group_size(config.bn, config.batch_size, device_count) or config.batch_size
-  if group >= 2:
+  if examples_per_group(config.bn, config.batch_size, device_count) >= 2:
     return
   if config.bn.ghost_batch_size is not None:
     setting = f'config.bn.ghost_batch_size={config.bn.ghost_batch_size}'

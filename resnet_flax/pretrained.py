@@ -70,6 +70,9 @@ def fit_variables(loaded: dict[str, Any], reference: dict[str, Any], *, allow_ne
         leaves[path] = absent.astype(want.dtype)
         filled.append('/'.join(path))
       elif allow_new_head and path[0] == HEAD:
+        if isinstance(want, jax.ShapeDtypeStruct):  # a shape where the head's initial values belong
+          raise ValueError(f"{source}: the new head ({'/'.join(path)}) starts at the reference's values, but the "
+                           'reference holds shapes only (jax.eval_shape): pass the variables model.init returned.')
         leaves[path] = want
         fresh.append('/'.join(path))
       else:
@@ -160,7 +163,9 @@ def load_for_model(spec: str, model: Any, reference: dict[str, Any], image_shape
   """(variables fitted to `reference`, the checkpoint's step, re-initialized leaves) from `spec`.
 
   `spec` is `slim:PATH` (a TF-Slim checkpoint prefix) or an orbax checkpoint directory
-  (a training checkpoint or one written by `python -m resnet_flax.slim convert`).
+  (a training checkpoint or one written by `python -m resnet_flax.slim convert`). `reference`
+  gives the shapes and dtypes (`jax.eval_shape` of `model.init` will do) and, for a new head,
+  its initial values (then it must be `model.init`'s own output).
   """
   loaded = _read(spec, model, image_shape, allow_new_head)
   step = int(np.asarray(jax.device_get(loaded.pop('step', 0))))

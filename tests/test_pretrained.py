@@ -133,6 +133,17 @@ def test_fine_tuning_keeps_backbone_and_replaces_head():
                                       '(--config.num_classes=10 for train.py / eval.py)')
 
 
+def test_a_new_head_from_a_reference_of_shapes_is_refused_and_any_other_load_takes_one():
+  # The shapes had been returned as the head's values, failing later at apply ("no attribute 'astype'").
+  model = models.get_model('resnet_v1_tiny', num_classes=5)
+  with pytest.raises(ValueError, match=re.escape(f"slim:{V1_CKPT}: the new head (logits/biases) starts at the "
+                                                 "reference's values, but the reference holds shapes only")):
+    pretrained.load_for_model('slim:' + V1_CKPT, model, _reference(model), IMAGE_SHAPE, allow_new_head=True)
+  model = models.get_model('resnet_v1_tiny', num_classes=10)
+  fitted, _, fresh = pretrained.load_for_model('slim:' + V1_CKPT, model, _reference(model), IMAGE_SHAPE)
+  assert not fresh and all(isinstance(leaf, np.ndarray) for leaf in jax.tree_util.tree_leaves(fitted))
+
+
 def test_train_from_init_checkpoint(tmp_path):
   config = synthetic_config(num_classes=5)
   config.init_checkpoint = 'slim:' + V1_CKPT

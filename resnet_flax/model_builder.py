@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from resnet_flax import models
+from resnet_flax.models import resnet_utils
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 CROSS_DEVICE = ('global', 'per_device')
@@ -113,12 +114,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, device_coun
 
 
 def reachable_output_strides(model: nn.Module) -> list[int]:
-  """The `output_stride` values `model`'s root and block strides allow (slim's rule: the
-  network's stride up to some unit; atrous convolution past it)."""
-  strides = [1 if not model.include_root_block else 4]
-  for _, _, stride in model.block_sizes:
-    strides.append(strides[-1] * stride)
-  return sorted(set(strides))
+  """The `output_stride` values `model`'s root and block strides allow."""
+  return resnet_utils.reachable_output_strides(model.block_sizes, model.include_root_block)
 
 
 # Model options whose False gives logits other than (batch, classes), which training and

@@ -30,10 +30,15 @@ def test_feature_map_size_follows_output_stride(name, output_stride, size):
 
 
 def test_output_stride_must_be_reachable():
-  with pytest.raises(ValueError, match='multiple of 4'):
-    _shapes(models.get_model('resnet_v1_50', output_stride=6))
-  with pytest.raises(ValueError, match='cannot be reached'):
-    _shapes(models.get_model('resnet_v1_50', output_stride=64))
+  for name, stride, reachable in [('resnet_v1_50', 6, [4, 8, 16, 32]), ('resnet_v2_50', 64, [4, 8, 16, 32]),
+                                  ('resnet_v1_tiny', 32, [4, 8, 16])]:
+    # slim's message had named the stride left after the root's 4 (8 for 32).
+    with pytest.raises(ValueError, match=re.escape(f'{name}: output_stride={stride} cannot be reached; use one of '
+                                                   f'{reachable}, or None.')):
+      _shapes(models.get_model(name, output_stride=stride))
+  for stride in ('8', True, 0, 8.0):  # '8' had failed formatting slim's message; True had been 1
+    with pytest.raises(ValueError, match=re.escape(f'output_stride={stride!r} must be a positive int')):
+      models.get_model('resnet_v1_tiny', output_stride=stride)
 
 
 @pytest.mark.parametrize('name', ['resnet_v1_152', 'resnet_v2_200'])
@@ -222,6 +227,29 @@ def test_registry_errors_are_clear():
   variances = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(stats)
                if 'moving_variance' in jax.tree_util.keystr(path)]
   assert variances and all(np.all(np.asarray(leaf) == 2.0) for leaf in variances)
+
+
+@pytest.mark.parametrize('overrides, named', [
+    ({'batch_norm_scale': False}, 'batch_norm_scale=False'), ({'use_batch_norm': False}, 'no BatchNorm'),
+])
+def test_zero_init_last_gamma_without_a_gamma_is_refused_not_ignored(overrides, named):
+  # The zeros initializer had reached no gamma: every unit started as itself, not its shortcut.
+  with pytest.raises(ValueError, match=re.escape(f"get_model('resnet_v1_tiny'): zero_init_last_gamma=True needs a "
+                                                 f'gamma to start at zero, but the model has {named}')):
+    models.get_model('resnet_v1_tiny', num_classes=3, zero_init_last_gamma=True, **overrides)
+
+
+def test_depth_options_of_small_variants_name_block_sizes():
+  with pytest.raises(ValueError, match=re.escape("resnet_v1_tiny: depth_multiplier and min_base_depth scale the "
+                                                 "full-size v1 models' depths")):
+    models.get_model('resnet_v1_tiny', depth_multiplier=0.5)
+  with pytest.raises(TypeError, match=r"valid: \[.*'block_sizes'"):
+    models.get_model('resnet_v1_tiny', blocks=((4, 1, 1),))
+
+
+def test_an_activation_that_is_no_function_is_refused():
+  with pytest.raises(TypeError, match=re.escape("activation_fn='relu' must be a function, e.g. nn.relu")):
+    models.get_model('resnet_v1_tiny', activation_fn='relu')
 
 
 def test_v1_depth_multiplier_and_min_base_depth():
@@ -419,3 +447,4 @@ def test_digits_variants_default_to_no_root_block(name):
   assert model.include_root_block is False and 'conv1' not in params
   (unit,) = params['block1']['unit_1'].values()  # bottleneck_v1 / bottleneck_v2
   assert unit['conv1']['weights'].shape[2] == 1  # the first unit reads the 1-channel digits directly
+

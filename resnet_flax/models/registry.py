@@ -115,6 +115,18 @@ def _check_types(name: str, num_classes: Any, targets: tuple) -> None:
                         'would be read by its truthiness).')
 
 
+def _check_values(name: str, scope_kwargs: dict, model_kwargs: dict) -> None:
+  """Refuses an output stride or activation a model would fail on deep inside JAX."""
+  output_stride = model_kwargs.get('output_stride')
+  if output_stride is not None and (isinstance(output_stride, bool) or not isinstance(output_stride, numbers.Integral)
+                                    or output_stride < 1):
+    raise ValueError(f'get_model({name!r}): output_stride={output_stride!r} must be a positive int, or None for the '
+                     "network's own stride.")
+  if not callable(scope_kwargs.get('activation_fn', nn.relu)):
+    raise TypeError(f"get_model({name!r}): activation_fn={scope_kwargs['activation_fn']!r} must be a function, "
+                    'e.g. nn.relu.')
+
+
 def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:
   """Builds a registered ResNet, e.g. `get_model('resnet_v1_50', num_classes=1000)`.
 
@@ -142,6 +154,10 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
                      'depth_multiplier or min_base_depth with them.')
   if custom_blocks is not None:
     block_sizes = _checked_block_sizes(custom_blocks)
+  elif name.endswith(_SMALL_VARIANTS) and {'depth_multiplier', 'min_base_depth'} & set(model_kwargs):
+    raise ValueError(f"{name}: depth_multiplier and min_base_depth scale the full-size v1 models' depths (slim's "
+                     "resnet_v1_50 & co.); a small variant's are chosen with block_sizes=((base_depth, num_units, "
+                     'stride), ...).')
   elif cls is ResNetV1 and not name.endswith(_SMALL_VARIANTS):
     # slim applies depth_func in resnet_v1_50 & co., not to custom blocks.
     depth_multiplier = model_kwargs.pop('depth_multiplier', 1.0)
@@ -151,8 +167,7 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
   if cls is ResNetV2 and model_kwargs.pop('zero_init_last_gamma', False):
     raise ValueError(f'{name}: v2 units end in conv3 without BatchNorm, so there is no last gamma to zero; '
                      'zero_init_last_gamma applies to resnet_v1 models.')
-  valid = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'block_sizes', 'slim_scope', 'arg_scope',
-                                                         'num_classes'}
+  valid = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'slim_scope', 'arg_scope', 'num_classes'}
   if 'batch_norm_data_format' in model_kwargs:
     raise TypeError(f"get_model({name!r}): the ResNets are channels last throughout (NHWC); BatchNorm's data_format "
                     'is for the layer used alone: leave batch_norm_data_format out.')
@@ -162,8 +177,14 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
                     f'{sorted(valid | _ARG_SCOPE_NAMES | set(_BATCH_NORM_ALIASES))} '
                     'or batch_norm_<BatchNorm field>.')
   _check_types(name, num_classes, ((BatchNorm, bn_kwargs), (ResNetArgScope, scope_kwargs), (cls, model_kwargs)))
+  _check_values(name, scope_kwargs, model_kwargs)
   batch_norm = FrozenDict({**ResNetArgScope().batch_norm, **bn_kwargs})
   arg_scope = ResNetArgScope(batch_norm=batch_norm, **scope_kwargs)
+  if model_kwargs.get('zero_init_last_gamma') and not (arg_scope.use_batch_norm and batch_norm['scale']):
+    # The gamma initializer would reach no gamma: each unit would start as itself, not its shortcut.
+    raise ValueError(f'get_model({name!r}): zero_init_last_gamma=True needs a gamma to start at zero, but the model '
+                     'has ' + ('no BatchNorm (use_batch_norm=False)' if not arg_scope.use_batch_norm else
+                               'batch_norm_scale=False') + '; leave zero_init_last_gamma out or turn them on.')
   return cls(block_sizes=block_sizes, num_classes=num_classes, slim_scope=name, arg_scope=arg_scope,
              **model_kwargs)
 

@@ -183,12 +183,23 @@ def head(module: nn.Module, x: Array, conv: Callable[..., nn.Module], num_classe
   return x.astype(jnp.float32)
 
 
-def root_output_stride(output_stride: Optional[int], include_root_block: bool) -> Optional[int]:
-  """The stride left for the blocks once the root (conv1 + pool1, stride 4) is counted."""
-  if output_stride is None or not include_root_block:
-    return output_stride
-  if output_stride % 4 != 0:
-    raise ValueError(f'The output_stride needs to be a multiple of 4, got {output_stride}.')
-  return output_stride // 4
+def reachable_output_strides(block_sizes: Sequence[tuple[int, int, int]], include_root_block: bool) -> list[int]:
+  """The `output_stride` values the root (stride 4) and the blocks' strides allow (slim's
+  rule: the network's stride after some unit; atrous convolution past it)."""
+  strides = [4 if include_root_block else 1]
+  for _, _, stride in block_sizes:
+    strides.append(strides[-1] * stride)
+  return sorted(set(strides))
 
 
+def root_output_stride(output_stride: Optional[int], include_root_block: bool,
+                       block_sizes: Sequence[tuple[int, int, int]], scope: str) -> Optional[int]:
+  """The stride left for the blocks once the root (conv1 + pool1, stride 4) is counted; an
+  `output_stride` the network cannot reach is refused by its own value (slim's message names
+  the value left after the root)."""
+  if output_stride is None:
+    return None
+  reachable = reachable_output_strides(block_sizes, include_root_block)
+  if output_stride not in reachable:
+    raise ValueError(f'{scope}: output_stride={output_stride} cannot be reached; use one of {reachable}, or None.')
+  return output_stride // 4 if include_root_block else output_stride

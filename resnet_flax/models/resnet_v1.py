@@ -80,7 +80,8 @@ class ResNetV1(nn.Module):
     conv = self.arg_scope.conv2d()
     unit_fn = bottleneck_v1(self.arg_scope, self.use_bounded_activations, self.zero_init_last_gamma)
     blocks = resnet_utils.bottleneck_blocks(self.block_sizes, unit_fn)
-    output_stride = resnet_utils.root_output_stride(self.output_stride, self.include_root_block)
+    output_stride = resnet_utils.root_output_stride(self.output_stride, self.include_root_block, self.block_sizes,
+                                                     self.slim_scope)
     x = resnet_utils.check_inputs(inputs, images=self.include_root_block)
     if self.include_root_block:
       x = resnet_utils.conv2d_same(conv, x, 64, 7, 2, name='conv1', train=train)

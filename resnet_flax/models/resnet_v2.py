@@ -64,7 +64,8 @@ class ResNetV2(nn.Module):
   def __call__(self, inputs: Array, *, train: bool) -> Array:
     conv = self.arg_scope.conv2d()
     blocks = resnet_utils.bottleneck_blocks(self.block_sizes, bottleneck_v2(self.arg_scope))
-    output_stride = resnet_utils.root_output_stride(self.output_stride, self.include_root_block)
+    output_stride = resnet_utils.root_output_stride(self.output_stride, self.include_root_block, self.block_sizes,
+                                                     self.slim_scope)
     x = resnet_utils.check_inputs(inputs, images=self.include_root_block)
     if self.include_root_block:
       # No BN or activation here: the first unit's `preact` does both.

@@ -1,5 +1,7 @@
 """BatchNorm against a hand-written numpy reference of TF-Slim's rules."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -305,6 +307,38 @@ def test_options_out_of_range_are_refused_naming_the_option(options, named):
 
 
 @pytest.mark.parametrize('options, named', [
+    # Each had failed deep inside Python or JAX ("'<=' not supported between 'float' and 'str'"),
+    # or, a bool, run: ghost batches of 1.
+    ({'decay': '0.9'}, "decay='0.9' (str) must be a number"),
+    ({'epsilon': None}, 'epsilon=None (NoneType) must be a number'),
+    ({'renorm': True, 'renorm_r_max': True}, 'renorm_r_max=True (bool) must be a number'),
+    ({'ghost_batch_size': 2.0}, 'ghost_batch_size=2.0 (float) must be an integer'),
+    ({'ghost_batch_size': '2'}, "ghost_batch_size='2' (str) must be an integer"),
+    ({'ghost_batch_size': True}, 'ghost_batch_size=True (bool) must be an integer'),
+    ({'gamma_init': 'zeros'}, "gamma_init='zeros' must be a flax initializer"),
+    ({'moving_variance_init': 1.0}, 'moving_variance_init=1.0 must be a flax initializer'),
+    ({'activation': 'relu'}, "activation='relu' must be a function of the output"),
+    ({'adjustment': (1.0, 0.0)}, 'adjustment=(1.0, 0.0) must be a function adjustment(shape, key)'),
+])
+def test_options_of_the_wrong_type_are_refused_naming_the_option(options, named):
+  with pytest.raises(TypeError, match=re.escape(f"BatchNorm '(top-level BatchNorm)': {named}")):
+    BatchNorm(**options).init(jax.random.PRNGKey(0), jnp.ones((4, 2, 2, 3)), train=True)
+  # numpy scalars are numbers, as a config or sweep may hold them.
+  BatchNorm(decay=np.float32(0.9), ghost_batch_size=np.int64(2)).init(jax.random.PRNGKey(0), jnp.ones((4, 3)),
+                                                                       train=True)
+
+
+def test_a_ghost_batch_size_below_one_is_refused_by_name():
+  with pytest.raises(ValueError, match=re.escape('ghost_batch_size=0 must be >= 1 examples per group')):
+    BatchNorm(ghost_batch_size=0).init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=True)
+
+
+def test_a_scalar_input_is_refused_in_one_line():
+  with pytest.raises(ValueError, match=re.escape("BatchNorm '(top-level BatchNorm)' got a scalar; pass an array")):
+    BatchNorm().init(jax.random.PRNGKey(0), jnp.ones(()), train=False)
+
+
+@pytest.mark.parametrize('options, named', [
     ({'renorm_r_max': 3.0}, 'renorm_r_max=3.0'), ({'renorm_decay': 0.9}, 'renorm_decay=0.9'),
     ({'renorm_d_max': 1.0, 'renorm_clipping_ramp_steps': 10}, 'renorm_d_max=1.0, renorm_clipping_ramp_steps=10'),
 ])
@@ -430,3 +464,69 @@ def test_bfloat16_output_is_normalized_in_float32_per_channel():
   err = np.asarray(y.astype(jnp.float32), np.float64) - ref
   assert np.abs(err).max() < 0.02            # one bfloat16 rounding of |y| <= 4 is <= 0.0156
   assert np.abs(err.mean((0, 1, 2))).max() < 0.01
+
+
+def _shared_statistics_case(options, weighted):
+  """(loss, statistics, gradients) of one train step on a whole batch of 8, and of the same
+  batch as 4 shares of 2 under `jax.vmap(axis_name='devices')` with `axis_name` set."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(3.0 + rng.standard_normal((8, 3, 3, 5)).astype(np.float32) * np.arange(1.0, 6.0))
+  weights = jnp.asarray(rng.uniform(0.0, 2.0, 8).astype(np.float32)) if weighted else None
+  params = {'gamma': jnp.linspace(0.5, 2.0, 5), 'beta': jnp.linspace(-1.0, 1.0, 5)}
+
+  def step(layer, x, weights):
+    def loss(params, x):
+      y, updates = layer.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+                               batch_weights=weights)
+      return jnp.sum(y * jnp.arange(5.0) * jnp.cos(x)), updates['batch_stats']
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+  whole = BatchNorm(scale=True, **options)
+  variables = whole.init(jax.random.PRNGKey(0), x, train=False)
+  ((loss, stats), (d_params, d_x)) = step(whole, x, weights)
+  shares = lambda v: None if v is None else v.reshape(4, -1, *v.shape[1:])
+  ((losses, shared_stats), (shared_d_params, shared_d_x)) = jax.vmap(
+      lambda x, w: step(whole.clone(axis_name='devices'), x, w), axis_name='devices')(shares(x), shares(weights))
+  return ((loss, stats, d_params, d_x),
+          (jnp.sum(losses), shared_stats, jax.tree_util.tree_map(lambda g: jnp.sum(g, 0), shared_d_params),
+           shared_d_x.reshape(x.shape)))
+
+
+@pytest.mark.parametrize('options, weighted', [
+    ({}, False), ({'zero_debias_moving_mean': True, 'zero_debias_moving_variance': True}, False),
+    ({'fused': False}, False), ({'renorm': True, 'renorm_r_max': 1.5, 'renorm_d_max': 0.5}, False), ({}, True),
+])
+def test_statistics_shared_along_an_axis_name_are_the_whole_batchs(options, weighted):
+  (loss, stats, d_params, d_x), (shared_loss, shared_stats, shared_d_params, shared_d_x) = _shared_statistics_case(
+      options, weighted)
+  np.testing.assert_allclose(shared_loss, loss, rtol=1e-5)
+  for name, value in stats.items():  # every share holds the same moving statistics, the whole batch's
+    np.testing.assert_allclose(shared_stats[name], np.broadcast_to(value, shared_stats[name].shape), rtol=1e-6,
+                               atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(shared_d_x, d_x, rtol=1e-5, atol=1e-5)
+  for name in d_params:
+    np.testing.assert_allclose(shared_d_params[name], d_params[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_without_an_axis_name_each_share_keeps_statistics_of_its_own():
+  # The reference above must be able to fail: per-share statistics differ from the whole batch's.
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 2, 5)).astype(np.float32) + np.arange(4.0)[:, None, None])
+  layer = BatchNorm()
+  variables = layer.init(jax.random.PRNGKey(0), x[0], train=False)
+  shared, _ = jax.vmap(lambda x: layer.clone(axis_name='d').apply(variables, x, train=True, mutable=['batch_stats']),
+                       axis_name='d')(x)
+  alone, _ = jax.vmap(lambda x: layer.apply(variables, x, train=True, mutable=['batch_stats']))(x)
+  whole, _ = layer.apply(variables, x.reshape(8, 5), train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(shared.reshape(8, 5), whole, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(alone.reshape(8, 5) - whole))) > 0.5
+
+
+def test_an_axis_name_takes_one_example_per_device_and_refuses_ghost_batches():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 1, 1, 1, 3)).astype(np.float32))
+  layer = BatchNorm(axis_name='d')
+  variables = layer.init(jax.random.PRNGKey(0), x[0], train=True)  # init outside the map: its own statistics
+  y, _ = jax.vmap(lambda x: layer.apply(variables, x, train=True, mutable=['batch_stats']), axis_name='d')(x)
+  assert np.all(np.isfinite(y)) and float(jnp.std(y)) > 0.5  # one example each, four together
+  with pytest.raises(ValueError, match=re.escape("axis_name='d' shares statistics between devices, "
+                                                 'ghost_batch_size=2 splits')):
+    BatchNorm(axis_name='d', ghost_batch_size=2).init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=True)

@@ -117,11 +117,22 @@ variables = model.init(jax.random.PRNGKey(0), images[:2], train=False)
 def loss(params, images):
   logits, _ = model.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'])
   return jnp.sum(logits * jnp.arange(10.0))
+# The same model with its statistics shared along the mesh axis by the layer itself, in shard_map.
+shared_model = models.get_model('resnet_v1_tiny', num_classes=10, batch_norm_axis_name=sharding.DATA_AXIS
+                                ).clone(block_sizes=((4, 2, 2),))
+def shared_loss(params, images):
+  logits, _ = shared_model.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'])
+  return jax.lax.psum(jnp.sum(logits * jnp.arange(10.0)), sharding.DATA_AXIS)
+P = jax.sharding.PartitionSpec
+in_shard_map = jax.shard_map(shared_loss, mesh=mesh, in_specs=(P(), P(sharding.DATA_AXIS)), out_specs=P())
 for name in ('centred_moments', 'shifted_moments'):
   batch_norm.batch_moments = getattr(moments, name)  # before tracing: each jit below traces afresh
   step = jax.value_and_grad(loss)
   on_devices = on_mesh(step, 'params')(sharding.replicate(variables['params'], mesh), split_batch(images))
   gaps['model_' + name] = gap(on_devices, jax.jit(step)(variables['params'], images))
+  shared = jax.jit(jax.value_and_grad(in_shard_map))(sharding.replicate(variables['params'], mesh),
+                                                     split_batch(images))
+  gaps['shard_map_' + name] = gap(shared, jax.jit(step)(variables['params'], images))
 print(json.dumps({'devices': len(mesh.devices.flat), **gaps}))
 '''
 
@@ -130,7 +141,8 @@ def test_moments_and_gradients_of_a_batch_split_over_devices_are_one_devices():
   gaps = _run_code(SHARDED_MOMENTS, 8)
   assert gaps.pop('devices') == 8
   assert set(gaps) == {'batch_moments', 'centred_moments', 'shifted_moments', 'model_centred_moments',
-                       'model_shifted_moments'}
+                       'model_shifted_moments', 'shard_map_centred_moments', 'shard_map_shifted_moments'}
   # Relative gaps: the summation order differs between 1 and 8 devices (1e-7 in the moments,
-  # amplified to ~5e-6 through a model's BN backward passes); a wrong gradient would be O(1).
-  assert all(gap < (1e-4 if name.startswith('model_') else 1e-5) for name, gap in gaps.items()), gaps
+  # amplified to ~5e-6 through a model's BN backward passes); a wrong gradient would be O(1)
+  # (per-device statistics of 2 examples, as without batch_norm_axis_name, move the loss by far more).
+  assert all(gap < (1e-4 if name.startswith(('model_', 'shard_map_')) else 1e-5) for name, gap in gaps.items()), gaps

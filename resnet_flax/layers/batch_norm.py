@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -11,7 +12,7 @@ import numpy as np
 
 from resnet_flax.layers import moving_averages, renorm
 from resnet_flax.layers.end_points import keep_latest
-from resnet_flax.layers.moments import batch_moments, values_per_channel, weighted_moments
+from resnet_flax.layers.moments import batch_moments, moments_across, values_per_channel, weighted_moments
 
 Array = jnp.ndarray
 Correction = tuple[Array, Array]  # (scale, offset): `x_hat * scale + offset` before gamma and beta
@@ -37,9 +38,11 @@ def ghost_batches(x: Array, ghost_batch_size: Optional[int], name: str) -> Array
   return x.reshape(x.shape[0] // ghost_batch_size, ghost_batch_size, *x.shape[1:])
 
 
-def check_batch_statistics_possible(shape: tuple[int, ...], reduction_axes: tuple[int, ...], name: str) -> None:
-  """Raises if train-mode statistics would come from a single value per channel."""
-  if values_per_channel(shape, reduction_axes) < 2:
+def check_batch_statistics_possible(shape: tuple[int, ...], reduction_axes: tuple[int, ...], name: str,
+                                    devices: int = 1) -> None:
+  """Raises if train-mode statistics would come from a single value per channel (of `shape`'s
+  on each of `devices` that share statistics)."""
+  if values_per_channel(shape, reduction_axes) * devices < 2:
     raise ValueError(
         f'BatchNorm {name!r} in train mode got one value per channel (input shape {shape}): '
         'batch statistics would set every output to beta and the variance estimate is undefined. '
@@ -60,9 +63,20 @@ def slim_fuses(rank: int, fused: bool, zero_debias_moving_mean: bool) -> bool:
 
 _CHECKED_OPTIONS = ('decay', 'epsilon', 'zero_debias_moving_mean', 'zero_debias_moving_variance', 'renorm',
                     'renorm_decay', 'renorm_r_min', 'renorm_r_max', 'renorm_d_max', 'renorm_clipping_start_step',
-                    'renorm_clipping_ramp_steps', 'data_format')
+                    'renorm_clipping_ramp_steps', 'data_format', 'ghost_batch_size', 'axis_name')
 DATA_FORMATS = ('NHWC', 'NCHW')
+# Numeric options: a string or bool in one would be compared or multiplied deep in JAX, or, a
+# bool, read as 0 or 1. Those that may be None (unset) are in _UNSET_ALLOWED.
+_REALS = ('decay', 'epsilon', 'renorm_decay', 'renorm_r_min', 'renorm_r_max', 'renorm_d_max')
+_COUNTS = ('renorm_clipping_start_step', 'renorm_clipping_ramp_steps', 'ghost_batch_size')
+_UNSET_ALLOWED = ('renorm_r_min', 'renorm_r_max', 'renorm_d_max', 'ghost_batch_size')
 
+
+# The layer's function fields (not config fields: a config holds no functions), with what they take.
+_FUNCTIONS = tuple((f'{name}_init', 'a flax initializer, init(key, shape, dtype), e.g. nn.initializers.zeros')
+                   for name in ('gamma', 'beta', 'moving_mean', 'moving_variance')) + (
+    ('activation', 'a function of the output, e.g. nn.relu, or None'),
+    ('adjustment', 'a function adjustment(shape, key) -> (scale, offset), or None'))
 
 # Fields that only batch renormalization reads.
 _RENORM_ONLY = ('renorm_decay', 'renorm_r_max', 'renorm_r_min', 'renorm_d_max', 'renorm_clipping_start_step',
@@ -79,6 +93,12 @@ def check_options(prefix: str, options: Mapping[str, Any]) -> None:
   def get(field: str) -> Any:
     return options[field] if field in options else getattr(BatchNorm, field)  # the dataclass default
 
+  for fields, kind, what in ((_REALS, numbers.Real, 'a number'), (_COUNTS, numbers.Integral, 'an integer')):
+    for field in fields:
+      value = get(field)
+      if (value is not None or field not in _UNSET_ALLOWED) and (isinstance(value, bool)
+                                                                 or not isinstance(value, kind)):
+        raise TypeError(f'{prefix}{field}={value!r} ({type(value).__name__}) must be {what}.')
   if get('renorm') and (get('zero_debias_moving_mean') or get('zero_debias_moving_variance')):
     # TF-Slim rejects renorm with zero_debias_moving_mean too; its moving averages are plain.
     raise ValueError(f'{prefix}renorm keeps plain moving averages (a moving stddev for the variance); turn off '
@@ -100,10 +120,14 @@ def check_options(prefix: str, options: Mapping[str, Any]) -> None:
             ('renorm_r_min', lambda v: 0.0 <= v <= 1.0, 'in [0, 1] (1 is plain BN)'),
             ('renorm_d_max', lambda v: v >= 0.0, '>= 0 (0 is plain BN)'),
             ('renorm_clipping_start_step', lambda v: v >= 0, '>= 0'),
-            ('renorm_clipping_ramp_steps', lambda v: v >= 0, '>= 0'))
+            ('renorm_clipping_ramp_steps', lambda v: v >= 0, '>= 0'),
+            ('ghost_batch_size', lambda v: v >= 1, '>= 1 examples per group, or None for the whole batch'))
   for field, allowed, expected in bounds:
     if get(field) is not None and not allowed(get(field)):
       raise ValueError(f'{prefix}{field}={get(field)} must be {expected}.')
+  if get('axis_name') is not None and get('ghost_batch_size') is not None:
+    raise ValueError(f"{prefix}axis_name={get('axis_name')!r} shares statistics between devices, ghost_batch_size="
+                     f"{get('ghost_batch_size')} splits each device's share into groups of its own; leave one out.")
   if get('data_format') not in DATA_FORMATS:
     raise ValueError(f"{prefix}data_format={get('data_format')!r} is unknown; use 'NHWC' (channels last) or 'NCHW' "
                      '(channels on axis 1).')
@@ -149,6 +173,12 @@ class BatchNorm(nn.Module):
       normalized by its own statistics (with renorm, its own r and d) and the moving
       averages take the mean over groups of the group mean and variance (n / (n - 1)
       per group with `fused`). None: the whole batch.
+    axis_name: train-mode statistics over the examples of every device along this named axis
+      (or tuple of names) of a `shard_map`, `pmap` or `vmap`: synchronized BN where each device
+      holds its share, as flax's `nn.BatchNorm(axis_name=...)`; the moving statistics then agree
+      on every device. Not needed under `jax.jit` with a batch-sharded input, whose statistics
+      are the global batch's already. `init` outside the mapped function is fine (it skips the
+      collective). None: each call's own examples.
     gamma_init: initializer of gamma (zeros for the last BN of a residual unit makes
       each unit start as the identity, Goyal et al. 2017).
     beta_init, moving_mean_init, moving_variance_init: the other initializers of TF-Slim's
@@ -188,6 +218,7 @@ class BatchNorm(nn.Module):
   frozen: bool = False
   frozen_gamma_beta: bool = False
   ghost_batch_size: Optional[int] = None
+  axis_name: Any = None
   gamma_init: Callable[..., Array] = nn.initializers.ones
   beta_init: Callable[..., Array] = nn.initializers.zeros
   moving_mean_init: Callable[..., Array] = nn.initializers.zeros
@@ -250,13 +281,21 @@ class BatchNorm(nn.Module):
       group_shape = groups.shape[group_axis_count:]  # one group's: x's shape, its batch axis smaller
       within_group = tuple(range(x.ndim - 1))
       group_axes = tuple(axis + group_axis_count for axis in within_group)
-      check_batch_statistics_possible(group_shape, within_group, module_path(self))
+      # init may run outside the mapped function, where the axis is unbound: each call's own statistics.
+      across = self.axis_name is not None and not self.is_initializing()
+      devices = jax.lax.axis_size(self.axis_name) if across else 1
+      if across or self.axis_name is None:  # init's statistics are not kept: a device's share may be 1 example
+        check_batch_statistics_possible(group_shape, within_group, module_path(self), devices)
       # One (mean, variance) per ghost batch: shape (C,), or (groups, C) for ghost batches.
       if batch_weights is None:
         mean, variance = batch_moments(groups, group_axes)
+        total_weight = None
       else:  # one weight per example, broadcast over its values like groups' batch axis
         weights = batch_weights.reshape(groups.shape[:group_axis_count + 1] + (1,) * (x.ndim - 1))
         mean, variance = weighted_moments(groups, weights, group_axes)
+        total_weight = jnp.sum(weights, axis=group_axes)  # of each device: shares equal in shape weigh by it
+      if across:
+        mean, variance = moments_across(mean, variance, self.axis_name, total_weight)
       if not self.is_initializing():  # init makes every collection mutable; keep it out of variables
         # For precise-BN recalibration (`resnet_flax.precise_bn`), always (groups, C); a no-op unless asked for.
         self.sow(BATCH_MOMENTS, 'mean', mean.reshape(-1, channels), reduce_fn=keep_latest, init_fn=lambda: None)
@@ -270,7 +309,7 @@ class BatchNorm(nn.Module):
       correction = compose(correction, adjustment)
       if not self.is_initializing():
         self._require_mutable_stats()
-        n = values_per_channel(group_shape, within_group)
+        n = values_per_channel(group_shape, within_group) * devices
         # TF-Slim runs weighted moments and adjustments in non-fused code only.
         unbiased = (batch_weights is None and adjustment is None
                     and slim_fuses(x.ndim, self.fused, self.zero_debias_moving_mean))
@@ -306,6 +345,8 @@ class BatchNorm(nn.Module):
   def _check_call(self, x: Array, train: Any) -> None:
     """Refuses a call whose result would be silently wrong: a mode that is not a bool ('False'
     is truthy), integer activations or dtype (truncated), and params the layer does not use."""
+    if x.ndim == 0:
+      raise ValueError(f'BatchNorm {module_path(self)!r} got a scalar; pass an array of shape (batch, ..., channels).')
     if not isinstance(train, (bool, np.bool_)):
       raise TypeError(f'BatchNorm {module_path(self)!r}: train={train!r} ({type(train).__name__}) must be True or '
                       'False, a Python bool (under jax.jit, a static argument: static_argnames=("train",)).')
@@ -419,6 +460,10 @@ class BatchNorm(nn.Module):
 
   def _check_options(self) -> None:
     check_options(f'BatchNorm {module_path(self)!r}: ', {name: getattr(self, name) for name in _CHECKED_OPTIONS})
+    for field, expected in _FUNCTIONS:
+      value = getattr(self, field)
+      if not callable(value) and not (value is None and field in ('activation', 'adjustment')):
+        raise TypeError(f'BatchNorm {module_path(self)!r}: {field}={value!r} must be {expected}.')
 
   def _require_mutable_stats(self) -> None:
     if not self.is_mutable_collection(BATCH_STATS):
@@ -436,8 +481,10 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 
 
 def module_path(module: nn.Module) -> str:
-  """The module's slash-separated path in the variable tree (its slim scope)."""
-  return '/'.join(module.scope.path) if module.scope is not None else str(module.name)
+  """The module's slash-separated path in the variable tree (its slim scope); a module
+  applied by itself has none, so it is named by its class."""
+  path = '/'.join(module.scope.path) if module.scope is not None else module.name
+  return path or f'(top-level {type(module).__name__})'
 
 
 def eval_affine(mean: Array, variance: Array, gamma: Optional[Array], beta: Optional[Array],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,30 @@ def weighted_moments(x: Array, weights: Array, reduction_axes: tuple[int, ...]) 
   x32 = x.astype(jnp.float32)
   weights = jnp.broadcast_to(weights.astype(jnp.float32), x32.shape)
   total = jnp.sum(weights, axis=reduction_axes, keepdims=True)
-  divide = lambda sums: jnp.where(total != 0, sums / jnp.where(total != 0, total, 1.0), 0.0)
-  mean = divide(jnp.sum(weights * x32, axis=reduction_axes, keepdims=True))
-  variance = divide(jnp.sum(weights * jnp.square(x32 - mean), axis=reduction_axes, keepdims=True))
+  mean = _divide_no_nan(jnp.sum(weights * x32, axis=reduction_axes, keepdims=True), total)
+  variance = _divide_no_nan(jnp.sum(weights * jnp.square(x32 - mean), axis=reduction_axes, keepdims=True), total)
   return jnp.squeeze(mean, reduction_axes), jnp.squeeze(variance, reduction_axes)
+
+
+def _divide_no_nan(sums: Array, total: Array) -> Array:
+  """`sums / total`, 0 where `total` is 0 (TF's `div_no_nan`), with finite gradients there too."""
+  return jnp.where(total != 0, sums / jnp.where(total != 0, total, 1.0), 0.0)
+
+
+def moments_across(mean: Array, variance: Array, axis_name: Any, total_weight: Optional[Array] = None
+                   ) -> tuple[Array, Array]:
+  """The mean and biased variance of the examples of every device along `axis_name` (a
+  `shard_map`, `pmap` or `vmap` axis), from each device's own: the law of total variance.
+
+  Each device's moments count alike (its share of the batch has the same shape); with
+  `total_weight`, each device's sum of `weighted_moments`' weights, they count by it, and a
+  total of 0 gives 0 for both, as `weighted_moments`.
+  """
+  if total_weight is None:
+    global_mean = jax.lax.pmean(mean, axis_name)
+    return global_mean, jax.lax.pmean(variance + jnp.square(mean - global_mean), axis_name)
+  total = jax.lax.psum(total_weight, axis_name)
+  global_mean = _divide_no_nan(jax.lax.psum(total_weight * mean, axis_name), total)
+  deviations = total_weight * (variance + jnp.square(mean - global_mean))
+  return global_mean, _divide_no_nan(jax.lax.psum(deviations, axis_name), total)
+

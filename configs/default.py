@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
       'include_root_block': config_dict.placeholder(bool),
       # ((base_depth, num_units, stride), ...) per block, as slim's resnet_v1_block: another depth.
       'block_sizes': config_dict.placeholder(tuple),
+      # True: each residual unit's activations are recomputed in the backward pass, not kept
+      # (less memory for larger batches, about one more forward pass; the same numbers).
+      'remat': config_dict.placeholder(bool),
   })
   config.num_classes = config_dict.placeholder(int)  # None: the data set's.
   # Fine-tuning: start from these weights when the workdir has no checkpoint yet. An

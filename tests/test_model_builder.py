@@ -86,6 +86,13 @@ def test_block_sizes_build_another_depth_of_the_same_design():
   assert conv3['weights'].shape == (1, 1, 128, 512)  # 4 x base depth
 
 
+@pytest.mark.parametrize('remat', [None, False, True])
+def test_remat_reaches_the_model_from_the_config(remat):
+  config = default.get_config()
+  config.model_options.remat = remat
+  assert model_builder.build_model(config, 10).remat is bool(remat)
+
+
 def test_block_sizes_with_a_depth_multiplier_is_a_clear_error():
   with pytest.raises(ValueError, match='block_sizes are used as given'):
     models.get_model('resnet_v1_50', block_sizes=((64, 2, 2),), depth_multiplier=0.5)

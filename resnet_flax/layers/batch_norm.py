@@ -349,7 +349,8 @@ class BatchNorm(nn.Module):
       raise ValueError(f'BatchNorm {module_path(self)!r} got a scalar; pass an array of shape (batch, ..., channels).')
     if not isinstance(train, (bool, np.bool_)):
       raise TypeError(f'BatchNorm {module_path(self)!r}: train={train!r} ({type(train).__name__}) must be True or '
-                      'False, a Python bool (under jax.jit, a static argument: static_argnames=("train",)).')
+                      'False, a Python bool (under jax.jit, a static argument: static_argnames=("train",); to '
+                      'recompute activations in the backward pass, get_model(..., remat=True)).')
     for what, dtype in (('input', x.dtype), ('dtype', self.dtype)):
       if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f'BatchNorm {module_path(self)!r}: {what} {jnp.dtype(dtype).name} is not a float type, so '

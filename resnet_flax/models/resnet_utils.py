@@ -75,22 +75,30 @@ class Unit(nn.Module):
   stride: int
   rate: int
 
+  # `train` may be positional: nn.remat's static_argnums reach positional arguments only.
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
+  def __call__(self, x: Array, train: bool) -> Array:
     unit = self.unit_fn(depth=self.depth, depth_bottleneck=self.depth_bottleneck,
                         stride=self.stride, rate=self.rate)
     return unit(x, train=train)
+
+
+# A unit whose activations the backward pass recomputes instead of keeping: less memory for
+# about one more forward pass. `train` (argument 2, counting the module) stays a Python bool.
+RematUnit = nn.remat(Unit, static_argnums=(2,))
 
 
 class BlockStack(nn.Module):
   """One `Block`'s scope: its units in order, end point sown before subsampling."""
   units: tuple[tuple[int, int, int, int], ...]  # (depth, depth_bottleneck, stride, rate)
   unit_fn: Callable[..., nn.Module]
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
+    unit = RematUnit if self.remat else Unit
     for i, (depth, depth_bottleneck, stride, rate) in enumerate(self.units):
-      x = Unit(self.unit_fn, depth, depth_bottleneck, stride, rate, name=f'unit_{i + 1}')(x, train=train)
+      x = unit(self.unit_fn, depth, depth_bottleneck, stride, rate, name=f'unit_{i + 1}')(x, train)
     sow_end_point(self, x)
     return x
 
@@ -135,14 +143,15 @@ def plan_strides(blocks: Sequence[Block], output_stride: Optional[int],
 
 
 def stack_blocks_dense(x: Array, blocks: Sequence[Block], output_stride: Optional[int] = None,
-                       store_non_strided_activations: bool = False, *, train: bool) -> Array:
-  """Applies the blocks in order, with atrous rates past `output_stride`.
+                       store_non_strided_activations: bool = False, *, train: bool, remat: bool = False) -> Array:
+  """Applies the blocks in order, with atrous rates past `output_stride`; with `remat`, each
+  unit's activations are recomputed in the backward pass rather than kept.
 
   Call from a compact module: the blocks become its children named `block.scope`.
   """
   plan = plan_strides(blocks, output_stride, store_non_strided_activations)
   for block, (units, block_stride) in zip(blocks, plan):
-    x = BlockStack(units, block.unit_fn, name=block.scope)(x, train=train)
+    x = BlockStack(units, block.unit_fn, remat, name=block.scope)(x, train=train)
     x = subsample(x, block_stride)
   return x
 

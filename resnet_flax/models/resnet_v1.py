@@ -73,6 +73,7 @@ class ResNetV1(nn.Module):
   store_non_strided_activations: bool = False
   use_bounded_activations: bool = False
   zero_init_last_gamma: bool = False  # not slim's: each unit's conv3 BN starts with gamma = 0
+  remat: bool = False  # not slim's: each unit's activations recomputed in the backward pass, not kept
   arg_scope: ResNetArgScope = ResNetArgScope()
 
   @nn.compact
@@ -87,6 +88,6 @@ class ResNetV1(nn.Module):
       x = resnet_utils.conv2d_same(conv, x, 64, 7, 2, name='conv1', train=train)
       x = resnet_utils.max_pool_same(x)
     x = resnet_utils.stack_blocks_dense(x, blocks, output_stride, self.store_non_strided_activations,
-                                        train=train)
+                                        train=train, remat=self.remat)
     return resnet_utils.head(self, x, conv, self.num_classes, self.global_pool, self.spatial_squeeze,
                              self.slim_scope)

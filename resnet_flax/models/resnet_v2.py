@@ -58,6 +58,7 @@ class ResNetV2(nn.Module):
   output_stride: Optional[int] = None
   include_root_block: bool = True
   spatial_squeeze: bool = True
+  remat: bool = False  # not slim's: each unit's activations recomputed in the backward pass, not kept
   arg_scope: ResNetArgScope = ResNetArgScope()
 
   @nn.compact
@@ -72,7 +73,7 @@ class ResNetV2(nn.Module):
       root_conv = functools.partial(conv, normalizer=None, activation=None)
       x = resnet_utils.conv2d_same(root_conv, x, 64, 7, 2, name='conv1', train=train)
       x = resnet_utils.max_pool_same(x)
-    x = resnet_utils.stack_blocks_dense(x, blocks, output_stride, train=train)
+    x = resnet_utils.stack_blocks_dense(x, blocks, output_stride, train=train, remat=self.remat)
     # Pre-activation units end without BN, so the stack needs one before pooling.
     x = self.arg_scope.make_batch_norm(activation=nn.relu, name='postnorm')(x, train=train)
     return resnet_utils.head(self, x, conv, self.num_classes, self.global_pool, self.spatial_squeeze,

@@ -429,6 +429,10 @@ def test_bfloat16_models_return_float32_logits(name):
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
   out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), _init_shapes(model, x.shape), x)
   assert out.shape == (2, 5) and out.dtype == jnp.float32
+  # Features stay in the compute dtype, as README says.
+  features = model.clone(num_classes=None)
+  out = jax.eval_shape(lambda v, x: features.apply(v, x, train=False), _init_shapes(features, x.shape), x)
+  assert out.dtype == jnp.bfloat16
 
 
 def test_v1_min_base_depth_defaults_to_slims_8():

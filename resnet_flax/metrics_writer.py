@@ -167,9 +167,13 @@ def recorded_config(workdir: str) -> Optional[dict[str, Any]]:
                      'and the next start writes it again.') from None
 
 
+_CHANGING_NO_RESULT = ('distributed.', 'model_options.remat')
+
+
 def config_changes(workdir: str, config: Mapping[str, Any]) -> list[str]:
   """How `config` (nested dicts) differs from the one recorded in `workdir/config.json`:
-  'field: old -> new' (dotted names) in sorted order, config.distributed left out; none without a record.
+  'field: old -> new' (dotted names) in sorted order, config.distributed and model_options.remat left
+  out; none without a record.
 
   A field the record lacks was added since its run, with a default that keeps the old behaviour
   (off: 0, False, None, '' or empty): it counts as a change only when set to something else.
@@ -178,9 +182,9 @@ def config_changes(workdir: str, config: Mapping[str, Any]) -> list[str]:
   if saved is None:
     return []
   current = as_recorded(config)
-  # How the processes meet (a coordinator's port is new at each launch) changes no result;
-  # the device count, recorded beside the config, is compared.
-  fields = sorted(key for key in set(saved) | set(current) if not key.startswith('distributed.')
+  # How the processes meet (a coordinator's port is new at each launch) and whether activations
+  # are recomputed change no result; the device count, recorded beside the config, is compared.
+  fields = sorted(key for key in set(saved) | set(current) if not key.startswith(_CHANGING_NO_RESULT)
                   and (key in saved or current[key] not in (0, False, None, '', [])))
   return field_changes(saved, current, fields)
 

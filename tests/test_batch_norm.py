@@ -323,9 +323,12 @@ def test_options_out_of_range_are_refused_naming_the_option(options, named):
 def test_options_of_the_wrong_type_are_refused_naming_the_option(options, named):
   with pytest.raises(TypeError, match=re.escape(f"BatchNorm '(top-level BatchNorm)': {named}")):
     BatchNorm(**options).init(jax.random.PRNGKey(0), jnp.ones((4, 2, 2, 3)), train=True)
-  # numpy scalars are numbers, as a config or sweep may hold them.
-  BatchNorm(decay=np.float32(0.9), ghost_batch_size=np.int64(2)).init(jax.random.PRNGKey(0), jnp.ones((4, 3)),
-                                                                       train=True)
+  # Numbers of any kind are numbers, as a config, sweep or script may hold them.
+  for options in [{'decay': np.float32(0.9), 'ghost_batch_size': np.int64(2)},
+                  {'decay': jnp.float32(0.9), 'epsilon': np.array(1e-3), 'ghost_batch_size': jnp.int32(2)},
+                  {'decay': jnp.bfloat16(0.9), 'epsilon': 1},
+                  {'renorm': True, 'renorm_clipping_start_step': 5.0, 'renorm_clipping_ramp_steps': 10.0}]:
+    BatchNorm(**options).init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=True)
 
 
 def test_a_ghost_batch_size_below_one_is_refused_by_name():
@@ -440,8 +443,17 @@ def test_train_must_be_a_python_bool(train):
   # 'False' is truthy: it had trained and updated the statistics.
   layer = BatchNorm()
   variables = layer.init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=False)
-  with pytest.raises(TypeError, match=r'must be True or False, a Python bool'):
+  with pytest.raises(TypeError, match=r'must be True or False, a Python bool') as error:
     layer.apply(variables, jnp.ones((4, 3)), train=train, mutable=['batch_stats'])
+  assert 'remat' not in str(error.value)  # the hint for a traced mode only
+
+
+def test_a_traced_mode_names_the_static_arguments_and_remat():
+  layer = BatchNorm()
+  variables = layer.init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=False)
+  with pytest.raises(TypeError, match=re.escape('static_argnames=("train",); a model wrapped in nn.remat or '
+                                                'jax.checkpoint: get_model(..., remat=True)')):
+    jax.jit(lambda train: layer.apply(variables, jnp.ones((4, 3)), train=train, mutable=['batch_stats']))(True)
 
 
 @pytest.mark.parametrize('x_dtype, layer_dtype', [(jnp.int32, None), (jnp.uint8, None), (jnp.float32, jnp.int32)])
@@ -519,6 +531,14 @@ def test_without_an_axis_name_each_share_keeps_statistics_of_its_own():
   whole, _ = layer.apply(variables, x.reshape(8, 5), train=True, mutable=['batch_stats'])
   np.testing.assert_allclose(shared.reshape(8, 5), whole, rtol=1e-5, atol=1e-5)
   assert float(jnp.max(jnp.abs(alone.reshape(8, 5) - whole))) > 0.5
+
+
+def test_an_axis_name_outside_its_map_is_one_line_naming_the_layer():
+  layer = BatchNorm(axis_name='devices')
+  variables = layer.init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=False)
+  with pytest.raises(ValueError, match=re.escape("BatchNorm '(top-level BatchNorm)': axis_name='devices' is not an "
+                                                 'axis here')):
+    layer.apply(variables, jnp.ones((4, 3)), train=True, mutable=['batch_stats'])
 
 
 def test_an_axis_name_takes_one_example_per_device_and_refuses_ghost_batches():

@@ -111,6 +111,16 @@ def test_how_the_processes_meet_is_no_change(tmp_path):
   writer.close()
 
 
+def test_recomputing_activations_is_no_change(tmp_path):
+  # remat changes memory and time, not a number: switching it on or off for a resume is no change.
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.record_config({'model_options': {'remat': None, 'output_stride': None}})
+  assert writer.record_config({'model_options': {'remat': True, 'output_stride': None}}) == []
+  assert writer.record_config({'model_options': {'remat': False, 'output_stride': 8}}) == [
+      'model_options.output_stride: None -> 8']
+  writer.close()
+
+
 def test_data_fields_compare_as_their_source_reads_them(tmp_path):
   # A record from before a data field existed (config.data.resize), a default spelt out, a field
   # the data set ignores: none is a change; a field it reads is.

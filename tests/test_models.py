@@ -248,9 +248,13 @@ def test_depth_options_of_small_variants_name_block_sizes():
     models.get_model('resnet_v1_tiny', blocks=((4, 1, 1),))
 
 
-def test_an_activation_that_is_no_function_is_refused():
-  with pytest.raises(TypeError, match=re.escape("activation_fn='relu' must be a function, e.g. nn.relu")):
+def test_an_activation_that_is_no_function_is_refused_and_none_is_slims_none():
+  with pytest.raises(TypeError, match=re.escape("activation_fn='relu' must be a function, e.g. nn.relu, or None")):
     models.get_model('resnet_v1_tiny', activation_fn='relu')
+  model = models.get_model('resnet_v1_tiny', num_classes=3, activation_fn=None)  # convolutions without one
+  x = jnp.ones((2, 32, 32, 3))
+  logits, _ = model.apply(model.init(jax.random.PRNGKey(0), x, train=False), x, train=True, mutable=['batch_stats'])
+  assert logits.shape == (2, 3)
 
 
 def test_v1_depth_multiplier_and_min_base_depth():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -66,17 +65,20 @@ _CHECKED_OPTIONS = ('decay', 'epsilon', 'zero_debias_moving_mean', 'zero_debias_
                     'renorm_clipping_ramp_steps', 'data_format', 'ghost_batch_size', 'axis_name')
 DATA_FORMATS = ('NHWC', 'NCHW')
 # Numeric options: a string or bool in one would be compared or multiplied deep in JAX, or, a
-# bool, read as 0 or 1. Those that may be None (unset) are in _UNSET_ALLOWED.
-_REALS = ('decay', 'epsilon', 'renorm_decay', 'renorm_r_min', 'renorm_r_max', 'renorm_d_max')
-_COUNTS = ('renorm_clipping_start_step', 'renorm_clipping_ramp_steps', 'ghost_batch_size')
+# bool, read as 0 or 1; a ghost batch size must count examples. Those that may be None (unset)
+# are in _UNSET_ALLOWED.
+_REALS = ('decay', 'epsilon', 'renorm_decay', 'renorm_r_min', 'renorm_r_max', 'renorm_d_max',
+          'renorm_clipping_start_step', 'renorm_clipping_ramp_steps')
+_COUNTS = ('ghost_batch_size',)
 _UNSET_ALLOWED = ('renorm_r_min', 'renorm_r_max', 'renorm_d_max', 'ghost_batch_size')
 
 
 # The layer's function fields (not config fields: a config holds no functions), with what they take.
-_FUNCTIONS = tuple((f'{name}_init', 'a flax initializer, init(key, shape, dtype), e.g. nn.initializers.zeros')
+# (field, what it must be, whether None is allowed).
+_FUNCTIONS = tuple((f'{name}_init', 'a flax initializer, init(key, shape, dtype), e.g. nn.initializers.zeros', False)
                    for name in ('gamma', 'beta', 'moving_mean', 'moving_variance')) + (
-    ('activation', 'a function of the output, e.g. nn.relu, or None'),
-    ('adjustment', 'a function adjustment(shape, key) -> (scale, offset), or None'))
+    ('activation', 'a function of the output, e.g. nn.relu, or None', True),
+    ('adjustment', 'a function adjustment(shape, key) -> (scale, offset), or None', True))
 
 # Fields that only batch renormalization reads.
 _RENORM_ONLY = ('renorm_decay', 'renorm_r_max', 'renorm_r_min', 'renorm_d_max', 'renorm_clipping_start_step',
@@ -84,8 +86,8 @@ _RENORM_ONLY = ('renorm_decay', 'renorm_r_max', 'renorm_r_min', 'renorm_d_max', 
 
 
 def check_options(prefix: str, options: Mapping[str, Any]) -> None:
-  """Raises a one-line ValueError for BatchNorm options out of range or in conflict; the
-  message starts with `prefix` ("config.bn." or "BatchNorm 'x': ") and the option's name.
+  """Raises a one-line ValueError for BatchNorm options out of range or in conflict (TypeError
+  for one of the wrong type); the message starts with `prefix` ("config.bn." or "BatchNorm 'x': ") and the option's name.
   `options` has BatchNorm's field names; missing ones take its defaults.
 
   The layer checks itself; configs call this first, so a sweep fails before its first run.
@@ -93,11 +95,10 @@ def check_options(prefix: str, options: Mapping[str, Any]) -> None:
   def get(field: str) -> Any:
     return options[field] if field in options else getattr(BatchNorm, field)  # the dataclass default
 
-  for fields, kind, what in ((_REALS, numbers.Real, 'a number'), (_COUNTS, numbers.Integral, 'an integer')):
+  for fields, kinds, what in ((_REALS, (np.integer, np.floating), 'a number'), (_COUNTS, (np.integer,), 'an integer')):
     for field in fields:
       value = get(field)
-      if (value is not None or field not in _UNSET_ALLOWED) and (isinstance(value, bool)
-                                                                 or not isinstance(value, kind)):
+      if (value is not None or field not in _UNSET_ALLOWED) and not _is_scalar_of(value, kinds):
         raise TypeError(f'{prefix}{field}={value!r} ({type(value).__name__}) must be {what}.')
   if get('renorm') and (get('zero_debias_moving_mean') or get('zero_debias_moving_variance')):
     # TF-Slim rejects renorm with zero_debias_moving_mean too; its moving averages are plain.
@@ -252,6 +253,15 @@ class BatchNorm(nn.Module):
       return jnp.moveaxis(self._channels_last(jnp.moveaxis(x, 1, -1), train, batch_weights, adjustment), -1, 1)
     return self._channels_last(x, train, batch_weights, adjustment)
 
+  def _devices_along_axis(self) -> int:
+    """The devices sharing statistics along `axis_name`, or a one-line error outside its map."""
+    try:
+      return jax.lax.axis_size(self.axis_name)
+    except NameError as error:  # jax's 'unbound axis name: ...'
+      raise ValueError(f'BatchNorm {module_path(self)!r}: axis_name={self.axis_name!r} is not an axis here ({error}): '
+                       'call the model inside shard_map, pmap or vmap over that axis, or leave axis_name out (under '
+                       "jax.jit a batch-sharded input's statistics are the global batch's already).") from None
+
   def _adjustment(self, shape: tuple[int, ...]) -> Correction:
     """TF's `adjustment(shape)`, given this layer's own key from the 'adjustment' rng stream."""
     if not self.has_rng('adjustment'):
@@ -283,7 +293,7 @@ class BatchNorm(nn.Module):
       group_axes = tuple(axis + group_axis_count for axis in within_group)
       # init may run outside the mapped function, where the axis is unbound: each call's own statistics.
       across = self.axis_name is not None and not self.is_initializing()
-      devices = jax.lax.axis_size(self.axis_name) if across else 1
+      devices = self._devices_along_axis() if across else 1
       if across or self.axis_name is None:  # init's statistics are not kept: a device's share may be 1 example
         check_batch_statistics_possible(group_shape, within_group, module_path(self), devices)
       # One (mean, variance) per ghost batch: shape (C,), or (groups, C) for ghost batches.
@@ -348,9 +358,11 @@ class BatchNorm(nn.Module):
     if x.ndim == 0:
       raise ValueError(f'BatchNorm {module_path(self)!r} got a scalar; pass an array of shape (batch, ..., channels).')
     if not isinstance(train, (bool, np.bool_)):
+      # A traced mode comes from a transformation that was not told it is static.
+      traced = ('; a model wrapped in nn.remat or jax.checkpoint: get_model(..., remat=True) recomputes each unit'
+                if isinstance(train, jax.core.Tracer) else '')
       raise TypeError(f'BatchNorm {module_path(self)!r}: train={train!r} ({type(train).__name__}) must be True or '
-                      'False, a Python bool (under jax.jit, a static argument: static_argnames=("train",); to '
-                      'recompute activations in the backward pass, get_model(..., remat=True)).')
+                      f'False, a Python bool (under jax.jit, a static argument: static_argnames=("train",){traced}).')
     for what, dtype in (('input', x.dtype), ('dtype', self.dtype)):
       if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f'BatchNorm {module_path(self)!r}: {what} {jnp.dtype(dtype).name} is not a float type, so '
@@ -461,9 +473,9 @@ class BatchNorm(nn.Module):
 
   def _check_options(self) -> None:
     check_options(f'BatchNorm {module_path(self)!r}: ', {name: getattr(self, name) for name in _CHECKED_OPTIONS})
-    for field, expected in _FUNCTIONS:
+    for field, expected, may_be_none in _FUNCTIONS:
       value = getattr(self, field)
-      if not callable(value) and not (value is None and field in ('activation', 'adjustment')):
+      if not callable(value) and not (value is None and may_be_none):
         raise TypeError(f'BatchNorm {module_path(self)!r}: {field}={value!r} must be {expected}.')
 
   def _require_mutable_stats(self) -> None:
@@ -472,6 +484,15 @@ class BatchNorm(nn.Module):
           f'BatchNorm {module_path(self)!r} is in train mode but {BATCH_STATS!r} is immutable, so the moving '
           f'statistics would silently never update: call apply(..., train=True, mutable=[{BATCH_STATS!r}]) '
           'and keep the returned statistics, or use train=False.')
+
+
+def _is_scalar_of(value: Any, kinds: tuple[type, ...]) -> bool:
+  """Whether `value` is one number of one of the numpy `kinds` (Python, numpy, ml_dtypes and
+  0-d jax scalars alike), not a bool."""
+  if isinstance(value, (bool, np.bool_, str, bytes)) or value is None or np.ndim(value) != 0:
+    return False
+  dtype = np.asarray(value).dtype
+  return any(np.issubdtype(dtype, kind) for kind in kinds) or (np.floating in kinds and dtype == jnp.bfloat16)
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:

@@ -122,9 +122,10 @@ def _check_values(name: str, scope_kwargs: dict, model_kwargs: dict) -> None:
                                     or output_stride < 1):
     raise ValueError(f'get_model({name!r}): output_stride={output_stride!r} must be a positive int, or None for the '
                      "network's own stride.")
-  if not callable(scope_kwargs.get('activation_fn', nn.relu)):
-    raise TypeError(f"get_model({name!r}): activation_fn={scope_kwargs['activation_fn']!r} must be a function, "
-                    'e.g. nn.relu.')
+  activation_fn = scope_kwargs.get('activation_fn')
+  if activation_fn is not None and not callable(activation_fn):  # None: slim's convolutions without one
+    raise TypeError(f'get_model({name!r}): activation_fn={activation_fn!r} must be a function, e.g. nn.relu, or '
+                    'None.')
 
 
 def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) -> nn.Module:

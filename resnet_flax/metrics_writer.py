@@ -98,10 +98,15 @@ class MetricsWriter:
     """Closes metrics.jsonl and the TensorBoard event file."""
     if not self.enabled:
       return
-    # After a failed write, closing retries the lost bytes; that failure was reported.
-    with contextlib.suppress(OSError) if self._failed else contextlib.nullcontext():
-      self._jsonl.close()
-      self._events.close()
+    # After a failed write, closing retries the lost bytes; that failure was reported. Each file
+    # is closed whatever the other's close raised (a full disk had left the events file open).
+    reported = lambda: contextlib.suppress(OSError) if self._failed else contextlib.nullcontext()
+    try:
+      with reported():
+        self._jsonl.close()
+    finally:
+      with reported():
+        self._events.close()
 
   @contextlib.contextmanager
   def _reporting_failure(self, path: str) -> Iterator[None]:

@@ -1,10 +1,12 @@
 """metrics.jsonl and TensorBoard event files, read back independently; a full disk is one error, not a hang."""
 
+import gc
 import json
 import math
 import os
 import resource
 import struct
+import warnings
 
 import jax
 import pytest
@@ -81,6 +83,20 @@ def test_a_full_disk_stops_training_with_one_error_instead_of_hanging(tmp_path):
     train_lib.train_and_evaluate(tiny_config(4), str(tmp_path))
   # The first log (step 2) comes before its save: no checkpoint, and the empty checkpoints/ is not left behind.
   assert sorted(os.listdir(tmp_path)) == [workdir_lock.LOCK_NAME, 'config.json', 'metrics.jsonl', 'tensorboard']
+
+
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full')
+def test_close_after_a_full_disk_closes_both_files(tmp_path):
+  os.symlink('/dev/full', tmp_path / 'metrics.jsonl')
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always', ResourceWarning)
+    writer = metrics_writer.MetricsWriter(str(tmp_path))
+    with pytest.raises(metrics_writer.MetricsWriteError):
+      writer.write(2, {'train/loss': 1.5})
+    writer.close()
+    del writer
+    gc.collect()
+  assert not [warning for warning in caught if issubclass(warning.category, ResourceWarning)], caught
 
 
 def test_a_directory_where_metrics_jsonl_belongs_names_the_path_not_the_disk(tmp_path):

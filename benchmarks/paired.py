@@ -40,7 +40,8 @@ _ANCHOR_MAIN = "print(json.dumps({'jax'"
 
 def load_anchor(path: str) -> dict[str, Any]:
   """The anchor's module namespace: its definitions, without running its cases."""
-  source = open(path).read()
+  with open(path) as file:
+    source = file.read()
   if _ANCHOR_MAIN not in source:
     raise ValueError(f'{path} no longer has the line starting {_ANCHOR_MAIN!r} that ends its definitions; '
                      'update benchmarks/paired.py.')

@@ -76,7 +76,8 @@ def test_two_writers_of_one_file_do_not_share_a_temporary_file(tmp_path):
     file.write(' and the rest\n')
 
   atomic_files.write_atomically(path, first)
-  assert open(path).read() == 'first, half and the rest\n'
+  with open(path) as file:
+    assert file.read() == 'first, half and the rest\n'
   assert sorted(p.name for p in tmp_path.iterdir()) == ['table.csv']
 
 

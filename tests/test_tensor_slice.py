@@ -111,7 +111,8 @@ def test_load_variables_on_v1_tiny_model_matches_v2():
 
 @pytest.mark.parametrize('cut', [0, 10, 48, -1, -49, -300])
 def test_truncated_file_raises_one_line_value_error(tmp_path, cut):
-  data = open(os.path.join(FIXTURES, 'v1_tiny', 'model.ckpt'), 'rb').read()
+  with open(os.path.join(FIXTURES, 'v1_tiny', 'model.ckpt'), 'rb') as file:
+    data = file.read()
   path = tmp_path / 'model.ckpt'
   path.write_bytes(data[:cut])
   with pytest.raises(ValueError) as info:
@@ -121,7 +122,8 @@ def test_truncated_file_raises_one_line_value_error(tmp_path, cut):
 
 @pytest.mark.parametrize('where', [100, 5000, 60000, 105000])
 def test_corrupted_byte_raises_one_line_value_error(tmp_path, where):
-  data = bytearray(open(os.path.join(FIXTURES, 'v1_tiny', 'model.ckpt'), 'rb').read())
+  with open(os.path.join(FIXTURES, 'v1_tiny', 'model.ckpt'), 'rb') as file:
+    data = bytearray(file.read())
   data[where] ^= 0x40
   path = tmp_path / 'model.ckpt'
   path.write_bytes(bytes(data))

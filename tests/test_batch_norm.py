@@ -522,7 +522,8 @@ def test_statistics_shared_along_an_axis_name_are_the_whole_batchs(options, weig
 
 def test_without_an_axis_name_each_share_keeps_statistics_of_its_own():
   # The reference above must be able to fail: per-share statistics differ from the whole batch's.
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 2, 5)).astype(np.float32) + np.arange(4.0)[:, None, None])
+  shift = np.arange(4.0)[:, None, None]  # each share its own mean
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 2, 5)).astype(np.float32) + shift)
   layer = BatchNorm()
   variables = layer.init(jax.random.PRNGKey(0), x[0], train=False)
   shared, _ = jax.vmap(lambda x: layer.clone(axis_name='d').apply(variables, x, train=True, mutable=['batch_stats']),

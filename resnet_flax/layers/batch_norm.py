@@ -87,8 +87,8 @@ _RENORM_ONLY = ('renorm_decay', 'renorm_r_max', 'renorm_r_min', 'renorm_d_max', 
 
 def check_options(prefix: str, options: Mapping[str, Any]) -> None:
   """Raises a one-line ValueError for BatchNorm options out of range or in conflict (TypeError
-  for one of the wrong type); the message starts with `prefix` ("config.bn." or "BatchNorm 'x': ") and the option's name.
-  `options` has BatchNorm's field names; missing ones take its defaults.
+  for one of the wrong type); the message starts with `prefix` ("config.bn." or "BatchNorm 'x': ")
+  and the option's name. `options` has BatchNorm's field names; missing ones take its defaults.
 
   The layer checks itself; configs call this first, so a sweep fails before its first run.
   """

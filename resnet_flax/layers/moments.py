@@ -124,4 +124,3 @@ def moments_across(mean: Array, variance: Array, axis_name: Any, total_weight: O
   global_mean = _divide_no_nan(jax.lax.psum(total_weight * mean, axis_name), total)
   deviations = total_weight * (variance + jnp.square(mean - global_mean))
   return global_mean, _divide_no_nan(jax.lax.psum(deviations, axis_name), total)
-

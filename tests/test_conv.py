@@ -11,7 +11,7 @@ import pytest
 from configs import default
 from resnet_flax import model_builder, models
 from resnet_flax.layers import BatchNorm, Conv2D
-from resnet_flax.layers import batch_norm as batch_norm_lib
+from resnet_flax.layers import normalization
 
 MODELS = ('resnet_v1_tiny', 'resnet_v2_tiny')
 
@@ -119,8 +119,8 @@ def test_eval_affine_is_normalize():
   x, mean, gamma, beta = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((7, 3), (3,), (3,), (3,)))
   variance = jnp.asarray(rng.uniform(0.1, 3.0, 3), jnp.float32)
   for g, b in ((gamma, beta), (None, beta), (gamma, None), (None, None)):
-    scale, shift = batch_norm_lib.eval_affine(mean, variance, g, b, 1e-3)
-    np.testing.assert_allclose(x * scale + shift, batch_norm_lib.normalize(x, mean, variance, g, b, 1e-3),
+    scale, shift = normalization.eval_affine(mean, variance, g, b, 1e-3)
+    np.testing.assert_allclose(x * scale + shift, normalization.normalize(x, mean, variance, g, b, 1e-3),
                                rtol=1e-6, atol=1e-6)
 
 

@@ -12,9 +12,9 @@ import numpy as np
 from resnet_flax.layers import moving_averages, renorm
 from resnet_flax.layers.end_points import keep_latest
 from resnet_flax.layers.moments import batch_moments, moments_across, values_per_channel, weighted_moments
+from resnet_flax.layers.normalization import Correction, compose, eval_affine, normalize
 
 Array = jnp.ndarray
-Correction = tuple[Array, Array]  # (scale, offset): `x_hat * scale + offset` before gamma and beta
 
 # The collection that holds moving statistics; callers update it only by asking for it
 # with `mutable=[BATCH_STATS]` and storing what comes back.
@@ -507,44 +507,3 @@ def module_path(module: nn.Module) -> str:
   applied by itself has none, so it is named by its class."""
   path = '/'.join(module.scope.path) if module.scope is not None else module.name
   return path or f'(top-level {type(module).__name__})'
-
-
-def eval_affine(mean: Array, variance: Array, gamma: Optional[Array], beta: Optional[Array],
-                epsilon: float) -> tuple[Array, Array]:
-  """(scale, shift) with `x * scale + shift` equal to `normalize(x, mean, variance, gamma, beta,
-  epsilon)` up to rounding: the normalization folded into one multiply-add per channel."""
-  scale = jax.lax.rsqrt(variance + epsilon)
-  if gamma is not None:
-    scale = scale * gamma
-  shift = -mean * scale
-  if beta is not None:
-    shift = shift + beta
-  return scale, shift
-
-
-def compose(first: Optional[Correction], then: Optional[Correction]) -> Optional[Correction]:
-  """The correction applying `first`, then `then` (TF's `_compose_transforms`); None is none."""
-  if first is None or then is None:
-    return then if first is None else first
-  return first[0] * then[0], first[1] * then[0] + then[1]
-
-
-def normalize(x: Array, mean: Array, variance: Array, gamma: Optional[Array], beta: Optional[Array],
-              epsilon: float, correction: Optional[Correction] = None) -> Array:
-  """`x_hat = (x - mean) / sqrt(variance + epsilon)`, then `[x_hat * scale + offset]` (a
-  `correction`: renorm's r and d, an adjustment), then `* gamma + beta`, in float32.
-
-  Everything folds into one scale and one offset per channel (`offset * gamma + beta`), as TF
-  composes them: one multiply and one add per element, as without a correction.
-  """
-  inv = jax.lax.rsqrt(variance + epsilon)
-  offset = None
-  if correction is not None:
-    inv, offset = inv * correction[0], correction[1]
-  if gamma is not None:
-    inv = inv * gamma
-    offset = None if offset is None else offset * gamma
-  if beta is not None:
-    offset = beta if offset is None else offset + beta
-  y = (x.astype(jnp.float32) - mean) * inv
-  return y if offset is None else y + offset

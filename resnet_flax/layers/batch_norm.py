@@ -299,12 +299,11 @@ class BatchNorm(nn.Module):
       # One (mean, variance) per ghost batch: shape (C,), or (groups, C) for ghost batches.
       if batch_weights is None:
         mean, variance = batch_moments(groups, group_axes)
-        total_weight = None
       else:  # one weight per example, broadcast over its values like groups' batch axis
         weights = batch_weights.reshape(groups.shape[:group_axis_count + 1] + (1,) * (x.ndim - 1))
         mean, variance = weighted_moments(groups, weights, group_axes)
-        total_weight = jnp.sum(weights, axis=group_axes)  # of each device: shares equal in shape weigh by it
-      if across:
+      if across:  # each device's shares are equal in shape: weighted ones count by their total weight
+        total_weight = None if batch_weights is None else jnp.sum(weights, axis=group_axes)
         mean, variance = moments_across(mean, variance, self.axis_name, total_weight)
       if not self.is_initializing():  # init makes every collection mutable; keep it out of variables
         # For precise-BN recalibration (`resnet_flax.precise_bn`), always (groups, C); a no-op unless asked for.

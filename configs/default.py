@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   # orbax directory (a training checkpoint or `python -m resnet_flax.slim convert` output)
   # or slim:PATH for a TF-Slim checkpoint; a new head if num_classes differs.
   config.init_checkpoint = ''
+  # slim:PATH checkpoints (init_checkpoint, eval.py --checkpoint): each variable's exponential moving
+  # average where the checkpoint has one (<name>/ExponentialMovingAverage), as slim's eval_image_classifier
+  # --moving_average_decay reads a checkpoint of train_image_classifier --moving_average_decay.
+  config.slim_moving_averages = False
   config.dtype = 'float32'  # 'float32' | 'bfloat16' (activations; statistics stay float32)
 
   # Batch normalization (resnet_arg_scope's values unless a variant changes them).

@@ -18,9 +18,14 @@ SLIM_PREFIX = 'slim:'
 HEAD = 'logits'
 
 
-def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_head: bool) -> dict[str, Any]:
+def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_head: bool,
+          slim_moving_averages: bool) -> dict[str, Any]:
   """{'params', 'batch_stats'} as stored; with `allow_new_head`, a slim checkpoint whose head does not fit
   yields no head (without it, slim's error stands: it names the checkpoint's class count)."""
+  if slim_moving_averages and not spec.startswith(SLIM_PREFIX):
+    raise checkpoints.CheckpointError(
+        f'{spec} is an orbax checkpoint, whose variables are what it holds; config.slim_moving_averages=True reads '
+        f'the moving averages of a TF-Slim checkpoint ({SLIM_PREFIX}PATH): drop it, or give {SLIM_PREFIX}PATH.')
   if spec.startswith(SLIM_PREFIX):
     path = spec[len(SLIM_PREFIX):]
     if not path.strip():
@@ -30,12 +35,14 @@ def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_he
       raise checkpoints.CheckpointError(f'{path} is an orbax checkpoint (this package\'s own), not a TF one: pass it '
                                         f'without the {SLIM_PREFIX} prefix.')
     try:
-      variables, step = slim.load_variables_and_step(path, model, image_shape=image_shape)
+      variables, step = slim.load_variables_and_step(path, model, image_shape=image_shape,
+                                                     moving_averages=slim_moving_averages)
     except slim.SlimCheckpointError:
       if not (model.num_classes and allow_new_head):
         raise
       # Perhaps only the class count differs: load the backbone; a real mismatch raises again.
-      variables, step = slim.load_variables_and_step(path, model.clone(num_classes=None), image_shape=image_shape)
+      variables, step = slim.load_variables_and_step(path, model.clone(num_classes=None), image_shape=image_shape,
+                                                     moving_averages=slim_moving_averages)
     return {**variables, 'step': step}
   tree = checkpoints.restore_tree(spec)
   if 'params' not in tree:
@@ -159,15 +166,17 @@ def _as_flag(value: Any) -> str:
 
 
 def load_for_model(spec: str, model: Any, reference: dict[str, Any], image_shape: tuple[int, int, int], *,
-                   allow_new_head: bool = False) -> tuple[dict[str, Any], int, list[str]]:
+                   allow_new_head: bool = False, slim_moving_averages: bool = False
+                   ) -> tuple[dict[str, Any], int, list[str]]:
   """(variables fitted to `reference`, the checkpoint's step, re-initialized leaves) from `spec`.
 
   `spec` is `slim:PATH` (a TF-Slim checkpoint prefix) or an orbax checkpoint directory
   (a training checkpoint or one written by `python -m resnet_flax.slim convert`). `reference`
   gives the shapes and dtypes (`jax.eval_shape` of `model.init` will do) and, for a new head,
-  its initial values (then it must be `model.init`'s own output).
+  its initial values (then it must be `model.init`'s own output). `slim_moving_averages`: a TF-Slim
+  checkpoint's exponential moving averages where it has them (`slim.load_variables`).
   """
-  loaded = _read(spec, model, image_shape, allow_new_head)
+  loaded = _read(spec, model, image_shape, allow_new_head, slim_moving_averages)
   step = int(np.asarray(jax.device_get(loaded.pop('step', 0))))
   fitted, fresh = fit_variables(loaded, reference, allow_new_head=allow_new_head, source=spec,
                                 epsilon=checkpoint_import.batch_norm_epsilon(model))

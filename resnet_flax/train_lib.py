@@ -121,12 +121,13 @@ def skipped_in_a_row(before: int, first_step: int, last_step: int, bad_steps: li
   return last_step - finite[-1] if finite else before + last_step - first_step + 1
 
 
-def _initialize_from(spec: str, state: TrainState, model: nn.Module, image_shape: tuple[int, int, int], mesh: Mesh,
-                     progress: ProgressBar) -> TrainState:
+def _initialize_from(spec: str, slim_moving_averages: bool, state: TrainState, model: nn.Module,
+                     image_shape: tuple[int, int, int], mesh: Mesh, progress: ProgressBar) -> TrainState:
   """Fine-tuning: pretrained params and statistics, a fresh head when the class count differs."""
   reference = {'params': state.params, 'batch_stats': state.batch_stats}
   with distributed.failing_together('to read config.init_checkpoint'):  # each process reads it whole, by itself
-    variables, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True)
+    variables, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True,
+                                                    slim_moving_averages=slim_moving_averages)
   variables = sharding.replicate(variables, mesh)
   progress.message(f'Initialized from {spec}' + (f' (new head: {", ".join(fresh)})' if fresh else '') + '.')
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
@@ -149,7 +150,8 @@ def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_r
   if last_saved is not None:
     progress.message(f'Resumed from {checkpointer.directory}/{last_saved} (step {int(state.step)}).')
   elif config.init_checkpoint:
-    state = _initialize_from(config.init_checkpoint, state, model, image_shape, mesh, progress)
+    state = _initialize_from(config.init_checkpoint, config.slim_moving_averages, state, model, image_shape, mesh,
+                             progress)
   if int(state.step) > config.num_train_steps:
     raise ValueError(f'{checkpointer.directory} is at step {int(state.step)}, past config.num_train_steps='
                      f'{config.num_train_steps}; raise num_train_steps to train on, or pass a fresh --workdir '
@@ -232,6 +234,10 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
   values out of range, a data set that cannot be built as configured, a batch that does not
   split over the devices, single-example BN statistics."""
   config_checks.check_config(config)
+  if config.slim_moving_averages and not config.init_checkpoint.startswith(pretrained.SLIM_PREFIX):
+    raise ValueError(f'config.slim_moving_averages=True does nothing in train.py with config.init_checkpoint='
+                     f'{config.init_checkpoint!r}: it reads the moving averages of a TF-Slim checkpoint '
+                     f'({pretrained.SLIM_PREFIX}PATH); give one as config.init_checkpoint, or drop it.')
   data.check_config(config.data)
   sharding.check_batch_size(config.batch_size)
   model_builder.check_statistics_groups(config, jax.device_count())

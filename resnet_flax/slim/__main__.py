@@ -1,4 +1,4 @@
-"""python -m resnet_flax.slim convert --checkpoint PATH --model NAME --workdir DIR [--num_classes N]
+"""python -m resnet_flax.slim convert --checkpoint PATH --model NAME --workdir DIR [--num_classes N] [--moving_averages]
 
 Writes DIR/variables, an orbax checkpoint of {'params', 'batch_stats'} that eval.py
 (--checkpoint=DIR/variables) and train.py (--config.init_checkpoint=DIR/variables) accept.
@@ -42,14 +42,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                        help='default: 1000 for v1, 1001 for v2 (slim\'s ImageNet checkpoints); 0 for features only')
   convert.add_argument('--image_size', type=int, default=224)
   convert.add_argument('--channels', type=int, default=3)
+  convert.add_argument('--moving_averages', action='store_true',
+                       help="each variable's exponential moving average where the checkpoint has one (slim's "
+                       'train_image_classifier --moving_average_decay), as slim\'s eval_image_classifier '
+                       '--moving_average_decay reads it')
   convert.add_argument('--traceback', action='store_true', help='show the full error (every variable that '
                        'does not fit) with its traceback')
   return parser.parse_args(argv)
 
 
 def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | None = None,
-            image_shape: tuple[int, int, int] = (224, 224, 3)) -> str:
-  """Converts and returns the written directory."""
+            image_shape: tuple[int, int, int] = (224, 224, 3), moving_averages: bool = False) -> str:
+  """Converts (with `moving_averages`, each variable's average where it has one) and returns the
+  written directory."""
   if num_classes is None:
     num_classes = _DEFAULT_CLASSES[model_name[:len('resnet_v1')]]
   if num_classes < 0 or min(image_shape) < 1:
@@ -61,7 +66,8 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
   if os.path.lexists(target):  # orbax refuses to overwrite; say so before the slow read, not after
     raise ValueError(f'{target} already exists; delete it or pass another --workdir.')
   model = models.get_model(model_name, num_classes=num_classes or None)
-  variables, step = slim.load_variables_and_step(checkpoint, model, image_shape=image_shape)
+  variables, step = slim.load_variables_and_step(checkpoint, model, image_shape=image_shape,
+                                                 moving_averages=moving_averages)
   # Before orbax's writer threads meet an unwritable or full workdir (they hung there).
   workdirs.check_workdir(workdir, checkpoints.checkpoint_bytes(variables))
   # The TF run's step, so eval.py reports the step the weights were trained to.
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   try:
     target = convert(args.checkpoint, args.model, args.workdir, args.num_classes,
-                     (args.image_size, args.image_size, args.channels))
+                     (args.image_size, args.image_size, args.channels), args.moving_averages)
   except (ValueError, FileNotFoundError) as error:
     if args.traceback:
       raise

@@ -113,7 +113,7 @@ def expected_variables(model: Any, image_shape: tuple[int, ...] = DEFAULT_IMAGE_
 
 def load_variables(path: str | os.PathLike, model: Any, *,
                    image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE,
-                   verify: bool = True) -> dict[str, dict]:
+                   verify: bool = True, moving_averages: bool = False) -> dict[str, dict]:
   """Reads the variables of `model` from the TF checkpoint at `path`.
 
   Args:
@@ -125,6 +125,11 @@ def load_variables(path: str | os.PathLike, model: Any, *,
     image_shape: the (height, width, channels) the model is traced on to list its variables;
       only the channels matter.
     verify: check every tensor's crc32c while reading.
+    moving_averages: read each variable's exponential moving average
+      (`<name>/ExponentialMovingAverage`) where the checkpoint has one, as slim's
+      `eval_image_classifier.py --moving_average_decay` restores a checkpoint of
+      `train_image_classifier.py --moving_average_decay` (which averages every model variable:
+      weights, gamma, beta, the moving statistics); every param of the model must have one.
 
   Returns:
     `{'params': ..., 'batch_stats': ...}` as plain nested dicts of numpy arrays in the model's
@@ -149,22 +154,62 @@ def load_variables(path: str | os.PathLike, model: Any, *,
     ValueError, FileNotFoundError: from the reader, for a damaged, truncated or absent
       checkpoint; the message names the file.
   """
-  return _read_variables(tensor_bundle.CheckpointReader(path, verify=verify), model, image_shape)
+  return load_variables_and_step(path, model, image_shape=image_shape, verify=verify,
+                                 moving_averages=moving_averages)[0]
 
 
 def load_variables_and_step(path: str | os.PathLike, model: Any, *,
                             image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE,
-                            verify: bool = True) -> tuple[dict[str, dict], int]:
+                            verify: bool = True, moving_averages: bool = False) -> tuple[dict[str, dict], int]:
   """`load_variables` and the step the checkpoint was saved at (its `global_step`, 0 without
   one), from one opening of the checkpoint (a V1 file is read whole when opened)."""
   reader = tensor_bundle.CheckpointReader(path, verify=verify)
-  return _read_variables(reader, model, image_shape), _global_step(reader)
-
-
-def _read_variables(reader: Any, model: Any, image_shape: tuple[int, ...]) -> dict[str, dict]:
-  """`load_variables` from an open reader."""
-  scope = model.slim_scope
   expected = expected_variables(model, image_shape)
+  if moving_averages:
+    variables = _read_variables(_MovingAverages(reader, model.slim_scope, expected[PARAMS]), model, expected)
+  else:
+    variables = _read_variables(reader, model, expected)
+  return variables, _global_step(reader)
+
+
+class _MovingAverages:
+  """A checkpoint reader that shows each variable that has an exponential moving average
+  (`<name>/ExponentialMovingAverage`) as that average, and the others as they are."""
+
+  def __init__(self, reader: Any, scope: str, params: Mapping[tuple[str, ...], Any]):
+    self._reader, self.prefix = reader, reader.prefix
+    found = reader.variables()
+    self._source = {name: name + names.AVERAGE_SUFFIX if name + names.AVERAGE_SUFFIX in found else name
+                    for name in found if not name.endswith(names.AVERAGE_SUFFIX)}
+    averaged = [name for name, source in self._source.items() if source != name]
+    if not averaged:
+      raise SlimCheckpointError(
+          f'checkpoint {reader.prefix} holds no moving averages (<name>{names.AVERAGE_SUFFIX}, which slim\'s '
+          'train_image_classifier --moving_average_decay keeps): load its variables as they are '
+          '(config.slim_moving_averages=False).')
+    # slim averages every model variable: a param without one means another run's averages.
+    bare = [name for name in (names.slim_name(scope, path) for path in params)
+            if self._source.get(name) == name]
+    if bare:
+      raise SlimCheckpointError(
+          f'checkpoint {reader.prefix} has moving averages for {len(averaged)} variable(s) but none for '
+          f'{len(bare)} param(s) of the model, e.g. {bare[0]}: its averages are of other variables; load its '
+          'variables as they are (config.slim_moving_averages=False).')
+
+  def variables(self) -> dict[str, tuple[Any, tuple[int, ...]]]:
+    """{name: (dtype, shape)} of what `read(name)` returns."""
+    found = self._reader.variables()
+    return {name: found[source] for name, source in self._source.items()}
+
+  def read(self, name: str) -> np.ndarray:
+    """The moving average of variable `name` where it has one, else the variable."""
+    return self._reader.read(self._source.get(name, name))
+
+
+def _read_variables(reader: Any, model: Any, expected: Mapping[str, Mapping[tuple[str, ...], Any]]
+                    ) -> dict[str, dict]:
+  """`load_variables` from an open reader, of the variables `expected_variables` lists."""
+  scope = model.slim_scope
   found = reader.variables()
   plan, filled = _plan(expected, found, scope, reader, model)
 

@@ -15,6 +15,9 @@ import numpy as np
 PARAMS, BATCH_STATS = 'params', 'batch_stats'
 # TF's name for the training step a checkpoint was saved at (`tf.train.Saver.save(global_step=)`).
 GLOBAL_STEP = 'global_step'
+# What `tf.train.ExponentialMovingAverage` names a variable's average: slim's train_image_classifier
+# --moving_average_decay keeps one next to every model variable.
+AVERAGE_SUFFIX = '/ExponentialMovingAverage'
 _PARAM_LEAVES = {'weights', 'biases', 'gamma', 'beta'}
 # TF's renorm adds the last three (tf_keras BatchNormalization); `renorm_clipping_step` is ours.
 _STAT_LEAVES = {'moving_mean', 'moving_variance', 'moving_stddev', 'renorm_mean', 'renorm_stddev',

@@ -1,0 +1,140 @@
+"""TF-Slim checkpoints with exponential moving averages (`<name>/ExponentialMovingAverage`).
+
+The fixtures `fixtures/slim_ckpt_ema/<case>/` are checkpoints of slim's tiny nets trained three
+steps as `train_image_classifier.py --moving_average_decay` trains, with the eval-mode logits of
+slim's graph restored as `eval_image_classifier.py` restores it with and without
+`--moving_average_decay` (`make_slim_ema_fixtures.py`, TensorFlow's own numbers).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_flax import checkpoints, eval_lib, models, pretrained, slim, train_lib
+from resnet_flax.slim import __main__ as slim_cli
+from resnet_flax.slim import names, tensor_bundle, tensor_bundle_writer
+from test_pretrained import V1_CKPT, synthetic_config
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'slim_ckpt_ema')
+# case -> (model name, get_model keyword arguments), as make_slim_ema_fixtures.CASES built them.
+CASES = {
+    'v1_tiny_10': ('resnet_v1_tiny', dict(num_classes=10)),
+    'v2_tiny_11_zero_debias': ('resnet_v2_tiny', dict(num_classes=11, zero_debias_moving_mean=True)),
+}
+IMAGE_SHAPE = (32, 32, 3)
+
+
+def _prefix(case: str) -> str:
+  return os.path.join(ROOT, case, 'model.ckpt')
+
+
+def _model(case: str):
+  name, kwargs = CASES[case]
+  return models.get_model(name, **kwargs)
+
+
+def _load(case: str, moving_averages: bool, prefix: str | None = None) -> dict:
+  return slim.load_variables(prefix or _prefix(case), _model(case), image_shape=IMAGE_SHAPE,
+                             moving_averages=moving_averages)
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_the_averages_give_slims_eval_logits_and_the_variables_its_logits_without_them(case):
+  with np.load(os.path.join(ROOT, case, 'eval.npz')) as expected:
+    images, averaged, plain = expected['images'], expected['logits_averages'], expected['logits_variables']
+  apply = jax.jit(lambda variables, x: _model(case).apply(variables, x, train=False))
+  for moving_averages, theirs in [(True, averaged), (False, plain)]:
+    ours = np.asarray(apply(_load(case, moving_averages), images)).reshape(theirs.shape)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max(), err_msg=str(moving_averages))
+  assert np.abs(averaged - plain).max() > 0.1  # the switch matters in these fixtures
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_each_variable_comes_from_its_average_where_the_checkpoint_has_one(case):
+  # v2's zero-debias state: slim averages that of a conv's BatchNorm (a model variable there), not preact's.
+  reader = tensor_bundle.CheckpointReader(_prefix(case))
+  found, scope = reader.variables(), _model(case).slim_scope
+  loaded = _load(case, moving_averages=True)
+  sources = []
+  for collection in ('params', 'batch_stats'):
+    for path, value in names.flatten(loaded[collection]).items():
+      name = names.slim_name(scope, path)
+      source = name + names.AVERAGE_SUFFIX if name + names.AVERAGE_SUFFIX in found else name
+      np.testing.assert_array_equal(value, reader.read(source).astype(value.dtype), err_msg=name)
+      sources.append((path[-1], source != name))
+  assert all(averaged for leaf, averaged in sources if leaf in ('weights', 'gamma', 'beta', 'moving_mean'))
+  if case.endswith('zero_debias'):
+    assert {averaged for leaf, averaged in sources if leaf == 'moving_mean_local_step'} == {True, False}
+
+
+def test_the_step_is_the_global_step_the_run_saved():
+  model = _model('v1_tiny_10')
+  assert slim.load_variables_and_step(_prefix('v1_tiny_10'), model, image_shape=IMAGE_SHAPE,
+                                      moving_averages=True)[1] == 3
+
+
+def test_a_checkpoint_without_averages_is_refused_in_one_line():
+  with pytest.raises(slim.SlimCheckpointError, match=(
+      f'checkpoint {V1_CKPT} holds no moving averages .* load its variables as they are '
+      r'\(config.slim_moving_averages=False\)\.$')):
+    slim.load_variables(V1_CKPT, _model('v1_tiny_10'), image_shape=IMAGE_SHAPE, moving_averages=True)
+
+
+def test_averages_of_other_variables_are_refused_naming_a_param_without_one(tmp_path):
+  # As a run that averaged some variables only: slim's eval would fail on the missing averages.
+  reader = tensor_bundle.CheckpointReader(_prefix('v1_tiny_10'))
+  tensors = {name: reader.read(name) for name in reader.variables()}
+  bare = 'resnet_v1_tiny/logits/weights'
+  del tensors[bare + names.AVERAGE_SUFFIX]
+  prefix = tensor_bundle_writer.write_checkpoint(tmp_path / 'model.ckpt', tensors)
+  with pytest.raises(slim.SlimCheckpointError, match=f'but none for 1 param\\(s\\) of the model, e.g. {bare}: '):
+    _load('v1_tiny_10', True, prefix)
+  assert _load('v1_tiny_10', False, prefix)  # as they are, it loads
+
+
+def test_eval_and_convert_read_the_averages_with_the_switch(tmp_path, capsys):
+  config = synthetic_config()
+  spec = 'slim:' + _prefix('v1_tiny_10')
+  expected = {True: _load('v1_tiny_10', True), False: _load('v1_tiny_10', False)}
+  for switch in (True, False):
+    config.slim_moving_averages = switch
+    loaded = eval_lib.load_checkpoint(config, None, spec)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(loaded.variables), expected[switch])
+  target = slim_cli.convert(_prefix('v1_tiny_10'), 'resnet_v1_tiny', str(tmp_path), num_classes=10,
+                            image_shape=IMAGE_SHAPE, moving_averages=True)
+  converted = checkpoints.restore_tree(target)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, {k: converted[k] for k in expected[True]}, expected[True])
+  assert int(converted['step']) == 3
+  # The converted checkpoint holds the averages as its variables: with the switch on (the config of a
+  # run fine-tuned from the averages), eval.py reads it as it is and says so.
+  config.slim_moving_averages = True
+  loaded = eval_lib.load_checkpoint(config, None, target)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(loaded.variables), expected[True])
+  assert (f'warning: config.slim_moving_averages=True reads TF-Slim checkpoints (slim:PATH); {target} is an orbax '
+          'checkpoint, evaluated with the variables it holds.') in capsys.readouterr().err
+  # A library caller that asks for the averages of an orbax checkpoint is told there are none.
+  model = _model('v1_tiny_10')
+  with pytest.raises(checkpoints.CheckpointError, match='is an orbax checkpoint, whose variables are what it holds'):
+    pretrained.load_for_model(target, model, eval_lib.abstract_variables(model, IMAGE_SHAPE), IMAGE_SHAPE,
+                              slim_moving_averages=True)
+
+
+def test_fine_tuning_starts_from_the_averages_and_needs_a_slim_checkpoint_for_them(tmp_path):
+  config = synthetic_config(num_classes=10)
+  config.slim_moving_averages = True
+  with pytest.raises(ValueError, match="config.slim_moving_averages=True does nothing in train.py with "
+                                       "config.init_checkpoint='': it reads"):
+    train_lib.check_training_config(config)
+  config.init_checkpoint = 'slim:' + _prefix('v1_tiny_10')
+  # One step that changes nothing (no learning rate, frozen statistics): its checkpoint is the start.
+  config.update(num_train_steps=1, learning_rate=0.0, warmup_steps=0)
+  config.bn.frozen = True
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  started = checkpoints.restore_tree(str(tmp_path / 'checkpoints' / '1'))
+  averages = _load('v1_tiny_10', True)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, started['params'], averages['params'])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, started['batch_stats'], averages['batch_stats'])

@@ -23,6 +23,10 @@ def main(argv: list[str]) -> None:
       print(f"Final {FLAGS.config.eval_split} accuracy: {100 * result['top1']:.2f}% "
             f"(top-5 {100 * result['top5']:.2f}%, loss {result['loss']:.4f}, {result['num_examples']} examples, "
             f"step {result['step']}, {time.time() - start:.1f} s)")
+    if 'ema' in result:
+      averages = result['ema']
+      print(f"Final {FLAGS.config.eval_split} accuracy of the averages (config.model_ema_decay): "
+            f"{100 * averages['top1']:.2f}% (top-5 {100 * averages['top5']:.2f}%, loss {averages['loss']:.4f})")
     print(cli.json_line(result))
 
   cli.run_reporting_user_errors(run)

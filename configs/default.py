@@ -33,10 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
   # orbax directory (a training checkpoint or `python -m resnet_flax.slim convert` output)
   # or slim:PATH for a TF-Slim checkpoint; a new head if num_classes differs.
   config.init_checkpoint = ''
-  # slim:PATH checkpoints (init_checkpoint, eval.py --checkpoint): each variable's exponential moving
-  # average where the checkpoint has one (<name>/ExponentialMovingAverage), as slim's eval_image_classifier
-  # --moving_average_decay reads a checkpoint of train_image_classifier --moving_average_decay.
-  config.slim_moving_averages = False
+  # > 0: also keep an exponential moving average of every model variable (weights, gamma, beta and the
+  # moving statistics), as slim's train_image_classifier --moving_average_decay: after step t,
+  # average -= (1 - d) * (average - variable) with d = min(model_ema_decay, (1 + t) / (10 + t)).
+  # Evaluations in training report both (eval_ema/...: the averages). eval.py with it > 0 evaluates
+  # the averages, of its runs or of a TF-Slim checkpoint (<name>/ExponentialMovingAverage, as slim's
+  # eval_image_classifier --moving_average_decay); 0 evaluates the variables.
+  config.model_ema_decay = 0.0
   config.dtype = 'float32'  # 'float32' | 'bfloat16' (activations; statistics stay float32)
 
   # Batch normalization (resnet_arg_scope's values unless a variant changes them).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import re
@@ -36,6 +37,16 @@ class CheckpointError(ValueError):
 class StateMismatchError(CheckpointError):
   """A checkpoint holds other arrays, or arrays of other shapes, than the run's state or
   model: a run of another config (model, class count, BN options, optimizer), not damage."""
+
+
+def saved_form(state: Any) -> Any:
+  """What is written for `state`: a dataclass (TrainState) as a dict of its fields, without those
+  left at None, so a run without the optional parts (model averages) writes, and reads, the
+  checkpoints it wrote before they existed; anything else as it is."""
+  if not dataclasses.is_dataclass(state):
+    return state
+  return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+          if getattr(state, field.name) is not None}
 
 
 def abstract_like(state: Any) -> Any:
@@ -84,7 +95,7 @@ class Checkpointer:
     self.wait()
     self._unfinished = step
     with self._reporting_failure_of(step):
-      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      self._manager.save(step, args=ocp.args.StandardSave(saved_form(state)), force=True)
 
   def check(self) -> None:
     """Raises CheckpointError if a save has failed; returns at once while one is still writing."""
@@ -429,7 +440,8 @@ def restore_from(path: str, target: Any) -> Any:
   orbax_noise.quiet_failure_echoes()
   try:
     with _read_by_this_process() as checkpointer:  # its own shards of `target`
-      return checkpointer.restore(item, abstract_like(target))
+      restored = checkpointer.restore(item, abstract_like(saved_form(target)))
+    return dataclasses.replace(target, **restored) if dataclasses.is_dataclass(target) else restored
   except _READ_FAILURES as error:
     if error_lines.out_of_memory(error) is not None:  # the files may be whole: never skipped or set aside
       raise

@@ -24,7 +24,7 @@ from resnet_flax.layers import batch_norm
 # Every top-level field train.py and eval.py read: configs/default.py's (a test keeps the two
 # equal). Assigning to a config in a file adds any name, so a misspelt one would be ignored.
 _FIELDS = frozenset({
-    'model', 'model_options', 'num_classes', 'init_checkpoint', 'slim_moving_averages', 'dtype', 'bn', 'data',
+    'model', 'model_options', 'num_classes', 'init_checkpoint', 'model_ema_decay', 'dtype', 'bn', 'data',
     'eval_split', 'bn_recalibration_batches', 'bn_report_batch_sizes', 'batch_size', 'eval_batch_size',
     'num_train_steps', 'optimizer', 'learning_rate', 'lr_batch_size', 'lr_schedule', 'warmup_steps', 'lr_boundaries',
     'lr_decay_factor',
@@ -85,6 +85,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ('momentum', lambda v: 0 <= v < 1, 'in [0, 1)'),
     ('weight_decay', lambda v: v >= 0, '>= 0'),
     ('bn_weight_decay', lambda v: v >= 0, '>= 0'),
+    ('model_ema_decay', lambda v: 0 <= v < 1, 'in [0, 1) (0: no averages)'),
     ('label_smoothing', lambda v: 0 <= v < 1, 'in [0, 1)'),
     ('lars.weight_decay', lambda v: v >= 0, '>= 0'),
     ('adamw.weight_decay', lambda v: v >= 0, '>= 0'),

@@ -171,7 +171,8 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   """The latest checkpoint in `workdir`, or `checkpoint`, with the model `config` describes.
 
   `checkpoint` may be a training checkpoint directory, a converted one, or `slim:PATH`
-  for a TF-Slim checkpoint (evaluated with the preprocessing `config.data` names).
+  for a TF-Slim checkpoint (evaluated with the preprocessing `config.data` names). With
+  `config.model_ema_decay` > 0, the checkpoint's moving averages of its variables are read.
   """
   if (checkpoint is None) == (workdir is None):
     raise ValueError('pass --workdir=DIR (its latest checkpoint) or --checkpoint=PATH, one of them.')
@@ -206,16 +207,12 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
       print(f"warning: evaluating {workdir} with other settings than its run's ({'; '.join(differences)}); "
             "give it the run's values to evaluate it as trained.",
             file=sys.stderr)
-  averages = config.slim_moving_averages and checkpoint.startswith(pretrained.SLIM_PREFIX)
-  if config.slim_moving_averages and not averages and jax.process_index() == 0:
-    # Warned, not refused: the config that fine-tuned from a TF-Slim checkpoint's averages evaluates its run.
-    print(f'warning: config.slim_moving_averages=True reads TF-Slim checkpoints ({pretrained.SLIM_PREFIX}PATH); '
-          f'{checkpoint} is an orbax checkpoint, evaluated with the variables it holds.', file=sys.stderr)
   try:
     with distributed.failing_together('to read the checkpoint'):  # each process reads it whole, by itself
       variables, step, _ = pretrained.load_for_model(checkpoint, model,
                                                      abstract_variables(model, dataset.image_shape),
-                                                     dataset.image_shape, slim_moving_averages=averages)
+                                                     dataset.image_shape,
+                                                     moving_averages=config.model_ema_decay > 0)
   except checkpoints.StateMismatchError:
     raise  # the config, not the checkpoint: an older one would not fit either
   except checkpoints.CheckpointError as error:

@@ -19,13 +19,10 @@ HEAD = 'logits'
 
 
 def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_head: bool,
-          slim_moving_averages: bool) -> dict[str, Any]:
-  """{'params', 'batch_stats'} as stored; with `allow_new_head`, a slim checkpoint whose head does not fit
-  yields no head (without it, slim's error stands: it names the checkpoint's class count)."""
-  if slim_moving_averages and not spec.startswith(SLIM_PREFIX):
-    raise checkpoints.CheckpointError(
-        f'{spec} is an orbax checkpoint, whose variables are what it holds; config.slim_moving_averages=True reads '
-        f'the moving averages of a TF-Slim checkpoint ({SLIM_PREFIX}PATH): drop it, or give {SLIM_PREFIX}PATH.')
+          moving_averages: bool) -> dict[str, Any]:
+  """{'params', 'batch_stats'} as stored (with `moving_averages`, their averages); with `allow_new_head`,
+  a slim checkpoint whose head does not fit yields no head (without it, slim's error stands: it names
+  the checkpoint's class count)."""
   if spec.startswith(SLIM_PREFIX):
     path = spec[len(SLIM_PREFIX):]
     if not path.strip():
@@ -36,17 +33,24 @@ def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_he
                                         f'without the {SLIM_PREFIX} prefix.')
     try:
       variables, step = slim.load_variables_and_step(path, model, image_shape=image_shape,
-                                                     moving_averages=slim_moving_averages)
+                                                     moving_averages=moving_averages)
     except slim.SlimCheckpointError:
       if not (model.num_classes and allow_new_head):
         raise
       # Perhaps only the class count differs: load the backbone; a real mismatch raises again.
       variables, step = slim.load_variables_and_step(path, model.clone(num_classes=None), image_shape=image_shape,
-                                                     moving_averages=slim_moving_averages)
+                                                     moving_averages=moving_averages)
     return {**variables, 'step': step}
   tree = checkpoints.restore_tree(spec)
   if 'params' not in tree:
     raise checkpoints.CheckpointError(f'checkpoint {spec} holds no params (keys: {sorted(tree)}).')
+  if moving_averages:
+    if not tree.get('ema'):
+      raise checkpoints.CheckpointError(
+          f'checkpoint {spec} holds no moving averages (a run with config.model_ema_decay > 0 keeps them; `slim '
+          'convert --moving_averages` writes a TF-Slim checkpoint\'s as its variables): evaluate its variables with '
+          '--config.model_ema_decay=0.')
+    tree = {**tree, **tree['ema']}
   return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {}), 'step': tree.get('step', 0)}
 
 
@@ -166,17 +170,18 @@ def _as_flag(value: Any) -> str:
 
 
 def load_for_model(spec: str, model: Any, reference: dict[str, Any], image_shape: tuple[int, int, int], *,
-                   allow_new_head: bool = False, slim_moving_averages: bool = False
+                   allow_new_head: bool = False, moving_averages: bool = False
                    ) -> tuple[dict[str, Any], int, list[str]]:
   """(variables fitted to `reference`, the checkpoint's step, re-initialized leaves) from `spec`.
 
   `spec` is `slim:PATH` (a TF-Slim checkpoint prefix) or an orbax checkpoint directory
   (a training checkpoint or one written by `python -m resnet_flax.slim convert`). `reference`
   gives the shapes and dtypes (`jax.eval_shape` of `model.init` will do) and, for a new head,
-  its initial values (then it must be `model.init`'s own output). `slim_moving_averages`: a TF-Slim
-  checkpoint's exponential moving averages where it has them (`slim.load_variables`).
+  its initial values (then it must be `model.init`'s own output). `moving_averages`: the exponential
+  moving averages of the variables instead, a training checkpoint's (config.model_ema_decay) or a
+  TF-Slim checkpoint's (`slim.load_variables`).
   """
-  loaded = _read(spec, model, image_shape, allow_new_head, slim_moving_averages)
+  loaded = _read(spec, model, image_shape, allow_new_head, moving_averages)
   step = int(np.asarray(jax.device_get(loaded.pop('step', 0))))
   fitted, fresh = fit_variables(loaded, reference, allow_new_head=allow_new_head, source=spec,
                                 epsilon=checkpoint_import.batch_norm_epsilon(model))

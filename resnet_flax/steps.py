@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resnet_flax import losses
+from resnet_flax import losses, model_ema
 from resnet_flax.train_state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -17,14 +17,15 @@ Batch = dict[str, jax.Array]
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.GradientTransformation,
                weight_decay: float, label_smoothing: float, skip_nonfinite: bool = False,
-               bn_weight_decay: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               bn_weight_decay: float = 0.0, model_ema_decay: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step; the new moving statistics come back inside the new state.
 
   The loss adds slim's L2 terms (`losses.slim_l2_regularization`): `weight_decay` on conv
-  weights, `bn_weight_decay` on BatchNorm's gamma and beta.
+  weights, `bn_weight_decay` on BatchNorm's gamma and beta. A state with averages
+  (`state.ema`) moves them toward the new params and statistics (`model_ema.update`).
 
   `metrics['nonfinite']` is 1 when the loss or gradients were NaN/Inf; with
-  `skip_nonfinite` such a step leaves params, statistics and optimizer state as they were,
+  `skip_nonfinite` such a step leaves params, statistics, averages and optimizer state as they were,
   but for the learning-rate schedule's step count: it advances with the state's step, as
   the data order does, so warm-up and decay steps stay those of an unskipped run.
   """
@@ -41,10 +42,13 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  ema = state.ema
+  if ema is not None:
+    ema = model_ema.update(ema, {'params': params, 'batch_stats': batch_stats}, model_ema_decay, state.step + 1)
   if skip_nonfinite:
     keep_old = lambda new, old: jnp.where(finite, new, old)
-    params, batch_stats, kept_opt_state = jax.tree_util.tree_map(
-        keep_old, (params, batch_stats, opt_state), (state.params, state.batch_stats, state.opt_state))
+    params, batch_stats, ema, kept_opt_state = jax.tree_util.tree_map(
+        keep_old, (params, batch_stats, ema, opt_state), (state.params, state.batch_stats, state.ema, state.opt_state))
     opt_state = _with_schedule_counts(kept_opt_state, opt_state)
   count = jnp.maximum(jnp.sum(batch['mask']), 1.0)
   metrics = {
@@ -55,7 +59,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
       'grad_norm': grad_norm,
       'nonfinite': 1.0 - finite.astype(jnp.float32),
   }
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema)
   return new_state, metrics
 
 

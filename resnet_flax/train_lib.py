@@ -121,16 +121,21 @@ def skipped_in_a_row(before: int, first_step: int, last_step: int, bad_steps: li
   return last_step - finite[-1] if finite else before + last_step - first_step + 1
 
 
-def _initialize_from(spec: str, slim_moving_averages: bool, state: TrainState, model: nn.Module,
-                     image_shape: tuple[int, int, int], mesh: Mesh, progress: ProgressBar) -> TrainState:
-  """Fine-tuning: pretrained params and statistics, a fresh head when the class count differs."""
+def _initialize_from(spec: str, state: TrainState, model: nn.Module, image_shape: tuple[int, int, int], mesh: Mesh,
+                     progress: ProgressBar) -> TrainState:
+  """Fine-tuning: pretrained params and statistics, a fresh head when the class count differs; the
+  averages (with config.model_ema_decay) start there too.
+
+  A checkpoint's own averages are not read (as slim's --checkpoint_path): to start from them,
+  convert it with `python -m resnet_flax.slim convert --moving_averages`."""
   reference = {'params': state.params, 'batch_stats': state.batch_stats}
   with distributed.failing_together('to read config.init_checkpoint'):  # each process reads it whole, by itself
-    variables, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True,
-                                                    slim_moving_averages=slim_moving_averages)
-  variables = sharding.replicate(variables, mesh)
+    loaded, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True)
+  variables = sharding.replicate(loaded, mesh)
   progress.message(f'Initialized from {spec}' + (f' (new head: {", ".join(fresh)})' if fresh else '') + '.')
-  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+  # The averages in buffers of their own: the train step donates the state, each buffer once.
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'],
+                       ema=None if state.ema is None else sharding.replicate(loaded, mesh))
 
 
 def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_record: dict[str, Any],
@@ -150,8 +155,7 @@ def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_r
   if last_saved is not None:
     progress.message(f'Resumed from {checkpointer.directory}/{last_saved} (step {int(state.step)}).')
   elif config.init_checkpoint:
-    state = _initialize_from(config.init_checkpoint, config.slim_moving_averages, state, model, image_shape, mesh,
-                             progress)
+    state = _initialize_from(config.init_checkpoint, state, model, image_shape, mesh, progress)
   if int(state.step) > config.num_train_steps:
     raise ValueError(f'{checkpointer.directory} is at step {int(state.step)}, past config.num_train_steps='
                      f'{config.num_train_steps}; raise num_train_steps to train on, or pass a fresh --workdir '
@@ -199,6 +203,19 @@ def _log_interval(step: int, history: list[dict[str, jax.Array]], interval_start
   return nonfinite_in_a_row
 
 
+def _eval_records(metrics: dict[str, Any]) -> dict[str, Any]:
+  """metrics.jsonl's names for an evaluation: eval/<name>, and eval_ema/<name> for the averages'."""
+  averages = metrics.get('ema', {})
+  return {**{f'eval/{k}': v for k, v in metrics.items() if k != 'ema'},
+          **{f'eval_ema/{k}': v for k, v in averages.items()}}
+
+
+def _eval_line(metrics: dict[str, Any]) -> str:
+  """An evaluation as the progress line shows it; the averages' after 'averages:'."""
+  shown = lambda values: ', '.join(f'{k} {v:.4g}' for k, v in values.items() if k != 'ema')
+  return shown(metrics) + (f'; averages: {shown(metrics["ema"])}' if 'ema' in metrics else '')
+
+
 def _is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
@@ -206,9 +223,10 @@ def _is_due(step: int, every: int, total: int) -> bool:
 def initial_state(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
                   image_shape: tuple[int, int, int], mesh: Mesh) -> tuple[TrainState, Any]:
   """The initial TrainState on `mesh`, and its shardings (ZeRO-1 with `config.shard_optimizer_state`)."""
-  shardings = sharding.train_state_shardings(abstract_train_state(model, tx, image_shape), mesh,
+  model_ema = config.model_ema_decay > 0
+  shardings = sharding.train_state_shardings(abstract_train_state(model, tx, image_shape, model_ema), mesh,
                                              config.shard_optimizer_state)
-  return create_train_state(model, tx, jax.random.PRNGKey(config.seed), image_shape, shardings), shardings
+  return create_train_state(model, tx, jax.random.PRNGKey(config.seed), image_shape, shardings, model_ema), shardings
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
@@ -223,7 +241,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, tx: opt
   return jax.jit(
       functools.partial(steps.train_step, model=model, tx=tx, weight_decay=config.weight_decay,
                         bn_weight_decay=config.bn_weight_decay, label_smoothing=config.label_smoothing,
-                        skip_nonfinite=config.skip_nonfinite_steps),
+                        skip_nonfinite=config.skip_nonfinite_steps, model_ema_decay=config.model_ema_decay),
       in_shardings=(state_shardings, sharding.batch_sharded(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0)
@@ -234,10 +252,6 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
   values out of range, a data set that cannot be built as configured, a batch that does not
   split over the devices, single-example BN statistics."""
   config_checks.check_config(config)
-  if config.slim_moving_averages and not config.init_checkpoint.startswith(pretrained.SLIM_PREFIX):
-    raise ValueError(f'config.slim_moving_averages=True does nothing in train.py with config.init_checkpoint='
-                     f'{config.init_checkpoint!r}: it reads the moving averages of a TF-Slim checkpoint '
-                     f'({pretrained.SLIM_PREFIX}PATH); give one as config.init_checkpoint, or drop it.')
   data.check_config(config.data)
   sharding.check_batch_size(config.batch_size)
   model_builder.check_statistics_groups(config, jax.device_count())
@@ -283,8 +297,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
   eval_step = eval_lib.make_eval_step(model, mesh)
 
   def evaluate(state: TrainState) -> dict[str, Any]:
-    return eval_lib.evaluate_dataset(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
-                                     eval_ds, mesh)
+    """The eval metrics of the variables, and under 'ema' of their averages (config.model_ema_decay)."""
+    metrics = eval_lib.evaluate_dataset(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
+                                        eval_ds, mesh)
+    return metrics if state.ema is None else {**metrics, 'ema': eval_lib.evaluate_dataset(eval_step, state.ema,
+                                                                                         eval_ds, mesh)}
 
   with distributed.failing_together('to open the metrics files'):  # the chief's alone
     writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=0 if last_saved is None else last_saved)
@@ -335,11 +352,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
       if _is_due(step, config.eval_every_steps, config.num_train_steps):
         eval_metrics = evaluate(state)
         with distributed.failing_together('to write the metrics'):
-          writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
-        progress.message(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4g}' for k, v in eval_metrics.items()))
-        unusable = eval_lib.nonfinite_note(eval_metrics, config)
-        if unusable:
-          progress.message(f'warning: {unusable}')
+          writer.write(step, _eval_records(eval_metrics))
+        progress.message(f'eval at step {step}: {_eval_line(eval_metrics)}')
+        for of, metrics in (('', eval_metrics), ('the averages: ', eval_metrics.get('ema'))):
+          unusable = metrics and eval_lib.nonfinite_note(metrics, config)
+          if unusable:
+            progress.message(f'warning: {of}{unusable}')
         interval_start = time.perf_counter()  # Evaluation time is not training throughput.
       if stopping:
         progress.message(f'Preempted: saved step {step} to {checkpointer.directory}; rerun the same command to resume.')

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_flax import checkpoints, eval_lib, models, pretrained, slim, train_lib
+from resnet_flax import checkpoints, eval_lib, models, slim, train_lib
 from resnet_flax.slim import __main__ as slim_cli
 from resnet_flax.slim import names, tensor_bundle, tensor_bundle_writer
 from test_pretrained import V1_CKPT, synthetic_config
@@ -80,7 +80,7 @@ def test_the_step_is_the_global_step_the_run_saved():
 def test_a_checkpoint_without_averages_is_refused_in_one_line():
   with pytest.raises(slim.SlimCheckpointError, match=(
       f'checkpoint {V1_CKPT} holds no moving averages .* load its variables as they are '
-      r'\(config.slim_moving_averages=False\)\.$')):
+      r'\(eval.py: --config.model_ema_decay=0\)\.$')):
     slim.load_variables(V1_CKPT, _model('v1_tiny_10'), image_shape=IMAGE_SHAPE, moving_averages=True)
 
 
@@ -96,45 +96,38 @@ def test_averages_of_other_variables_are_refused_naming_a_param_without_one(tmp_
   assert _load('v1_tiny_10', False, prefix)  # as they are, it loads
 
 
-def test_eval_and_convert_read_the_averages_with_the_switch(tmp_path, capsys):
+def test_eval_and_convert_read_the_averages_with_the_switch(tmp_path):
   config = synthetic_config()
   spec = 'slim:' + _prefix('v1_tiny_10')
   expected = {True: _load('v1_tiny_10', True), False: _load('v1_tiny_10', False)}
-  for switch in (True, False):
-    config.slim_moving_averages = switch
+  for decay in (0.999, 0.0):
+    config.model_ema_decay = decay
     loaded = eval_lib.load_checkpoint(config, None, spec)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(loaded.variables), expected[switch])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(loaded.variables), expected[decay > 0])
   target = slim_cli.convert(_prefix('v1_tiny_10'), 'resnet_v1_tiny', str(tmp_path), num_classes=10,
                             image_shape=IMAGE_SHAPE, moving_averages=True)
   converted = checkpoints.restore_tree(target)
   jax.tree_util.tree_map(np.testing.assert_array_equal, {k: converted[k] for k in expected[True]}, expected[True])
   assert int(converted['step']) == 3
-  # The converted checkpoint holds the averages as its variables: with the switch on (the config of a
-  # run fine-tuned from the averages), eval.py reads it as it is and says so.
-  config.slim_moving_averages = True
+  # The converted checkpoint holds the averages as its variables, and no averages of them.
   loaded = eval_lib.load_checkpoint(config, None, target)
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(loaded.variables), expected[True])
-  assert (f'warning: config.slim_moving_averages=True reads TF-Slim checkpoints (slim:PATH); {target} is an orbax '
-          'checkpoint, evaluated with the variables it holds.') in capsys.readouterr().err
-  # A library caller that asks for the averages of an orbax checkpoint is told there are none.
-  model = _model('v1_tiny_10')
-  with pytest.raises(checkpoints.CheckpointError, match='is an orbax checkpoint, whose variables are what it holds'):
-    pretrained.load_for_model(target, model, eval_lib.abstract_variables(model, IMAGE_SHAPE), IMAGE_SHAPE,
-                              slim_moving_averages=True)
+  config.model_ema_decay = 0.999
+  with pytest.raises(checkpoints.CheckpointError, match=f'checkpoint {target} holds no moving averages .* evaluate its '
+                                                        r'variables with --config.model_ema_decay=0\.$'):
+    eval_lib.load_checkpoint(config, None, target)
 
 
-def test_fine_tuning_starts_from_the_averages_and_needs_a_slim_checkpoint_for_them(tmp_path):
+def test_fine_tuning_starts_from_the_variables_as_slim_does_and_the_averages_there_too(tmp_path):
+  # slim's train_image_classifier restores --checkpoint_path's variables, not their averages.
   config = synthetic_config(num_classes=10)
-  config.slim_moving_averages = True
-  with pytest.raises(ValueError, match="config.slim_moving_averages=True does nothing in train.py with "
-                                       "config.init_checkpoint='': it reads"):
-    train_lib.check_training_config(config)
   config.init_checkpoint = 'slim:' + _prefix('v1_tiny_10')
+  config.model_ema_decay = 0.9
   # One step that changes nothing (no learning rate, frozen statistics): its checkpoint is the start.
   config.update(num_train_steps=1, learning_rate=0.0, warmup_steps=0)
   config.bn.frozen = True
   train_lib.train_and_evaluate(config, str(tmp_path))
   started = checkpoints.restore_tree(str(tmp_path / 'checkpoints' / '1'))
-  averages = _load('v1_tiny_10', True)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, started['params'], averages['params'])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, started['batch_stats'], averages['batch_stats'])
+  variables = _load('v1_tiny_10', False)
+  for tree in (started, started['ema']):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, {k: tree[k] for k in variables}, variables)

@@ -186,7 +186,7 @@ class _MovingAverages:
       raise SlimCheckpointError(
           f'checkpoint {reader.prefix} holds no moving averages (<name>{names.AVERAGE_SUFFIX}, which slim\'s '
           'train_image_classifier --moving_average_decay keeps): load its variables as they are '
-          '(config.slim_moving_averages=False).')
+          '(eval.py: --config.model_ema_decay=0).')
     # slim averages every model variable: a param without one means another run's averages.
     bare = [name for name in (names.slim_name(scope, path) for path in params)
             if self._source.get(name) == name]
@@ -194,7 +194,7 @@ class _MovingAverages:
       raise SlimCheckpointError(
           f'checkpoint {reader.prefix} has moving averages for {len(averaged)} variable(s) but none for '
           f'{len(bare)} param(s) of the model, e.g. {bare[0]}: its averages are of other variables; load its '
-          'variables as they are (config.slim_moving_averages=False).')
+          'variables as they are (eval.py: --config.model_ema_decay=0).')
 
   def variables(self) -> dict[str, tuple[Any, tuple[int, ...]]]:
     """{name: (dtype, shape)} of what `read(name)` returns."""

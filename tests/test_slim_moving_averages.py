@@ -131,3 +131,48 @@ def test_fine_tuning_starts_from_the_variables_as_slim_does_and_the_averages_the
   variables = _load('v1_tiny_10', False)
   for tree in (started, started['ema']):
     jax.tree_util.tree_map(np.testing.assert_array_equal, {k: tree[k] for k in variables}, variables)
+
+
+def test_an_export_with_averages_reads_back_either_way(tmp_path):
+  variables, averages = _load('v2_tiny_11_zero_debias', False), _load('v2_tiny_11_zero_debias', True)
+  prefix = slim.save_slim_checkpoint(tmp_path / 'model.ckpt', variables, _model('v2_tiny_11_zero_debias'),
+                                     global_step=3, image_shape=IMAGE_SHAPE, averages=averages)
+  for moving_averages, expected in [(True, averages), (False, variables)]:
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _load('v2_tiny_11_zero_debias', moving_averages, prefix),
+                           expected)
+
+
+# --- live: slim's eval restores the averages we write (TF venv) -----------------------------
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_live_slims_eval_restores_the_averages_we_export(case, tmp_path):
+  """eval_image_classifier's restore (`variables_to_restore(slim.get_model_variables())`) of our
+  export computes our logits of the averages."""
+  try:
+    import tensorflow
+    from slim_shim import build_tiny_resnet, import_tf_slim
+    with tensorflow.Graph().as_default():  # import_tf_slim outside a graph would turn eager execution off
+      tf, tf_slim = import_tf_slim()[:2]
+  except ImportError as error:
+    pytest.skip(f'needs TensorFlow, tf-keras and tf_slim (TF venv): {error}')
+  model, (name, kwargs) = _model(case), CASES[case]
+  # Other averages than the fixture's: ours, half way between its variables and its averages.
+  variables = _load(case, False)
+  averages = jax.tree_util.tree_map(lambda v, a: (v + a) / 2, variables, _load(case, True))
+  prefix = slim.save_slim_checkpoint(tmp_path / 'model.ckpt', variables, model, global_step=5,
+                                     image_shape=IMAGE_SHAPE, averages=averages)
+  with np.load(os.path.join(ROOT, case, 'eval.npz')) as expected:
+    images = expected['images']
+  graph = tf.Graph()
+  with graph.as_default():
+    x = tf.placeholder(tf.float32, images.shape)
+    net, _ = build_tiny_resnet(x, is_training=False, version=int(name[len('resnet_v')]), **kwargs)
+    global_step = tf.train.get_or_create_global_step()
+    restore = tf.train.ExponentialMovingAverage(0.9, global_step).variables_to_restore(tf_slim.get_model_variables())
+    with tf.Session(graph=graph) as sess:
+      tf.train.Saver(restore).restore(sess, prefix)
+      theirs = sess.run(net, {x: images}).reshape(len(images), -1)
+  ours = np.asarray(model.apply(averages, images, train=False)).reshape(theirs.shape)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+  assert np.abs(ours - np.asarray(model.apply(variables, images, train=False)).reshape(theirs.shape)).max() > 0.1

@@ -66,15 +66,20 @@ def variables_to_slim(variables: Mapping[str, Any], model: Any, *,
 
 
 def save_slim_checkpoint(prefix: str | os.PathLike, variables: Mapping[str, Any], model: Any,
-                         global_step: int | None = None, *,
-                         image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE) -> str:
+                         global_step: int | None = None, *, image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE,
+                         averages: Mapping[str, Any] | None = None) -> str:
   """Writes `variables` of `model` as a TF checkpoint `prefix.{index,data-00000-of-00001}`.
 
   With `global_step`, the prefix becomes `prefix-<global_step>` and an int64 `global_step`
-  variable is stored, as `tf.train.Saver.save(..., global_step=...)` does. The directory's
-  `checkpoint` state file points at the new checkpoint. In a multi-process run, call it from
-  one process only. Returns the prefix written (what `tf.train.Saver.restore` and
-  `load_variables` take).
+  variable is stored, as `tf.train.Saver.save(..., global_step=...)` does. With `averages`
+  (their moving averages, a run's `state.ema`), each variable's average is stored beside it as
+  `<name>/ExponentialMovingAverage`, which slim's `eval_image_classifier --moving_average_decay`
+  restores. The directory's `checkpoint` state file points at the new checkpoint. In a
+  multi-process run, call it from one process only. Returns the prefix written (what
+  `tf.train.Saver.restore` and `load_variables` take).
   """
   tensors = variables_to_slim(variables, model, image_shape=image_shape)
+  if averages is not None:
+    tensors.update({name + names.AVERAGE_SUFFIX: value
+                    for name, value in variables_to_slim(averages, model, image_shape=image_shape).items()})
   return tensor_bundle_writer.write_checkpoint(prefix, tensors, global_step)

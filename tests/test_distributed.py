@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -119,11 +120,26 @@ def _assert_every_process_stops_with(runs, *messages):
     assert 'Traceback' not in stderr, f'process {index}:\n{stderr}'
 
 
-def test_two_processes_train_like_one_device(tmp_path):
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+  """(workdir, runs) of train.py with ARGS in two processes: the run two tests read (each its own copy)."""
   reason = _why_unsupported()
   if reason:
     pytest.skip(reason)
-  runs = _run_processes(tmp_path / 'two')
+  workdir = tmp_path_factory.mktemp('two_processes') / 'run'
+  return workdir, _run_processes(workdir)
+
+
+def _copy_of(run, tmp_path):
+  """A copy of the module's two-process workdir in `tmp_path`, for a test that writes to it."""
+  copy = tmp_path / 'run'
+  shutil.copytree(run[0], copy)
+  return copy
+
+
+def test_two_processes_train_like_one_device(tmp_path, two_process_run):
+  workdir = _copy_of(two_process_run, tmp_path)
+  runs = two_process_run[1]
   for index, (returncode, stdout, stderr) in enumerate(runs):
     assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
   results = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in runs]
@@ -131,21 +147,21 @@ def test_two_processes_train_like_one_device(tmp_path):
   # Only process 0 logs: the progress bar, evaluations and one metrics record per step.
   assert 'eval at step 4' in runs[0][1] and '4/4' in runs[0][1]
   assert 'eval at step' not in runs[1][1] and '4/4' not in runs[1][1]
-  lines = [json.loads(line) for line in (tmp_path / 'two' / 'metrics.jsonl').read_text().splitlines()]
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [line['step'] for line in lines if 'train/loss' in line] == [2, 4]
   assert [line['step'] for line in lines if 'eval/loss' in line] == [4]
-  assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['2', '4']
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
   # The same global batches as one device sees (each process loads its half), and the
   # statistics over all of them: the checkpoint both wrote equals a one-device run.
   config = tiny_config(4)
   config.update(eval_batch_size=360, lr_schedule='cosine', learning_rate=1e-4)
   reference = train_lib.train_and_evaluate(config, str(tmp_path / 'one'))
-  two, one = _read_params(tmp_path / 'two', config, 4), _read_params(tmp_path / 'one', config, 4)
+  two, one = _read_params(workdir, config, 4), _read_params(tmp_path / 'one', config, 4)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), two, one)
   assert abs(results[0]['loss'] - reference['loss']) < 1e-5
   # eval.py --workdir on both: the step process 0 found (every process reads that one), the same
   # metrics; with precise BN, each process's share of the batches feeds one set of statistics.
-  evals = _run_processes(tmp_path / 'two', script='eval.py',
+  evals = _run_processes(workdir, script='eval.py',
                          args_of=lambda index: ['--config.bn_recalibration_batches=3'])
   for index, (returncode, stdout, stderr) in enumerate(evals):
     assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
@@ -153,16 +169,16 @@ def test_two_processes_train_like_one_device(tmp_path):
   before = evaluated[0]['before_recalibration']
   assert evaluated[0] == evaluated[1] and before == {key: results[0][key] for key in before}
   config.bn_recalibration_batches = 3
-  recalibrated = eval_lib.evaluate(config, str(tmp_path / 'two'))
+  recalibrated = eval_lib.evaluate(config, str(workdir))
   assert abs(evaluated[0]['loss'] - recalibrated['loss']) < 1e-5 and evaluated[0]['top1'] == recalibrated['top1']
   assert abs(evaluated[0]['loss'] - before['loss']) > 1e-4  # the statistics did change
   # The discrepancy report: batch statistics over each global batch of 8, split over 2 x 2 devices.
-  reports = _run_processes(tmp_path / 'two', script='eval.py', args_of=lambda index: [
+  reports = _run_processes(workdir, script='eval.py', args_of=lambda index: [
       '--config.bn_recalibration_batches=3', '--config.bn_report_batch_sizes=(8,)'])
   for index, (returncode, stdout, stderr) in enumerate(reports):
     assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
   reported = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in reports]
-  reference = bn_diagnostics.discrepancy_report(config, str(tmp_path / 'two'), batch_sizes=(8,),
+  reference = bn_diagnostics.discrepancy_report(config, str(workdir), batch_sizes=(8,),
                                                 recalibration_batches=3)
   assert reported[0] == reported[1]
   pairs = {'moving': (reported[0]['moving'], reference['moving']), 'batch 8': (reported[0]['batch']['8'],
@@ -192,15 +208,12 @@ runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 
-def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_path):
+def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_path, two_process_run):
   # Process 1 had gone on to step 2 while process 0, which had read step 4, waited in orbax's
   # closing barrier: a gloo "collective mismatch" abort, and process 0 hung until killed.
-  reason = _why_unsupported()
-  if reason:
-    pytest.skip(reason)
-  workdir = tmp_path / 'run'
-  for index, (returncode, stdout, stderr) in enumerate(_run_processes(workdir)):
+  for index, (returncode, stdout, stderr) in enumerate(two_process_run[1]):
     assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
+  workdir = _copy_of(two_process_run, tmp_path)
   script = tmp_path / 'train_failing_read.py'
   script.write_text(_TRAIN_WITH_A_READ_FAILING_ON_PROCESS_1.format(repo=REPO))
   runs = _run_processes(workdir, script=str(script), timeout=120, stop_all_on_a_failure=False)

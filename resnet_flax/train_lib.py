@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -124,7 +125,7 @@ def skipped_in_a_row(before: int, first_step: int, last_step: int, bad_steps: li
 def _initialize_from(spec: str, state: TrainState, model: nn.Module, image_shape: tuple[int, int, int], mesh: Mesh,
                      progress: ProgressBar) -> TrainState:
   """Fine-tuning: pretrained params and statistics, a fresh head when the class count differs; the
-  averages (with config.model_ema_decay) start there too.
+  averages (with config.model_ema_decay) start there too (slim's start at the initializers' values).
 
   A checkpoint's own averages are not read (as slim's --checkpoint_path): to start from them,
   convert it with `python -m resnet_flax.slim convert --moving_averages`."""
@@ -133,9 +134,10 @@ def _initialize_from(spec: str, state: TrainState, model: nn.Module, image_shape
     loaded, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True)
   variables = sharding.replicate(loaded, mesh)
   progress.message(f'Initialized from {spec}' + (f' (new head: {", ".join(fresh)})' if fresh else '') + '.')
-  # The averages in buffers of their own: the train step donates the state, each buffer once.
+  # The averages in buffers of their own: the train step donates the state, each buffer once (a new
+  # head's leaves are the reference's own arrays, which another device_put would not copy).
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats'],
-                       ema=None if state.ema is None else sharding.replicate(loaded, mesh))
+                       ema=None if state.ema is None else jax.tree_util.tree_map(jnp.copy, variables))
 
 
 def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_record: dict[str, Any],
@@ -223,10 +225,11 @@ def _is_due(step: int, every: int, total: int) -> bool:
 def initial_state(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
                   image_shape: tuple[int, int, int], mesh: Mesh) -> tuple[TrainState, Any]:
   """The initial TrainState on `mesh`, and its shardings (ZeRO-1 with `config.shard_optimizer_state`)."""
-  model_ema = config.model_ema_decay > 0
-  shardings = sharding.train_state_shardings(abstract_train_state(model, tx, image_shape, model_ema), mesh,
+  with_averages = config.model_ema_decay > 0
+  shardings = sharding.train_state_shardings(abstract_train_state(model, tx, image_shape, with_averages), mesh,
                                              config.shard_optimizer_state)
-  return create_train_state(model, tx, jax.random.PRNGKey(config.seed), image_shape, shardings, model_ema), shardings
+  state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), image_shape, shardings, with_averages)
+  return state, shardings
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh,
@@ -354,8 +357,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
         with distributed.failing_together('to write the metrics'):
           writer.write(step, _eval_records(eval_metrics))
         progress.message(f'eval at step {step}: {_eval_line(eval_metrics)}')
-        for of, metrics in (('', eval_metrics), ('the averages: ', eval_metrics.get('ema'))):
-          unusable = metrics and eval_lib.nonfinite_note(metrics, config)
+        for of, evaluated in (('', eval_metrics), ('the averages: ', eval_metrics.get('ema'))):
+          unusable = evaluated and eval_lib.nonfinite_note(evaluated, config)
           if unusable:
             progress.message(f'warning: {of}{unusable}')
         interval_start = time.perf_counter()  # Evaluation time is not training throughput.

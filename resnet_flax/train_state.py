@@ -32,36 +32,36 @@ class TrainState:
 
 
 def train_state_initializer(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, int, int],
-                            model_ema: bool = False) -> Callable[[jax.Array], TrainState]:
+                            with_averages: bool = False) -> Callable[[jax.Array], TrainState]:
   """The pure function rng -> initial TrainState (a dummy batch of two: train-mode BN needs two);
-  with `model_ema`, its averages start at its variables."""
+  with `with_averages`, its averages start at its variables."""
 
   def init(rng: jax.Array) -> TrainState:
     variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.float32), train=False)
     params, batch_stats = variables['params'], variables.get('batch_stats', {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params),
-                      ema={'params': params, 'batch_stats': batch_stats} if model_ema else None)
+                      ema={'params': params, 'batch_stats': batch_stats} if with_averages else None)
 
   return init
 
 
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, int, int],
-                         model_ema: bool = False) -> TrainState:
+                         with_averages: bool = False) -> TrainState:
   """The initial TrainState's structure, shapes and dtypes, without computing anything."""
-  return jax.eval_shape(train_state_initializer(model, tx, image_shape, model_ema), jax.random.PRNGKey(0))
+  return jax.eval_shape(train_state_initializer(model, tx, image_shape, with_averages), jax.random.PRNGKey(0))
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        image_shape: tuple[int, int, int], shardings: Any = None,
-                       model_ema: bool = False) -> TrainState:
+                       with_averages: bool = False) -> TrainState:
   """The initial TrainState, compiled (eager init runs op by op and is slower still).
 
   `shardings` (a TrainState of them, e.g. `sharding.train_state_shardings`) places it
   straight on a mesh, every process computing its own shards: no host copy, which a
   multi-process run could not make of a state spread over several hosts.
   """
-  initializer = train_state_initializer(model, tx, image_shape, model_ema)
+  initializer = train_state_initializer(model, tx, image_shape, with_averages)
   # `rng` is closed over, a constant of the program, so no process has to pass in an
   # array on devices the others do not see.
   init = jax.jit(lambda: initializer(rng), out_shardings=shardings)

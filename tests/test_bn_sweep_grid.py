@@ -52,3 +52,12 @@ def test_a_grid_batch_size_equal_to_the_eval_split_is_allowed():
   with pytest.raises(ValueError, match=r'has \[361\]'):
     config = _config(TINY, batch_size=(361,))
     bn_sweep.check_batch_sizes(grid.expand(config), config)
+
+
+def test_moving_averages_of_the_model_are_refused_in_a_sweep():
+  # Its curves would be the variables' and its tables the averages': one row, two models.
+  config = _config()
+  config.model_ema_decay = 0.999
+  with pytest.raises(ValueError, match='config.model_ema_decay=0.999: the sweep measures the BatchNorm statistics '
+                                       'of the variables it trains'):
+    grid.expand(config)

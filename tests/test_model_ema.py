@@ -26,12 +26,20 @@ def test_the_decay_is_tfs_at_num_updates_the_step():
 
 
 def test_an_update_moves_each_float_toward_the_variable_and_copies_counts():
-  averages = {'w': jnp.array([1.0, 4.0]), 'half': jnp.array([2.0], jnp.bfloat16), 'clipping_step': jnp.int32(3)}
-  variables = {'w': jnp.array([3.0, 0.0]), 'half': jnp.array([4.0], jnp.bfloat16), 'clipping_step': jnp.int32(7)}
+  # BatchNorm's step counters are float32 variables, copied by name; integers are copied too.
+  averages = {'w': jnp.array([1.0, 4.0]), 'half': jnp.array([2.0], jnp.bfloat16), 'count': jnp.int32(3),
+              'BatchNorm': {'renorm_clipping_step': jnp.float32(3), 'moving_mean_local_step': jnp.float32(2),
+                            'moving_mean_biased': jnp.ones(2)}}
+  variables = {'w': jnp.array([3.0, 0.0]), 'half': jnp.array([4.0], jnp.bfloat16), 'count': jnp.int32(7),
+               'BatchNorm': {'renorm_clipping_step': jnp.float32(4), 'moving_mean_local_step': jnp.float32(3),
+                             'moving_mean_biased': jnp.zeros(2)}}
   moved = model_ema.update(averages, variables, 0.9, 90)  # d = 0.9
   np.testing.assert_allclose(moved['w'], [1.0 + 0.1 * 2.0, 4.0 - 0.1 * 4.0], rtol=1e-6)
   assert moved['half'].dtype == jnp.bfloat16 and float(moved['half'][0]) == pytest.approx(2.2, rel=1e-2)
-  assert int(moved['clipping_step']) == 7
+  assert int(moved['count']) == 7
+  assert float(moved['BatchNorm']['renorm_clipping_step']) == 4.0
+  assert float(moved['BatchNorm']['moving_mean_local_step']) == 3.0
+  np.testing.assert_allclose(moved['BatchNorm']['moving_mean_biased'], [0.9, 0.9], rtol=1e-6)
 
 
 def _with_averages(state):
@@ -57,6 +65,13 @@ def test_the_train_step_averages_the_states_it_reaches_and_changes_nothing_else(
                            averaged.ema, expected)
   # Not the variables themselves: the average lags them.
   assert not np.allclose(averaged.ema['params']['weights'], averaged.params['weights'])
+
+
+def test_a_state_with_averages_and_no_decay_is_refused():
+  model, tx = _Toy(), optax.sgd(0.1)
+  with pytest.raises(ValueError, match=r'the state keeps moving averages, but model_ema_decay=0\.0 would make them'):
+    steps.train_step(_with_averages(_state(model, tx)), _batch(), model=model, tx=tx, weight_decay=0.0,
+                     label_smoothing=0.0)
 
 
 def test_a_skipped_non_finite_step_keeps_the_averages():

@@ -103,6 +103,10 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
   """Every combination of the grid axes, decay varying slowest; a 1-tuple axis is fixed."""
   if 'sweep' not in config:
     raise ValueError('the config has no `sweep` field; pass --config=configs/bn_sweep.py (or a variant of it).')
+  if config.get('model_ema_decay'):
+    # Its curves are the variables' evaluations and its tables would read the averages: one row, two models.
+    raise ValueError(f'config.model_ema_decay={config.model_ema_decay!r}: the sweep measures the BatchNorm '
+                     'statistics of the variables it trains, not of their moving averages; drop it.')
   for field in ('eval_every_steps', 'recalibration_batches'):
     value = config.sweep[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:

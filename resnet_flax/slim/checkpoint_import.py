@@ -176,7 +176,7 @@ class _MovingAverages:
   """A checkpoint reader that shows each variable that has an exponential moving average
   (`<name>/ExponentialMovingAverage`) as that average, and the others as they are."""
 
-  def __init__(self, reader: Any, scope: str, params: Mapping[tuple[str, ...], Any]):
+  def __init__(self, reader: Any, scope: str, params: Mapping[tuple[str, ...], Any]) -> None:
     self._reader, self.prefix = reader, reader.prefix
     found = reader.variables()
     self._source = {name: name + names.AVERAGE_SUFFIX if name + names.AVERAGE_SUFFIX in found else name

@@ -43,16 +43,18 @@ def optimizer_state_spec(shape: tuple[int, ...], num_devices: int) -> PartitionS
 def train_state_shardings(state: Any, mesh: Mesh, shard_optimizer_state: bool = False) -> Any:
   """Shardings shaped like `state` (a TrainState, concrete or abstract).
 
-  Everything replicated; with `shard_optimizer_state` (ZeRO-1) the optimizer state is
-  split over the `data` axis instead, so each device keeps 1/N of it. The train step's
-  in/out shardings say so, and XLA inserts the collectives (the update is computed on
-  each device's slice, then the new parameters are gathered).
+  Everything replicated; with `shard_optimizer_state` (ZeRO-1) the optimizer state, and the
+  model's moving averages where the state keeps them, are split over the `data` axis instead,
+  so each device keeps 1/N of them. The train step's in/out shardings say so, and XLA inserts
+  the collectives (the update is computed on each device's slice, then the new parameters are
+  gathered). Evaluating split averages takes `gather`.
   """
   shardings = jax.tree_util.tree_map(lambda _: replicated(mesh), state)
   if not shard_optimizer_state:
     return shardings
-  split = lambda leaf: NamedSharding(mesh, optimizer_state_spec(leaf.shape, mesh.size))
-  return shardings.replace(opt_state=jax.tree_util.tree_map(split, state.opt_state))
+  split = lambda tree: jax.tree_util.tree_map(
+      lambda leaf: NamedSharding(mesh, optimizer_state_spec(leaf.shape, mesh.size)), tree)
+  return shardings.replace(opt_state=split(state.opt_state), ema=None if state.ema is None else split(state.ema))
 
 
 def jit_over_batch(step: Callable, mesh: Mesh) -> Callable:
@@ -77,3 +79,13 @@ def to_global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """`tree` with every array copied whole onto each device of `mesh`."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def _identity(tree: Any) -> Any:
+  return tree
+
+
+def gather(tree: Any, mesh: Mesh) -> Any:
+  """`tree` (arrays on `mesh`, split or not) whole on each device: a jitted identity, whose
+  all-gathers also reach the shards other hosts hold."""
+  return jax.jit(_identity, out_shardings=replicated(mesh))(tree)

@@ -11,7 +11,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -134,10 +133,11 @@ def _initialize_from(spec: str, state: TrainState, model: nn.Module, image_shape
     loaded, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True)
   variables = sharding.replicate(loaded, mesh)
   progress.message(f'Initialized from {spec}' + (f' (new head: {", ".join(fresh)})' if fresh else '') + '.')
-  # The averages in buffers of their own: the train step donates the state, each buffer once (a new
-  # head's leaves are the reference's own arrays, which another device_put would not copy).
-  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'],
-                       ema=None if state.ema is None else jax.tree_util.tree_map(jnp.copy, variables))
+  # The averages in buffers of their own (the train step donates the state, each buffer once; a new
+  # head's leaves are the reference's own arrays), laid out as the state's (split with ZeRO-1).
+  ema = None if state.ema is None else jax.tree_util.tree_map(
+      lambda value, average: jax.device_put(value, average.sharding), jax.device_get(loaded), state.ema)
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'], ema=ema)
 
 
 def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_record: dict[str, Any],
@@ -303,8 +303,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
     """The eval metrics of the variables, and under 'ema' of their averages (config.model_ema_decay)."""
     metrics = eval_lib.evaluate_dataset(eval_step, {'params': state.params, 'batch_stats': state.batch_stats},
                                         eval_ds, mesh)
-    return metrics if state.ema is None else {**metrics, 'ema': eval_lib.evaluate_dataset(eval_step, state.ema,
-                                                                                         eval_ds, mesh)}
+    if state.ema is None:
+      return metrics
+    # Split over the devices with ZeRO-1: the eval step takes whole copies.
+    return {**metrics, 'ema': eval_lib.evaluate_dataset(eval_step, sharding.gather(state.ema, mesh), eval_ds, mesh)}
 
   with distributed.failing_together('to open the metrics files'):  # the chief's alone
     writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=0 if last_saved is None else last_saved)

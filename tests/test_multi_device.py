@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from resnet_flax import eval_lib
 from test_train import REPO, SMALL_BLOCKS, SMALL_MODEL_FLAG, _read_params, tiny_config
 
 # A gentle learning rate: at the default 0.1 (gradient norms near 90 in the first steps)
@@ -104,30 +105,38 @@ state, shardings = train_lib.initial_state(config, model, tx, (8, 8, 1), mesh)
 state = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(result['step'], state)
 batch = next(data.build(config.data, 'train', batch_size=config.batch_size, seed=0).train_batches())
 state, _ = train_lib.make_train_step(config, model, tx, mesh, shardings)(state, sharding.to_global_batch(batch, mesh))
-leaves = [{'path': jax.tree_util.keystr(path), 'shape': leaf.shape, 'spec': [str(a) for a in leaf.sharding.spec],
-           'shard': leaf.addressable_shards[0].data.shape}
-          for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)]
-print(json.dumps({'result': result, 'opt_state': leaves}))
+leaves = lambda tree: [{'path': jax.tree_util.keystr(path), 'shape': leaf.shape,
+                        'spec': [str(a) for a in leaf.sharding.spec], 'shard': leaf.addressable_shards[0].data.shape}
+                       for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+print(json.dumps({'result': result, 'opt_state': leaves(state.opt_state), 'ema': leaves(state.ema)}))
 '''
 
 
 def test_zero1_splits_the_optimizer_state_and_changes_no_number(tmp_path, trained_on_8):
   eight, result_on_8 = trained_on_8
-  run = _run_code(ZERO1_RUN, 8, f'--workdir={tmp_path}', *ARGS, '--config.shard_optimizer_state=True')
+  # With the model's moving averages, which ZeRO-1 splits too.
+  run = _run_code(ZERO1_RUN, 8, f'--workdir={tmp_path}', *ARGS, '--config.shard_optimizer_state=True',
+                  '--config.model_ema_decay=0.9')
   # The same training: parameters, statistics and optimizer state (restored here on one
   # device from a checkpoint saved split over 8) as the replicated run's.
-  replicated, split = _read_params(eight, _config(), 20), _read_params(tmp_path, _config(), 20)
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), replicated, split)
+  config = _config()
+  config.model_ema_decay = 0.9
+  replicated, split = _read_params(eight, _config(), 20), _read_params(tmp_path, config, 20)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), replicated,
+                         split.replace(ema=None))
   assert abs(run['result']['loss'] - result_on_8['loss']) < 1e-6
-  # Every optimizer-state array with an axis 8 divides lives 1/8 on each device.
-  for leaf in run['opt_state']:
-    if any(size % 8 == 0 for size in leaf['shape']):
-      assert 'data' in leaf['spec'] and math.prod(leaf['shard']) * 8 == math.prod(leaf['shape']), leaf
-    else:
-      assert leaf['shard'] == leaf['shape'], leaf
-  held = sum(math.prod(leaf['shard']) for leaf in run['opt_state'])
-  total = sum(math.prod(leaf['shape']) for leaf in run['opt_state'])
-  assert held < 0.13 * total, (held, total)
+  # The averages, gathered for the run's evaluation, saved split and restored whole: eval.py's figures.
+  assert eval_lib.evaluate(config, str(tmp_path)) == pytest.approx({'step': 20, **run['result']['ema']}, rel=1e-6)
+  # Every optimizer-state and average array with an axis 8 divides lives 1/8 on each device.
+  for kind in ('opt_state', 'ema'):
+    for leaf in run[kind]:
+      if any(size % 8 == 0 for size in leaf['shape']):
+        assert 'data' in leaf['spec'] and math.prod(leaf['shard']) * 8 == math.prod(leaf['shape']), leaf
+      else:
+        assert leaf['shard'] == leaf['shape'], leaf
+    held = sum(math.prod(leaf['shard']) for leaf in run[kind])
+    total = sum(math.prod(leaf['shape']) for leaf in run[kind])
+    assert held < 0.13 * total, (kind, held, total)
 
 
 # The train-mode forward on 8 devices with per-device and with global statistics, and a

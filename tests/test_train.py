@@ -67,7 +67,8 @@ def test_logged_throughput_waits_for_the_steps(tmp_path, monkeypatch):
 
 
 def _read_params(workdir, config, step):
-  target = abstract_train_state(model_builder.build_model(config, 10), optim.build_optimizer(config), (8, 8, 1))
+  target = abstract_train_state(model_builder.build_model(config, 10), optim.build_optimizer(config), (8, 8, 1),
+                                with_averages=config.model_ema_decay > 0)
   return checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(step, target)
 
 

@@ -23,12 +23,15 @@ from configs import default
 from resnet_flax import bn_diagnostics, checkpoints, distributed, eval_lib, model_builder, train_lib, workdir_lock
 from test_train import REPO, SMALL_MODEL_FLAG, _read_params, tiny_config
 
-# ZeRO-1 on, so each process holds and writes its own half of the optimizer state: the
-# checkpoint is right only if orbax assembled it from both.
+# ZeRO-1 on, so each process holds and writes its own half of the optimizer state and of the
+# model's moving averages: the checkpoint is right only if orbax assembled it from both, and
+# each evaluation of the averages gathers them from both.
 ARGS = ['--config=configs/digits.py', '--config.num_train_steps=4', '--config.batch_size=16',
         '--config.eval_batch_size=360', '--config.log_every_steps=2', '--config.checkpoint_every_steps=2',
         '--config.learning_rate=1e-4', '--config.warmup_steps=0', '--config.shard_optimizer_state=True',
-        SMALL_MODEL_FLAG]
+        '--config.model_ema_decay=0.9', SMALL_MODEL_FLAG]
+# For a checkpoint of variables alone (what `slim convert` writes), which holds no averages.
+VARIABLES_ARGS = [arg for arg in ARGS if not arg.startswith('--config.model_ema_decay=')]
 
 
 def _free_port():
@@ -154,20 +157,22 @@ def test_two_processes_train_like_one_device(tmp_path, two_process_run):
   # The same global batches as one device sees (each process loads its half), and the
   # statistics over all of them: the checkpoint both wrote equals a one-device run.
   config = tiny_config(4)
-  config.update(eval_batch_size=360, lr_schedule='cosine', learning_rate=1e-4)
+  config.update(eval_batch_size=360, lr_schedule='cosine', learning_rate=1e-4, model_ema_decay=0.9)
   reference = train_lib.train_and_evaluate(config, str(tmp_path / 'one'))
   two, one = _read_params(workdir, config, 4), _read_params(tmp_path / 'one', config, 4)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), two, one)
   assert abs(results[0]['loss'] - reference['loss']) < 1e-5
+  assert abs(results[0]['ema']['loss'] - reference['ema']['loss']) < 1e-5
   # eval.py --workdir on both: the step process 0 found (every process reads that one), the same
-  # metrics; with precise BN, each process's share of the batches feeds one set of statistics.
+  # metrics (of the averages, as ARGS keep them); with precise BN, each process's share of the
+  # batches feeds one set of statistics.
   evals = _run_processes(workdir, script='eval.py',
                          args_of=lambda index: ['--config.bn_recalibration_batches=3'])
   for index, (returncode, stdout, stderr) in enumerate(evals):
     assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
   evaluated = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in evals]
   before = evaluated[0]['before_recalibration']
-  assert evaluated[0] == evaluated[1] and before == {key: results[0][key] for key in before}
+  assert evaluated[0] == evaluated[1] and before == {key: results[0]['ema'][key] for key in before}
   config.bn_recalibration_batches = 3
   recalibrated = eval_lib.evaluate(config, str(workdir))
   assert abs(evaluated[0]['loss'] - recalibrated['loss']) < 1e-5 and evaluated[0]['top1'] == recalibrated['top1']
@@ -226,7 +231,7 @@ def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_pa
   assert sorted(os.listdir(directory)) == ['2', '4', '4.damaged']
   # Both trained steps 3 and 4 again from step 2, together: the same state as the first time.
   config = tiny_config(4)
-  config.update(eval_batch_size=360, lr_schedule='cosine', learning_rate=1e-4)
+  config.update(eval_batch_size=360, lr_schedule='cosine', learning_rate=1e-4, model_ema_decay=0.9)
   first = checkpoints.restore_from(str(directory / '4.damaged'), _read_params(workdir, config, 2))
   jax.tree_util.tree_map(np.testing.assert_array_equal, _read_params(workdir, config, 4), first)
 
@@ -348,7 +353,7 @@ def test_each_process_reads_a_whole_checkpoint_by_itself(tmp_path):
   model = model_builder.build_model(config, 10)
   saved = str(tmp_path / 'variables')
   checkpoints.save_tree(saved, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False))
-  runs = _run_processes(tmp_path / 'eval', script='eval.py', with_workdir=False,
+  runs = _run_processes(tmp_path / 'eval', script='eval.py', with_workdir=False, args=VARIABLES_ARGS,
                         args_of=lambda index: [f'--checkpoint={saved}'])
   for index, (returncode, stdout, stderr) in enumerate(runs):
     assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
@@ -363,7 +368,7 @@ def test_each_process_reads_a_whole_checkpoint_by_itself(tmp_path):
   for script, flag, what in [('eval.py', '--checkpoint', 'the checkpoint'),
                              ('train.py', '--config.init_checkpoint', 'config.init_checkpoint')]:
     runs = _run_processes(tmp_path / script, script=script, with_workdir=script == 'train.py', timeout=120,
-                          stop_all_on_a_failure=False,
+                          stop_all_on_a_failure=False, args=VARIABLES_ARGS,
                           args_of=lambda index: [f'{flag}={saved if index == 0 else elsewhere}'])
     _assert_every_process_stops_with(runs, f'process 1 of 2 failed to read {what}: {its}', its)
 

@@ -11,7 +11,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -141,23 +140,6 @@ def _initialize_from(spec: str, state: TrainState, model: nn.Module, image_shape
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats'], ema=ema)
 
 
-def _resume_starting_averages(checkpointer: checkpoints.Checkpointer, state: TrainState, progress: ProgressBar
-                              ) -> Optional[tuple[TrainState, int]]:
-  """A run that kept no moving averages, resumed with config.model_ema_decay: (its newest checkpoint's
-  state with averages that start at its variables, the step), or None where the state differs otherwise
-  too. (Turned off, a run's averages are refused instead: dropping them is not undone.)"""
-  try:
-    restored, last_saved = checkpointer.restore_newest_intact(state.replace(ema=None), progress.message)
-  except checkpoints.StateMismatchError:
-    return None
-  # Copies, in the averages' layout (split with ZeRO-1): the train step donates the state, each buffer once.
-  copy = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree),
-                 out_shardings=jax.tree_util.tree_map(lambda average: average.sharding, state.ema))
-  progress.message(f'note: {checkpointer.directory}/{last_saved} holds no moving averages (config.model_ema_decay '
-                   'is new to this run); they start at its variables.')
-  return restored.replace(ema=copy({'params': restored.params, 'batch_stats': restored.batch_stats})), last_saved
-
-
 def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_record: dict[str, Any],
                           checkpointer: checkpoints.Checkpointer, state: TrainState, model: nn.Module,
                           image_shape: tuple[int, int, int], mesh: Mesh, progress: ProgressBar
@@ -169,12 +151,9 @@ def _resume_or_initialize(config: ml_collections.ConfigDict, workdir: str, run_r
   try:
     state, last_saved = checkpointer.restore_newest_intact(state, progress.message)
   except checkpoints.StateMismatchError as error:
-    resumed = _resume_starting_averages(checkpointer, state, progress) if state.ema is not None else None
-    if resumed is None:
-      changes = config_changes(workdir, run_record)
-      raise checkpoints.StateMismatchError(f'{error} Changed since: {"; ".join(changes)}.' if changes else str(error)
-                                           ) from None
-    state, last_saved = resumed
+    changes = config_changes(workdir, run_record)
+    raise checkpoints.StateMismatchError(f'{error} Changed since: {"; ".join(changes)}.' if changes else str(error)
+                                         ) from None
   if last_saved is not None:
     progress.message(f'Resumed from {checkpointer.directory}/{last_saved} (step {int(state.step)}).')
   elif config.init_checkpoint:

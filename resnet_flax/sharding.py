@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -27,7 +28,8 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def optimizer_state_spec(shape: tuple[int, ...], num_devices: int) -> PartitionSpec:
-  """ZeRO-1's split of one optimizer-state array: its largest axis the devices divide evenly.
+  """ZeRO-1's split of one optimizer-state (or moving-average) array: its largest axis the devices
+  divide evenly.
 
   Not simply the leading axis: conv kernels are HWIO, and a leading 1, 3 or 7 would
   leave nearly all of a ResNet's optimizer state replicated. Arrays no axis of which
@@ -54,7 +56,8 @@ def train_state_shardings(state: Any, mesh: Mesh, shard_optimizer_state: bool = 
     return shardings
   split = lambda tree: jax.tree_util.tree_map(
       lambda leaf: NamedSharding(mesh, optimizer_state_spec(leaf.shape, mesh.size)), tree)
-  return shardings.replace(opt_state=split(state.opt_state), ema=None if state.ema is None else split(state.ema))
+  return shardings.replace(opt_state=split(state.opt_state),
+                           ema=None if state.ema is None else split(state.ema))
 
 
 def jit_over_batch(step: Callable, mesh: Mesh) -> Callable:
@@ -82,10 +85,25 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def _identity(tree: Any) -> Any:
+  """`tree` itself: jitted with other shardings, a reshard XLA's collectives carry out."""
   return tree
 
 
+def _copied(tree: Any) -> Any:
+  """A copy of every array of `tree` (`jnp.copy` under jit is computed, not passed through)."""
+  return jax.tree_util.tree_map(jnp.copy, tree)
+
+
 def gather(tree: Any, mesh: Mesh) -> Any:
-  """`tree` (arrays on `mesh`, split or not) whole on each device: a jitted identity, whose
-  all-gathers also reach the shards other hosts hold."""
+  """`tree` (arrays on `mesh`, split or not) whole on each device: as it is when it already is,
+  else through a jitted identity, whose all-gathers also reach the shards other hosts hold."""
+  if all(leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(tree)):
+    return tree
   return jax.jit(_identity, out_shardings=replicated(mesh))(tree)
+
+
+def copy_to(tree: Any, shardings: Any) -> Any:
+  """New arrays holding `tree`'s values, laid out as `shardings` (a tree of them): for a state
+  whose step donates it, where one buffer must not back two of its arrays (device_put may
+  return the same buffer, or on CPU a view of host memory)."""
+  return jax.jit(_copied, out_shardings=shardings)(tree)

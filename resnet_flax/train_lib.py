@@ -133,10 +133,9 @@ def _initialize_from(spec: str, state: TrainState, model: nn.Module, image_shape
     loaded, _, fresh = pretrained.load_for_model(spec, model, reference, image_shape, allow_new_head=True)
   variables = sharding.replicate(loaded, mesh)
   progress.message(f'Initialized from {spec}' + (f' (new head: {", ".join(fresh)})' if fresh else '') + '.')
-  # The averages in buffers of their own (the train step donates the state, each buffer once; a new
-  # head's leaves are the reference's own arrays), laid out as the state's (split with ZeRO-1).
-  ema = None if state.ema is None else jax.tree_util.tree_map(
-      lambda value, average: jax.device_put(value, average.sharding), jax.device_get(loaded), state.ema)
+  # The averages in buffers of their own, laid out as the state's (split with ZeRO-1).
+  ema = None if state.ema is None else sharding.copy_to(
+      variables, jax.tree_util.tree_map(lambda average: average.sharding, state.ema))
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats'], ema=ema)
 
 

@@ -119,10 +119,22 @@ def test_eval_and_convert_read_the_averages_with_the_switch(tmp_path):
 
 
 @pytest.mark.parametrize('num_classes', [10, 7])
-def test_fine_tuning_reads_the_variables_as_slim_does_and_starts_the_averages_there(tmp_path, num_classes):
+def test_fine_tuning_reads_the_variables_as_slim_does_and_starts_the_averages_there(tmp_path, monkeypatch,
+                                                                                    num_classes):
   # slim's train_image_classifier restores --checkpoint_path's variables, not their averages (its
   # averages start at the initializers' values instead). With 7 classes the head starts fresh: its
-  # arrays had been both the variables' and the averages', one buffer donated twice at step 1.
+  # arrays had been both the variables' and the averages', one buffer donated twice at step 1; on
+  # CPU, device_put had also given the averages the variables' buffers (not donated, silently).
+  shared = []
+  initialize_from = train_lib._initialize_from
+
+  def counting_shared_buffers(*args, **kwargs):
+    state = initialize_from(*args, **kwargs)
+    pointers = [leaf.addressable_shards[0].data.unsafe_buffer_pointer() for leaf in jax.tree_util.tree_leaves(state)]
+    shared.append(len(pointers) - len(set(pointers)))
+    return state
+
+  monkeypatch.setattr(train_lib, '_initialize_from', counting_shared_buffers)
   config = synthetic_config(num_classes=num_classes)
   config.init_checkpoint = 'slim:' + _prefix('v1_tiny_10')
   config.model_ema_decay = 0.9
@@ -130,6 +142,7 @@ def test_fine_tuning_reads_the_variables_as_slim_does_and_starts_the_averages_th
   config.update(num_train_steps=1, learning_rate=0.0, warmup_steps=0)
   config.bn.frozen = True
   train_lib.train_and_evaluate(config, str(tmp_path))
+  assert shared == [0]
   started = checkpoints.restore_tree(str(tmp_path / 'checkpoints' / '1'))
   variables = _load('v1_tiny_10', False)
   if num_classes != 10:

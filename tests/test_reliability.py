@@ -57,11 +57,11 @@ def _final_state(workdir, steps):
 
 def test_sigterm_saves_current_step_and_next_start_resumes(tmp_path):
   extra = ['--config.num_train_steps=60', '--config.checkpoint_every_steps=0']
-  proc = _start(tmp_path, *extra)
-  _wait_for_step(proc, 3)
-  proc.send_signal(signal.SIGTERM)
-  out = proc.stdout.read()
-  assert proc.wait(timeout=120) == 0, out
+  with _start(tmp_path, *extra) as proc:  # closes its output pipe
+    _wait_for_step(proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, out
   assert 'Preempted: saved step' in out
   saved = checkpoints.latest_step_in(str(tmp_path / 'checkpoints'))
   assert saved is not None and 3 <= saved < 60
@@ -76,10 +76,10 @@ def test_kill_9_then_rerun_is_bitwise_identical_to_uninterrupted(tmp_path, kill_
   extra = ['--config.num_train_steps=20', '--config.checkpoint_every_steps=3']
   straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
   _run_to_end(straight, *extra)
-  proc = _start(interrupted, *extra)
-  _wait_for_step(proc, kill_at)
-  proc.kill()  # SIGKILL: no handler runs; an async save may be cut off half-way
-  assert proc.wait(timeout=60) == -signal.SIGKILL, 'the run ended before the kill'
+  with _start(interrupted, *extra) as proc:  # closes its output pipe
+    _wait_for_step(proc, kill_at)
+    proc.kill()  # SIGKILL: no handler runs; an async save may be cut off half-way
+    assert proc.wait(timeout=60) == -signal.SIGKILL, 'the run ended before the kill'
   _run_to_end(interrupted, *extra)
   a, b = _final_state(straight, 20), _final_state(interrupted, 20)
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)

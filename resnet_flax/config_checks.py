@@ -28,7 +28,8 @@ _FIELDS = frozenset({
     'eval_split', 'bn_recalibration_batches', 'bn_report_batch_sizes', 'batch_size', 'eval_batch_size',
     'num_train_steps', 'optimizer', 'learning_rate', 'lr_batch_size', 'lr_schedule', 'warmup_steps', 'lr_boundaries',
     'lr_decay_factor', 'lr_end', 'lr_power', 'momentum', 'nesterov', 'weight_decay', 'label_smoothing',
-    'skip_nonfinite_steps', 'max_skipped_in_a_row', 'bn_weight_decay', 'lars', 'adamw', 'shard_optimizer_state', 'distributed', 'seed',
+    'skip_nonfinite_steps', 'max_skipped_in_a_row', 'bn_weight_decay', 'lars', 'adamw', 'shard_optimizer_state',
+    'distributed', 'seed',
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
 })
 # The fields of the groups no other check lists (data.*, bn.* and model_options.*, which a config

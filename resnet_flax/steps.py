@@ -43,10 +43,10 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
   ema = state.ema
-  if ema is not None and isinstance(model_ema_decay, (int, float)) and not 0 < model_ema_decay < 1:
-    raise ValueError(f'the state keeps moving averages, but model_ema_decay={model_ema_decay!r} would make them the '
-                     'variables themselves; pass the run\'s decay, in (0, 1).')
   if ema is not None:
+    if isinstance(model_ema_decay, (int, float)) and not 0 < model_ema_decay < 1:
+      raise ValueError(f'the state keeps moving averages, but model_ema_decay={model_ema_decay!r} would make them '
+                       'the variables themselves; pass the run\'s decay, in (0, 1).')
     ema = model_ema.update(ema, {'params': params, 'batch_stats': batch_stats}, model_ema_decay, state.step + 1)
   if skip_nonfinite:
     keep_old = lambda new, old: jnp.where(finite, new, old)

@@ -65,7 +65,7 @@ def test_cli_keeps_the_class_count_hint_in_its_one_line(tmp_path, capsys):
   assert ('2 variable(s) with another shape, e.g. resnet_v1_tiny/logits/biases  model (1000,), checkpoint (10,)'
           in err[0])
   assert err[0].endswith('hint: the checkpoint has 10 classes, the model 1000; use num_classes=10 '
-                         '(--config.num_classes=10 for train.py / eval.py)')
+                         '(--config.num_classes=10 for train.py / eval.py, --num_classes 10 for convert)')
   with pytest.raises(slim.SlimCheckpointError, match=r'(?s)does not fit.*\n.*logits/weights'):
     slim_cli.main(['convert', '--checkpoint', V1_CKPT, '--model', 'resnet_v1_tiny', '--workdir', str(tmp_path),
                    '--image_size', '32', '--traceback'])
@@ -130,7 +130,20 @@ def test_fine_tuning_keeps_backbone_and_replaces_head():
   with pytest.raises(slim.SlimCheckpointError) as error:
     pretrained.load_for_model('slim:' + V1_CKPT, model, reference, IMAGE_SHAPE, allow_new_head=False)
   assert error.value.summary.endswith('hint: the checkpoint has 10 classes, the model 5; use num_classes=10 '
-                                      '(--config.num_classes=10 for train.py / eval.py)')
+                                      '(--config.num_classes=10 for train.py / eval.py, --num_classes 10 for '
+                                      'convert)')
+
+
+def test_a_backbone_that_does_not_fit_a_fine_tuning_names_the_model_it_tried_and_the_fix():
+  # Fine-tuning a root-less model from a checkpoint with a root block (README's CIFAR example
+  # without include_root_block=True): the header had said "(num_classes=None)" of a 5-class model.
+  model = models.get_model('resnet_v1_tiny', num_classes=5, include_root_block=False)
+  with pytest.raises(slim.SlimCheckpointError) as error:
+    pretrained.load_for_model('slim:' + V1_CKPT, model, _reference(model), IMAGE_SHAPE, allow_new_head=True)
+  assert error.value.summary.startswith(f"checkpoint {V1_CKPT} does not fit model 'resnet_v1_tiny' without its "
+                                        'logits layer: ')
+  assert error.value.summary.endswith('build the model with include_root_block=True (train.py / eval.py: '
+                                      '--config.model_options.include_root_block=True)')
 
 
 def test_a_new_head_from_a_reference_of_shapes_is_refused_and_any_other_load_takes_one():

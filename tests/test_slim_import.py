@@ -260,7 +260,8 @@ def test_wrong_num_classes_hints_at_the_class_count():
   message = str(error.value)
   assert 'resnet_v2_tiny/logits/weights  model (1, 1, 64, 10), checkpoint (1, 1, 64, 11)' in message
   assert ("the checkpoint has 11 classes, the model 10: slim's ResNet v2 checkpoints include a background "
-          'class 0; use num_classes=11') in message
+          'class 0; use num_classes=11 (--config.num_classes=11 for train.py / eval.py, --num_classes 11 for '
+          'convert)') in message
   # A feature extractor ignores the checkpoint's logits layer.
   features = slim.load_variables(ckpt_prefix('v2_tiny_11_zero_debias'), model_for('resnet_v2_tiny'))
   assert 'logits' not in features['params']
@@ -281,6 +282,23 @@ def test_a_checkpoint_of_other_image_channels_hints_at_them(tmp_path, model_name
   assert error.value.summary.endswith(
       f'hint: the checkpoint takes {image_shape[2]}-channel images, the model was built for {read_as[2]}: convert with '
       f'--channels {image_shape[2]} (train.py / eval.py: a data set of {image_shape[2]}-channel images)')
+
+
+# README's fine-tuning of a root-less CIFAR model from an ImageNet checkpoint, without
+# include_root_block=True, had hinted "convert with --channels 64".
+@pytest.mark.parametrize('saved_root', [True, False])
+def test_a_root_block_on_one_side_only_hints_at_include_root_block(tmp_path, saved_root):
+  saved = model_for('resnet_v1_tiny', num_classes=10, include_root_block=saved_root)
+  variables = saved.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)), train=False)
+  prefix = slim.save_slim_checkpoint(str(tmp_path / 'model.ckpt'), variables, saved)
+  with pytest.raises(slim.SlimCheckpointError) as error:
+    slim.load_variables(prefix, model_for('resnet_v1_tiny', num_classes=10, include_root_block=not saved_root))
+  has, model_has = ('a root block (conv1 and its pool)', 'none') if saved_root else ('no root block (conv1 and its '
+                                                                                     'pool)', 'one')
+  assert error.value.summary.endswith(
+      f'hint: the checkpoint has {has}, the model {model_has}: build the model with include_root_block={saved_root} '
+      f'(train.py / eval.py: --config.model_options.include_root_block={saved_root})')
+  assert 'channel' not in error.value.summary.split('hint:', 1)[1]
 
 
 def test_wrong_scope_hints_at_the_checkpoint_scope():

@@ -299,8 +299,10 @@ def _unexpected_bn_params(expected, found, scope: str, reader) -> list[tuple[str
 
 def _message_and_summary(prefix: str, model: Any, found: Mapping[str, tuple], missing, misshaped, bad_dtype,
                          unexpected) -> tuple[str, str]:
+  classes = getattr(model, 'num_classes', None)
+  # A fine-tuning load that allowed a new head tried the model without its logits last: say so.
   header = (f'checkpoint {prefix} does not fit model {model.slim_scope!r} '
-            f'(num_classes={getattr(model, "num_classes", None)}):')
+            f'{f"(num_classes={classes})" if classes else "without its logits layer"}:')
   groups = [  # (count and kind, one line per variable)
       (f'{len(missing)} variable(s) missing from the checkpoint',
        [f'{name}  (model shape {_shape(shape)})' for name, shape in missing]),
@@ -339,16 +341,33 @@ def _hints(model: Any, found, missing, misshaped, unexpected) -> list[str]:
         hint += ": slim's ResNet v2 checkpoints include a background class 0"
       elif classes + 1 == ours[-1]:
         hint += ": slim's ResNet v1 checkpoints have no background class"
-      hints.append(f'{hint}; use num_classes={classes} (--config.num_classes={classes} for train.py / eval.py)')
-  channels = _image_channels_hint(scope, misshaped)
-  if channels:
-    hints.append(channels)
+      hints.append(f'{hint}; use num_classes={classes} (--config.num_classes={classes} for train.py / eval.py, '
+                   f'--num_classes {classes} for convert)')
+  # A root block on one side only also changes what the first unit reads: that is not other image channels.
+  other_input = (_root_block_hint(scope, getattr(model, 'include_root_block', True), found, missing)
+                 or _image_channels_hint(scope, misshaped))
+  if other_input:
+    hints.append(other_input)
   if any(name == logits for name, _ in missing):
     hints.append('the checkpoint has no logits layer; load it into a num_classes=None model and '
                  "add a new logits layer's variables from model.init")
   for fix in sorted({fix for _, fix in unexpected}):
     hints.append(f'build the model with {fix} to use those params')
   return hints
+
+
+def _root_block_hint(scope: str, model_has_root: bool, found, missing) -> Optional[str]:
+  """The hint for a checkpoint with a root block (the 7x7 conv1 and its pool) where the model has
+  none, or the other way round; None otherwise."""
+  root = f'{scope}/conv1/weights'
+  if model_has_root and any(name == root for name, _ in missing):
+    has, build = 'no root block (conv1 and its pool)', False
+  elif not model_has_root and root in found:
+    has, build = 'a root block (conv1 and its pool)', True
+  else:
+    return None
+  return (f'the checkpoint has {has}, the model {"one" if model_has_root else "none"}: build the model with '
+          f'include_root_block={build} (train.py / eval.py: --config.model_options.include_root_block={build})')
 
 
 def _image_channels_hint(scope: str, misshaped) -> Optional[str]:

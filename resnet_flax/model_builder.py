@@ -108,9 +108,14 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, device_coun
   overrides['fold_batch_norm_in_eval'] = config.bn.fold_in_eval
   # None means "the model's own default" (e.g. no root block for the digits variants).
   overrides.update({key: value for key, value in config.model_options.items() if value is not None})
+  # Given once the config's own check has passed: get_model's message would name no config field.
+  output_stride = overrides.pop('output_stride', None)
   model = models.get_model(config.model, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
-  _check_for_classification(model)
-  return model
+  _check_for_classification(model, output_stride)
+  if output_stride is None:
+    return model
+  return models.get_model(config.model, num_classes=num_classes, dtype=DTYPES[config.dtype],
+                          output_stride=output_stride, **overrides)
 
 
 def reachable_output_strides(model: nn.Module) -> list[int]:
@@ -136,10 +141,11 @@ def check_classification_options(options: Mapping[str, Any]) -> None:
                        f'shape (batch, classes): keep it True ({elsewhere}).')
 
 
-def _check_for_classification(model: nn.Module) -> None:
-  """Model options training and eval cannot use, named before anything is traced."""
+def _check_for_classification(model: nn.Module, output_stride: Optional[int]) -> None:
+  """Model options training and eval cannot use, named before anything is traced, `output_stride`
+  among them (`model` is built without it)."""
   check_classification_options({option: getattr(model, option) for option in _CLASSIFICATION_OPTIONS})
   reachable = reachable_output_strides(model)
-  if model.output_stride is not None and model.output_stride not in reachable:
-    raise ValueError(f'config.model_options.output_stride={model.output_stride} cannot be reached by '
+  if output_stride is not None and output_stride not in reachable:
+    raise ValueError(f'config.model_options.output_stride={output_stride} cannot be reached by '
                      f'{model.slim_scope}; use one of {reachable} or None.')

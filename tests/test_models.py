@@ -298,6 +298,14 @@ def test_one_by_one_convolution_as_a_dot_equals_xla_convolution(stride, padding,
     # slim's resnet_arg_scope argument: a model field the loss never read had been accepted silently.
     ({'weight_decay': 0.0}, TypeError, 'weight_decay is not a model argument; slim\'s L2 on conv weights is a term '
                                        'of the loss: add losses.slim_l2_regularization(params, weight_decay)'),
+    # BatchNorm's options and the output stride had been refused only at the model's first call.
+    ({'batch_norm_decay': '0.9'}, TypeError, "get_model('resnet_v1_tiny'): batch_norm_decay='0.9' (str) must be a "
+                                             'number'),
+    ({'batch_norm_ghost_batch_size': 2.0}, TypeError, 'batch_norm_ghost_batch_size=2.0 (float) must be an integer'),
+    ({'batch_norm_gamma_init': 'zeros'}, TypeError, "batch_norm_gamma_init='zeros' must be a flax initializer"),
+    ({'batch_norm_renorm': True, 'zero_debias_moving_mean': True}, ValueError,
+     'batch_norm_renorm keeps plain moving averages'),
+    ({'output_stride': 3}, ValueError, 'resnet_v1_tiny: output_stride=3 cannot be reached; use one of [4, 8, 16]'),
 ])
 def test_switches_and_class_counts_of_the_wrong_type_are_refused(overrides, error, named):
   # Each had been read by its truthiness: 'False' froze the statistics, 0 dropped the logits.
@@ -309,6 +317,8 @@ def test_switches_and_class_counts_of_the_wrong_type_are_refused(overrides, erro
 
 @pytest.mark.parametrize('shape, named', [
     ((4, 3, 32, 32), 'look NCHW (channels first); the models take NHWC'),  # had trained with 32 "channels"
+    ((4, 3, 24, 40), 'look NCHW (channels first); the models take NHWC'),  # not square: had been accepted
+    ((4, 1, 28, 28), 'look NCHW (channels first); the models take NHWC'),
     ((32, 32, 3), 'give a batch of NHWC images'),
 ])
 def test_inputs_that_are_not_a_batch_of_nhwc_images_are_refused(shape, named):

@@ -90,7 +90,8 @@ def check_options(prefix: str, options: Mapping[str, Any]) -> None:
   for one of the wrong type); the message starts with `prefix` ("config.bn." or "BatchNorm 'x': ")
   and the option's name. `options` has BatchNorm's field names; missing ones take its defaults.
 
-  The layer checks itself; configs call this first, so a sweep fails before its first run.
+  The layer checks itself; configs and `get_model` call this first, so a sweep fails before its
+  first run and a model is refused where it is built.
   """
   def get(field: str) -> Any:
     return options[field] if field in options else getattr(BatchNorm, field)  # the dataclass default
@@ -100,6 +101,10 @@ def check_options(prefix: str, options: Mapping[str, Any]) -> None:
       value = get(field)
       if (value is not None or field not in _UNSET_ALLOWED) and not _is_scalar_of(value, kinds):
         raise TypeError(f'{prefix}{field}={value!r} ({type(value).__name__}) must be {what}.')
+  for field, expected, may_be_none in _FUNCTIONS:
+    value = get(field)
+    if not callable(value) and not (value is None and may_be_none):
+      raise TypeError(f'{prefix}{field}={value!r} must be {expected}.')
   if get('renorm') and (get('zero_debias_moving_mean') or get('zero_debias_moving_variance')):
     # TF-Slim rejects renorm with zero_debias_moving_mean too; its moving averages are plain.
     raise ValueError(f'{prefix}renorm keeps plain moving averages (a moving stddev for the variance); turn off '
@@ -471,11 +476,8 @@ class BatchNorm(nn.Module):
                                                                   self.decay)
 
   def _check_options(self) -> None:
-    check_options(f'BatchNorm {module_path(self)!r}: ', {name: getattr(self, name) for name in _CHECKED_OPTIONS})
-    for field, expected, may_be_none in _FUNCTIONS:
-      value = getattr(self, field)
-      if not callable(value) and not (value is None and may_be_none):
-        raise TypeError(f'BatchNorm {module_path(self)!r}: {field}={value!r} must be {expected}.')
+    checked = (*_CHECKED_OPTIONS, *(field for field, _, _ in _FUNCTIONS))
+    check_options(f'BatchNorm {module_path(self)!r}: ', {name: getattr(self, name) for name in checked})
 
   def _require_mutable_stats(self) -> None:
     if not self.is_mutable_collection(BATCH_STATS):

@@ -18,7 +18,7 @@ def zero_debiased_update(
   The biased average starts at zero like the plain one; dividing by
   `1 - decay ** step` removes the pull toward that zero start (Kingma & Ba's
   bias correction). The step is counted before dividing, so the divisor is
-  never zero and the first update yields exactly `value`.
+  never zero and the first update yields `value` (to float32 rounding).
   """
   biased = ema_update(biased, value, decay)
   local_step = local_step + 1.0

@@ -11,6 +11,8 @@ import numpy as np
 from flax.core import FrozenDict
 
 from resnet_flax.layers import BatchNorm
+from resnet_flax.layers.batch_norm import check_options as check_batch_norm_options
+from resnet_flax.models import resnet_utils
 from resnet_flax.models.arg_scope import ResNetArgScope
 from resnet_flax.models.resnet_v1 import ResNetV1
 from resnet_flax.models.resnet_v2 import ResNetV2
@@ -180,6 +182,10 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
   _check_types(name, num_classes, ((BatchNorm, bn_kwargs), (ResNetArgScope, scope_kwargs), (cls, model_kwargs)))
   _check_values(name, scope_kwargs, model_kwargs)
   batch_norm = FrozenDict({**ResNetArgScope().batch_norm, **bn_kwargs})
+  # The layers and the model check these again when called; here they are named at get_model.
+  check_batch_norm_options(f'get_model({name!r}): batch_norm_', batch_norm)
+  resnet_utils.root_output_stride(model_kwargs.get('output_stride'), model_kwargs.get('include_root_block', True),
+                                  block_sizes, name)
   arg_scope = ResNetArgScope(batch_norm=batch_norm, **scope_kwargs)
   if model_kwargs.get('zero_init_last_gamma') and not (arg_scope.use_batch_norm and batch_norm['scale']):
     # The gamma initializer would reach no gamma: each unit would start as itself, not its shortcut.

@@ -26,13 +26,16 @@ class Block:
 
 def check_inputs(inputs: Array, images: bool) -> Array:
   """`inputs`, if they are a 4-D NHWC float batch: integer pixels would silently skip
-  preprocessing. With `images` (a root block reads them), a batch of square images shaped
-  channels first, (N, 1|3|4, S, S) with S > 4, is refused too: it would be read with its
-  height as the channels. Without a root block the input may be any feature map."""
+  preprocessing. With `images` (a root block reads them), a batch that looks channels first
+  is refused too, as it would be read with its height as the channels: (N, 3|4, H, W) with
+  W > 4 (no photo is 3 or 4 pixels high), and (N, 1, S, S) with S > 4 (a batch one pixel
+  high, (N, 1, T, F), is a 1-D signal's F features over T, taken as such). Without a root
+  block the input may be any feature map."""
   if inputs.ndim != 4:
     raise ValueError(f'ResNet inputs are {tuple(inputs.shape)}: give a batch of NHWC images, (batch, height, width, '
                      'channels); one image is x[None].')
-  if images and inputs.shape[1] in (1, 3, 4) and inputs.shape[2] == inputs.shape[3] > 4:
+  _, height, width, channels = inputs.shape
+  if images and channels > 4 and (height in (3, 4) or (height == 1 and width == channels)):
     raise ValueError(f'ResNet inputs {tuple(inputs.shape)} look NCHW (channels first); the models take NHWC, as '
                      'slim: jnp.transpose(images, (0, 2, 3, 1)).')
   if not jnp.issubdtype(inputs.dtype, jnp.floating):

@@ -497,3 +497,15 @@ def test_remat_keeps_only_each_units_input_and_changes_no_number(name, capsys):
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), results[True],
                          results[False])
   assert kept[True] < 0.5 * kept[False], kept
+
+
+@pytest.mark.parametrize('name', ['resnet_v1_tiny', 'resnet_v2_tiny'])
+def test_variables_passed_as_their_params_alone_are_refused_naming_the_fix(name):
+  # flax had read 'block1', 'conv1', ... as collections: "ScopeCollectionNotFound ... collection is empty".
+  model = models.get_model(name, num_classes=5)
+  images = jnp.zeros((2, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), images, train=False)
+  with pytest.raises(ValueError, match=re.escape(f"{name}: the variables hold no 'params' collection (their "
+                                                 "top-level keys: 'block1', 'block2', 'block3', 'conv1', ...): apply "
+                                                 "with all the variables init or a checkpoint gave")):
+    model.apply(variables['params'], images, train=False)

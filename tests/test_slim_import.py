@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -299,6 +300,12 @@ def test_a_root_block_on_one_side_only_hints_at_include_root_block(tmp_path, sav
       f'hint: the checkpoint has {has}, the model {model_has}: build the model with include_root_block={saved_root} '
       f'(train.py / eval.py: --config.model_options.include_root_block={saved_root})')
   assert 'channel' not in error.value.summary.split('hint:', 1)[1]
+
+
+def test_a_model_name_in_place_of_a_model_is_refused_naming_get_model():
+  with pytest.raises(TypeError, match=re.escape("expected a model built by models.get_model, got str 'resnet_v1_tiny': "
+                                                "pass models.get_model('resnet_v1_tiny', num_classes=...).")):
+    slim.load_variables(ckpt_prefix('v1_tiny_10'), 'resnet_v1_tiny')
 
 
 def test_wrong_scope_hints_at_the_checkpoint_scope():

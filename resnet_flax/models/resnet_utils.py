@@ -45,6 +45,20 @@ def check_inputs(inputs: Array, images: bool) -> Array:
   return inputs
 
 
+def check_variables(module: nn.Module) -> None:
+  """Refuses variables without a 'params' collection, as passing `variables['params']` whole
+  makes them: flax took each top-level name in it for a collection and failed at the first
+  layer, naming neither the mistake nor the fix."""
+  if module.is_initializing():
+    return
+  collections = sorted(module.variables)
+  if 'params' not in collections:
+    shown = ', '.join(repr(name) for name in collections[:4]) + (', ...' if len(collections) > 4 else '')
+    raise ValueError(f"{module.slim_scope}: the variables hold no 'params' collection (their top-level keys: "
+                     f"{shown or 'none'}): apply with all the variables init or a checkpoint gave, "
+                     "{'params': ..., 'batch_stats': ...}, not variables['params'].")
+
+
 def subsample(x: Array, factor: int) -> Array:
   """slim's 1x1 max pool with stride `factor`, i.e. taking every factor-th pixel."""
   if factor == 1:

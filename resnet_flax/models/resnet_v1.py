@@ -84,6 +84,7 @@ class ResNetV1(nn.Module):
     output_stride = resnet_utils.root_output_stride(self.output_stride, self.include_root_block, self.block_sizes,
                                                      self.slim_scope)
     x = resnet_utils.check_inputs(inputs, images=self.include_root_block)
+    resnet_utils.check_variables(self)
     if self.include_root_block:
       x = resnet_utils.conv2d_same(conv, x, 64, 7, 2, name='conv1', train=train)
       x = resnet_utils.max_pool_same(x)

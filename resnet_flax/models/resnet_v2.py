@@ -68,6 +68,7 @@ class ResNetV2(nn.Module):
     output_stride = resnet_utils.root_output_stride(self.output_stride, self.include_root_block, self.block_sizes,
                                                      self.slim_scope)
     x = resnet_utils.check_inputs(inputs, images=self.include_root_block)
+    resnet_utils.check_variables(self)
     if self.include_root_block:
       # No BN or activation here: the first unit's `preact` does both.
       root_conv = functools.partial(conv, normalizer=None, activation=None)

@@ -106,6 +106,10 @@ def expected_variables(model: Any, image_shape: tuple[int, ...] = DEFAULT_IMAGE_
   shapes depend on the input's channels only, so the spatial size is just one that the model
   can downsample.
   """
+  if not isinstance(getattr(model, 'slim_scope', None), str):  # a name had failed with "'str' object has no attribute"
+    example = f'models.get_model({model!r}, num_classes=...)' if isinstance(model, str) else 'models.get_model(...)'
+    raise TypeError(f'expected a model built by models.get_model, got {type(model).__name__} {model!r:.60}: pass '
+                    f'{example}.')
   images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
   return {collection: names.flatten(shapes.get(collection, {})) for collection in (PARAMS, BATCH_STATS)}
@@ -163,8 +167,8 @@ def load_variables_and_step(path: str | os.PathLike, model: Any, *,
                             verify: bool = True, moving_averages: bool = False) -> tuple[dict[str, dict], int]:
   """`load_variables` and the step the checkpoint was saved at (its `global_step`, 0 without
   one), from one opening of the checkpoint (a V1 file is read whole when opened)."""
-  reader = tensor_bundle.CheckpointReader(path, verify=verify)
   expected = expected_variables(model, image_shape)
+  reader = tensor_bundle.CheckpointReader(path, verify=verify)
   if moving_averages:
     variables = _read_variables(_MovingAverages(reader, model.slim_scope, expected[PARAMS]), model, expected)
   else:

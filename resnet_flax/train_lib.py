@@ -340,11 +340,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
       history.append(metrics)
       stopping = stop_after(step)
       save_now = stopping or _is_due(step, config.checkpoint_every_steps, config.num_train_steps)
+      eval_due = _is_due(step, config.eval_every_steps, config.num_train_steps)
       if save_now or _is_due(step, config.log_every_steps, config.num_train_steps):
         nonfinite_in_a_row = _log_interval(step, history, interval_start, nonfinite_in_a_row, config, last_saved,
                                            float(schedule(step - 1)), writer, progress)
         history, interval_start = [], time.perf_counter()
         checkpointer.check()  # a failed save (full disk) stops the run now, not at the next save
+      elif eval_due and not config.skip_nonfinite_steps:
+        # Weights a non-finite step reached are no model to evaluate (their NaN loss would be blamed on the
+        # BatchNorm statistics and recorded): stop here, as the next log would.
+        _summarize(history, step, False, last_saved)
       if save_now:  # before the evaluation: one that fails (a bad validation image) loses no training
         checkpointer.save(step, state)
         last_saved = step
@@ -353,7 +358,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
             writer.record_config(run_record)
           config_recorded = True
         interval_start = time.perf_counter()  # The save's device-to-host copy is not training throughput.
-      if _is_due(step, config.eval_every_steps, config.num_train_steps):
+      if eval_due:
         eval_metrics = evaluate(state)
         with distributed.failing_together('to write the metrics'):
           writer.write(step, _eval_records(eval_metrics))

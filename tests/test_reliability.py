@@ -306,6 +306,22 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tm
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state.params))
 
 
+def test_an_evaluation_between_logs_after_a_non_finite_step_stops_the_run_instead(tmp_path, capsys):
+  # The evaluations of NaN weights had run, warned that the BatchNorm statistics did not fit the
+  # weights yet, and stayed in metrics.jsonl; the error came at the next log, steps later.
+  config = tiny_config(8)
+  config.learning_rate = 1e30
+  config.warmup_steps = 0
+  config.eval_every_steps = 2
+  config.log_every_steps = config.checkpoint_every_steps = 8
+  with pytest.raises(train_lib.NonFiniteLossError, match=r'at step (\d+)') as error:
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert error.value.step <= 2
+  assert 'eval at step' not in capsys.readouterr().out
+  records = (tmp_path / 'metrics.jsonl').read_text() if (tmp_path / 'metrics.jsonl').exists() else ''
+  assert 'eval/' not in records
+
+
 def test_non_finite_steps_can_be_skipped(tmp_path, capsys, caplog):
   config = tiny_config(4)
   config.learning_rate = 1e30

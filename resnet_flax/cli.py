@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable, NoReturn, Optional
 
+import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -156,6 +157,16 @@ def _traceback_in(argv: list[str]) -> bool:
     elif name == 'notraceback' and word.startswith('-'):
       wanted = False
   return wanted
+
+
+def warn_of_training_only_overrides(program: str) -> None:
+  """Says (process 0, on stderr) which `--config.<field>` overrides `program`, an evaluation,
+  does not read because only training does: a repeated training command line is no error, but
+  its learning rate or step count changes nothing here."""
+  ignored = config_checks.training_only(config_flags.get_override_values(flags.FLAGS['config']))
+  if ignored and jax.process_index() == 0:
+    print(f'warning: {program} does not read {", ".join(f"--config.{field}" for field in ignored)}: only training '
+          'does, so they change nothing here.', file=sys.stderr)
 
 
 def json_line(result: dict) -> str:

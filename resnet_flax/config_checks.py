@@ -64,6 +64,13 @@ _READ_ONLY_BY: tuple[tuple[tuple[str, ...], str], ...] = (
     (('sweep',), BN_SWEEP),
     (('bn_recalibration_batches', 'bn_report_batch_sizes'), EVAL),
 )
+# Fields (and groups) only training reads, train.py's and the sweep's: eval.py takes a checkpoint's
+# weights as they are. Its command line may repeat a training one, so they are warned of there, not refused.
+TRAINING_ONLY = ('num_train_steps', 'optimizer', 'learning_rate', 'lr_batch_size', 'lr_schedule', 'warmup_steps',
+                 'lr_boundaries', 'lr_decay_factor', 'lr_end', 'lr_power', 'momentum', 'nesterov', 'weight_decay',
+                 'bn_weight_decay', 'label_smoothing', 'skip_nonfinite_steps', 'max_skipped_in_a_row', 'lars', 'adamw',
+                 'shard_optimizer_state', 'init_checkpoint', 'log_every_steps', 'eval_every_steps',
+                 'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing')
 # Top-level fields only another program reads, set in its own configs (configs/bn_sweep.py's sweep).
 _OTHER_PROGRAMS_FIELDS = frozenset(field for fields, _ in _READ_ONLY_BY for field in fields) - _FIELDS
 
@@ -267,11 +274,20 @@ def _check_program_reads(field: str, program: str) -> None:
                        f'with it, or drop --config.{field}.')
 
 
+def training_only(overridden: Iterable[str]) -> list[str]:
+  """The fields of `overridden` (dotted names) that only training reads (`TRAINING_ONLY`)."""
+  return [field for field in overridden if any(_within(field, group) for group in TRAINING_ONLY)]
+
+
 def check_overrides_read(config: ml_collections.ConfigDict, overridden: Iterable[str],
                          program: Optional[str] = None) -> None:
   """Raises a one-line ValueError for a command-line override (`--config.<field>`, dotted
   `overridden` names) of a field `program` (TRAIN, EVAL or BN_SWEEP; None: a library caller,
-  not checked) or `config`'s optimizer, schedule or data set never reads."""
+  not checked) or `config`'s optimizer, schedule or data set never reads. In EVAL, fields only
+  training reads are left to a warning (`training_only`): whichever optimizer they go with."""
+  overridden = list(overridden)
+  if program == EVAL:
+    overridden = [field for field in overridden if field not in training_only(overridden)]
   for field in overridden:
     if program is not None:
       _check_program_reads(field, program)

@@ -389,6 +389,32 @@ def test_an_override_the_program_reads_is_allowed(program, field):
   config_checks.check_overrides_read(_sweep_config(), [field], program)
 
 
+def test_eval_leaves_fields_only_training_reads_to_a_warning_whatever_the_optimizer():
+  # `--config.lars.eps` had been refused in eval.py with "set config.optimizer='lars' as well",
+  # which changed nothing either; `--config.learning_rate` had passed without a word.
+  overridden = ['learning_rate', 'lars.eps', 'batch_size', 'bn.decay', 'seed']
+  config_checks.check_overrides_read(_sweep_config(), overridden, config_checks.EVAL)
+  assert config_checks.training_only(overridden) == ['learning_rate', 'lars.eps']
+  with pytest.raises(ValueError, match="--config.lars.eps does nothing with config.optimizer='sgd'"):
+    config_checks.check_overrides_read(_sweep_config(), overridden, config_checks.TRAIN)
+
+
+def test_every_training_only_field_is_a_config_field():
+  flat = set(_flat_fields(default.get_config()))
+  for field in config_checks.TRAINING_ONLY:
+    assert field in flat or any(name.startswith(field + '.') for name in flat), field
+
+
+def test_eval_py_warns_of_training_only_overrides_by_name(tmp_path):
+  workdir = str(tmp_path / 'run')
+  result = _run('eval.py', f'--workdir={workdir}', '--config.learning_rate=0.5', '--config.lars.eps=0.1')
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.splitlines() == [
+      'warning: eval.py does not read --config.learning_rate, --config.lars.eps: only training does, so they change '
+      'nothing here.',
+      f'error: no checkpoint in {workdir}/checkpoints; train first or pass --checkpoint=PATH.']
+
+
 def test_a_library_caller_is_no_program():
   config_checks.check_overrides_read(_sweep_config(), ['sweep.decay', 'bn_recalibration_batches'])
 

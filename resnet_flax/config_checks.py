@@ -10,6 +10,7 @@ block_sizes by the model registry, where library users meet them as well.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import numbers
@@ -32,8 +33,8 @@ _FIELDS = frozenset({
     'distributed', 'seed',
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing',
 })
-# The fields of the groups no other check lists (data.*, bn.* and model_options.*, which a config
-# file may extend with any option get_model takes, are refused where they are read).
+# The fields of the groups no other check lists (data.* and model_options.*, which a config file may
+# extend with any option get_model takes, are refused where they are read; bn.* by `_check_fields`).
 _GROUP_FIELDS = {
     'lars': frozenset({'weight_decay', 'trust_coefficient', 'eps'}),
     'adamw': frozenset({'weight_decay'}),
@@ -192,7 +193,9 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
   """Refuses fields no program reads (top-level ones, and those of `_GROUP_FIELDS`' groups),
   each with the known field closest to it."""
   named = _unknown_fields(config, _FIELDS | _OTHER_PROGRAMS_FIELDS, '')
-  for group, known in _GROUP_FIELDS.items():
+  # A config file may give config.bn any other field of the layer (the model takes it as batch_norm_<field>).
+  layer_fields = frozenset(field.name for field in dataclasses.fields(batch_norm.BatchNorm)) - {'parent', 'name'}
+  for group, known in (*_GROUP_FIELDS.items(), ('bn', _BN_FIELDS | layer_fields)):
     if isinstance(config.get(group), ml_collections.ConfigDict):
       named += _unknown_fields(config[group], known, f'{group}.')
   if not named:

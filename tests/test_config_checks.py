@@ -130,6 +130,8 @@ def test_helper_fields_and_model_options_get_model_takes_are_not_unknown():
 @pytest.mark.parametrize('group, field, closest', [
     ('lars', 'trust_coeficient', 'trust_coefficient'), ('adamw', 'wieght_decay', 'weight_decay'),
     ('distributed', 'num_process', 'num_processes'),
+    # It had reached get_model as "unknown argument(s) ['batch_norm_decya']", naming no config field.
+    ('bn', 'decya', 'decay'),
 ])
 def test_an_unknown_field_of_a_group_is_one_line_naming_the_closest(group, field, closest):
   # config.lars.trust_coeficient = ... in a config file had trained with the default, silently.
@@ -139,6 +141,13 @@ def test_an_unknown_field_of_a_group_is_one_line_naming_the_closest(group, field
   with pytest.raises(ValueError, match=rf'^unknown config field config\.{group}\.{field} \(did you mean '
                                        rf'config\.{group}\.{closest}\?\)'):
     config_checks.check_config(config)
+
+
+def test_config_bn_may_set_any_field_of_the_layer():
+  config = digits.get_config()
+  config.bn.unlock()
+  config.bn.axis_name = 'batch'  # no field of configs/default.py, but the layer's: the model takes it as given
+  config_checks.check_config(config)
 
 
 @pytest.mark.parametrize('path, problem', [

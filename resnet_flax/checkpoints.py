@@ -356,7 +356,7 @@ def _mismatch_message(path: str, mismatches: list[str]) -> str:
   more = f' and {len(mismatches) - 2} more' if len(mismatches) > 2 else ''
   return (f'checkpoint {path} was saved by a run of another config: {"; ".join(mismatches[:2])}{more}. Resume with '
           'the config it was trained with (model and its options, num_classes, the data set\'s channels, optimizer, '
-          'bn), or start a fresh --workdir.')
+          'bn, model_ema_decay), or start a fresh --workdir.')
 
 
 def restore_tree(path: str) -> dict[str, Any]:
@@ -448,8 +448,8 @@ def restore_from(path: str, target: Any) -> Any:
     why = _read_failure(error)
     if 'tree structures do not match' in why:
       raise CheckpointError(f'checkpoint {path} does not match this model/config ({why}); resume with the config '
-                            'it was trained with (model and its options, num_classes, optimizer, bn), or start a '
-                            'fresh --workdir.') from error
+                            'it was trained with (model and its options, num_classes, optimizer, bn, model_ema_decay), '
+                            'or start a fresh --workdir.') from error
     # The arrays' names and shapes were compared before the read: a failing read is damage
     # (or files this user may not read, which the reason then says).
     raise CheckpointError(f'checkpoint {path} cannot be read ({why}): a crash or a disk error damaged its files, '

@@ -192,9 +192,11 @@ def _log_interval(step: int, history: list[dict[str, jax.Array]], interval_start
   nonfinite_in_a_row = skipped_in_a_row(nonfinite_before, step - len(history) + 1, step, skipped)
   if nonfinite_in_a_row >= config.max_skipped_in_a_row:
     # Skipping is for a rare spike; this many in a row is divergence, and each step was wasted.
+    rerun = ('it resumes from the newest checkpoint' if last_saved is not None else
+             'with no checkpoint saved yet, it starts afresh')
     raise NonFiniteLossError(f'{nonfinite_in_a_row} steps in a row were non-finite and skipped (up to step {step}); '
                              'the run has diverged. Lower config.learning_rate or raise config.warmup_steps, then '
-                             'rerun: it resumes from the newest checkpoint.', step - nonfinite_in_a_row + 1)
+                             f'rerun: {rerun}.', step - nonfinite_in_a_row + 1)
   images_per_second = len(history) * config.batch_size / elapsed_s
   with distributed.failing_together('to write the metrics'):  # the chief's alone
     writer.write(step, {**{f'train/{k}': v for k, v in train_metrics.items()}, 'train/learning_rate': learning_rate,

@@ -288,7 +288,8 @@ def test_resuming_with_another_optimizer_names_where_the_state_differs(tmp_path)
     train_lib.train_and_evaluate(other, str(tmp_path))
   assert 'opt_state/0/count: in this run, not saved' in str(error.value)
   assert str(error.value).endswith("Resume with the config it was trained with (model and its options, num_classes, "
-                                   "the data set's channels, optimizer, bn), or start a fresh --workdir. Changed "
+                                   "the data set's channels, optimizer, bn, model_ema_decay), or start a fresh "
+                                   "--workdir. Changed "
                                    "since: num_train_steps: 2 -> 4; optimizer: sgd -> adamw.")
 
 
@@ -349,9 +350,13 @@ def test_a_run_of_skipped_steps_stops_training(tmp_path):
   # Skipping is for a rare spike; at lr 1e30 every step diverges and the run had gone on to exit 0.
   config = tiny_config(8)
   config.update(learning_rate=1e30, skip_nonfinite_steps=True, max_skipped_in_a_row=3, log_every_steps=1)
-  with pytest.raises(train_lib.NonFiniteLossError, match=r'^3 steps in a row were non-finite and skipped \(up to '
-                                                        r'step \d\); the run has diverged'):
-    train_lib.train_and_evaluate(config, str(tmp_path))
+  for checkpoint_every_steps, rerun in [(0, 'with no checkpoint saved yet, it starts afresh.'),
+                                        (2, 'it resumes from the newest checkpoint.')]:
+    config.checkpoint_every_steps = checkpoint_every_steps
+    with pytest.raises(train_lib.NonFiniteLossError, match=r'^3 steps in a row were non-finite and skipped \(up to '
+                                                          r'step \d\); the run has diverged') as error:
+      train_lib.train_and_evaluate(config, str(tmp_path / str(checkpoint_every_steps)))
+    assert str(error.value).endswith(f'then rerun: {rerun}')  # it had said "resumes" with no checkpoint to resume
 
 
 def test_a_workdir_past_num_train_steps_is_an_error_not_a_silent_no_op(tmp_path):

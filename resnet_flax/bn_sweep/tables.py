@@ -69,7 +69,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
                    if first['recalibration_batches'] else 'no recalibration (recalibration_batches=0)')
   lines = [
       f"Final {first['eval_split']} top-1{evaluated} with moving statistics "
-      f"(eval mode), with batch statistics (train-mode BN over batches of the run's batch size), {recalibration}; "
+      f"(eval mode), with batch statistics (train-mode BN over batches of the run's batch size, whole ones only: "
+      f"up to a batch fewer examples, results.csv's batch_num_examples), {recalibration}; "
       'gap = batch − moving, in percentage points. A diverged run (non-finite loss) has no final numbers; '
       'an accuracy marked "loss not finite" means nothing.',
       '',

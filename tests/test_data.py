@@ -159,7 +159,7 @@ def test_synthetic_is_fixed_shape_and_reuses_its_images():
     # An explicit 0 is an error, not the default (0 had silently meant 8, 32, 3 or 1000).
     ({'name': 'digits', 'image_size': 0}, 'image_size 0 would crop them'),
     ({'name': 'cifar10', 'image_size': 0}, r'image_size to 32 \(got 0\)'),
-    ({'name': 'imagefolder', 'image_size': 0, 'preprocessing': 'vgg'}, 'positive config.data.image_size'),
+    ({'name': 'imagefolder', 'image_size': 0, 'preprocessing': 'vgg'}, 'positive whole config.data.image_size'),
     ({'name': 'synthetic', 'channels': 0}, r'positive .* got 224, 0, 1000, 10000'),
     ({'name': 'synthetic', 'num_classes': 0}, r'positive .* got 224, 3, 0, 10000'),
     # One class trains to loss 0 and top-1 1.0, learning nothing.

@@ -75,6 +75,33 @@ def test_one_class_folder_is_refused(tmp_path, split, label_offset):
   assert '\n' not in str(excinfo.value) and str(root / 'train') in str(excinfo.value)
 
 
+@pytest.mark.parametrize('given, fix', [
+    ('data/train', 'config.data.dir is a split folder: set it to the one above, {root}/data'),
+    ('.', 'config.data.dir is one level too high: set it to {root}/data, which holds train/'),
+    ('data/train/a', 'config.data.dir holds images, so it is a class folder: set it to {root}/data, two levels up'),
+    ('empty', 'set config.data.dir to the directory holding train/ and val/, each with one folder per class'),
+])
+def test_a_data_dir_that_holds_no_split_says_where_the_root_is(tmp_path, given, fix):
+  # It had ended "check config.data.dir", naming no folder.
+  _image_tree(tmp_path / 'data')
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(data.DataError) as error:
+    data.build(_folder(tmp_path / given), 'train', batch_size=4, seed=0)
+  assert str(error.value).startswith("image folder split 'train' not found: expected a directory ")
+  assert str(error.value).endswith(f"; {fix.format(root=tmp_path)}.")
+
+
+@pytest.mark.parametrize('field, value, named', [
+    ('num_workers', -1, 'config.data.num_workers=-1 must be a whole number >= 0'),  # a ThreadPoolExecutor error
+    ('image_size', '32', "needs a positive whole config.data.image_size and config.data.preprocessing ('vgg' or "
+                         "'inception'); got '32'"),  # a TypeError comparing a str with 0
+])
+def test_library_callers_get_the_data_errors_command_lines_get(tmp_path, field, value, named):
+  root = _image_tree(tmp_path)
+  with pytest.raises(data.DataError, match=re.escape(named)):
+    data.build(_folder(root, **{field: value}), 'train', batch_size=4, seed=0)
+
+
 def test_a_validation_split_with_one_class_present_keeps_the_training_classes(tmp_path):
   root = _image_tree(tmp_path)
   _image_tree(root, classes=('b',), split='val')

@@ -39,6 +39,7 @@ per-channel mean/std; vgg mean subtraction; inception [-1, 1]).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Mapping
 
 from resnet_flax.data import cifar10, digits, image_folder, synthetic
@@ -100,12 +101,20 @@ def check_config(config: Mapping[str, Any]) -> None:
                       f'to {cifar10.NATIVE_SIZE} (got {image_size}).')
     cifar10.check_directory(config.get('dir'))
   if name == 'imagefolder':
-    if not (config.get('image_size') or 0) > 0 or not config.get('preprocessing'):
-      raise DataError("imagefolder needs a positive config.data.image_size and config.data.preprocessing ('vgg' or "
+    if not _is_count(config.get('image_size'), 1) or not config.get('preprocessing'):
+      raise DataError("imagefolder needs a positive whole config.data.image_size and config.data.preprocessing ('vgg' or "
                       f"'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
+    if not _is_count(read['num_workers'], 0):
+      raise DataError(f"config.data.num_workers={read['num_workers']!r} must be a whole number >= 0 (0: one per "
+                      'CPU core).')
     image_folder.get_preprocessing(read['preprocessing'], read['image_size'],  # its options, no file read
                                    color_distortion=bool(read['color_distortion']), resize=read['resize'])
     image_folder.check_root(config.get('dir'))
+
+
+def _is_count(value: Any, least: int) -> bool:
+  """Whether `value` is a whole number (not a bool) >= `least`."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
 
 
 def _default_fields(name: Any) -> dict[str, Any]:

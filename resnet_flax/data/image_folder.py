@@ -70,7 +70,23 @@ def split_directory(root: str, split: str) -> str:
     if os.path.isdir(candidate):
       return candidate
   raise DataError(f'image folder split {split!r} not found: expected a directory {" or ".join(candidates)} '
-                  f'with one subdirectory of images per class; check config.data.dir.')
+                  f'with one subdirectory of images per class; {_root_fix(root)}.')
+
+
+def _root_fix(root: str) -> str:
+  """What to set config.data.dir to, for a `root` that holds no split: one level too deep (a split
+  or class folder) or too high (a folder holding the root)."""
+  split_names = {name for names in _SPLIT_DIRS.values() for name in names} | {'train'}
+  parent = os.path.dirname(os.path.normpath(root))
+  if os.path.basename(os.path.normpath(root)) in split_names:
+    return f'config.data.dir is a split folder: set it to the one above, {parent}'
+  below = sorted(entry.path for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith('.')
+                 and os.path.isdir(os.path.join(entry.path, 'train')))
+  if below:
+    return f'config.data.dir is one level too high: set it to {below[0]}, which holds train/'
+  if any(_is_image(entry.name) for entry in os.scandir(root) if entry.is_file()):
+    return f'config.data.dir holds images, so it is a class folder: set it to {os.path.dirname(parent)}, two levels up'
+  return 'set config.data.dir to the directory holding train/ and val/, each with one folder per class'
 
 
 def class_names(directory: str) -> list[str]:

@@ -74,7 +74,8 @@ class _ArrayUnpickler(pickle.Unpickler):
     except KeyError:
       raise DataError(f'refusing to unpickle {module}.{name} from {self._path}: it is not how numpy arrays, '
                       'dicts, lists, ints or byte strings are pickled, and loading it could run code; delete the '
-                      'file and download it again.') from None
+                      'file and download it again (a file made by hand: save its arrays and lists of plain ints).'
+                      ) from None
 
 
 def load(path: str | os.PathLike) -> Any:

@@ -102,8 +102,8 @@ def check_config(config: Mapping[str, Any]) -> None:
     cifar10.check_directory(config.get('dir'))
   if name == 'imagefolder':
     if not _is_count(config.get('image_size'), 1) or not config.get('preprocessing'):
-      raise DataError("imagefolder needs a positive whole config.data.image_size and config.data.preprocessing ('vgg' or "
-                      f"'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
+      raise DataError("imagefolder needs a positive whole config.data.image_size and config.data.preprocessing "
+                      f"('vgg' or 'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
     if not _is_count(read['num_workers'], 0):
       raise DataError(f"config.data.num_workers={read['num_workers']!r} must be a whole number >= 0 (0: one per "
                       'CPU core).')

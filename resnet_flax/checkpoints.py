@@ -310,6 +310,10 @@ def _item_directory(path: str) -> str:
   if not os.path.isdir(item):
     raise CheckpointError(f'checkpoint {path} does not exist; pass a <workdir>/checkpoints/<step> directory, '
                           'a converted directory, or slim:PATH for a TF-Slim checkpoint.')
+  if not is_checkpoint(path):  # its read had failed as damage: "a crash or a disk error damaged its files"
+    raise CheckpointError(f'{path} is a directory but no orbax checkpoint (it has no _CHECKPOINT_METADATA or '
+                          '_METADATA); pass a <workdir>/checkpoints/<step> directory, a converted directory, or '
+                          'slim:PATH for a TF-Slim checkpoint.')
   return item
 
 
@@ -392,6 +396,8 @@ def _read_by_this_process() -> ocp.StandardCheckpointer:
 def save_tree(path: str, tree: Any) -> None:
   """Writes `tree` as an orbax checkpoint at `path` (atomically: orbax renames on commit)."""
   path = local_path(path, 'checkpoint')
+  if os.path.lexists(path):  # orbax's refusal had been reported as a failed write: "free disk space"
+    raise CheckpointError(f'{path} already exists; pass another path or remove it.')
   orbax_noise.quiet_failure_echoes()
   try:
     with ocp.StandardCheckpointer() as checkpointer:
@@ -434,9 +440,13 @@ def _read_failure(error: BaseException) -> str:
 
 
 def restore_from(path: str, target: Any) -> Any:
-  """Restores the checkpoint directory `path` (a `<step>` directory or its `default/` item)."""
+  """Restores the checkpoint directory `path` (a `<step>` directory or its `default/` item); a
+  StateMismatchError if it holds other arrays than `target`, before any is read."""
   path = local_path(path, 'checkpoint')
   item = _item_directory(path)
+  differences = state_differences(path, target)
+  if differences:  # orbax's read of them would fail as if the files were damaged
+    raise StateMismatchError(_mismatch_message(path, differences))
   orbax_noise.quiet_failure_echoes()
   try:
     with _read_by_this_process() as checkpointer:  # its own shards of `target`
@@ -450,7 +460,7 @@ def restore_from(path: str, target: Any) -> Any:
       raise CheckpointError(f'checkpoint {path} does not match this model/config ({why}); resume with the config '
                             'it was trained with (model and its options, num_classes, optimizer, bn, model_ema_decay), '
                             'or start a fresh --workdir.') from error
-    # The arrays' names and shapes were compared before the read: a failing read is damage
-    # (or files this user may not read, which the reason then says).
+    # The arrays' names and shapes were compared above: a failing read is damage (or files
+    # this user may not read, which the reason then says).
     raise CheckpointError(f'checkpoint {path} cannot be read ({why}): a crash or a disk error damaged its files, '
                           'or they are not readable here.') from error

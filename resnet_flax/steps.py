@@ -43,6 +43,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
   ema = state.ema
+  if ema is None and isinstance(model_ema_decay, (int, float)) and model_ema_decay:
+    raise ValueError(f'model_ema_decay={model_ema_decay!r} but the state keeps no moving averages to update; create '
+                     'it with them (train_state.create_train_state(..., with_averages=True)), or pass 0.')
   if ema is not None:
     if isinstance(model_ema_decay, (int, float)) and not 0 < model_ema_decay < 1:
       raise ValueError(f'the state keeps moving averages, but model_ema_decay={model_ema_decay!r} would make them '

@@ -240,15 +240,27 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, tx: opt
 
   Declaring the layout of the state on both sides is what makes ZeRO-1 work: XLA
   reduces the gradients, updates each device's slice of the optimizer state, and
-  gathers the new parameters.
+  gathers the new parameters. The state is donated: its buffers become the new state's, so
+  each call takes the state the last one returned (an earlier one is refused). `.lower` is the
+  jitted step's.
   """
-  return jax.jit(
+  jitted = jax.jit(
       functools.partial(steps.train_step, model=model, tx=tx, weight_decay=config.weight_decay,
                         bn_weight_decay=config.bn_weight_decay, label_smoothing=config.label_smoothing,
                         skip_nonfinite=config.skip_nonfinite_steps, model_ema_decay=config.model_ema_decay),
       in_shardings=(state_shardings, sharding.batch_sharded(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0)
+
+  def train_step(state: TrainState, batch: steps.Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    # XLA:CPU on several devices died of a segmentation fault on such a state; on one, it named a buffer.
+    if isinstance(state.step, jax.Array) and not isinstance(state.step, jax.core.Tracer) and state.step.is_deleted():
+      raise ValueError('this TrainState was donated to an earlier train step, which reused its buffers for the '
+                       'state it returned; pass that returned state.')
+    return jitted(state, batch)
+
+  train_step.lower = jitted.lower
+  return train_step
 
 
 def check_training_config(config: ml_collections.ConfigDict) -> None:

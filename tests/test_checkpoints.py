@@ -165,6 +165,31 @@ def test_a_mismatch_message_names_two_differences_and_counts_the_rest(tmp_path):
           'b: saved (1,), this run (2,) and 3 more. Resume with') in str(error.value)
 
 
+def test_restoring_one_checkpoint_into_other_arrays_names_them_not_damage(tmp_path):
+  # restore_from had let orbax's read fail and called it "a crash or a disk error damaged its files".
+  checkpoints.save_tree(str(tmp_path / 'saved'), {'w': np.zeros((1, 10), np.float32)})
+  with pytest.raises(checkpoints.StateMismatchError, match=re.escape(
+      f'checkpoint {tmp_path}/saved was saved by a run of another config: w: saved (1, 10), this run (1, 5). '
+      'Resume with the config it was trained with')):
+    checkpoints.restore_from(str(tmp_path / 'saved'), {'w': np.zeros((1, 5), np.float32)})
+
+
+def test_a_directory_that_is_no_checkpoint_is_named_so_not_damaged(tmp_path):
+  (tmp_path / 'notes').mkdir()
+  (tmp_path / 'notes' / 'readme.txt').write_text('not a checkpoint')
+  with pytest.raises(checkpoints.CheckpointError, match=re.escape(
+      f'{tmp_path}/notes is a directory but no orbax checkpoint (it has no _CHECKPOINT_METADATA or _METADATA)')):
+    checkpoints.restore_from(str(tmp_path / 'notes'), {'w': np.zeros(1, np.float32)})
+
+
+def test_saving_a_tree_where_something_exists_names_the_path_not_the_disk(tmp_path):
+  # orbax's refusal had been reported as a failed write: "free disk space or pass another --workdir".
+  (tmp_path / 'taken').mkdir()
+  with pytest.raises(checkpoints.CheckpointError, match=re.escape(f'{tmp_path}/taken already exists; pass another '
+                                                                  'path or remove it.')):
+    checkpoints.save_tree(str(tmp_path / 'taken'), {'w': np.zeros(1, np.float32)})
+
+
 # Every step damaged, the error
 # quotes the newest one's failure, as it says.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')

@@ -4,6 +4,7 @@ the states it went through, and a run's checkpoints, evaluations, resume and eva
 
 import json
 import os
+import re
 
 import flax
 import jax
@@ -72,6 +73,15 @@ def test_a_state_with_averages_and_no_decay_is_refused():
   with pytest.raises(ValueError, match=r'the state keeps moving averages, but model_ema_decay=0\.0 would make them'):
     steps.train_step(_with_averages(_state(model, tx)), _batch(), model=model, tx=tx, weight_decay=0.0,
                      label_smoothing=0.0)
+
+
+def test_a_decay_for_a_state_without_averages_is_refused():
+  # The decay had been ignored: no averages were ever kept.
+  model, tx = _Toy(), optax.sgd(0.1)
+  with pytest.raises(ValueError, match=re.escape('model_ema_decay=0.99 but the state keeps no moving averages to '
+                                                 'update; create it with them')):
+    steps.train_step(_state(model, tx), _batch(), model=model, tx=tx, weight_decay=0.0, label_smoothing=0.0,
+                     model_ema_decay=0.99)
 
 
 def test_a_skipped_non_finite_step_keeps_the_averages():

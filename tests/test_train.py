@@ -573,3 +573,20 @@ def test_the_train_step_takes_both_weight_decays_from_the_config():
   assert squares(('gamma', 'beta')) > 0
   expected = 0.5 * 1e-2 * squares(('weights',)) + 0.5 * 0.5 * squares(('gamma', 'beta'))
   assert float(metrics['total_loss']) - float(metrics['loss']) == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_state_donated_to_an_earlier_step_is_refused_naming_the_state_to_pass():
+  # XLA:CPU on two devices had died of a segmentation fault; on one, it named a deleted buffer.
+  config = tiny_config()
+  mesh = sharding.data_mesh()
+  model, tx = model_builder.build_model(config, 10), optim.build_optimizer(config)
+  state, shardings = train_lib.initial_state(config, model, tx, (8, 8, 1), mesh)
+  batch = sharding.to_global_batch(next(data.build(config.data, 'train', batch_size=config.batch_size,
+                                                   seed=0).train_batches()), mesh)
+  train_step = train_lib.make_train_step(config, model, tx, mesh, shardings)
+  new_state, _ = train_step(state, batch)
+  with pytest.raises(ValueError, match='this TrainState was donated to an earlier train step, which reused its '
+                                       'buffers for the state it returned; pass that returned state.'):
+    train_step(state, batch)
+  assert int(train_step(new_state, batch)[0].step) == 2
+  assert train_step.lower(new_state, batch) is not None  # the jitted step's, for XLA's cost and memory counts

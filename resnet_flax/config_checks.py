@@ -16,10 +16,11 @@ import math
 import numbers
 from typing import Any, Callable, Iterable, Optional
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
-from resnet_flax import data, model_builder, optim
+from resnet_flax import data, distributed, metrics_writer, model_builder, optim
 from resnet_flax.layers import batch_norm
 
 # Every top-level field train.py and eval.py read: configs/default.py's (a test keeps the two
@@ -245,6 +246,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   batch_norm.check_options('config.bn.', config.bn)
   _check_bn_weight_decay(config)
   model_builder.check_classification_options(config.model_options)  # the model's shape, before a step is traced
+
+
+# Fields each process may set for itself: how processes meet (each has its own id), where its
+# copy of the data is mounted (the copies' contents are compared: `device_input.agreed_dataset`)
+# and how it decodes them (the same batches either way).
+_PER_PROCESS_FIELDS = ('distributed.', 'data.dir', 'data.num_workers', 'data.worker_processes')
+
+
+def check_same_on_every_process(config: ml_collections.ConfigDict) -> None:
+  """Raises the same one-line ValueError on every process of a multi-host run whose processes
+  were given other configs (but for `_PER_PROCESS_FIELDS`) or other device counts, naming the
+  first field that differs. A collective: every process calls it."""
+  fields = {name: value for name, value in metrics_writer.as_recorded(config.to_dict()).items()
+            if not name.startswith(_PER_PROCESS_FIELDS)}
+  # Each process feeds batch_size / process_count examples to its own devices.
+  fields['jax.local_device_count()'] = jax.local_device_count()
+  distributed.check_same_fields(fields, 'config')
 
 
 def _check_bn_weight_decay(config: ml_collections.ConfigDict) -> None:

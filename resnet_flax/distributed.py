@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import socket
 import warnings
-from typing import Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import ml_collections
@@ -255,6 +256,29 @@ def disagreement(text: str) -> Optional[tuple[str, int, str]]:
   texts = every_process_text(text)
   differing = next((index for index, other in enumerate(texts) if other != texts[0]), None)
   return None if differing is None else (texts[0], differing, texts[differing])
+
+
+def check_same_fields(fields: Mapping[str, Any], what: str) -> None:
+  """Raises the same one-line ValueError on every process unless each has the same `fields`
+  (name -> value), naming the first that differs: processes given other commands (a batch size,
+  a learning rate) had trained together on a mix of them, silently. One collective when they
+  agree; on the error path, one per field up to the first that differs. A collective, as
+  `every_process_text`."""
+  if not _several_processes():
+    return
+  text = lambda items: hashlib.blake2b(repr(sorted(items)).encode(), digest_size=16).hexdigest()
+  if disagreement(text(fields.items())) is None:
+    return
+  names = disagreement(text(fields))
+  if names is not None:
+    raise ValueError(f'the {what} differs between processes: process {names[1]} has other fields than process 0 '
+                     '(another config file?); give every process the same command and as many devices.')
+  for name in sorted(fields):
+    differs = disagreement(f'{name}={fields[name]!r}')
+    if differs is not None:
+      first, index, other = differs
+      raise ValueError(f'the {what} differs between processes: process 0 has {first}, process {index} has {other}; '
+                       'give every process the same command and as many devices.')
 
 
 def _several_processes() -> bool:

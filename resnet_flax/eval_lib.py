@@ -140,13 +140,21 @@ def input_differences(config: ml_collections.ConfigDict, workdir: str) -> list[s
     return []
   now = metrics_writer.as_recorded(config.to_dict())
   differences = metrics_writer.field_changes(recorded, now, EVAL_INPUT_FIELDS)
+  run_decay = recorded.get('model_ema_decay')
+  if isinstance(run_decay, (int, float)) and run_decay > 0 and not config.model_ema_decay > 0:
+    # Any decay > 0 reads the same stored averages; 0 reads the variables, which the run did not report alone.
+    differences.append(f"model_ema_decay: {run_decay} -> {config.model_ema_decay} (the run's variables, not its "
+                       'moving averages)')
   if config.get('bn_recalibration_batches', 0) > 0:
     # Other groups, other statistics: per-device groups on 4 devices and on 1 gave 34.17% and 33.89%.
     now['device_count'] = jax.device_count()
     run = {'device_count': now['device_count'], **recorded}  # a record without it: this count
     groups = [_statistics_group(fields) for fields in (run, now)]
     if None not in groups and groups[0] != groups[1]:  # None: unknown, or refused when recalibrating
-      changes = metrics_writer.field_changes(run, now, RECALIBRATION_GROUP_FIELDS)
+      # The device count splits the batch only into per-device groups: named where it did.
+      per_device = 'per_device' in (run.get('bn.cross_device'), now.get('bn.cross_device'))
+      deciding = [field for field in RECALIBRATION_GROUP_FIELDS if field != 'device_count' or per_device]
+      changes = metrics_writer.field_changes(run, now, deciding)
       differences.append(f"precise BN's statistics groups: {groups[0]} -> {groups[1]} examples "
                          f"({', '.join(changes)})")
   return differences
@@ -179,6 +187,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   if checkpoint is not None and not checkpoint.strip():
     raise ValueError('--checkpoint is empty; pass a checkpoint directory or slim:PATH, or leave the flag out.')
   config_checks.check_config(config)
+  config_checks.check_same_on_every_process(config)
   dataset = build_eval_dataset(config)
   num_classes = model_builder.head_size(config, dataset.num_classes)
   if num_classes > dataset.num_classes and jax.process_index() == 0:

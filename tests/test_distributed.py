@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -20,7 +21,8 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import default
-from resnet_flax import bn_diagnostics, checkpoints, distributed, eval_lib, model_builder, train_lib, workdir_lock
+from resnet_flax import (bn_diagnostics, checkpoints, config_checks, distributed, eval_lib, model_builder, train_lib,
+                         workdir_lock)
 from test_train import REPO, SMALL_MODEL_FLAG, _read_params, tiny_config
 
 # ZeRO-1 on, so each process holds and writes its own half of the optimizer state and of the
@@ -300,6 +302,18 @@ def test_when_the_chiefs_metrics_write_fails_mid_run_the_others_stop_with_its_er
   _assert_every_process_stops_with(runs, chiefs, f'process 0 of 2 failed to write the metrics: {chiefs}')
 
 
+def test_processes_given_another_learning_rate_stop_before_training(tmp_path):
+  reason = _why_unsupported()
+  if reason:
+    pytest.skip(reason)
+  runs = _run_processes(tmp_path / 'run', timeout=120, stop_all_on_a_failure=False, args=VARIABLES_ARGS,
+                        args_of=lambda index: ['--config.learning_rate=0.5'] * index)
+  differs = ('the config differs between processes: process 0 has learning_rate=0.0001, process 1 has '
+             'learning_rate=0.5; give every process the same command and as many devices.')
+  _assert_every_process_stops_with(runs, differs, differs)
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
 @pytest.mark.parametrize('script, where', [('train.py', 'its config checks'), ('eval.py', 'to build its test data')])
 def test_when_one_host_lacks_the_data_every_process_stops_with_its_error(tmp_path, script, where):
   reason = _why_unsupported()
@@ -335,6 +349,59 @@ def test_a_host_whose_copy_of_the_data_differs_stops_every_process(tmp_path):
   message = ('the train split differs between processes: process 0 has 14 examples in 10 classes (32x32x3, labels #')
   _assert_every_process_stops_with(runs, message, message)
   assert 'process 1 has 13 examples in 10 classes' in runs[0][2]
+
+
+def _checked_in_two_processes(monkeypatch, fields_of):
+  """Each of two threads, as process 0 and 1, runs `distributed.check_same_fields` on its fields,
+  exchanging texts through a barrier as the all-gathers would; the error each raised (None: none)."""
+  barrier, slots, local = threading.Barrier(2, timeout=10), [None, None], threading.local()
+
+  def every_process_text(text):
+    slots[local.index] = text
+    barrier.wait()
+    texts = list(slots)
+    barrier.wait()  # both have read before either writes again
+    return texts
+
+  monkeypatch.setattr(distributed, '_several_processes', lambda: True)
+  monkeypatch.setattr(distributed, 'every_process_text', every_process_text)
+  errors = [None, None]
+
+  def run(index):
+    local.index = index
+    try:
+      distributed.check_same_fields(fields_of[index], 'config')
+    except ValueError as error:
+      errors[index] = str(error)
+
+  threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  return errors
+
+
+def test_processes_given_other_configs_stop_together_naming_the_first_field_that_differs(monkeypatch):
+  # Two processes given other learning rates had trained together on a mix, without a word.
+  ours = {'batch_size': 16, 'learning_rate': 1e-4, 'model': 'resnet_v1_digits'}
+  assert _checked_in_two_processes(monkeypatch, [ours, dict(ours)]) == [None, None]
+  expected = ('the config differs between processes: process 0 has learning_rate=0.0001, process 1 has '
+              'learning_rate=0.5; give every process the same command and as many devices.')
+  assert _checked_in_two_processes(monkeypatch, [ours, {**ours, 'learning_rate': 0.5}]) == [expected, expected]
+  other_file = ('the config differs between processes: process 1 has other fields than process 0 (another config '
+                'file?); give every process the same command and as many devices.')
+  assert _checked_in_two_processes(monkeypatch, [ours, {**ours, 'sweep': 1}]) == [other_file, other_file]
+
+
+def test_the_config_fields_each_process_may_set_for_itself_are_not_compared(monkeypatch):
+  compared = []
+  monkeypatch.setattr(distributed, 'check_same_fields', lambda fields, what: compared.append(fields))
+  config = tiny_config()
+  config.distributed.process_id = 1
+  config_checks.check_same_on_every_process(config)
+  assert not [name for name in compared[0] if name.startswith(('distributed.', 'data.dir', 'data.num_workers'))]
+  assert compared[0]['batch_size'] == config.batch_size and compared[0]['jax.local_device_count()'] == 1
 
 
 def test_every_process_text_in_a_run_of_several(monkeypatch):

@@ -57,6 +57,24 @@ def test_precise_bn_warns_of_other_statistics_groups_than_the_runs(tmp_path):
   recorded = json.loads((tmp_path / 'config.json').read_text())
   (tmp_path / 'config.json').write_text(json.dumps({**recorded, 'batch_size': 'sixteen'}))  # edited by hand
   assert eval_lib.input_differences(config, str(tmp_path)) == []
+  # Global statistics: the device count splits no group, so it is not named (it had been).
+  (tmp_path / 'config.json').write_text(json.dumps({**recorded, 'device_count': 8}))
+  config.update(batch_size=64)
+  config.bn.cross_device = 'global'
+  assert eval_lib.input_differences(config, str(tmp_path)) == [
+      "precise BN's statistics groups: 16 -> 64 examples (batch_size: 16 -> 64)"]
+
+
+def test_evaluating_the_variables_of_a_run_that_kept_averages_is_warned_of(tmp_path):
+  # eval.py without the run's model_ema_decay had evaluated its variables without a word.
+  config = tiny_config()
+  config.model_ema_decay = 0.9
+  (tmp_path / 'config.json').write_text(json.dumps(config.to_dict()))
+  config.model_ema_decay = 0.99  # the same stored averages
+  assert eval_lib.input_differences(config, str(tmp_path)) == []
+  config.model_ema_decay = 0.0
+  assert eval_lib.input_differences(config, str(tmp_path)) == [
+      "model_ema_decay: 0.9 -> 0.0 (the run's variables, not its moving averages)"]
 
 
 def test_a_default_given_explicitly_or_a_field_the_data_ignores_is_no_other_input(tmp_path):

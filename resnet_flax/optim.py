@@ -59,23 +59,28 @@ def check_lr_boundaries(config: ml_collections.ConfigDict) -> None:
   if steps and steps[0] <= warmup:
     # The warm-up ramps up to the peak until step warmup_steps: a decay by then contradicts it.
     raise ValueError(f'{where}: each must be after the warm-up, config.warmup_steps={warmup}; '
-                     f'{_after_warmup_fix(len(steps), total, warmup)}.')
+                     f'{_after_warmup_fix(steps, total, warmup)}.')
 
 
-def _after_warmup_fix(count: int, total: int, warmup: int) -> str:
-  """How `count` boundaries can land on distinct steps after the warm-up and before `total`.
+def _after_warmup_fix(steps: tuple[int, ...], total: int, warmup: int) -> str:
+  """How boundaries at `steps` can land on distinct steps after the warm-up and before `total`.
 
-  A fraction range is named only where one exists: fractions are below 1, so past a warm-up
-  as long as the run, "use fractions above 1.5" would be impossible.
+  Either fix named works by itself: a warm-up ending before the first boundary keeps the
+  fractions; a fraction range is named only where one exists (fractions are below 1, so past
+  a warm-up as long as the run, "use fractions above 1.5" would be impossible).
   """
-  room = total - 1 - warmup  # steps warmup + 1 .. total - 1
-  if count <= room:
-    return f'use fractions above {(warmup + 0.5) / total:.4g}' + (' or lower config.warmup_steps' if warmup else '')
-  if count <= total - 1:
-    most = total - 1 - count
-    return f'lower config.warmup_steps to {most}' if most == 0 else f'lower config.warmup_steps to at most {most}'
-  # Even without warm-up, steps 1 .. total - 1 are too few for them all.
-  return f'drop boundaries to at most {total - 1} or raise config.num_train_steps'
+  count = len(steps)
+  if count > total - 1:  # even without warm-up, steps 1 .. total - 1 are too few for them all
+    return f'drop boundaries to at most {total - 1} or raise config.num_train_steps'
+  fixes = []
+  if count <= total - 1 - warmup:  # steps warmup + 1 .. total - 1
+    fixes.append(f'use fractions above {(warmup + 0.5) / total:.4g}')
+  if steps[0] >= 1:
+    fixes.append(f'lower config.warmup_steps to {"" if steps[0] == 1 else "at most "}{steps[0] - 1}')
+  if fixes:
+    return ' or '.join(fixes)
+  most = total - 1 - count  # a first boundary at step 0: both must move
+  return f'lower config.warmup_steps to at most {most} and use fractions above {(most + 0.5) / total:.4g}'
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:

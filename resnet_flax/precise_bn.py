@@ -89,6 +89,7 @@ def population_statistics(model: nn.Module, variables: Variables, image_batches:
     # Global batches from `device_input` are used as they are; anything else is this
     # process's host share.
     if not (isinstance(images, jax.Array) and images.sharding.is_equivalent_to(batch_sharding, images.ndim)):
+      sharding.check_batch_size(len(images) * jax.process_count(), f'recalibration batch {done}\'s size')
       images = sharding.to_global_batch({'image': np.asarray(images)}, mesh)['image']
     accumulator.add(jax.device_get(moments_step(variables, images)), images.shape[0])
     if progress is not None and progress.due():

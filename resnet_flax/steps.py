@@ -20,14 +20,17 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
                bn_weight_decay: float = 0.0, model_ema_decay: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step; the new moving statistics come back inside the new state.
 
+  `batch` holds 'image' (the model's float input), 'label' (int, below the model's class
+  count) and 'mask' (1.0 for a real example, 0.0 for one the loss and accuracy leave out).
   The loss adds slim's L2 terms (`losses.slim_l2_regularization`): `weight_decay` on conv
   weights, `bn_weight_decay` on BatchNorm's gamma and beta. A state with averages
   (`state.ema`) moves them toward the new params and statistics (`model_ema.update`).
 
   `metrics['nonfinite']` is 1 when the loss or gradients were NaN/Inf; with
   `skip_nonfinite` such a step leaves params, statistics, averages and optimizer state as they were,
-  but for the learning-rate schedule's step count: it advances with the state's step, as
-  the data order does, so warm-up and decay steps stay those of an unskipped run.
+  but for the learning-rate schedule's step count (that of optax's `scale_by_schedule`, as
+  `optim.build_optimizer`'s optimizers keep it): it advances with the state's step, as the data
+  order does, so warm-up and decay steps stay those of an unskipped run.
   """
 
   def loss_fn(params):
@@ -37,6 +40,11 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     total = data_loss + losses.slim_l2_regularization(params, weight_decay, bn_weight_decay)
     return total, (data_loss, logits, updates['batch_stats'])
 
+  if jax.tree_util.tree_structure(state.opt_state) != jax.tree_util.tree_structure(jax.eval_shape(tx.init,
+                                                                                                 state.params)):
+    # A state made with another optimizer failed deep in optax ("'TraceState' object has no attribute 'mu'").
+    raise ValueError("the state's optimizer state does not fit this tx (another optimizer, or other options, made "
+                     'it): create the state with the tx the step takes.')
   (total, (data_loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

@@ -33,8 +33,9 @@ class TrainState:
 
 def train_state_initializer(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, int, int],
                             with_averages: bool = False) -> Callable[[jax.Array], TrainState]:
-  """The pure function rng -> initial TrainState (a dummy batch of two: train-mode BN needs two);
-  with `with_averages`, its averages start at its variables."""
+  """The pure function rng -> initial TrainState (the model initialized in eval mode on two zero
+  images: only the variables' shapes follow from them); with `with_averages`, its averages start
+  at its variables."""
 
   def init(rng: jax.Array) -> TrainState:
     variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.float32), train=False)

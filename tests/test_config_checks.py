@@ -277,10 +277,13 @@ def _step_schedule(num_train_steps, warmup_steps, lr_boundaries, lr_schedule='st
     (10, 0, (0.31, 0.34), r'steps \(3, 3\) of num_train_steps=10: they must be strictly increasing steps; space'),
     (10, 0, (0.3, 0.96), r'steps \(3, 10\) of num_train_steps=10: each must be below 10 .* below 0\.95 or drop it\.$'),
     (100, 50, (0.3, 0.6, 0.8), r'steps \(30, 60, 80\) of num_train_steps=100: each must be after the warm-up, '
-     r'config\.warmup_steps=50; use fractions above 0\.505 or lower config\.warmup_steps\.$'),
+     r'config\.warmup_steps=50; use fractions above 0\.505 or lower config\.warmup_steps to at most 29\.$'),
     (100, 30, (0.3, 0.6), r'steps \(30, 60\) .* after the warm-up, config\.warmup_steps=30'),  # never at the peak
     (3, 0, (0.1,), r'steps \(0,\) .* config\.warmup_steps=0; use fractions above 0\.1667\.$'),  # round(0.3)
-    (100, 97, (0.3, 0.6), r'steps \(30, 60\) .* use fractions above 0\.975 or lower config\.warmup_steps\.$'),
+    (100, 97, (0.3, 0.6),
+     r'steps \(30, 60\) .* use fractions above 0\.975 or lower config\.warmup_steps to at most 29\.$'),
+    # A boundary at step 0 stays in any warm-up, and no fraction clears this one: both must move.
+    (3, 5, (0.1,), r'steps \(0,\) .* lower config\.warmup_steps to at most 1 and use fractions above 0\.5\.$'),
 ])
 def test_step_boundaries_landing_where_they_cannot_apply_are_refused(total, warmup, boundaries, problem):
   with pytest.raises(ValueError, match=r'^config\.lr_boundaries=.* lands on ' + problem) as error:
@@ -290,8 +293,8 @@ def test_step_boundaries_landing_where_they_cannot_apply_are_refused(total, warm
 
 @pytest.mark.parametrize('total, warmup, boundaries, fix', [
     (3, 50, (0.3, 0.6), r'lower config\.warmup_steps to 0\.$'),  # fractions are below 1: none is above 16.83
-    (100, 100, (0.5,), r'lower config\.warmup_steps to at most 98\.$'),
-    (100, 97, (0.3, 0.6, 0.8), r'lower config\.warmup_steps to at most 96\.$'),  # steps 98, 99: two, not three
+    (100, 100, (0.5,), r'lower config\.warmup_steps to at most 49\.$'),  # it had said 98: step 50 was still in it
+    (100, 97, (0.3, 0.6, 0.8), r'lower config\.warmup_steps to at most 29\.$'),  # steps 98, 99: two, not three
     (3, 0, (0.1, 0.4, 0.7), r'drop boundaries to at most 2 or raise config\.num_train_steps\.$'),
 ])
 def test_step_boundaries_no_fraction_can_fix_name_only_a_possible_fix(total, warmup, boundaries, fix):

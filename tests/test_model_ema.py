@@ -84,6 +84,15 @@ def test_a_decay_for_a_state_without_averages_is_refused():
                      model_ema_decay=0.99)
 
 
+def test_a_state_of_another_optimizer_is_refused_naming_the_fix():
+  # It had failed deep in optax: "'ScaleByAdamState' object has no attribute 'trace'".
+  model = _Toy()
+  with pytest.raises(ValueError, match=re.escape("the state's optimizer state does not fit this tx (another "
+                                                 'optimizer, or other options, made it)')):
+    steps.train_step(_state(model, optax.adam(0.1)), _batch(), model=model, tx=optax.sgd(0.1, momentum=0.9),
+                     weight_decay=0.0, label_smoothing=0.0)
+
+
 def test_a_skipped_non_finite_step_keeps_the_averages():
   model, tx = _Toy(), optax.sgd(0.1, momentum=0.9)
   step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, tx=tx, weight_decay=1e-3, label_smoothing=0.0,

@@ -176,7 +176,14 @@ def gap(a, b):  # largest difference, relative to the reference's scale
   pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
   return max(float(jnp.max(jnp.abs(x - y)) / (1.0 + jnp.max(jnp.abs(y)))) for x, y in pairs)
 first_bn = lambda out: out[1]['batch_stats']['block1']['unit_1']['bottleneck_v1']['conv1']['BatchNorm']
+from resnet_flax import precise_bn
+try:  # a host batch of 12 on 8 devices had failed in jax, naming no setting
+  precise_bn.population_statistics(forward('global', 8)[0], variables, [np.zeros((12, 8, 8, 1), np.float32)], mesh)
+  indivisible = None
+except ValueError as error:
+  indivisible = str(error)
 print(json.dumps({
+    'indivisible': indivisible,
     'per_device_vs_shards': gap(per_device_out, reference),
     'global_vs_whole_batch': gap(global_out, whole),
     'per_device_vs_global': gap(per_device_out, global_out),
@@ -189,6 +196,8 @@ print(json.dumps({
 
 def test_per_device_statistics_are_each_devices_own():
   gaps = _run_code(PER_DEVICE_BN, 8)
+  assert gaps.pop('indivisible') == ("recalibration batch 1's size=12 does not split over 8 devices; use a multiple "
+                                     'of 8.')
   # Logits and moving statistics as if each device ran alone on its share (the moving
   # averages then averaged over devices); global statistics as one device on the whole batch.
   assert gaps['per_device_vs_shards'] < 1e-5, gaps

@@ -249,9 +249,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 # Fields each process may set for itself: how processes meet (each has its own id), where its
-# copy of the data is mounted (the copies' contents are compared: `device_input.agreed_dataset`)
-# and how it decodes them (the same batches either way).
-_PER_PROCESS_FIELDS = ('distributed.', 'data.dir', 'data.num_workers', 'data.worker_processes')
+# copies of the data (their contents are compared: `device_input.agreed_dataset`) and of the
+# checkpoint to start from are mounted, and how it decodes images (the same batches either way).
+_PER_PROCESS_FIELDS = ('distributed.', 'data.dir', 'init_checkpoint', 'data.num_workers', 'data.worker_processes')
 
 
 def check_same_on_every_process(config: ml_collections.ConfigDict) -> None:

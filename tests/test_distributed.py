@@ -400,7 +400,8 @@ def test_the_config_fields_each_process_may_set_for_itself_are_not_compared(monk
   config = tiny_config()
   config.distributed.process_id = 1
   config_checks.check_same_on_every_process(config)
-  assert not [name for name in compared[0] if name.startswith(('distributed.', 'data.dir', 'data.num_workers'))]
+  assert not [name for name in compared[0] if name.startswith(('distributed.', 'data.dir', 'init_checkpoint',
+                                                                 'data.num_workers'))]
   assert compared[0]['batch_size'] == config.batch_size and compared[0]['jax.local_device_count()'] == 1
 
 

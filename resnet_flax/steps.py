@@ -40,24 +40,14 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
     total = data_loss + losses.slim_l2_regularization(params, weight_decay, bn_weight_decay)
     return total, (data_loss, logits, updates['batch_stats'])
 
-  if jax.tree_util.tree_structure(state.opt_state) != jax.tree_util.tree_structure(jax.eval_shape(tx.init,
-                                                                                                 state.params)):
-    # A state made with another optimizer failed deep in optax ("'TraceState' object has no attribute 'mu'").
-    raise ValueError("the state's optimizer state does not fit this tx (another optimizer, or other options, made "
-                     'it): create the state with the tx the step takes.')
+  _check_state_fits(state, tx, model_ema_decay)
   (total, (data_loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
   ema = state.ema
-  if ema is None and isinstance(model_ema_decay, (int, float)) and model_ema_decay:
-    raise ValueError(f'model_ema_decay={model_ema_decay!r} but the state keeps no moving averages to update; create '
-                     'it with them (train_state.create_train_state(..., with_averages=True)), or pass 0.')
   if ema is not None:
-    if isinstance(model_ema_decay, (int, float)) and not 0 < model_ema_decay < 1:
-      raise ValueError(f'the state keeps moving averages, but model_ema_decay={model_ema_decay!r} would make them '
-                       'the variables themselves; pass the run\'s decay, in (0, 1).')
     ema = model_ema.update(ema, {'params': params, 'batch_stats': batch_stats}, model_ema_decay, state.step + 1)
   if skip_nonfinite:
     keep_old = lambda new, old: jnp.where(finite, new, old)
@@ -75,6 +65,24 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, tx: optax.G
   }
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema)
   return new_state, metrics
+
+
+def _check_state_fits(state: TrainState, tx: optax.GradientTransformation, model_ema_decay: Any) -> None:
+  """Refuses a state made for another optimizer, or averages and a decay that do not go together
+  (a traced decay is taken as given)."""
+  if jax.tree_util.tree_structure(state.opt_state) != jax.tree_util.tree_structure(jax.eval_shape(tx.init,
+                                                                                                 state.params)):
+    # It had failed deep in optax: "'TraceState' object has no attribute 'mu'".
+    raise ValueError("the state's optimizer state does not fit this tx (another optimizer, or other options, made "
+                     'it): create the state with the tx the step takes.')
+  if not isinstance(model_ema_decay, (int, float)):
+    return
+  if state.ema is None and model_ema_decay:  # it had been ignored: no averages were ever kept
+    raise ValueError(f'model_ema_decay={model_ema_decay!r} but the state keeps no moving averages to update; create '
+                     'it with them (train_state.create_train_state(..., with_averages=True)), or pass 0.')
+  if state.ema is not None and not 0 < model_ema_decay < 1:
+    raise ValueError(f'the state keeps moving averages, but model_ema_decay={model_ema_decay!r} would make them '
+                     'the variables themselves; pass the run\'s decay, in (0, 1).')
 
 
 def _with_schedule_counts(kept: Any, advanced: Any) -> Any:

@@ -6,7 +6,8 @@ optimized HLO it ran.
 
 prints, per case, the wall time of a traced step, the ops' time by kind and the slowest ops,
 and writes to DIR `<case>.hlo.txt` (the optimized HLO), `<case>.ops.jsonl` (every op's time
-per step) and `trace/` (the raw profile, for TensorBoard's or Perfetto's viewer).
+per step), `<case>.md` (what it prints), `<case>.trace.json.gz` (the step's trace, for Perfetto's
+viewer) and `trace/` (the raw profile, for TensorBoard's).
 
 Which trace events are ops: on a GPU or TPU, the kernels on the device's lanes (the
 `/device:...` processes; its "XLA Ops" lane where there is one, else its streams); on CPU,
@@ -29,6 +30,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -163,9 +165,9 @@ def by_kind(ops: Sequence[OpTime]) -> dict[str, float]:
   return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
-def trace_steps(step: Callable[[], Any], steps: int, logdir: str) -> tuple[dict[str, Any], float]:
+def trace_steps(step: Callable[[], Any], steps: int, logdir: str) -> tuple[dict[str, Any], float, str]:
   """Runs `step` `steps` times (each waited on) under jax's profiler; returns the trace
-  (Chrome trace JSON) and the wall seconds per step."""
+  (Chrome trace JSON), the wall seconds per step and the trace's file."""
   jax.block_until_ready(step())  # compiled and warm before the trace
   with jax.profiler.trace(logdir):
     start = time.perf_counter()
@@ -176,7 +178,7 @@ def trace_steps(step: Callable[[], Any], steps: int, logdir: str) -> tuple[dict[
   if not written:
     raise RuntimeError(f'jax.profiler wrote no *.trace.json.gz under {logdir}.')
   with gzip.open(written[-1], 'rt', encoding='utf-8') as file:
-    return json.load(file), wall
+    return json.load(file), wall, written[-1]
 
 
 def summary(case_name: str, ops: Sequence[OpTime], wall_s: float, top: int) -> str:
@@ -199,7 +201,7 @@ def profile_case(case: cases_lib.Case, steps: int, out_dir: str, top: int) -> st
   stepper = case.prepare()
   hlo_text = stepper.compiled.as_text()
   instructions = instruction_kinds(hlo_text)
-  trace, wall_s = trace_steps(stepper.step, steps, os.path.join(out_dir, 'trace'))
+  trace, wall_s, trace_file = trace_steps(stepper.step, steps, os.path.join(out_dir, 'trace'))
   ops = op_times(op_events(trace, instructions, jax.default_backend()), instructions, steps)
   if not ops:
     raise RuntimeError(f'{case.name}: the trace holds no event named after an op of the program.')
@@ -208,7 +210,13 @@ def profile_case(case: cases_lib.Case, steps: int, out_dir: str, top: int) -> st
     file.write(hlo_text)
   with open(f'{stem}.ops.jsonl', 'w', encoding='utf-8') as file:
     file.writelines(json.dumps({'case': case.name, **dataclasses.asdict(op)}) + '\n' for op in ops)
-  return summary(case.name, ops, wall_s, top)
+  # Beside the others: the device tool returns files two folders deep at most, and a long summary
+  # overflows the command's output it returns.
+  shutil.copyfile(trace_file, f'{stem}.trace.json.gz')
+  text = summary(case.name, ops, wall_s, top)
+  with open(f'{stem}.md', 'w', encoding='utf-8') as file:
+    file.write(text + '\n')
+  return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

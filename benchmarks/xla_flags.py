@@ -91,9 +91,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   sets = args.sets or list(GPU_SETS)
   if 'default' not in sets:
     sets = ['default', *sets]
-  records = [record for flag_set in sets for record in measure(flag_set, args.profile, args.cases, args.timeout_s)]
-  for record in records:
-    print(json.dumps(record), flush=True)
+  records = []
+  for flag_set in sets:  # each set's lines as it ends: a call cut short keeps the sets it finished
+    measured = measure(flag_set, args.profile, args.cases, args.timeout_s)
+    for record in measured:
+      print(json.dumps(record), flush=True)
+    records += measured
   print(table(records), flush=True)
   return 1 if any('error' in record for record in records) else 0
 

@@ -130,6 +130,9 @@ def test_a_cpu_step_is_traced_and_its_time_split_by_op(tmp_path):
   assert 'reduction' in {op['kind'] for op in ops}
   assert text.startswith('### `bn_layer/plain/4x8x8x16`') and '| reduction |' in text
   assert os.listdir(tmp_path / 'trace')
+  # Where the device tool returns them: beside the others, not four folders down.
+  assert (stem.parent / (stem.name + '.md')).read_text() == text + '\n'
+  assert (stem.parent / (stem.name + '.trace.json.gz')).stat().st_size > 0
 
 
 def test_cases_without_a_compiled_step_and_bad_arguments_are_refused(tmp_path, capsys):

@@ -114,25 +114,26 @@ for name in ('batch_moments', 'centred_moments', 'shifted_moments'):
 model = models.get_model('resnet_v1_tiny', num_classes=10).clone(block_sizes=((4, 2, 2),))
 images = jnp.asarray(np.random.default_rng(2).standard_normal((16, 16, 16, 3)).astype(np.float32))
 variables = model.init(jax.random.PRNGKey(0), images[:2], train=False)
-def loss(params, images):
-  logits, _ = model.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'])
-  return jnp.sum(logits * jnp.arange(10.0))
+def loss(params, images):  # and the new moving statistics
+  logits, updates = model.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'])
+  return jnp.sum(logits * jnp.arange(10.0)), updates['batch_stats']
 # The same model with its statistics shared along the mesh axis by the layer itself, in shard_map.
 shared_model = models.get_model('resnet_v1_tiny', num_classes=10, batch_norm_axis_name=sharding.DATA_AXIS
                                 ).clone(block_sizes=((4, 2, 2),))
 def shared_loss(params, images):
-  logits, _ = shared_model.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'])
-  return jax.lax.psum(jnp.sum(logits * jnp.arange(10.0)), sharding.DATA_AXIS)
+  logits, updates = shared_model.apply({**variables, 'params': params}, images, train=True, mutable=['batch_stats'])
+  return jax.lax.psum(jnp.sum(logits * jnp.arange(10.0)), sharding.DATA_AXIS), updates['batch_stats']
 P = jax.sharding.PartitionSpec
-in_shard_map = jax.shard_map(shared_loss, mesh=mesh, in_specs=(P(), P(sharding.DATA_AXIS)), out_specs=P())
+in_shard_map = jax.shard_map(shared_loss, mesh=mesh, in_specs=(P(), P(sharding.DATA_AXIS)), out_specs=(P(), P()))
 for name in ('centred_moments', 'shifted_moments'):
   batch_norm.batch_moments = getattr(moments, name)  # before tracing: each jit below traces afresh
-  step = jax.value_and_grad(loss)
+  step = jax.value_and_grad(loss, has_aux=True)
+  whole = jax.jit(step)(variables['params'], images)
   on_devices = on_mesh(step, 'params')(sharding.replicate(variables['params'], mesh), split_batch(images))
-  gaps['model_' + name] = gap(on_devices, jax.jit(step)(variables['params'], images))
-  shared = jax.jit(jax.value_and_grad(in_shard_map))(sharding.replicate(variables['params'], mesh),
-                                                     split_batch(images))
-  gaps['shard_map_' + name] = gap(shared, jax.jit(step)(variables['params'], images))
+  gaps['model_' + name] = gap(on_devices, whole)
+  shared = jax.jit(jax.value_and_grad(in_shard_map, has_aux=True))(sharding.replicate(variables['params'], mesh),
+                                                                   split_batch(images))
+  gaps['shard_map_' + name] = gap(shared, whole)  # loss, moving statistics and gradients
 print(json.dumps({'devices': len(mesh.devices.flat), **gaps}))
 '''
 

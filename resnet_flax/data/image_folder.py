@@ -80,11 +80,13 @@ def _root_fix(root: str) -> str:
   parent = os.path.dirname(os.path.normpath(root))
   if os.path.basename(os.path.normpath(root)) in split_names:
     return f'config.data.dir is a split folder: set it to the one above, {parent}'
-  below = sorted(entry.path for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith('.')
+  with os.scandir(root) as listing:
+    entries = list(listing)
+  below = sorted(entry.path for entry in entries if entry.is_dir() and not entry.name.startswith('.')
                  and os.path.isdir(os.path.join(entry.path, 'train')))
   if below:
     return f'config.data.dir is one level too high: set it to {below[0]}, which holds train/'
-  if any(_is_image(entry.name) for entry in os.scandir(root) if entry.is_file()):
+  if any(_is_image(entry.name) for entry in entries if entry.is_file()):
     return f'config.data.dir holds images, so it is a class folder: set it to {os.path.dirname(parent)}, two levels up'
   return 'set config.data.dir to the directory holding train/ and val/, each with one folder per class'
 

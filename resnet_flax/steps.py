@@ -112,4 +112,7 @@ def classification_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]
 
 def eval_step(variables: dict[str, Any], batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
   """`classification_sums` of the eval-mode model (moving statistics)."""
+  if isinstance(variables, TrainState):  # flax's own error: "argument of type 'TrainState' is not iterable"
+    raise TypeError("eval_step takes the model's variables, not a TrainState: pass {'params': state.params, "
+                    "'batch_stats': state.batch_stats} (or the averages, state.ema).")
   return classification_sums(model.apply(variables, batch['image'], train=False), batch)

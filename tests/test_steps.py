@@ -166,3 +166,12 @@ def test_without_bn_weight_decay_only_the_kernel_is_decayed():
                                                      label_smoothing=0.0))(state, _batch())
   assert float(metrics['total_loss']) - float(metrics['loss']) == pytest.approx(0.5 * 0.05 * np.sum(weights ** 2),
                                                                                 rel=1e-4)
+
+
+def test_eval_step_given_a_train_state_names_the_variables_to_pass():
+  model, tx = _Toy(), optax.sgd(0.1)
+  state = _state(model, tx)
+  with pytest.raises(TypeError, match=r"not a TrainState: pass \{'params': state.params"):
+    steps.eval_step(state, _batch(), model=model)
+  sums = steps.eval_step({'params': state.params, 'batch_stats': state.batch_stats}, _batch(), model=model)
+  assert float(sums['num_examples']) == 6.0

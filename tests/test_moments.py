@@ -55,6 +55,20 @@ def test_gradients_are_those_of_the_exact_mean_and_variance(algorithm):
   np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-7)
 
 
+def test_the_gradient_leaves_the_platform_switch_to_the_forward_pass():
+  # Differentiated through, the switch was linearized for both algorithms: a second switch in the
+  # gradient, and two thirds of a ResNet-50 train step's trace time (6.0 s, now 2.5 s, here).
+  x = jnp.ones((4, 3, 3, 2))
+  total = lambda x: sum(jnp.sum(m) for m in moments.batch_moments(x, (0, 1, 2)))
+  assert str(jax.make_jaxpr(total)(x)).count('cond[') == 1
+  assert str(jax.make_jaxpr(jax.grad(total))(x)).count('cond[') == 1
+  # bfloat16 activations: float32 statistics, and their gradient in the input's dtype.
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 3, 3, 2)).astype(np.float32))
+  grad = jax.grad(total)(x.astype(jnp.bfloat16))
+  assert grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(grad), jax.grad(total)(x), rtol=2e-2, atol=1e-3)
+
+
 def test_cpu_compiles_the_centred_algorithm():
   x = jnp.asarray((5.0 + np.random.default_rng(2).standard_normal((4, 5, 5, 3))).astype(np.float32))
   compiled = lambda fn: jax.jit(fn, static_argnums=1)(x, (0, 1, 2))

@@ -27,16 +27,32 @@ def values_per_channel(shape: tuple[int, ...], reduction_axes: tuple[int, ...]) 
   return math.prod(shape[axis] for axis in reduction_axes)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def batch_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Array]:
   """Mean and biased variance over `reduction_axes` (the batch axis, then the spatial ones),
   always in float32: `centred_moments` on CPU, else `shifted_moments`.
 
   Picked for the platform a function is lowered for (`jax.lax.platform_dependent`; an
   export for several platforms defers it to compilation), not by a Python check of the
-  default backend; both are traced, one is compiled.
+  default backend; both are traced, one is compiled. The derivative is given by hand
+  (`_batch_moments_jvp`): differentiating through the platform switch linearized both
+  algorithms, two thirds of the time to trace a ResNet-50 train step.
   """
   return jax.lax.platform_dependent(x, cpu=functools.partial(centred_moments, reduction_axes=reduction_axes),
                                     default=functools.partial(shifted_moments, reduction_axes=reduction_axes))
+
+
+@batch_moments.defjvp
+def _batch_moments_jvp(reduction_axes: tuple[int, ...], primals: tuple[Array], tangents: tuple[Array]
+                       ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+  """d mean = E[dx] and d variance = 2 E[(x - mean) dx]: the mean's own rounding (a few ulps)
+  enters as it does the normalization's `x - mean`."""
+  (x,), (dx,) = primals, tangents
+  mean, variance = batch_moments(x, reduction_axes)
+  dx32 = dx.astype(jnp.float32)
+  deviations = x.astype(jnp.float32) - jnp.expand_dims(mean, reduction_axes)
+  return (mean, variance), (jnp.mean(dx32, axis=reduction_axes),
+                            2.0 * jnp.mean(deviations * dx32, axis=reduction_axes))
 
 
 def centred_moments(x: Array, reduction_axes: tuple[int, ...]) -> tuple[Array, Array]:

@@ -42,7 +42,8 @@ def test_output_stride_must_be_reachable():
       models.get_model('resnet_v1_tiny', output_stride=stride)
 
 
-@pytest.mark.parametrize('name', ['resnet_v1_152', 'resnet_v2_200'])
+# The deeper models' logits and features: test_param_counts, from the trace that counts them.
+@pytest.mark.parametrize('name', ['resnet_v1_50', 'resnet_v2_50'])
 def test_logits_and_features_shapes(name):
   _, logits = _shapes(models.get_model(name, num_classes=1001), batch=2)
   assert logits.shape == (2, 1001) and logits.dtype == jnp.float32

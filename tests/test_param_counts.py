@@ -1,4 +1,5 @@
-"""Parameter counts of the full-size models equal TF-Slim's (traced, never compiled)."""
+"""Parameter counts and output shapes of the full-size models: the counts equal TF-Slim's (traced,
+never compiled)."""
 
 import math
 
@@ -46,7 +47,9 @@ def _count(tree) -> int:
 def test_parameter_count_equals_slims(name, num_classes):
   model = models.get_model(name, num_classes=num_classes)
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+  out, variables = jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x, train=False), x)
   trainable, total = SLIM_COUNTS[(name, num_classes)]
   assert _count(variables['params']) == trainable
   assert _count(variables['params']) + _count(variables['batch_stats']) == total
+  # slim's spatial_squeeze: logits (1, classes); without a logits layer, the pooled features.
+  assert out.shape == ((1, num_classes) if num_classes else (1, 1, 1, 2048)) and out.dtype == jnp.float32

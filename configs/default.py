@@ -153,6 +153,8 @@ def get_config() -> ml_collections.ConfigDict:
       'process_id': config_dict.placeholder(int),  # 0 .. num_processes - 1
       # Force one of JAX's detectors: 'slurm' | 'ompi' | 'gcetpu' | 'gketpu' | 'k8s' | 'mpi4py'.
       'cluster_detection_method': config_dict.placeholder(str),
+      # How long a process waits for the coordinator and the others to join (JAX's default).
+      'initialization_timeout_s': 300,
   })
 
   # Bookkeeping.

@@ -40,7 +40,7 @@ _GROUP_FIELDS = {
     'lars': frozenset({'weight_decay', 'trust_coefficient', 'eps'}),
     'adamw': frozenset({'weight_decay'}),
     'distributed': frozenset({'mode', 'coordinator_address', 'num_processes', 'process_id',
-                              'cluster_detection_method'}),
+                              'cluster_detection_method', 'initialization_timeout_s'}),
 }
 # configs/default.py's config.bn fields (a test keeps the two equal): each is read by name.
 _BN_FIELDS = frozenset({

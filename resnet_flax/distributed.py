@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import socket
+import time
 import warnings
 from typing import Any, Iterator, Mapping, Optional
 
@@ -84,6 +85,10 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
     # JAX would log that it is unsupported and then ask for a coordinator address.
     raise ValueError(f'config.distributed.cluster_detection_method={method!r} is unknown; use one of {known} '
                      '(or leave it empty to detect the cluster).')
+  timeout_s = settings.initialization_timeout_s
+  if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or timeout_s < 1:
+    raise ValueError(f'config.distributed.initialization_timeout_s={timeout_s!r} must be a whole number of seconds '
+                     '>= 1 (how long every process waits for the others to join).')
   explicit = {field: settings[field] for field in _EXPLICIT_FIELDS if settings[field] is not None}
   address, source = settings.coordinator_address, 'config.distributed.coordinator_address'
   if address is None:
@@ -96,8 +101,10 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
     cluster = detected_cluster()
     if cluster is None or cluster[1] <= 1:
       return False  # One process: JAX needs no coordinator.
+  if port is not None and settings.process_id not in (None, 0) and not _proxy_variables():
+    _wait_for_coordinator(address, source, settings.process_id, timeout_s)
   try:
-    jax.distributed.initialize(cluster_detection_method=method, **explicit)
+    jax.distributed.initialize(cluster_detection_method=method, initialization_timeout=timeout_s, **explicit)
   except ValueError as error:
     raise ValueError(f'jax.distributed.initialize: {error} Set config.distributed.coordinator_address, '
                      'num_processes and process_id, or launch under SLURM, Open MPI or a Cloud TPU slice.'
@@ -148,6 +155,39 @@ def _check_coordinator_port_free(port: int, address: str, source: str) -> None:
                          'another program holds it (an earlier run still alive?) or it is reserved: choose a free '
                          'port, the same on every process.') from error
       # Any other failure (no IPv6 on this host): the family JAX will not use either.
+
+
+def _proxy_variables() -> list[str]:
+  """The environment's proxy settings (as JAX lists them): gRPC may reach the coordinator
+  through one where a direct connection cannot, so none is probed then."""
+  return [name for name in os.environ if '_proxy' in name.lower()]
+
+
+def _wait_for_coordinator(address: str, source: str, process_id: int, timeout_s: int) -> None:
+  """Returns once `address` (from `source`) accepts a connection; raises a one-line error
+  after `timeout_s` seconds without one.
+
+  JAX's own wait for a coordinator that never answers (not started, another host or port)
+  ends after its timeout in a fatal log and an abort, which no caller can catch.
+  """
+  host, _, port = address.rpartition(':')
+  deadline, warned = time.monotonic() + timeout_s, False
+  while True:
+    try:
+      # The host's name too may appear late (a pod's DNS record once it runs).
+      with socket.create_connection((host.strip('[]'), int(port)), timeout=min(5.0, timeout_s)):
+        return
+    except OSError as error:
+      reason = error.strerror or str(error)
+    if time.monotonic() >= deadline:
+      raise ValueError(f'{source}={address!r}: no coordinator answered in {timeout_s} s ({reason}); start process 0 '
+                       'with that address on that host (with the others, in any order), or fix the host or port; '
+                       'config.distributed.initialization_timeout_s sets the wait.')
+    if not warned:
+      logging.warning('process %d: no coordinator at %s yet (%s); waiting up to %d s for process 0.', process_id,
+                      address, reason, timeout_s)
+      warned = True
+    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def cached_programs_hang(process_count: int, backend: str, jax_version: tuple[int, ...]) -> bool:

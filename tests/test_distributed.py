@@ -458,11 +458,14 @@ def test_one_process_starts_nothing(monkeypatch):
 
 
 def test_explicit_settings_and_detected_clusters_start_the_runtime(monkeypatch):
-  called = []
+  called, probed = [], []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: called.append(kwargs))
-  assert distributed.initialize(_settings(coordinator_address='node0:1234', num_processes=4, process_id=3))
+  monkeypatch.setattr(distributed, '_wait_for_coordinator', lambda *args: probed.append(args))  # no node0 here
+  assert distributed.initialize(_settings(coordinator_address='node0:1234', num_processes=4, process_id=3,
+                                          initialization_timeout_s=60))
   assert called[-1] == {'cluster_detection_method': None, 'coordinator_address': 'node0:1234',
-                        'num_processes': 4, 'process_id': 3}
+                        'num_processes': 4, 'process_id': 3, 'initialization_timeout': 60}
+  assert probed == [('node0:1234', 'config.distributed.coordinator_address', 3, 60)]
   # An srun step of 8 tasks: JAX's detector finds it, and JAX fills in the rest itself.
   monkeypatch.setenv('SLURM_JOB_ID', '77')
   monkeypatch.setenv('SLURM_STEP_NODELIST', 'node[001-002]')
@@ -471,7 +474,8 @@ def test_explicit_settings_and_detected_clusters_start_the_runtime(monkeypatch):
   monkeypatch.setenv('SLURM_LOCALID', '1')
   assert distributed.detected_cluster() == ('slurm', 8)
   assert distributed.initialize(_settings())
-  assert called[-1] == {'cluster_detection_method': None}
+  assert called[-1] == {'cluster_detection_method': None, 'initialization_timeout': 300}
+  assert len(probed) == 1  # JAX alone knows a detected cluster's coordinator
   monkeypatch.setenv('SLURM_NTASKS', '1')  # One task: a single process needs no coordinator.
   assert not distributed.initialize(_settings())
   assert len(called) == 2
@@ -635,7 +639,7 @@ def test_unknown_cluster_detection_method_is_a_one_line_error(monkeypatch):
     distributed.initialize(_settings(cluster_detection_method='bogus'))
   assert called == []
   assert distributed.initialize(_settings(cluster_detection_method='mpi4py'))
-  assert called == [{'cluster_detection_method': 'mpi4py'}]
+  assert called == [{'cluster_detection_method': 'mpi4py', 'initialization_timeout': 300}]
 
 
 @pytest.mark.parametrize('address', ['node0', 'node0:', ':29500', 'node0:0', 'node0:65536', 'node0:http'])
@@ -649,6 +653,7 @@ def test_a_coordinator_address_that_is_not_host_port_is_a_one_line_error(monkeyp
   with pytest.raises(ValueError, match=rf"JAX_COORDINATOR_ADDRESS='{address}' is not host:port; "):
     distributed.initialize(_settings(mode='on'))
   assert called == []
+  monkeypatch.setattr(distributed, '_wait_for_coordinator', lambda *args: None)  # no such coordinators here
   for good in ('node0:29500', '10.0.0.7:1', '[::1]:65535'):
     assert distributed.initialize(_settings(coordinator_address=good, num_processes=2, process_id=1))
   assert len(called) == 3
@@ -669,6 +674,58 @@ def test_a_coordinator_port_in_use_is_a_one_line_error(tmp_path):
       f"error: config.distributed.coordinator_address='localhost:{port}': process 0 cannot listen on port {port} "
       '(Address already in use); another program holds it (an earlier run still alive?) or it is reserved: choose '
       'a free port, the same on every process.']
+
+
+def test_a_process_waits_for_a_late_coordinator_and_one_that_never_answers_is_a_one_line_error(monkeypatch, caplog):
+  # JAX's own wait ended after its timeout in a fatal log and an abort (exit 134), no error to catch.
+  called = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: called.append(kwargs))
+  for name in [name for name in os.environ if '_proxy' in name.lower()]:
+    monkeypatch.delenv(name)
+  port = _free_port()
+  settings = _settings(coordinator_address=f'localhost:{port}', num_processes=2, process_id=1,
+                       initialization_timeout_s=1)
+  start = time.monotonic()
+  with pytest.raises(ValueError, match=rf"^config.distributed.coordinator_address='localhost:{port}': no coordinator "
+                                       r'answered in 1 s \(Connection refused\); start process 0 with that address'):
+    distributed.initialize(settings)
+  assert time.monotonic() - start < 5 and called == []
+  # Process 0 starting 1.5 s after process 1: it waits, says so once, and goes on.
+  settings.initialization_timeout_s = 30
+  with socket.socket() as coordinator:
+    late = threading.Timer(1.5, lambda: (coordinator.bind(('localhost', port)), coordinator.listen()))
+    late.start()
+    caplog.clear()
+    assert distributed.initialize(settings)
+    late.join()
+  waited = [r.getMessage() for r in caplog.records if 'no coordinator at' in r.getMessage()]
+  assert waited == [f'process 1: no coordinator at localhost:{port} yet (Connection refused); waiting up to 30 s for '
+                    'process 0.']
+  assert called == [{'cluster_detection_method': None, 'coordinator_address': f'localhost:{port}',
+                     'num_processes': 2, 'process_id': 1, 'initialization_timeout': 30}]
+
+
+@pytest.mark.parametrize('timeout_s', [0, -5])
+def test_a_wait_of_no_time_is_a_one_line_error(timeout_s):
+  with pytest.raises(ValueError, match=rf'^config.distributed.initialization_timeout_s={timeout_s} must be a whole '
+                                       'number of seconds >= 1'):
+    distributed.initialize(_settings(initialization_timeout_s=timeout_s))
+
+
+def test_train_py_with_no_coordinator_stops_in_one_line(tmp_path):
+  port = _free_port()
+  env = {name: value for name, value in os.environ.items() if '_proxy' not in name.lower()}
+  run = subprocess.run(
+      [sys.executable, 'train.py', f'--workdir={tmp_path}', *ARGS, f'--config.distributed.coordinator_address='
+       f'localhost:{port}', '--config.distributed.num_processes=2', '--config.distributed.process_id=1',
+       '--config.distributed.initialization_timeout_s=1'],
+      cwd=REPO, env={**env, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True, timeout=120)
+  assert run.returncode == 2, run.stderr
+  errors = [line for line in run.stderr.splitlines() if line.startswith('error: ')]
+  assert errors == [f"error: config.distributed.coordinator_address='localhost:{port}': no coordinator answered in 1 s "
+                    '(Connection refused); start process 0 with that address on that host (with the others, in any '
+                    'order), or fix the host or port; config.distributed.initialization_timeout_s sets the wait.']
+  assert 'Traceback' not in run.stderr and not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize('process_count, backend, version, hangs', [

@@ -158,9 +158,11 @@ def _check_coordinator_port_free(port: int, address: str, source: str) -> None:
 
 
 def _proxy_variables() -> list[str]:
-  """The environment's proxy settings (as JAX lists them): gRPC may reach the coordinator
-  through one where a direct connection cannot, so none is probed then."""
-  return [name for name in os.environ if '_proxy' in name.lower()]
+  """The proxies set in the environment that gRPC would connect through: with one, gRPC may
+  reach the coordinator where a direct connection cannot, so none is probed then. (`no_proxy`
+  asks for direct connections.)"""
+  return [name for name, value in os.environ.items()
+          if name.lower() in ('grpc_proxy', 'https_proxy', 'http_proxy') and value.strip()]
 
 
 def _wait_for_coordinator(address: str, source: str, process_id: int, timeout_s: int) -> None:

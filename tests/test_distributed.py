@@ -680,20 +680,24 @@ def test_a_process_waits_for_a_late_coordinator_and_one_that_never_answers_is_a_
   # JAX's own wait ended after its timeout in a fatal log and an abort (exit 134), no error to catch.
   called = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: called.append(kwargs))
-  for name in [name for name in os.environ if '_proxy' in name.lower()]:
-    monkeypatch.delenv(name)
-  port = _free_port()
-  settings = _settings(coordinator_address=f'localhost:{port}', num_processes=2, process_id=1,
-                       initialization_timeout_s=1)
-  start = time.monotonic()
-  with pytest.raises(ValueError, match=rf"^config.distributed.coordinator_address='localhost:{port}': no coordinator "
-                                       r'answered in 1 s \(Connection refused\); start process 0 with that address'):
-    distributed.initialize(settings)
-  assert time.monotonic() - start < 5 and called == []
-  # Process 0 starting 1.5 s after process 1: it waits, says so once, and goes on.
-  settings.initialization_timeout_s = 30
+  for name in ('grpc_proxy', 'https_proxy', 'http_proxy', 'GRPC_PROXY', 'HTTPS_PROXY', 'HTTP_PROXY'):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv('no_proxy', 'localhost')  # direct connections: probed all the same
   with socket.socket() as coordinator:
-    late = threading.Timer(1.5, lambda: (coordinator.bind(('localhost', port)), coordinator.listen()))
+    # Bound, not listening: connections are refused, and no other test can take the port meanwhile.
+    coordinator.bind(('localhost', 0))
+    port = coordinator.getsockname()[1]
+    settings = _settings(coordinator_address=f'localhost:{port}', num_processes=2, process_id=1,
+                         initialization_timeout_s=1)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=rf"^config.distributed.coordinator_address='localhost:{port}': no "
+                                         r'coordinator answered in 1 s \(Connection refused\); start process 0 with '
+                                         'that address'):
+      distributed.initialize(settings)
+    assert time.monotonic() - start < 5 and called == []
+    # Process 0 starting 1.5 s after process 1: it waits, says so once, and goes on.
+    settings.initialization_timeout_s = 30
+    late = threading.Timer(1.5, coordinator.listen)
     late.start()
     caplog.clear()
     assert distributed.initialize(settings)
@@ -713,13 +717,16 @@ def test_a_wait_of_no_time_is_a_one_line_error(timeout_s):
 
 
 def test_train_py_with_no_coordinator_stops_in_one_line(tmp_path):
-  port = _free_port()
-  env = {name: value for name, value in os.environ.items() if '_proxy' not in name.lower()}
-  run = subprocess.run(
-      [sys.executable, 'train.py', f'--workdir={tmp_path}', *ARGS, f'--config.distributed.coordinator_address='
-       f'localhost:{port}', '--config.distributed.num_processes=2', '--config.distributed.process_id=1',
-       '--config.distributed.initialization_timeout_s=1'],
-      cwd=REPO, env={**env, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True, timeout=120)
+  env = {name: value for name, value in os.environ.items()
+         if name.lower() not in ('grpc_proxy', 'https_proxy', 'http_proxy')}
+  with socket.socket() as held:  # bound, not listening: refused, and the port stays free of other tests
+    held.bind(('localhost', 0))
+    port = held.getsockname()[1]
+    run = subprocess.run(
+        [sys.executable, 'train.py', f'--workdir={tmp_path}', *ARGS, f'--config.distributed.coordinator_address='
+         f'localhost:{port}', '--config.distributed.num_processes=2', '--config.distributed.process_id=1',
+         '--config.distributed.initialization_timeout_s=1'],
+        cwd=REPO, env={**env, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True, timeout=120)
   assert run.returncode == 2, run.stderr
   errors = [line for line in run.stderr.splitlines() if line.startswith('error: ')]
   assert errors == [f"error: config.distributed.coordinator_address='localhost:{port}': no coordinator answered in 1 s "

@@ -172,7 +172,9 @@ def recorded_config(workdir: str) -> Optional[dict[str, Any]]:
                      'and the next start writes it again.') from None
 
 
-_CHANGING_NO_RESULT = ('distributed.', 'model_options.remat')
+# How the processes meet (a coordinator's port is new at each launch) and whether activations are
+# recomputed: fields that change no result, so a run may resume with others.
+CHANGING_NO_RESULT = ('distributed.', 'model_options.remat')
 
 
 def config_changes(workdir: str, config: Mapping[str, Any]) -> list[str]:
@@ -187,9 +189,8 @@ def config_changes(workdir: str, config: Mapping[str, Any]) -> list[str]:
   if saved is None:
     return []
   current = as_recorded(config)
-  # How the processes meet (a coordinator's port is new at each launch) and whether activations
-  # are recomputed change no result; the device count, recorded beside the config, is compared.
-  fields = sorted(key for key in set(saved) | set(current) if not key.startswith(_CHANGING_NO_RESULT)
+  # The device count, recorded beside the config, is compared.
+  fields = sorted(key for key in set(saved) | set(current) if not key.startswith(CHANGING_NO_RESULT)
                   and (key in saved or current[key] not in (0, False, None, '', [])))
   return field_changes(saved, current, fields)
 

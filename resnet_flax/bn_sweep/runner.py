@@ -40,7 +40,8 @@ def check_same_config(directory: str, config: ml_collections.ConfigDict) -> None
   if stored is None:
     return
   current = metrics_writer.as_recorded(config.to_dict())
-  changed = sorted(key for key in stored.keys() & (current.keys() - _BOOKKEEPING) if stored[key] != current[key])
+  changed = sorted(key for key in stored.keys() & (current.keys() - _BOOKKEEPING)
+                   if stored[key] != current[key] and not key.startswith(metrics_writer.CHANGING_NO_RESULT))
   if changed:
     key = changed[0]
     raise ValueError(f'{directory} was trained with {key}={stored[key]!r}, this sweep has '

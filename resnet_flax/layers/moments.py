@@ -7,8 +7,8 @@ centred values `centred_moments` reduces are the ones the normalization writes a
 XLA:GPU and XLA:TPU are expected to fuse the shift into one reduction pass over `x`, where
 `centred_moments` reads `x` once more; the GPU benchmark's forced-algorithm BN cases check
 that. Plain E[x^2] - E[x]^2, the cheapest everywhere, cancels catastrophically when
-|mean| >> std. Both are differentiated by hand (`hand_differentiated`), as the exact mean and
-variance are.
+|mean| >> std. `batch_moments`, which picks one, is differentiated by hand
+(`hand_differentiated`): the derivative of the exact mean and variance, whichever computed them.
 """
 
 from __future__ import annotations

@@ -279,5 +279,6 @@ def run_interleaved(cases: list[Case], workdir: str) -> list[dict[str, Any]]:
                                params['warmup'], params['iters'])
     for case in cases:
       if case.name in steppers:
-        records[case.name] = measured_record(case, steppers[case.name], times[case.name], interleaved=True)
+        records[case.name] = measured_record(case, steppers[case.name], times[case.name], interleaved=True,
+                                             step_s=times[case.name])
   return [records[case.name] for case in cases]

@@ -157,6 +157,9 @@ def price(records: list[dict[str, Any]], profile: str, cpu_count: int, with_torc
       traffic = [r.get('xla_bytes_accessed') for r in (record, ours[internal.name])]
       if all(traffic):
         record['bytes_ratios'][cases_lib.reference_name(internal)] = traffic[0] / traffic[1]
+      in_turn = in_turn_time_ratio(record, ours[internal.name])
+      if in_turn is not None:
+        record['in_turn_time_ratios'] = {cases_lib.reference_name(internal): in_turn}
     reference_values = {ref: value for ref, value in reference_values.items() if value}
     record['reference_values'] = reference_values
     record['ratios'] = {ref: record['value'] / value for ref, value in reference_values.items()}
@@ -164,6 +167,24 @@ def price(records: list[dict[str, Any]], profile: str, cpu_count: int, with_torc
                              for ref, value in reference_values.items()}
     targets = {ref: target(case, ref, profile) for ref in reference_values}
     record['targets'] = {ref: dataclasses.asdict(t) for ref, t in targets.items() if t is not None}
+
+
+def in_turn_time_ratio(record: dict[str, Any], reference: dict[str, Any]) -> Optional[float]:
+  """The median over every round's steps of ours' step time over the reference's step taken in
+  the same turn (`round_step_s`, both measured in one process each round), or None where the
+  two were not timed in turn (another run, or no step times).
+
+  Less swayed by drift than the ratio of the two medians: on a machine whose speed changes
+  between rounds (one BN layer took 14 to 35 ms in five rounds of one run here), the two
+  medians can come from different rounds.
+  """
+  if record.get('run_id') != reference.get('run_id'):
+    return None
+  ratios = [ours / theirs
+            for ours_steps, theirs_steps in zip(record.get('round_step_s') or (), reference.get('round_step_s') or ())
+            if ours_steps and theirs_steps and len(ours_steps) == len(theirs_steps)
+            for ours, theirs in zip(ours_steps, theirs_steps)]
+  return statistics.median(ratios) if ratios else None
 
 
 def median_or_none(values: list[Optional[float]]) -> Optional[float]:

@@ -34,7 +34,7 @@ def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
       (f"Figures from {len(run['run_ids'])} calls on the same machine (runs {', '.join(run['run_ids'])}, "
        'stages ' + ', '.join(stage or 'all' for stage in run['stages']) + '); each case is priced against '
        'references measured in any of them. ' if len(run.get('run_ids', ())) > 1 else '')
-      + f"{run['rounds']} round(s), ours and the anchors interleaved (the order alternates each round)"
+      + f"{rounds_text(run)}, ours and the anchors interleaved (the order alternates each round)"
       + ('; train and eval: our step and the Flax anchor\'s (its own code) in one process, step by step '
          'in turn (`benchmarks/paired.py`)' if run.get('paired') else '')
       + '. Each figure is the median over rounds of a median over timed steps, compilation excluded. '
@@ -74,6 +74,11 @@ def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
             if r.get('record') == 'ours' and r.get('paired_time_ratio_median')]
   if paired:
     lines += ['', 'Median of the per-pair time ratios (ours / anchor, steps taken in turn): ' + ', '.join(paired) + '.']
+  in_turn = [f"`{r['case']}` {ratio:.3f}x `{reference.removeprefix('ours:')}`" for r in records
+             if r.get('record') == 'ours' for reference, ratio in (r.get('in_turn_time_ratios') or {}).items()]
+  if in_turn:
+    lines += ['', 'Median of the per-step time ratios against our own reference (each step timed in turn with '
+              "the reference's, in one process, over every round): " + ', '.join(in_turn) + '.']
   compile_times = [f"`{r['case']}` {r['compile_s']:.1f} s" for r in records
                    if r.get('record') == 'ours' and r.get('compile_s')]
   if compile_times:
@@ -84,6 +89,21 @@ def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
     lines += ['', "Bytes accessed per step by XLA's cost analysis, ours / our reference (the same in every "
               'run: a time ratio above it is not more passes over memory): ' + ', '.join(traffic) + '.']
   return '\n'.join(lines) + '\n'
+
+
+def rounds_text(run: dict[str, Any]) -> str:
+  """How many rounds the figures come from: one count where every job ran as often, else each
+  job's finished rounds, call by call ('5 + 9') where several calls ran it."""
+  per_job: dict[str, dict[int, int]] = {}
+  for job in run.get('jobs', []):
+    if job.get('status') == 'ok':
+      calls = per_job.setdefault(job['job'], {})
+      calls[job.get('call', 0)] = calls.get(job.get('call', 0), 0) + 1
+  counts = {name: ' + '.join(str(calls[call]) for call in sorted(calls)) for name, calls in per_job.items()}
+  if len(set(counts.values())) <= 1:
+    return f"{run['rounds']} round(s)"
+  return ('Rounds per job: ' + ', '.join(f'`{name}` {count}' for name, count in counts.items())
+          + (' (a case measured in several calls has its latest figure)' if '+' in ''.join(counts.values()) else ''))
 
 
 def update_results_md(text: str, profile: str, section: str) -> str:
@@ -141,7 +161,8 @@ def combined_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
   jobs = []
   for index, run in enumerate(runs):
     done_later = {same_job(job) for later in runs[index + 1:] for job in later['jobs'] if job.get('status') == 'ok'}
-    jobs += [job for job in run['jobs'] if job.get('status') == 'ok' or same_job(job) not in done_later]
+    jobs += [{**job, 'call': index} for job in run['jobs']
+             if job.get('status') == 'ok' or same_job(job) not in done_later]
   return {**runs[-1], 'rounds': max(run['rounds'] for run in runs), 'jobs': jobs,
           'load_min': min(run['load_min'] for run in runs), 'load_max': max(run['load_max'] for run in runs),
           'uptime_before': runs[0]['uptime_before'], 'paired': any(run.get('paired') for run in runs),

@@ -220,7 +220,9 @@ def merge(results: list[dict], cases: Sequence[cases_lib.Case], profile: str, cp
     merged[case.name] = {**template, 'record': 'ours', **common,
                          'value': compare.median_or_none([r['value'] for r in present]),
                          'compile_s': compare.median_or_none([r.get('compile_s') for r in present]),
-                         'rounds': [record['value'] if record and 'value' in record else None for record in per_round]}
+                         'rounds': [record['value'] if record and 'value' in record else None for record in per_round],
+                         # Steps timed in turn with others' (`step_s`), by round: `compare.price` pairs them.
+                         'round_step_s': [record.get('step_s') if record else None for record in per_round]}
   units = {name: case.unit for case in cases for name in compare.references(case, cpu_count, with_torch)}
   for found in results:  # anchor figures no case of this run is compared with (the torch stage's)
     for name in found['anchors']:

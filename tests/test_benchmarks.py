@@ -71,7 +71,8 @@ def test_every_smoke_case_reports_a_real_figure(smoke_records):
       assert record['xla_bytes_accessed'] > 0 and record['xla_flops'] > 0, record
     assert record['steps'] >= 2
     if record['kind'] in ('bn_layer', *cases_lib.TRAIN_KINDS):  # timed in turn with what they are priced against
-      assert record['interleaved']
+      # Every step's time, for the side-by-side report's step-by-step ratios.
+      assert record['interleaved'] and len(record['step_s']) == record['steps'], record
     json.dumps(record)  # every record is one JSON line
 
 

@@ -72,6 +72,37 @@ def test_merge_takes_medians_over_rounds_and_ratios_of_medians():
   assert by_case['pipeline/vgg224/all_cores']['ratios'] == {}
 
 
+def test_steps_timed_in_turn_are_priced_step_by_step_within_each_round():
+  """Each of our steps against the reference's step of the same turn and round, the median over
+  all of them: not the ratio of two medians, which may come from turns far apart in time."""
+  bn_cases = [case for case in cases_lib.profile_cases('cpu') if case.kind == 'bn_layer']
+  plain, flax_bn = (f'bn_layer/{variant}/8x56x56x256' for variant in ('plain', 'flax_nn_batchnorm'))
+  # The machine slowed for a while in round 0: it caught two of our steps and one of flax's.
+  step_s = {plain: ([0.010, 0.030, 0.030], [0.010, 0.010, 0.010]),
+            flax_bn: ([0.010, 0.010, 0.030], [0.010, 0.010, 0.010])}
+  results = []
+  for index in range(2):
+    ours = {case.name: {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
+                        'params': case.params, 'value': 1e3 * sorted(step_s.get(case.name, ([0.02] * 3,) * 2)[index])[1],
+                        **({'step_s': step_s[case.name][index]} if case.name in step_s else {})}
+            for case in bn_cases}
+    results.append({'ours': ours, 'anchors': {}})
+  records = {r['case']: r for r in side_by_side.merge(results, bn_cases, 'cpu', 2, False,
+                                                      {'device': 'd', 'date': 'x', 'run_id': 'r'})}
+  assert records[plain]['round_step_s'] == [step_s[plain][0], step_s[plain][1]]
+  assert records[plain]['time_ratios'] == {f'ours:{flax_bn}': pytest.approx(2.0)}  # medians 30, 10 / 10, 10 ms
+  assert records[plain]['in_turn_time_ratios'] == {f'ours:{flax_bn}': pytest.approx(1.0)}  # of 1, 3, 1 / 1, 1, 1
+  assert 'in_turn_time_ratios' not in records['bn_layer/zero_debias/8x56x56x256']  # no step times
+  run_info = {'date': 'x', 'device': 'd', 'profile': 'cpu', 'rounds': 2, 'load_min': 0.5, 'load_max': 1.5,
+              'cpu_count': 2, 'uptime_before': 'u', 'uptime_after': 'u'}
+  assert (f'Median of the per-step time ratios against our own reference (each step timed in turn with the '
+          f"reference's, in one process, over every round): `{plain}` 1.000x `{flax_bn}`.") in report.table(
+              list(records.values()), run_info)
+  # Figures from two calls were not timed in turn: no per-step ratio is made of them.
+  records[flax_bn]['run_id'] = 'another call'
+  assert compare.in_turn_time_ratio(records[plain], records[flax_bn]) is None
+
+
 def test_results_md_section_is_replaced_and_the_rest_kept():
   cpu_cases = cases_lib.profile_cases('cpu')
   records = side_by_side.merge(_fake_results(cpu_cases), cpu_cases, 'cpu', 2, False, {'device': 'd', 'date': 'x'})
@@ -181,6 +212,7 @@ def test_a_report_of_several_calls_prices_each_case_against_figures_from_any_of_
   assert [r['case'] for r in priced if r['record'] == 'ours'] == [train[0].name, train[1].name, loop[0].name]
   section = report.table(priced, run_info)
   assert 'Figures from 2 calls on the same machine (runs r1, r2, stages a, b)' in section
+  assert '. 1 round(s), ours and the anchors interleaved' in section  # each job finished one round
   assert 'ours:loop' not in section  # skipped in the first call, run in the second
   assert '- job `ours:eval` (round 0): timed out after 9 s' in section  # the later one measured other cases
   assert f'| `{loop[0].name}` | 2 | img/s | `ours:{train[0].name}` | 2.5 | 1.250 |' in section
@@ -189,6 +221,18 @@ def test_a_report_of_several_calls_prices_each_case_against_figures_from_any_of_
     report.last_runs(_run_lines('r1', first, 'a') + _run_lines('r2', later, 'b', device='other'), 2)
   with pytest.raises(ValueError, match='holds 2 run'):
     report.last_runs(lines, 3)
+
+
+def test_the_rounds_each_job_ran_are_told_apart_where_they_differ():
+  bn = [{'job': 'ours:bn', 'round': r, 'status': 'ok', 'call': call} for call, rounds in ((0, 5), (1, 9))
+        for r in range(rounds)]
+  train = [{'job': 'paired:train', 'round': 0, 'status': 'ok', 'call': 0},
+           {'job': 'paired:train', 'round': 1, 'status': 'timed out after 9 s', 'call': 0}]
+  assert report.rounds_text({'rounds': 9, 'jobs': train + bn}) == (
+      'Rounds per job: `paired:train` 1, `ours:bn` 5 + 9 (a case measured in several calls has its latest figure)')
+  assert report.rounds_text({'rounds': 3, 'jobs': bn[:5] + train[:1]}) == (
+      'Rounds per job: `ours:bn` 5, `paired:train` 1')
+  assert report.rounds_text({'rounds': 5, 'jobs': bn[:5]}) == '5 round(s)'
 
 
 @pytest.mark.parametrize('loop_img_per_s, met', [(2.5, 'yes'), (3.0, 'yes'), (2.0, '**no**'), (1450.0, '**no**')])

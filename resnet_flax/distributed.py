@@ -12,6 +12,8 @@ import errno
 import hashlib
 import os
 import socket
+import sys
+import threading
 import time
 import warnings
 from typing import Any, Iterator, Mapping, Optional
@@ -32,6 +34,9 @@ _MESSAGE_BYTES = 2048
 # A row's first byte: 0 for no text, else 1; failing_together marks with 2 a failure of a kind
 # its caller goes on from.
 _FAILURE, _EXPECTED_FAILURE = 1, 2
+# JAX's own deadline for joining comes this long after ours: its ending is an abort from jaxlib
+# (a fatal log, exit 134) that no caller can catch, so ours has to come first.
+_JAX_DEADLINE_AFTER_OURS_S = 30
 
 
 def _cluster_types() -> tuple:
@@ -104,7 +109,9 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
   if port is not None and settings.process_id not in (None, 0) and not _proxy_variables():
     _wait_for_coordinator(address, source, settings.process_id, timeout_s)
   try:
-    jax.distributed.initialize(cluster_detection_method=method, initialization_timeout=timeout_s, **explicit)
+    with _exit_unless_done_within(timeout_s, _not_joined_line(explicit, address, timeout_s)):
+      jax.distributed.initialize(cluster_detection_method=method,
+                                 initialization_timeout=timeout_s + _JAX_DEADLINE_AFTER_OURS_S, **explicit)
   except ValueError as error:
     raise ValueError(f'jax.distributed.initialize: {error} Set config.distributed.coordinator_address, '
                      'num_processes and process_id, or launch under SLURM, Open MPI or a Cloud TPU slice.'
@@ -190,6 +197,45 @@ def _wait_for_coordinator(address: str, source: str, process_id: int, timeout_s:
                       address, reason, timeout_s)
       warned = True
     time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def _not_joined_line(explicit: Mapping[str, Any], address: Optional[str], timeout_s: int) -> str:
+  """The one line a process that waited `timeout_s` for the others to join stops with."""
+  count, index = explicit.get('num_processes'), explicit.get('process_id')
+  who = (f'process {index} of {count}' if count is not None and index is not None else 'this process')
+  where = f' at the coordinator {address}' if address else ''
+  start = (f'start all {count} (process_id 0 to {count - 1}) with that coordinator address'
+           if count is not None and address else 'start every process of the run')
+  return (f'config.distributed: {who} waited {timeout_s} s{where} for every process to join, and not all did; '
+          f'{start}, or raise config.distributed.initialization_timeout_s.')
+
+
+@contextlib.contextmanager
+def _exit_unless_done_within(timeout_s: float, line: str) -> Iterator[None]:
+  """Runs the block; if it has not ended after `timeout_s`, prints `error: <line>` and ends the
+  process with status 2, as the command-line programs end on a user error.
+
+  For `jax.distributed.initialize`, which releases the GIL while it waits: its own deadline
+  ends in an abort from jaxlib, which neither a caller nor this process's cleanup can catch,
+  so stopping first loses nothing that was not lost already.
+  """
+  finished = threading.Event()
+
+  def stop() -> None:
+    if not finished.is_set():
+      sys.stdout.flush()
+      sys.stderr.write(f'error: {line}\n')
+      sys.stderr.flush()
+      os._exit(2)
+
+  timer = threading.Timer(timeout_s, stop)
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    finished.set()
+    timer.cancel()
 
 
 def cached_programs_hang(process_count: int, backend: str, jax_version: tuple[int, ...]) -> bool:

@@ -463,8 +463,9 @@ def test_explicit_settings_and_detected_clusters_start_the_runtime(monkeypatch):
   monkeypatch.setattr(distributed, '_wait_for_coordinator', lambda *args: probed.append(args))  # no node0 here
   assert distributed.initialize(_settings(coordinator_address='node0:1234', num_processes=4, process_id=3,
                                           initialization_timeout_s=60))
+  # JAX's deadline comes 30 s after our own, which stops the process with one line (see below).
   assert called[-1] == {'cluster_detection_method': None, 'coordinator_address': 'node0:1234',
-                        'num_processes': 4, 'process_id': 3, 'initialization_timeout': 60}
+                        'num_processes': 4, 'process_id': 3, 'initialization_timeout': 90}
   assert probed == [('node0:1234', 'config.distributed.coordinator_address', 3, 60)]
   # An srun step of 8 tasks: JAX's detector finds it, and JAX fills in the rest itself.
   monkeypatch.setenv('SLURM_JOB_ID', '77')
@@ -474,7 +475,7 @@ def test_explicit_settings_and_detected_clusters_start_the_runtime(monkeypatch):
   monkeypatch.setenv('SLURM_LOCALID', '1')
   assert distributed.detected_cluster() == ('slurm', 8)
   assert distributed.initialize(_settings())
-  assert called[-1] == {'cluster_detection_method': None, 'initialization_timeout': 300}
+  assert called[-1] == {'cluster_detection_method': None, 'initialization_timeout': 330}
   assert len(probed) == 1  # JAX alone knows a detected cluster's coordinator
   monkeypatch.setenv('SLURM_NTASKS', '1')  # One task: a single process needs no coordinator.
   assert not distributed.initialize(_settings())
@@ -639,7 +640,7 @@ def test_unknown_cluster_detection_method_is_a_one_line_error(monkeypatch):
     distributed.initialize(_settings(cluster_detection_method='bogus'))
   assert called == []
   assert distributed.initialize(_settings(cluster_detection_method='mpi4py'))
-  assert called == [{'cluster_detection_method': 'mpi4py', 'initialization_timeout': 300}]
+  assert called == [{'cluster_detection_method': 'mpi4py', 'initialization_timeout': 330}]
 
 
 @pytest.mark.parametrize('address', ['node0', 'node0:', ':29500', 'node0:0', 'node0:65536', 'node0:http'])
@@ -706,7 +707,7 @@ def test_a_process_waits_for_a_late_coordinator_and_one_that_never_answers_is_a_
   assert waited == [f'process 1: no coordinator at localhost:{port} yet (Connection refused); waiting up to 30 s for '
                     'process 0.']
   assert called == [{'cluster_detection_method': None, 'coordinator_address': f'localhost:{port}',
-                     'num_processes': 2, 'process_id': 1, 'initialization_timeout': 30}]
+                     'num_processes': 2, 'process_id': 1, 'initialization_timeout': 60}]
 
 
 @pytest.mark.parametrize('timeout_s', [0, -5])
@@ -733,6 +734,42 @@ def test_train_py_with_no_coordinator_stops_in_one_line(tmp_path):
                     '(Connection refused); start process 0 with that address on that host (with the others, in any '
                     'order), or fix the host or port; config.distributed.initialization_timeout_s sets the wait.']
   assert 'Traceback' not in run.stderr and not os.listdir(tmp_path)
+
+
+def test_train_py_whose_peers_never_join_stops_in_one_line(tmp_path):
+  """Process 0 of 2, the other never started: JAX's own deadline ended in a fatal log and an
+  abort (exit 134); ours comes first, with one line."""
+  with socket.socket() as probe:
+    probe.bind(('localhost', 0))
+    port = probe.getsockname()[1]  # free again once closed: process 0 listens on it
+  start = time.monotonic()
+  run = subprocess.run(
+      [sys.executable, 'train.py', f'--workdir={tmp_path}', *ARGS, f'--config.distributed.coordinator_address='
+       f'localhost:{port}', '--config.distributed.num_processes=2', '--config.distributed.process_id=0',
+       '--config.distributed.initialization_timeout_s=2'],
+      cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True, timeout=120)
+  assert run.returncode == 2, run.stderr
+  assert time.monotonic() - start < 30  # not JAX's deadline, 30 s later
+  errors = [line for line in run.stderr.splitlines() if line.startswith('error: ')]
+  assert errors == [f'error: config.distributed: process 0 of 2 waited 2 s at the coordinator localhost:{port} for '
+                    'every process to join, and not all did; start all 2 (process_id 0 to 1) with that coordinator '
+                    'address, or raise config.distributed.initialization_timeout_s.']
+  assert 'Traceback' not in run.stderr and 'Check failure' not in run.stderr and not os.listdir(tmp_path)
+
+
+def test_a_start_that_joins_in_time_is_not_stopped(monkeypatch):
+  stopped = []
+  monkeypatch.setattr(distributed.os, '_exit', stopped.append)
+  with distributed._exit_unless_done_within(0.2, 'never shown'):
+    pass
+  time.sleep(0.4)
+  assert stopped == []
+  with distributed._exit_unless_done_within(0.1, 'shown'):
+    time.sleep(0.4)  # the timer fires meanwhile (os._exit is faked, so the block goes on)
+  assert stopped == [2]
+  assert distributed._not_joined_line({}, None, 5) == (
+      'config.distributed: this process waited 5 s for every process to join, and not all did; start every '
+      'process of the run, or raise config.distributed.initialization_timeout_s.')
 
 
 @pytest.mark.parametrize('process_count, backend, version, hangs', [

@@ -77,6 +77,8 @@ def initialize(settings: ml_collections.ConfigDict) -> bool:
   Call it before anything else uses JAX (no `jax.devices()`, no computation): the
   runtime has to know every process before a backend starts. Returns whether this
   process is now part of a distributed run (False: a single process, nothing done).
+  If the others have not all joined after `settings.initialization_timeout_s`, it ends the
+  process with one line on stderr and status 2, where JAX's own deadline would abort it.
   """
   if settings.mode not in MODES:
     raise ValueError(f'config.distributed.mode={settings.mode!r} is unknown; use one of {MODES}.')

@@ -202,14 +202,15 @@ def _wait_for_coordinator(address: str, source: str, process_id: int, timeout_s:
 
 
 def _not_joined_line(explicit: Mapping[str, Any], address: Optional[str], timeout_s: int) -> str:
-  """The one line a process that waited `timeout_s` for the others to join stops with."""
+  """The one line a process stops with when the run had not come together after `timeout_s`."""
   count, index = explicit.get('num_processes'), explicit.get('process_id')
   who = (f'process {index} of {count}' if count is not None and index is not None else 'this process')
   where = f' at the coordinator {address}' if address else ''
   start = (f'start all {count} (process_id 0 to {count - 1}) with that coordinator address'
            if count is not None and address else 'start every process of the run')
-  return (f'config.distributed: {who} waited {timeout_s} s{where} for every process to join, and not all did; '
-          f'{start}, or raise config.distributed.initialization_timeout_s.')
+  # JAX's cluster detection (a Cloud TPU slice's coordinator name) falls within the same wait.
+  return (f'config.distributed: {who} gave up after {timeout_s} s{where}: the coordinator or some process of the '
+          f'run never joined; {start}, or raise config.distributed.initialization_timeout_s.')
 
 
 @contextlib.contextmanager
@@ -217,18 +218,23 @@ def _exit_unless_done_within(timeout_s: float, line: str) -> Iterator[None]:
   """Runs the block; if it has not ended after `timeout_s`, prints `error: <line>` and ends the
   process with status 2, as the command-line programs end on a user error.
 
-  For `jax.distributed.initialize`, which releases the GIL while it waits: its own deadline
-  ends in an abort from jaxlib, which neither a caller nor this process's cleanup can catch,
-  so stopping first loses nothing that was not lost already.
+  For `jax.distributed.initialize`, which releases the GIL while it waits and whose own
+  deadline ends in an abort from jaxlib that neither a caller nor the process's cleanup can
+  catch. Nothing after the block runs once the timer has decided to stop the process.
   """
-  finished = threading.Event()
+  lock = threading.Lock()
+  finished = False
 
   def stop() -> None:
-    if not finished.is_set():
-      sys.stdout.flush()
-      sys.stderr.write(f'error: {line}\n')
-      sys.stderr.flush()
-      os._exit(2)
+    with lock:  # held until the process ends: the block's end waits for it, and nothing runs after it
+      if finished:
+        return
+      try:
+        sys.stdout.flush()
+        sys.stderr.write(f'error: {line}\n')
+        sys.stderr.flush()
+      finally:  # a closed stream must not leave the process to JAX's abort
+        os._exit(2)
 
   timer = threading.Timer(timeout_s, stop)
   timer.daemon = True
@@ -236,7 +242,8 @@ def _exit_unless_done_within(timeout_s: float, line: str) -> Iterator[None]:
   try:
     yield
   finally:
-    finished.set()
+    with lock:
+      finished = True
     timer.cancel()
 
 

@@ -151,7 +151,7 @@ def price(records: list[dict[str, Any]], profile: str, cpu_count: int, with_torc
     reference_values = {ref: anchors[ref].get('value') for ref in references(case, cpu_count, with_torch)
                         if ref in anchors}
     internal = cases_lib.internal_reference(case, profile_cases)
-    record['bytes_ratios'] = {}
+    record['bytes_ratios'], record['in_turn_time_ratios'] = {}, {}
     if internal is not None and internal.name in ours:
       reference_values[cases_lib.reference_name(internal)] = ours[internal.name].get('value')
       traffic = [r.get('xla_bytes_accessed') for r in (record, ours[internal.name])]
@@ -159,7 +159,7 @@ def price(records: list[dict[str, Any]], profile: str, cpu_count: int, with_torc
         record['bytes_ratios'][cases_lib.reference_name(internal)] = traffic[0] / traffic[1]
       in_turn = in_turn_time_ratio(record, ours[internal.name])
       if in_turn is not None:
-        record['in_turn_time_ratios'] = {cases_lib.reference_name(internal): in_turn}
+        record['in_turn_time_ratios'][cases_lib.reference_name(internal)] = in_turn
     reference_values = {ref: value for ref, value in reference_values.items() if value}
     record['reference_values'] = reference_values
     record['ratios'] = {ref: record['value'] / value for ref, value in reference_values.items()}
@@ -174,11 +174,12 @@ def in_turn_time_ratio(record: dict[str, Any], reference: dict[str, Any]) -> Opt
   the same turn (`round_step_s`, both measured in one process each round), or None where the
   two were not timed in turn (another run, or no step times).
 
-  Less swayed by drift than the ratio of the two medians: on a machine whose speed changes
-  between rounds (one BN layer took 14 to 35 ms in five rounds of one run here), the two
-  medians can come from different rounds.
+  Less swayed by the machine's changes of speed than the ratio of the two medians: on the
+  2-core CPU machine one BN layer's steps took about 13 or about 30 ms, in phases within a
+  round and from round to round, and a median of such steps can fall in either phase for
+  ours and the other for the reference. Steps taken in turn meet the same phase.
   """
-  if record.get('run_id') != reference.get('run_id'):
+  if record.get('run_id') is None or record.get('run_id') != reference.get('run_id'):
     return None
   ratios = [ours / theirs
             for ours_steps, theirs_steps in zip(record.get('round_step_s') or (), reference.get('round_step_s') or ())

@@ -26,6 +26,16 @@ def _number(value: float) -> str:
   return f'{value:,.1f}' if abs(value) >= 100 else f'{value:.3g}'
 
 
+def _met(ratio: float, in_turn: Optional[float], target: dict[str, Any]) -> str:
+  """'yes' where the time ratio meets the target, and so does the per-step ratio where there is
+  one (a noisy machine can put the two on either side of it); else '**no**', naming a per-step
+  ratio that failed where the ratio of medians alone would have passed."""
+  within = lambda value: target.get('min_time_ratio', 0.0) <= value <= target['max_time_ratio']
+  if within(ratio) and (in_turn is None or within(in_turn)):
+    return 'yes'
+  return '**no** (per step {:.3f})'.format(in_turn) if within(ratio) else '**no**'
+
+
 def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
   """A markdown section: one row per (our case, reference), then anchor errors and skipped cases."""
   lines = [
@@ -57,8 +67,7 @@ def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
       lines.append(f"| `{record['case']}` | {_number(record['value'])} | {record['unit']} |{no_reference}")
     for reference, ratio in compared.items():
       target = (record.get('targets') or {}).get(reference)
-      met = '—' if target is None else (
-          'yes' if target.get('min_time_ratio', 0.0) <= ratio <= target['max_time_ratio'] else '**no**')
+      met = '—' if target is None else _met(ratio, (record.get('in_turn_time_ratios') or {}).get(reference), target)
       lines.append(f"| `{record['case']}` | {_number(record['value'])} | {record['unit']} | `{reference}` | "
                    f"{_number(record['reference_values'][reference])} | {ratio:.3f} | "
                    f"{target['text'] if target else '—'} | {met} |")
@@ -73,7 +82,8 @@ def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
   paired = [f"`{r['case']}` {r['paired_time_ratio_median']:.3f}" for r in records
             if r.get('record') == 'ours' and r.get('paired_time_ratio_median')]
   if paired:
-    lines += ['', 'Median of the per-pair time ratios (ours / anchor, steps taken in turn): ' + ', '.join(paired) + '.']
+    lines += ['', 'Median of the per-pair time ratios (ours / anchor, steps taken in turn; over rounds, '
+              "the median of the rounds' medians): " + ', '.join(paired) + '.']
   in_turn = [f"`{r['case']}` {ratio:.3f}x `{reference.removeprefix('ours:')}`" for r in records
              if r.get('record') == 'ours' for reference, ratio in (r.get('in_turn_time_ratios') or {}).items()]
   if in_turn:
@@ -91,19 +101,36 @@ def table(records: list[dict[str, Any]], run: dict[str, Any]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _job_label(job: dict[str, Any], name_taken: bool) -> str:
+  """A job's name, with what it measured where several jobs share the name (the stages' eval jobs)."""
+  if not name_taken:
+    return job['job']
+  arguments = job.get('arguments') or []
+  measured = arguments[arguments.index('--cases') + 1:] if '--cases' in arguments else arguments[1:]
+  return f"{job['job']} {' '.join(measured)}".strip()
+
+
 def rounds_text(run: dict[str, Any]) -> str:
-  """How many rounds the figures come from: one count where every job ran as often, else each
-  job's finished rounds, call by call ('5 + 9') where several calls ran it."""
-  per_job: dict[str, dict[int, int]] = {}
+  """How many rounds the figures come from: one count where every job finished as many, else
+  each job's finished rounds, call by call ('5 + 9') where several calls ran it."""
+  per_job: dict[tuple[str, str], dict[int, int]] = {}
+  jobs: dict[tuple[str, str], dict[str, Any]] = {}
   for job in run.get('jobs', []):
     if job.get('status') == 'ok':
-      calls = per_job.setdefault(job['job'], {})
+      key = (job['job'], json.dumps(job.get('arguments')))
+      calls = per_job.setdefault(key, {})
       calls[job.get('call', 0)] = calls.get(job.get('call', 0), 0) + 1
-  counts = {name: ' + '.join(str(calls[call]) for call in sorted(calls)) for name, calls in per_job.items()}
-  if len(set(counts.values())) <= 1:
+      jobs.setdefault(key, job)
+  counts = {key: [calls[call] for call in sorted(calls)] for key, calls in per_job.items()}
+  if not counts:
     return f"{run['rounds']} round(s)"
-  return ('Rounds per job: ' + ', '.join(f'`{name}` {count}' for name, count in counts.items())
-          + (' (a case measured in several calls has its latest figure)' if '+' in ''.join(counts.values()) else ''))
+  if len({tuple(count) for count in counts.values()}) == 1 and len(next(iter(counts.values()))) == 1:
+    return f'{next(iter(counts.values()))[0]} round(s)'
+  names = [name for name, _ in counts]
+  return ('Rounds per job: ' + ', '.join(f"`{_job_label(jobs[key], names.count(key[0]) > 1)}` "
+                                         f"{' + '.join(map(str, count))}" for key, count in counts.items())
+          + (' (a case measured in several calls has its latest figure)'
+             if any(len(count) > 1 for count in counts.values()) else ''))
 
 
 def update_results_md(text: str, profile: str, section: str) -> str:

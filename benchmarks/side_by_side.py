@@ -216,10 +216,14 @@ def merge(results: list[dict], cases: Sequence[cases_lib.Case], profile: str, cp
       merged[case.name] = {'record': 'ours', 'case': case.name, 'kind': case.kind, 'unit': case.unit, **common,
                            **reason}
       continue
-    template = {k: v for k, v in present[0].items() if k not in ('ratios', 'device', 'date', 'profile')}
+    # One round's step times stand for none: `round_step_s` holds every round's.
+    template = {k: v for k, v in present[0].items() if k not in ('ratios', 'device', 'date', 'profile', 'step_s')}
     merged[case.name] = {**template, 'record': 'ours', **common,
                          'value': compare.median_or_none([r['value'] for r in present]),
                          'compile_s': compare.median_or_none([r.get('compile_s') for r in present]),
+                         **({'paired_time_ratio_median': compare.median_or_none(
+                             [r.get('paired_time_ratio_median') for r in present])}
+                            if 'paired_time_ratio_median' in template else {}),
                          'rounds': [record['value'] if record and 'value' in record else None for record in per_round],
                          # Steps timed in turn with others' (`step_s`), by round: `compare.price` pairs them.
                          'round_step_s': [record.get('step_s') if record else None for record in per_round]}

@@ -43,10 +43,15 @@ def _fake_results(cpu_cases):
 
 def test_merge_takes_medians_over_rounds_and_ratios_of_medians():
   cpu_cases = cases_lib.profile_cases('cpu')
-  records = side_by_side.merge(_fake_results(cpu_cases), cpu_cases, 'cpu', 2, False, {'device': 'd', 'date': 'x'})
+  results = _fake_results(cpu_cases)
+  for found, pair_median in zip(results, (0.5, 0.7)):  # each round's paired timer: its own median
+    found['ours']['train/resnet_v1_50/fp32/b8']['paired_time_ratio_median'] = pair_median
+  records = side_by_side.merge(results, cpu_cases, 'cpu', 2, False, {'device': 'd', 'date': 'x'})
   by_case = {record['case']: record for record in records}
   train = by_case['train/resnet_v1_50/fp32/b8']
   assert train['value'] == 2.5 and train['rounds'] == [2.0, 3.0]
+  assert train['paired_time_ratio_median'] == pytest.approx(0.6)  # over rounds, not the first round's
+  assert 'paired_time_ratio_median' not in by_case['eval/resnet_v2_152/fp32/b4']
   flax = 'flax_resnet.py train:resnet50:8:fp32'
   assert by_case[flax]['value'] == 3.0  # median of 2 and 4
   assert train['ratios'][flax] == pytest.approx(2.5 / 3.0)
@@ -74,33 +79,50 @@ def test_merge_takes_medians_over_rounds_and_ratios_of_medians():
 
 def test_steps_timed_in_turn_are_priced_step_by_step_within_each_round():
   """Each of our steps against the reference's step of the same turn and round, the median over
-  all of them: not the ratio of two medians, which may come from turns far apart in time."""
+  all of them: not the ratio of two medians, nor steps paired in another order."""
   bn_cases = [case for case in cases_lib.profile_cases('cpu') if case.kind == 'bn_layer']
   plain, flax_bn = (f'bn_layer/{variant}/8x56x56x256' for variant in ('plain', 'flax_nn_batchnorm'))
-  # The machine slowed for a while in round 0: it caught two of our steps and one of flax's.
-  step_s = {plain: ([0.010, 0.030, 0.030], [0.010, 0.010, 0.010]),
-            flax_bn: ([0.010, 0.010, 0.030], [0.010, 0.010, 0.010])}
+  # Round 0, turn by turn: 3, 0.5, 4 (median 3); sorted pairs or reversed lists give 2, the ratio
+  # of medians 2 too. Round 1: the reference failed, so ours has no step of its turn to meet.
+  step_s = {plain: ([0.030, 0.010, 0.020], [0.050, 0.050, 0.050]), flax_bn: ([0.010, 0.020, 0.005], None)}
   results = []
   for index in range(2):
-    ours = {case.name: {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
-                        'params': case.params, 'value': 1e3 * sorted(step_s.get(case.name, ([0.02] * 3,) * 2)[index])[1],
-                        **({'step_s': step_s[case.name][index]} if case.name in step_s else {})}
-            for case in bn_cases}
+    ours = {}
+    for case in bn_cases:
+      steps = step_s.get(case.name, ([0.02] * 3,) * 2)[index]
+      if steps is None:
+        ours[case.name] = {'case': case.name, 'error': 'RuntimeError: boom'}
+        continue
+      ours[case.name] = {'case': case.name, 'kind': case.kind, 'variant': case.variant, 'unit': case.unit,
+                         'params': case.params, 'value': 1e3 * sorted(steps)[1],
+                         **({'step_s': steps} if case.name in step_s else {})}
     results.append({'ours': ours, 'anchors': {}})
   records = {r['case']: r for r in side_by_side.merge(results, bn_cases, 'cpu', 2, False,
                                                       {'device': 'd', 'date': 'x', 'run_id': 'r'})}
-  assert records[plain]['round_step_s'] == [step_s[plain][0], step_s[plain][1]]
-  assert records[plain]['time_ratios'] == {f'ours:{flax_bn}': pytest.approx(2.0)}  # medians 30, 10 / 10, 10 ms
-  assert records[plain]['in_turn_time_ratios'] == {f'ours:{flax_bn}': pytest.approx(1.0)}  # of 1, 3, 1 / 1, 1, 1
-  assert 'in_turn_time_ratios' not in records['bn_layer/zero_debias/8x56x56x256']  # no step times
+  assert records[plain]['round_step_s'] == [step_s[plain][0], step_s[plain][1]] and 'step_s' not in records[plain]
+  assert records[plain]['time_ratios'] == {f'ours:{flax_bn}': pytest.approx(35.0 / 10.0)}  # medians 20, 50 / 10
+  assert records[plain]['in_turn_time_ratios'] == {f'ours:{flax_bn}': pytest.approx(3.0)}
+  assert records['bn_layer/zero_debias/8x56x56x256']['in_turn_time_ratios'] == {}  # no step times
   run_info = {'date': 'x', 'device': 'd', 'profile': 'cpu', 'rounds': 2, 'load_min': 0.5, 'load_max': 1.5,
               'cpu_count': 2, 'uptime_before': 'u', 'uptime_after': 'u'}
+  section = report.table(list(records.values()), run_info)
   assert (f'Median of the per-step time ratios against our own reference (each step timed in turn with the '
-          f"reference's, in one process, over every round): `{plain}` 1.000x `{flax_bn}`.") in report.table(
-              list(records.values()), run_info)
-  # Figures from two calls were not timed in turn: no per-step ratio is made of them.
-  records[flax_bn]['run_id'] = 'another call'
-  assert compare.in_turn_time_ratio(records[plain], records[flax_bn]) is None
+          f"reference's, in one process, over every round): `{plain}` 3.000x `{flax_bn}`.") in section
+  # Figures from two calls, or from no run at all, were not timed in turn: no per-step ratio.
+  for run_id in ('another call', None):
+    assert compare.in_turn_time_ratio(records[plain], {**records[flax_bn], 'run_id': run_id}) is None
+  assert compare.in_turn_time_ratio({**records[plain], 'run_id': None}, {**records[flax_bn], 'run_id': None}) is None
+  # Priced again with the reference from a later call, the earlier call's per-step ratio goes.
+  records[flax_bn]['run_id'] = 'later call'
+  compare.price(list(records.values()), 'cpu', 2, False)
+  assert records[plain]['in_turn_time_ratios'] == {}
+
+
+@pytest.mark.parametrize('ratio, in_turn, met', [
+    (0.95, None, 'yes'), (0.95, 1.02, 'yes'), (0.95, 1.06, '**no** (per step 1.060)'), (1.05, 1.0, '**no**'),
+])
+def test_a_target_is_met_only_where_the_per_step_ratio_meets_it_too(ratio, in_turn, met):
+  assert report._met(ratio, in_turn, {'max_time_ratio': 1.03, 'min_time_ratio': 0.0}) == met
 
 
 def test_results_md_section_is_replaced_and_the_rest_kept():
@@ -224,15 +246,24 @@ def test_a_report_of_several_calls_prices_each_case_against_figures_from_any_of_
 
 
 def test_the_rounds_each_job_ran_are_told_apart_where_they_differ():
-  bn = [{'job': 'ours:bn', 'round': r, 'status': 'ok', 'call': call} for call, rounds in ((0, 5), (1, 9))
-        for r in range(rounds)]
+  bn = [{'job': 'ours:bn', 'arguments': ['--cases', 'bn'], 'round': r, 'status': 'ok', 'call': call}
+        for call, rounds in ((0, 5), (1, 9)) for r in range(rounds)]
   train = [{'job': 'paired:train', 'round': 0, 'status': 'ok', 'call': 0},
            {'job': 'paired:train', 'round': 1, 'status': 'timed out after 9 s', 'call': 0}]
   assert report.rounds_text({'rounds': 9, 'jobs': train + bn}) == (
       'Rounds per job: `paired:train` 1, `ours:bn` 5 + 9 (a case measured in several calls has its latest figure)')
   assert report.rounds_text({'rounds': 3, 'jobs': bn[:5] + train[:1]}) == (
       'Rounds per job: `ours:bn` 5, `paired:train` 1')
-  assert report.rounds_text({'rounds': 5, 'jobs': bn[:5]}) == '5 round(s)'
+  # Every job finished as many rounds: that count, whatever --rounds asked for.
+  assert report.rounds_text({'rounds': 1, 'jobs': bn[:5]}) == '5 round(s)'
+  assert report.rounds_text({'rounds': 3, 'jobs': train}) == '1 round(s)'
+  assert report.rounds_text({'rounds': 2, 'jobs': []}) == '2 round(s)'
+  # The device stages' jobs share names (our eval in each): told apart by what they measured.
+  evals = [{'job': 'ours:eval', 'arguments': ['-m', 'benchmarks.run', '--cases', case], 'round': 0, 'status': 'ok',
+            'call': call} for call, case in ((0, 'eval/bf16'), (1, 'eval/fp32'))]
+  assert report.rounds_text({'rounds': 1, 'jobs': evals}) == '1 round(s)'
+  assert report.rounds_text({'rounds': 1, 'jobs': evals + bn[:2]}) == (
+      'Rounds per job: `ours:eval eval/bf16` 1, `ours:eval eval/fp32` 1, `ours:bn` 2')
 
 
 @pytest.mark.parametrize('loop_img_per_s, met', [(2.5, 'yes'), (3.0, 'yes'), (2.0, '**no**'), (1450.0, '**no**')])

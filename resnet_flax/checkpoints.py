@@ -283,6 +283,13 @@ def latest_step_in(directory: str) -> Optional[int]:
   return max(committed_steps(directory), default=None)
 
 
+def run_workdir_of(path: str) -> Optional[str]:
+  """The workdir of the training run that saved `path`, a `<workdir>/checkpoints/<step>`
+  directory (where its config.json is); None for a path laid out otherwise."""
+  steps = os.path.dirname(os.path.abspath(path))
+  return os.path.dirname(steps) if os.path.basename(steps) == 'checkpoints' else None
+
+
 def _item_directory(path: str) -> str:
   """The orbax item inside `path`: `<step>/default` for manager-written steps, else `path` itself."""
   nested = os.path.join(path, 'default')

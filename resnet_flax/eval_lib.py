@@ -210,12 +210,14 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     step = distributed.from_process_zero(step)
     checkpoint = os.path.join(directory, str(step))
     older = [saved for saved in checkpoints.committed_steps(directory) if saved < step]
-    differences = input_differences(config, workdir)
-    if differences and jax.process_index() == 0:
-      # Warned, not refused: another resolution or preprocessing may be the experiment.
-      print(f"warning: evaluating {workdir} with other settings than its run's ({'; '.join(differences)}); "
-            "give it the run's values to evaluate it as trained.",
-            file=sys.stderr)
+  # A step of a run named by its path (`--checkpoint=<workdir>/checkpoints/<step>`) has its run's record too.
+  run = workdir if workdir is not None else (
+      None if checkpoint.startswith(pretrained.SLIM_PREFIX) else checkpoints.run_workdir_of(checkpoint))
+  differences = [] if run is None else input_differences(config, run)
+  if differences and jax.process_index() == 0:
+    # Warned, not refused: another resolution or preprocessing may be the experiment.
+    print(f"warning: evaluating {run if workdir is not None else checkpoint} with other settings than its run's "
+          f"({'; '.join(differences)}); give it the run's values to evaluate it as trained.", file=sys.stderr)
   try:
     with distributed.failing_together('to read the checkpoint'):  # each process reads it whole, by itself
       variables, step, _ = pretrained.load_for_model(checkpoint, model,

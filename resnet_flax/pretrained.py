@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -148,11 +147,11 @@ def _fix(loaded: dict[str, Any], reference: dict[str, Any], source: str, allow_n
 def _recorded_config(source: str) -> str:
   """The model-shaping fields that the run which wrote the orbax checkpoint `<workdir>/
   checkpoints/<step>` recorded in `<workdir>/config.json`, as flags; empty if there is none."""
-  steps = os.path.dirname(os.path.abspath(source))
-  if source.startswith(SLIM_PREFIX) or os.path.basename(steps) != 'checkpoints':
+  workdir = None if source.startswith(SLIM_PREFIX) else checkpoints.run_workdir_of(source)
+  if workdir is None:
     return ''
   try:
-    fields = recorded_config(os.path.dirname(steps))
+    fields = recorded_config(workdir)
   except (OSError, ValueError):  # a hint only: an unreadable record gives none
     return ''
   if fields is None:

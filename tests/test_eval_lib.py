@@ -28,6 +28,13 @@ def test_evaluating_a_run_on_other_inputs_than_it_trained_on_is_warned_of(tmp_pa
   assert warning == [f"warning: evaluating {tmp_path} with other settings than its run's (data.image_size: 16 -> "
                      "8; data.digits_resize: upsample -> pad); give it the run's values to evaluate it as "
                      'trained.']
+  # A step named by its path is its run's too (it had been evaluated without a word).
+  step = tmp_path / 'checkpoints' / '2'
+  eval_lib.evaluate(config, None, str(step))
+  warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')]
+  assert warning == [f"warning: evaluating {step} with other settings than its run's (data.image_size: 16 -> 8; "
+                     "data.digits_resize: upsample -> pad); give it the run's values to evaluate it as trained."]
+  assert checkpoints.run_workdir_of(str(step)) == str(tmp_path) and checkpoints.run_workdir_of(str(tmp_path)) is None
   config.eval_split = 'train'  # another split is no other input
   config.data.update(image_size=16, digits_resize='upsample')
   assert eval_lib.input_differences(config, str(tmp_path)) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import numbers
+import sys
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import flax.linen as nn
@@ -134,6 +135,9 @@ def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: 
     raise ValueError(f'num_batches={num_batches!r}: give a positive number of training batches to recalibrate on '
                      '(config.bn_recalibration_batches).')
   dataset = device_input.agreed_dataset(config, 'train', config.batch_size)
+  repeated = repeated_examples_note(num_batches, config.batch_size, dataset.num_examples)
+  if repeated and jax.process_index() == 0:
+    print(f'warning: {repeated}', file=sys.stderr)
   mesh = mesh or sharding.data_mesh()
   batches = device_input.dataset_batches(dataset, _first(dataset.train_batches(0), num_batches), mesh)
   try:
@@ -142,6 +146,22 @@ def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: 
   finally:
     batches.close()
   return with_statistics(variables, statistics)
+
+
+def repeated_examples_note(num_batches: int, batch_size: int, num_examples: int) -> Optional[str]:
+  """Why `num_batches` batches of `batch_size` count some of `num_examples` training examples more
+  than once in the population statistics, and the fix; None where they count each at most once.
+
+  The batches wrap around the data (a batch larger than it holds some examples twice), so the
+  statistics are no longer the training set's.
+  """
+  total = num_batches * batch_size
+  if total <= num_examples:
+    return None
+  fix = (f'lower config.batch_size to at most {num_examples:,}' if batch_size > num_examples else
+         f'lower config.bn_recalibration_batches to at most {num_examples // batch_size}')
+  return (f'precise BN reads {num_batches} batches of {batch_size} = {total:,} examples, more than the '
+          f'{num_examples:,} training examples, so some count more than once in its statistics; {fix}.')
 
 
 def _first(batches: Iterator[data.Batch], count: int) -> Iterator[data.Batch]:

@@ -162,6 +162,20 @@ def test_recalibrate_uses_exactly_the_first_num_batches_training_batches():
   np.testing.assert_allclose(recalibrated['batch_stats']['moving_variance'], images.var((0, 1, 2)), rtol=1e-5)
 
 
+def test_recalibrating_on_more_examples_than_the_training_set_is_warned_of(capsys):
+  # eval.py --config.batch_size=3000 --config.bn_recalibration_batches=2 on digits' 1437 had said nothing.
+  config = tiny_config()
+  config.batch_size = 1000
+  layer = BatchNorm()
+  variables = layer.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  precise_bn.recalibrate(config, layer, variables, num_batches=2)
+  assert [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')] == [
+      'warning: precise BN reads 2 batches of 1000 = 2,000 examples, more than the 1,437 training examples, so some '
+      'count more than once in its statistics; lower config.bn_recalibration_batches to at most 1.']
+  assert precise_bn.repeated_examples_note(2, 3000, 1437).endswith('lower config.batch_size to at most 1,437.')
+  assert precise_bn.repeated_examples_note(2, 700, 1437) is None  # 1,400: each example at most once
+
+
 def _reference_batch_statistics(config, variables, batch_size):
   """Loss and top-1 of the eval split's full batches with train-mode BN over each whole batch:
   the model built without ghost batches or frozen statistics, applied batch by batch, and the

@@ -71,6 +71,19 @@ def check_not_a_checkpoint(workdir: str) -> None:
                         f'--config.init_checkpoint={checkpoint}.')
 
 
+def check_not_inside_a_run(workdir: str, run_subdirectories: tuple[str, ...]) -> None:
+  """Refuses a workdir inside another run's own folders (`<run>/tensorboard/...`, a run being a
+  directory with its config.json): its files would mix with that run's, and TensorBoard pointed
+  at the run would show both as one."""
+  child = os.path.abspath(workdir)
+  parent = os.path.dirname(child)
+  while parent != child:
+    if os.path.basename(child) in run_subdirectories and os.path.isfile(os.path.join(parent, 'config.json')):
+      raise CheckpointError(f'--workdir {os.path.abspath(workdir)} lies inside the {os.path.basename(child)}/ '
+                            f'folder of the run in {parent}; pass a workdir outside that run.')
+    child, parent = parent, os.path.dirname(parent)
+
+
 def tf_checkpoint_in(directory: str) -> Optional[str]:
   """What `slim:` takes for the TensorFlow checkpoint in `directory`, if it holds one: the
   directory itself where a `checkpoint` state file names the newest, else the V2 prefix of

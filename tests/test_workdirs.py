@@ -6,8 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from resnet_flax import checkpoints, workdirs
+from resnet_flax import checkpoints, train_lib, workdirs
 from resnet_flax.slim import checkpoint_state
+from test_train import tiny_config
 
 
 @pytest.mark.parametrize('files, expected', [
@@ -80,3 +81,22 @@ def test_state_file_reads_the_model_checkpoint_path_field_only(tmp_path):
   (tmp_path / 'checkpoint').write_text('# model_checkpoint_path: "old"\n'
                                        'model_checkpoint_path: "model.ckpt-7"\n')
   assert checkpoint_state.newest_in(str(tmp_path / 'checkpoint')) == 'model.ckpt-7'
+
+
+def test_a_workdir_inside_another_runs_own_folders_is_refused_before_anything_is_written(tmp_path):
+  # train.py --workdir=RUN/tensorboard had trained a second run in the first one's event folder.
+  run = tmp_path / 'run'
+  (run / 'tensorboard').mkdir(parents=True)
+  (run / 'config.json').write_text('{}')
+  for inside in (run / 'tensorboard', run / 'tensorboard' / 'deeper', run / 'checkpoints' / 'new'):
+    with pytest.raises(checkpoints.CheckpointError, match=rf'^--workdir {inside} lies inside the '
+                                                           rf'(tensorboard|checkpoints)/ folder of the run in {run}; '
+                                                           'pass a workdir outside that run.$'):
+      workdirs.check_not_inside_a_run(str(inside), train_lib.RUN_SUBDIRECTORIES)
+  # A run's other subfolders may hold runs of its own (a fine-tuning beside it), and a folder named
+  # tensorboard without a run above it is no run's.
+  for fine in (run / 'finetune', tmp_path / 'tensorboard' / 'x', run):
+    workdirs.check_not_inside_a_run(str(fine), train_lib.RUN_SUBDIRECTORIES)
+  with pytest.raises(checkpoints.CheckpointError, match='lies inside the tensorboard/ folder'):
+    train_lib.train_and_evaluate(tiny_config(), str(run / 'tensorboard' / 'second'))
+  assert sorted(os.listdir(run)) == ['config.json', 'tensorboard'] and os.listdir(run / 'tensorboard') == []

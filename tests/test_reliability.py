@@ -463,6 +463,8 @@ def test_disk_filling_during_a_save_stops_in_one_line_and_keeps_the_last_checkpo
     # int('None') had been the message: None is a config file's value only.
     (['--config.num_classes=None'], '--config.num_classes=None: None cannot be given on the command line; leave the '
                                     "flag out for the config file's value"),
+    # A text field had taken it as a file named None: '/work/main/None does not exist'.
+    (['--config.init_checkpoint=None'], '--config.init_checkpoint=None: None cannot be given on the command line'),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, expected):
   done = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={tmp_path}', *args], cwd=REPO,

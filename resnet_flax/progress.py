@@ -21,10 +21,12 @@ def format_duration(seconds: float) -> str:
 class ProgressBar:
   """Redraws one line on a terminal; prints a line per update when output is a file."""
 
-  def __init__(self, total_steps: int, enabled: bool = True, stream: Optional[TextIO] = None, width: int = 24):
+  def __init__(self, total_steps: int, enabled: bool = True, stream: Optional[TextIO] = None, width: int = 24,
+               warning_stream: Optional[TextIO] = None):
     self.total_steps = total_steps
     self.enabled = enabled
     self.stream = stream or sys.stdout
+    self.warning_stream = warning_stream or sys.stderr
     self.width = width
     self._interactive = getattr(self.stream, 'isatty', lambda: False)()
 
@@ -42,10 +44,16 @@ class ProgressBar:
     self.stream.flush()
 
   def message(self, text: str) -> None:
-    """Prints `text` on its own line, leaving the bar intact."""
-    if self.enabled:
-      self.stream.write(('\n' if self._interactive else '') + text + '\n')
+    """Prints `text` on its own line, leaving the bar intact: a `warning:` line on the warning
+    stream (stderr, where eval.py's and the command line's go), the others with the bar."""
+    if not self.enabled:
+      return
+    if self._interactive:
+      self.stream.write('\n')  # the bar's line ends before the message
       self.stream.flush()
+    stream = self.warning_stream if text.startswith('warning:') else self.stream
+    stream.write(text + '\n')
+    stream.flush()
 
 
 class BatchProgress:

@@ -168,7 +168,7 @@ def test_resuming_with_another_batch_size_says_so(tmp_path, capsys):
   changed = tiny_config(4)
   changed.batch_size = 8
   train_lib.train_and_evaluate(changed, str(tmp_path))
-  out = capsys.readouterr().out
+  out = capsys.readouterr().err  # warnings go to stderr, as eval.py's
   assert ('warning: resuming with a changed config: batch_size: 16 -> 8; num_train_steps: 2 -> 4 (batches are cut '
           'from the data order at step x batch size: with another batch size, some examples come again') in out
   # Recorded too: per-device statistics and ghost batches change with it.

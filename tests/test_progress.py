@@ -26,6 +26,21 @@ def test_the_bar_prints_a_line_per_update_into_a_file():
   assert stream.getvalue().count('\n') == 2
 
 
+def test_warnings_go_to_stderr_and_a_terminals_bar_line_ends_first():
+  # train.py's warnings had gone to stdout, eval.py's to stderr: `> log` kept one kind only.
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  terminal, errors = Terminal(), io.StringIO()
+  bar = ProgressBar(10, stream=terminal, width=10, warning_stream=errors)
+  bar.update(5, {}, 1.0, 1.0)
+  bar.message('warning: resuming with a changed config: batch_size: 16 -> 8.')
+  bar.message('eval at step 5')
+  assert errors.getvalue() == 'warning: resuming with a changed config: batch_size: 16 -> 8.\n'
+  assert terminal.getvalue() == '\r[#####.....] 5/10  | 1 img/s | ETA 00:05\033[K\n\neval at step 5\n'
+
+
 class _Clock:
   def __init__(self):
     self.now = 100.0

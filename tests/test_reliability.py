@@ -329,7 +329,7 @@ def test_non_finite_steps_can_be_skipped(tmp_path, capsys, caplog):
   config.skip_nonfinite_steps = True
   config.log_every_steps = 1
   train_lib.train_and_evaluate(config, str(tmp_path))
-  assert 'skipped non-finite step(s)' in capsys.readouterr().out
+  assert 'warning: skipped non-finite step(s)' in capsys.readouterr().err
   state = _read_params(tmp_path, config, 4)
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state.params))
   # Intervals whose every step was skipped log no loss at all, rather than a NaN or null one.

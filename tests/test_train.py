@@ -80,7 +80,7 @@ def test_a_run_switched_to_frozen_statistics_resumes_and_keeps_them(tmp_path, ca
   train_lib.train_and_evaluate(config, str(tmp_path))
   config.num_train_steps, config.bn.frozen = 4, True
   assert train_lib.train_and_evaluate(config, str(tmp_path))['step'] == 4
-  assert 'warning: resuming with a changed config: bn.frozen: False -> True' in capsys.readouterr().out
+  assert 'warning: resuming with a changed config: bn.frozen: False -> True' in capsys.readouterr().err
   before, after = _read_params(tmp_path, config, 2), _read_params(tmp_path, config, 4)
   assert 'biased' in str(jax.tree_util.tree_structure(after.batch_stats))
   jax.tree_util.tree_map(np.testing.assert_array_equal, after.batch_stats, before.batch_stats)
@@ -290,7 +290,7 @@ def test_a_batch_larger_than_the_training_split_is_warned_of(tmp_path, capsys):
   train_lib.train_and_evaluate(config, str(tmp_path))
   assert ('warning: config.batch_size=16 is more than the 12 training examples, so every batch holds some of '
           "them more than once (and BatchNorm's statistics count each copy); lower config.batch_size unless that "
-          'is meant.') in capsys.readouterr().out
+          'is meant.') in capsys.readouterr().err
 
 
 def test_frozen_bn_trains_and_evaluates_at_batch_one(tmp_path):

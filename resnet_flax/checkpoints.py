@@ -285,8 +285,12 @@ def latest_step_in(directory: str) -> Optional[int]:
 
 def run_workdir_of(path: str) -> Optional[str]:
   """The workdir of the training run that saved `path`, a `<workdir>/checkpoints/<step>`
-  directory (where its config.json is); None for a path laid out otherwise."""
-  steps = os.path.dirname(os.path.abspath(path))
+  directory or its orbax item `<step>/default` (where its config.json is); None for a path laid
+  out otherwise."""
+  path = os.path.abspath(path)
+  if os.path.basename(path) == 'default' and is_checkpoint(os.path.dirname(path)):
+    path = os.path.dirname(path)
+  steps = os.path.dirname(path)
   return os.path.dirname(steps) if os.path.basename(steps) == 'checkpoints' else None
 
 

@@ -214,10 +214,6 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   run = workdir if workdir is not None else (
       None if checkpoint.startswith(pretrained.SLIM_PREFIX) else checkpoints.run_workdir_of(checkpoint))
   differences = [] if run is None else input_differences(config, run)
-  if differences and jax.process_index() == 0:
-    # Warned, not refused: another resolution or preprocessing may be the experiment.
-    print(f"warning: evaluating {run if workdir is not None else checkpoint} with other settings than its run's "
-          f"({'; '.join(differences)}); give it the run's values to evaluate it as trained.", file=sys.stderr)
   try:
     with distributed.failing_together('to read the checkpoint'):  # each process reads it whole, by itself
       variables, step, _ = pretrained.load_for_model(checkpoint, model,
@@ -233,6 +229,10 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     # only what it is asked to, and says what else there is.
     raise checkpoints.CheckpointError(f'{error} Older checkpoints in {directory}: steps {older}; if this one is '
                                       f'damaged, pass --checkpoint={directory}/{older[-1]}.') from None
+  if differences and jax.process_index() == 0:  # after the read: a checkpoint refused is the one line to show
+    # Warned, not refused: another resolution or preprocessing may be the experiment.
+    print(f"warning: evaluating {run if workdir is not None else checkpoint} with other settings than its run's "
+          f"({'; '.join(differences)}); give it the run's values to evaluate it as trained.", file=sys.stderr)
   return LoadedCheckpoint(model, sharding.replicate(variables, mesh), step, num_classes, dataset, mesh)
 
 

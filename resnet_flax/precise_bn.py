@@ -158,8 +158,9 @@ def repeated_examples_note(num_batches: int, batch_size: int, num_examples: int)
   total = num_batches * batch_size
   if total <= num_examples:
     return None
-  fix = (f'lower config.batch_size to at most {num_examples:,}' if batch_size > num_examples else
-         f'lower config.bn_recalibration_batches to at most {num_examples // batch_size}')
+  # Named by what they are, not by config field: the BN sweep sets them through config.sweep.*.
+  fix = (f'recalibrate on at most {num_examples // batch_size} batch(es) of {batch_size}'
+         if batch_size <= num_examples else f'recalibrate on batches of at most {num_examples // num_batches:,}')
   return (f'precise BN reads {num_batches} batches of {batch_size} = {total:,} examples, more than the '
           f'{num_examples:,} training examples, so some count more than once in its statistics; {fix}.')
 

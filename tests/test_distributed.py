@@ -228,7 +228,7 @@ def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_pa
     assert returncode == 0, f'process {index}:\n{stdout}\n{stderr}'
   directory = workdir / 'checkpoints'
   assert (f'warning: skipping checkpoint step 4: process 1 of 2 failed to restore it: checkpoint {directory}/4 '
-          'cannot be read (OUT_OF_RANGE: Error reading "opt_state.0.trace" (process 1 alone))') in runs[0][1]
+          'cannot be read (OUT_OF_RANGE: Error reading "opt_state.0.trace" (process 1 alone))') in runs[0][2]
   assert f'Set aside damaged checkpoint(s) [4] as {directory}/4.damaged; resuming from step 2.' in runs[0][1]
   assert sorted(os.listdir(directory)) == ['2', '4', '4.damaged']
   # Both trained steps 3 and 4 again from step 2, together: the same state as the first time.

@@ -35,6 +35,7 @@ def test_evaluating_a_run_on_other_inputs_than_it_trained_on_is_warned_of(tmp_pa
   assert warning == [f"warning: evaluating {step} with other settings than its run's (data.image_size: 16 -> 8; "
                      "data.digits_resize: upsample -> pad); give it the run's values to evaluate it as trained."]
   assert checkpoints.run_workdir_of(str(step)) == str(tmp_path) and checkpoints.run_workdir_of(str(tmp_path)) is None
+  assert checkpoints.run_workdir_of(str(step / 'default')) == str(tmp_path)  # the step's orbax item, as orbax names it
   config.eval_split = 'train'  # another split is no other input
   config.data.update(image_size=16, digits_resize='upsample')
   assert eval_lib.input_differences(config, str(tmp_path)) == []

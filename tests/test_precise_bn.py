@@ -171,8 +171,9 @@ def test_recalibrating_on_more_examples_than_the_training_set_is_warned_of(capsy
   precise_bn.recalibrate(config, layer, variables, num_batches=2)
   assert [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')] == [
       'warning: precise BN reads 2 batches of 1000 = 2,000 examples, more than the 1,437 training examples, so some '
-      'count more than once in its statistics; lower config.bn_recalibration_batches to at most 1.']
-  assert precise_bn.repeated_examples_note(2, 3000, 1437).endswith('lower config.batch_size to at most 1,437.')
+      'count more than once in its statistics; recalibrate on at most 1 batch(es) of 1000.']
+  # A batch larger than the data: smaller batches, as many (fewer would do too).
+  assert precise_bn.repeated_examples_note(2, 3000, 1437).endswith('recalibrate on batches of at most 718.')
   assert precise_bn.repeated_examples_note(2, 700, 1437) is None  # 1,400: each example at most once
 
 

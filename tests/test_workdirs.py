@@ -88,15 +88,24 @@ def test_a_workdir_inside_another_runs_own_folders_is_refused_before_anything_is
   run = tmp_path / 'run'
   (run / 'tensorboard').mkdir(parents=True)
   (run / 'config.json').write_text('{}')
-  for inside in (run / 'tensorboard', run / 'tensorboard' / 'deeper', run / 'checkpoints' / 'new'):
+  (run / 'metrics.jsonl').write_text('')
+  with pytest.raises(checkpoints.CheckpointError, match=rf'^--workdir {run}/tensorboard lies inside the tensorboard/ '
+                                                         rf'folder of the run in {run}; pass --workdir={run} to go on '
+                                                         'with that run, or a workdir outside that run.$'):
+    workdirs.check_not_inside_a_run(str(run / 'tensorboard'), train_lib.RUN_SUBDIRECTORIES)
+  os.symlink(run / 'tensorboard', tmp_path / 'events')
+  for inside in (run / 'tensorboard' / 'deeper', run / 'checkpoints' / 'new', tmp_path / 'events' / 'x'):
     with pytest.raises(checkpoints.CheckpointError, match=rf'^--workdir {inside} lies inside the '
                                                            rf'(tensorboard|checkpoints)/ folder of the run in {run}; '
                                                            'pass a workdir outside that run.$'):
       workdirs.check_not_inside_a_run(str(inside), train_lib.RUN_SUBDIRECTORIES)
-  # A run's other subfolders may hold runs of its own (a fine-tuning beside it), and a folder named
-  # tensorboard without a run above it is no run's.
-  for fine in (run / 'finetune', tmp_path / 'tensorboard' / 'x', run):
+  # A run's other subfolders may hold runs of its own (a fine-tuning beside it); a folder named
+  # tensorboard without a run above it is no run's, nor is one beside a config.json alone.
+  (tmp_path / 'project').mkdir()
+  (tmp_path / 'project' / 'config.json').write_text('{}')
+  for fine in (run / 'finetune', tmp_path / 'tensorboard' / 'x', run, tmp_path / 'project' / 'checkpoints' / 'r'):
     workdirs.check_not_inside_a_run(str(fine), train_lib.RUN_SUBDIRECTORIES)
   with pytest.raises(checkpoints.CheckpointError, match='lies inside the tensorboard/ folder'):
     train_lib.train_and_evaluate(tiny_config(), str(run / 'tensorboard' / 'second'))
-  assert sorted(os.listdir(run)) == ['config.json', 'tensorboard'] and os.listdir(run / 'tensorboard') == []
+  assert sorted(os.listdir(run)) == ['config.json', 'metrics.jsonl', 'tensorboard']
+  assert os.listdir(run / 'tensorboard') == []

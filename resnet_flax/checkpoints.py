@@ -283,14 +283,20 @@ def latest_step_in(directory: str) -> Optional[int]:
   return max(committed_steps(directory), default=None)
 
 
+def step_of(path: str) -> str:
+  """`path` made absolute, or the step holding it where it is a manager step's orbax item
+  (`<step>/default`): the step is what to name."""
+  path = os.path.abspath(path)
+  if os.path.basename(path) == 'default' and is_checkpoint(os.path.dirname(path)):
+    return os.path.dirname(path)
+  return path
+
+
 def run_workdir_of(path: str) -> Optional[str]:
   """The workdir of the training run that saved `path`, a `<workdir>/checkpoints/<step>`
   directory or its orbax item `<step>/default` (where its config.json is); None for a path laid
   out otherwise."""
-  path = os.path.abspath(path)
-  if os.path.basename(path) == 'default' and is_checkpoint(os.path.dirname(path)):
-    path = os.path.dirname(path)
-  steps = os.path.dirname(path)
+  steps = os.path.dirname(step_of(path))
   return os.path.dirname(steps) if os.path.basename(steps) == 'checkpoints' else None
 
 

@@ -211,8 +211,7 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
     checkpoint = os.path.join(directory, str(step))
     older = [saved for saved in checkpoints.committed_steps(directory) if saved < step]
   # A step of a run named by its path (`--checkpoint=<workdir>/checkpoints/<step>`) has its run's record too.
-  run = workdir if workdir is not None else (
-      None if checkpoint.startswith(pretrained.SLIM_PREFIX) else checkpoints.run_workdir_of(checkpoint))
+  run = workdir if workdir is not None else pretrained.source_run(checkpoint)
   differences = [] if run is None else input_differences(config, run)
   try:
     with distributed.failing_together('to read the checkpoint'):  # each process reads it whole, by itself

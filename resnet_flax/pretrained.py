@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -144,10 +144,16 @@ def _fix(loaded: dict[str, Any], reference: dict[str, Any], source: str, allow_n
   return ' '.join(fixes) or 'Check --config.model and its options (config.model_options, config.bn).'
 
 
+def source_run(spec: str) -> Optional[str]:
+  """The workdir of the training run that saved the checkpoint `spec` names (a
+  `<workdir>/checkpoints/<step>`), where its config.json is; None for any other, `slim:` included."""
+  return None if spec.startswith(SLIM_PREFIX) else checkpoints.run_workdir_of(spec)
+
+
 def _recorded_config(source: str) -> str:
   """The model-shaping fields that the run which wrote the orbax checkpoint `<workdir>/
   checkpoints/<step>` recorded in `<workdir>/config.json`, as flags; empty if there is none."""
-  workdir = None if source.startswith(SLIM_PREFIX) else checkpoints.run_workdir_of(source)
+  workdir = source_run(source)
   if workdir is None:
     return ''
   try:

@@ -52,9 +52,7 @@ def check_not_a_checkpoint(workdir: str) -> None:
   """Refuses a workdir that is a checkpoint, or a workdir's `checkpoints/` folder: a run
   started there would write a run of its own inside the saved one (whose next start then
   sets that checkpoint aside as damaged), and an evaluation would find nothing."""
-  path = os.path.abspath(workdir)
-  if os.path.basename(path) == 'default' and checkpoints.is_checkpoint(os.path.dirname(path)):
-    path = os.path.dirname(path)  # a manager step's item: the step is what to name
+  path = checkpoints.step_of(workdir)
   newest = checkpoints.latest_step_in(path)
   if checkpoints.is_checkpoint(path):
     what, checkpoint = 'a checkpoint', path
@@ -62,10 +60,10 @@ def check_not_a_checkpoint(workdir: str) -> None:
     what, checkpoint = "a workdir's checkpoints/ folder", os.path.join(path, str(newest))
   else:
     return
-  steps = os.path.dirname(checkpoint)
   # Only a step of a workdir's checkpoints/ has a workdir above it (not a converted `variables`).
-  workdir_hint = (f'pass --workdir={os.path.dirname(steps)} (train.py resumes it, eval.py takes its newest '
-                  'checkpoint), or ' if os.path.basename(steps) == 'checkpoints' else '')
+  run = checkpoints.run_workdir_of(checkpoint)
+  workdir_hint = (f'pass --workdir={run} (train.py resumes it, eval.py takes its newest checkpoint), or '
+                  if run is not None else '')
   raise CheckpointError(f'--workdir {os.path.abspath(workdir)} is {what}, not a workdir: {workdir_hint}name the '
                         f'checkpoint itself: eval.py --checkpoint={checkpoint}, train.py '
                         f'--config.init_checkpoint={checkpoint}.')

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
-from typing import Any, Callable, NoReturn, Optional
+from typing import Callable, NoReturn, Optional
 
 import jax
-import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -40,16 +40,6 @@ def _none_given(arg: str) -> str:
   """The error for `--config.<field>=None`, which the command line cannot express."""
   return (f'{arg}: None cannot be given on the command line; leave the flag out for the config '
           "file's value, or set the field to None in a config file (configs/default.py shows which may be).")
-
-
-def _field_or_none(config: ml_collections.ConfigDict, dotted: str) -> Any:
-  """The value at `dotted` ('data.dir') in `config`, or None where there is none."""
-  value: Any = config
-  for key in dotted.split('.'):
-    if not isinstance(value, ml_collections.ConfigDict) or key not in value:
-      return None
-    value = value[key]
-  return value
 
 
 def _exit_unknown_field(error: BaseException, argv: list[str]) -> NoReturn:
@@ -123,20 +113,22 @@ def parse_flags(argv: list[str], program: Optional[str] = None) -> list[str]:
     if flags.FLAGS.config is None:  # no --config, and no configs/digits.py beside the package
       _exit('no config given; pass --config=configs/<name>.py.')
     _refuse_repeated_tuple_overrides(argv[1:], flags.FLAGS.config)
-    # A text field takes 'None' as the text 'None' (init_checkpoint: a file of that name).
-    given_none = [arg for arg in argv[1:] if arg.startswith('--config.') and arg.endswith('=None')
-                  and _field_or_none(flags.FLAGS.config, arg[len('--config.'):-len('=None')]) == 'None']
+    # A text field takes 'None' as the text 'None' (init_checkpoint: a file of that name). The parsed
+    # overrides hold `--config.x None` and a --flagfile's lines too, which argv does not show.
+    given_none = [field for field, value in config_flags.get_override_values(flags.FLAGS['config']).items()
+                  if value == 'None']
     if given_none:
-      _exit(_none_given(given_none[0]))
+      _exit(_none_given(f'--config.{given_none[0]}=None'))
   except config_file.ConfigFileError as error:
     if _traceback_in(argv):
       raise
     _exit(str(error))
   except flags.Error as error:
-    given_none = [arg for arg in argv[1:]
-                  if arg.startswith('--config.') and arg.endswith('=None') and arg in str(error)]
-    if given_none:  # ml_collections parses a placeholder's value as its type: 'None' is no int
-      _exit(_none_given(given_none[0]))
+    # ml_collections parses a placeholder's value as its type: 'None' is no int. absl's message names
+    # the flag as `--config.x=None` however it was given (`--config.x None`, a --flagfile).
+    given_none = re.match(r'flag (--config\.[\w.]+=None): ', str(error))
+    if given_none:
+      _exit(_none_given(given_none.group(1)))
     early = _override_before_config_file(argv[1:])
     if early:  # ml_collections applies an override to the file given before it
       _exit(f'{early} comes before --config=FILE; put --config=FILE first, then the --config.<field> overrides.')

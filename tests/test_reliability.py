@@ -475,6 +475,24 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, expected):
   assert 'Traceback' not in done.stdout + done.stderr
 
 
+# The check had read `--config.x=None` in argv only: a text field given None otherwise was a file
+# named None, and a typed one got int()'s message.
+@pytest.mark.parametrize('given', [('--config.init_checkpoint', 'None'), ('--flagfile=FLAGFILE',)],
+                         ids=['text_field_space_form', 'typed_field_in_a_flagfile'])
+def test_none_given_other_than_as_field_equals_none_is_refused_too(tmp_path, given):
+  flagfile = tmp_path / 'flags.txt'
+  flagfile.write_text('--config.num_classes=None\n')
+  done = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), f'--workdir={tmp_path}/run',
+                         *(word.replace('FLAGFILE', str(flagfile)) for word in given)], cwd=REPO,
+                        capture_output=True, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
+  field = 'init_checkpoint' if len(given) == 2 else 'num_classes'
+  assert done.returncode == 2
+  assert done.stderr.splitlines() == [f'error: --config.{field}=None: None cannot be given on the command line; leave '
+                                      "the flag out for the config file's value, or set the field to None in a config "
+                                      'file (configs/default.py shows which may be).']
+  assert not os.path.exists(tmp_path / 'run')
+
+
 @pytest.mark.parametrize('where', ['workdir', 'init_checkpoint'])
 def test_bucket_urls_are_refused_not_made_into_local_directories(tmp_path, monkeypatch, where):
   monkeypatch.chdir(tmp_path)

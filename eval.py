@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
 
   def run():
     distributed.initialize(FLAGS.config.distributed)  # Before anything else touches JAX.
-    cli.warn_of_training_only_overrides(config_checks.EVAL)
+    cli.warn_of_unread_overrides(config_checks.EVAL)
     workdir = cli.workdir()
     config = FLAGS.config
     if config.bn_report_batch_sizes:

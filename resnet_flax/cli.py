@@ -172,14 +172,27 @@ def _traceback_in(argv: list[str]) -> bool:
   return wanted
 
 
-def warn_of_training_only_overrides(program: str) -> None:
-  """Says (process 0, on stderr) which `--config.<field>` overrides `program`, an evaluation,
-  does not read because only training does: a repeated training command line is no error, but
-  its learning rate or step count changes nothing here."""
-  ignored = config_checks.training_only(config_flags.get_override_values(flags.FLAGS['config']))
-  if ignored and jax.process_index() == 0:
-    print(f'warning: {program} does not read {", ".join(f"--config.{field}" for field in ignored)}: only training '
-          'does, so they change nothing here.', file=sys.stderr)
+def warn_of_unread_overrides(program: str) -> None:
+  """Says (process 0, on stderr) which `--config.<field>` overrides `program`, an evaluation, does
+  not read: those only training reads (a repeated training command line is no error, but its
+  learning rate or step count changes nothing here), and the statistics groups without a
+  recalibration."""
+  overridden = config_flags.get_override_values(flags.FLAGS['config'])
+  if jax.process_index() != 0:
+    return
+  training = config_checks.training_only(overridden)
+  if training:
+    print(f'warning: {program} does not read {_flags(training)}: only training does, so they change nothing here.',
+          file=sys.stderr)
+  grouping = config_checks.recalibration_only(flags.FLAGS.config, overridden)
+  if grouping:
+    print(f'warning: {program} does not read {_flags(grouping)} without a recalibration: evaluation uses the moving '
+          'statistics, and only config.bn_recalibration_batches > 0 groups batch statistics as training did.',
+          file=sys.stderr)
+
+
+def _flags(fields: list[str]) -> str:
+  return ', '.join(f'--config.{field}' for field in fields)
 
 
 def json_line(result: dict) -> str:

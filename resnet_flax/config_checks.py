@@ -73,6 +73,9 @@ TRAINING_ONLY = ('num_train_steps', 'optimizer', 'learning_rate', 'lr_batch_size
                  'bn_weight_decay', 'label_smoothing', 'skip_nonfinite_steps', 'max_skipped_in_a_row', 'lars', 'adamw',
                  'shard_optimizer_state', 'init_checkpoint', 'log_every_steps', 'eval_every_steps',
                  'checkpoint_every_steps', 'keep_checkpoints', 'async_checkpointing')
+# Fields eval.py reads only to recalibrate BatchNorm (precise BN groups statistics as training
+# did); evaluation itself uses the moving statistics, in no groups.
+RECALIBRATION_ONLY = ('bn.ghost_batch_size', 'bn.cross_device')
 # Top-level fields only another program reads, set in its own configs (configs/bn_sweep.py's sweep).
 _OTHER_PROGRAMS_FIELDS = frozenset(field for fields, _ in _READ_ONLY_BY for field in fields) - _FIELDS
 
@@ -298,6 +301,14 @@ def _check_program_reads(field: str, program: str) -> None:
 def training_only(overridden: Iterable[str]) -> list[str]:
   """The fields of `overridden` (dotted names) that only training reads (`TRAINING_ONLY`)."""
   return [field for field in overridden if any(_within(field, group) for group in TRAINING_ONLY)]
+
+
+def recalibration_only(config: ml_collections.ConfigDict, overridden: Iterable[str]) -> list[str]:
+  """The fields of `overridden` eval.py reads only to recalibrate (`RECALIBRATION_ONLY`), where
+  `config` recalibrates nothing (config.bn_recalibration_batches=0)."""
+  if config.bn_recalibration_batches > 0:
+    return []
+  return [field for field in overridden if field in RECALIBRATION_ONLY]
 
 
 def check_overrides_read(config: ml_collections.ConfigDict, overridden: Iterable[str],

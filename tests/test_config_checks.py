@@ -415,15 +415,28 @@ def test_every_training_only_field_is_a_config_field():
   flat = set(_flat_fields(default.get_config()))
   for field in config_checks.TRAINING_ONLY:
     assert field in flat or any(name.startswith(field + '.') for name in flat), field
+  assert set(config_checks.RECALIBRATION_ONLY) <= flat
 
 
-def test_eval_py_warns_of_training_only_overrides_by_name(tmp_path):
+def test_statistics_groups_are_read_in_eval_only_to_recalibrate():
+  overridden = ['bn.ghost_batch_size', 'bn.cross_device', 'bn.epsilon', 'batch_size']
+  config = default.get_config()
+  assert config_checks.recalibration_only(config, overridden) == ['bn.ghost_batch_size', 'bn.cross_device']
+  config.bn_recalibration_batches = 2  # precise BN groups its statistics as training did
+  assert config_checks.recalibration_only(config, overridden) == []
+
+
+def test_eval_py_warns_of_overrides_it_does_not_read_by_name(tmp_path):
+  # bn.ghost_batch_size had passed without a word, where evaluation groups no statistics.
   workdir = str(tmp_path / 'run')
-  result = _run('eval.py', f'--workdir={workdir}', '--config.learning_rate=0.5', '--config.lars.eps=0.1')
+  result = _run('eval.py', f'--workdir={workdir}', '--config.learning_rate=0.5', '--config.lars.eps=0.1',
+                '--config.bn.ghost_batch_size=4')
   assert result.returncode == 2, result.stderr
   assert result.stderr.splitlines() == [
       'warning: eval.py does not read --config.learning_rate, --config.lars.eps: only training does, so they change '
       'nothing here.',
+      'warning: eval.py does not read --config.bn.ghost_batch_size without a recalibration: evaluation uses the '
+      'moving statistics, and only config.bn_recalibration_batches > 0 groups batch statistics as training did.',
       f'error: no checkpoint in {workdir}/checkpoints; train first or pass --checkpoint=PATH.']
 
 

@@ -324,7 +324,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
     return {**metrics, 'ema': eval_lib.evaluate_dataset(eval_step, sharding.gather(state.ema, mesh), eval_ds, mesh)}
 
   with distributed.failing_together('to open the metrics files'):  # the chief's alone
-    writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=0 if last_saved is None else last_saved)
+    # A fresh start keeps no record: step 0's is a zero-step run's evaluation, which this run repeats.
+    writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=-1 if last_saved is None else last_saved)
     if last_saved is None and writer.dropped_steps:
       steps = writer.dropped_steps
       progress.message(f'note: dropped {len(steps)} step(s) ({steps[0]} to {steps[-1]}) an earlier start without a '
@@ -388,8 +389,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
         progress.message(f'Preempted: saved step {step} to {checkpointer.directory}; rerun the same command to resume.')
         break
     if not eval_metrics and int(state.step) == config.num_train_steps:
-      # Nothing left to train (a finished run started again): report its evaluation anyway.
+      # Nothing left to train (a finished run started again): report its evaluation anyway. A run of
+      # zero steps (the initial or config.init_checkpoint's weights, a baseline) records it as step 0.
       eval_metrics = evaluate(state)
+      if start_step == 0:
+        with distributed.failing_together('to write the metrics'):
+          writer.write(0, _eval_records(eval_metrics))
+        progress.message(f'eval at step 0: {_eval_line(eval_metrics)}')
   finally:
     restore_signal_handlers()
     batches.close()

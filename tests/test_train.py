@@ -173,6 +173,22 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
+def test_zero_steps_evaluate_the_initial_weights_and_record_them_as_step_0(tmp_path):
+  # A baseline run (the initial or init_checkpoint's weights) had printed its evaluation and recorded nothing.
+  config = tiny_config(0)
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
+  model = model_builder.build_model(config, 10)
+  variables = model.init(jax.random.PRNGKey(config.seed), np.zeros((1, 8, 8, 1), np.float32), train=False)
+  eval_ds = eval_lib.build_eval_dataset(config)
+  by_hand = eval_lib.evaluate_dataset(eval_lib.make_eval_step(model, sharding.data_mesh()), variables, eval_ds,
+                                      sharding.data_mesh())
+  assert result == {'step': 0, **by_hand}
+  expected = [{'step': 0, **{f'eval/{key}': float(value) for key, value in by_hand.items()}}]
+  assert metrics_writer.read_records(str(tmp_path)) == expected
+  train_lib.train_and_evaluate(config, str(tmp_path))  # again: step 0 is recorded once
+  assert metrics_writer.read_records(str(tmp_path)) == expected
+
+
 def test_train_step_updates_moving_statistics(tmp_path):
   config = tiny_config(2)
   train_lib.train_and_evaluate(config, str(tmp_path))

@@ -69,17 +69,18 @@ def check_not_a_checkpoint(workdir: str) -> None:
                         f'--config.init_checkpoint={checkpoint}.')
 
 
-def check_not_inside_a_run(workdir: str, run_subdirectories: tuple[str, ...]) -> None:
+def check_not_inside_a_run(workdir: str, run_subdirectories: tuple[str, ...], for_a_run: bool = True) -> None:
   """Refuses a workdir inside another run's own folders (`<run>/tensorboard/...`, a run being a
   directory with the config.json and metrics.jsonl a training run writes at its start): its files
-  would mix with that run's, and TensorBoard pointed at the run would show both as one."""
+  would mix with that run's, and TensorBoard pointed at the run would show both as one.
+  `for_a_run`: the workdir is one run's (train.py's, not a sweep's), so the run's own folder may be the one meant."""
   resolved = os.path.realpath(workdir)  # a link into a run's folder is inside it too
   child, parent = resolved, os.path.dirname(resolved)
   while parent != child:
     if (os.path.basename(child) in run_subdirectories and
         all(os.path.isfile(os.path.join(parent, name)) for name in ('config.json', 'metrics.jsonl'))):
       # The run's folder itself was most likely meant for the run.
-      resume = f'--workdir={parent} to go on with that run, or ' if child == resolved else ''
+      resume = f'--workdir={parent} to go on with that run, or ' if for_a_run and child == resolved else ''
       raise CheckpointError(f'--workdir {os.path.abspath(workdir)} lies inside the {os.path.basename(child)}/ '
                             f'folder of the run in {parent}; pass {resume}a workdir outside that run.')
     child, parent = parent, os.path.dirname(parent)

@@ -133,6 +133,20 @@ def test_an_unwritable_sweep_workdir_is_refused_in_one_line(tmp_path):
     bn_sweep.run_sweep(_config(), str(tmp_path / 'file'), log=lambda message: None)
 
 
+def test_a_sweep_workdir_inside_another_runs_folders_is_refused_before_any_run_folder(tmp_path):
+  # Each run had been refused, after the sweep had made its empty runs/<name> among the events.
+  (tmp_path / 'tensorboard').mkdir()
+  for name in ('config.json', 'metrics.jsonl'):
+    (tmp_path / name).write_text('{}')
+  for workdir in (tmp_path / 'tensorboard' / 'sweep', tmp_path / 'tensorboard'):
+    with pytest.raises(ValueError) as refused:
+      bn_sweep.run_sweep(_config(), str(workdir), log=lambda message: None)
+    # Not train.py's "--workdir=RUN to go on with that run": a sweep is no run to go on with.
+    assert str(refused.value) == (f'--workdir {workdir} lies inside the tensorboard/ folder of the run in {tmp_path}; '
+                                  'pass a workdir outside that run.')
+  assert os.listdir(tmp_path / 'tensorboard') == []
+
+
 @pytest.mark.parametrize('argv, field, sweep_field', [
     (['--config=configs/bn_sweep.py', '--config.batch_size=16', "--config.sweep.batch_size=(8,)"],
      'batch_size', 'batch_size'),

@@ -40,6 +40,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str,
   for run in runs:  # every run's settings, before the first one trains
     check_run(run)
   check_batch_sizes(runs, config)
+  # Each run checks this too, but only once the sweep has made its folder.
+  workdirs.check_not_inside_a_run(workdir, train_lib.RUN_SUBDIRECTORIES, for_a_run=False)
   workdirs.check_workdir(workdir, needed_bytes=0)  # each run checks its own room when it starts
   plots.require_matplotlib()
   try:

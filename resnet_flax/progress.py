@@ -29,6 +29,7 @@ class ProgressBar:
     self.warning_stream = warning_stream or sys.stderr
     self.width = width
     self._interactive = getattr(self.stream, 'isatty', lambda: False)()
+    self._on_the_bars_line = False  # a terminal's cursor, after the bar and before its newline
 
   def update(self, step: int, metrics: Mapping[str, float], images_per_second: float,
              seconds_per_step: float) -> None:
@@ -42,18 +43,25 @@ class ProgressBar:
     line = f'[{bar}] {step}/{self.total_steps} {fields} | {images_per_second:,.0f} img/s | ETA {eta}'
     self.stream.write(('\r' + line + '\033[K') if self._interactive else line + '\n')
     self.stream.flush()
+    self._on_the_bars_line = self._interactive
 
   def message(self, text: str) -> None:
     """Prints `text` on its own line, leaving the bar intact: a `warning:` line on the warning
     stream (stderr, where eval.py's and the command line's go), the others with the bar."""
     if not self.enabled:
       return
-    if self._interactive:
-      self.stream.write('\n')  # the bar's line ends before the message
-      self.stream.flush()
+    self.end_line()  # once: two messages in a row had a blank line between them
     stream = self.warning_stream if text.startswith('warning:') else self.stream
     stream.write(text + '\n')
     stream.flush()
+
+  def end_line(self) -> None:
+    """Ends a terminal's bar line, so that what comes next (a message, an error, the shell's
+    prompt) starts a line of its own."""
+    if self._on_the_bars_line:
+      self.stream.write('\n')
+      self.stream.flush()
+      self._on_the_bars_line = False
 
 
 class BatchProgress:

@@ -37,8 +37,16 @@ def test_warnings_go_to_stderr_and_a_terminals_bar_line_ends_first():
   bar.update(5, {}, 1.0, 1.0)
   bar.message('warning: resuming with a changed config: batch_size: 16 -> 8.')
   bar.message('eval at step 5')
+  bar.update(6, {}, 1.0, 1.0)
+  bar.message('eval at step 6')
   assert errors.getvalue() == 'warning: resuming with a changed config: batch_size: 16 -> 8.\n'
-  assert terminal.getvalue() == '\r[#####.....] 5/10  | 1 img/s | ETA 00:05\033[K\n\neval at step 5\n'
+  # One newline ends the bar's line; two messages in a row had a blank line between them.
+  bar.update(7, {}, 1.0, 1.0)
+  bar.end_line()  # a run that stops here: its error starts a line of its own
+  bar.end_line()
+  assert terminal.getvalue() == ('\r[#####.....] 5/10  | 1 img/s | ETA 00:05\033[K\neval at step 5\n'
+                                 '\r[######....] 6/10  | 1 img/s | ETA 00:04\033[K\neval at step 6\n'
+                                 '\r[#######...] 7/10  | 1 img/s | ETA 00:03\033[K\n')
 
 
 class _Clock:

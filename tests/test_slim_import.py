@@ -302,6 +302,29 @@ def test_a_root_block_on_one_side_only_hints_at_include_root_block(tmp_path, sav
   assert 'channel' not in error.value.summary.split('hint:', 1)[1]
 
 
+def test_a_deeper_networks_checkpoint_is_refused_naming_the_units_the_model_lacks(tmp_path):
+  # Its extra units had been dropped without a word: a shallower network, another function. The
+  # orbax path refused the same variables.
+  deep = model_for('resnet_v1_tiny', num_classes=10, block_sizes=((4, 3, 2), (8, 2, 2), (16, 2, 1)))
+  variables = deep.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3)), train=False)
+  prefix = slim.save_slim_checkpoint(str(tmp_path / 'model.ckpt'), variables, deep)
+  shallow = model_for('resnet_v1_tiny', num_classes=10, block_sizes=((4, 2, 2), (8, 2, 2), (16, 1, 1)))
+  with pytest.raises(slim.SlimCheckpointError) as error:
+    slim.load_variables(prefix, shallow, image_shape=(32, 32, 3))
+  assert str(error.value).splitlines()[1:4] == [
+      '  2 scope(s) of layers in the checkpoint that the model does not have (leaving them out would change the '
+      'outputs):', '    resnet_v1_tiny/block1/unit_3', '    resnet_v1_tiny/block3/unit_2']
+  assert error.value.summary.endswith(
+      'hint: the checkpoint holds a deeper network (more units per block, or more blocks): build the model it was '
+      "saved from (models.get_model's name and block_sizes; train.py / eval.py: --config.model and "
+      '--config.model_options.block_sizes)')
+  # Its own network, and its features without the logits layer, still load.
+  loaded = slim.load_variables(prefix, deep, image_shape=(32, 32, 3))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, jax.tree_util.tree_map(np.asarray, variables))
+  features = model_for('resnet_v1_tiny', num_classes=None, block_sizes=((4, 3, 2), (8, 2, 2), (16, 2, 1)))
+  assert 'logits' not in slim.load_variables(prefix, features, image_shape=(32, 32, 3))['params']
+
+
 def test_a_model_name_in_place_of_a_model_is_refused_naming_get_model():
   with pytest.raises(TypeError, match=re.escape("expected a model built by models.get_model, got str 'resnet_v1_tiny': "
                                                 "pass models.get_model('resnet_v1_tiny', num_classes=...).")):

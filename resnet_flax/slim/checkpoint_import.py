@@ -7,7 +7,8 @@
 The model decides what is read: every variable it declares is looked up under its slim name
 (`names.slim_name`), and everything else in the checkpoint (optimizer slots, `global_step`,
 zero-debias state the model does not keep, a logits layer a `num_classes=None` model does not
-have) is ignored. What does not fit is reported all at once in a `SlimCheckpointError`.
+have) is ignored. What does not fit, layers the model lacks too (a deeper network's units), is
+reported all at once in a `SlimCheckpointError`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from resnet_flax.slim import tensor_bundle
 
 PARAMS, BATCH_STATS, GLOBAL_STEP = names.PARAMS, names.BATCH_STATS, names.GLOBAL_STEP
 DEFAULT_IMAGE_SHAPE = (224, 224, 3)
+_HEAD = 'logits'  # the classifier: a num_classes=None model has none
 # State TF creates next to a restored checkpoint when it is absent, all of a group at zero:
 # zero-debias state (ours for the variance too) and our renorm clipping-schedule counter.
 _ZERO_START_GROUPS = (('moving_mean_biased', 'moving_mean_local_step'),
@@ -280,10 +282,31 @@ def _plan(expected, found, scope: str, reader, model) -> tuple[dict, dict]:
       else:
         plan[collection][path] = name
   unexpected = _unexpected_bn_params(expected, found, scope, reader)
-  if missing or misshaped or bad_dtype or unexpected:
+  extra_layers = _layers_not_in_model(expected, found, scope)
+  if missing or misshaped or bad_dtype or unexpected or extra_layers:
     raise SlimCheckpointError(*_message_and_summary(reader.prefix, model, found, missing, misshaped, bad_dtype,
-                                                    unexpected))
+                                                    unexpected, extra_layers))
   return plan, filled
+
+
+def _layers_not_in_model(expected, found, scope: str) -> list[str]:
+  """The outermost scopes of layers with weights or statistics in the checkpoint under the model's
+  scope that the model does not have, a deeper network's units: reading only the model's own would drop them
+  and compute another function. A logits layer is left out of a model without one (features, or
+  a new head)."""
+  modules = {path[:-1] for leaves in expected.values() for path in leaves}
+  has_head = any(module[:1] == (_HEAD,) for module in modules)
+  scopes = {module[:depth] for module in modules for depth in range(len(module) + 1)}
+  extra = set()
+  for name in found:
+    where = names.flax_path(scope, name)  # None for optimizer slots, global_step, other scopes
+    module = () if where is None else where[1][:-1]
+    if where is None or module in modules or (module[:1] == (_HEAD,) and not has_head):
+      continue
+    # The outermost scope the model lacks: a unit, not each of its layers.
+    outermost = next(module[:depth] for depth in range(1, len(module) + 1) if module[:depth] not in scopes)
+    extra.add('/'.join((scope, *outermost)))
+  return sorted(extra)
 
 
 def _unexpected_bn_params(expected, found, scope: str, reader) -> list[tuple[str, str]]:
@@ -302,7 +325,7 @@ def _unexpected_bn_params(expected, found, scope: str, reader) -> list[tuple[str
 
 
 def _message_and_summary(prefix: str, model: Any, found: Mapping[str, tuple], missing, misshaped, bad_dtype,
-                         unexpected) -> tuple[str, str]:
+                         unexpected, extra_layers) -> tuple[str, str]:
   classes = getattr(model, 'num_classes', None)
   # A fine-tuning load that allowed a new head tried the model without its logits last: say so.
   header = (f'checkpoint {prefix} does not fit model {model.slim_scope!r} '
@@ -315,9 +338,11 @@ def _message_and_summary(prefix: str, model: Any, found: Mapping[str, tuple], mi
       (f'{len(bad_dtype)} variable(s) of a non-numeric dtype', [f'{name}  ({dtype})' for name, dtype in bad_dtype]),
       (f'{len(unexpected)} BatchNorm param(s) in the checkpoint that the model does not have (ignoring them '
        'would change the outputs)', [name for name, _ in unexpected]),
+      (f'{len(extra_layers)} scope(s) of layers in the checkpoint that the model does not have (leaving them out '
+       'would change the outputs)', extra_layers),
   ]
   groups = [(kind, lines) for kind, lines in groups if lines]
-  hints = [f'hint: {hint}' for hint in _hints(model, found, missing, misshaped, unexpected)]
+  hints = [f'hint: {hint}' for hint in _hints(model, found, missing, misshaped, unexpected, extra_layers)]
   message = [header]
   for kind, lines in groups:
     message += [f'  {kind}:', *(f'    {line}' for line in lines)]
@@ -325,7 +350,7 @@ def _message_and_summary(prefix: str, model: Any, found: Mapping[str, tuple], mi
   return '\n'.join(message + hints), '; '.join([summary, *hints])
 
 
-def _hints(model: Any, found, missing, misshaped, unexpected) -> list[str]:
+def _hints(model: Any, found, missing, misshaped, unexpected, extra_layers) -> list[str]:
   scope = model.slim_scope
   hints = []
   in_scope = [name for name in found if name.startswith(scope + '/')]
@@ -357,6 +382,10 @@ def _hints(model: Any, found, missing, misshaped, unexpected) -> list[str]:
                  "add a new logits layer's variables from model.init")
   for fix in sorted({fix for _, fix in unexpected}):
     hints.append(f'build the model with {fix} to use those params')
+  if extra_layers and not other_input:
+    hints.append('the checkpoint holds a deeper network (more units per block, or more blocks): build the model it '
+                 "was saved from (models.get_model's name and block_sizes; train.py / eval.py: --config.model and "
+                 '--config.model_options.block_sizes)')
   return hints
 
 

@@ -2,27 +2,49 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 
+def check_labels(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None) -> None:
+  """Refuses labels (and a mask) that are not one integer (one weight) per example of `logits`:
+  (batch, 1) labels or masks had broadcast against (batch,) into a wrong number, and float
+  labels had matched no class. Shapes and dtypes are static, so this costs nothing in a jit."""
+  batch = tuple(jnp.shape(logits)[:-1])
+  if tuple(jnp.shape(labels)) != batch:
+    raise ValueError(f'labels of shape {tuple(jnp.shape(labels))} for logits of shape {tuple(jnp.shape(logits))}: '
+                     f'give one integer class index per example, shape {batch} (one-hot labels: labels.argmax(-1)).')
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise TypeError(f'labels of dtype {jnp.result_type(labels)}: give integer class indices (labels.astype(jnp.int32) '
+                    'where they hold whole numbers).')
+  if mask is not None and tuple(jnp.shape(mask)) != batch:
+    raise ValueError(f'a mask of shape {tuple(jnp.shape(mask))} for logits of shape {tuple(jnp.shape(logits))}: give '
+                     f'one weight per example, shape {batch} (1.0 for a real example, 0.0 for padding).')
+
+
 def per_example_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
   """Softmax cross entropy of each example against its integer label, in float32.
 
+  A label outside [0, classes) gives NaN, as TF's sparse cross entropy does on a GPU: its
+  one-hot target of zeros had given a loss of 0, an example trained on as nothing, without a word.
   Through one-hot targets, not optax's integer-label form: that one gathers, and under the
   batch-sharded jit a gather of a batch of one has no output sharding JAX can infer.
   """
-  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  check_labels(logits, labels)
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes)
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  return jnp.where((labels >= 0) & (labels < num_classes), loss, jnp.nan)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
   """Mean softmax cross entropy over the examples where `mask` is 1."""
+  check_labels(logits, labels, mask)
   per_example = per_example_cross_entropy(logits, labels, label_smoothing)
   return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
@@ -50,6 +72,7 @@ def correct_top_k(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int)
   Ties count in the label's favour; an example with any non-finite logit never counts, so a
   model that outputs NaN scores 0, not 1 (NaN compares false with everything: rank 0).
   """
+  check_labels(logits, labels, mask)
   num_classes = logits.shape[-1]
   k = min(k, num_classes)
   # A masked max, not take_along_axis: see per_example_cross_entropy.

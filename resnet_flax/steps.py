@@ -101,6 +101,7 @@ def _with_schedule_counts(kept: Any, advanced: Any) -> Any:
 def classification_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]:
   """Sums over the batch (loss, top-1 and top-5 hits, examples), padding masked out."""
   mask = batch['mask']
+  losses.check_labels(logits, batch['label'], mask)
   per_example = losses.per_example_cross_entropy(logits, batch['label'])
   return {
       'loss_sum': jnp.sum(per_example * mask),

@@ -123,3 +123,37 @@ def test_bfloat16_logits_give_the_float32_loss_of_their_values():
   got = losses.per_example_cross_entropy(jnp.asarray(logits, jnp.bfloat16), labels)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), numpy_cross_entropy(logits, labels), rtol=1e-6)
+
+
+_LOGITS = jnp.array([[2., 1, 0], [0, 3, 1], [1, 1, 1], [.5, .2, .1]])
+_LABELS = jnp.array([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize('labels, mask, error, message', [
+    # Each had given a number: (4, 1) labels or masks broadcast to (4, 4) (loss 5.48 and 2.56 for 0.639; top-1 of
+    # 1.0 and top-5 of 1.75 in a train step), and float labels matched no class where not whole.
+    (_LABELS[:, None], jnp.ones(4), ValueError, r'labels of shape \(4, 1\) for logits of shape \(4, 3\): give one '
+                                                r'integer class index per example, shape \(4,\)'),
+    (jnp.eye(4, 3, dtype=jnp.int32), jnp.ones(4), ValueError, r'one-hot labels: labels.argmax\(-1\)'),
+    (_LABELS, jnp.ones((4, 1)), ValueError, r'a mask of shape \(4, 1\) for logits of shape \(4, 3\): give one weight '
+                                            r'per example, shape \(4,\)'),
+    (jnp.array([.3, 1.2, 2.7, 0.]), jnp.ones(4), TypeError, 'labels of dtype float32: give integer class indices'),
+])
+def test_labels_or_a_mask_not_one_per_example_are_refused_by_every_loss_and_metric(labels, mask, error, message):
+  for compute in (lambda: losses.cross_entropy(_LOGITS, labels, mask),
+                  lambda: losses.correct_top_k(_LOGITS, labels, mask, 1),
+                  lambda: steps.classification_sums(_LOGITS, {'label': labels, 'mask': mask})):
+    with pytest.raises(error, match=message):
+      compute()
+
+
+@pytest.mark.parametrize('label', [3, -1])
+def test_a_label_outside_the_classes_makes_the_loss_nan_not_zero(label):
+  # A one-hot target of zeros had given that example a loss of 0: a batch of such labels trained on nothing.
+  labels = _LABELS.at[3].set(label)
+  per_example = np.asarray(losses.per_example_cross_entropy(_LOGITS, labels))
+  by_hand = np.log(np.exp(_LOGITS[:3]).sum(-1)) - np.asarray(_LOGITS)[np.arange(3), np.asarray(_LABELS[:3])]
+  np.testing.assert_allclose(per_example[:3], by_hand, rtol=1e-6)
+  assert np.isnan(per_example[3])
+  assert np.isnan(losses.cross_entropy(_LOGITS, labels, jnp.ones(4)))
+  assert np.isfinite(losses.cross_entropy(_LOGITS, _LABELS, jnp.ones(4)))

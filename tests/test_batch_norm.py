@@ -319,6 +319,13 @@ def test_options_out_of_range_are_refused_naming_the_option(options, named):
     ({'moving_variance_init': 1.0}, 'moving_variance_init=1.0 must be a flax initializer'),
     ({'activation': 'relu'}, "activation='relu' must be a function of the output"),
     ({'adjustment': (1.0, 0.0)}, 'adjustment=(1.0, 0.0) must be a function adjustment(shape, key)'),
+    # Read by their truth value, they had run: frozen='False' froze the layer, fused='False' fed
+    # the unbiased variance, zero_debias_moving_mean='no' debiased.
+    ({'frozen': 'False'}, "frozen='False' (str) must be True or False"),
+    ({'fused': 'False'}, "fused='False' (str) must be True or False"),
+    ({'zero_debias_moving_mean': 'no'}, "zero_debias_moving_mean='no' (str) must be True or False"),
+    ({'scale': 1}, 'scale=1 (int) must be True or False'),
+    ({'center': None}, 'center=None (NoneType) must be True or False'),
 ])
 def test_options_of_the_wrong_type_are_refused_naming_the_option(options, named):
   with pytest.raises(TypeError, match=re.escape(f"BatchNorm '(top-level BatchNorm)': {named}")):

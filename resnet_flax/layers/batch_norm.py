@@ -60,9 +60,10 @@ def slim_fuses(rank: int, fused: bool, zero_debias_moving_mean: bool) -> bool:
   return fused and (rank in (2, 4) or (rank == 5 and not zero_debias_moving_mean))
 
 
-_CHECKED_OPTIONS = ('decay', 'epsilon', 'zero_debias_moving_mean', 'zero_debias_moving_variance', 'renorm',
-                    'renorm_decay', 'renorm_r_min', 'renorm_r_max', 'renorm_d_max', 'renorm_clipping_start_step',
-                    'renorm_clipping_ramp_steps', 'data_format', 'ghost_batch_size', 'axis_name')
+_CHECKED_OPTIONS = ('decay', 'epsilon', 'center', 'scale', 'zero_debias_moving_mean', 'zero_debias_moving_variance',
+                    'fused', 'frozen', 'frozen_gamma_beta', 'renorm', 'renorm_decay', 'renorm_r_min', 'renorm_r_max',
+                    'renorm_d_max', 'renorm_clipping_start_step', 'renorm_clipping_ramp_steps', 'data_format',
+                    'ghost_batch_size', 'axis_name')
 DATA_FORMATS = ('NHWC', 'NCHW')
 # Numeric options: a string or bool in one would be compared or multiplied deep in JAX, or, a
 # bool, read as 0 or 1; a ghost batch size must count examples. Those that may be None (unset)
@@ -70,6 +71,9 @@ DATA_FORMATS = ('NHWC', 'NCHW')
 _REALS = ('decay', 'epsilon', 'renorm_decay', 'renorm_r_min', 'renorm_r_max', 'renorm_d_max',
           'renorm_clipping_start_step', 'renorm_clipping_ramp_steps')
 _COUNTS = ('ghost_batch_size',)
+# Switches: read by their truth value, so frozen='False' froze the layer and 1 passed for True.
+_SWITCHES = ('center', 'scale', 'zero_debias_moving_mean', 'zero_debias_moving_variance', 'fused', 'frozen',
+             'frozen_gamma_beta', 'renorm')
 _UNSET_ALLOWED = ('renorm_r_min', 'renorm_r_max', 'renorm_d_max', 'ghost_batch_size')
 
 
@@ -101,6 +105,9 @@ def check_options(prefix: str, options: Mapping[str, Any]) -> None:
       value = get(field)
       if (value is not None or field not in _UNSET_ALLOWED) and not _is_scalar_of(value, kinds):
         raise TypeError(f'{prefix}{field}={value!r} ({type(value).__name__}) must be {what}.')
+  for field in _SWITCHES:
+    if not isinstance(get(field), (bool, np.bool_)):
+      raise TypeError(f'{prefix}{field}={get(field)!r} ({type(get(field)).__name__}) must be True or False.')
   for field, expected, may_be_none in _FUNCTIONS:
     value = get(field)
     if not callable(value) and not (value is None and may_be_none):

@@ -1,6 +1,7 @@
 """BatchNorm's `batch_weights`, `data_format='NCHW'`, initializers and `adjustment` against
 tf_slim's numbers (`fixtures/slim_bn_options.npz`, written by `fixtures/make_bn_options_fixtures.py`)."""
 
+import functools
 import json
 import os
 
@@ -86,16 +87,26 @@ def test_an_example_of_weight_zero_changes_nothing_and_weight_two_counts_twice()
   assert not np.any(zero_mean) and not np.any(zero_variance)  # as TF's div_no_nan
 
 
-def test_weights_take_each_ghost_batch_s_own_examples():
-  x = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32)
-  weights = np.array([1, 0, 1, 1, 2, 1, 0, 1], np.float32)
+@pytest.mark.parametrize('weights', [[1, 0, 1, 1, 2, 1, 0, 1], [1, 1, 1, 1, 0, 0, 0, 0], [1, 2, 1, 1, 1, 1, 1, 1]])
+def test_weights_take_each_ghost_batch_s_own_examples_and_groups_count_by_their_weight(weights):
+  # Frequency weights: a group of total weight 3 stands for 3 examples, one of 0 (padding at the
+  # batch's end) for none. Averaged alike, a padding group had fed moments of 0, halving the
+  # moving mean's step and the variance's.
+  x = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32) + 2.0
+  weights = np.array(weights, np.float32)
   layer = BatchNorm(ghost_batch_size=4, decay=0.0, fused=False)
   variables = layer.init(jax.random.PRNGKey(0), x, train=False)
   _, updates = layer.apply(variables, x, train=True, batch_weights=weights, mutable=['batch_stats'])
   groups = [weighted_moments(x[i:i + 4], weights[i:i + 4, None], (0,)) for i in (0, 4)]
-  np.testing.assert_allclose(updates['batch_stats']['moving_mean'], np.mean([m for m, _ in groups], 0), rtol=1e-6)
-  np.testing.assert_allclose(updates['batch_stats']['moving_variance'], np.mean([v for _, v in groups], 0),
-                             rtol=1e-6)
+  totals = [weights[:4].sum(), weights[4:].sum()]
+  np.testing.assert_allclose(updates['batch_stats']['moving_mean'],
+                             np.average([m for m, _ in groups], axis=0, weights=totals), rtol=1e-5)
+  np.testing.assert_allclose(updates['batch_stats']['moving_variance'],
+                             np.average([v for _, v in groups], axis=0, weights=totals), rtol=1e-5)
+  if totals[1] == 0:  # the real examples' group alone: as the layer without ghost batches takes them
+    _, whole = BatchNorm(decay=0.0, fused=False).apply(variables, x[:4], train=True, batch_weights=weights[:4],
+                                                       mutable=['batch_stats'])
+    jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, rtol=1e-5), updates, whole)
 
 
 @pytest.mark.parametrize('weights, layer, error', [

@@ -185,7 +185,8 @@ class BatchNorm(nn.Module):
       and, with renorm, one r and d from the averaged moments. Here each group is
       normalized by its own statistics (with renorm, its own r and d) and the moving
       averages take the mean over groups of the group mean and variance (n / (n - 1)
-      per group with `fused`). None: the whole batch.
+      per group with `fused`; with `batch_weights`, weighted by each group's total weight,
+      so a group of weight 0, padding, counts for nothing). None: the whole batch.
     axis_name: train-mode statistics over the examples of every device along this named axis
       (or tuple of names) of a `shard_map`, `pmap` or `vmap`: synchronized BN where each device
       holds its share, as flax's `nn.BatchNorm(axis_name=...)`; the moving statistics then agree
@@ -309,11 +310,14 @@ class BatchNorm(nn.Module):
       if across or self.axis_name is None:  # init's statistics are not kept: a device's share may be 1 example
         check_batch_statistics_possible(group_shape, within_group, module_path(self), devices)
       # One (mean, variance) per ghost batch: shape (C,), or (groups, C) for ghost batches.
+      group_weights = None  # each ghost batch's total weight, where they differ
       if batch_weights is None:
         mean, variance = batch_moments(groups, group_axes)
       else:  # one weight per example, broadcast over its values like groups' batch axis
         weights = batch_weights.reshape(groups.shape[:group_axis_count + 1] + (1,) * (x.ndim - 1))
         mean, variance = weighted_moments(groups, weights, group_axes)
+        if group_axis_count:
+          group_weights = jnp.sum(weights.astype(jnp.float32), axis=tuple(range(1, weights.ndim)))  # (groups,)
       if across:  # each device's shares are equal in shape: weighted ones count by their total weight
         total_weight = None if batch_weights is None else jnp.sum(weights, axis=group_axes)
         mean, variance = moments_across(mean, variance, self.axis_name, total_weight)
@@ -334,7 +338,7 @@ class BatchNorm(nn.Module):
         # TF-Slim runs weighted moments and adjustments in non-fused code only.
         unbiased = (batch_weights is None and adjustment is None
                     and slim_fuses(x.ndim, self.fused, self.zero_debias_moving_mean))
-        self._update_statistics(stats, mean, variance, n / (n - 1) if unbiased else 1.0)
+        self._update_statistics(stats, mean, variance, n / (n - 1) if unbiased else 1.0, group_weights)
       y = normalize(groups, mean, variance, gamma, beta, self.epsilon, correction).reshape(x.shape)
     else:
       y = normalize(x, stats['moving_mean'].value, stats['moving_variance'].value, gamma, beta, self.epsilon)
@@ -448,11 +452,18 @@ class BatchNorm(nn.Module):
     return renorm.corrections(mean, jnp.sqrt(variance + self.epsilon), stats['renorm_mean'].value,
                               stats['renorm_stddev'].value, self.epsilon, *bounds)
 
-  def _update_statistics(self, stats: dict[str, Any], mean: Array, variance: Array, variance_factor: float
-                         ) -> None:
+  def _update_statistics(self, stats: dict[str, Any], mean: Array, variance: Array, variance_factor: float,
+                         group_weights: Optional[Array] = None) -> None:
     """One train-mode update of every moving statistic from the per-group moments, the variance
-    fed times `variance_factor` (n / (n - 1) where TF-Slim's fused kernel runs, else 1)."""
-    over_groups = lambda v: jnp.mean(v, axis=tuple(range(v.ndim - 1)))
+    fed times `variance_factor` (n / (n - 1) where TF-Slim's fused kernel runs, else 1), averaged
+    over ghost batches alike or, given their `group_weights`, by them."""
+    def over_groups(v: Array) -> Array:
+      axes = tuple(range(v.ndim - 1))
+      if group_weights is None:
+        return jnp.mean(v, axis=axes)
+      weights = group_weights.reshape(group_weights.shape + (1,) * (v.ndim - 1))
+      total = jnp.sum(weights)  # 0: every group's moments are 0 already (weighted_moments)
+      return jnp.sum(weights * v, axis=axes) / jnp.where(total != 0, total, 1.0)
     batch_mean = over_groups(mean)
     if self.zero_debias_moving_mean:
       (stats['moving_mean_biased'].value, stats['moving_mean_local_step'].value,

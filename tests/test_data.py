@@ -7,6 +7,7 @@ random streams and a Dataset's contract in test_pipeline.py, augmentation in tes
 prefetching in test_prefetch.py."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -203,11 +204,36 @@ def test_unknown_split_and_bad_sharding():
     data.build(DIGITS, 'train', batch_size=4, seed=0).train_batches(-1)
 
 
-@pytest.mark.parametrize('seed', [-1, 2**32])
+@pytest.mark.parametrize('seed', [-1, 2**32, None, 1.5])
 def test_a_seed_out_of_range_names_config_seed(seed):
   with pytest.raises(data.DataError, match=rf'^config.seed must be an integer in \[0, 2\*\*32\), got {seed}; set '
                                            r'config.seed to one in that range, e\.g\. 0\.$'):
     data.build(DIGITS, 'train', batch_size=4, seed=seed)
+
+
+@pytest.mark.parametrize('config, batch_size, message', [
+    # Read by truth value, 'False' had augmented; the others had failed deep in numpy or Python
+    # ("'<' not supported between 'str' and 'int'").
+    ({'name': 'digits', 'augment': 'False'}, 4, "config.data.augment='False' (str) must be True or False."),
+    ({'name': 'imagefolder', 'color_distortion': 1}, 4, 'config.data.color_distortion=1 (int) must be True or False.'),
+    ({'name': 'imagefolder', 'worker_processes': 'no'}, 4, "config.data.worker_processes='no' (str) must be True or "
+                                                           'False.'),
+    ({'name': 'digits', 'image_size': '16'}, 4, "config.data.image_size='16' (str) must be a whole number."),
+    ({'name': 'synthetic', 'image_size': 8.5}, 4, 'config.data.image_size=8.5 (float) must be a whole number.'),
+    ({'name': 'synthetic', 'channels': True}, 4, 'config.data.channels=True (bool) must be a whole number.'),
+    ({'name': 'imagefolder', 'label_offset': 1.0}, 4, 'config.data.label_offset=1.0 (float) must be a whole '
+                                                         'number.'),
+    ({'name': 'digits'}, 4.0, 'batch_size must be a whole number, got 4.0.'),
+])
+def test_fields_of_the_wrong_type_are_refused_by_name_in_a_plain_dict(config, batch_size, message):
+  # A ConfigDict keeps each field's type; a dict from a notebook does not.
+  with pytest.raises(data.DataError, match=f'^{re.escape(message)}$'):
+    data.build(config, 'train', batch_size=batch_size, seed=0)
+
+
+def test_a_start_step_that_is_no_whole_number_is_refused():
+  with pytest.raises(data.DataError, match=r'^start_step must be a whole number >= 0, got 1\.5\.$'):
+    next(data.build(DIGITS, 'train', batch_size=4, seed=0).train_batches(1.5))
 
 
 def test_labels_out_of_range_are_refused():

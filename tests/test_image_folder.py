@@ -93,8 +93,9 @@ def test_a_data_dir_that_holds_no_split_says_where_the_root_is(tmp_path, given, 
 
 @pytest.mark.parametrize('field, value, named', [
     ('num_workers', -1, 'config.data.num_workers=-1 must be a whole number >= 0'),  # a ThreadPoolExecutor error
-    ('image_size', '32', "needs a positive whole config.data.image_size and config.data.preprocessing ('vgg' or "
-                         "'inception'); got '32'"),  # a TypeError comparing a str with 0
+    ('image_size', '32', "config.data.image_size='32' (str) must be a whole number."),  # a TypeError comparing a str
+    ('image_size', 0, "needs a positive whole config.data.image_size and config.data.preprocessing ('vgg' or "
+                      "'inception'); got 0"),
 ])
 def test_library_callers_get_the_data_errors_command_lines_get(tmp_path, field, value, named):
   root = _image_tree(tmp_path)

@@ -39,12 +39,13 @@ per-channel mean/std; vgg mean subtraction; inception [-1, 1]).
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Mapping
+
+import numpy as np
 
 from resnet_flax.data import cifar10, digits, image_folder, synthetic
 from resnet_flax.data.errors import DataError
-from resnet_flax.data.pipeline import Dataset, Source
+from resnet_flax.data.pipeline import Dataset, Source, is_whole_number
 
 NAMES = ('digits', 'cifar10', 'imagefolder', 'synthetic')
 _FIELDS = frozenset({'name', 'dir', 'image_size', 'digits_resize', 'preprocessing', 'augment', 'color_distortion',
@@ -63,10 +64,23 @@ READ_ONLY_WITH: tuple[tuple[tuple[str, ...], dict[str, tuple[str, ...]]], ...] =
 )
 
 
+# Switches, read by their truth value ('False' would turn one on), and whole-number fields (their
+# ranges are each source's to check); None is a field left at its default. A ConfigDict keeps
+# each field's type, a plain dict does not.
+_SWITCHES = ('augment', 'color_distortion', 'worker_processes')
+_WHOLE_NUMBERS = ('image_size', 'num_classes', 'num_examples', 'channels', 'label_offset', 'num_workers')
+
+
 def _check_fields(config: Mapping[str, Any]) -> None:
   unknown = sorted(set(config.keys()) - _FIELDS)
   if unknown:
     raise DataError(f'unknown config.data field(s) {unknown}; known fields: {sorted(_FIELDS)}.')
+  for key in _SWITCHES:
+    if config.get(key) is not None and not isinstance(config[key], (bool, np.bool_)):
+      raise DataError(f'config.data.{key}={config[key]!r} ({type(config[key]).__name__}) must be True or False.')
+  for key in _WHOLE_NUMBERS:
+    if config.get(key) is not None and not is_whole_number(config[key]):
+      raise DataError(f'config.data.{key}={config[key]!r} ({type(config[key]).__name__}) must be a whole number.')
 
 
 def _check_no_preprocessing(config: Mapping[str, Any], name: str) -> None:
@@ -101,20 +115,15 @@ def check_config(config: Mapping[str, Any]) -> None:
                       f'to {cifar10.NATIVE_SIZE} (got {image_size}).')
     cifar10.check_directory(config.get('dir'))
   if name == 'imagefolder':
-    if not _is_count(config.get('image_size'), 1) or not config.get('preprocessing'):
+    if not is_whole_number(config.get('image_size'), 1) or not config.get('preprocessing'):
       raise DataError("imagefolder needs a positive whole config.data.image_size and config.data.preprocessing "
                       f"('vgg' or 'inception'); got {config.get('image_size')!r} and {config.get('preprocessing')!r}.")
-    if not _is_count(read['num_workers'], 0):
+    if not is_whole_number(read['num_workers'], 0):
       raise DataError(f"config.data.num_workers={read['num_workers']!r} must be a whole number >= 0 (0: one per "
                       'CPU core).')
     image_folder.get_preprocessing(read['preprocessing'], read['image_size'],  # its options, no file read
                                    color_distortion=bool(read['color_distortion']), resize=read['resize'])
     image_folder.check_root(config.get('dir'))
-
-
-def _is_count(value: Any, least: int) -> bool:
-  """Whether `value` is a whole number (not a bool) >= `least`."""
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
 
 
 def _default_fields(name: Any) -> dict[str, Any]:

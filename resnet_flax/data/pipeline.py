@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import numbers
 import warnings
 from collections import deque
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol
@@ -126,6 +127,12 @@ class Source:
                       f'fix the labels or set num_classes > {high}.')
 
 
+def is_whole_number(value: Any, least: Optional[int] = None) -> bool:
+  """Whether `value` is a whole number (a Python or numpy integer, not a bool), and >= `least` if given."""
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and (least is None or value >= least))
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """Batches of one split for one process: see `train_batches` and `eval_batches`."""
@@ -136,12 +143,15 @@ class Dataset:
   process_count: int = 1
 
   def __post_init__(self):
+    for field in ('batch_size', 'process_index', 'process_count'):
+      if not is_whole_number(getattr(self, field)):  # 4.0 or '4' had failed deep in numpy
+        raise DataError(f'{field} must be a whole number, got {getattr(self, field)!r}.')
     if self.batch_size < 1:
       raise DataError(f'batch_size must be >= 1, got {self.batch_size}.')
     # numpy splits an integer seed into 32-bit words, so a larger one would run into the next
     # word of the seed sequence: seed 5 + 3 * 2**32 shuffled its first epoch as seed 5 its fourth.
-    if not 0 <= self.seed < 2**32:
-      raise DataError(f'config.seed must be an integer in [0, 2**32), got {self.seed}; set config.seed to one '
+    if not (is_whole_number(self.seed, 0) and self.seed < 2**32):
+      raise DataError(f'config.seed must be an integer in [0, 2**32), got {self.seed!r}; set config.seed to one '
                       'in that range, e.g. 0.')
     if not 0 <= self.process_index < self.process_count:
       raise DataError(f'process_index {self.process_index} is not in [0, process_count={self.process_count}).')
@@ -183,8 +193,8 @@ class Dataset:
     (B,)}; the mask is all ones unless a loader skipped an unreadable example. The model's
     input is `model_input(batch['image'])`.
     """
-    if start_step < 0:
-      raise DataError(f'start_step must be >= 0, got {start_step}.')
+    if not is_whole_number(start_step, 0):
+      raise DataError(f'start_step must be a whole number >= 0, got {start_step!r}.')
     # Caching two epochs serves the batches that straddle an epoch boundary.
     permutation = functools.lru_cache(maxsize=2)(
         functools.partial(sampling.epoch_permutation, self.seed, self.num_examples))

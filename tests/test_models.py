@@ -154,6 +154,12 @@ def test_end_points_named_as_slim():
   assert ends[f'{s}/block1'].shape == (2, 4, 4, 16)
   np.testing.assert_array_equal(ends[f'{s}/spatial_squeeze'], logits)
   assert 'intermediates' not in variables
+  # The whole state, or the variables, had come back as "end points": 'global_pool' and
+  # 'predictions' missing, or 97 parameter arrays.
+  for tree, collections in ((state, "'intermediates'"), (variables, "'batch_stats', 'params'")):
+    with pytest.raises(ValueError, match=f"got one holding the collection\\(s\\) {collections}: pass "
+                                         r"state\['intermediates'\]"):
+      models.end_points(tree, model)
 
 
 def test_parameter_names_match_slim_layout():

@@ -90,9 +90,17 @@ class Checkpointer:
   def save(self, step: int, state: Any) -> None:
     """Starts saving `state` as `step` (returns before the write finishes).
 
-    Raises CheckpointError if the previous save failed, or this one (synchronous saves).
+    Raises CheckpointError if the previous save failed, or this one (synchronous saves), or
+    where `step` is not after the newest step saved in the directory.
     """
     self.wait()
+    newest = latest_step_in(self.directory)  # the directory's, not orbax's list from when it opened
+    if newest is not None and step <= newest:
+      # orbax's "already exists" had been blamed on the disk, and an older step saved among newer
+      # ones was kept in place of a newer one (steps 2, 3 and then 1, keeping 2: steps 1 and 3).
+      where = 'is saved already' if step == newest else f'is older than the newest there, step {newest}'
+      raise CheckpointError(f'checkpoint step {step} in {self.directory} {where}: steps go forward; save later '
+                            'steps, or a run that counts its steps from 0 again into another directory.')
     self._unfinished = step
     with self._reporting_failure_of(step):
       self._manager.save(step, args=ocp.args.StandardSave(saved_form(state)), force=True)

@@ -110,8 +110,8 @@ def test_a_save_orbax_did_not_commit_is_an_error(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match=r'step 6 .* failed \(orbax did not commit it\); the newest '
                                                         r'complete checkpoint, step 4, is intact'):
     checkpointer.wait()
-  (tmp_path / 'checkpoints' / '8').mkdir()
   checkpointer.save(8, {'w': np.zeros(2)})
+  (tmp_path / 'checkpoints' / '8').mkdir()  # as orbax commits it
   checkpointer.wait()  # committed: no error
 
 
@@ -135,6 +135,22 @@ def _saved(directory, trees):
     checkpointer.save(step, tree)
   checkpointer.wait()
   return checkpointer
+
+
+def test_a_step_not_after_the_newest_is_refused_and_evicts_nothing(tmp_path):
+  # Step 3 again had failed with "Free disk space, lower config.keep_checkpoints"; step 1 after
+  # steps 2 and 3, keeping 2, had deleted step 2.
+  checkpointer = checkpoints.Checkpointer(str(tmp_path), max_to_keep=2, async_save=False)
+  for step in (2, 3):
+    checkpointer.save(step, {'w': np.full(2, step)})
+  for step, where in ((3, 'is saved already'), (1, 'is older than the newest there, step 3')):
+    with pytest.raises(checkpoints.CheckpointError, match=f'^checkpoint step {step} in {tmp_path} {where}: steps go '
+                                                          'forward; save later steps, or a run that counts its steps '
+                                                          'from 0 again into another directory.$'):
+      checkpointer.save(step, {'w': np.zeros(2)})
+  checkpointer.save(4, {'w': np.full(2, 4)})  # the next step is saved as before
+  checkpointer.close()
+  assert checkpoints.committed_steps(str(tmp_path)) == [3, 4]
 
 
 # Only a newest step of another tree

@@ -271,6 +271,19 @@ def test_v1_depth_multiplier_and_min_base_depth():
   assert variables['params']['block1']['unit_1']['bottleneck_v1']['conv1']['weights'].shape[-1] == 32
 
 
+@pytest.mark.parametrize('overrides, named', [
+    # A text had been repeated by `d * depth_multiplier` ("invalid literal for int(): '0.250.250.25...'"); 0 with
+    # min_base_depth 0 had built layers of width 0; an int dtype failed only at apply.
+    ({'depth_multiplier': '0.25'}, "depth_multiplier='0.25' must be a number > 0"),
+    ({'depth_multiplier': 0.0, 'min_base_depth': 8}, 'depth_multiplier=0.0 must be a number > 0'),
+    ({'min_base_depth': 0}, 'min_base_depth=0 must be a whole number >= 1'),
+    ({'dtype': jnp.int32}, 'must be a float type (jnp.float32, jnp.bfloat16, jnp.float16), or None for float32'),
+])
+def test_depth_scaling_and_a_dtype_that_build_no_working_model_are_refused(overrides, named):
+  with pytest.raises((TypeError, ValueError), match=r"get_model\('resnet_v1_50'\): .*" + re.escape(named)):
+    models.get_model('resnet_v1_50', num_classes=10, **overrides)
+
+
 def test_list_models_names_all():
   names = models.list_models()
   for version in (1, 2):

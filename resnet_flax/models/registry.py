@@ -7,6 +7,7 @@ import numbers
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
@@ -117,6 +118,17 @@ def _check_types(name: str, num_classes: Any, targets: tuple) -> None:
                         'would be read by its truthiness).')
 
 
+def _check_depth_scaling(name: str, depth_multiplier: Any, min_base_depth: Any) -> None:
+  """Refuses a depth_multiplier or min_base_depth that would give layers no width, or a text
+  ('0.25' had been repeated by `d * depth_multiplier` into a width int() could not read)."""
+  if isinstance(depth_multiplier, bool) or not isinstance(depth_multiplier, numbers.Real) or not depth_multiplier > 0:
+    raise ValueError(f'get_model({name!r}): depth_multiplier={depth_multiplier!r} must be a number > 0 (it scales '
+                     "each block's base depth, as slim's).")
+  if isinstance(min_base_depth, bool) or not isinstance(min_base_depth, numbers.Integral) or min_base_depth < 1:
+    raise ValueError(f'get_model({name!r}): min_base_depth={min_base_depth!r} must be a whole number >= 1 (the '
+                     'least base depth a scaled block keeps; 0 would give layers of no width).')
+
+
 def _check_values(name: str, scope_kwargs: dict, model_kwargs: dict) -> None:
   """Refuses an output stride or activation a model would fail on deep inside JAX."""
   output_stride = model_kwargs.get('output_stride')
@@ -124,6 +136,10 @@ def _check_values(name: str, scope_kwargs: dict, model_kwargs: dict) -> None:
                                     or output_stride < 1):
     raise ValueError(f'get_model({name!r}): output_stride={output_stride!r} must be a positive int, or None for the '
                      "network's own stride.")
+  dtype = scope_kwargs.get('dtype')
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):  # it had failed at apply, in a layer
+    raise TypeError(f'get_model({name!r}): dtype={dtype!r} must be a float type (jnp.float32, jnp.bfloat16, '
+                    'jnp.float16), or None for float32.')
   activation_fn = scope_kwargs.get('activation_fn')
   if activation_fn is not None and not callable(activation_fn):  # None: slim's convolutions without one
     raise TypeError(f'get_model({name!r}): activation_fn={activation_fn!r} must be a function, e.g. nn.relu, or '
@@ -165,6 +181,7 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
     # slim applies depth_func in resnet_v1_50 & co., not to custom blocks.
     depth_multiplier = model_kwargs.pop('depth_multiplier', 1.0)
     min_base_depth = model_kwargs.pop('min_base_depth', 8)
+    _check_depth_scaling(name, depth_multiplier, min_base_depth)
     block_sizes = _v1_depth_func(block_sizes, depth_multiplier, min_base_depth)
   # False is accepted for v2 so one config can switch between v1 and v2.
   if cls is ResNetV2 and model_kwargs.pop('zero_init_last_gamma', False):

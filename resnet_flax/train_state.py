@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from resnet_flax.models import resnet_utils
+
 
 RUN_ONCE_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
@@ -36,6 +38,7 @@ def train_state_initializer(model: nn.Module, tx: optax.GradientTransformation, 
   """The pure function rng -> initial TrainState (the model initialized in eval mode on two zero
   images: only the variables' shapes follow from them); with `with_averages`, its averages start
   at its variables."""
+  image_shape = resnet_utils.check_image_shape(image_shape)
 
   def init(rng: jax.Array) -> TrainState:
     variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.float32), train=False)

@@ -325,6 +325,12 @@ def test_a_deeper_networks_checkpoint_is_refused_naming_the_units_the_model_lack
   assert 'logits' not in slim.load_variables(prefix, features, image_shape=(32, 32, 3))['params']
 
 
+def test_an_image_shape_without_channels_is_refused_naming_the_argument():
+  # It had been reported as the model's inputs: "ResNet inputs are (1, 32, 32)".
+  with pytest.raises(ValueError, match=r"^image_shape=\(32, 32\) must be one image's \(height, width, channels\)"):
+    slim.load_variables(ckpt_prefix('v1_tiny_10_momentum'), fixture_model('v1_tiny_10_momentum'), image_shape=(32, 32))
+
+
 def test_a_model_name_in_place_of_a_model_is_refused_naming_get_model():
   with pytest.raises(TypeError, match=re.escape("expected a model built by models.get_model, got str 'resnet_v1_tiny': "
                                                 "pass models.get_model('resnet_v1_tiny', num_classes=...).")):

@@ -38,3 +38,12 @@ def test_other_compile_failures_are_not_hidden(monkeypatch):
   with pytest.raises(RuntimeError) as raised:
     train_state.compile_run_once(jax.jit(lambda: jnp.ones(2)).lower())
   assert 'No such compile option' not in str(raised.value)
+
+
+@pytest.mark.parametrize('image_shape', [(8, 8), (2, 8, 8, 1), (8, 8, 0), (8.0, 8, 1), 8])
+def test_an_image_shape_that_is_no_images_is_refused_naming_the_argument(image_shape):
+  # A batch's shape, or (height, width), had been reported as the model's inputs: "ResNet inputs are (2, 8, 8)".
+  with pytest.raises(ValueError, match=r"^image_shape=.* must be one image's \(height, width, channels\), e\.g\. "
+                                       r'\(224, 224, 3\): positive whole numbers, without the batch\.$'):
+    train_state.abstract_train_state(_tiny_model(), optax.sgd(0.1), image_shape)
+  train_state.abstract_train_state(_tiny_model(), optax.sgd(0.1), [8, 8, 1])  # a list is a shape too

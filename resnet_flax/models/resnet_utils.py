@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence
+import numbers
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -22,6 +23,18 @@ class Block:
   scope: str
   unit_fn: Callable[..., nn.Module]
   args: tuple[dict, ...]
+
+
+def check_image_shape(image_shape: Any) -> tuple[int, ...]:
+  """`image_shape` as a tuple, if it is one image's (height, width, channels) in positive whole
+  numbers: variables are traced on a batch of such images, and a batch's shape or (height,
+  width) had been reported as the model's inputs, (1, 32, 32)."""
+  shape = tuple(image_shape) if isinstance(image_shape, (tuple, list)) else None
+  if (shape is None or len(shape) != 3
+      or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in shape)):
+    raise ValueError(f'image_shape={image_shape!r} must be one image\'s (height, width, channels), e.g. (224, 224, 3): '
+                     'positive whole numbers, without the batch.')
+  return shape
 
 
 def check_inputs(inputs: Array, images: bool) -> Array:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from resnet_flax.models import resnet_utils
 from resnet_flax.slim import names
 from resnet_flax.slim import tensor_bundle
 
@@ -112,7 +113,7 @@ def expected_variables(model: Any, image_shape: tuple[int, ...] = DEFAULT_IMAGE_
     example = f'models.get_model({model!r}, num_classes=...)' if isinstance(model, str) else 'models.get_model(...)'
     raise TypeError(f'expected a model built by models.get_model, got {type(model).__name__} {model!r:.60}: pass '
                     f'{example}.')
-  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  images = jax.ShapeDtypeStruct((1, *resnet_utils.check_image_shape(image_shape)), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
   return {collection: names.flatten(shapes.get(collection, {})) for collection in (PARAMS, BATCH_STATS)}
 

@@ -162,6 +162,18 @@ def test_one_value_per_channel_in_train_mode_is_an_error(shape):
   layer.apply(variables, x, train=False)  # eval mode with one example is fine
 
 
+def test_an_empty_batch_and_a_list_are_refused_for_what_they_are():
+  # The empty batch had been told it "got one value per channel"; a list failed with "'list' object has no attribute".
+  layer = BatchNorm()
+  variables = layer.init(jax.random.PRNGKey(0), jnp.ones((4, 3)), train=False)
+  with pytest.raises(ValueError, match=re.escape("BatchNorm '(top-level BatchNorm)' in train mode got no values (input "
+                                                 'shape (0, 2, 2, 3)): an empty batch has no statistics')):
+    layer.apply(variables, jnp.ones((0, 2, 2, 3)), train=True, mutable=['batch_stats'])
+  with pytest.raises(TypeError, match=re.escape("BatchNorm '(top-level BatchNorm)' got a list; pass an array, "
+                                                'jnp.asarray(x).')):
+    layer.apply(variables, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], train=False)
+
+
 def test_ghost_batches_match_numpy_per_group_reference():
   rng = np.random.RandomState(4)
   x = (rng.randn(8, 3, 3, 4) * np.arange(1, 9).reshape(8, 1, 1, 1)).astype(np.float32)

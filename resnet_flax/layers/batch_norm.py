@@ -41,7 +41,11 @@ def check_batch_statistics_possible(shape: tuple[int, ...], reduction_axes: tupl
                                     devices: int = 1) -> None:
   """Raises if train-mode statistics would come from a single value per channel (of `shape`'s
   on each of `devices` that share statistics)."""
-  if values_per_channel(shape, reduction_axes) * devices < 2:
+  values = values_per_channel(shape, reduction_axes) * devices
+  if values == 0:
+    raise ValueError(f'BatchNorm {name!r} in train mode got no values (input shape {shape}): an empty batch has no '
+                     'statistics; pass a batch of at least 2.')
+  if values < 2:
     raise ValueError(
         f'BatchNorm {name!r} in train mode got one value per channel (input shape {shape}): '
         'batch statistics would set every output to beta and the variance estimate is undefined. '
@@ -370,6 +374,8 @@ class BatchNorm(nn.Module):
   def _check_call(self, x: Array, train: Any) -> None:
     """Refuses a call whose result would be silently wrong: a mode that is not a bool ('False'
     is truthy), integer activations or dtype (truncated), and params the layer does not use."""
+    if not hasattr(x, 'ndim'):  # a list: flax's layers take any array-like, and this had been an AttributeError
+      raise TypeError(f'BatchNorm {module_path(self)!r} got a {type(x).__name__}; pass an array, jnp.asarray(x).')
     if x.ndim == 0:
       raise ValueError(f'BatchNorm {module_path(self)!r} got a scalar; pass an array of shape (batch, ..., channels).')
     if not isinstance(train, (bool, np.bool_)):

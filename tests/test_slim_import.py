@@ -210,6 +210,18 @@ def test_round_trip_is_bitwise(ckpt, tmp_path):
   assert_tree_equal(slim.load_variables(prefix, model), loaded(ckpt))
 
 
+def test_a_global_step_that_is_no_count_is_refused_and_a_runs_step_array_is_one(tmp_path):
+  # int() had cut 5.5 to model.ckpt-5, and -1 had named model.ckpt--1.
+  model, variables = fixture_model('v1_tiny_10_momentum'), loaded('v1_tiny_10_momentum')
+  for step in (5.5, -1, np.array([3])):
+    with pytest.raises(ValueError, match=r'must be a whole number >= 0 \(a step count, as tf.train.Saver.save takes\)'):
+      slim.save_slim_checkpoint(tmp_path / 'model.ckpt', variables, model, global_step=step)
+  assert os.listdir(tmp_path) == []
+  prefix = slim.save_slim_checkpoint(tmp_path / 'model.ckpt', variables, model, global_step=jnp.array(7, jnp.int32))
+  assert prefix.endswith('model.ckpt-7')
+  assert tensor_bundle.CheckpointReader(prefix).read('global_step') == np.int64(7)
+
+
 def test_variables_to_slim_casts_and_checks():
   model = fixture_model('v2_tiny_11_zero_debias')
   variables = loaded('v2_tiny_11_zero_debias')

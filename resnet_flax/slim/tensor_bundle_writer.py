@@ -38,7 +38,12 @@ def write_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, Any],
   prefix = os.fspath(prefix)
   tensors = dict(tensors)
   if global_step is not None:
-    step = int(global_step)
+    given = np.asarray(global_step)  # a count: an int, or a run's state.step
+    if given.shape or not np.issubdtype(given.dtype, np.integer) or given < 0:
+      # int() had cut 5.5 to model.ckpt-5, and -1 named model.ckpt--1.
+      raise ValueError(f'global_step={global_step!r} must be a whole number >= 0 (a step count, as '
+                       'tf.train.Saver.save takes).')
+    step = int(given)
     prefix = f'{prefix}-{step}'
     if GLOBAL_STEP in tensors and not np.array_equal(tensors[GLOBAL_STEP], step):
       raise ValueError(f'tensors[{GLOBAL_STEP!r}] = {tensors[GLOBAL_STEP]} but global_step={step}')

@@ -46,7 +46,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_s
   """Mean softmax cross entropy over the examples where `mask` is 1."""
   check_labels(logits, labels, mask)
   per_example = per_example_cross_entropy(logits, labels, label_smoothing)
-  return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return masked_sum(per_example, mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def masked_sum(per_example: jax.Array, mask: jax.Array) -> jax.Array:
+  """`sum(per_example * mask)` over the examples `mask` keeps: one it leaves out (mask 0) adds
+  nothing, not even a NaN (padding labelled -1, whose loss is NaN, as JAX code often marks it)."""
+  return jnp.sum(jnp.where(mask != 0, per_example * mask, 0.0))
 
 
 def slim_l2_regularization(params: Any, weight_decay: float, bn_weight_decay: float = 0.0) -> jax.Array:

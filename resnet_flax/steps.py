@@ -104,7 +104,7 @@ def classification_sums(logits: jax.Array, batch: Batch) -> dict[str, jax.Array]
   losses.check_labels(logits, batch['label'], mask)
   per_example = losses.per_example_cross_entropy(logits, batch['label'])
   return {
-      'loss_sum': jnp.sum(per_example * mask),
+      'loss_sum': losses.masked_sum(per_example, mask),
       'top1_hits': losses.correct_top_k(logits, batch['label'], mask, 1),
       'top5_hits': losses.correct_top_k(logits, batch['label'], mask, 5),
       'num_examples': jnp.sum(mask),

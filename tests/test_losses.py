@@ -157,3 +157,9 @@ def test_a_label_outside_the_classes_makes_the_loss_nan_not_zero(label):
   assert np.isnan(per_example[3])
   assert np.isnan(losses.cross_entropy(_LOGITS, labels, jnp.ones(4)))
   assert np.isfinite(losses.cross_entropy(_LOGITS, _LABELS, jnp.ones(4)))
+  # Left out by the mask (padding labelled -1), it adds nothing: the mean of the other three.
+  mask = jnp.array([1.0, 1.0, 1.0, 0.0])
+  np.testing.assert_allclose(losses.cross_entropy(_LOGITS, labels, mask), by_hand.mean(), rtol=1e-6)
+  sums = steps.classification_sums(_LOGITS, {'label': labels, 'mask': mask})
+  np.testing.assert_allclose(sums['loss_sum'], by_hand.sum(), rtol=1e-6)
+  assert float(sums['top1_hits']) == 3.0 and float(sums['num_examples']) == 3.0  # a tie counts for the label

@@ -14,7 +14,7 @@ from resnet_flax.slim import checkpoint_import, names
 
 SLIM_PREFIX = 'slim:'
 # The only variables fine-tuning may re-initialize: a new classifier for a new class count.
-HEAD = 'logits'
+HEAD = checkpoint_import.HEAD
 
 
 def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_head: bool,

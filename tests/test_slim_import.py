@@ -329,12 +329,34 @@ def test_a_deeper_networks_checkpoint_is_refused_naming_the_units_the_model_lack
   assert error.value.summary.endswith(
       'hint: the checkpoint holds a deeper network (more units per block, or more blocks): build the model it was '
       "saved from (models.get_model's name and block_sizes; train.py / eval.py: --config.model and "
-      '--config.model_options.block_sizes)')
+      '--config.model_options.block_sizes), or, to load a part of it on purpose (a truncated backbone), pass '
+      'allow_unused_layers=True')
   # Its own network, and its features without the logits layer, still load.
   loaded = slim.load_variables(prefix, deep, image_shape=(32, 32, 3))
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, jax.tree_util.tree_map(np.asarray, variables))
   features = model_for('resnet_v1_tiny', num_classes=None, block_sizes=((4, 3, 2), (8, 2, 2), (16, 2, 1)))
   assert 'logits' not in slim.load_variables(prefix, features, image_shape=(32, 32, 3))['params']
+  # A backbone cut after block 2 on purpose, as detection feature extractors are: its own layers, as saved.
+  cut = model_for('resnet_v1_tiny', num_classes=None, block_sizes=((4, 3, 2), (8, 2, 2)))
+  with pytest.raises(slim.SlimCheckpointError, match='resnet_v1_tiny/block3'):
+    slim.load_variables(prefix, cut, image_shape=(32, 32, 3))
+  part = names.flatten(slim.load_variables(prefix, cut, image_shape=(32, 32, 3), allow_unused_layers=True)['params'])
+  saved = names.flatten(jax.tree_util.tree_map(np.asarray, variables['params']))
+  assert part and all(path[0] in ('conv1', 'block1', 'block2') for path in part)
+  for path, value in part.items():
+    np.testing.assert_array_equal(value, saved[path])
+
+
+def test_a_weight_directly_under_the_models_scope_is_a_layer_it_lacks(tmp_path):
+  # A module path of no scope had ended the search for its outermost scope in a bare StopIteration.
+  model = fixture_model('v1_tiny_10_momentum')
+  tensors = {**model_tensors('v1_tiny_10_momentum'), 'resnet_v1_tiny/weights': np.zeros((1,), np.float32)}
+  prefix = tensor_bundle_writer.write_checkpoint(str(tmp_path / 'model.ckpt'), tensors)
+  with pytest.raises(slim.SlimCheckpointError) as error:
+    slim.load_variables(prefix, model)
+  assert str(error.value).splitlines()[1:3] == [
+      '  1 scope(s) of layers in the checkpoint that the model does not have (leaving them out would change the '
+      'outputs):', '    resnet_v1_tiny']
 
 
 def test_an_image_shape_without_channels_is_refused_naming_the_argument():

@@ -27,7 +27,7 @@ from resnet_flax.slim import tensor_bundle
 
 PARAMS, BATCH_STATS, GLOBAL_STEP = names.PARAMS, names.BATCH_STATS, names.GLOBAL_STEP
 DEFAULT_IMAGE_SHAPE = (224, 224, 3)
-_HEAD = 'logits'  # the classifier: a num_classes=None model has none
+HEAD = 'logits'  # the classifier: a num_classes=None model has none
 # State TF creates next to a restored checkpoint when it is absent, all of a group at zero:
 # zero-debias state (ours for the variance too) and our renorm clipping-schedule counter.
 _ZERO_START_GROUPS = (('moving_mean_biased', 'moving_mean_local_step'),
@@ -120,7 +120,8 @@ def expected_variables(model: Any, image_shape: tuple[int, ...] = DEFAULT_IMAGE_
 
 def load_variables(path: str | os.PathLike, model: Any, *,
                    image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE,
-                   verify: bool = True, moving_averages: bool = False) -> dict[str, dict]:
+                   verify: bool = True, moving_averages: bool = False,
+                   allow_unused_layers: bool = False) -> dict[str, dict]:
   """Reads the variables of `model` from the TF checkpoint at `path`.
 
   Args:
@@ -137,6 +138,9 @@ def load_variables(path: str | os.PathLike, model: Any, *,
       `eval_image_classifier.py --moving_average_decay` restores a checkpoint of
       `train_image_classifier.py --moving_average_decay` (which averages every model variable:
       weights, gamma, beta, the moving statistics); every param of the model must have one.
+    allow_unused_layers: load a part of the checkpoint's network on purpose (a backbone cut
+      after block 3, as detection feature extractors are); by default the checkpoint's layers
+      under the model's scope that the model lacks (a deeper network's units) are an error.
 
   Returns:
     `{'params': ..., 'batch_stats': ...}` as plain nested dicts of numpy arrays in the model's
@@ -156,27 +160,25 @@ def load_variables(path: str | os.PathLike, model: Any, *,
   Raises:
     SlimCheckpointError: variables of the model are missing from the checkpoint or have
       another shape (all of them listed, with a hint when the class count or the scope
-      differs), or the checkpoint has a BatchNorm `gamma` / `beta` that is not a no-op for a
-      layer the model builds without it.
+      differs), the checkpoint has layers the model lacks (unless `allow_unused_layers`), or
+      a BatchNorm `gamma` / `beta` that is not a no-op for a layer the model builds without it.
     ValueError, FileNotFoundError: from the reader, for a damaged, truncated or absent
       checkpoint; the message names the file.
   """
   return load_variables_and_step(path, model, image_shape=image_shape, verify=verify,
-                                 moving_averages=moving_averages)[0]
+                                 moving_averages=moving_averages, allow_unused_layers=allow_unused_layers)[0]
 
 
 def load_variables_and_step(path: str | os.PathLike, model: Any, *,
-                            image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE,
-                            verify: bool = True, moving_averages: bool = False) -> tuple[dict[str, dict], int]:
+                            image_shape: tuple[int, ...] = DEFAULT_IMAGE_SHAPE, verify: bool = True,
+                            moving_averages: bool = False, allow_unused_layers: bool = False
+                            ) -> tuple[dict[str, dict], int]:
   """`load_variables` and the step the checkpoint was saved at (its `global_step`, 0 without
   one), from one opening of the checkpoint (a V1 file is read whole when opened)."""
   expected = expected_variables(model, image_shape)
   reader = tensor_bundle.CheckpointReader(path, verify=verify)
-  if moving_averages:
-    variables = _read_variables(_MovingAverages(reader, model.slim_scope, expected[PARAMS]), model, expected)
-  else:
-    variables = _read_variables(reader, model, expected)
-  return variables, _global_step(reader)
+  source = _MovingAverages(reader, model.slim_scope, expected[PARAMS]) if moving_averages else reader
+  return _read_variables(source, model, expected, allow_unused_layers), _global_step(reader)
 
 
 class _MovingAverages:
@@ -213,12 +215,12 @@ class _MovingAverages:
     return self._reader.read(self._source.get(name, name))
 
 
-def _read_variables(reader: Any, model: Any, expected: Mapping[str, Mapping[tuple[str, ...], Any]]
-                    ) -> dict[str, dict]:
+def _read_variables(reader: Any, model: Any, expected: Mapping[str, Mapping[tuple[str, ...], Any]],
+                    allow_unused_layers: bool = False) -> dict[str, dict]:
   """`load_variables` from an open reader, of the variables `expected_variables` lists."""
   scope = model.slim_scope
   found = reader.variables()
-  plan, filled = _plan(expected, found, scope, reader, model)
+  plan, filled = _plan(expected, found, scope, reader, model, allow_unused_layers)
 
   out: dict[str, dict] = {PARAMS: {}, BATCH_STATS: {}}
   epsilon = batch_norm_epsilon(model)
@@ -248,7 +250,7 @@ def _read_variables(reader: Any, model: Any, expected: Mapping[str, Mapping[tupl
   return {collection: names.unflatten(leaves) for collection, leaves in out.items()}
 
 
-def _plan(expected, found, scope: str, reader, model) -> tuple[dict, dict]:
+def _plan(expected, found, scope: str, reader, model, allow_unused_layers: bool) -> tuple[dict, dict]:
   """({collection: {path: slim name, or None to fill}}, {'gamma' | 'debias': [scopes]});
   raises SlimCheckpointError listing every problem."""
   plan: dict[str, dict] = {PARAMS: {}, BATCH_STATS: {}}
@@ -283,7 +285,7 @@ def _plan(expected, found, scope: str, reader, model) -> tuple[dict, dict]:
       else:
         plan[collection][path] = name
   unexpected = _unexpected_bn_params(expected, found, scope, reader)
-  extra_layers = _layers_not_in_model(expected, found, scope)
+  extra_layers = [] if allow_unused_layers else _layers_not_in_model(expected, found, scope)
   if missing or misshaped or bad_dtype or unexpected or extra_layers:
     raise SlimCheckpointError(*_message_and_summary(reader.prefix, model, found, missing, misshaped, bad_dtype,
                                                     unexpected, extra_layers))
@@ -296,16 +298,16 @@ def _layers_not_in_model(expected, found, scope: str) -> list[str]:
   and compute another function. A logits layer is left out of a model without one (features, or
   a new head)."""
   modules = {path[:-1] for leaves in expected.values() for path in leaves}
-  has_head = any(module[:1] == (_HEAD,) for module in modules)
+  has_head = any(module[:1] == (HEAD,) for module in modules)
   scopes = {module[:depth] for module in modules for depth in range(len(module) + 1)}
   extra = set()
   for name in found:
     where = names.flax_path(scope, name)  # None for optimizer slots, global_step, other scopes
     module = () if where is None else where[1][:-1]
-    if where is None or module in modules or (module[:1] == (_HEAD,) and not has_head):
+    if where is None or module in modules or (module[:1] == (HEAD,) and not has_head):
       continue
     # The outermost scope the model lacks: a unit, not each of its layers.
-    outermost = next(module[:depth] for depth in range(1, len(module) + 1) if module[:depth] not in scopes)
+    outermost = next((module[:depth] for depth in range(1, len(module) + 1) if module[:depth] not in scopes), ())
     extra.add('/'.join((scope, *outermost)))
   return sorted(extra)
 
@@ -386,7 +388,8 @@ def _hints(model: Any, found, missing, misshaped, unexpected, extra_layers) -> l
   if extra_layers and not other_input:
     hints.append('the checkpoint holds a deeper network (more units per block, or more blocks): build the model it '
                  "was saved from (models.get_model's name and block_sizes; train.py / eval.py: --config.model and "
-                 '--config.model_options.block_sizes)')
+                 '--config.model_options.block_sizes), or, to load a part of it on purpose (a truncated backbone), '
+                 'pass allow_unused_layers=True')
   return hints
 
 

@@ -324,10 +324,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
     return {**metrics, 'ema': eval_lib.evaluate_dataset(eval_step, sharding.gather(state.ema, mesh), eval_ds, mesh)}
 
   with distributed.failing_together('to open the metrics files'):  # the chief's alone
-    # A fresh start keeps no record: step 0's is a zero-step run's evaluation, which this run repeats.
-    writer = MetricsWriter(workdir, enabled=is_chief, resumed_step=-1 if last_saved is None else last_saved)
-    if last_saved is None and writer.dropped_steps:
-      steps = writer.dropped_steps
+    # A run of zero steps replaces the step-0 evaluation an earlier one recorded; a training run
+    # started afresh keeps it, the baseline of its curve.
+    baseline_again = last_saved is None and config.num_train_steps == 0
+    writer = MetricsWriter(workdir, enabled=is_chief,
+                           resumed_step=-1 if baseline_again else 0 if last_saved is None else last_saved)
+    steps = [step for step in writer.dropped_steps if step > 0]  # step 0's, replaced now, goes without a word
+    if last_saved is None and steps:
       progress.message(f'note: dropped {len(steps)} step(s) ({steps[0]} to {steps[-1]}) an earlier start without a '
                        'checkpoint had logged to metrics.jsonl: this run starts at step 0.')
     # A resumed run records its config with its first save: config.json describes the newest

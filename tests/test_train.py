@@ -187,6 +187,9 @@ def test_zero_steps_evaluate_the_initial_weights_and_record_them_as_step_0(tmp_p
   assert metrics_writer.read_records(str(tmp_path)) == expected
   train_lib.train_and_evaluate(config, str(tmp_path))  # again: step 0 is recorded once
   assert metrics_writer.read_records(str(tmp_path)) == expected
+  # A training run started afresh in the same workdir keeps it, the baseline of its curve.
+  train_lib.train_and_evaluate(tiny_config(2), str(tmp_path))
+  assert [record['step'] for record in metrics_writer.read_records(str(tmp_path))] == [0, 2, 2]
 
 
 def test_train_step_updates_moving_statistics(tmp_path):

@@ -271,17 +271,23 @@ def test_v1_depth_multiplier_and_min_base_depth():
   assert variables['params']['block1']['unit_1']['bottleneck_v1']['conv1']['weights'].shape[-1] == 32
 
 
-@pytest.mark.parametrize('overrides, named', [
+@pytest.mark.parametrize('overrides, error, named', [
     # A text had been repeated by `d * depth_multiplier` ("invalid literal for int(): '0.250.250.25...'"); 0 with
     # min_base_depth 0 had built layers of width 0; an int dtype failed only at apply.
-    ({'depth_multiplier': '0.25'}, "depth_multiplier='0.25' must be a number > 0"),
-    ({'depth_multiplier': 0.0, 'min_base_depth': 8}, 'depth_multiplier=0.0 must be a number > 0'),
-    ({'min_base_depth': 0}, 'min_base_depth=0 must be a whole number >= 1'),
-    ({'dtype': jnp.int32}, 'must be a float type (jnp.float32, jnp.bfloat16, jnp.float16), or None for float32'),
+    ({'depth_multiplier': '0.25'}, TypeError, "depth_multiplier='0.25' must be a number."),
+    ({'min_base_depth': 8.0}, TypeError, 'min_base_depth=8.0 must be a whole number.'),
+    ({'depth_multiplier': 0.0}, ValueError, 'depth_multiplier=0.0 must be > 0'),
+    ({'depth_multiplier': 0.01, 'min_base_depth': 0}, ValueError, 'depth_multiplier=0.01 with min_base_depth=0 gives '
+                                                                  'base depths [0, 1, 2, 5], some of no width; raise '
+                                                                  'min_base_depth to at least 1.'),
+    ({'dtype': jnp.int32}, TypeError, 'must be a float type (jnp.float32, jnp.bfloat16, jnp.float16), or None for '
+                                      'float32'),
 ])
-def test_depth_scaling_and_a_dtype_that_build_no_working_model_are_refused(overrides, named):
-  with pytest.raises((TypeError, ValueError), match=r"get_model\('resnet_v1_50'\): .*" + re.escape(named)):
+def test_depth_scaling_and_a_dtype_that_build_no_working_model_are_refused(overrides, error, named):
+  with pytest.raises(error, match=r"get_model\('resnet_v1_50'\): .*" + re.escape(named)):
     models.get_model('resnet_v1_50', num_classes=10, **overrides)
+  # slim takes min_base_depth=0 ("no floor") where the scaled depths stay positive.
+  models.get_model('resnet_v1_50', num_classes=10, depth_multiplier=0.5, min_base_depth=0)
 
 
 def test_list_models_names_all():

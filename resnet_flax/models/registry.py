@@ -118,15 +118,23 @@ def _check_types(name: str, num_classes: Any, targets: tuple) -> None:
                         'would be read by its truthiness).')
 
 
-def _check_depth_scaling(name: str, depth_multiplier: Any, min_base_depth: Any) -> None:
-  """Refuses a depth_multiplier or min_base_depth that would give layers no width, or a text
-  ('0.25' had been repeated by `d * depth_multiplier` into a width int() could not read)."""
-  if isinstance(depth_multiplier, bool) or not isinstance(depth_multiplier, numbers.Real) or not depth_multiplier > 0:
-    raise ValueError(f'get_model({name!r}): depth_multiplier={depth_multiplier!r} must be a number > 0 (it scales '
-                     "each block's base depth, as slim's).")
-  if isinstance(min_base_depth, bool) or not isinstance(min_base_depth, numbers.Integral) or min_base_depth < 1:
-    raise ValueError(f'get_model({name!r}): min_base_depth={min_base_depth!r} must be a whole number >= 1 (the '
-                     'least base depth a scaled block keeps; 0 would give layers of no width).')
+def _scaled_depths(name: str, block_sizes: tuple, depth_multiplier: Any, min_base_depth: Any) -> tuple:
+  """`block_sizes` with slim's `depth_func` applied, refusing a depth_multiplier or min_base_depth
+  that is no number ('0.25' had been repeated by `d * depth_multiplier` into a width int() could
+  not read) and a scaling that leaves a block of no width (slim takes min_base_depth=0)."""
+  for argument, value, kind, what in (('depth_multiplier', depth_multiplier, numbers.Real, 'a number'),
+                                      ('min_base_depth', min_base_depth, numbers.Integral, 'a whole number')):
+    if isinstance(value, bool) or not isinstance(value, kind):
+      raise TypeError(f'get_model({name!r}): {argument}={value!r} must be {what}.')
+  if not depth_multiplier > 0:
+    raise ValueError(f"get_model({name!r}): depth_multiplier={depth_multiplier!r} must be > 0 (it scales each block's "
+                     'base depth).')
+  scaled = _v1_depth_func(block_sizes, depth_multiplier, min_base_depth)
+  if min(depth for depth, _, _ in scaled) < 1:
+    raise ValueError(f'get_model({name!r}): depth_multiplier={depth_multiplier!r} with min_base_depth='
+                     f'{min_base_depth!r} gives base depths {[depth for depth, _, _ in scaled]}, some of no width; '
+                     'raise min_base_depth to at least 1.')
+  return scaled
 
 
 def _check_values(name: str, scope_kwargs: dict, model_kwargs: dict) -> None:
@@ -181,8 +189,7 @@ def get_model(name: str, num_classes: Optional[int] = None, **overrides: Any) ->
     # slim applies depth_func in resnet_v1_50 & co., not to custom blocks.
     depth_multiplier = model_kwargs.pop('depth_multiplier', 1.0)
     min_base_depth = model_kwargs.pop('min_base_depth', 8)
-    _check_depth_scaling(name, depth_multiplier, min_base_depth)
-    block_sizes = _v1_depth_func(block_sizes, depth_multiplier, min_base_depth)
+    block_sizes = _scaled_depths(name, block_sizes, depth_multiplier, min_base_depth)
   # False is accepted for v2 so one config can switch between v1 and v2.
   if cls is ResNetV2 and model_kwargs.pop('zero_init_last_gamma', False):
     raise ValueError(f'{name}: v2 units end in conv3 without BatchNorm, so there is no last gamma to zero; '

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -400,7 +401,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
           writer.write(0, _eval_records(eval_metrics))
         progress.message(f'eval at step 0: {_eval_line(eval_metrics)}')
   finally:
-    progress.end_line()  # an error's line, or Ctrl-C's, starts a line of its own
+    with contextlib.suppress(OSError):  # a terminal gone (EIO) must not keep the last save from being waited for
+      progress.end_line()  # an error's line, or Ctrl-C's, starts a line of its own
     restore_signal_handlers()
     batches.close()
     checkpointer.close()

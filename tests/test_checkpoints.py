@@ -148,6 +148,7 @@ def test_a_step_not_after_the_newest_is_refused_and_evicts_nothing(tmp_path):
                                                           'forward; save later steps, or a run that counts its steps '
                                                           'from 0 again into another directory.$'):
       checkpointer.save(step, {'w': np.zeros(2)})
+  assert checkpoints.committed_steps(str(tmp_path)) == [2, 3]  # nothing evicted
   checkpointer.save(4, {'w': np.full(2, 4)})  # the next step is saved as before
   checkpointer.close()
   assert checkpoints.committed_steps(str(tmp_path)) == [3, 4]

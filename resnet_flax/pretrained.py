@@ -129,7 +129,13 @@ def _fix(loaded: dict[str, Any], reference: dict[str, Any], source: str, allow_n
   if {path for path in have if path[0] != HEAD} != {path for path in want if path[0] != HEAD}:
     fixes.append('Its layers are not this model\'s: it was saved from another model or other model options; check '
                  '--config.model and its options (config.model_options, config.bn).')
-  have_classes, want_classes = (np.shape(tree.get((HEAD, 'biases'), ())) for tree in (have, want))
+  have_classes, want_classes = (np.shape(tree[(HEAD, 'biases')]) if (HEAD, 'biases') in tree else None
+                                for tree in (have, want))
+  if have_classes is None and want_classes is not None and not allow_new_head:
+    # np.shape of a missing head had read as "0 classes: set config.num_classes=0", which is refused.
+    fixes.append('The checkpoint has no logits layer (features only, as `convert --num_classes 0` writes): evaluate '
+                 'a checkpoint with a classifier, or train one from it with --config.init_checkpoint, which adds a '
+                 'new head.')
   if have_classes and want_classes and have_classes != want_classes and not allow_new_head:
     fixes.append(f'The checkpoint has {have_classes[0]} classes, the model {want_classes[0]}: set '
                  f'config.num_classes={have_classes[0]} (and config.data.label_offset to match its background '

@@ -272,6 +272,17 @@ def test_another_class_count_names_num_classes_as_the_fix():
                            features, allow_new_head=False, source='ckpt', epsilon=1e-5)
 
 
+def test_a_checkpoint_without_a_head_names_that_not_a_class_count_of_0():
+  # `convert --num_classes 0` writes features only; the hint had said "set config.num_classes=0", which is refused.
+  model = _leaves(params__unit_1__conv__weights=np.ones(2), params__logits__weights=np.ones((4, 10)),
+                  params__logits__biases=np.ones(10))
+  saved = _leaves(params__unit_1__conv__weights=np.ones(2))
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    pretrained.fit_variables(saved, model, allow_new_head=False, source='ckpt', epsilon=1e-5)
+  assert 'The checkpoint has no logits layer (features only' in str(error.value)
+  assert 'num_classes=0' not in str(error.value)
+
+
 def test_fine_tuning_names_the_input_channels_not_the_class_count_a_new_head_replaces():
   # A 3-channel, 2-class run's checkpoint fine-tuned on digits (1 channel, 10 classes, no root
   # block): the hint had said to set num_classes=2, which the new head makes needless.

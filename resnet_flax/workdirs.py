@@ -69,6 +69,11 @@ def check_not_a_checkpoint(workdir: str) -> None:
                         f'--config.init_checkpoint={checkpoint}.')
 
 
+def is_run(directory: str) -> bool:
+  """Whether `directory` holds a training run: the config.json and metrics.jsonl it writes at its start."""
+  return all(os.path.isfile(os.path.join(directory, name)) for name in ('config.json', 'metrics.jsonl'))
+
+
 def check_not_inside_a_run(workdir: str, run_subdirectories: tuple[str, ...], for_a_run: bool = True) -> None:
   """Refuses a workdir inside another run's own folders (`<run>/tensorboard/...`, a run being a
   directory with the config.json and metrics.jsonl a training run writes at its start): its files
@@ -77,8 +82,7 @@ def check_not_inside_a_run(workdir: str, run_subdirectories: tuple[str, ...], fo
   resolved = os.path.realpath(workdir)  # a link into a run's folder is inside it too
   child, parent = resolved, os.path.dirname(resolved)
   while parent != child:
-    if (os.path.basename(child) in run_subdirectories and
-        all(os.path.isfile(os.path.join(parent, name)) for name in ('config.json', 'metrics.jsonl'))):
+    if os.path.basename(child) in run_subdirectories and is_run(parent):
       # The run's folder itself was most likely meant for the run.
       resume = f'--workdir={parent} to go on with that run, or ' if for_a_run and child == resolved else ''
       raise CheckpointError(f'--workdir {os.path.abspath(workdir)} lies inside the {os.path.basename(child)}/ '

@@ -147,6 +147,29 @@ def test_a_sweep_workdir_inside_another_runs_folders_is_refused_before_any_run_f
   assert os.listdir(tmp_path / 'tensorboard') == []
 
 
+def test_a_sweep_workdir_that_is_a_training_run_is_refused_with_nothing_written(tmp_path):
+  # Its tables, plots and runs/ had been written among that run's checkpoints and metrics.
+  for name in ('config.json', 'metrics.jsonl'):
+    (tmp_path / name).write_text('{}')
+  with pytest.raises(ValueError, match=f'^--workdir {tmp_path} holds a training run'):
+    bn_sweep.run_sweep(_config(), str(tmp_path), log=lambda message: None)
+  assert sorted(os.listdir(tmp_path)) == ['config.json', 'metrics.jsonl']
+
+
+def test_a_run_trained_with_another_config_stops_the_sweep_before_any_run_trains(tmp_path):
+  # Found when its turn came, it had let the runs before it train under the new config: a workdir of two configs.
+  config = _config(decay=(0.5, 0.9), zero_debias_moving_mean=(True,))
+  second = grid.expand(config)[1]
+  directory = runner.run_directory(str(tmp_path), second.name)
+  os.makedirs(directory)
+  writer = metrics_writer.MetricsWriter(directory)
+  writer.record_config({**second.config.to_dict(), 'learning_rate': 0.5, 'device_count': 1})
+  writer.close()
+  with pytest.raises(ValueError, match=f'{directory} was trained with learning_rate=0.5'):
+    bn_sweep.run_sweep(config, str(tmp_path), log=lambda message: None)
+  assert os.listdir(tmp_path / 'runs') == [second.name]
+
+
 @pytest.mark.parametrize('argv, field, sweep_field', [
     (['--config=configs/bn_sweep.py', '--config.batch_size=16', "--config.sweep.batch_size=(8,)"],
      'batch_size', 'batch_size'),

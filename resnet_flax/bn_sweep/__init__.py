@@ -42,7 +42,12 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str,
   check_batch_sizes(runs, config)
   # Each run checks this too, but only once the sweep has made its folder.
   workdirs.check_not_inside_a_run(workdir, train_lib.RUN_SUBDIRECTORIES, for_a_run=False)
+  if workdirs.is_run(workdir):  # its tables and runs/ had been written among that run's files
+    raise ValueError(f'--workdir {workdir} holds a training run (its config.json and metrics.jsonl); a sweep writes '
+                     'its runs under runs/ beside its tables: pass a workdir of its own.')
   workdirs.check_workdir(workdir, needed_bytes=0)  # each run checks its own room when it starts
+  for run in runs:  # a run trained before with another config: refused before any other run trains
+    runner.check_same_config(runner.run_directory(workdir, run.name), run.config)
   plots.require_matplotlib()
   try:
     results = runner.run_all(runs, workdir, config.sweep.recalibration_batches, log)

@@ -174,7 +174,8 @@ def _statistics_group(fields: dict[str, Any]) -> Optional[int]:
     return None
 
 
-def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoint: Optional[str] = None
+def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str | os.PathLike],
+                    checkpoint: Optional[str | os.PathLike] = None
                     ) -> LoadedCheckpoint:
   """The latest checkpoint in `workdir`, or `checkpoint`, with the model `config` describes.
 
@@ -184,8 +185,12 @@ def load_checkpoint(config: ml_collections.ConfigDict, workdir: Optional[str], c
   """
   if (checkpoint is None) == (workdir is None):
     raise ValueError('pass --workdir=DIR (its latest checkpoint) or --checkpoint=PATH, one of them.')
+  # pathlib paths as well as text (they had failed on `.strip`, or deep in a path check).
+  workdir, checkpoint = (None if path is None else os.fspath(path) for path in (workdir, checkpoint))
   if checkpoint is not None and not checkpoint.strip():
     raise ValueError('--checkpoint is empty; pass a checkpoint directory or slim:PATH, or leave the flag out.')
+  if workdir is not None and not workdir.strip():  # it had looked for checkpoints in the current directory
+    raise ValueError('--workdir is empty; pass the directory of a training run.')
   config_checks.check_config(config)
   config_checks.check_same_on_every_process(config)
   dataset = build_eval_dataset(config)
@@ -253,7 +258,8 @@ def _newest_step(workdir: str, directory: str) -> int:
   raise checkpoints.CheckpointError(f'no checkpoint in {directory}; train first or pass {hint}.')
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str], checkpoint: Optional[str] = None
+def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str | os.PathLike],
+             checkpoint: Optional[str | os.PathLike] = None
              ) -> dict[str, Any]:
   """Evaluates the latest checkpoint in `workdir`, or `checkpoint`, on `config.eval_split`.
 

@@ -147,6 +147,14 @@ def test_a_sweep_workdir_inside_another_runs_folders_is_refused_before_any_run_f
   assert os.listdir(tmp_path / 'tensorboard') == []
 
 
+def test_a_sweep_workdir_may_be_a_pathlib_path_and_not_empty(tmp_path):
+  with pytest.raises(ValueError, match=r'^--workdir is empty; pass a directory\.$'):
+    bn_sweep.run_sweep(_config(), '', log=lambda message: None)
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(ValueError, match='is a file, not a directory'):  # had been "'PosixPath' is not iterable"
+    bn_sweep.run_sweep(_config(), tmp_path / 'file', log=lambda message: None)
+
+
 def test_a_sweep_workdir_that_is_a_training_run_is_refused_with_nothing_written(tmp_path):
   # Its tables, plots and runs/ had been written among that run's checkpoints and metrics.
   for name in ('config.json', 'metrics.jsonl'):

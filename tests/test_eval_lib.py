@@ -97,6 +97,18 @@ def test_a_default_given_explicitly_or_a_field_the_data_ignores_is_no_other_inpu
 
 # The checkpoint holds no epsilon: one trained with bn.epsilon=1 and evaluated with
 # the config's 1e-5 had scored 9.7% (79.2% as trained), without a word.
+def test_paths_may_be_pathlib_paths_and_an_empty_workdir_is_refused(tmp_path):
+  # A pathlib checkpoint had failed on `.strip`, a pathlib workdir deep in a path check; '' had
+  # looked for checkpoints in the current directory.
+  config = tiny_config(2)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  by_text = eval_lib.evaluate(config, str(tmp_path))
+  assert eval_lib.evaluate(config, tmp_path) == by_text
+  assert eval_lib.evaluate(config, None, tmp_path / 'checkpoints' / '2') == by_text
+  with pytest.raises(ValueError, match=r'^--workdir is empty; pass the directory of a training run\.$'):
+    eval_lib.evaluate(config, ' ')
+
+
 def test_another_batch_norm_epsilon_is_another_function(tmp_path):
   config = tiny_config()
   (tmp_path / 'config.json').write_text(json.dumps(config.to_dict()))

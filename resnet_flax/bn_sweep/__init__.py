@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import ml_collections
@@ -32,10 +33,13 @@ def check_batch_sizes(runs: list[grid.Run], config: ml_collections.ConfigDict) -
                      f'size; use sizes up to {examples}.')
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str,
+def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
   """Runs every unfinished run of `config.sweep`'s grid, then writes tables and plots of them all;
   returns their results ([] when a signal stopped it: the same command resumes)."""
+  workdir = os.fspath(workdir)  # a pathlib path too
+  if not workdir.strip():
+    raise ValueError('--workdir is empty; pass a directory.')
   runs = grid.expand(config)
   for run in runs:  # every run's settings, before the first one trains
     check_run(run)

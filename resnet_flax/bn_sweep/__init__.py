@@ -50,8 +50,6 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     raise ValueError(f'--workdir {workdir} holds a training run (its config.json and metrics.jsonl); a sweep writes '
                      'its runs under runs/ beside its tables: pass a workdir of its own.')
   workdirs.check_workdir(workdir, needed_bytes=0)  # each run checks its own room when it starts
-  for run in runs:  # a run trained before with another config: refused before any other run trains
-    runner.check_same_config(runner.run_directory(workdir, run.name), run.config)
   plots.require_matplotlib()
   try:
     results = runner.run_all(runs, workdir, config.sweep.recalibration_batches, log)

@@ -100,13 +100,16 @@ def run_one(run: grid.Run, workdir: str, recalibration_batches: int) -> dict[str
 
 def run_all(runs: list[grid.Run], workdir: str, recalibration_batches: int,
             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """The result of every run, in grid order; unfinished runs are run first."""
+  """The result of every run, in grid order; unfinished runs are run first. A run trained
+  before with another config is refused before any run trains: found at its turn, it had let
+  the runs before it train under the new config, a workdir of two configs."""
+  for run in runs:
+    check_same_config(run_directory(workdir, run.name), run.config)
   results = []
   for index, run in enumerate(runs, 1):
     directory = run_directory(workdir, run.name)
     result = atomic_files.read_json(os.path.join(directory, 'result.json'))
     if results_lib.is_finished(result, recalibration_batches):
-      check_same_config(directory, run.config)
       log(f'[{index}/{len(runs)}] {run.name}: finished before, skipped.')
     else:
       log(f'[{index}/{len(runs)}] {run.name}: running in {directory}')

@@ -28,9 +28,10 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, enabled: bool = True, resumed_step: Optional[int] = None):
     """`resumed_step`: the step a run starts from (a resumed run's checkpoint, 0 for a fresh
-    start, -1 to keep no record); what an earlier start logged after it (a run killed before that step, or before its
-    first save) is dropped from metrics.jsonl and hidden in TensorBoard, so each step appears
-    once, this run's; `dropped_steps` lists the steps dropped. None: append to what is there."""
+    start, -1 to keep no record); what an earlier start logged after it (a run killed before
+    that step, or before its first save) is dropped from metrics.jsonl and hidden in
+    TensorBoard, so each step appears once, this run's; `dropped_steps` lists the steps
+    dropped. None: append to what is there."""
     self.enabled = enabled
     self._failed = False
     self.dropped_steps: list[int] = []

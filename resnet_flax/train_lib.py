@@ -338,6 +338,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
     # checkpoint, also when a changed start fails before saving anything.
     changes = writer.record_config(run_record) if last_saved is None else config_changes(workdir, run_record)
   config_recorded = last_saved is None
+
+  def record_evaluation(step: int, metrics: dict[str, Any]) -> None:
+    with distributed.failing_together('to write the metrics'):
+      writer.write(step, _eval_records(metrics))
+    progress.message(f'eval at step {step}: {_eval_line(metrics)}')
+
   if last_saved is not None and changes:
     # Allowed (a longer run, another eval cadence), but some (batch size, BN options, the
     # device count with per-device statistics) make the result differ from an uninterrupted run.
@@ -381,9 +387,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
         interval_start = time.perf_counter()  # The save's device-to-host copy is not training throughput.
       if eval_due:
         eval_metrics = evaluate(state)
-        with distributed.failing_together('to write the metrics'):
-          writer.write(step, _eval_records(eval_metrics))
-        progress.message(f'eval at step {step}: {_eval_line(eval_metrics)}')
+        record_evaluation(step, eval_metrics)
         for of, evaluated in (('', eval_metrics), ('the averages: ', eval_metrics.get('ema'))):
           unusable = evaluated and eval_lib.nonfinite_note(evaluated, config)
           if unusable:
@@ -397,9 +401,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
       # zero steps (the initial or config.init_checkpoint's weights, a baseline) records it as step 0.
       eval_metrics = evaluate(state)
       if start_step == 0:
-        with distributed.failing_together('to write the metrics'):
-          writer.write(0, _eval_records(eval_metrics))
-        progress.message(f'eval at step 0: {_eval_line(eval_metrics)}')
+        record_evaluation(0, eval_metrics)
   finally:
     with contextlib.suppress(OSError):  # a terminal gone (EIO) must not keep the last save from being waited for
       progress.end_line()  # an error's line, or Ctrl-C's, starts a line of its own

@@ -293,10 +293,10 @@ def _plan(expected, found, scope: str, reader, model, allow_unused_layers: bool)
 
 
 def _layers_not_in_model(expected, found, scope: str) -> list[str]:
-  """The outermost scopes of layers with weights or statistics in the checkpoint under the model's
-  scope that the model does not have, a deeper network's units: reading only the model's own would drop them
-  and compute another function. A logits layer is left out of a model without one (features, or
-  a new head)."""
+  """The outermost scopes of layers with weights or statistics in the checkpoint under the
+  model's scope that the model does not have, a deeper network's units: reading only the
+  model's own would drop them and compute another function. A logits layer is left out of a
+  model without one (features, or a new head)."""
   modules = {path[:-1] for leaves in expected.values() for path in leaves}
   has_head = any(module[:1] == (HEAD,) for module in modules)
   scopes = {module[:depth] for module in modules for depth in range(len(module) + 1)}

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from etils import epath  # orbax's own path type (a dependency of orbax)
 
 from resnet_flax import distributed, error_lines, orbax_noise
+from resnet_flax.slim import checkpoint_state
 
 # What a failed write raises: tensorstore reports a full disk or a quota as ValueError
 # ('RESOURCE_EXHAUSTED: ... [os_error_code='28']'), the file system as OSError.
@@ -329,12 +330,18 @@ def _item_directory(path: str) -> str:
   if newest is not None:
     raise CheckpointError(f'{path} holds checkpoints, it is not one; name one of them, e.g. the newest: '
                           f'{path}/{newest}.')
-  if os.path.isfile(path) or os.path.isfile(path + '.index'):
+  prefix = re.sub(r'\.(index|data-\d{5}-of-\d{5})$', '', path)  # a TF checkpoint's files, named by its prefix
+  if os.path.isfile(prefix + '.index'):
+    raise CheckpointError(f'{path} is a TensorFlow checkpoint, not an orbax one; pass slim:{prefix}.')
+  if os.path.isfile(path):
     raise CheckpointError(f'{path} is a file, not an orbax checkpoint directory; for a TF-Slim checkpoint pass '
-                          f'slim:{path.removesuffix(".index")}.')
+                          f'slim:{path}.')
   if not os.path.isdir(item):
     raise CheckpointError(f'checkpoint {path} does not exist; pass a <workdir>/checkpoints/<step> directory, '
                           'a converted directory, or slim:PATH for a TF-Slim checkpoint.')
+  tf_checkpoint = checkpoint_state.tf_checkpoint_in(path)
+  if tf_checkpoint is not None and not is_checkpoint(path):
+    raise CheckpointError(f'{path} holds a TensorFlow checkpoint, not an orbax one; pass slim:{tf_checkpoint}.')
   if not is_checkpoint(path):  # its read had failed as damage: "a crash or a disk error damaged its files"
     raise CheckpointError(f'{path} is a directory but no orbax checkpoint (it has no _CHECKPOINT_METADATA or '
                           '_METADATA); pass a <workdir>/checkpoints/<step> directory, a converted directory, or '

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from resnet_flax import (checkpoints, config_checks, data, device_input, distributed, metrics_writer, model_builder,
                          precise_bn, pretrained, sharding, steps, workdirs)
 from resnet_flax.progress import BatchProgress, batch_progress
+from resnet_flax.slim import checkpoint_state
 
 # What decides the images a model sees at evaluation, and BatchNorm's epsilon, which the
 # checkpoint's arrays leave open (bfloat16 or float32 is rounding): a run evaluated with other
@@ -248,7 +249,7 @@ def _newest_step(workdir: str, directory: str) -> int:
   if step is not None:
     return step
   converted = os.path.join(workdir, 'variables')
-  tf_checkpoint = workdirs.tf_checkpoint_in(workdir)
+  tf_checkpoint = checkpoint_state.tf_checkpoint_in(workdir)
   if os.path.isdir(converted):
     hint = f'--checkpoint={converted}'
   elif tf_checkpoint is not None:  # a TF-Slim download passed as the workdir

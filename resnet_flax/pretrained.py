@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import jax
@@ -10,7 +11,7 @@ from absl import logging
 
 from resnet_flax import checkpoints, slim
 from resnet_flax.metrics_writer import recorded_config
-from resnet_flax.slim import checkpoint_import, names
+from resnet_flax.slim import checkpoint_import, checkpoint_state, names
 
 SLIM_PREFIX = 'slim:'
 # The only variables fine-tuning may re-initialize: a new classifier for a new class count.
@@ -30,6 +31,10 @@ def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_he
     if checkpoints.is_checkpoint(path):
       raise checkpoints.CheckpointError(f'{path} is an orbax checkpoint (this package\'s own), not a TF one: pass it '
                                         f'without the {SLIM_PREFIX} prefix.')
+    converted = os.path.join(path, 'variables')
+    if checkpoints.is_checkpoint(converted) and checkpoint_state.tf_checkpoint_in(path) is None:
+      raise checkpoints.CheckpointError(f'{path} is what `python -m resnet_flax.slim convert` wrote, an orbax '
+                                        f'checkpoint: pass {converted} without the {SLIM_PREFIX} prefix.')
     try:
       variables, step = slim.load_variables_and_step(path, model, image_shape=image_shape,
                                                      moving_averages=moving_averages)

@@ -1,18 +1,14 @@
 """A `--workdir` checked before a run writes to it: writable with room for the checkpoints, and
-a workdir at all, not a checkpoint passed in its place (and, for eval.py's hint, the
-TensorFlow checkpoint a folder holds)."""
+a workdir at all, not a checkpoint passed in its place."""
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
-from typing import Optional
 
 from resnet_flax import checkpoints
 from resnet_flax.checkpoints import CheckpointError
-from resnet_flax.slim import checkpoint_state
 
 
 def _size(num_bytes: int) -> str:
@@ -88,26 +84,3 @@ def check_not_inside_a_run(workdir: str, run_subdirectories: tuple[str, ...], fo
       raise CheckpointError(f'--workdir {os.path.abspath(workdir)} lies inside the {os.path.basename(child)}/ '
                             f'folder of the run in {parent}; pass {resume}a workdir outside that run.')
     child, parent = parent, os.path.dirname(parent)
-
-
-def tf_checkpoint_in(directory: str) -> Optional[str]:
-  """What `slim:` takes for the TensorFlow checkpoint in `directory`, if it holds one: the
-  directory itself where a `checkpoint` state file names the newest, else the V2 prefix of
-  the highest step (`model.ckpt-N` of `model.ckpt-N.index`), else a V1 file (`resnet_v1_50.ckpt`)."""
-  try:
-    names = os.listdir(directory)
-  except OSError:
-    return None
-  if os.path.isfile(os.path.join(directory, checkpoint_state.STATE_FILENAME)):
-    return directory
-  prefixes = [name.removesuffix('.index') for name in names if name.endswith('.index')]
-  if prefixes:
-    return os.path.join(directory, max(prefixes, key=_step_then_name))
-  v1_files = sorted(name for name in names if name.endswith('.ckpt'))
-  return os.path.join(directory, v1_files[0]) if v1_files else None
-
-
-def _step_then_name(prefix: str) -> tuple[int, str]:
-  """Sorts `model.ckpt-999` before `model.ckpt-1000` (a prefix without a step first)."""
-  step = re.search(r'-(\d+)$', prefix)
-  return (int(step.group(1)) if step else -1, prefix)

@@ -231,6 +231,36 @@ def test_convert_refuses_a_taken_or_empty_workdir_before_reading(tmp_path, capsy
   assert code == 2 and len(lines) == 1 and lines[0].endswith(message), lines
 
 
+def test_convert_refuses_eval_pys_slim_mark_and_a_converted_checkpoint_naming_what_to_pass(tmp_path, capsys):
+  # Both had been "no checkpoint here" / "directory has no 'checkpoint' state file".
+  target = slim_cli.convert(V1_CKPT, 'resnet_v1_tiny', str(tmp_path / 'converted'), num_classes=10,
+                            image_shape=IMAGE_SHAPE)
+  expected = {
+      'slim:' + V1_CKPT: f'--checkpoint slim:{V1_CKPT}: convert reads TF checkpoints only, without the slim: mark '
+                         f'eval.py and train.py take; pass --checkpoint {V1_CKPT}.',
+      target: f'--checkpoint {target} is an orbax checkpoint, converted already or saved by train.py; evaluate it '
+              f'with eval.py --checkpoint={target} or fine-tune from it with --config.init_checkpoint={target}.',
+      str(tmp_path / 'converted'): f'--checkpoint {tmp_path}/converted holds an orbax checkpoint, converted already',
+  }
+  for checkpoint, message in expected.items():
+    code = slim_cli.main(['convert', '--checkpoint', checkpoint, '--model', 'resnet_v1_tiny', '--workdir',
+                          str(tmp_path / 'again'), '--num_classes', '10', '--image_size', '32'])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f'error: {message}'), lines
+  assert not (tmp_path / 'again').exists()
+
+
+def test_slim_mark_on_what_convert_wrote_names_its_variables_without_the_mark(tmp_path):
+  target = slim_cli.convert(V1_CKPT, 'resnet_v1_tiny', str(tmp_path), num_classes=10, image_shape=IMAGE_SHAPE)
+  for spec, message in ((f'slim:{tmp_path}', f'{tmp_path} is what `python -m resnet_flax.slim convert` wrote, an '
+                                             f'orbax checkpoint: pass {target} without the slim: prefix.'),
+                        (f'slim:{target}', f'{target} is an orbax checkpoint (this package\'s own), not a TF one: '
+                                           'pass it without the slim: prefix.')):
+    with pytest.raises(checkpoints.CheckpointError) as error:
+      eval_lib.load_checkpoint(synthetic_config(), None, spec)
+    assert str(error.value) == message
+
+
 def _leaves(**arrays):
   """{'params': ..., 'batch_stats': ...} from 'collection/a/b' = array keyword pairs (with / as __)."""
   tree = {'params': {}, 'batch_stats': {}}

@@ -80,7 +80,7 @@ def test_the_step_is_the_global_step_the_run_saved():
 def test_a_checkpoint_without_averages_is_refused_in_one_line():
   with pytest.raises(slim.SlimCheckpointError, match=(
       f'checkpoint {V1_CKPT} holds no moving averages .* load its variables as they are '
-      r'\(eval.py: --config.model_ema_decay=0\)\.$')):
+      r'\(moving_averages=False; eval.py: --config.model_ema_decay=0; slim convert: leave out --moving_averages\)\.$')):
     slim.load_variables(V1_CKPT, _model('v1_tiny_10'), image_shape=IMAGE_SHAPE, moving_averages=True)
 
 

@@ -473,8 +473,15 @@ def test_empty_workdir_is_one_line_not_the_default(script, default):
 @pytest.mark.parametrize('checkpoint, named', [
     ('', '--checkpoint is empty; pass a checkpoint directory or slim:PATH, or leave the flag out.'),
     ('slim:', "'slim:' names no checkpoint; give slim:PATH"),
-    ('{workdir}/model.ckpt', '{workdir}/model.ckpt is a file, not an orbax checkpoint directory; for a TF-Slim '
-                             'checkpoint pass slim:{workdir}/model.ckpt.'),
+    # A TF checkpoint passed without slim: (its prefix, one of its files, or its folder); any other file.
+    ('{workdir}/model.ckpt', '{workdir}/model.ckpt is a TensorFlow checkpoint, not an orbax one; pass '
+                             'slim:{workdir}/model.ckpt.'),
+    ('{workdir}/model.ckpt.data-00000-of-00001', '{workdir}/model.ckpt.data-00000-of-00001 is a TensorFlow '
+                                                 'checkpoint, not an orbax one; pass slim:{workdir}/model.ckpt.'),
+    ('{workdir}/tf', '{workdir}/tf holds a TensorFlow checkpoint, not an orbax one; pass '
+                     'slim:{workdir}/tf/model.ckpt-3.'),
+    ('{workdir}/notes.txt', '{workdir}/notes.txt is a file, not an orbax checkpoint directory; for a TF-Slim '
+                            'checkpoint pass slim:{workdir}/notes.txt.'),
     ('{workdir}', '{workdir} is a training workdir, not a checkpoint; name one of its checkpoints, '
                   '{workdir}/checkpoints/<step> (eval.py: or pass --workdir={workdir} for the newest).'),
     ('{workdir}/converted', '{workdir}/converted is what `python -m resnet_flax.slim convert` wrote; pass '
@@ -486,6 +493,10 @@ def test_checkpoint_paths_that_name_no_checkpoint_say_what_to_name(tmp_path, che
   for step in (2, 4):
     (tmp_path / 'checkpoints' / str(step)).mkdir(parents=True)
   (tmp_path / 'model.ckpt.index').write_bytes(b'')  # a TF checkpoint's prefix, passed without slim:
+  (tmp_path / 'model.ckpt.data-00000-of-00001').write_bytes(b'')
+  (tmp_path / 'notes.txt').write_text('')
+  (tmp_path / 'tf').mkdir()
+  (tmp_path / 'tf' / 'model.ckpt-3.index').write_bytes(b'')
   (tmp_path / 'converted' / 'variables').mkdir(parents=True)
   with pytest.raises(ValueError) as error:
     eval_lib.load_checkpoint(tiny_config(), None, checkpoint.format(workdir=tmp_path))

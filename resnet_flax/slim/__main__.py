@@ -11,7 +11,7 @@ import os
 import sys
 from typing import NoReturn
 
-from resnet_flax import checkpoints, error_lines, models, slim, workdirs
+from resnet_flax import checkpoints, error_lines, models, pretrained, slim, workdirs
 
 # Slim's public ImageNet checkpoints: v1 has 1000 classes, v2 1001 (class 0 = background).
 _DEFAULT_CLASSES = {'resnet_v1': 1000, 'resnet_v2': 1001}
@@ -60,6 +60,7 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
   if num_classes < 0 or min(image_shape) < 1:
     raise ValueError(f'--num_classes={num_classes}, --image_size={image_shape[0]}, --channels={image_shape[2]}: '
                      'give num_classes >= 0 (0: features only) and a positive image size and channel count.')
+  _check_a_tf_checkpoint(checkpoint)
   if not workdir.strip():  # os.path.join('', 'variables') would write into the current directory
     raise ValueError('--workdir is empty; pass a directory.')
   target = os.path.join(workdir, 'variables')
@@ -73,6 +74,21 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
   # The TF run's step, so eval.py reports the step the weights were trained to.
   checkpoints.save_tree(target, {**variables, 'step': step})
   return target
+
+
+def _check_a_tf_checkpoint(checkpoint: str) -> None:
+  """Refuses what eval.py and train.py take but convert does not: `slim:PATH` (their mark of a TF
+  checkpoint) and an orbax checkpoint, converted already (a reader had called it "no checkpoint here")."""
+  if checkpoint.startswith(pretrained.SLIM_PREFIX):
+    raise ValueError(f'--checkpoint {checkpoint}: convert reads TF checkpoints only, without the '
+                     f'{pretrained.SLIM_PREFIX} mark eval.py and train.py take; pass '
+                     f'--checkpoint {checkpoint[len(pretrained.SLIM_PREFIX):]}.')
+  for orbax in (checkpoint, os.path.join(checkpoint, 'variables')):
+    if checkpoints.is_checkpoint(orbax):
+      what = 'is' if orbax == checkpoint else 'holds'
+      raise ValueError(f'--checkpoint {checkpoint} {what} an orbax checkpoint, converted already or saved by train.py; '
+                       f'evaluate it with eval.py --checkpoint={orbax} or fine-tune from it with '
+                       f'--config.init_checkpoint={orbax}.')
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,7 +195,7 @@ class _MovingAverages:
       raise SlimCheckpointError(
           f'checkpoint {reader.prefix} holds no moving averages (<name>{names.AVERAGE_SUFFIX}, which slim\'s '
           'train_image_classifier --moving_average_decay keeps): load its variables as they are '
-          '(eval.py: --config.model_ema_decay=0).')
+          '(moving_averages=False; eval.py: --config.model_ema_decay=0; slim convert: leave out --moving_averages).')
     # slim averages every model variable: a param without one means another run's averages.
     bare = [name for name in (names.slim_name(scope, path) for path in params)
             if self._source.get(name) == name]

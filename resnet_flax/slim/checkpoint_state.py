@@ -1,4 +1,5 @@
-"""The `checkpoint` state file TensorFlow keeps beside a directory's checkpoints: which is the newest."""
+"""Which TensorFlow checkpoint a directory holds: the newest its `checkpoint` state file names, else by the
+files there."""
 
 from __future__ import annotations
 
@@ -35,3 +36,26 @@ def state_text(basename: str) -> bytes:
   quoted = basename.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
   return (f'model_checkpoint_path: "{quoted}"\n'
           f'all_model_checkpoint_paths: "{quoted}"\n').encode('utf-8')
+
+
+def tf_checkpoint_in(directory: str) -> Optional[str]:
+  """What `slim:` takes for the TensorFlow checkpoint in `directory`, if it holds one: the
+  directory itself where a `checkpoint` state file names the newest, else the V2 prefix of
+  the highest step (`model.ckpt-N` of `model.ckpt-N.index`), else a V1 file (`resnet_v1_50.ckpt`)."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return None
+  if os.path.isfile(os.path.join(directory, STATE_FILENAME)):
+    return directory
+  prefixes = [name.removesuffix('.index') for name in names if name.endswith('.index')]
+  if prefixes:
+    return os.path.join(directory, max(prefixes, key=_step_then_name))
+  v1_files = sorted(name for name in names if name.endswith('.ckpt'))
+  return os.path.join(directory, v1_files[0]) if v1_files else None
+
+
+def _step_then_name(prefix: str) -> tuple[int, str]:
+  """Sorts `model.ckpt-999` before `model.ckpt-1000` (a prefix without a step first)."""
+  step = re.search(r'-(\d+)$', prefix)
+  return (int(step.group(1)) if step else -1, prefix)

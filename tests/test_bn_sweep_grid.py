@@ -1,6 +1,7 @@
 """The BN sweep's grid at its edges: decay 0, steps and sizes that are not positive integers, the
 order given, zero recalibration and eval interval, a batch as big as the eval split."""
 
+import numpy as np
 import pytest
 
 from resnet_flax import bn_sweep
@@ -13,6 +14,20 @@ def test_decay_zero_is_in_range_and_reads_as_a_float():
   (run,) = grid.expand(_config(decay=(0,), zero_debias_moving_mean=(False,), batch_size=(8,), num_train_steps=(5,)))
   assert run.name == 'decay0.0_debias0_bs8_steps5'
   assert isinstance(run.settings['decay'], float) and run.config.bn.decay == 0.0
+
+
+# A grid of numpy scalars (np.linspace(...).astype(np.float32)) had been refused: "0.9 is not a number".
+def test_numpy_scalars_are_taken_as_the_numbers_they_print_as():
+  (run,) = grid.expand(_config(decay=(np.float32(0.9),), zero_debias_moving_mean=(np.bool_(True),),
+                               batch_size=(np.int64(8),), num_train_steps=(np.int32(5),)))
+  assert run.name == 'decay0.9_debias1_bs8_steps5'
+  assert run.settings == {'decay': 0.9, 'zero_debias_moving_mean': True, 'batch_size': 8, 'num_train_steps': 5}
+  assert [type(value) for value in run.settings.values()] == [float, bool, int, int]
+  assert (run.config.bn.decay, run.config.bn.zero_debias_moving_mean, run.config.batch_size) == (0.9, True, 8)
+  with pytest.raises(ValueError, match='config.sweep.decay: .*1.0.* is not a number in'):
+    grid.expand(_config(decay=(np.float64(1.0),)))
+  with pytest.raises(ValueError, match='config.sweep.batch_size: .*8.0.* is not a positive integer'):
+    grid.expand(_config(batch_size=(np.float32(8),)))
 
 
 @pytest.mark.parametrize('sweep, message', [

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 import re
 from typing import Any, Mapping, Sequence
 
 import ml_collections
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +80,18 @@ def _values(sweep: ml_collections.ConfigDict, field: str) -> tuple:
 def _settings(values: tuple) -> dict[str, Any]:
   """Checked values of one combination, each as its axis's type."""
   raw = dict(zip(SETTINGS, values))
-  if not (isinstance(raw['decay'], (int, float)) and 0.0 <= raw['decay'] < 1.0):
-    raise ValueError(f"config.sweep.decay: {raw['decay']!r} is not a number in [0, 1).")
-  if not isinstance(raw['zero_debias_moving_mean'], bool):  # bool('no') would be True
+  # numpy's scalars too (a grid from np.linspace); numbers.Real and Integral take them, not bools.
+  decay = raw['decay']
+  if isinstance(decay, (bool, np.bool_)) or not (isinstance(decay, numbers.Real) and 0.0 <= decay < 1.0):
+    raise ValueError(f"config.sweep.decay: {decay!r} is not a number in [0, 1).")
+  if not isinstance(raw['zero_debias_moving_mean'], (bool, np.bool_)):  # bool('no') would be True
     raise ValueError(f"config.sweep.zero_debias_moving_mean: {raw['zero_debias_moving_mean']!r} is not "
                      'True or False.')
   for field in ('batch_size', 'num_train_steps'):
-    if isinstance(raw[field], bool) or not isinstance(raw[field], int) or raw[field] <= 0:
+    if isinstance(raw[field], (bool, np.bool_)) or not isinstance(raw[field], numbers.Integral) or raw[field] <= 0:
       raise ValueError(f'config.sweep.{field}: {raw[field]!r} is not a positive integer.')
+  # A float32 0.9 is meant as 0.9 (its shortest digits), not as 0.8999999761581421 in the run's name and config.
+  raw['decay'] = float(str(decay)) if isinstance(decay, np.floating) else decay
   return {axis.field: axis.kind(raw[axis.field]) for axis in AXES}
 
 

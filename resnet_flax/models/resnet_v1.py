@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from resnet_flax.layers import sow_end_point
+from resnet_flax.layers import activations, sow_end_point
 from resnet_flax.models import resnet_utils
 from resnet_flax.models.arg_scope import ResNetArgScope
 
@@ -31,7 +31,7 @@ class BottleneckV1(nn.Module):
       shortcut = resnet_utils.subsample(x, self.stride)
     else:
       shortcut = conv(self.depth, 1, stride=self.stride,
-                      activation=nn.relu6 if self.use_bounded_activations else None,
+                      activation=activations.relu6 if self.use_bounded_activations else None,
                       name='shortcut')(x, train=train)
     residual = conv(self.depth_bottleneck, 1, name='conv1')(x, train=train)
     residual = resnet_utils.conv2d_same(conv, residual, self.depth_bottleneck, 3, self.stride,
@@ -41,9 +41,9 @@ class BottleneckV1(nn.Module):
     residual = last_conv(self.depth, 1, activation=None, name='conv3')(residual, train=train)
     if self.use_bounded_activations:
       # Bounded activations make the network friendlier to fixed-point inference.
-      output = nn.relu6(shortcut + jnp.clip(residual, -6.0, 6.0))
+      output = activations.relu6(shortcut + jnp.clip(residual, -6.0, 6.0))
     else:
-      output = nn.relu(shortcut + residual)
+      output = activations.relu(shortcut + residual)
     sow_end_point(self, output)
     return output
 

@@ -343,6 +343,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
     with distributed.failing_together('to write the metrics'):
       writer.write(step, _eval_records(metrics))
     progress.message(f'eval at step {step}: {_eval_line(metrics)}')
+    for of, evaluated in (('', metrics), ('the averages: ', metrics.get('ema'))):
+      unusable = evaluated and eval_lib.nonfinite_note(evaluated, config)
+      if unusable:
+        progress.message(f'warning: {of}{unusable}')
 
   if last_saved is not None and changes:
     # Allowed (a longer run, another eval cadence), but some (batch size, BN options, the
@@ -388,10 +392,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
       if eval_due:
         eval_metrics = evaluate(state)
         record_evaluation(step, eval_metrics)
-        for of, evaluated in (('', eval_metrics), ('the averages: ', eval_metrics.get('ema'))):
-          unusable = evaluated and eval_lib.nonfinite_note(evaluated, config)
-          if unusable:
-            progress.message(f'warning: {of}{unusable}')
         interval_start = time.perf_counter()  # Evaluation time is not training throughput.
       if stopping:
         progress.message(f'Preempted: saved step {step} to {checkpointer.directory}; rerun the same command to resume.')

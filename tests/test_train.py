@@ -192,6 +192,27 @@ def test_zero_steps_evaluate_the_initial_weights_and_record_them_as_step_0(tmp_p
   assert [record['step'] for record in metrics_writer.read_records(str(tmp_path))] == [0, 2, 2]
 
 
+def test_an_evaluation_with_a_nonfinite_loss_warns_also_at_zero_steps(tmp_path, capsys):
+  # Moving variances of NaN (statistics that fit no weights) make every evaluation's loss NaN. The
+  # loop's evaluations warned of it; a zero-step run's (a baseline) had printed its NaN without a word.
+  config = tiny_config(0)
+  model = model_builder.build_model(config, 10)
+  variables = jax.device_get(model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 1), np.float32), train=False))
+  variables['batch_stats'] = jax.tree_util.tree_map_with_path(
+      lambda path, x: np.full_like(x, np.nan) if path[-1].key == 'moving_variance' else x, variables['batch_stats'])
+  checkpoints.save_tree(str(tmp_path / 'negative'), {**variables, 'step': 0})
+  config.init_checkpoint = str(tmp_path / 'negative')
+  for steps in (0, 1):
+    config.num_train_steps = steps
+    result = train_lib.train_and_evaluate(config, str(tmp_path / f'run{steps}'))
+    assert np.isnan(result['loss'])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning: ')]
+    assert warnings == [f"warning: the evaluation's loss is nan, so its accuracy means nothing: most likely the "
+                        f'moving BatchNorm statistics (decay {config.bn.decay}) do not fit the weights yet. Evaluate '
+                        'after more steps, or with statistics recomputed from training batches: eval.py '
+                        '--config.bn_recalibration_batches=20.'], steps
+
+
 def test_train_step_updates_moving_statistics(tmp_path):
   config = tiny_config(2)
   train_lib.train_and_evaluate(config, str(tmp_path))

@@ -128,6 +128,20 @@ def test_eval_output_does_not_depend_on_batch_mates(name):
   assert not np.allclose(train_full[0], train_other[0], atol=1e-3)
 
 
+@pytest.mark.parametrize('name, options', [('resnet_v1_tiny', {}), ('resnet_v1_tiny', {'use_bounded_activations': True}),
+                                           ('resnet_v2_tiny', {})])
+def test_nan_statistics_give_nan_logits_not_a_tie(name, options):
+  # A NaN reached the pool and XLA:CPU (jaxlib 0.10, 0.11) pooled it to a finite number through a
+  # fused jax.nn.relu: every logit came out the bias, 0, and a top-1 that counts ties scored 100%.
+  model = models.get_model(name, num_classes=5, **options)
+  x = jnp.asarray(np.random.RandomState(0).rand(16, 32, 32, 3), jnp.float32)
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
+  broken = jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.full_like(s, jnp.nan) if path[-1].key == 'moving_variance' else s, variables['batch_stats'])
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))({**variables, 'batch_stats': broken}, x)
+  assert np.isnan(np.asarray(logits)).all()
+
+
 def test_apply_without_train_fails():
   model = models.get_model('resnet_v2_tiny', num_classes=3)
   x = jnp.zeros((2, 32, 32, 3))

@@ -4,6 +4,10 @@
 (jaxlib 0.10 and 0.11) compute a max fused into them as maxnum, which drops it: a ResNet whose
 last features were NaN pooled them to 0, so a diverged model evaluated on a CPU gave the loss
 ln(classes) and, every logit tied, a top-1 of 100%. A select is not fused that way.
+
+The ResNets use these where a ReLU's output may be the global pool's input (a v1 unit's output,
+v2's postnorm). The convolutions' `activation_fn` stays `jax.nn.relu`: XLA:GPU fuses a conv's
+`max(x, 0)`, and only that form, into cuDNN's conv-bias-activation (`fold_batch_norm_in_eval`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_flax.layers import activations, initializers
+from resnet_flax.layers import initializers
 from resnet_flax.layers.end_points import sow_end_point
 
 Array = jnp.ndarray
@@ -34,7 +34,7 @@ class Conv2D(nn.Module):
   rate: int = 1
   padding: str = 'SAME'
   normalizer: Optional[Callable[..., nn.Module]] = None
-  activation: Optional[Callable[[Array], Array]] = activations.relu
+  activation: Optional[Callable[[Array], Array]] = nn.relu
   kernel_init: Callable[..., Array] = initializers.variance_scaling()
   dtype: Any = jnp.float32
   fold_batch_norm_in_eval: bool = False

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from resnet_flax.layers import BatchNorm, Conv2D, activations
+from resnet_flax.layers import BatchNorm, Conv2D
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ResNetArgScope:
   and `postnorm`, which follow no convolution, stay as they are.
   """
   batch_norm: FrozenDict = FrozenDict(decay=0.997, epsilon=1e-5, scale=True)
-  activation_fn: Callable = activations.relu
+  activation_fn: Callable = nn.relu
   use_batch_norm: bool = True
   dtype: Any = jnp.float32
   fold_batch_norm_in_eval: bool = False

@@ -31,7 +31,7 @@ class BottleneckV1(nn.Module):
       shortcut = resnet_utils.subsample(x, self.stride)
     else:
       shortcut = conv(self.depth, 1, stride=self.stride,
-                      activation=activations.relu6 if self.use_bounded_activations else None,
+                      activation=nn.relu6 if self.use_bounded_activations else None,
                       name='shortcut')(x, train=train)
     residual = conv(self.depth_bottleneck, 1, name='conv1')(x, train=train)
     residual = resnet_utils.conv2d_same(conv, residual, self.depth_bottleneck, 3, self.stride,
@@ -39,6 +39,8 @@ class BottleneckV1(nn.Module):
     # Zero gammas make the unit start as the identity (Goyal et al. 2017).
     last_conv = self.arg_scope.conv2d(gamma_init=nn.initializers.zeros) if self.zero_init_last_gamma else conv
     residual = last_conv(self.depth, 1, activation=None, name='conv3')(residual, train=train)
+    # The last unit's output is the global pool's input: TF's ReLU keeps a NaN there on every
+    # backend (layers/activations).
     if self.use_bounded_activations:
       # Bounded activations make the network friendlier to fixed-point inference.
       output = activations.relu6(shortcut + jnp.clip(residual, -6.0, 6.0))

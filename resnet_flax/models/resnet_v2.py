@@ -26,7 +26,7 @@ class BottleneckV2(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
     conv = self.arg_scope.conv2d()
-    preact = self.arg_scope.make_batch_norm(activation=activations.relu, name='preact')(x, train=train)
+    preact = self.arg_scope.make_batch_norm(activation=nn.relu, name='preact')(x, train=train)
     if self.depth == x.shape[-1]:
       shortcut = resnet_utils.subsample(x, self.stride)
     else:
@@ -76,6 +76,7 @@ class ResNetV2(nn.Module):
       x = resnet_utils.max_pool_same(x)
     x = resnet_utils.stack_blocks_dense(x, blocks, output_stride, train=train, remat=self.remat)
     # Pre-activation units end without BN, so the stack needs one before pooling.
+    # The global pool's input: TF's ReLU keeps a NaN there on every backend (layers/activations).
     x = self.arg_scope.make_batch_norm(activation=activations.relu, name='postnorm')(x, train=train)
     return resnet_utils.head(self, x, conv, self.num_classes, self.global_pool, self.spatial_squeeze,
                              self.slim_scope)

@@ -339,10 +339,10 @@ def _item_directory(path: str) -> str:
   if not os.path.isdir(item):
     raise CheckpointError(f'checkpoint {path} does not exist; pass a <workdir>/checkpoints/<step> directory, '
                           'a converted directory, or slim:PATH for a TF-Slim checkpoint.')
-  tf_checkpoint = checkpoint_state.tf_checkpoint_in(path)
-  if tf_checkpoint is not None and not is_checkpoint(path):
-    raise CheckpointError(f'{path} holds a TensorFlow checkpoint, not an orbax one; pass slim:{tf_checkpoint}.')
   if not is_checkpoint(path):  # its read had failed as damage: "a crash or a disk error damaged its files"
+    tf_checkpoint = checkpoint_state.tf_checkpoint_in(path)
+    if tf_checkpoint is not None:
+      raise CheckpointError(f'{path} holds a TensorFlow checkpoint, not an orbax one; pass slim:{tf_checkpoint}.')
     raise CheckpointError(f'{path} is a directory but no orbax checkpoint (it has no _CHECKPOINT_METADATA or '
                           '_METADATA); pass a <workdir>/checkpoints/<step> directory, a converted directory, or '
                           'slim:PATH for a TF-Slim checkpoint.')

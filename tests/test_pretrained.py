@@ -10,7 +10,7 @@ import pytest
 from configs import default
 from resnet_flax import checkpoints, eval_lib, models, pretrained, slim, train_lib
 from resnet_flax.slim import __main__ as slim_cli
-from resnet_flax.slim import tensor_bundle_writer
+from resnet_flax.slim import checkpoint_state, tensor_bundle_writer
 from test_train import SMALL_BLOCKS, tiny_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'slim_ckpt')
@@ -242,12 +242,35 @@ def test_convert_refuses_eval_pys_slim_mark_and_a_converted_checkpoint_naming_wh
               f'with eval.py --checkpoint={target} or fine-tune from it with --config.init_checkpoint={target}.',
       str(tmp_path / 'converted'): f'--checkpoint {tmp_path}/converted holds an orbax checkpoint, converted already',
   }
+  # A training run's folder and its checkpoints/ folder name the newest step.
+  checkpoints.save_tree(str(tmp_path / 'run' / 'checkpoints' / '3'), {'params': {'w': np.zeros(2, np.float32)}})
+  step = f'{tmp_path}/run/checkpoints/3'
+  for run in (tmp_path / 'run', tmp_path / 'run' / 'checkpoints'):
+    expected[str(run)] = f'--checkpoint {run} holds an orbax checkpoint, converted already or saved by train.py; ' \
+                         f'evaluate it with eval.py --checkpoint={step} '
+  expected['slim:'] = "--checkpoint slim:: convert reads TF checkpoints only, without the slim: mark eval.py and " \
+                      "train.py take; pass the TF checkpoint's prefix or folder."
   for checkpoint, message in expected.items():
     code = slim_cli.main(['convert', '--checkpoint', checkpoint, '--model', 'resnet_v1_tiny', '--workdir',
                           str(tmp_path / 'again'), '--num_classes', '10', '--image_size', '32'])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f'error: {message}'), lines
   assert not (tmp_path / 'again').exists()
+
+
+def test_a_tf_checkpoints_folder_converted_into_itself_converts_again(tmp_path):
+  # Its variables/ (the first conversion, into the download's folder) had made convert refuse the
+  # TF checkpoint beside it as "an orbax checkpoint, converted already".
+  download = tmp_path / 'download'
+  download.mkdir()
+  for name in os.listdir(os.path.dirname(V1_CKPT)):
+    os.link(os.path.join(os.path.dirname(V1_CKPT), name), download / name)
+  (download / 'checkpoint').write_bytes(checkpoint_state.state_text('model.ckpt'))  # as TF's Saver leaves it
+  first = slim_cli.convert(str(download), 'resnet_v1_tiny', str(download), num_classes=10, image_shape=IMAGE_SHAPE)
+  again = slim_cli.convert(str(download), 'resnet_v1_tiny', str(tmp_path / 'again'), num_classes=10,
+                           image_shape=IMAGE_SHAPE)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, checkpoints.restore_tree(first),
+                         checkpoints.restore_tree(again))
 
 
 def test_slim_mark_on_what_convert_wrote_names_its_variables_without_the_mark(tmp_path):

@@ -12,6 +12,7 @@ import sys
 from typing import NoReturn
 
 from resnet_flax import checkpoints, error_lines, models, pretrained, slim, workdirs
+from resnet_flax.slim import checkpoint_state
 
 # Slim's public ImageNet checkpoints: v1 has 1000 classes, v2 1001 (class 0 = background).
 _DEFAULT_CLASSES = {'resnet_v1': 1000, 'resnet_v2': 1001}
@@ -78,12 +79,23 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
 
 def _check_a_tf_checkpoint(checkpoint: str) -> None:
   """Refuses what eval.py and train.py take but convert does not: `slim:PATH` (their mark of a TF
-  checkpoint) and an orbax checkpoint, converted already (a reader had called it "no checkpoint here")."""
+  checkpoint), an orbax checkpoint, converted already, and a training run's folders (a reader had
+  called each "no checkpoint here")."""
   if checkpoint.startswith(pretrained.SLIM_PREFIX):
+    path = checkpoint[len(pretrained.SLIM_PREFIX):]
+    fix = f'pass --checkpoint {path}' if path.strip() else 'pass the TF checkpoint\'s prefix or folder'
     raise ValueError(f'--checkpoint {checkpoint}: convert reads TF checkpoints only, without the '
-                     f'{pretrained.SLIM_PREFIX} mark eval.py and train.py take; pass '
-                     f'--checkpoint {checkpoint[len(pretrained.SLIM_PREFIX):]}.')
-  for orbax in (checkpoint, os.path.join(checkpoint, 'variables')):
+                     f'{pretrained.SLIM_PREFIX} mark eval.py and train.py take; {fix}.')
+  if checkpoint_state.tf_checkpoint_in(checkpoint) is not None:  # a TF download converted into its own folder
+    return
+  # Convert's output folder, and a training run's folder or its checkpoints/ folder (named by the newest step).
+  candidates = [checkpoint, os.path.join(checkpoint, 'variables')]
+  run_steps = os.path.join(checkpoint, 'checkpoints')
+  steps = run_steps if os.path.isdir(run_steps) else checkpoint
+  newest = checkpoints.latest_step_in(steps)
+  if newest is not None:
+    candidates.append(os.path.join(steps, str(newest)))
+  for orbax in candidates:
     if checkpoints.is_checkpoint(orbax):
       what = 'is' if orbax == checkpoint else 'holds'
       raise ValueError(f'--checkpoint {checkpoint} {what} an orbax checkpoint, converted already or saved by train.py; '

@@ -77,19 +77,25 @@ def _values(sweep: ml_collections.ConfigDict, field: str) -> tuple:
   return values
 
 
+def _shown(value: Any) -> str:
+  """`value` as written in a config: numpy 2 prints its scalars as `np.float64(1.0)`."""
+  return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 def _settings(values: tuple) -> dict[str, Any]:
   """Checked values of one combination, each as its axis's type."""
   raw = dict(zip(SETTINGS, values))
-  # numpy's scalars too (a grid from np.linspace); numbers.Real and Integral take them, not bools.
+  # numpy's scalars too (a grid from np.linspace): numbers.Real and Integral take them. They take
+  # bools as well, which are no decay or count, so those are refused by name.
   decay = raw['decay']
   if isinstance(decay, (bool, np.bool_)) or not (isinstance(decay, numbers.Real) and 0.0 <= decay < 1.0):
-    raise ValueError(f"config.sweep.decay: {decay!r} is not a number in [0, 1).")
+    raise ValueError(f"config.sweep.decay: {_shown(decay)} is not a number in [0, 1).")
   if not isinstance(raw['zero_debias_moving_mean'], (bool, np.bool_)):  # bool('no') would be True
-    raise ValueError(f"config.sweep.zero_debias_moving_mean: {raw['zero_debias_moving_mean']!r} is not "
+    raise ValueError(f"config.sweep.zero_debias_moving_mean: {_shown(raw['zero_debias_moving_mean'])} is not "
                      'True or False.')
   for field in ('batch_size', 'num_train_steps'):
     if isinstance(raw[field], (bool, np.bool_)) or not isinstance(raw[field], numbers.Integral) or raw[field] <= 0:
-      raise ValueError(f'config.sweep.{field}: {raw[field]!r} is not a positive integer.')
+      raise ValueError(f'config.sweep.{field}: {_shown(raw[field])} is not a positive integer.')
   # A float32 0.9 is meant as 0.9 (its shortest digits), not as 0.8999999761581421 in the run's name and config.
   raw['decay'] = float(str(decay)) if isinstance(decay, np.floating) else decay
   return {axis.field: axis.kind(raw[axis.field]) for axis in AXES}

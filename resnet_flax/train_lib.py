@@ -339,14 +339,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
     changes = writer.record_config(run_record) if last_saved is None else config_changes(workdir, run_record)
   config_recorded = last_saved is None
 
-  def record_evaluation(step: int, metrics: dict[str, Any]) -> None:
-    with distributed.failing_together('to write the metrics'):
-      writer.write(step, _eval_records(metrics))
-    progress.message(f'eval at step {step}: {_eval_line(metrics)}')
+  def warn_if_unusable(metrics: dict[str, Any]) -> None:
     for of, evaluated in (('', metrics), ('the averages: ', metrics.get('ema'))):
       unusable = evaluated and eval_lib.nonfinite_note(evaluated, config)
       if unusable:
         progress.message(f'warning: {of}{unusable}')
+
+  def record_evaluation(step: int, metrics: dict[str, Any]) -> None:
+    with distributed.failing_together('to write the metrics'):
+      writer.write(step, _eval_records(metrics))
+    progress.message(f'eval at step {step}: {_eval_line(metrics)}')
+    warn_if_unusable(metrics)
 
   if last_saved is not None and changes:
     # Allowed (a longer run, another eval cadence), but some (batch size, BN options, the
@@ -402,6 +405,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
       eval_metrics = evaluate(state)
       if start_step == 0:
         record_evaluation(0, eval_metrics)
+      else:  # recorded when the run trained to it; its warning is the one thing to say again
+        warn_if_unusable(eval_metrics)
   finally:
     with contextlib.suppress(OSError):  # a terminal gone (EIO) must not keep the last save from being waited for
       progress.end_line()  # an error's line, or Ctrl-C's, starts a line of its own

@@ -192,7 +192,7 @@ def test_zero_steps_evaluate_the_initial_weights_and_record_them_as_step_0(tmp_p
   assert [record['step'] for record in metrics_writer.read_records(str(tmp_path))] == [0, 2, 2]
 
 
-def test_an_evaluation_with_a_nonfinite_loss_warns_also_at_zero_steps(tmp_path, capsys):
+def test_a_nonfinite_evaluation_warns_at_zero_steps_and_when_a_finished_run_restarts(tmp_path, capsys):
   # Moving variances of NaN (statistics that fit no weights) make every evaluation's loss NaN. The
   # loop's evaluations warned of it; a zero-step run's (a baseline) had printed its NaN without a word.
   config = tiny_config(0)
@@ -211,6 +211,9 @@ def test_an_evaluation_with_a_nonfinite_loss_warns_also_at_zero_steps(tmp_path, 
                         f'moving BatchNorm statistics (decay {config.bn.decay}) do not fit the weights yet. Evaluate '
                         'after more steps, or with statistics recomputed from training batches: eval.py '
                         '--config.bn_recalibration_batches=20.'], steps
+  # The finished run started again reports its evaluation, and the warning with it.
+  train_lib.train_and_evaluate(config, str(tmp_path / 'run1'))
+  assert [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning: ')] == warnings
 
 
 def test_train_step_updates_moving_statistics(tmp_path):

@@ -130,10 +130,12 @@ def test_eval_output_does_not_depend_on_batch_mates(name):
 
 @pytest.mark.parametrize('name, options', [('resnet_v1_tiny', {}), ('resnet_v2_tiny', {}),
                                            ('resnet_v1_tiny', {'use_bounded_activations': True})])
-def test_nan_statistics_give_nan_logits_not_a_tie(name, options):
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_nan_statistics_give_nan_logits_not_a_tie(name, options, dtype):
   # A NaN reached the pool and XLA:CPU (jaxlib 0.10, 0.11) pooled it to a finite number through a
-  # fused jax.nn.relu: every logit came out the bias, 0, and a top-1 that counts ties scored 100%.
-  model = models.get_model(name, num_classes=5, **options)
+  # fused jax.nn.relu (jax.nn.relu6: in bfloat16): every logit came out the bias, 0, and a top-1
+  # that counts ties scored 100%.
+  model = models.get_model(name, num_classes=5, dtype=dtype, **options)
   x = jnp.asarray(np.random.RandomState(0).rand(16, 32, 32, 3), jnp.float32)
   variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
   broken = jax.tree_util.tree_map_with_path(

@@ -40,7 +40,7 @@ class BottleneckV1(nn.Module):
     last_conv = self.arg_scope.conv2d(gamma_init=nn.initializers.zeros) if self.zero_init_last_gamma else conv
     residual = last_conv(self.depth, 1, activation=None, name='conv3')(residual, train=train)
     # The last unit's output is the global pool's input: TF's ReLU keeps a NaN there on every
-    # backend (layers/activations).
+    # backend (layers/activations). Every unit uses it, since a unit does not know it is the last.
     if self.use_bounded_activations:
       # Bounded activations make the network friendlier to fixed-point inference.
       output = activations.relu6(shortcut + jnp.clip(residual, -6.0, 6.0))

@@ -269,6 +269,11 @@ def local_path(path: str, what: str) -> str:
   return absolute
 
 
+def converted_path(directory: str) -> str:
+  """Where `python -m resnet_flax.slim convert --workdir=directory` writes its orbax checkpoint."""
+  return os.path.join(directory, 'variables')
+
+
 def is_checkpoint(path: str) -> bool:
   """Whether `path` is an orbax checkpoint: a manager's `<step>` directory or a bare item."""
   return any(os.path.isfile(os.path.join(path, *name)) for name in
@@ -323,7 +328,7 @@ def _item_directory(path: str) -> str:
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     raise CheckpointError(f'{path} is a training workdir, not a checkpoint; name one of its checkpoints, '
                           f'{path}/checkpoints/<step> (eval.py: or pass --workdir={path} for the newest).')
-  converted = os.path.join(path, 'variables')
+  converted = converted_path(path)
   if os.path.isdir(converted) and not os.path.exists(os.path.join(item, '_METADATA')):
     raise CheckpointError(f'{path} is what `python -m resnet_flax.slim convert` wrote; pass {converted}.')
   newest = latest_step_in(path)

@@ -248,7 +248,7 @@ def _newest_step(workdir: str, directory: str) -> int:
   step = checkpoints.latest_step_in(directory)
   if step is not None:
     return step
-  converted = os.path.join(workdir, 'variables')
+  converted = checkpoints.converted_path(workdir)
   tf_checkpoint = checkpoint_state.tf_checkpoint_in(workdir)
   if os.path.isdir(converted):
     hint = f'--checkpoint={converted}'

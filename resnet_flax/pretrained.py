@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import jax
@@ -31,7 +30,7 @@ def _read(spec: str, model: Any, image_shape: tuple[int, int, int], allow_new_he
     if checkpoints.is_checkpoint(path):
       raise checkpoints.CheckpointError(f'{path} is an orbax checkpoint (this package\'s own), not a TF one: pass it '
                                         f'without the {SLIM_PREFIX} prefix.')
-    converted = os.path.join(path, 'variables')
+    converted = checkpoints.converted_path(path)
     if checkpoints.is_checkpoint(converted) and checkpoint_state.tf_checkpoint_in(path) is None:
       raise checkpoints.CheckpointError(f'{path} is what `python -m resnet_flax.slim convert` wrote, an orbax '
                                         f'checkpoint: pass {converted} without the {SLIM_PREFIX} prefix.')

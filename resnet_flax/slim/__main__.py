@@ -64,7 +64,7 @@ def convert(checkpoint: str, model_name: str, workdir: str, num_classes: int | N
   _check_a_tf_checkpoint(checkpoint)
   if not workdir.strip():  # os.path.join('', 'variables') would write into the current directory
     raise ValueError('--workdir is empty; pass a directory.')
-  target = os.path.join(workdir, 'variables')
+  target = checkpoints.converted_path(workdir)
   if os.path.lexists(target):  # orbax refuses to overwrite; say so before the slow read, not after
     raise ValueError(f'{target} already exists; delete it or pass another --workdir.')
   model = models.get_model(model_name, num_classes=num_classes or None)
@@ -89,7 +89,7 @@ def _check_a_tf_checkpoint(checkpoint: str) -> None:
   if checkpoint_state.tf_checkpoint_in(checkpoint) is not None:  # a TF download converted into its own folder
     return
   # Convert's output folder, and a training run's folder or its checkpoints/ folder (named by the newest step).
-  candidates = [checkpoint, os.path.join(checkpoint, 'variables')]
+  candidates = [checkpoint, checkpoints.converted_path(checkpoint)]
   run_steps = os.path.join(checkpoint, 'checkpoints')
   steps = run_steps if os.path.isdir(run_steps) else checkpoint
   newest = checkpoints.latest_step_in(steps)

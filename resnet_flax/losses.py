@@ -73,10 +73,13 @@ def slim_l2_regularization(params: Any, weight_decay: float, bn_weight_decay: fl
 
 
 def correct_top_k(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int) -> jax.Array:
-  """Number of masked-in examples whose label is among the k largest logits, as tf.math.in_top_k.
+  """Number of masked-in examples whose label is among the k largest logits.
 
-  Ties count in the label's favour; an example with any non-finite logit never counts, so a
-  model that outputs NaN scores 0, not 1 (NaN compares false with everything: rank 0).
+  Ties go to the lower class index, as `tf.argmax` and `tf.nn.top_k`: top-1 is slim's
+  `eval_image_classifier` "Accuracy" (argmax == label). Not `tf.math.in_top_k` (slim's
+  "Recall_5"), which counts a tie in the label's favour: bfloat16 logits tie often enough for
+  that to lift top-1, and a model whose logits are all equal scored 100%. An example with any
+  non-finite logit never counts, as in_top_k: a model that outputs NaN scores 0.
   """
   check_labels(logits, labels, mask)
   num_classes = logits.shape[-1]
@@ -84,5 +87,7 @@ def correct_top_k(logits: jax.Array, labels: jax.Array, mask: jax.Array, k: int)
   # A masked max, not take_along_axis: see per_example_cross_entropy.
   is_label = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
   label_logit = jnp.max(jnp.where(is_label, logits, -jnp.inf), axis=-1, keepdims=True)
-  rank = jnp.sum(logits > label_logit, axis=-1)  # classes scoring strictly higher
+  ranked_before = jnp.arange(num_classes) < labels[..., None]
+  ahead = (logits > label_logit) | ((logits == label_logit) & ranked_before)
+  rank = jnp.sum(ahead, axis=-1)
   return jnp.sum(((rank < k) & jnp.all(jnp.isfinite(logits), axis=-1)) * mask)

@@ -8,10 +8,10 @@ from resnet_flax import losses, sharding, steps
 
 
 def numpy_correct_top_k(logits, labels, mask, k):
-  """Hits among the top k, ties in the label's favour, an example with a non-finite logit never a hit."""
-  label_logit = logits[np.arange(len(labels)), labels]
-  rank = (logits > label_logit[:, None]).sum(-1)  # ties in the label's favour
-  return float(((rank < k) * np.isfinite(logits).all(-1) * mask).sum())
+  """Hits among the top k, ties to the lower class index, an example with a non-finite logit never a hit."""
+  top_k = np.argsort(-logits, axis=-1, kind='stable')[:, :k]  # stable: a tie keeps the lower index first
+  hits = (top_k == labels[:, None]).any(-1)
+  return float((hits * np.isfinite(logits).all(-1) * mask).sum())
 
 
 def _logits_with_ties_and_non_finite_values(rng):
@@ -52,16 +52,35 @@ def test_all_nan_logits_score_zero():
   assert float(losses.correct_top_k(logits, labels, np.ones(8, np.float32), 1)) == 0.0
 
 
+def test_equal_logits_credit_the_lowest_class_only():
+  # tf.math.in_top_k counts ties for the label: a model whose logits were all equal scored 100%.
+  logits = np.zeros((10, 10), np.float32)
+  labels = np.arange(10, dtype=np.int32)
+  ones = np.ones(10, np.float32)
+  assert float(losses.correct_top_k(logits, labels, ones, 1)) == 1.0  # label 0 only, as argmax
+  assert float(losses.correct_top_k(logits, labels, ones, 5)) == 5.0
+
+
 @pytest.mark.parametrize('k', [1, 3, 5])
-def test_correct_top_k_matches_tensorflow_in_top_k(k):
+def test_correct_top_k_matches_tensorflow_argmax_and_top_k(k):
   tf = pytest.importorskip('tensorflow', reason='the TF reference needs tensorflow (run with /work/tfenv)')
   logits, labels, _ = _logits_with_ties_and_non_finite_values(np.random.default_rng(1))
   # In a graph of its own: tests/slim_shim.py turns eager execution off for the whole process.
   with tf.Graph().as_default(), tf.compat.v1.Session() as session:
-    expected = session.run(tf.math.in_top_k(labels, logits, k))
+    # slim's eval_image_classifier: Accuracy from argmax; top-k membership as tf.nn.top_k ranks.
+    argmax, top_k, in_top_k = session.run([tf.argmax(logits, axis=1, output_type=tf.int32),
+                                           tf.nn.top_k(logits, k).indices, tf.math.in_top_k(labels, logits, k)])
+  finite = np.isfinite(logits).all(-1)
+  expected = (argmax == labels if k == 1 else (top_k == labels[:, None]).any(-1)) & finite
   ones = np.ones(1, np.float32)
-  got = [float(losses.correct_top_k(logits[i:i + 1], labels[i:i + 1], ones, k)) for i in range(len(labels))]
-  np.testing.assert_array_equal(np.array(got, bool), expected)
+  got = np.array([float(losses.correct_top_k(logits[i:i + 1], labels[i:i + 1], ones, k)) for i in range(len(labels))],
+                 bool)
+  np.testing.assert_array_equal(got, expected)
+  # Where no tie straddles the k-th place, in_top_k (slim's Recall_5) agrees.
+  label_logit = logits[np.arange(len(labels)), labels]
+  unambiguous = finite & ((logits == label_logit[:, None]).sum(-1) == 1)
+  np.testing.assert_array_equal(got[unambiguous], in_top_k[unambiguous])
+  assert (got != in_top_k).any()  # the data has ties that in_top_k counts and we do not
 
 
 @pytest.mark.parametrize('batch', [1, 2, 8])
@@ -162,4 +181,4 @@ def test_a_label_outside_the_classes_makes_the_loss_nan_not_zero(label):
   np.testing.assert_allclose(losses.cross_entropy(_LOGITS, labels, mask), by_hand.mean(), rtol=1e-6)
   sums = steps.classification_sums(_LOGITS, {'label': labels, 'mask': mask})
   np.testing.assert_allclose(sums['loss_sum'], by_hand.sum(), rtol=1e-6)
-  assert float(sums['top1_hits']) == 3.0 and float(sums['num_examples']) == 3.0  # a tie counts for the label
+  assert float(sums['top1_hits']) == 2.0 and float(sums['num_examples']) == 3.0  # row 2's tie goes to class 0

@@ -248,6 +248,9 @@ def _newest_step(workdir: str, directory: str) -> int:
   step = checkpoints.latest_step_in(directory)
   if step is not None:
     return step
+  if not os.path.isdir(workdir):  # most likely a typo: "train first" would mislead
+    raise checkpoints.CheckpointError(f'--workdir {workdir} does not exist; pass the workdir train.py wrote to.')
+  workdirs.check_not_a_sweep(workdir)
   converted = checkpoints.converted_path(workdir)
   tf_checkpoint = checkpoint_state.tf_checkpoint_in(workdir)
   if os.path.isdir(converted):

@@ -281,6 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_training_config(config)
     workdirs.check_not_a_checkpoint(workdir)
     workdirs.check_not_inside_a_run(workdir, RUN_SUBDIRECTORIES)
+    workdirs.check_not_a_sweep(workdir)
   config_checks.check_same_on_every_process(config)
   with workdir_lock.held_by_chief(workdir, RUN_SUBDIRECTORIES):  # a multi-host run's processes share the workdir
     return _train_and_evaluate(config, workdir, jax.process_index() == 0)

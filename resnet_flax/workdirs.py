@@ -1,9 +1,10 @@
 """A `--workdir` checked before a run writes to it: writable with room for the checkpoints, and
-a workdir at all, not a checkpoint passed in its place."""
+a workdir at all, not a checkpoint or a BN sweep's folder passed in its place."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 
@@ -65,6 +66,10 @@ def check_not_a_checkpoint(workdir: str) -> None:
                         f'--config.init_checkpoint={checkpoint}.')
 
 
+# A BN sweep's folder holds its runs in this subfolder, one folder each, beside its tables.
+SWEEP_RUNS = 'runs'
+
+
 def is_run(directory: str) -> bool:
   """Whether `directory` holds a training run: the config.json and metrics.jsonl it writes at its start."""
   return all(os.path.isfile(os.path.join(directory, name)) for name in ('config.json', 'metrics.jsonl'))
@@ -84,3 +89,29 @@ def check_not_inside_a_run(workdir: str, run_subdirectories: tuple[str, ...], fo
       raise CheckpointError(f'--workdir {os.path.abspath(workdir)} lies inside the {os.path.basename(child)}/ '
                             f'folder of the run in {parent}; pass {resume}a workdir outside that run.')
     child, parent = parent, os.path.dirname(parent)
+
+
+def sweep_runs(directory: str) -> list[str]:
+  """The names of the runs in `directory` if it is a BN sweep's folder (a `runs/` folder holding
+  training runs), numbers in them in numeric order (decay0.9 before decay0.99); [] for any other folder."""
+  runs = os.path.join(directory, SWEEP_RUNS)
+  try:
+    names = sorted(os.listdir(runs), key=lambda name: [int(part) if part.isdigit() else part
+                                                       for part in re.split(r'(\d+)', name)])
+  except OSError:  # no runs/ folder, or not a directory
+    return []
+  return [name for name in names if is_run(os.path.join(runs, name))]
+
+
+def check_not_a_sweep(workdir: str) -> None:
+  """Refuses a BN sweep's folder, or its `runs/`, as one run's workdir: a run there would mix its
+  files with the sweep's tables and runs (and the sweep would then refuse its own folder)."""
+  resolved = os.path.realpath(workdir)
+  sweep = os.path.dirname(resolved) if os.path.basename(resolved) == SWEEP_RUNS else resolved
+  names = sweep_runs(sweep)
+  if not names:
+    return
+  shown = ', '.join(names[:2]) + (', ...' if len(names) > 2 else '')
+  raise CheckpointError(f'--workdir {os.path.abspath(workdir)} is a BN sweep\'s folder, not one run\'s: pass one of '
+                        f'its runs, --workdir={os.path.join(sweep, SWEEP_RUNS, names[0])} (runs: {shown}), or a '
+                        'workdir of its own.')

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 from configs import bn_sweep as bn_sweep_config
 from configs import digits
-from resnet_flax import atomic_files, bn_sweep, metrics_writer
+from resnet_flax import atomic_files, bn_sweep, checkpoints, eval_lib, metrics_writer
 from resnet_flax.bn_sweep import grid, runner, tables
 from resnet_flax.bn_sweep import results as results_lib
 from test_train import SMALL_BLOCKS
@@ -349,6 +350,15 @@ def test_sweep_writes_tables_and_plots(sweep_dir):
     content = (sweep_dir / name).read_bytes()
     assert content.startswith(PNG_SIGNATURE) and len(content) > 10_000, name
   assert not [path for path in sweep_dir.rglob('*.tmp')]
+
+
+def test_eval_py_on_a_sweeps_folder_names_its_runs(sweep_dir):
+  # It had said "no checkpoint in DIR/checkpoints; train first".
+  first = sweep_dir / 'runs' / TINY_NAMES[0]
+  with pytest.raises(checkpoints.CheckpointError, match=re.escape(
+      f"--workdir {sweep_dir} is a BN sweep's folder, not one run's: pass one of its runs, --workdir={first} (runs: "
+      f'{TINY_NAMES[0]}, {TINY_NAMES[1]}, ...), or a workdir of its own.')):
+    eval_lib.evaluate(_config(TINY), str(sweep_dir))
 
 
 def _mtimes(workdir, file_name):

@@ -437,7 +437,7 @@ def test_eval_py_warns_of_overrides_it_does_not_read_by_name(tmp_path):
       'nothing here.',
       'warning: eval.py does not read --config.bn.ghost_batch_size without a recalibration: evaluation uses the '
       'moving statistics, and only config.bn_recalibration_batches > 0 groups batch statistics as training did.',
-      f'error: no checkpoint in {workdir}/checkpoints; train first or pass --checkpoint=PATH.']
+      f'error: --workdir {workdir} does not exist; pass the workdir train.py wrote to.']
 
 
 def test_a_library_caller_is_no_program():

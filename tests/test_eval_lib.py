@@ -247,3 +247,11 @@ def test_a_damaged_newest_checkpoint_names_the_older_ones_only(tmp_path):
                      match=re.escape(f'Older checkpoints in {directory}: steps [1]; if this one is damaged, pass '
                                      f'--checkpoint={directory}/1.')):
     eval_lib.load_checkpoint(config, str(tmp_path))
+
+
+def test_a_workdir_that_does_not_exist_is_named_so(tmp_path):
+  # It had said "no checkpoint in DIR/checkpoints; train first", where DIR was most likely a typo.
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=f'^--workdir {tmp_path}/typo does not exist; pass the workdir train.py wrote to.$'):
+    eval_lib.evaluate(tiny_config(), str(tmp_path / 'typo'))
+  assert not (tmp_path / 'typo').exists()

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from resnet_flax import atomic_files, bn_diagnostics, metrics_writer, train_lib
+from resnet_flax import atomic_files, bn_diagnostics, metrics_writer, train_lib, workdirs
 from resnet_flax.bn_sweep import grid, results as results_lib
 
 # Fields that change how a run is logged or saved, not what it computes: a run may resume
@@ -25,7 +25,7 @@ _BOOKKEEPING = frozenset({'log_every_steps', 'eval_every_steps', 'checkpoint_eve
 
 def run_directory(workdir: str, name: str) -> str:
   """WORKDIR/runs/<name>: the run's checkpoints, metrics.jsonl, config.json and result.json."""
-  return os.path.join(workdir, 'runs', name)
+  return os.path.join(workdir, workdirs.SWEEP_RUNS, name)
 
 
 def check_same_config(directory: str, config: ml_collections.ConfigDict) -> None:

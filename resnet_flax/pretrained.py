@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any, Optional
 
 import jax
@@ -174,7 +175,9 @@ def _recorded_config(source: str) -> str:
     return ''
   shaping = ('model', 'num_classes', 'model_options.block_sizes', 'data.name', 'bn.center', 'bn.scale',
              'bn.zero_debias_moving_mean', 'bn.renorm')
-  return ' '.join(f'--config.{name}={_as_flag(fields[name])}' for name in shaping if fields.get(name) is not None)
+  # Quoted where a shell needs it (a tuple's parentheses): the hint is meant to be pasted.
+  return ' '.join(shlex.quote(f'--config.{name}={_as_flag(fields[name])}')
+                  for name in shaping if fields.get(name) is not None)
 
 
 def _as_flag(value: Any) -> str:

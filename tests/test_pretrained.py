@@ -2,6 +2,7 @@
 
 import os
 import re
+import shlex
 
 import jax
 import numpy as np
@@ -391,9 +392,13 @@ def test_a_checkpoint_of_another_config_names_its_runs_model_fields_as_flags(tmp
   with pytest.raises(checkpoints.StateMismatchError) as error:
     eval_lib.evaluate(other, None, str(tmp_path / 'checkpoints' / '2'))
   blocks = '(' + ','.join('(' + ','.join(str(n) for n in block) + ')' for block in SMALL_BLOCKS) + ')'
-  assert (f'Its run was trained with --config.model=resnet_v1_digits --config.model_options.block_sizes={blocks} '
+  # Quoted as a shell needs: pasted unquoted, a tuple's parentheses had been a bash syntax error.
+  hint = (f"Its run was trained with --config.model=resnet_v1_digits '--config.model_options.block_sizes={blocks}' "
           '--config.data.name=digits --config.bn.center=True --config.bn.scale=True '
-          '--config.bn.zero_debias_moving_mean=False --config.bn.renorm=False.') in str(error.value)
+          '--config.bn.zero_debias_moving_mean=False --config.bn.renorm=False.')
+  assert hint in str(error.value)
+  assert shlex.split(hint.removeprefix('Its run was trained with ').removesuffix('.'))[1] == (
+      f'--config.model_options.block_sizes={blocks}')
   assert 'num_classes=None' not in str(error.value)
 
 

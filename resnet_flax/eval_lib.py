@@ -146,7 +146,8 @@ def input_differences(config: ml_collections.ConfigDict, workdir: str) -> list[s
     # Any decay > 0 reads the same stored averages; 0 reads the variables, which the run did not report alone.
     differences.append(f"model_ema_decay: {run_decay} -> {config.model_ema_decay} (the run's variables, not its "
                        'moving averages)')
-  if config.get('bn_recalibration_batches', 0) > 0:
+  # A run with frozen statistics had no train-mode groups for precise BN to take (a batch of one is such a run's).
+  if config.get('bn_recalibration_batches', 0) > 0 and recorded.get('bn.frozen') is not True:
     # Other groups, other statistics: per-device groups on 4 devices and on 1 gave 34.17% and 33.89%.
     now['device_count'] = jax.device_count()
     run = {'device_count': now['device_count'], **recorded}  # a record without it: this count

@@ -73,16 +73,22 @@ def check_statistics_groups(config: ml_collections.ConfigDict, device_count: int
   """
   if config.bn.frozen:
     return
+  setting = single_example_groups(config, device_count)
+  if setting is not None:
+    raise ValueError(f'{setting} leaves one example per BatchNorm statistics group in training; use at least 2 '
+                     'examples per group, or config.bn.frozen=True to train with the moving statistics.')
+
+
+def single_example_groups(config: ml_collections.ConfigDict, device_count: int) -> Optional[str]:
+  """The setting that leaves one example per train-mode statistics group, as 'config.<field>=<value>',
+  or None where the groups hold two or more."""
   if examples_per_group(config.bn, config.batch_size, device_count) >= 2:
-    return
+    return None
   if config.bn.ghost_batch_size is not None:
-    setting = f'config.bn.ghost_batch_size={config.bn.ghost_batch_size}'
-  elif config.bn.cross_device == 'per_device':
-    setting = f"config.batch_size={config.batch_size} over {device_count} devices with cross_device='per_device'"
-  else:
-    setting = f'config.batch_size={config.batch_size}'
-  raise ValueError(f'{setting} leaves one example per BatchNorm statistics group in training; use at least 2 '
-                   'examples per group, or config.bn.frozen=True to train with the moving statistics.')
+    return f'config.bn.ghost_batch_size={config.bn.ghost_batch_size}'
+  if config.bn.cross_device == 'per_device':
+    return f"config.batch_size={config.batch_size} over {device_count} devices with cross_device='per_device'"
+  return f'config.batch_size={config.batch_size}'
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, device_count: Optional[int] = None, *,

@@ -121,7 +121,11 @@ def check_recalibration_possible(config: ml_collections.ConfigDict) -> None:
                      'training only: a frozen run evaluates the same without it).')
   sharding.check_batch_size(config.batch_size)  # before the groups: a batch that does not split has none
   # A group of one normalizes each example by itself: its statistics are no batch's.
-  model_builder.check_statistics_groups(config, jax.device_count())
+  setting = model_builder.single_example_groups(config, jax.device_count())
+  if setting is not None:
+    # Worded for eval.py: training's advice (config.bn.frozen=True) is refused here.
+    raise ValueError(f'{setting} leaves one example per BatchNorm statistics group, whose variance is 0, to '
+                     'recalibrate on; use at least 2 examples per group.')
 
 
 def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: Variables, num_batches: int,

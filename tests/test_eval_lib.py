@@ -71,6 +71,11 @@ def test_precise_bn_warns_of_other_statistics_groups_than_the_runs(tmp_path):
   config.bn.cross_device = 'global'
   assert eval_lib.input_differences(config, str(tmp_path)) == [
       "precise BN's statistics groups: 16 -> 64 examples (batch_size: 16 -> 64)"]
+  # A run with frozen statistics (at batch 1, say) had no groups to match: "1 -> 64 examples; give it the
+  # run's values" had led to a batch of one, which recalibration refuses.
+  frozen = {**recorded, 'batch_size': 1, 'bn': {**recorded['bn'], 'frozen': True}}
+  (tmp_path / 'config.json').write_text(json.dumps(frozen))
+  assert eval_lib.input_differences(config, str(tmp_path)) == []
 
 
 def test_evaluating_the_variables_of_a_run_that_kept_averages_is_warned_of(tmp_path):
@@ -141,8 +146,11 @@ def test_precise_bn_from_groups_of_one_example_is_refused_before_any_pass(tmp_pa
   config.update_from_flattened_dict(settings)
   config.bn_recalibration_batches = 2
   monkeypatch.setattr(jax, 'device_count', lambda: devices)
-  with pytest.raises(ValueError, match=rf'^{re.escape(named)}( leaves one example per BatchNorm statistics group|;)'):
+  with pytest.raises(ValueError, match=rf'^{re.escape(named)}( leaves one example per BatchNorm statistics group|;)'
+                     ) as error:
     eval_lib.evaluate(config, str(tmp_path))  # no checkpoint there: refused before looking
+  # Not training's advice, config.bn.frozen=True, which recalibration refuses.
+  assert 'frozen' not in str(error.value)
 
 
 def test_eval_mode_ignores_statistics_groups_and_precise_bn_takes_training_s(tmp_path):

@@ -202,11 +202,14 @@ def json_line(result: dict) -> str:
 
 
 def workdir(default: Optional[str] = None) -> Optional[str]:
-  """`--workdir`, or `default` when it is left out; an empty `--workdir=` is an error, not the default."""
+  """`--workdir`, or `default` when it is left out (said on stdout: a later run of another config
+  there is refused, and the user should know where to look); an empty `--workdir=` is an error."""
   given = flags.FLAGS.workdir
   if given is not None and not given.strip():
     leave_out = f' or leave the flag out ({default})' if default else ''
     raise ValueError(f'--workdir is empty; pass a directory{leave_out}.')
+  if given is None and default is not None and jax.process_index() == 0:
+    print(f'--workdir left out: the run is in {default} (pass --workdir=DIR for a folder of its own).')
   return default if given is None else given
 
 

@@ -1,5 +1,7 @@
 """train.py's command line: a --config file that raises or returns no ConfigDict is one line, exit status 2."""
 
+import types
+
 import pytest
 
 from resnet_flax import cli, config_file
@@ -63,3 +65,20 @@ def test_the_closing_json_line_is_strict_json():
   # Python's json wrote a NaN evaluation as bare NaN, which jq and JavaScript refuse.
   line = cli.json_line({'step': 2, 'loss': float('nan'), 'before_recalibration': {'loss': float('inf'), 'top1': 0.5}})
   assert line == '{"step": 2, "loss": null, "before_recalibration": {"loss": null, "top1": 0.5}}'
+
+
+def test_a_default_workdir_is_said_and_an_empty_one_refused(monkeypatch, capsys):
+  # train.py had trained into /tmp/resnet_flax without a word; a second run of another config there
+  # was the first the user heard of that folder.
+  monkeypatch.setattr(cli.flags, 'FLAGS', types.SimpleNamespace(workdir=None))
+  assert cli.workdir('/tmp/default_run') == '/tmp/default_run'
+  assert capsys.readouterr().out == ('--workdir left out: the run is in /tmp/default_run (pass --workdir=DIR for a '
+                                     'folder of its own).\n')
+  assert cli.workdir() is None  # eval.py and the sweep have no default: nothing to say
+  monkeypatch.setattr(cli.flags, 'FLAGS', types.SimpleNamespace(workdir='/tmp/given'))
+  assert cli.workdir('/tmp/default_run') == '/tmp/given'
+  assert capsys.readouterr().out == ''
+  monkeypatch.setattr(cli.flags, 'FLAGS', types.SimpleNamespace(workdir=' '))
+  with pytest.raises(ValueError, match=r'^--workdir is empty; pass a directory or leave the flag out '
+                                       r'\(/tmp/default_run\)\.$'):
+    cli.workdir('/tmp/default_run')

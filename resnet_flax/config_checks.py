@@ -78,6 +78,8 @@ TRAINING_ONLY = ('num_train_steps', 'optimizer', 'learning_rate', 'lr_batch_size
 RECALIBRATION_ONLY = ('bn.ghost_batch_size', 'bn.cross_device')
 # Top-level fields only another program reads, set in its own configs (configs/bn_sweep.py's sweep).
 _OTHER_PROGRAMS_FIELDS = frozenset(field for fields, _ in _READ_ONLY_BY for field in fields) - _FIELDS
+# The config file that has each of them: an override of one needs that file's --config.
+_CONFIG_FILE_WITH = {'sweep': 'configs/bn_sweep.py'}
 
 # (field, allowed, what it must be). Every number in a value must also be finite (`_finite`):
 # `v >= 0` holds for inf, which then surfaces only as a non-finite loss at step 1.
@@ -167,6 +169,9 @@ def override_problem(config: ml_collections.ConfigDict, path: str) -> Optional[s
     where = ''.join(f'{name}.' for name in walked)
     if isinstance(node, ml_collections.ConfigDict):
       if key not in node:
+        if not walked and key in _CONFIG_FILE_WITH:  # "did you mean config.seed?" had pointed away from the fix
+          return (f'config.{key} is a field of {_CONFIG_FILE_WITH[key]}, not of this config file; pass '
+                  f'--config={_CONFIG_FILE_WITH[key]} (or a variant of it) before the overrides')
         close = difflib.get_close_matches(key, list(node.keys()), n=1)
         closest = f' (did you mean config.{where}{close[0]}?)' if close else ''
         return f'unknown config field config.{where}{key}{closest}'

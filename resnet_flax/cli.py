@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from typing import Callable, NoReturn, Optional
 
 import jax
@@ -236,7 +237,9 @@ def run_reporting_user_errors(main: Callable[[], None], resumes: bool = True) ->
     # orbax logs every save step at INFO; the progress bar already says what matters.
     logging.set_verbosity(logging.WARNING)
   try:
-    main()
+    with warnings.catch_warnings():  # gives Python's showwarning back after main
+      warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+      main()
   except train_lib.StoppedBySignal as error:
     print(f'error: {error}', file=sys.stderr, flush=True)
     sys.stdout.flush()
@@ -253,6 +256,16 @@ def run_reporting_user_errors(main: Callable[[], None], resumes: bool = True) ->
       raise
     print(f'error: {line}', file=sys.stderr)
     sys.exit(2)
+
+
+def _show_warning(python_show_warning: Callable[..., None], message, category, filename, lineno, file=None,
+                  line=None) -> None:
+  """A skipped image file as the `warning:` line the programs print (Python's form names a made-up
+  source location and the class); any other warning as Python shows it."""
+  if issubclass(category, data.SkippedImageWarning):
+    print(f'warning: {message}', file=sys.stderr if file is None else file)
+  else:
+    python_show_warning(message, category, filename, lineno, file, line)
 
 
 def _user_error_line(error: Exception) -> Optional[str]:

@@ -1,10 +1,13 @@
 """train.py's command line: a --config file that raises or returns no ConfigDict is one line, exit status 2."""
 
 import types
+import warnings
 
+import numpy as np
 import pytest
 
 from resnet_flax import cli, config_file
+from resnet_flax.data import pipeline
 from test_train import run_script
 
 RAISES = ('import ml_collections\n\n\ndef get_config():\n  config = ml_collections.ConfigDict()\n'
@@ -82,3 +85,20 @@ def test_a_default_workdir_is_said_and_an_empty_one_refused(monkeypatch, capsys)
   with pytest.raises(ValueError, match=r'^--workdir is empty; pass a directory or leave the flag out '
                                        r'\(/tmp/default_run\)\.$'):
     cli.workdir('/tmp/default_run')
+
+
+def test_a_skipped_image_is_a_warning_line_and_other_warnings_are_pythons(capsys):
+  # It had printed as "<resnet_flax.data>:0: SkippedImageWarning: skipped (mask 0): ...".
+  problem = 'cannot decode image /data/train/a/broken.jpg: cannot identify image file; replace or delete the file'
+
+  def main():
+    with warnings.catch_warnings():
+      warnings.simplefilter('always')
+      pipeline.Loaded.with_problems(np.zeros((2, 1), np.float32), [None, problem])
+      warnings.warn('something else', DeprecationWarning)
+
+  with pytest.warns(DeprecationWarning, match='^something else$'):  # passed on to Python's (here pytest's) own
+    original = warnings.showwarning
+    cli.run_reporting_user_errors(main)
+    assert warnings.showwarning is original  # given back
+  assert capsys.readouterr().err.splitlines() == [f'warning: skipped, left out of its batch: {problem}']

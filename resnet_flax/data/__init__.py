@@ -16,8 +16,8 @@ at `start_step` reproduces an uninterrupted run exactly. This package knows noth
 
 from resnet_flax.data.builder import NAMES, READ_ONLY_WITH, build, check_config, effective_fields
 from resnet_flax.data.errors import DataError
-from resnet_flax.data.pipeline import Batch, Dataset
+from resnet_flax.data.pipeline import Batch, Dataset, SkippedImageWarning
 from resnet_flax.data.prefetch import prefetch
 
-__all__ = ['NAMES', 'READ_ONLY_WITH', 'Batch', 'DataError', 'Dataset', 'build', 'check_config', 'effective_fields',
-           'prefetch']
+__all__ = ['NAMES', 'READ_ONLY_WITH', 'Batch', 'DataError', 'Dataset', 'SkippedImageWarning', 'build', 'check_config',
+           'effective_fields', 'prefetch']

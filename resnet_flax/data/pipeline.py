@@ -50,7 +50,7 @@ class Loaded(NamedTuple):
     """`images` whose slots with a problem (a skipped file) are unreadable; each problem is warned."""
     found = tuple(filter(None, problems))
     for problem in found:
-      warnings.warn_explicit(f'skipped (mask 0): {one_line(problem)}', SkippedImageWarning, _SKIP_ORIGIN, 0,
+      warnings.warn_explicit(f'skipped, left out of its batch: {one_line(problem)}', SkippedImageWarning, _SKIP_ORIGIN, 0,
                              module=__name__, registry=_skip_registry)
     return cls(images, np.array([problem is None for problem in problems]), found)
 

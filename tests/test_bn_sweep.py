@@ -313,12 +313,30 @@ def test_a_run_directory_refuses_another_training_config(tmp_path):
   with pytest.raises(ValueError, match='was trained with learning_rate=0.1, this sweep has 0.05'):
     runner.check_same_config(str(tmp_path), run.config)
 
+
 @pytest.fixture(scope='module')
-def sweep_dir(tmp_path_factory):
-  """The tiny grid, run once for the tests below (which copy it before changing anything)."""
+def sweep_run(tmp_path_factory):
+  """The tiny grid, run once for the tests below (which copy it before changing anything), and its log."""
   workdir = tmp_path_factory.mktemp('sweep')
-  bn_sweep.run_sweep(_config(TINY), str(workdir), log=lambda message: None)
-  return workdir
+  messages = []
+  bn_sweep.run_sweep(_config(TINY), str(workdir), log=messages.append)
+  return workdir, messages
+
+
+@pytest.fixture(scope='module')
+def sweep_dir(sweep_run):
+  return sweep_run[0]
+
+
+def test_the_sweeps_log_gives_percent_and_points_as_its_table(sweep_run):
+  # It had given fractions (gap +0.4952) where results.md has points (+49.52).
+  workdir, messages = sweep_run
+  with open(workdir / 'results.csv', newline='', encoding='utf-8') as file:
+    rows = list(csv.DictReader(file))
+  for index, row in enumerate(rows, 1):
+    expected = (f"[{index}/{len(rows)}] {row['name']}: top-1 {100 * float(row['moving_top1']):.2f}% with moving "
+                f"statistics, gap {100 * float(row['gap']):+.2f} points, ")
+    assert [message for message in messages if message.startswith(expected)], expected
 
 
 def test_sweep_writes_tables_and_plots(sweep_dir):

@@ -54,6 +54,7 @@ def test_cli_reports_mismatch_in_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error:')
   assert "hint: the checkpoint has no variable under 'resnet_v2_tiny/'" in err[0]
+  assert "its variables are under 'resnet_v1_tiny'" in err[0] and 'slim convert: --model <that scope>' in err[0]
 
 
 def test_cli_keeps_the_class_count_hint_in_its_one_line(tmp_path, capsys):

@@ -118,7 +118,8 @@ def run_all(runs: list[grid.Run], workdir: str, recalibration_batches: int,
         log(f"[{index}/{len(runs)}] {run.name}: diverged at step {result['diverged_at_step']} (non-finite loss), "
             f'recorded; delete {directory} to run it again.')
       else:
-        log(f"[{index}/{len(runs)}] {run.name}: top-1 {result['moving']['top1']:.4f} with moving statistics, "
-            f"gap {result['gap']:+.4f}, {result['seconds']:.1f} s")
+        # In percent and points, as results.md gives them.
+        log(f"[{index}/{len(runs)}] {run.name}: top-1 {100 * result['moving']['top1']:.2f}% with moving statistics, "
+            f"gap {100 * result['gap']:+.2f} points, {result['seconds']:.1f} s")
     results.append(result)
   return results

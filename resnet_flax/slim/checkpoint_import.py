@@ -362,7 +362,7 @@ def _hints(model: Any, found, missing, misshaped, unexpected, extra_layers) -> l
     hints.append(f'the checkpoint has no variable under {scope + "/"!r}; its variables are under '
                  f'{", ".join(repr(s) for s in scopes[:5]) or "no scope"}: build the model that '
                  "matches the checkpoint (models.get_model('<that scope>', ...); train.py / eval.py: "
-                 '--config.model=<that scope>)')
+                 '--config.model=<that scope>; slim convert: --model <that scope>)')
     return hints
   logits = names.slim_name(scope, ('logits', 'weights'))
   for name, ours, theirs in misshaped:

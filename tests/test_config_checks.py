@@ -457,10 +457,11 @@ def test_a_library_caller_is_no_program():
     (['-m', 'resnet_flax.bn_sweep', '--config=configs/bn_sweep.py', '--config.bn_report_batch_sizes=(8,)'],
      'error: --config.bn_report_batch_sizes does nothing in python -m resnet_flax.bn_sweep: it is read only by '
      'eval.py'),
-    # Past the flags, each stops at its own first check: no --workdir for the sweep, no checkpoint in it for eval.py.
+    # Past the flags, each stops at its own first check: no --workdir for the sweep, no such workdir for eval.py.
     (['-m', 'resnet_flax.bn_sweep', '--config=configs/bn_sweep.py', '--config.sweep.decay=(0.9,0.99)'],
      'error: pass --workdir=DIR'),
-    (['eval.py', '--workdir=WORKDIR', '--config.bn_recalibration_batches=4'], 'error: no checkpoint in WORKDIR'),
+    (['eval.py', '--workdir=WORKDIR', '--config.bn_recalibration_batches=4'],
+     'error: --workdir WORKDIR does not exist'),
 ])
 def test_each_program_knows_itself_from_the_command_line(tmp_path, command, expected):
   workdir = str(tmp_path / 'run')

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import sys
-import warnings
 from typing import Callable, NoReturn, Optional
 
 import jax
@@ -15,7 +14,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from resnet_flax import (atomic_files, checkpoints, config_checks, config_file, data, distributed, error_lines,
-                         metrics_writer, train_lib)
+                         metrics_writer, progress, train_lib)
 
 DEFAULT_TRAIN_WORKDIR = '/tmp/resnet_flax'
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'digits.py')
@@ -237,8 +236,7 @@ def run_reporting_user_errors(main: Callable[[], None], resumes: bool = True) ->
     # orbax logs every save step at INFO; the progress bar already says what matters.
     logging.set_verbosity(logging.WARNING)
   try:
-    with warnings.catch_warnings():  # gives Python's showwarning back after main
-      warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+    with progress.warnings_as_lines(data.SkippedImageWarning, _print_to_stderr):
       main()
   except train_lib.StoppedBySignal as error:
     print(f'error: {error}', file=sys.stderr, flush=True)
@@ -258,14 +256,8 @@ def run_reporting_user_errors(main: Callable[[], None], resumes: bool = True) ->
     sys.exit(2)
 
 
-def _show_warning(python_show_warning: Callable[..., None], message, category, filename, lineno, file=None,
-                  line=None) -> None:
-  """A skipped image file as the `warning:` line the programs print (Python's form names a made-up
-  source location and the class); any other warning as Python shows it."""
-  if issubclass(category, data.SkippedImageWarning):
-    print(f'warning: {message}', file=sys.stderr if file is None else file)
-  else:
-    python_show_warning(message, category, filename, lineno, file, line)
+def _print_to_stderr(line: str) -> None:
+  print(line, file=sys.stderr)
 
 
 def _user_error_line(error: Exception) -> Optional[str]:

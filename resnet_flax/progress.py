@@ -3,11 +3,29 @@ now and then through a long pass over batches (an evaluation, precise BN)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Callable, Mapping, Optional, TextIO
+import warnings
+from typing import Callable, Iterator, Mapping, Optional, TextIO
 
 import jax
+
+
+@contextlib.contextmanager
+def warnings_as_lines(category: type[Warning], show_line: Callable[[str], None]) -> Iterator[None]:
+  """Within it, a warning of `category` is the one line `warning: <message>`, given to `show_line`
+  (Python's form names a source location and the class); any other shows as before."""
+  with warnings.catch_warnings():  # gives the showwarning before it back
+    shown_before = warnings.showwarning
+
+    def show(message, shown_category, filename, lineno, file=None, line=None):
+      if issubclass(shown_category, category):
+        show_line(f'warning: {message}')
+      else:
+        shown_before(message, shown_category, filename, lineno, file, line)
+    warnings.showwarning = show
+    yield
 
 
 def format_duration(seconds: float) -> str:
@@ -54,6 +72,11 @@ class ProgressBar:
     stream = self.warning_stream if text.startswith('warning:') else self.stream
     stream.write(text + '\n')
     stream.flush()
+
+  def showing_warnings(self, category: type[Warning]) -> contextlib.AbstractContextManager:
+    """Within it, a warning of `category` is a `message`, off the bar's line (it had been glued to
+    its end on a terminal); a disabled bar (another process's) leaves them as they were shown."""
+    return warnings_as_lines(category, self.message) if self.enabled else contextlib.nullcontext()
 
   def end_line(self) -> None:
     """Ends a terminal's bar line, so that what comes next (a message, an error, the shell's

@@ -283,11 +283,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdirs.check_not_inside_a_run(workdir, RUN_SUBDIRECTORIES)
     workdirs.check_not_a_sweep(workdir)
   config_checks.check_same_on_every_process(config)
+  progress = ProgressBar(config.num_train_steps, enabled=jax.process_index() == 0)
   with workdir_lock.held_by_chief(workdir, RUN_SUBDIRECTORIES):  # a multi-host run's processes share the workdir
-    return _train_and_evaluate(config, workdir, jax.process_index() == 0)
+    with progress.showing_warnings(data.SkippedImageWarning):
+      return _train_and_evaluate(config, workdir, jax.process_index() == 0, progress)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chief: bool) -> dict[str, Any]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chief: bool,
+                        progress: ProgressBar) -> dict[str, Any]:
   """train_and_evaluate once its config is checked and the workdir is this run's."""
   train_ds = device_input.agreed_dataset(config, 'train', config.batch_size)
   eval_ds = eval_lib.build_eval_dataset(config)
@@ -302,7 +305,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chie
     workdirs.check_workdir(workdir, checkpoints.bytes_for_saves(state, config.keep_checkpoints, checkpoint_dir),
                            subdirectories=RUN_SUBDIRECTORIES)
   checkpointer = checkpoints.Checkpointer(checkpoint_dir, config.keep_checkpoints, config.async_checkpointing)
-  progress = ProgressBar(config.num_train_steps, enabled=is_chief)
   if config.batch_size > train_ds.num_examples:
     progress.message(f'warning: config.batch_size={config.batch_size} is more than the {train_ds.num_examples} '
                      'training examples, so every batch holds some of them more than once (and BatchNorm\'s '

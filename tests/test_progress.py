@@ -2,10 +2,12 @@
 
 import functools
 import io
+import warnings
 
 import pytest
 
 from resnet_flax import bn_diagnostics, eval_lib, progress, train_lib
+from resnet_flax.data import SkippedImageWarning
 from resnet_flax.progress import BatchProgress, ProgressBar, format_duration
 from test_train import tiny_config
 
@@ -47,6 +49,28 @@ def test_warnings_go_to_stderr_and_a_terminals_bar_line_ends_first():
   assert terminal.getvalue() == ('\r[#####.....] 5/10  | 1 img/s | ETA 00:05\033[K\neval at step 5\n'
                                  '\r[######....] 6/10  | 1 img/s | ETA 00:04\033[K\neval at step 6\n'
                                  '\r[#######...] 7/10  | 1 img/s | ETA 00:03\033[K\n')
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_a_skipped_image_during_training_ends_the_bars_line_first():
+  # On a terminal, the line had been glued to the bar's end: "... ETA 00:00\033[Kwarning: skipped ...".
+  terminal, errors = _Terminal(), io.StringIO()
+  bar = ProgressBar(10, stream=terminal, width=10, warning_stream=errors)
+  bar.update(5, {}, 1.0, 1.0)
+  with warnings.catch_warnings(), bar.showing_warnings(SkippedImageWarning):
+    warnings.simplefilter('always')
+    warnings.warn('skipped, left out of its batch: cannot decode image a.jpg', SkippedImageWarning)
+  assert terminal.getvalue() == '\r[#####.....] 5/10  | 1 img/s | ETA 00:05\033[K\n'
+  assert errors.getvalue() == 'warning: skipped, left out of its batch: cannot decode image a.jpg\n'
+  # Another process's bar (disabled) leaves them to the hook before it: the command line's, or here pytest's.
+  quiet = ProgressBar(10, enabled=False, stream=terminal, warning_stream=errors)
+  with pytest.warns(SkippedImageWarning), quiet.showing_warnings(SkippedImageWarning):
+    warnings.warn('skipped, left out of its batch: cannot decode image b.jpg', SkippedImageWarning)
+  assert 'b.jpg' not in errors.getvalue() + terminal.getvalue()
 
 
 class _Clock:

@@ -50,8 +50,8 @@ class Loaded(NamedTuple):
     """`images` whose slots with a problem (a skipped file) are unreadable; each problem is warned."""
     found = tuple(filter(None, problems))
     for problem in found:
-      warnings.warn_explicit(f'skipped, left out of its batch: {one_line(problem)}', SkippedImageWarning, _SKIP_ORIGIN, 0,
-                             module=__name__, registry=_skip_registry)
+      warnings.warn_explicit(f'skipped, left out of its batch: {one_line(problem)}', SkippedImageWarning,
+                             _SKIP_ORIGIN, 0, module=__name__, registry=_skip_registry)
     return cls(images, np.array([problem is None for problem in problems]), found)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import math
 import os
+import stat
 import sys
 from typing import Any, Callable, Iterable, Optional
 
@@ -249,9 +250,17 @@ def _newest_step(workdir: str, directory: str) -> int:
   step = checkpoints.latest_step_in(directory)
   if step is not None:
     return step
-  if not os.path.isdir(workdir):  # most likely a typo: "train first" would mislead
-    raise checkpoints.CheckpointError(f'--workdir {workdir} does not exist; pass the workdir train.py wrote to.')
-  workdirs.check_not_a_sweep(workdir)
+  try:
+    is_directory = stat.S_ISDIR(os.stat(workdir).st_mode)
+  except FileNotFoundError:  # most likely a typo: "train first" would mislead
+    raise checkpoints.CheckpointError(f'--workdir {workdir} does not exist; pass the workdir train.py '
+                                      'wrote to.') from None
+  except OSError:  # one this user may not enter, say: the message below
+    is_directory = True
+  if not is_directory:
+    raise checkpoints.CheckpointError(f'--workdir {workdir} is a file, not a directory; pass the workdir train.py '
+                                      'wrote to.')
+  workdirs.check_not_a_sweep(workdir, evaluating=True)
   converted = checkpoints.converted_path(workdir)
   tf_checkpoint = checkpoint_state.tf_checkpoint_in(workdir)
   if os.path.isdir(converted):

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+from typing import Optional
 
 from resnet_flax import checkpoints
 from resnet_flax.checkpoints import CheckpointError
@@ -93,25 +94,40 @@ def check_not_inside_a_run(workdir: str, run_subdirectories: tuple[str, ...], fo
 
 def sweep_runs(directory: str) -> list[str]:
   """The names of the runs in `directory` if it is a BN sweep's folder (a `runs/` folder holding
-  training runs), numbers in them in numeric order (decay0.9 before decay0.99); [] for any other folder."""
+  training runs), numbers in them in numeric order (decay0.05, 0.1, 0.9, 0.99); [] for any other folder."""
   runs = os.path.join(directory, SWEEP_RUNS)
   try:
-    names = sorted(os.listdir(runs), key=lambda name: [int(part) if part.isdigit() else part
-                                                       for part in re.split(r'(\d+)', name)])
+    names = sorted(os.listdir(runs), key=lambda name: [float(part) if index % 2 else part  # odd: the numbers
+                                                       for index, part in enumerate(_NUMBER.split(name))])
   except OSError:  # no runs/ folder, or not a directory
     return []
   return [name for name in names if is_run(os.path.join(runs, name))]
 
 
-def check_not_a_sweep(workdir: str) -> None:
+_NUMBER = re.compile(r'(\d+(?:\.\d+)?)')
+
+
+def sweep_of(workdir: str) -> Optional[str]:
+  """The BN sweep's folder that `workdir` is, or whose `runs/` it is (by its path or through
+  links); None for any other."""
+  for path in dict.fromkeys((os.path.abspath(workdir), os.path.realpath(workdir))):
+    sweep = os.path.dirname(path) if os.path.basename(path) == SWEEP_RUNS else path
+    if sweep_runs(sweep):
+      return sweep
+  return None
+
+
+def check_not_a_sweep(workdir: str, evaluating: bool = False) -> None:
   """Refuses a BN sweep's folder, or its `runs/`, as one run's workdir: a run there would mix its
-  files with the sweep's tables and runs (and the sweep would then refuse its own folder)."""
-  resolved = os.path.realpath(workdir)
-  sweep = os.path.dirname(resolved) if os.path.basename(resolved) == SWEEP_RUNS else resolved
-  names = sweep_runs(sweep)
-  if not names:
+  files with the sweep's tables and runs (and the sweep would then refuse its own folder).
+  `evaluating`: eval.py's, which is pointed at one of the runs."""
+  sweep = sweep_of(workdir)
+  if sweep is None:
     return
+  what = f'--workdir {os.path.abspath(workdir)} is a BN sweep\'s folder, not one run\'s'
+  if not evaluating:  # not one of its runs: trained on by hand, it would no longer be the sweep's
+    raise CheckpointError(f'{what}; pass a workdir of its own (the sweep\'s command again goes on with its runs).')
+  names = sweep_runs(sweep)
   shown = ', '.join(names[:2]) + (', ...' if len(names) > 2 else '')
-  raise CheckpointError(f'--workdir {os.path.abspath(workdir)} is a BN sweep\'s folder, not one run\'s: pass one of '
-                        f'its runs, --workdir={os.path.join(sweep, SWEEP_RUNS, names[0])} (runs: {shown}), or a '
-                        'workdir of its own.')
+  raise CheckpointError(f'{what}: pass one of its runs, --workdir={os.path.join(sweep, SWEEP_RUNS, names[0])} '
+                        f'(runs: {shown}).')

@@ -375,8 +375,13 @@ def test_eval_py_on_a_sweeps_folder_names_its_runs(sweep_dir):
   first = sweep_dir / 'runs' / TINY_NAMES[0]
   with pytest.raises(checkpoints.CheckpointError, match=re.escape(
       f"--workdir {sweep_dir} is a BN sweep's folder, not one run's: pass one of its runs, --workdir={first} (runs: "
-      f'{TINY_NAMES[0]}, {TINY_NAMES[1]}, ...), or a workdir of its own.')):
+      f'{TINY_NAMES[0]}, {TINY_NAMES[1]}, ...).')):
     eval_lib.evaluate(_config(TINY), str(sweep_dir))
+  # A sweep started in another sweep's runs/ is refused too; its own folder again goes on with it.
+  with pytest.raises(ValueError, match=re.escape(f"--workdir {sweep_dir / 'runs'} is the runs/ folder of the sweep in "
+                                                 f'{sweep_dir}; pass --workdir={sweep_dir} to go on with that sweep')):
+    bn_sweep.run_sweep(_config(TINY), str(sweep_dir / 'runs'), log=lambda message: None)
+  assert sorted(os.listdir(sweep_dir / 'runs')) == sorted(TINY_NAMES)
 
 
 def _mtimes(workdir, file_name):

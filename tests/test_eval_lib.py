@@ -263,3 +263,15 @@ def test_a_workdir_that_does_not_exist_is_named_so(tmp_path):
                      match=f'^--workdir {tmp_path}/typo does not exist; pass the workdir train.py wrote to.$'):
     eval_lib.evaluate(tiny_config(), str(tmp_path / 'typo'))
   assert not (tmp_path / 'typo').exists()
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=f'^--workdir {tmp_path}/file is a file, not a directory; pass the workdir train.py wrote'):
+    eval_lib.evaluate(tiny_config(), str(tmp_path / 'file'))
+  # A folder this user may not enter exists: the message is the one for an empty workdir, not "does not exist".
+  (tmp_path / 'locked' / 'run').mkdir(parents=True)
+  (tmp_path / 'locked').chmod(0)
+  try:
+    with pytest.raises(checkpoints.CheckpointError, match='^no checkpoint in'):  # root enters it: the same message
+      eval_lib.evaluate(tiny_config(), str(tmp_path / 'locked' / 'run'))
+  finally:
+    (tmp_path / 'locked').chmod(0o755)

@@ -86,19 +86,28 @@ def test_a_workdir_inside_another_runs_own_folders_is_refused_before_anything_is
 def test_a_bn_sweeps_folder_is_refused_as_one_runs_workdir_before_anything_is_written(tmp_path):
   # train.py had trained among a sweep's tables and runs/, and the sweep then refused its own folder.
   sweep = tmp_path / 'sweep'
-  for name in ('decay0.9_debias0', 'decay0.99_debias0', 'decay0.999_debias0'):
+  for name in ('decay0.9_debias0', 'decay0.99_debias0', 'decay0.1_debias0', 'decay0.05_debias0'):
     (sweep / 'runs' / name).mkdir(parents=True)
     (sweep / 'runs' / name / 'config.json').write_text('{}')
     (sweep / 'runs' / name / 'metrics.jsonl').write_text('')
   (sweep / 'runs' / 'notes').mkdir()  # not a run: not named
-  assert workdirs.sweep_runs(str(sweep)) == ['decay0.9_debias0', 'decay0.99_debias0', 'decay0.999_debias0']
-  first = sweep / 'runs' / 'decay0.9_debias0'
-  for workdir in (sweep, sweep / 'runs'):
+  assert workdirs.sweep_runs(str(sweep)) == ['decay0.05_debias0', 'decay0.1_debias0', 'decay0.9_debias0',
+                                             'decay0.99_debias0']
+  os.symlink(sweep, tmp_path / 'link')
+  os.symlink(sweep / 'runs', tmp_path / 'runs_link')  # a link to its runs/, under another name
+  for workdir in (sweep, sweep / 'runs', tmp_path / 'link', tmp_path / 'runs_link'):
+    # Not "pass one of its runs": trained on by hand, a run would no longer be the sweep's.
     with pytest.raises(checkpoints.CheckpointError, match=re.escape(
-        f"--workdir {workdir} is a BN sweep's folder, not one run's: pass one of its runs, --workdir={first} (runs: "
-        'decay0.9_debias0, decay0.99_debias0, ...), or a workdir of its own.')):
+        f"--workdir {workdir} is a BN sweep's folder, not one run's; pass a workdir of its own (the sweep's command "
+        'again goes on with its runs).')):
       train_lib.train_and_evaluate(tiny_config(), str(workdir))
   assert sorted(os.listdir(sweep)) == ['runs']
+  # eval.py is pointed at one of its runs.
+  first = sweep / 'runs' / 'decay0.05_debias0'
+  with pytest.raises(checkpoints.CheckpointError, match=re.escape(
+      f"is a BN sweep's folder, not one run's: pass one of its runs, --workdir={first} (runs: decay0.05_debias0, "
+      'decay0.1_debias0, ...).')):
+    workdirs.check_not_a_sweep(str(tmp_path / 'runs_link'), evaluating=True)
   # One of its runs is a run's workdir (the sweep trains each there), and so is any other folder.
   for fine in (first, tmp_path / 'sweep2', tmp_path / 'runs'):
     workdirs.check_not_a_sweep(str(fine))

@@ -46,6 +46,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   check_batch_sizes(runs, config)
   # Each run checks this too, but only once the sweep has made its folder.
   workdirs.check_not_inside_a_run(workdir, train_lib.RUN_SUBDIRECTORIES, for_a_run=False)
+  sweep = workdirs.sweep_of(workdir)
+  if sweep is not None and sweep not in (os.path.abspath(workdir), os.path.realpath(workdir)):
+    raise ValueError(f'--workdir {workdir} is the runs/ folder of the sweep in {sweep}; pass --workdir={sweep} to go '
+                     'on with that sweep, or a folder of its own.')
   if workdirs.is_run(workdir):  # its tables and runs/ had been written among that run's files
     raise ValueError(f'--workdir {workdir} holds a training run (its config.json and metrics.jsonl); a sweep writes '
                      'its runs under runs/ beside its tables: pass a workdir of its own.')

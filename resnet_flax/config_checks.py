@@ -170,7 +170,8 @@ def override_problem(config: ml_collections.ConfigDict, path: str) -> Optional[s
     if isinstance(node, ml_collections.ConfigDict):
       if key not in node:
         if not walked and key in _CONFIG_FILE_WITH:  # "did you mean config.seed?" had pointed away from the fix
-          return (f'config.{key} is a field of {_CONFIG_FILE_WITH[key]}, not of this config file; pass '
+          reader = next(program for fields, program in _READ_ONLY_BY if key in fields)
+          return (f'config.{key} is a field of {_CONFIG_FILE_WITH[key]}, read only by {reader}: run that with '
                   f'--config={_CONFIG_FILE_WITH[key]} (or a variant of it) before the overrides')
         close = difflib.get_close_matches(key, list(node.keys()), n=1)
         closest = f' (did you mean config.{where}{close[0]}?)' if close else ''

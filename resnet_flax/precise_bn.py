@@ -124,8 +124,8 @@ def check_recalibration_possible(config: ml_collections.ConfigDict) -> None:
   setting = model_builder.single_example_groups(config, jax.device_count())
   if setting is not None:
     # Worded for eval.py: training's advice (config.bn.frozen=True) is refused here.
-    raise ValueError(f'{setting} leaves one example per BatchNorm statistics group, whose variance is 0, to '
-                     'recalibrate on; use at least 2 examples per group.')
+    raise ValueError(f'{setting} leaves one example per BatchNorm statistics group to recalibrate on: each example '
+                     'normalized by itself, which no batch is; use at least 2 examples per group.')
 
 
 def recalibrate(config: ml_collections.ConfigDict, model: nn.Module, variables: Variables, num_batches: int,

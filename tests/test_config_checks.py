@@ -155,8 +155,9 @@ def test_config_bn_may_set_any_field_of_the_layer():
     ('bn.decya', 'unknown config field config.bn.decya (did you mean config.bn.decay?)'),
     ('zzz', 'unknown config field config.zzz'),
     # It had said "did you mean config.seed?" (the sweep run without its --config).
-    ('sweep.decay', 'config.sweep is a field of configs/bn_sweep.py, not of this config file; pass '
-                    '--config=configs/bn_sweep.py (or a variant of it) before the overrides'),
+    # The same for train.py and eval.py, which refuse config.sweep even from that file.
+    ('sweep.decay', 'config.sweep is a field of configs/bn_sweep.py, read only by python -m resnet_flax.bn_sweep: '
+                    'run that with --config=configs/bn_sweep.py (or a variant of it) before the overrides'),
     ('batch_size.x', 'config.batch_size holds a value (64), not fields, so config.batch_size.x names none; set '
                      'config.batch_size itself (--config.batch_size=<value>)'),
     # ml_collections takes no index into a tuple: the whole tuple is set.

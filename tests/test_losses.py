@@ -76,7 +76,7 @@ def test_correct_top_k_matches_tensorflow_argmax_and_top_k(k):
   got = np.array([float(losses.correct_top_k(logits[i:i + 1], labels[i:i + 1], ones, k)) for i in range(len(labels))],
                  bool)
   np.testing.assert_array_equal(got, expected)
-  # Where no tie straddles the k-th place, in_top_k (slim's Recall_5) agrees.
+  # Where the label's logit is unique in its row, in_top_k (slim's Recall_5) agrees.
   label_logit = logits[np.arange(len(labels)), labels]
   unambiguous = finite & ((logits == label_logit[:, None]).sum(-1) == 1)
   np.testing.assert_array_equal(got[unambiguous], in_top_k[unambiguous])

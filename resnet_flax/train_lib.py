@@ -283,10 +283,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdirs.check_not_inside_a_run(workdir, RUN_SUBDIRECTORIES)
     workdirs.check_not_a_sweep(workdir)
   config_checks.check_same_on_every_process(config)
-  progress = ProgressBar(config.num_train_steps, enabled=jax.process_index() == 0)
+  is_chief = jax.process_index() == 0
+  progress = ProgressBar(config.num_train_steps, enabled=is_chief)
   with workdir_lock.held_by_chief(workdir, RUN_SUBDIRECTORIES):  # a multi-host run's processes share the workdir
     with progress.showing_warnings(data.SkippedImageWarning):
-      return _train_and_evaluate(config, workdir, jax.process_index() == 0, progress)
+      return _train_and_evaluate(config, workdir, is_chief, progress)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_chief: bool,

@@ -173,6 +173,17 @@ def test_config_errors_are_one_line_data_errors(config, match):
   assert isinstance(excinfo.value, ValueError)
 
 
+@pytest.mark.parametrize('name', ['digits', 'cifar10', 'synthetic'])
+def test_a_split_no_source_has_is_refused_by_each(name, tmp_path):
+  # Synthetic data had taken any name: eval_split='tset' evaluated the training examples.
+  config = {'name': name, 'dir': str(tmp_path)}
+  config = {key: value for key, value in config.items() if key in data.effective_fields(config)}
+  with pytest.raises(data.DataError, match=f"{name} has no split 'tset'; use one of .*'test'") as excinfo:
+    data.build(config, 'tset', batch_size=4, seed=0)
+  assert '\n' not in str(excinfo.value)
+  assert isinstance(excinfo.value, ValueError)
+
+
 @pytest.mark.parametrize('config', [
     {'name': 'mnist'}, {'name': 'digits', 'colour': 1}, {'name': 'digits', 'preprocessing': 'vgg'},
     {'name': 'cifar10', 'dir': '/nonexistent', 'image_size': 8}, {'name': 'imagefolder', 'dir': '/nonexistent'},

@@ -168,7 +168,7 @@ def _source(config: Mapping[str, Any], split: str, batch_size: int, seed: int) -
         color_distortion=bool(read['color_distortion']), resize=read['resize'], label_offset=read['label_offset'],
         on_bad_image=read['on_bad_image'], num_workers=read['num_workers'], augment_train=augment_train,
         worker_processes=bool(read['worker_processes']))
-  return synthetic.build_source(image_size=read['image_size'], channels=read['channels'],
+  return synthetic.build_source(split, image_size=read['image_size'], channels=read['channels'],
                                 num_classes=read['num_classes'], num_examples=read['num_examples'],
                                 batch_size=batch_size, seed=seed)
 

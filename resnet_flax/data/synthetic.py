@@ -5,7 +5,8 @@ never copied), so the input pipeline costs nothing next to the model. As photos 
 images travel as uint8 pixels and become float32 values in [-1, 1] on the device, so a
 throughput measured on them includes the host-to-device copy real training pays. Labels
 are drawn per example from the seed; images and labels are unrelated, so there is
-nothing to learn.
+nothing to learn. Every split holds the same examples: the names are those of the other
+sources, so a config's `eval_split` means the same whichever data set it names.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 from resnet_flax.data.errors import DataError
 from resnet_flax.data.inception_preprocessing import signed_pixel_values
 from resnet_flax.data.pipeline import Loaded, Pending, Source
+
+SPLITS = ('train', 'test', 'validation')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +34,11 @@ class ConstantLoader:
     return lambda: Loaded(self.images)
 
 
-def build_source(*, image_size: int, channels: int = 3, num_classes: int, num_examples: int,
+def build_source(split: str, *, image_size: int, channels: int = 3, num_classes: int, num_examples: int,
                  batch_size: int, seed: int) -> Source:
-  """A synthetic split of `num_examples` examples; images are uniform uint8 pixels."""
+  """A synthetic `split` of `num_examples` examples; images are uniform uint8 pixels."""
+  if split not in SPLITS:  # A typo in eval_split had evaluated the training examples without a word.
+    raise DataError(f'synthetic has no split {split!r}; use one of {sorted(SPLITS)}.')
   if min(image_size, channels, num_classes, num_examples) < 1:
     raise DataError(f'synthetic data needs positive image_size, channels, num_classes and num_examples, got '
                     f'{image_size}, {channels}, {num_classes}, {num_examples}.')

@@ -20,8 +20,12 @@ import warnings
 _IN_ORBAX = f'{os.sep}orbax{os.sep}'
 # How tensorstore ends each error message ('... [tensorstore_spec=\'{"driver":"zarr",...}\']').
 _TENSORSTORE_SPEC = '[tensorstore_spec='
-# orbax's serialization coroutine (orbax/checkpoint/_src/serialization/serialization.py).
-_UNAWAITED_WRITE = r"coroutine 'async_serialize_from_host\.<locals>\.\w+' was never awaited"
+# orbax's coroutines a failed save or read leaves unstarted: the writes of
+# orbax/checkpoint/_src/serialization/serialization.py, the array-metadata reads of
+# orbax/checkpoint/_src/metadata/array_metadata_store.py (a damaged checkpoint read, seen
+# with Python 3.12). The warning names the coroutine alone, not its module.
+_UNAWAITED = (r"coroutine '(async_serialize_from_host\.<locals>\.\w+|Store\._get_array_metadatas)' "
+              'was never awaited')
 
 
 def _is_late_completion(unraisable: sys.UnraisableHookArgs) -> bool:
@@ -82,5 +86,5 @@ def quiet_failure_echoes() -> None:
     logger = logging.getLogger(name)
     if keeps not in logger.filters:
       logger.addFilter(keeps)
-  # The writes a failed save left unstarted, reported whenever the garbage collector finds them.
-  warnings.filterwarnings('ignore', message=_UNAWAITED_WRITE, category=RuntimeWarning)
+  # The operations a failed save or read left unstarted, reported whenever the garbage collector finds them.
+  warnings.filterwarnings('ignore', message=_UNAWAITED, category=RuntimeWarning)

@@ -111,13 +111,17 @@ def test_absl_filter_drops_only_exceptions_orbax_logs(pathname, level, with_trac
   assert orbax_noise.keeps_absl_record(record) is kept
 
 
-def test_unawaited_orbax_writes_are_not_reported_but_other_coroutines_are(fresh_filters):
+def test_unawaited_orbax_writes_and_reads_are_not_reported_but_other_coroutines_are(fresh_filters):
   with warnings.catch_warnings(record=True) as caught:  # restores the warning filters after
     warnings.simplefilter('default')
     orbax_noise.quiet_failure_echoes()
     warnings.warn("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited", RuntimeWarning)
+    # A damaged checkpoint's read, under Python 3.12 (tests/test_reliability.py's, once).
+    warnings.warn("coroutine 'Store._get_array_metadatas' was never awaited", RuntimeWarning)
     warnings.warn("coroutine 'my_loader.<locals>.fetch' was never awaited", RuntimeWarning)
-  assert [str(w.message) for w in caught] == ["coroutine 'my_loader.<locals>.fetch' was never awaited"]
+    warnings.warn("coroutine 'Store._get_array_metadatas_of_mine' was never awaited", RuntimeWarning)
+  assert [str(w.message) for w in caught] == ["coroutine 'my_loader.<locals>.fetch' was never awaited",
+                                              "coroutine 'Store._get_array_metadatas_of_mine' was never awaited"]
 
 
 def _unraisable(error, traceback, source=None):

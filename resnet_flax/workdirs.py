@@ -69,6 +69,8 @@ def check_not_a_checkpoint(workdir: str) -> None:
 
 # A BN sweep's folder holds its runs in this subfolder, one folder each, beside its tables.
 SWEEP_RUNS = 'runs'
+# The numbers in a run's name (decay0.99_zd1), which order its runs by value.
+_NUMBER = re.compile(r'(\d+(?:\.\d+)?)')
 
 
 def is_run(directory: str) -> bool:
@@ -102,9 +104,6 @@ def sweep_runs(directory: str) -> list[str]:
   except OSError:  # no runs/ folder, or not a directory
     return []
   return [name for name in names if is_run(os.path.join(runs, name))]
-
-
-_NUMBER = re.compile(r'(\d+(?:\.\d+)?)')
 
 
 def sweep_of(workdir: str) -> Optional[str]:
